@@ -1,0 +1,301 @@
+//! One replica of an app: its address, pooled HTTP/1.1 connections, in-flight count and health.
+//!
+//! Every upstream socket is opened by [`connect`]: pinned to the project's network interface
+//! (`SO_BINDTODEVICE`; binding the source IP does not pick the interface when subnets overlap),
+//! with `TCP_NODELAY`, and with `TCP_USER_TIMEOUT` so that a peer that vanishes (a container
+//! disconnected from its network drops packets silently) fails the socket instead of hanging.
+//!
+//! A `Backend` object lives as long as one deploy of one route. Redeploying creates new
+//! objects even for the same IP, so draining the old release means waiting for the old objects'
+//! in-flight count to reach zero.
+
+use crate::route::RouteTimeouts;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+use crate::proxy::UpstreamBody;
+
+/// Idle connections kept per backend; more are closed when returned.
+const MAX_IDLE_PER_BACKEND: usize = 256;
+/// How long unacknowledged data may sit on an upstream socket before the kernel fails it.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// Interface the sockets are pinned to (None in host mode).
+    pub device: Option<Arc<str>>,
+    pub connect_timeout: Duration,
+    idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+    inflight: AtomicUsize,
+    healthy: AtomicBool,
+    consecutive_ok: AtomicU32,
+    consecutive_fail: AtomicU32,
+    last_error: Mutex<Option<String>>,
+    requests: AtomicU64,
+    /// Flips to true when the backend is retired; open tunnels end then.
+    retired: watch::Sender<bool>,
+}
+
+/// Why a send failed, and whether the request can still be retried.
+pub enum SendError {
+    /// No connection could be made; the request was not sent and is handed back.
+    Connect(std::io::Error, Box<Request<UpstreamBody>>),
+    /// The connection failed after the request may have been written.
+    Sent(hyper::Error),
+}
+
+impl Backend {
+    pub fn new(
+        addr: SocketAddr,
+        device: Option<Arc<str>>,
+        timeouts: &RouteTimeouts,
+    ) -> Arc<Backend> {
+        Arc::new(Backend {
+            addr,
+            device,
+            connect_timeout: Duration::from_millis(timeouts.connect_ms),
+            idle: Mutex::new(Vec::new()),
+            inflight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(false),
+            consecutive_ok: AtomicU32::new(0),
+            consecutive_fail: AtomicU32::new(0),
+            last_error: Mutex::new(None),
+            requests: AtomicU64::new(0),
+            retired: watch::channel(false).0,
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InflightGuard {
+            backend: self.clone(),
+        }
+    }
+
+    /// Records an active or passive check result; returns true if the health state changed.
+    pub fn record_check(&self, result: Result<(), String>, up_after: u32, down_after: u32) -> bool {
+        match result {
+            Ok(()) => {
+                self.consecutive_fail.store(0, Ordering::Relaxed);
+                let ok = self.consecutive_ok.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = None;
+                }
+                if ok >= up_after && !self.healthy.swap(true, Ordering::Relaxed) {
+                    return true;
+                }
+            }
+            Err(msg) => {
+                self.consecutive_ok.store(0, Ordering::Relaxed);
+                let fails = self.consecutive_fail.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some(msg);
+                }
+                if fails >= down_after && self.healthy.swap(false, Ordering::Relaxed) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Passive check: a failed connect takes the backend out of rotation at once.
+    pub fn mark_down(&self, why: String) {
+        self.healthy.store(false, Ordering::Relaxed);
+        self.consecutive_ok.store(0, Ordering::Relaxed);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(why);
+        }
+    }
+
+    /// Marks the backend healthy without a check (the deploy gate has just checked it).
+    pub fn mark_up(&self) {
+        self.consecutive_fail.store(0, Ordering::Relaxed);
+        self.healthy.store(true, Ordering::Relaxed);
+    }
+
+    /// Closes idle connections and tells open tunnels to end.
+    pub fn retire(&self) {
+        let _ = self.retired.send(true);
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    pub fn retired(&self) -> watch::Receiver<bool> {
+        self.retired.subscribe()
+    }
+
+    pub fn is_retired(&self) -> bool {
+        *self.retired.borrow()
+    }
+
+    /// Sends a request over a pooled or new connection. The response body hands the
+    /// connection back to the pool when it completes (see [`UpstreamBody`]).
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, http1::SendRequest<UpstreamBody>), SendError> {
+        loop {
+            let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
+            let Some(mut sender) = pooled else { break };
+            if sender.is_closed() || sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    // Not written: the pooled connection was already dead. Try the next one.
+                    Some(r) => req = r,
+                    None => return Err(SendError::Sent(e.into_error())),
+                },
+            }
+        }
+        let mut sender = match self.open().await {
+            Ok(s) => s,
+            Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, sender)),
+            Err(mut e) => match e.take_message() {
+                Some(r) => Err(SendError::Connect(
+                    std::io::Error::other("new connection closed before the request was sent"),
+                    Box::new(r),
+                )),
+                None => Err(SendError::Sent(e.into_error())),
+            },
+        }
+    }
+
+    /// Returns a connection whose response completed to the idle pool.
+    pub fn checkin(&self, sender: http1::SendRequest<UpstreamBody>) {
+        if sender.is_closed() || self.is_retired() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE_PER_BACKEND {
+                idle.push(sender);
+            }
+        }
+    }
+
+    async fn open(&self) -> std::io::Result<http1::SendRequest<UpstreamBody>> {
+        let stream = connect(self.addr, self.device.as_deref(), self.connect_timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            // Errors here surface to the request that owns the connection.
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    /// One health probe on a fresh connection, so a stale pooled socket never hides a result.
+    pub async fn probe(&self, path: &str, host: &str, timeout: Duration) -> Result<(), String> {
+        let fut = async {
+            let stream = connect(self.addr, self.device.as_deref(), self.connect_timeout)
+                .await
+                .map_err(|e| format!("connect {}: {e}", self.addr))?;
+            let (mut sender, conn) = http1::Builder::new()
+                .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let req = Request::get(path)
+                .header(hyper::header::HOST, host)
+                .header(hyper::header::USER_AGENT, "luma-proxy-health")
+                .header(hyper::header::CONNECTION, "close")
+                .body(Empty::new())
+                .map_err(|e| format!("bad health path {path:?}: {e}"))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("GET {path}: {e}"))?;
+            if resp.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("GET {path} answered {}", resp.status()))
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("GET {path} timed out after {timeout:?}")),
+        }
+    }
+}
+
+/// Decrements the backend's in-flight count when dropped.
+pub struct InflightGuard {
+    backend: Arc<Backend>,
+}
+
+impl InflightGuard {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.backend.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Opens a TCP connection pinned to `device`, with upstream socket options set.
+pub async fn connect(
+    addr: SocketAddr,
+    device: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(dev) = device {
+        socket
+            .bind_device(Some(dev.as_bytes()))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("SO_BINDTODEVICE {dev}: {e}")))?;
+    }
+    socket.set_nodelay(true)?;
+    socket2::SockRef::from(&socket).set_tcp_user_timeout(Some(TCP_USER_TIMEOUT))?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connect {addr} timed out after {timeout:?}"),
+        )),
+    }
+}

@@ -1,0 +1,260 @@
+//! The routing table: host -> service, swapped atomically as one snapshot.
+//!
+//! Lookups are exact first, then a one-level wildcard (`*.example.com` matches
+//! `a.example.com`, not `example.com` nor `a.b.example.com`). Hosts are case-insensitive and the
+//! port is ignored. A host belongs to exactly one route; a deploy that claims a host held by
+//! another project (or another app) is refused, and the holder keeps it.
+
+use crate::route::{RouteKey, RouteSpec};
+use crate::service::Service;
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+#[derive(Default, Clone)]
+struct Table {
+    exact: HashMap<Box<str>, Arc<Service>>,
+    /// Keyed by the suffix after `*.`.
+    wildcard: HashMap<Box<str>, Arc<Service>>,
+    services: BTreeMap<RouteKey, Arc<Service>>,
+}
+
+impl Table {
+    fn build(services: BTreeMap<RouteKey, Arc<Service>>) -> Table {
+        let mut t = Table {
+            services,
+            ..Table::default()
+        };
+        for svc in t.services.values() {
+            for h in &svc.spec.hosts {
+                match h.strip_prefix("*.") {
+                    Some(suffix) => t.wildcard.insert(suffix.into(), svc.clone()),
+                    None => t.exact.insert(h.as_str().into(), svc.clone()),
+                };
+            }
+        }
+        t
+    }
+
+    fn owner_of(&self, host: &str) -> Option<&Arc<Service>> {
+        match host.strip_prefix("*.") {
+            Some(suffix) => self.wildcard.get(suffix),
+            None => self.exact.get(host),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Router {
+    table: ArcSwap<Table>,
+    /// Serializes table writers; readers never take it.
+    write: Mutex<()>,
+    /// One deploy at a time per route.
+    deploy_locks: DashMap<RouteKey, Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// Normalizes a request's host for lookup: strips the port and a trailing dot, lowercases only
+/// when needed (so the common case does not allocate).
+pub fn normalize_request_host(host: &str) -> Cow<'_, str> {
+    let h = if host.starts_with('[') {
+        host.split(']')
+            .next()
+            .map(|s| &host[..s.len() + 1])
+            .unwrap_or(host)
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    let h = h.strip_suffix('.').unwrap_or(h);
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
+    }
+}
+
+impl Router {
+    pub fn new() -> Router {
+        Router::default()
+    }
+
+    /// The hot path: which service serves this Host?
+    pub fn lookup(&self, host: &str) -> Option<Arc<Service>> {
+        let host = normalize_request_host(host);
+        let table = self.table.load();
+        if let Some(s) = table.exact.get(host.as_ref()) {
+            return Some(s.clone());
+        }
+        let (_, parent) = host.split_once('.')?;
+        table.wildcard.get(parent).cloned()
+    }
+
+    pub fn get(&self, key: &RouteKey) -> Option<Arc<Service>> {
+        self.table.load().services.get(key).cloned()
+    }
+
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.table.load().services.values().cloned().collect()
+    }
+
+    pub fn specs(&self) -> Vec<RouteSpec> {
+        self.table
+            .load()
+            .services
+            .values()
+            .map(|s| s.spec.clone())
+            .collect()
+    }
+
+    /// Refuses a spec whose hosts belong to another route.
+    pub fn check_ownership(&self, spec: &RouteSpec) -> Result<(), String> {
+        let table = self.table.load();
+        let key = spec.key();
+        for h in &spec.hosts {
+            if let Some(owner) = table.owner_of(h) {
+                let ok = owner.spec.key() == key;
+                if !ok {
+                    let o = &owner.spec;
+                    return Err(if o.project != spec.project {
+                        format!(
+                            "host {h:?} belongs to project {:?} (app {:?}); a host can belong to one project only. Remove it there first (luma-proxy remove --project {} --app {}) or pick another host",
+                            o.project, o.app, o.project, o.app
+                        )
+                    } else {
+                        format!(
+                            "host {h:?} is already served by app {:?} of project {:?}; remove it from that app first",
+                            o.app, o.project
+                        )
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs `svc` in one atomic swap, replacing the route with the same key. Returns the
+    /// replaced service, which the caller drains.
+    pub fn install(&self, svc: Arc<Service>) -> Result<Option<Arc<Service>>, String> {
+        let _w = self
+            .write
+            .lock()
+            .map_err(|_| "routing table lock poisoned".to_string())?;
+        self.check_ownership(&svc.spec)?;
+        let current = self.table.load();
+        let mut services = current.services.clone();
+        let old = services.insert(svc.spec.key(), svc);
+        self.table.store(Arc::new(Table::build(services)));
+        Ok(old)
+    }
+
+    /// Removes a route in one atomic swap and returns it for draining.
+    pub fn remove(&self, key: &RouteKey) -> Option<Arc<Service>> {
+        let _w = self.write.lock().ok()?;
+        let current = self.table.load();
+        let mut services = current.services.clone();
+        let old = services.remove(key)?;
+        self.table.store(Arc::new(Table::build(services)));
+        Some(old)
+    }
+
+    /// Held for the whole deploy of one route, so two deploys of it cannot interleave.
+    pub async fn lock(&self, key: &RouteKey) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self
+            .deploy_locks
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        m.lock_owned().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(project: &str, app: &str, hosts: &[&str]) -> Arc<Service> {
+        let spec = RouteSpec {
+            project: project.into(),
+            app: app.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            target: "web:3000".into(),
+            network: String::new(),
+            health: Default::default(),
+            timeouts: Default::default(),
+        }
+        .validate()
+        .unwrap();
+        Service::with_backends(spec, Vec::new())
+    }
+
+    fn project_of(r: &Router, host: &str) -> Option<String> {
+        r.lookup(host).map(|s| s.spec.project.clone())
+    }
+
+    #[test]
+    fn exact_hosts_ignore_case_port_and_trailing_dot() {
+        let r = Router::new();
+        r.install(svc("alpha", "web", &["alpha.test"])).unwrap();
+        assert_eq!(project_of(&r, "alpha.test").as_deref(), Some("alpha"));
+        assert_eq!(project_of(&r, "ALPHA.Test:8080").as_deref(), Some("alpha"));
+        assert_eq!(project_of(&r, "alpha.test.").as_deref(), Some("alpha"));
+        assert_eq!(project_of(&r, "beta.test"), None);
+        assert_eq!(project_of(&r, "x.alpha.test"), None);
+    }
+
+    #[test]
+    fn wildcard_matches_exactly_one_level_and_exact_wins() {
+        let r = Router::new();
+        r.install(svc("alpha", "web", &["*.example.com"])).unwrap();
+        r.install(svc("beta", "web", &["api.example.com"])).unwrap();
+        assert_eq!(project_of(&r, "a.example.com").as_deref(), Some("alpha"));
+        assert_eq!(project_of(&r, "api.example.com").as_deref(), Some("beta"));
+        assert_eq!(project_of(&r, "example.com"), None);
+        assert_eq!(project_of(&r, "a.b.example.com"), None);
+    }
+
+    #[test]
+    fn a_host_belongs_to_one_project_and_the_first_keeps_it() {
+        let r = Router::new();
+        r.install(svc("alpha", "web", &["shared.test"])).unwrap();
+        let err = r.install(svc("beta", "web", &["shared.test"])).unwrap_err();
+        assert!(err.contains("belongs to project \"alpha\""), "{err}");
+        assert_eq!(project_of(&r, "shared.test").as_deref(), Some("alpha"));
+        let err = r
+            .install(svc("alpha", "api", &["shared.test"]))
+            .unwrap_err();
+        assert!(err.contains("app \"web\""), "{err}");
+    }
+
+    #[test]
+    fn redeploy_replaces_and_drops_hosts_no_longer_listed() {
+        let r = Router::new();
+        r.install(svc("alpha", "web", &["a.test", "old.test"]))
+            .unwrap();
+        let old = r.install(svc("alpha", "web", &["a.test"])).unwrap();
+        assert!(old.is_some());
+        assert!(r.lookup("old.test").is_none());
+        assert!(r.lookup("a.test").is_some());
+        assert!(r
+            .remove(&RouteKey {
+                project: "alpha".into(),
+                app: "web".into()
+            })
+            .is_some());
+        assert!(r.lookup("a.test").is_none());
+    }
+
+    #[test]
+    fn same_app_name_in_two_projects_stays_apart() {
+        let r = Router::new();
+        r.install(svc("alpha", "web", &["alpha.test"])).unwrap();
+        r.install(svc("beta", "web", &["beta.test"])).unwrap();
+        assert_eq!(project_of(&r, "alpha.test").as_deref(), Some("alpha"));
+        assert_eq!(project_of(&r, "beta.test").as_deref(), Some("beta"));
+        assert_eq!(r.services().len(), 2);
+    }
+}

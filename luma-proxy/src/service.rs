@@ -1,0 +1,218 @@
+//! A deployed route and its lifecycle: resolve -> (gate) -> start -> serve -> stop -> drain ->
+//! retire.
+//!
+//! While started, one background task keeps the backend set fresh (re-resolving at least once a
+//! second and whenever it is kicked by a flush) and runs the active health checks. Requests
+//! never wait on any of this: they read the balancer's current snapshot.
+
+use crate::backend::Backend;
+use crate::balancer::LoadBalancer;
+use crate::health::{self, BackendReport};
+use crate::resolve::{Resolution, Resolver};
+use crate::route::{RouteSpec, Target};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// How often the backend set is re-resolved in the background.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Service {
+    pub spec: RouteSpec,
+    target: Target,
+    pub balancer: LoadBalancer,
+    /// Host header sent with health probes.
+    probe_host: String,
+    stop: watch::Sender<bool>,
+    kick: Notify,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// Builds a service around already-known backends, without starting anything.
+    pub fn with_backends(spec: RouteSpec, backends: Vec<Arc<Backend>>) -> Arc<Service> {
+        let target = spec.parsed_target();
+        let probe_host = match &target {
+            Target::Name { name, .. } => name.clone(),
+            Target::Literal(a) => a.first().map(|a| a.to_string()).unwrap_or_default(),
+        };
+        Arc::new(Service {
+            spec,
+            target,
+            balancer: LoadBalancer::new(backends),
+            probe_host,
+            stop: watch::channel(false).0,
+            kick: Notify::new(),
+        })
+    }
+
+    /// Resolves the target into fresh (not yet healthy) backends.
+    pub async fn resolve(spec: RouteSpec, resolver: &Resolver) -> Result<Arc<Service>, String> {
+        let res = resolver
+            .resolve(&spec.parsed_target(), &spec.network)
+            .await?;
+        let backends = res
+            .addrs
+            .iter()
+            .map(|a| Backend::new(*a, res.device.clone(), &spec.timeouts))
+            .collect();
+        Ok(Service::with_backends(spec, backends))
+    }
+
+    pub fn probe_host(&self) -> &str {
+        &self.probe_host
+    }
+
+    pub fn reports(&self) -> Vec<BackendReport> {
+        self.balancer
+            .backends()
+            .iter()
+            .map(|b| BackendReport::of(b))
+            .collect()
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.balancer.backends().iter().map(|b| b.inflight()).sum()
+    }
+
+    /// Starts the background refresh and health checks. `check_now` probes right away (used on
+    /// restore, where nothing has been checked yet).
+    pub fn start(self: &Arc<Self>, resolver: Arc<Resolver>, check_now: bool) {
+        let svc = self.clone();
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            let mut refresh = tokio::time::interval(REFRESH_EVERY);
+            refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut health = tokio::time::interval_at(
+                if check_now {
+                    Instant::now()
+                } else {
+                    Instant::now() + svc.spec.health.interval()
+                },
+                svc.spec.health.interval(),
+            );
+            health.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            refresh.tick().await;
+            let mut last_error: Option<String> = None;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = refresh.tick() => svc.refresh(&resolver, &mut last_error).await,
+                    _ = svc.kick.notified() => svc.refresh(&resolver, &mut last_error).await,
+                    _ = health.tick() => {
+                        let set = svc.balancer.backends();
+                        health::check_round(&set, &svc.spec.health, &svc.probe_host).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Asks the background task to re-resolve now (after a flush or a deploy elsewhere).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Stops the background task; the backends keep serving what they have in flight.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until no request is in flight on this service or `timeout` passes. Returns the
+    /// number still in flight (0 means fully drained).
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.inflight();
+            if n == 0 || Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Closes pooled connections and ends open tunnels on every backend.
+    pub fn retire(&self) {
+        for b in self.balancer.backends().iter() {
+            b.retire();
+        }
+    }
+
+    async fn refresh(&self, resolver: &Resolver, last_error: &mut Option<String>) {
+        if matches!(self.target, Target::Literal(_)) {
+            return;
+        }
+        match resolver.resolve(&self.target, &self.spec.network).await {
+            Ok(res) => {
+                if last_error.take().is_some() {
+                    crate::log::info(
+                        "resolution recovered",
+                        serde_json::json!({"route": self.spec.key().to_string()}),
+                    );
+                }
+                let added = self.apply(res);
+                if !added.is_empty() {
+                    health::check_round(&added, &self.spec.health, &self.probe_host).await;
+                }
+            }
+            Err(e) => {
+                // Keep the last known set: a DNS hiccup must not empty a healthy route.
+                if last_error.as_deref() != Some(e.as_str()) {
+                    crate::log::warn(
+                        "resolution failed; keeping the last backend set",
+                        serde_json::json!({"route": self.spec.key().to_string(), "error": e}),
+                    );
+                    *last_error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Replaces the backend set with a new resolution, keeping the objects (and their pools
+    /// and health) of addresses that stay. Returns the new backends, which start unhealthy.
+    fn apply(&self, res: Resolution) -> Vec<Arc<Backend>> {
+        let current = self.balancer.backends();
+        let unchanged = current.len() == res.addrs.len()
+            && current
+                .iter()
+                .all(|b| res.addrs.contains(&b.addr) && b.device == res.device);
+        if unchanged {
+            return Vec::new();
+        }
+        let mut next = Vec::with_capacity(res.addrs.len());
+        let mut added = Vec::new();
+        for addr in &res.addrs {
+            match current
+                .iter()
+                .find(|b| b.addr == *addr && b.device == res.device)
+            {
+                Some(b) => next.push(b.clone()),
+                None => {
+                    let b = Backend::new(*addr, res.device.clone(), &self.spec.timeouts);
+                    added.push(b.clone());
+                    next.push(b);
+                }
+            }
+        }
+        for gone in current
+            .iter()
+            .filter(|b| !next.iter().any(|n| Arc::ptr_eq(n, b)))
+        {
+            gone.retire();
+        }
+        crate::log::info(
+            "backend set changed",
+            serde_json::json!({"route": self.spec.key().to_string(), "backends": res.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()}),
+        );
+        self.balancer.replace(next);
+        added
+    }
+}
