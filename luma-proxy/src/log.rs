@@ -18,7 +18,8 @@ fn event(level: &str, msg: &str, fields: serde_json::Value) {
     if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), fields) {
         obj.extend(extra);
     }
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    // eprintln! (not a raw stderr handle) so test harnesses capture it.
+    eprintln!("{line}");
 }
 
 pub fn info(msg: &str, fields: serde_json::Value) {

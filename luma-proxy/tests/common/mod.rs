@@ -1,0 +1,368 @@
+//! Real sockets on loopback: in-process backends and a proxy started through its public API.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use luma_proxy::deploy::DeployRequest;
+use luma_proxy::route::{HealthSettings, RouteSpec, RouteTimeouts};
+use luma_proxy::server::RunningProxy;
+use luma_proxy::ProxyConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+pub fn temp_state_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "luma-it-{tag}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn config(state_dir: PathBuf) -> ProxyConfig {
+    ProxyConfig {
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        state_dir,
+        token_file: None,
+        // No Docker DNS on loopback tests: literal targets only.
+        dns: "127.0.0.1:9".parse().unwrap(),
+        self_name: "test".into(),
+        access_log: false,
+        ..ProxyConfig::default()
+    }
+}
+
+pub async fn start_proxy(tag: &str) -> RunningProxy {
+    luma_proxy::Proxy::start(config(temp_state_dir(tag)))
+        .await
+        .unwrap()
+}
+
+/// A test backend: answers `/up`, `/slow?ms=N`, `/headers` (echoes request headers as
+/// `name: value` lines), websocket-style upgrades (echo), and anything else with its name.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub hits: Arc<AtomicU64>,
+    pub healthy: Arc<AtomicBool>,
+    tasks: Arc<std::sync::Mutex<JoinSet<()>>>,
+}
+
+impl TestBackend {
+    pub async fn start(ip: &str, name: &str) -> TestBackend {
+        let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let tasks = Arc::new(std::sync::Mutex::new(JoinSet::new()));
+        let (h, ok, n, t) = (
+            hits.clone(),
+            healthy.clone(),
+            name.to_string(),
+            tasks.clone(),
+        );
+        tasks.lock().unwrap().spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let (h, ok, n) = (h.clone(), ok.clone(), n.clone());
+                t.lock().unwrap().spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (h, ok, n) = (h.clone(), ok.clone(), n.clone());
+                        async move { Ok::<_, std::convert::Infallible>(answer(req, &h, &ok, &n).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        TestBackend {
+            addr,
+            name: name.into(),
+            hits,
+            healthy,
+            tasks,
+        }
+    }
+
+    /// Kills the listener and every open connection, like a container that died.
+    pub fn kill(&self) {
+        self.tasks.lock().unwrap().abort_all();
+    }
+}
+
+async fn answer(
+    mut req: Request<Incoming>,
+    hits: &AtomicU64,
+    healthy: &AtomicBool,
+    name: &str,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    if path == "/up" {
+        let s = if healthy.load(Ordering::Relaxed) {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        return Response::builder()
+            .status(s)
+            .body(Full::new(Bytes::from_static(b"up")))
+            .unwrap();
+    }
+    hits.fetch_add(1, Ordering::Relaxed);
+    if req.headers().contains_key(hyper::header::UPGRADE) {
+        let up = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(io) = up.await {
+                let mut io = TokioIo::new(io);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+    }
+    if path == "/slow" {
+        let ms = query
+            .strip_prefix("ms=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if path == "/headers" {
+        let mut s = String::new();
+        for (k, v) in req.headers() {
+            s.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+        }
+        return Response::new(Full::new(Bytes::from(s)));
+    }
+    // Read the whole body so POSTs are really received.
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    Response::new(Full::new(Bytes::from(format!("{name} {body}"))))
+}
+
+/// A backend that answers `/up` but closes every other connection right after reading the
+/// request head, without answering. Counts the requests it swallowed.
+pub struct DroppingBackend {
+    pub addr: SocketAddr,
+    pub swallowed: Arc<AtomicU64>,
+}
+
+impl DroppingBackend {
+    pub async fn start(ip: &str) -> DroppingBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let swallowed = Arc::new(AtomicU64::new(0));
+        let s = swallowed.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if got.starts_with(b"GET /up ") {
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+                    } else {
+                        s.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        DroppingBackend { addr, swallowed }
+    }
+}
+
+pub fn route(project: &str, host: &str, addrs: &[SocketAddr]) -> RouteSpec {
+    RouteSpec {
+        project: project.into(),
+        app: "web".into(),
+        hosts: vec![host.into()],
+        target: addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        network: String::new(),
+        health: HealthSettings {
+            interval_ms: 100,
+            timeout_ms: 500,
+            ..HealthSettings::default()
+        },
+        timeouts: RouteTimeouts::default(),
+    }
+}
+
+pub fn deploy_req(route: RouteSpec) -> DeployRequest {
+    DeployRequest {
+        route,
+        deploy_timeout_ms: Some(5_000),
+        drain_timeout_ms: Some(10_000),
+    }
+}
+
+/// One request on a fresh connection: (status, body).
+pub async fn request(
+    proxy: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    body: &'static str,
+) -> (u16, String) {
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (status, String::from_utf8_lossy(&text).into_owned())
+}
+
+pub async fn get(proxy: SocketAddr, host: &str, path: &str) -> (u16, String) {
+    request(proxy, "GET", host, path, "").await
+}
+
+/// HTTP/2 with prior knowledge (h2c).
+pub async fn get_h2(proxy: SocketAddr, host: &str, path: &str) -> (u16, String) {
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{host}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Tally of a load run.
+#[derive(Default, Debug)]
+pub struct Tally {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    pub first_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl Tally {
+    pub fn fail(&self, why: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.first_failure.lock().unwrap();
+        if f.is_none() {
+            *f = Some(why);
+        }
+    }
+}
+
+/// Sends requests until `stop` flips: keep-alive or `Connection: close`, GET or POST.
+pub async fn load_worker(
+    proxy: SocketAddr,
+    host: String,
+    keepalive: bool,
+    post: bool,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
+    let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if sender.as_ref().is_none_or(|s| s.is_closed()) {
+            match TcpStream::connect(proxy).await {
+                Ok(s) => match hyper::client::conn::http1::handshake(TokioIo::new(s)).await {
+                    Ok((tx, conn)) => {
+                        tokio::spawn(conn);
+                        sender = Some(tx);
+                    }
+                    Err(e) => {
+                        tally.fail(format!("handshake: {e}"));
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    tally.fail(format!("connect: {e}"));
+                    continue;
+                }
+            }
+        }
+        let tx = sender.as_mut().unwrap();
+        if tx.ready().await.is_err() {
+            sender = None;
+            continue;
+        }
+        let mut b = Request::builder().uri("/").header("host", &host);
+        if !keepalive {
+            b = b.header("connection", "close");
+        }
+        let req = if post {
+            b.method("POST")
+                .body(Full::new(Bytes::from_static(b"payload-0123456789")))
+                .unwrap()
+        } else {
+            b.method("GET").body(Full::new(Bytes::new())).unwrap()
+        };
+        match tx.send_request(req).await {
+            Ok(resp) => {
+                let status = resp.status();
+                match resp.into_body().collect().await {
+                    Ok(_) if status == StatusCode::OK => {
+                        tally.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => tally.fail(format!("status {status}")),
+                    Err(e) => tally.fail(format!("body: {e}")),
+                }
+            }
+            Err(e) => {
+                tally.fail(format!("send: {e}"));
+                sender = None;
+            }
+        }
+        if !keepalive {
+            sender = None;
+        }
+    }
+}
