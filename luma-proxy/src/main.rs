@@ -413,8 +413,8 @@ fn backends_table(b: &serde_json::Value) -> String {
             } else {
                 "DOWN"
             },
-            r["inflight"],
-            r["requests"],
+            r["inflight"].as_u64().unwrap_or(0),
+            r["requests"].as_u64().unwrap_or(0),
             r["error"].as_str().unwrap_or("")
         ));
     }

@@ -126,8 +126,8 @@ impl Router {
                         )
                     } else {
                         format!(
-                            "host {h:?} is already served by app {:?} of project {:?}; remove it from that app first",
-                            o.app, o.project
+                            "host {h:?} is already served by app {:?} of project {:?}; to move that app to a new target deploy with --app {} (\"app\": \"{}\"), or remove the host from it first",
+                            o.app, o.project, o.app, o.app
                         )
                     });
                 }

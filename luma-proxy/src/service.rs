@@ -83,23 +83,15 @@ impl Service {
         self.balancer.backends().iter().map(|b| b.inflight()).sum()
     }
 
-    /// Starts the background refresh and health checks. `check_now` probes right away (used on
-    /// restore, where nothing has been checked yet).
+    /// Starts the background refresh and health checks, as two tasks so a slow DNS answer
+    /// never delays a health check. `check_now` probes right away (used on restore, where
+    /// nothing has been checked yet).
     pub fn start(self: &Arc<Self>, resolver: Arc<Resolver>, check_now: bool) {
         let svc = self.clone();
         let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
             let mut refresh = tokio::time::interval(REFRESH_EVERY);
             refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut health = tokio::time::interval_at(
-                if check_now {
-                    Instant::now()
-                } else {
-                    Instant::now() + svc.spec.health.interval()
-                },
-                svc.spec.health.interval(),
-            );
-            health.set_missed_tick_behavior(MissedTickBehavior::Delay);
             refresh.tick().await;
             let mut last_error: Option<String> = None;
             loop {
@@ -107,6 +99,19 @@ impl Service {
                     _ = stop.changed() => break,
                     _ = refresh.tick() => svc.refresh(&resolver, &mut last_error).await,
                     _ = svc.kick.notified() => svc.refresh(&resolver, &mut last_error).await,
+                }
+            }
+        });
+        let svc = self.clone();
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            let every = svc.spec.health.interval();
+            let first = if check_now { Instant::now() } else { Instant::now() + every };
+            let mut health = tokio::time::interval_at(first, every);
+            health.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
                     _ = health.tick() => {
                         let set = svc.balancer.backends();
                         health::check_round(&set, &svc.spec.health, &svc.probe_host).await;
@@ -116,7 +121,7 @@ impl Service {
         });
     }
 
-    /// Asks the background task to re-resolve now (after a flush or a deploy elsewhere).
+    /// Asks the refresh task to re-resolve now (after a flush or a deploy elsewhere).
     pub fn kick(&self) {
         self.kick.notify_one();
     }

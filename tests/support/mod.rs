@@ -1,1 +1,201 @@
+//! Support for the Docker integration tests: a guard that names every object it creates
+//! uniquely and removes them all when dropped (also when a test panics), and a tiny HTTP client
+//! for 127.0.0.1.
+//!
+//! The tests use the `docker` CLI against the real engine. Docker missing is a failure, never a
+//! silent skip.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub fn proxy_image() -> String {
+    std::env::var("LUMA_PROXY_IMAGE").unwrap_or_else(|_| "luma-proxy:dev".into())
+}
+
+pub fn demo_image() -> String {
+    std::env::var("LUMA_DEMO_IMAGE").unwrap_or_else(|_| "luma-demo:dev".into())
+}
+
+/// Runs `docker ARGS`, returning trimmed stdout or an error with stderr.
+pub fn docker(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run docker: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!("docker {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Owns the Docker objects of one test.
+pub struct Lab {
+    pub prefix: String,
+    containers: Mutex<Vec<String>>,
+    networks: Mutex<Vec<String>>,
+}
+
+impl Lab {
+    /// Fails loudly when the engine or the images are missing.
+    pub fn new(tag: &str) -> Lab {
+        if let Err(e) = docker(&["version", "--format", "{{.Server.Version}}"]) {
+            panic!("Docker is required for the integration tests and is not available: {e}");
+        }
+        for image in [proxy_image(), demo_image()] {
+            if docker(&["image", "inspect", "--format", "{{.Id}}", &image]).is_err() {
+                panic!("image {image} is missing: build it with docker/build-images.sh");
+            }
+        }
+        let prefix = format!("lumait-{tag}-{}-{:04x}", std::process::id(), fastrand_u16());
+        Lab {
+            prefix,
+            containers: Mutex::new(Vec::new()),
+            networks: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn name(&self, what: &str) -> String {
+        format!("{}-{what}", self.prefix)
+    }
+
+    pub fn network(&self, name: &str) -> String {
+        docker(&["network", "create", "--label", "luma.test=1", name]).expect("network create");
+        self.networks.lock().unwrap().push(name.to_string());
+        name.to_string()
+    }
+
+    /// `docker run -d --name NAME ARGS...`; the container is removed at drop.
+    pub fn run(&self, name: &str, args: &[&str]) -> String {
+        self.containers.lock().unwrap().push(name.to_string());
+        let mut full = vec!["run", "-d", "--name", name, "--label", "luma.test=1"];
+        full.extend_from_slice(args);
+        docker(&full).unwrap_or_else(|e| panic!("{e}"));
+        name.to_string()
+    }
+
+    /// A demo backend in `network` with `alias`, reporting `project`.
+    pub fn demo(&self, name: &str, network: &str, alias: &str, project: &str) -> String {
+        let env = format!("LUMA_PROJECT={project}");
+        self.run(name, &["--network", network, "--network-alias", alias, "-e", &env, &demo_image()])
+    }
+
+    /// `docker exec CONTAINER luma-proxy ARGS...`
+    pub fn proxy_cli(&self, proxy: &str, args: &[&str]) -> Result<String, String> {
+        let mut full = vec!["exec", proxy, "luma-proxy"];
+        full.extend_from_slice(args);
+        docker(&full)
+    }
+
+    /// The 127.0.0.1 address a container port is published on.
+    pub fn published(&self, container: &str, port: &str) -> String {
+        let out = docker(&["port", container, port]).expect("docker port");
+        out.lines()
+            .find(|l| l.starts_with("127.0.0.1:"))
+            .unwrap_or_else(|| panic!("{container}:{port} not published on 127.0.0.1: {out}"))
+            .to_string()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in self.containers.lock().unwrap().iter() {
+            let _ = docker(&["rm", "-f", "-v", c]);
+        }
+        for n in self.networks.lock().unwrap().iter() {
+            let _ = docker(&["network", "rm", n]);
+        }
+    }
+}
+
+fn fastrand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (t ^ (t >> 16)) as u16
+}
+
+/// A keep-alive HTTP/1.1 client for one 127.0.0.1 address.
+pub struct Http {
+    addr: String,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl Http {
+    pub fn new(addr: &str) -> Http {
+        assert!(addr.starts_with("127.0.0.1:"), "tests only talk to loopback");
+        Http { addr: addr.to_string(), conn: None }
+    }
+
+    /// GET `path` with `Host: host`; returns (status, body). Reconnects once if the pooled
+    /// connection was closed.
+    pub fn get(&mut self, host: &str, path: &str) -> Result<(u16, String), String> {
+        match self.try_get(host, path) {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                self.conn = None;
+                self.try_get(host, path)
+            }
+        }
+    }
+
+    fn try_get(&mut self, host: &str, path: &str) -> Result<(u16, String), String> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect(&self.addr).map_err(|e| format!("connect {}: {e}", self.addr))?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            s.set_nodelay(true).ok();
+            self.conn = Some(BufReader::new(s));
+        }
+        let r = self.conn.as_mut().unwrap();
+        // One write: a request head split over several segments stalls on Nagle + delayed ACK.
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        r.get_mut().write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        r.read_line(&mut line).map_err(|e| e.to_string())?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {line:?}"))?;
+        let mut len = 0usize;
+        let mut close = false;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).map_err(|e| e.to_string())?;
+            let h = h.trim_end().to_ascii_lowercase();
+            if h.is_empty() {
+                break;
+            }
+            if let Some(v) = h.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            if h.starts_with("connection:") && h.contains("close") {
+                close = true;
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).map_err(|e| e.to_string())?;
+        if close {
+            self.conn = None;
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+/// Polls `f` until it returns Some or `limit` passes.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
