@@ -12,26 +12,82 @@ fn a_deploy_to_an_unhealthy_release_changes_nothing_and_replicas_share_load() {
     lab.demo(&lab.name("web-1"), &net, "web-v1", "shop");
     let proxy = lab.run(
         &lab.name("proxy"),
-        &["--network", &net, "-p", "127.0.0.1::8080", &proxy_image(), "serve", "--no-access-log"],
+        &[
+            "--network",
+            &net,
+            "-p",
+            "127.0.0.1::8080",
+            &proxy_image(),
+            "serve",
+            "--no-access-log",
+        ],
     );
     let addr = lab.published(&proxy, "8080/tcp");
-    wait_for(Duration::from_secs(10), || lab.proxy_cli(&proxy, &["status"]).ok()).expect("admin API");
-    lab.proxy_cli(&proxy, &["deploy", "--host", "shop.test", "--project", &shop, "--app", "web", "--target", "web-v1:3000"])
-        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for(Duration::from_secs(10), || {
+        lab.proxy_cli(&proxy, &["status"]).ok()
+    })
+    .expect("admin API");
+    lab.proxy_cli(
+        &proxy,
+        &[
+            "deploy",
+            "--host",
+            "shop.test",
+            "--project",
+            &shop,
+            "--app",
+            "web",
+            "--target",
+            "web-v1:3000",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 
     // v2: three replicas behind one alias, one of them unhealthy.
     for i in 1..=3 {
-        let env = if i == 2 { "DEMO_UNHEALTHY=1" } else { "DEMO_UNHEALTHY=0" };
+        let env = if i == 2 {
+            "DEMO_UNHEALTHY=1"
+        } else {
+            "DEMO_UNHEALTHY=0"
+        };
         lab.run(
             &lab.name(&format!("v2-{i}")),
-            &["--network", &net, "--network-alias", "web-v2", "-e", env, "-e", "LUMA_PROJECT=shop", &demo_image()],
+            &[
+                "--network",
+                &net,
+                "--network-alias",
+                "web-v2",
+                "-e",
+                env,
+                "-e",
+                "LUMA_PROJECT=shop",
+                &demo_image(),
+            ],
         );
     }
     let err = lab
-        .proxy_cli(&proxy, &["deploy", "--host", "shop.test", "--project", &shop, "--app", "web", "--target", "web-v2:3000", "--deploy-timeout", "2s"])
+        .proxy_cli(
+            &proxy,
+            &[
+                "deploy",
+                "--host",
+                "shop.test",
+                "--project",
+                &shop,
+                "--app",
+                "web",
+                "--target",
+                "web-v2:3000",
+                "--deploy-timeout",
+                "2s",
+            ],
+        )
         .unwrap_err();
     assert!(err.contains("1 of 3 backends"), "{err}");
-    assert!(err.contains("503"), "the reason per backend is missing: {err}");
+    assert!(
+        err.contains("503"),
+        "the reason per backend is missing: {err}"
+    );
     let mut http = Http::new(&addr);
     let (s, body) = http.get("shop.test", "/").unwrap();
     assert_eq!(s, 200);
@@ -41,17 +97,43 @@ fn a_deploy_to_an_unhealthy_release_changes_nothing_and_replicas_share_load() {
     docker(&["rm", "-f", "-v", &lab.name("v2-2")]).unwrap();
     lab.run(
         &lab.name("v2-2b"),
-        &["--network", &net, "--network-alias", "web-v2", "-e", "LUMA_PROJECT=shop", &demo_image()],
+        &[
+            "--network",
+            &net,
+            "--network-alias",
+            "web-v2",
+            "-e",
+            "LUMA_PROJECT=shop",
+            &demo_image(),
+        ],
     );
-    lab.proxy_cli(&proxy, &["deploy", "--host", "shop.test", "--project", &shop, "--app", "web", "--target", "web-v2:3000"])
-        .unwrap_or_else(|e| panic!("{e}"));
+    lab.proxy_cli(
+        &proxy,
+        &[
+            "deploy",
+            "--host",
+            "shop.test",
+            "--project",
+            &shop,
+            "--app",
+            "web",
+            "--target",
+            "web-v2:3000",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut per_host = std::collections::BTreeMap::new();
     for _ in 0..600 {
         let (s, body) = http.get("shop.test", "/").unwrap();
         assert_eq!(s, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_ne!(v["hostname"], v1_host["hostname"], "old release still served after the switch");
-        *per_host.entry(v["hostname"].as_str().unwrap().to_string()).or_insert(0usize) += 1;
+        assert_ne!(
+            v["hostname"], v1_host["hostname"],
+            "old release still served after the switch"
+        );
+        *per_host
+            .entry(v["hostname"].as_str().unwrap().to_string())
+            .or_insert(0usize) += 1;
     }
     assert_eq!(per_host.len(), 3, "{per_host:?}");
     for (h, n) in &per_host {

@@ -24,7 +24,9 @@ fn tally(http: &mut Http, host: &str, n: usize) -> std::collections::BTreeMap<St
 }
 
 fn routes(lab: &Lab, proxy: &str) -> serde_json::Value {
-    let out = lab.proxy_cli(proxy, &["list", "--json"]).expect("luma-proxy list");
+    let out = lab
+        .proxy_cli(proxy, &["list", "--json"])
+        .expect("luma-proxy list");
     serde_json::from_str(&out).expect("list --json is JSON")
 }
 
@@ -54,22 +56,59 @@ fn two_projects_with_the_same_app_name_never_see_each_other() {
     lab.demo(&lab.name("beta-web"), &beta_net, "web", "beta");
     let proxy = lab.run(
         &lab.name("proxy"),
-        &["--network", &alpha_net, "-p", "127.0.0.1::8080", &proxy_image(), "serve", "--no-access-log"],
+        &[
+            "--network",
+            &alpha_net,
+            "-p",
+            "127.0.0.1::8080",
+            &proxy_image(),
+            "serve",
+            "--no-access-log",
+        ],
     );
     docker(&["network", "connect", &beta_net, &proxy]).unwrap();
     let addr = lab.published(&proxy, "8080/tcp");
 
     // The admin API answers once the proxy is up.
-    wait_for(Duration::from_secs(10), || lab.proxy_cli(&proxy, &["status"]).ok()).expect("proxy admin API never came up");
+    wait_for(Duration::from_secs(10), || {
+        lab.proxy_cli(&proxy, &["status"]).ok()
+    })
+    .expect("proxy admin API never came up");
     let out = lab
-        .proxy_cli(&proxy, &["deploy", "--host", "alpha.test", "--project", &alpha, "--target", "web:3000"])
+        .proxy_cli(
+            &proxy,
+            &[
+                "deploy",
+                "--host",
+                "alpha.test",
+                "--project",
+                &alpha,
+                "--target",
+                "web:3000",
+            ],
+        )
         .unwrap_or_else(|e| panic!("deploy alpha: {e}"));
     assert!(out.contains("1 backends healthy"), "{out}");
-    lab.proxy_cli(&proxy, &["deploy", "--host", "beta.test", "--project", &beta, "--target", "web:3000"])
-        .unwrap_or_else(|e| panic!("deploy beta: {e}"));
+    lab.proxy_cli(
+        &proxy,
+        &[
+            "deploy",
+            "--host",
+            "beta.test",
+            "--project",
+            &beta,
+            "--target",
+            "web:3000",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("deploy beta: {e}"));
 
     let mut http = Http::new(&addr);
-    let only = |project: &str| [(project.to_string(), 1000usize)].into_iter().collect::<std::collections::BTreeMap<_, _>>();
+    let only = |project: &str| {
+        [(project.to_string(), 1000usize)]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
     assert_eq!(tally(&mut http, "alpha.test", 1000), only("alpha"));
     assert_eq!(tally(&mut http, "beta.test", 1000), only("beta"));
     assert_eq!(http.get("gamma.test", "/").unwrap().0, 404);
@@ -77,15 +116,33 @@ fn two_projects_with_the_same_app_name_never_see_each_other() {
     // Health checks stay in their own project: stop beta's web, alpha stays fully healthy.
     docker(&["stop", "-t", "1", &lab.name("beta-web")]).unwrap();
     let t = Instant::now();
-    wait_for(Duration::from_secs(10), || (http.get("beta.test", "/").ok()?.0 == 503).then_some(()))
-        .expect("beta never answered 503 after its only backend stopped");
-    eprintln!("beta answered 503 {:?} after its container stopped", t.elapsed());
+    wait_for(Duration::from_secs(10), || {
+        (http.get("beta.test", "/").ok()?.0 == 503).then_some(())
+    })
+    .expect("beta never answered 503 after its only backend stopped");
+    eprintln!(
+        "beta answered 503 {:?} after its container stopped",
+        t.elapsed()
+    );
     let t = Instant::now();
-    let slow_503 = (0..20).filter(|_| http.get("beta.test", "/").map(|r| r.0) != Ok(503)).count();
+    let slow_503 = (0..20)
+        .filter(|_| http.get("beta.test", "/").map(|r| r.0) != Ok(503))
+        .count();
     assert_eq!(slow_503, 0);
-    assert!(t.elapsed() < Duration::from_secs(2), "503s were slow: {:?}", t.elapsed());
-    assert_eq!(tally(&mut http, "alpha.test", 200), only("alpha").into_iter().map(|(k, _)| (k, 200)).collect());
-    assert_eq!(health_of(&lab, &proxy, &alpha), (1, 1), "alpha lost health because beta stopped");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "503s were slow: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        tally(&mut http, "alpha.test", 200),
+        only("alpha").into_iter().map(|(k, _)| (k, 200)).collect()
+    );
+    assert_eq!(
+        health_of(&lab, &proxy, &alpha),
+        (1, 1),
+        "alpha lost health because beta stopped"
+    );
 
     // A third network whose name sorts first, with its own `web`. Nothing may change.
     let aaa_net = lab.network(&format!("{aaa}-network"));
@@ -94,7 +151,9 @@ fn two_projects_with_the_same_app_name_never_see_each_other() {
     // Docker may move an ephemeral published port when the container's networks change.
     let mut http = Http::new(&lab.published(&proxy, "8080/tcp"));
     docker(&["start", &lab.name("beta-web")]).unwrap();
-    let back = wait_for(Duration::from_secs(10), || (http.get("beta.test", "/").ok()?.0 == 200).then_some(()));
+    let back = wait_for(Duration::from_secs(10), || {
+        (http.get("beta.test", "/").ok()?.0 == 200).then_some(())
+    });
     if back.is_none() {
         panic!(
             "beta did not come back after its container restarted: last answer {:?}; proxy sees {}; logs:\n{}",
@@ -119,7 +178,16 @@ fn two_projects_with_the_same_app_name_never_see_each_other() {
         (a.0 == 200 && b.0 == 200).then_some(())
     })
     .expect("routes did not come back within 5 s of a proxy restart");
-    eprintln!("after docker restart, both routes served within {:?}", t.elapsed());
-    assert_eq!(tally(&mut http, "alpha.test", 200), only("alpha").into_iter().map(|(k, _)| (k, 200)).collect());
-    assert_eq!(tally(&mut http, "beta.test", 200), only("beta").into_iter().map(|(k, _)| (k, 200)).collect());
+    eprintln!(
+        "after docker restart, both routes served within {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        tally(&mut http, "alpha.test", 200),
+        only("alpha").into_iter().map(|(k, _)| (k, 200)).collect()
+    );
+    assert_eq!(
+        tally(&mut http, "beta.test", 200),
+        only("beta").into_iter().map(|(k, _)| (k, 200)).collect()
+    );
 }

@@ -106,7 +106,11 @@ impl Service {
         let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
             let every = svc.spec.health.interval();
-            let first = if check_now { Instant::now() } else { Instant::now() + every };
+            let first = if check_now {
+                Instant::now()
+            } else {
+                Instant::now() + every
+            };
             let mut health = tokio::time::interval_at(first, every);
             health.set_missed_tick_behavior(MissedTickBehavior::Delay);
             loop {

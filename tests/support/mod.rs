@@ -28,7 +28,11 @@ pub fn docker(args: &[&str]) -> Result<String, String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
-        Err(format!("docker {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -80,7 +84,18 @@ impl Lab {
     /// A demo backend in `network` with `alias`, reporting `project`.
     pub fn demo(&self, name: &str, network: &str, alias: &str, project: &str) -> String {
         let env = format!("LUMA_PROJECT={project}");
-        self.run(name, &["--network", network, "--network-alias", alias, "-e", &env, &demo_image()])
+        self.run(
+            name,
+            &[
+                "--network",
+                network,
+                "--network-alias",
+                alias,
+                "-e",
+                &env,
+                &demo_image(),
+            ],
+        )
     }
 
     /// `docker exec CONTAINER luma-proxy ARGS...`
@@ -127,8 +142,14 @@ pub struct Http {
 
 impl Http {
     pub fn new(addr: &str) -> Http {
-        assert!(addr.starts_with("127.0.0.1:"), "tests only talk to loopback");
-        Http { addr: addr.to_string(), conn: None }
+        assert!(
+            addr.starts_with("127.0.0.1:"),
+            "tests only talk to loopback"
+        );
+        Http {
+            addr: addr.to_string(),
+            conn: None,
+        }
     }
 
     /// GET `path` with `Host: host`; returns (status, body). Reconnects once if the pooled
@@ -145,7 +166,8 @@ impl Http {
 
     fn try_get(&mut self, host: &str, path: &str) -> Result<(u16, String), String> {
         if self.conn.is_none() {
-            let s = TcpStream::connect(&self.addr).map_err(|e| format!("connect {}: {e}", self.addr))?;
+            let s = TcpStream::connect(&self.addr)
+                .map_err(|e| format!("connect {}: {e}", self.addr))?;
             s.set_read_timeout(Some(Duration::from_secs(10))).ok();
             s.set_nodelay(true).ok();
             self.conn = Some(BufReader::new(s));
@@ -153,7 +175,9 @@ impl Http {
         let r = self.conn.as_mut().unwrap();
         // One write: a request head split over several segments stalls on Nagle + delayed ACK.
         let head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
-        r.get_mut().write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+        r.get_mut()
+            .write_all(head.as_bytes())
+            .map_err(|e| e.to_string())?;
         let mut line = String::new();
         r.read_line(&mut line).map_err(|e| e.to_string())?;
         let status: u16 = line
