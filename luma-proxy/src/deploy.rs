@@ -181,6 +181,8 @@ impl Deployer {
             "route switched",
             serde_json::json!({"route": key.to_string(), "target": candidate.spec.target, "hosts": candidate.spec.hosts}),
         );
+        // The project's containers changed: its other routes re-resolve now, not in a second.
+        self.flush(&key.project);
         let previous_target = old.as_ref().map(|o| o.spec.target.clone());
         let drain = match old {
             Some(old) => Some(drain_and_retire(&old, req.drain_timeout_ms).await),
