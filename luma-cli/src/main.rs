@@ -1,13 +1,512 @@
-//! The `luma` CLI. It is built out in its own issue; for now it only names itself.
-use clap::Parser;
+//! `luma`: zero-downtime blue-green deploys of many projects to one Docker engine.
 
-/// luma: zero-downtime blue-green deploys of many projects to one Docker engine.
+use clap::{Parser, Subcommand};
+use luma_cli::config::Config;
+use luma_cli::deploy::{self, Ctx};
+use luma_cli::engine::{Engine, Transport};
+use luma_cli::proxyctl::{self, ProxySettings};
+use luma_cli::secrets::Secrets;
+use luma_cli::ui::{table, Ui};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Deploy Docker apps to your own servers with zero downtime.
+///
+/// Luma reads luma.yml, builds your images on the engine (no registry), starts the new release
+/// beside the old one, has luma-proxy health-check every new replica inside your project's own
+/// Docker network, switches traffic atomically, drains the old release and keeps it stopped for
+/// rollback. Many projects share one server, even when their apps have the same names.
+///
+/// Start with `luma init`, edit luma.yml, then `luma deploy`.
 #[derive(Parser)]
-#[command(version, about)]
-struct Cli {}
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Path to luma.yml.
+    #[arg(short, long, global = true, default_value = "luma.yml")]
+    config: PathBuf,
+    /// Show every engine operation.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("luma: the CLI is not built yet; drive luma-proxy with `luma-proxy --help`");
-    std::process::exit(2);
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a commented luma.yml and an empty .luma/secrets (never overwrites).
+    Init,
+    /// Prepare the engine: the proxy, the project network, services. `deploy` does this too.
+    Setup,
+    /// Build and release apps with zero downtime (all apps when none are named).
+    ///
+    /// The release id is the git short sha (a time-based id outside git). A dirty tree is
+    /// refused unless --force.
+    Deploy {
+        apps: Vec<String>,
+        /// Deploy even with uncommitted changes.
+        #[arg(long)]
+        force: bool,
+        /// Earlier releases kept stopped for rollback.
+        #[arg(long, default_value_t = 2)]
+        retain: usize,
+    },
+    /// Live release, replicas, container state and proxy health per app; services.
+    Status {
+        apps: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go back to a retained release (the newest earlier one by default), health-gated.
+    Rollback {
+        app: String,
+        release: Option<String>,
+    },
+    /// Take down apps (all apps, services, routes and the network when none are named).
+    Remove {
+        apps: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Print an app's logs (every replica of the live release).
+    Logs {
+        app: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+    },
+    /// Manage the shared luma-proxy container.
+    Proxy {
+        #[command(subcommand)]
+        cmd: ProxyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProxyCmd {
+    /// Container state and the proxy's own status.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Proxy logs.
+    Logs {
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+    },
+    /// Restart the proxy; routes come back from its state volume.
+    Restart,
+    /// Replace the proxy container with the configured image, keeping its state volume and
+    /// reconnecting every network it was on.
+    Update,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("luma: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luma: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let ui = Ui::new(cli.verbose, false);
+    if let Cmd::Init = cli.cmd {
+        return init(&cli.config);
+    }
+    let cfg = Config::load(&cli.config).map_err(|e| e.0)?;
+    let dir = cfg
+        .path
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_else(|| ".".into());
+    let secrets = Secrets::load(&dir)?;
+    let proxy = ProxySettings::resolve(cfg.proxy_image.as_deref())?;
+    let engine = Engine::connect(Transport::Local, cli.verbose).await?;
+    let mut ctx = Ctx {
+        engine: &engine,
+        cfg: &cfg,
+        secrets: &secrets,
+        proxy,
+        ui: &ui,
+        retain: 2,
+    };
+    let out = match cli.cmd {
+        Cmd::Init => unreachable!("handled above"),
+        Cmd::Setup => deploy::setup(&ctx).await,
+        Cmd::Deploy {
+            apps,
+            force,
+            retain,
+        } => {
+            ctx.retain = retain;
+            let started = std::time::Instant::now();
+            deploy::deploy(&ctx, &apps, force).await.map(|urls| {
+                ui.info(format!(
+                    "✓ deployed {} in {:.1}s",
+                    cfg.project,
+                    started.elapsed().as_secs_f64()
+                ));
+                for u in urls {
+                    println!("{u}");
+                }
+            })
+        }
+        Cmd::Status { apps, json } => status(&ctx, &apps, json).await,
+        Cmd::Rollback { app, release } => deploy::rollback(&ctx, &app, release.as_deref())
+            .await
+            .map(|r| ui.info(format!("✓ {app} is back on release {r}"))),
+        Cmd::Remove { apps, yes } => {
+            let everything = apps.is_empty();
+            let targets: Vec<String> = if everything {
+                cfg.apps.iter().map(|a| a.name.clone()).collect()
+            } else {
+                apps
+            };
+            for a in &targets {
+                cfg.app(a)?;
+            }
+            let what = if everything {
+                format!(
+                    "project {} (apps, services, routes and network; named volumes are kept)",
+                    cfg.project
+                )
+            } else {
+                format!("app(s) {} of project {}", targets.join(", "), cfg.project)
+            };
+            if !yes && !confirm(&format!("Remove {what}?"))? {
+                return Err("cancelled; nothing was removed".into());
+            }
+            deploy::remove(&ctx, &targets, everything).await
+        }
+        Cmd::Logs { app, follow, tail } => logs(&ctx, &app, follow, tail).await,
+        Cmd::Proxy { cmd } => proxy_cmd(&ctx, cmd).await,
+    };
+    out.map_err(|e| secrets.redact(&e))
+}
+
+fn confirm(question: &str) -> Result<bool, String> {
+    if !std::io::stdin().is_terminal() {
+        return Err(format!(
+            "{question} Refusing without a terminal to ask; pass --yes"
+        ));
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+async fn status(ctx: &Ctx<'_>, apps: &[String], json: bool) -> Result<(), String> {
+    let v = deploy::status(ctx, apps).await?;
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    println!(
+        "project {}  (network {})",
+        v["project"].as_str().unwrap_or(""),
+        v["network"].as_str().unwrap_or("")
+    );
+    for a in v["apps"].as_array().into_iter().flatten() {
+        println!(
+            "\napp {}  live release: {}  hosts: {}",
+            a["app"].as_str().unwrap_or(""),
+            a["live_release"].as_str().unwrap_or("none"),
+            a["hosts"]
+                .as_array()
+                .map(|h| h
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
+        );
+        let rows: Vec<Vec<String>> = a["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                vec![
+                    r["container"].as_str().unwrap_or("").into(),
+                    r["release"].as_str().unwrap_or("").into(),
+                    r["state"].as_str().unwrap_or("").into(),
+                    r["ip"].as_str().unwrap_or("-").into(),
+                    r["proxy_health"].as_str().unwrap_or("-").into(),
+                ]
+            })
+            .collect();
+        println!(
+            "{}",
+            table(
+                &["CONTAINER", "RELEASE", "STATE", "IP", "PROXY HEALTH"],
+                &rows
+            )
+        );
+    }
+    let rows: Vec<Vec<String>> = v["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            vec![
+                s["service"].as_str().unwrap_or("").into(),
+                s["container"].as_str().unwrap_or("").into(),
+                s["state"].as_str().unwrap_or("").into(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        println!("\n{}", table(&["SERVICE", "CONTAINER", "STATE"], &rows));
+    }
+    Ok(())
+}
+
+async fn logs(ctx: &Ctx<'_>, app: &str, follow: bool, tail: usize) -> Result<(), String> {
+    ctx.cfg.app(app)?;
+    let live = deploy::live_release(ctx, app).await.ok().flatten();
+    let releases = deploy::releases(ctx, app).await?;
+    let (_, cs) = releases
+        .iter()
+        .rev()
+        .find(|(r, _)| live.as_ref().is_none_or(|l| l == r))
+        .ok_or_else(|| format!("{app} has no containers; deploy it first"))?;
+    let tasks: Vec<_> = cs
+        .iter()
+        .map(|c| {
+            let name = luma_cli::engine::name_of(c);
+            let prefix = format!(
+                "[{}]",
+                luma_cli::engine::label(c, "luma.replica").unwrap_or("?")
+            );
+            async move { ctx.engine.stream_logs(&name, &prefix, follow, tail).await }
+        })
+        .collect();
+    for r in futures_util::future::join_all(tasks).await {
+        r?;
+    }
+    Ok(())
+}
+
+async fn proxy_cmd(ctx: &Ctx<'_>, cmd: ProxyCmd) -> Result<(), String> {
+    let p = &ctx.proxy;
+    match cmd {
+        ProxyCmd::Status { json } => {
+            let c =
+                ctx.engine.inspect(&p.container).await?.ok_or_else(|| {
+                    format!("no proxy container {}; run `luma setup`", p.container)
+                })?;
+            let state = c
+                .state
+                .as_ref()
+                .and_then(|s| s.status)
+                .map(|s| format!("{s:?}").to_lowercase())
+                .unwrap_or_default();
+            let image = c
+                .config
+                .as_ref()
+                .and_then(|c| c.image.clone())
+                .unwrap_or_default();
+            let inner = proxyctl::call(ctx.engine, p, &["status", "--json"])
+                .await
+                .unwrap_or_else(|e| serde_json::json!({"error": e}));
+            let v = serde_json::json!({"container": p.container, "image": image, "state": state, "proxy": inner});
+            if json {
+                println!("{v:#}");
+            } else {
+                println!("container {}  image {image}  state {state}", p.container);
+                let rows: Vec<Vec<String>> = inner
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| vec![k.clone(), v.to_string()])
+                    .collect();
+                println!("{}", table(&["KEY", "VALUE"], &rows));
+            }
+            Ok(())
+        }
+        ProxyCmd::Logs { follow, tail } => {
+            ctx.engine.stream_logs(&p.container, "", follow, tail).await
+        }
+        ProxyCmd::Restart => {
+            ctx.ui
+                .step(format!("restart {}", p.container), async {
+                    ctx.engine.restart(&p.container).await?;
+                    proxyctl::wait_ready(ctx.engine, p).await
+                })
+                .await
+        }
+        ProxyCmd::Update => update_proxy(ctx).await,
+    }
+}
+
+/// Replaces the proxy container, keeping the state volume and every network.
+async fn update_proxy(ctx: &Ctx<'_>) -> Result<(), String> {
+    let p = &ctx.proxy;
+    proxyctl::ensure_image(ctx.engine, p).await?;
+    let old = ctx
+        .engine
+        .inspect(&p.container)
+        .await?
+        .ok_or_else(|| format!("no proxy container {}; run `luma setup`", p.container))?;
+    let networks: Vec<String> = old
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .map(|n| n.keys().filter(|k| *k != "bridge").cloned().collect())
+        .unwrap_or_default();
+    let routes_before = proxyctl::routes(ctx.engine, p)
+        .await
+        .map(|r| r.len())
+        .unwrap_or(0);
+    let parked = format!("{}-replaced", p.container);
+    ctx.ui
+        .step(
+            format!("stop the old proxy (drains in-flight requests)"),
+            async {
+                ctx.engine.remove(&parked).await?;
+                ctx.engine.stop(&p.container, 30).await?;
+                ctx.engine.rename(&p.container, &parked).await
+            },
+        )
+        .await?;
+    let started = ctx
+        .ui
+        .step(format!("start {} from {}", p.container, p.image), async {
+            proxyctl::ensure_running(ctx.engine, p).await?;
+            for n in &networks {
+                proxyctl::attach(ctx.engine, p, n).await?;
+            }
+            for n in &networks {
+                let project = n.trim_end_matches("-network");
+                let _ = proxyctl::call(ctx.engine, p, &["flush", "--project", project]).await;
+            }
+            let after = proxyctl::routes(ctx.engine, p).await?.len();
+            if after < routes_before {
+                return Err(format!(
+                    "the new proxy restored {after} of {routes_before} routes"
+                ));
+            }
+            Ok(())
+        })
+        .await;
+    match started {
+        Ok(()) => {
+            ctx.engine.remove(&parked).await?;
+            ctx.ui.info(format!(
+                "✓ proxy updated to {}; {routes_before} routes kept",
+                p.image
+            ));
+            Ok(())
+        }
+        Err(e) => {
+            let _ = ctx.engine.remove(&p.container).await;
+            ctx.engine.rename(&parked, &p.container).await?;
+            ctx.engine.start(&p.container).await?;
+            Err(format!("{e}; the old proxy was put back"))
+        }
+    }
+}
+
+const TEMPLATE: &str = r#"# luma.yml: what `luma deploy` puts on your server.
+# Docs: `luma --help`. Every key below is optional except `name` and one app or service.
+
+# The project name. It scopes every container, network and image, so two projects can both
+# have an app called `web`. Lowercase letters, digits and '-'.
+name: my-project
+
+apps:
+  web:
+    # Either a local image, or `build:` to build it on the engine (no registry needed).
+    build:
+      context: .
+      dockerfile: Dockerfile
+    replicas: 1
+    environment:
+      plain:
+        - RUST_LOG=info
+      secret: []          # names only; values live in .luma/secrets as KEY=VALUE
+    health_check:
+      path: /up           # must answer 2xx once the app is ready
+    proxy:
+      hosts:
+        - my-project.example.com
+      app_port: 3000      # the port the app listens on inside its container
+
+# services:               # databases and friends; reachable from apps as <name>:<port>
+#   db:
+#     image: postgres:16
+#     environment:
+#       secret: [POSTGRES_PASSWORD]
+#     volumes:
+#       - my-project-db:/var/lib/postgresql/data
+"#;
+
+fn init(config: &std::path::Path) -> Result<(), String> {
+    let dir = config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let mut wrote = Vec::new();
+    if config.exists() {
+        eprintln!("  · {} exists; left as it is", config.display());
+    } else {
+        std::fs::write(config, TEMPLATE).map_err(|e| format!("write {}: {e}", config.display()))?;
+        wrote.push(config.display().to_string());
+    }
+    let secrets = dir.join(".luma").join("secrets");
+    if secrets.exists() {
+        eprintln!("  · {} exists; left as it is", secrets.display());
+    } else {
+        std::fs::create_dir_all(dir.join(".luma")).map_err(|e| e.to_string())?;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secrets)
+            .and_then(|mut f| f.write_all(b"# KEY=VALUE lines; never commit this file\n"))
+            .map_err(|e| format!("write {}: {e}", secrets.display()))?;
+        wrote.push(secrets.display().to_string());
+    }
+    let gitignore = dir.join(".gitignore");
+    let current = std::fs::read_to_string(&gitignore).unwrap_or_default();
+    if !current.lines().any(|l| l.trim() == ".luma/secrets") {
+        let mut text = current;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(".luma/secrets\n");
+        std::fs::write(&gitignore, text)
+            .map_err(|e| format!("write {}: {e}", gitignore.display()))?;
+        wrote.push(format!("{} (+ .luma/secrets)", gitignore.display()));
+    }
+    for w in wrote {
+        eprintln!("  ✓ wrote {w}");
+    }
+    eprintln!("Next: edit luma.yml, then run `luma deploy`.");
+    Ok(())
 }

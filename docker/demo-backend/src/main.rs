@@ -31,7 +31,19 @@ fn env(k: &str, d: &str) -> String {
     std::env::var(k).unwrap_or_else(|_| d.to_string())
 }
 
+extern "C" fn exit_now(_: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(0) }
+}
+
 fn main() {
+    // As PID 1 in a container, SIGTERM is ignored unless handled: exit at once so `docker stop`
+    // does not wait for its grace period.
+    // SAFETY: installing a handler that only calls an async-signal-safe function.
+    unsafe {
+        libc::signal(libc::SIGTERM, exit_now as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, exit_now as *const () as libc::sighandler_t);
+    }
     let port = env("PORT", "3000");
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())

@@ -1,0 +1,816 @@
+//! `luma.yml`: parsing and validation, before anything touches Docker.
+//!
+//! The schema stays compatible with the original Luma: `name`, `ssh`, `docker`, `proxy`, and
+//! `apps`/`services` as a map or a list of entries with `name`. Every error names the file, the
+//! key path, the bad value and the fix; unknown keys get a "did you mean".
+
+use serde_yaml_ng::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub project: String,
+    pub ssh: Option<Ssh>,
+    pub proxy_image: Option<String>,
+    pub registry: Option<String>,
+    pub apps: Vec<Entry>,
+    pub services: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ssh {
+    pub username: Option<String>,
+    pub port: Option<u16>,
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    Image(String),
+    Build(Build),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Build {
+    pub context: PathBuf,
+    pub dockerfile: String,
+    pub args: BTreeMap<String, String>,
+    pub target: Option<String>,
+    pub platform: Option<String>,
+}
+
+/// An app or a service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    pub source: ImageSource,
+    pub servers: Vec<String>,
+    pub replicas: u32,
+    pub ports: Vec<String>,
+    pub volumes: Vec<String>,
+    pub command: Option<Vec<String>>,
+    pub env_plain: Vec<(String, String)>,
+    pub env_secret: Vec<String>,
+    pub health: Health,
+    pub proxy: Option<ProxyRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// How long every new replica has to become healthy.
+    pub deadline: Duration,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            path: "/up".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyRoute {
+    pub hosts: Vec<String>,
+    pub app_port: u16,
+    pub ssl: bool,
+    pub ssl_redirect: bool,
+    pub response_timeout: Duration,
+}
+
+/// Names Luma keeps for itself.
+const RESERVED: [&str; 6] = ["luma", "luma-proxy", "proxy", "lock", "host", "none"];
+
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: &str, msg: impl std::fmt::Display) -> ConfigError {
+        ConfigError(format!("{}: {key}: {msg}", self.file))
+    }
+
+    fn map<'v>(
+        &self,
+        key: &str,
+        v: &'v Value,
+        allowed: &[&str],
+    ) -> Result<&'v serde_yaml_ng::Mapping, ConfigError> {
+        let m = v
+            .as_mapping()
+            .ok_or_else(|| self.err(key, format!("expected a map of keys, found {}", kind(v))))?;
+        for k in m.keys() {
+            let k = k
+                .as_str()
+                .ok_or_else(|| self.err(key, "keys must be strings"))?;
+            if !allowed.contains(&k) {
+                let hint = closest(k, allowed)
+                    .map(|c| format!("did you mean `{c}`?"))
+                    .unwrap_or_else(|| format!("allowed keys: {}", allowed.join(", ")));
+                return Err(self.err(&join(key, k), format!("unknown key; {hint}")));
+            }
+        }
+        Ok(m)
+    }
+
+    fn string(&self, key: &str, v: &Value) -> Result<String, ConfigError> {
+        match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            _ => Err(self.err(key, format!("expected a string, found {}", kind(v)))),
+        }
+    }
+
+    fn strings(&self, key: &str, v: &Value) -> Result<Vec<String>, ConfigError> {
+        match v {
+            Value::Sequence(s) => s
+                .iter()
+                .enumerate()
+                .map(|(i, x)| self.string(&format!("{key}[{i}]"), x))
+                .collect(),
+            Value::String(s) => Ok(vec![s.clone()]),
+            _ => Err(self.err(
+                key,
+                format!("expected a list of strings, found {}", kind(v)),
+            )),
+        }
+    }
+
+    fn duration(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
+        let s = self.string(key, v)?;
+        parse_duration(&s).map_err(|e| self.err(key, format!("{e}")))
+    }
+
+    fn bool(&self, key: &str, v: &Value) -> Result<bool, ConfigError> {
+        v.as_bool()
+            .ok_or_else(|| self.err(key, format!("expected true or false, found {}", kind(v))))
+    }
+
+    fn uint(&self, key: &str, v: &Value, min: u64, max: u64) -> Result<u64, ConfigError> {
+        v.as_u64()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| {
+                self.err(
+                    key,
+                    format!(
+                        "expected a whole number from {min} to {max}, found {}",
+                        show(v)
+                    ),
+                )
+            })
+    }
+}
+
+fn join(a: &str, b: &str) -> String {
+    if a.is_empty() {
+        b.to_string()
+    } else {
+        format!("{a}.{b}")
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a map",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+fn show(v: &Value) -> String {
+    serde_yaml_ng::to_string(v)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| kind(v).into())
+}
+
+/// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. 500ms, 5s or 1m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!(
+            "{s:?} has an unknown unit; write e.g. 500ms, 5s or 1m"
+        )),
+    }
+}
+
+/// Edit distance, for "did you mean".
+fn closest<'a>(k: &str, allowed: &[&'a str]) -> Option<&'a str> {
+    fn dist(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                cur.push(
+                    (prev[j] + (ca != *cb) as usize)
+                        .min(prev[j + 1] + 1)
+                        .min(cur[j] + 1),
+                );
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    allowed
+        .iter()
+        .map(|a| (dist(k, a), *a))
+        .filter(|(d, a)| *d <= 2.max(a.len() / 3))
+        .min()
+        .map(|(_, a)| a)
+}
+
+/// DNS-label rules; `--` is kept for Luma's own release aliases.
+pub fn check_name(what: &str, v: &str) -> Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 40
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-')
+        && !v.contains("--");
+    if !ok {
+        return Err(format!(
+            "{what} {v:?} is not a valid name: use 1-40 lowercase letters, digits and single '-', starting and ending with a letter or digit"
+        ));
+    }
+    if RESERVED.contains(&v) {
+        return Err(format!(
+            "{what} {v:?} is reserved by Luma; pick another name"
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "{file}: cannot read it ({e}); run `luma init` to create one, or pass -c PATH"
+            ))
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let cx = Ctx { file: &file };
+        let doc: Value = serde_yaml_ng::from_str(text)
+            .map_err(|e| ConfigError(format!("{file}: not valid YAML: {e}")))?;
+        let top = cx.map(
+            "",
+            &doc,
+            &["name", "ssh", "docker", "proxy", "apps", "services"],
+        )?;
+        let project = match top.get("name") {
+            Some(v) => cx.string("name", v)?,
+            None => {
+                return Err(cx.err(
+                    "name",
+                    "missing; add `name: my-project` (the project name, a DNS label)",
+                ))
+            }
+        };
+        check_name("project", &project).map_err(|e| cx.err("name", e))?;
+        let ssh = match top.get("ssh") {
+            Some(v) => {
+                let m = cx.map("ssh", v, &["username", "port", "key_file"])?;
+                Some(Ssh {
+                    username: m
+                        .get("username")
+                        .map(|v| cx.string("ssh.username", v))
+                        .transpose()?,
+                    port: m
+                        .get("port")
+                        .map(|v| cx.uint("ssh.port", v, 1, 65535).map(|p| p as u16))
+                        .transpose()?,
+                    key_file: m
+                        .get("key_file")
+                        .map(|v| cx.string("ssh.key_file", v))
+                        .transpose()?,
+                })
+            }
+            None => None,
+        };
+        let registry = match top.get("docker") {
+            Some(v) => {
+                let m = cx.map("docker", v, &["registry", "username"])?;
+                m.get("registry")
+                    .map(|v| cx.string("docker.registry", v))
+                    .transpose()?
+            }
+            None => None,
+        };
+        let proxy_image = match top.get("proxy") {
+            Some(v) => {
+                let m = cx.map("proxy", v, &["image"])?;
+                m.get("image")
+                    .map(|v| cx.string("proxy.image", v))
+                    .transpose()?
+            }
+            None => None,
+        };
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let apps = entries(&cx, "apps", top.get("apps"), &base, true)?;
+        let services = entries(&cx, "services", top.get("services"), &base, false)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for e in apps.iter().chain(services.iter()) {
+            if !seen.insert(e.name.clone()) {
+                return Err(cx.err(
+                    &e.name,
+                    "an app and a service share this name; names must be unique within a project",
+                ));
+            }
+        }
+        let mut hosts = BTreeMap::new();
+        for a in &apps {
+            for h in a.proxy.iter().flat_map(|p| p.hosts.iter()) {
+                if let Some(other) = hosts.insert(h.clone(), a.name.clone()) {
+                    return Err(cx.err(
+                        &format!("apps.{}.proxy.hosts", a.name),
+                        format!(
+                            "host {h:?} is also used by app {other:?}; a host routes to one app"
+                        ),
+                    ));
+                }
+            }
+        }
+        if apps.is_empty() && services.is_empty() {
+            return Err(cx.err(
+                "apps",
+                "no apps or services defined; add at least one under `apps:`",
+            ));
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            project,
+            ssh,
+            proxy_image,
+            registry,
+            apps,
+            services,
+        })
+    }
+
+    pub fn app(&self, name: &str) -> Result<&Entry, String> {
+        self.apps.iter().find(|a| a.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.apps.iter().map(|a| a.name.as_str()).collect();
+            format!(
+                "{}: no app named {name:?}; apps: {}",
+                self.path.display(),
+                names.join(", ")
+            )
+        })
+    }
+}
+
+const ENTRY_KEYS: [&str; 12] = [
+    "name",
+    "image",
+    "build",
+    "server",
+    "servers",
+    "replicas",
+    "ports",
+    "volumes",
+    "command",
+    "environment",
+    "health_check",
+    "proxy",
+];
+
+fn entries(
+    cx: &Ctx,
+    key: &str,
+    v: Option<&Value>,
+    base: &Path,
+    is_app: bool,
+) -> Result<Vec<Entry>, ConfigError> {
+    let mut out = Vec::new();
+    match v {
+        None | Some(Value::Null) => {}
+        Some(Value::Mapping(m)) => {
+            for (name, body) in m {
+                let name = cx.string(key, name)?;
+                out.push(entry(
+                    cx,
+                    &format!("{key}.{name}"),
+                    Some(name),
+                    body,
+                    base,
+                    is_app,
+                )?);
+            }
+        }
+        Some(Value::Sequence(list)) => {
+            for (i, body) in list.iter().enumerate() {
+                out.push(entry(cx, &format!("{key}[{i}]"), None, body, base, is_app)?);
+            }
+        }
+        Some(other) => {
+            return Err(cx.err(
+                key,
+                format!(
+                    "expected a map of name: settings (or a list of entries with `name`), found {}",
+                    kind(other)
+                ),
+            ))
+        }
+    }
+    Ok(out)
+}
+
+fn entry(
+    cx: &Ctx,
+    key: &str,
+    name: Option<String>,
+    v: &Value,
+    base: &Path,
+    is_app: bool,
+) -> Result<Entry, ConfigError> {
+    let m = cx.map(key, v, &ENTRY_KEYS)?;
+    let name = match (name, m.get("name")) {
+        (Some(n), _) => n,
+        (None, Some(v)) => cx.string(&format!("{key}.name"), v)?,
+        (None, None) => return Err(cx.err(key, "list entries need a `name`")),
+    };
+    check_name(if is_app { "app" } else { "service" }, &name).map_err(|e| cx.err(key, e))?;
+    let k = |s: &str| format!("{key}.{s}");
+    let source = match (m.get("image"), m.get("build")) {
+        (Some(_), Some(_)) => return Err(cx.err(key, "has both `image` and `build`; keep one")),
+        (Some(i), None) => ImageSource::Image(cx.string(&k("image"), i)?),
+        (None, Some(b)) => {
+            let bm = cx.map(
+                &k("build"),
+                b,
+                &["context", "dockerfile", "args", "target", "platform"],
+            )?;
+            let context = bm
+                .get("context")
+                .map(|v| cx.string(&k("build.context"), v))
+                .transpose()?
+                .unwrap_or_else(|| ".".into());
+            let ctx_path = base.join(&context);
+            if !ctx_path.is_dir() {
+                return Err(cx.err(
+                    &k("build.context"),
+                    format!(
+                        "{context:?} is not a directory (relative to {})",
+                        base.display()
+                    ),
+                ));
+            }
+            let mut args = BTreeMap::new();
+            if let Some(a) = bm.get("args") {
+                let am = a
+                    .as_mapping()
+                    .ok_or_else(|| cx.err(&k("build.args"), "expected a map of NAME: value"))?;
+                for (ak, av) in am {
+                    args.insert(
+                        cx.string(&k("build.args"), ak)?,
+                        cx.string(&k("build.args"), av)?,
+                    );
+                }
+            }
+            ImageSource::Build(Build {
+                context: ctx_path,
+                dockerfile: bm
+                    .get("dockerfile")
+                    .map(|v| cx.string(&k("build.dockerfile"), v))
+                    .transpose()?
+                    .unwrap_or_else(|| "Dockerfile".into()),
+                args,
+                target: bm
+                    .get("target")
+                    .map(|v| cx.string(&k("build.target"), v))
+                    .transpose()?,
+                platform: bm
+                    .get("platform")
+                    .map(|v| cx.string(&k("build.platform"), v))
+                    .transpose()?,
+            })
+        }
+        (None, None) => return Err(cx.err(key, "needs `image: NAME` or `build: {context: .}`")),
+    };
+    let mut servers = Vec::new();
+    if let Some(s) = m.get("server") {
+        servers.push(cx.string(&k("server"), s)?);
+    }
+    if let Some(s) = m.get("servers") {
+        servers.extend(cx.strings(&k("servers"), s)?);
+    }
+    if servers.iter().any(|s| s != "local") {
+        return Err(cx.err(&k("server"), "deploying to remote servers over SSH is not available yet; remove `server` or use `server: local`"));
+    }
+    let replicas = m
+        .get("replicas")
+        .map(|v| cx.uint(&k("replicas"), v, 1, 64))
+        .transpose()?
+        .unwrap_or(1) as u32;
+    if !is_app && replicas != 1 {
+        return Err(cx.err(
+            &k("replicas"),
+            "services run one container; remove `replicas`",
+        ));
+    }
+    let ports = m
+        .get("ports")
+        .map(|v| cx.strings(&k("ports"), v))
+        .transpose()?
+        .unwrap_or_default();
+    for (i, p) in ports.iter().enumerate() {
+        parse_port(p).map_err(|e| cx.err(&format!("{}[{i}]", k("ports")), e))?;
+    }
+    if is_app && replicas > 1 && !ports.is_empty() {
+        return Err(cx.err(&k("ports"), "an app with several replicas cannot publish host ports (they would clash); route it through `proxy` instead"));
+    }
+    let volumes = m
+        .get("volumes")
+        .map(|v| cx.strings(&k("volumes"), v))
+        .transpose()?
+        .unwrap_or_default();
+    let command = match m.get("command") {
+        None => None,
+        Some(Value::String(s)) => Some(s.split_whitespace().map(str::to_string).collect()),
+        Some(v) => Some(cx.strings(&k("command"), v)?),
+    };
+    let (mut env_plain, mut env_secret) = (Vec::new(), Vec::new());
+    if let Some(e) = m.get("environment") {
+        let em = cx.map(&k("environment"), e, &["plain", "secret"])?;
+        if let Some(p) = em.get("plain") {
+            for (i, kv) in cx
+                .strings(&k("environment.plain"), p)?
+                .into_iter()
+                .enumerate()
+            {
+                let (a, b) = kv.split_once('=').ok_or_else(|| {
+                    cx.err(
+                        &format!("{}[{i}]", k("environment.plain")),
+                        format!("{kv:?} is not KEY=VALUE"),
+                    )
+                })?;
+                env_plain.push((a.to_string(), b.to_string()));
+            }
+        }
+        if let Some(s) = em.get("secret") {
+            env_secret = cx.strings(&k("environment.secret"), s)?;
+            for (i, name) in env_secret.iter().enumerate() {
+                if name.contains('=') {
+                    return Err(cx.err(
+                        &format!("{}[{i}]", k("environment.secret")),
+                        "list secret names only; put the values in .luma/secrets as KEY=VALUE",
+                    ));
+                }
+            }
+        }
+    }
+    let mut health = Health::default();
+    if let Some(h) = m.get("health_check") {
+        let hm = cx.map(
+            &k("health_check"),
+            h,
+            &["path", "interval", "timeout", "deadline"],
+        )?;
+        if let Some(p) = hm.get("path") {
+            health.path = cx.string(&k("health_check.path"), p)?;
+            if !health.path.starts_with('/') {
+                return Err(cx.err(
+                    &k("health_check.path"),
+                    format!("{:?} must start with '/', e.g. /up", health.path),
+                ));
+            }
+        }
+        if let Some(v) = hm.get("interval") {
+            health.interval = cx.duration(&k("health_check.interval"), v)?;
+        }
+        if let Some(v) = hm.get("timeout") {
+            health.timeout = cx.duration(&k("health_check.timeout"), v)?;
+        }
+        if let Some(v) = hm.get("deadline") {
+            health.deadline = cx.duration(&k("health_check.deadline"), v)?;
+        }
+    }
+    let proxy = match m.get("proxy") {
+        None => None,
+        Some(_) if !is_app => {
+            return Err(cx.err(
+                &k("proxy"),
+                "services are not routed by the proxy; move this entry under `apps`",
+            ))
+        }
+        Some(p) => {
+            let pk = |s: &str| format!("{key}.proxy.{s}");
+            let pm = cx.map(
+                &k("proxy"),
+                p,
+                &[
+                    "hosts",
+                    "host",
+                    "app_port",
+                    "ssl",
+                    "ssl_redirect",
+                    "response_timeout",
+                ],
+            )?;
+            let mut hosts = pm
+                .get("hosts")
+                .map(|v| cx.strings(&pk("hosts"), v))
+                .transpose()?
+                .unwrap_or_default();
+            if let Some(h) = pm.get("host") {
+                hosts.push(cx.string(&pk("host"), h)?);
+            }
+            if hosts.is_empty() {
+                return Err(cx.err(
+                    &pk("hosts"),
+                    "missing; list the hostnames that route to this app, e.g. [app.example.com]",
+                ));
+            }
+            for (i, h) in hosts.iter().enumerate() {
+                luma_proxy::route::normalize_host_pattern(h)
+                    .map_err(|e| cx.err(&format!("{}[{i}]", pk("hosts")), e))?;
+            }
+            Some(ProxyRoute {
+                hosts,
+                app_port: pm
+                    .get("app_port")
+                    .map(|v| cx.uint(&pk("app_port"), v, 1, 65535))
+                    .transpose()?
+                    .unwrap_or(80) as u16,
+                ssl: pm
+                    .get("ssl")
+                    .map(|v| cx.bool(&pk("ssl"), v))
+                    .transpose()?
+                    .unwrap_or(false),
+                ssl_redirect: pm
+                    .get("ssl_redirect")
+                    .map(|v| cx.bool(&pk("ssl_redirect"), v))
+                    .transpose()?
+                    .unwrap_or(false),
+                response_timeout: pm
+                    .get("response_timeout")
+                    .map(|v| cx.duration(&pk("response_timeout"), v))
+                    .transpose()?
+                    .unwrap_or(Duration::from_secs(30)),
+            })
+        }
+    };
+    Ok(Entry {
+        name,
+        source,
+        servers,
+        replicas,
+        ports,
+        volumes,
+        command,
+        env_plain,
+        env_secret,
+        health,
+        proxy,
+    })
+}
+
+/// `[ip:]host:container[/proto]` -> (host ip, host port, container port/proto).
+pub fn parse_port(s: &str) -> Result<(Option<String>, u16, String), String> {
+    let (spec, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+    if proto != "tcp" && proto != "udp" {
+        return Err(format!("{s:?}: protocol must be tcp or udp"));
+    }
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (ip, host, cont) = match parts.as_slice() {
+        [h, c] => (None, *h, *c),
+        [ip, h, c] => (Some(ip.to_string()), *h, *c),
+        _ => {
+            return Err(format!(
+                "{s:?} is not HOST:CONTAINER (e.g. \"5432:5432\" or \"127.0.0.1:5432:5432\")"
+            ))
+        }
+    };
+    let hp: u16 = host
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{s:?}: host port {host:?} must be 1-65535"))?;
+    let cp: u16 = cont
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{s:?}: container port {cont:?} must be 1-65535"))?;
+    Ok((ip, hp, format!("{cp}/{proto}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(y: &str) -> Result<Config, String> {
+        Config::parse(y, Path::new("/tmp/luma.yml")).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn map_and_list_forms_both_parse() {
+        let a = parse("name: gmail\napps:\n  web:\n    image: demo\n    proxy: {hosts: [a.test], app_port: 3000}\n").unwrap();
+        let b = parse("name: gmail\napps:\n  - name: web\n    image: demo\n    proxy: {hosts: [a.test], app_port: 3000}\n").unwrap();
+        assert_eq!(a.apps, b.apps);
+        assert_eq!(a.apps[0].proxy.as_ref().unwrap().app_port, 3000);
+    }
+
+    #[test]
+    fn unknown_keys_get_did_you_mean_with_the_path() {
+        let e = parse("name: gmail\napps:\n  web:\n    image: demo\n    replica: 2\n").unwrap_err();
+        assert_eq!(
+            e,
+            "/tmp/luma.yml: apps.web.replica: unknown key; did you mean `replicas`?"
+        );
+        let e =
+            parse("name: gmail\napps:\n  web:\n    image: demo\n    proxy: {hostz: [a.test]}\n")
+                .unwrap_err();
+        assert!(
+            e.contains("apps.web.proxy.hostz") && e.contains("`hosts`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_fix() {
+        let e = parse("name: Gmail\napps: {web: {image: x}}\n").unwrap_err();
+        assert!(
+            e.contains(": name: project \"Gmail\" is not a valid name"),
+            "{e}"
+        );
+        let e = parse("name: gmail\napps: {web: {image: x, replicas: 0}}\n").unwrap_err();
+        assert!(
+            e.contains("apps.web.replicas") && e.contains("from 1 to 64"),
+            "{e}"
+        );
+        let e = parse("name: gmail\napps: {web: {image: x, environment: {secret: [A=1]}}}\n")
+            .unwrap_err();
+        assert!(
+            e.contains("apps.web.environment.secret[0]") && e.contains(".luma/secrets"),
+            "{e}"
+        );
+        let e = parse("name: gmail\napps: {web: {image: x, proxy: {hosts: [\"a.test:80\"]}}}\n")
+            .unwrap_err();
+        assert!(e.contains("apps.web.proxy.hosts[0]"), "{e}");
+        let e = parse("name: gmail\nservices: {db: {image: x, ports: [\"abc\"]}}\n").unwrap_err();
+        assert!(e.contains("services.db.ports[0]"), "{e}");
+    }
+
+    #[test]
+    fn reserved_and_ambiguous_names_are_refused() {
+        assert!(parse("name: proxy\napps: {web: {image: x}}\n")
+            .unwrap_err()
+            .contains("reserved"));
+        assert!(parse("name: a--b\napps: {web: {image: x}}\n").is_err());
+        assert!(
+            parse("name: a\napps: {web: {image: x}}\nservices: {web: {image: y}}\n")
+                .unwrap_err()
+                .contains("unique")
+        );
+    }
+
+    #[test]
+    fn durations_and_ports() {
+        assert_eq!(
+            parse_duration("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            parse_port("127.0.0.1:5432:5432").unwrap(),
+            (Some("127.0.0.1".into()), 5432, "5432/tcp".into())
+        );
+        assert!(parse_port("99999:1").is_err());
+    }
+}

@@ -1,0 +1,587 @@
+//! The Docker engine, through bollard. Every engine operation Luma performs goes through this
+//! type, so a transport (the local socket today, SSH next) slots in at [`Engine::connect`] and
+//! `--verbose` can show each operation.
+
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, EndpointSettings, ExecConfig,
+    HostConfig, NetworkConnectRequest, NetworkCreateRequest, NetworkDisconnectRequest,
+    NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    BuildImageOptions, CreateContainerOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, StopContainerOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+
+/// How Luma reaches an engine.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Transport {
+    /// `DOCKER_HOST`, or the default local socket.
+    Local,
+}
+
+pub struct Engine {
+    docker: Docker,
+    pub transport: Transport,
+    pub verbose: bool,
+}
+
+/// What a new container looks like.
+#[derive(Default, Clone)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub env: Vec<String>,
+    pub labels: HashMap<String, String>,
+    pub cmd: Option<Vec<String>>,
+    /// (network, aliases); the container is created attached to it.
+    pub network: Option<(String, Vec<String>)>,
+    /// (host ip, host port, "port/proto").
+    pub ports: Vec<(Option<String>, u16, String)>,
+    pub binds: Vec<String>,
+    pub restart_unless_stopped: bool,
+}
+
+pub type Result<T> = std::result::Result<T, String>;
+
+fn is_404(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+fn is_conflict(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 409,
+            ..
+        }
+    )
+}
+
+impl Engine {
+    /// Connects and negotiates the API version (engines differ).
+    pub async fn connect(transport: Transport, verbose: bool) -> Result<Engine> {
+        let docker = match &transport {
+            Transport::Local => Docker::connect_with_local_defaults(),
+        }
+        .map_err(|e| format!("cannot connect to the Docker engine ({e}); is Docker running, and is DOCKER_HOST right?"))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| format!("the Docker engine does not answer ({e}); start it, or check DOCKER_HOST and your permission on the socket"))?;
+        Ok(Engine {
+            docker,
+            transport,
+            verbose,
+        })
+    }
+
+    fn trace(&self, what: impl std::fmt::Display) {
+        if self.verbose {
+            eprintln!("    docker: {what}");
+        }
+    }
+
+    pub async fn server_version(&self) -> Result<String> {
+        let v = self
+            .docker
+            .version()
+            .await
+            .map_err(|e| format!("docker version: {e}"))?;
+        Ok(v.version.unwrap_or_default())
+    }
+
+    pub async fn image_exists(&self, image: &str) -> Result<bool> {
+        self.trace(format_args!("inspect image {image}"));
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_404(&e) => Ok(false),
+            Err(e) => Err(format!("inspect image {image}: {e}")),
+        }
+    }
+
+    /// Builds an image from a tar'd context; `progress` gets each output line.
+    pub async fn build(
+        &self,
+        context_tar: Vec<u8>,
+        dockerfile: &str,
+        tag: &str,
+        args: HashMap<String, String>,
+        target: Option<&str>,
+        platform: Option<&str>,
+        labels: HashMap<String, String>,
+        mut progress: impl FnMut(&str),
+    ) -> Result<()> {
+        self.trace(format_args!("build {tag}"));
+        let opts = BuildImageOptions {
+            dockerfile: dockerfile.to_string(),
+            t: Some(tag.to_string()),
+            rm: true,
+            forcerm: true,
+            buildargs: Some(args),
+            labels: Some(labels),
+            target: target.unwrap_or_default().to_string(),
+            platform: platform.unwrap_or_default().to_string(),
+            ..Default::default()
+        };
+        let mut stream =
+            self.docker
+                .build_image(opts, None, Some(bollard::body_full(context_tar.into())));
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| format!("build {tag}: {e}"))?;
+            if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                return Err(format!("build {tag} failed: {err}"));
+            }
+            if let Some(s) = info.stream {
+                for line in s.lines().filter(|l| !l.trim().is_empty()) {
+                    progress(line.trim_end());
+                }
+            }
+        }
+        if !self.image_exists(tag).await? {
+            return Err(format!("build {tag} finished without producing the image"));
+        }
+        Ok(())
+    }
+
+    pub async fn remove_image(&self, image: &str) -> Result<()> {
+        self.trace(format_args!("remove image {image}"));
+        match self
+            .docker
+            .remove_image(
+                image,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_404(&e) || is_conflict(&e) => Ok(()),
+            Err(e) => Err(format!("remove image {image}: {e}")),
+        }
+    }
+
+    pub async fn network_exists(&self, name: &str) -> Result<bool> {
+        self.trace(format_args!("inspect network {name}"));
+        match self
+            .docker
+            .inspect_network(
+                name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+        {
+            Ok(n) => Ok(n.name.as_deref() == Some(name)),
+            Err(e) if is_404(&e) => Ok(false),
+            Err(e) => Err(format!("inspect network {name}: {e}")),
+        }
+    }
+
+    pub async fn create_network(&self, name: &str, labels: HashMap<String, String>) -> Result<()> {
+        self.trace(format_args!("create network {name}"));
+        self.docker
+            .create_network(NetworkCreateRequest {
+                name: name.to_string(),
+                driver: Some("bridge".into()),
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("create network {name}: {e}"))
+    }
+
+    pub async fn remove_network(&self, name: &str) -> Result<()> {
+        self.trace(format_args!("remove network {name}"));
+        match self.docker.remove_network(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_404(&e) => Ok(()),
+            Err(e) => Err(format!("remove network {name}: {e}")),
+        }
+    }
+
+    pub async fn create_volume(&self, name: &str, labels: HashMap<String, String>) -> Result<()> {
+        self.trace(format_args!("create volume {name}"));
+        self.docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(name.to_string()),
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("create volume {name}: {e}"))
+    }
+
+    /// Containers (running or not) whose labels match every `key=value` given.
+    pub async fn containers(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerSummary>> {
+        let filters: HashMap<String, Vec<String>> = HashMap::from([(
+            "label".to_string(),
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    if v.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{k}={v}")
+                    }
+                })
+                .collect(),
+        )]);
+        self.docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| format!("list containers: {e}"))
+    }
+
+    /// Every running container (for host-port clash checks).
+    pub async fn running_containers(&self) -> Result<Vec<ContainerSummary>> {
+        self.docker
+            .list_containers(Some(ListContainersOptions::default()))
+            .await
+            .map_err(|e| format!("list containers: {e}"))
+    }
+
+    pub async fn inspect(&self, name: &str) -> Result<Option<ContainerInspectResponse>> {
+        match self
+            .docker
+            .inspect_container(
+                name,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+        {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(format!("inspect container {name}: {e}")),
+        }
+    }
+
+    /// Creates a container; Err(None-ish) on a name conflict is reported as `Ok(false)`.
+    pub async fn create(&self, spec: &ContainerSpec) -> Result<bool> {
+        self.trace(format_args!(
+            "create container {} from {}",
+            spec.name, spec.image
+        ));
+        let mut exposed: Vec<String> = Vec::new();
+        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        for (ip, host, cport) in &spec.ports {
+            exposed.push(cport.clone());
+            bindings
+                .entry(cport.clone())
+                .or_insert_with(|| Some(Vec::new()))
+                .get_or_insert_with(Vec::new)
+                .push(PortBinding {
+                    host_ip: ip.clone(),
+                    host_port: Some(host.to_string()),
+                });
+        }
+        let networking = spec
+            .network
+            .as_ref()
+            .map(|(net, aliases)| NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    net.clone(),
+                    EndpointSettings {
+                        aliases: Some(aliases.clone()),
+                        ..Default::default()
+                    },
+                )])),
+            });
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(spec.env.clone()),
+            labels: Some(spec.labels.clone()),
+            cmd: spec.cmd.clone(),
+            exposed_ports: (!exposed.is_empty()).then_some(exposed),
+            host_config: Some(HostConfig {
+                port_bindings: (!bindings.is_empty()).then_some(bindings),
+                binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
+                network_mode: spec.network.as_ref().map(|(n, _)| n.clone()),
+                restart_policy: spec.restart_unless_stopped.then_some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            networking_config: networking,
+            ..Default::default()
+        };
+        match self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(spec.name.clone()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(format!("create container {}: {e}", spec.name)),
+        }
+    }
+
+    pub async fn start(&self, name: &str) -> Result<()> {
+        self.trace(format_args!("start {name}"));
+        self.docker
+            .start_container(
+                name,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(|e| format!("start container {name}: {e}"))
+    }
+
+    /// Graceful stop: SIGTERM, then SIGKILL after `grace_s`.
+    pub async fn stop(&self, name: &str, grace_s: i32) -> Result<()> {
+        self.trace(format_args!("stop {name}"));
+        match self
+            .docker
+            .stop_container(
+                name,
+                Some(StopContainerOptions {
+                    t: Some(grace_s),
+                    signal: None,
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_404(&e) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(format!("stop container {name}: {e}")),
+        }
+    }
+
+    pub async fn restart(&self, name: &str) -> Result<()> {
+        self.trace(format_args!("restart {name}"));
+        self.docker
+            .restart_container(
+                name,
+                None::<bollard::query_parameters::RestartContainerOptions>,
+            )
+            .await
+            .map_err(|e| format!("restart container {name}: {e}"))
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        self.trace(format_args!("remove {name}"));
+        match self
+            .docker
+            .remove_container(
+                name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    link: false,
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_404(&e) => Ok(()),
+            Err(e) => Err(format!("remove container {name}: {e}")),
+        }
+    }
+
+    pub async fn rename(&self, name: &str, to: &str) -> Result<()> {
+        self.trace(format_args!("rename {name} -> {to}"));
+        self.docker
+            .rename_container(
+                name,
+                bollard::query_parameters::RenameContainerOptions {
+                    name: to.to_string(),
+                },
+            )
+            .await
+            .map_err(|e| format!("rename container {name}: {e}"))
+    }
+
+    pub async fn connect_network(
+        &self,
+        network: &str,
+        container: &str,
+        aliases: Vec<String>,
+    ) -> Result<()> {
+        self.trace(format_args!(
+            "connect {container} to {network} as {aliases:?}"
+        ));
+        self.docker
+            .connect_network(
+                network,
+                NetworkConnectRequest {
+                    container: container.to_string(),
+                    endpoint_config: Some(EndpointSettings {
+                        aliases: Some(aliases),
+                        ..Default::default()
+                    }),
+                },
+            )
+            .await
+            .map_err(|e| format!("connect {container} to network {network}: {e}"))
+    }
+
+    pub async fn disconnect_network(&self, network: &str, container: &str) -> Result<()> {
+        self.trace(format_args!("disconnect {container} from {network}"));
+        match self
+            .docker
+            .disconnect_network(
+                network,
+                NetworkDisconnectRequest {
+                    container: container.to_string(),
+                    force: Some(true),
+                },
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_404(&e) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { message, .. })
+                if message.contains("is not connected") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "disconnect {container} from network {network}: {e}"
+            )),
+        }
+    }
+
+    /// The last `n` lines of a container's output.
+    pub async fn logs_tail(&self, name: &str, n: usize) -> Result<String> {
+        let mut s = self.docker.logs(
+            name,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: n.to_string(),
+                ..Default::default()
+            }),
+        );
+        let mut out = String::new();
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(o) => out.push_str(&o.to_string()),
+                Err(e) => return Err(format!("logs {name}: {e}")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Streams a container's logs to stdout, prefixed; follows when asked.
+    pub async fn stream_logs(
+        &self,
+        name: &str,
+        prefix: &str,
+        follow: bool,
+        tail: usize,
+    ) -> Result<()> {
+        let mut s = self.docker.logs(
+            name,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                follow,
+                tail: tail.to_string(),
+                ..Default::default()
+            }),
+        );
+        while let Some(item) = s.next().await {
+            let o = item.map_err(|e| format!("logs {name}: {e}"))?;
+            for line in o.to_string().lines() {
+                println!("{prefix} {line}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a command in a container; returns (exit code, stdout, stderr).
+    pub async fn exec(&self, container: &str, cmd: &[&str]) -> Result<(i64, String, String)> {
+        self.trace(format_args!("exec {container} {}", cmd.join(" ")));
+        let created = self
+            .docker
+            .create_exec(
+                container,
+                ExecConfig {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(cmd.iter().map(|s| s.to_string()).collect()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("exec in {container}: {e}"))?;
+        let started = self
+            .docker
+            .start_exec(&created.id, None)
+            .await
+            .map_err(|e| format!("exec in {container}: {e}"))?;
+        let (mut out, mut err) = (String::new(), String::new());
+        if let bollard::exec::StartExecResults::Attached { mut output, .. } = started {
+            while let Some(item) = output.next().await {
+                match item.map_err(|e| format!("exec output: {e}"))? {
+                    bollard::container::LogOutput::StdErr { message } => {
+                        err.push_str(&String::from_utf8_lossy(&message))
+                    }
+                    other => out.push_str(&other.to_string()),
+                }
+            }
+        }
+        let code = self
+            .docker
+            .inspect_exec(&created.id)
+            .await
+            .map_err(|e| format!("exec inspect: {e}"))?
+            .exit_code
+            .unwrap_or(-1);
+        Ok((code, out, err))
+    }
+}
+
+/// The IPv4 address of a container on a network, if attached.
+pub fn ip_on(c: &ContainerInspectResponse, network: &str) -> Option<String> {
+    c.network_settings
+        .as_ref()?
+        .networks
+        .as_ref()?
+        .get(network)?
+        .ip_address
+        .clone()
+        .filter(|ip| !ip.is_empty())
+}
+
+pub fn label<'a>(c: &'a ContainerSummary, key: &str) -> Option<&'a str> {
+    c.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+pub fn name_of(c: &ContainerSummary) -> String {
+    c.names
+        .as_ref()
+        .and_then(|n| n.first())
+        .map(|n| n.trim_start_matches('/').to_string())
+        .unwrap_or_default()
+}
+
+pub fn is_running(c: &ContainerSummary) -> bool {
+    c.state
+        .as_ref()
+        .map(|s| format!("{s:?}").to_lowercase().contains("running"))
+        .unwrap_or(false)
+}

@@ -1,0 +1,205 @@
+//! The proxy's lifecycle on an engine, and the bridge to its admin API.
+//!
+//! The proxy container runs `luma-proxy serve` with a state volume, a restart policy and ports
+//! 80 and 443 published (`LUMA_HTTP_PORT`/`LUMA_HTTPS_PORT` override them, e.g.
+//! `127.0.0.1:18080`). Luma talks to it with `docker exec <proxy> luma-proxy …`, so the proxy
+//! never needs docker.sock.
+
+use crate::engine::{ContainerSpec, Engine};
+use crate::names;
+use std::collections::HashMap;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    pub container: String,
+    pub image: String,
+    pub http: (Option<String>, u16),
+    pub https: (Option<String>, u16),
+}
+
+fn port_env(var: &str, default: u16) -> Result<(Option<String>, u16), String> {
+    let Ok(v) = std::env::var(var) else {
+        return Ok((None, default));
+    };
+    let (ip, port) = match v.rsplit_once(':') {
+        Some((ip, p)) => (Some(ip.to_string()), p),
+        None => (None, v.as_str()),
+    };
+    let port: u16 = port.parse().map_err(|_| {
+        format!("{var}={v:?}: expected PORT or IP:PORT, e.g. 8080 or 127.0.0.1:8080")
+    })?;
+    Ok((ip, port))
+}
+
+impl ProxySettings {
+    /// From the config's `proxy.image` and the environment.
+    pub fn resolve(config_image: Option<&str>) -> Result<ProxySettings, String> {
+        Ok(ProxySettings {
+            container: std::env::var("LUMA_PROXY_NAME").unwrap_or_else(|_| "luma-proxy".into()),
+            image: std::env::var("LUMA_PROXY_IMAGE")
+                .ok()
+                .or_else(|| config_image.map(str::to_string))
+                .unwrap_or_else(|| "luma-proxy:dev".into()),
+            http: port_env("LUMA_HTTP_PORT", 80)?,
+            https: port_env("LUMA_HTTPS_PORT", 443)?,
+        })
+    }
+
+    fn spec(&self) -> ContainerSpec {
+        ContainerSpec {
+            name: self.container.clone(),
+            image: self.image.clone(),
+            cmd: Some(vec!["serve".into()]),
+            labels: HashMap::from([(names::LABEL_ROLE.to_string(), names::ROLE_PROXY.to_string())]),
+            ports: vec![
+                (self.http.0.clone(), self.http.1, "8080/tcp".into()),
+                (self.https.0.clone(), self.https.1, "8443/tcp".into()),
+            ],
+            binds: vec![format!(
+                "{}:/var/lib/luma-proxy",
+                names::proxy_volume(&self.container)
+            )],
+            restart_unless_stopped: true,
+            ..Default::default()
+        }
+    }
+
+    /// The URL scheme+authority where the proxy answers HTTP on this machine.
+    pub fn http_base(&self) -> String {
+        let ip = self
+            .http
+            .0
+            .clone()
+            .filter(|i| i != "0.0.0.0")
+            .unwrap_or_else(|| "localhost".into());
+        if self.http.1 == 80 {
+            format!("http://{ip}")
+        } else {
+            format!("http://{ip}:{}", self.http.1)
+        }
+    }
+}
+
+/// Makes sure the proxy image is on the engine: nothing is pulled from a registry.
+pub async fn ensure_image(engine: &Engine, s: &ProxySettings) -> Result<(), String> {
+    if engine.image_exists(&s.image).await? {
+        return Ok(());
+    }
+    Err(format!(
+        "the proxy image {} is not on this engine and no registry is used; build it with `docker/build-images.sh` (or set proxy.image in luma.yml / LUMA_PROXY_IMAGE)",
+        s.image
+    ))
+}
+
+/// Starts the proxy if it is missing or stopped, then waits for its admin API.
+pub async fn ensure_running(engine: &Engine, s: &ProxySettings) -> Result<(), String> {
+    ensure_image(engine, s).await?;
+    match engine.inspect(&s.container).await? {
+        Some(c) if c.state.as_ref().and_then(|st| st.running).unwrap_or(false) => return Ok(()),
+        Some(_) => engine.start(&s.container).await?,
+        None => {
+            engine
+                .create_volume(
+                    &names::proxy_volume(&s.container),
+                    HashMap::from([(names::LABEL_ROLE.to_string(), names::ROLE_PROXY.to_string())]),
+                )
+                .await?;
+            check_ports_free(engine, &[s.http.1, s.https.1], &s.container).await?;
+            if !engine.create(&s.spec()).await? {
+                return Err(format!(
+                    "a container named {} appeared while creating the proxy",
+                    s.container
+                ));
+            }
+            engine.start(&s.container).await?;
+        }
+    }
+    wait_ready(engine, s).await
+}
+
+pub async fn wait_ready(engine: &Engine, s: &ProxySettings) -> Result<(), String> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match engine
+            .exec(&s.container, &["luma-proxy", "status", "--json"])
+            .await
+        {
+            Ok((0, _, _)) => return Ok(()),
+            Ok((_, _, err)) if started.elapsed() > Duration::from_secs(15) => {
+                return Err(format!(
+                    "the proxy {} did not become ready: {}",
+                    s.container,
+                    err.trim()
+                ))
+            }
+            Err(e) if started.elapsed() > Duration::from_secs(15) => return Err(e),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Connects the proxy to a project network (no-op if already attached).
+pub async fn attach(engine: &Engine, s: &ProxySettings, network: &str) -> Result<(), String> {
+    let c = engine
+        .inspect(&s.container)
+        .await?
+        .ok_or_else(|| format!("proxy {} is not running", s.container))?;
+    if crate::engine::ip_on(&c, network).is_some() {
+        return Ok(());
+    }
+    engine
+        .connect_network(network, &s.container, Vec::new())
+        .await
+}
+
+/// Runs `luma-proxy ARGS --json` in the proxy and returns its JSON reply.
+pub async fn call(
+    engine: &Engine,
+    s: &ProxySettings,
+    args: &[&str],
+) -> Result<serde_json::Value, String> {
+    let mut cmd = vec!["luma-proxy"];
+    cmd.extend_from_slice(args);
+    let (code, out, err) = engine.exec(&s.container, &cmd).await?;
+    if code != 0 {
+        let msg = err.trim().trim_start_matches("luma-proxy: ");
+        return Err(if msg.is_empty() {
+            format!("luma-proxy {} failed", args.join(" "))
+        } else {
+            msg.to_string()
+        });
+    }
+    serde_json::from_str(&out).map_err(|e| {
+        format!(
+            "luma-proxy {}: unreadable reply ({e}): {out}",
+            args.join(" ")
+        )
+    })
+}
+
+/// The proxy's routes (with per-backend health).
+pub async fn routes(engine: &Engine, s: &ProxySettings) -> Result<Vec<serde_json::Value>, String> {
+    let v = call(engine, s, &["list", "--json"]).await?;
+    Ok(v["routes"].as_array().cloned().unwrap_or_default())
+}
+
+/// Fails with the name of the container holding any of these host ports.
+pub async fn check_ports_free(engine: &Engine, ports: &[u16], except: &str) -> Result<(), String> {
+    for c in engine.running_containers().await? {
+        let name = crate::engine::name_of(&c);
+        if name == except {
+            continue;
+        }
+        for p in c.ports.iter().flatten() {
+            if let Some(public) = p.public_port {
+                if ports.contains(&public) {
+                    return Err(format!(
+                        "host port {public} is already published by container {name}; stop it, or pick another port"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! Release ids: the git short sha of the project, or a time-based id outside git.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn git(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn time_id() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_millis())
+        .unwrap_or(0);
+    format!("t{secs}{millis:03}")
+}
+
+/// The release id for a deploy from `dir`. A dirty git tree is refused unless `force`.
+pub fn release_id(dir: &Path, force: bool) -> Result<String, String> {
+    match git(dir, &["rev-parse", "--short=7", "HEAD"]) {
+        None => Ok(time_id()),
+        Some(sha) => {
+            let dirty = git(dir, &["status", "--porcelain", "--untracked-files=no"])
+                .map(|s| !s.is_empty())
+                .unwrap_or(false);
+            if dirty && !force {
+                return Err(format!(
+                    "{} has uncommitted changes, so release {sha} would not describe what gets deployed; commit them, or pass --force",
+                    dir.display()
+                ));
+            }
+            Ok(if dirty {
+                format!("{sha}-{}", time_id())
+            } else {
+                sha
+            })
+        }
+    }
+}
