@@ -8,6 +8,8 @@ if ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
   exit 1
 fi
 docker/build-images.sh dev
+# The Docker CLI tests run the `luma` binary itself.
+cargo build --workspace --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

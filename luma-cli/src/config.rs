@@ -156,7 +156,7 @@ impl Ctx<'_> {
 
     fn duration(&self, key: &str, v: &Value) -> Result<Duration, ConfigError> {
         let s = self.string(key, v)?;
-        parse_duration(&s).map_err(|e| self.err(key, format!("{e}")))
+        parse_duration(&s).map_err(|e| self.err(key, e))
     }
 
     fn bool(&self, key: &str, v: &Value) -> Result<bool, ConfigError> {
@@ -245,10 +245,10 @@ fn closest<'a>(k: &str, allowed: &[&'a str]) -> Option<&'a str> {
     }
     allowed
         .iter()
-        .map(|a| (dist(k, a), *a))
-        .filter(|(d, a)| *d <= 2.max(a.len() / 3))
+        .map(|a| (dist(k, a), a.len().abs_diff(k.len()), *a))
+        .filter(|(d, _, a)| *d <= 2.max(a.len() / 3))
         .min()
-        .map(|(_, a)| a)
+        .map(|(_, _, a)| a)
 }
 
 /// DNS-label rules; `--` is kept for Luma's own release aliases.

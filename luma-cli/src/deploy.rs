@@ -94,6 +94,29 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
     Ok(())
 }
 
+/// Read-only checks: images that must already exist, secrets, the proxy image, host ports.
+pub async fn preflight(ctx: &Ctx<'_>, selected: &[String]) -> Result<(), String> {
+    proxyctl::ensure_image(ctx.engine, &ctx.proxy).await?;
+    let apps = ctx
+        .cfg
+        .apps
+        .iter()
+        .filter(|a| selected.is_empty() || selected.contains(&a.name));
+    for e in apps.chain(ctx.cfg.services.iter()) {
+        env_of(ctx, e, "preflight")?;
+        if let ImageSource::Image(i) = &e.source {
+            if !ctx.engine.image_exists(i).await? {
+                return Err(format!(
+                    "{}: {}: image {i:?} is not on the engine, and Luma deploys without a registry; build it first or use `build:`",
+                    ctx.cfg.path.display(),
+                    e.name
+                ));
+            }
+        }
+    }
+    preflight_ports(ctx).await
+}
+
 /// Finds host-port clashes before anything changes, naming the container that holds the port.
 async fn preflight_ports(ctx: &Ctx<'_>) -> Result<(), String> {
     let mut wanted: Vec<(u16, String)> = Vec::new();
@@ -148,10 +171,10 @@ fn env_of(ctx: &Ctx<'_>, e: &Entry, release: &str) -> Result<Vec<String>, String
         format!("LUMA_RELEASE={release}"),
     ];
     env.extend(e.env_plain.iter().map(|(k, v)| format!("{k}={v}")));
-    env.extend(
-        ctx.secrets
-            .env_for(&e.env_secret, &format!("{} {:?}", "entry", e.name))?,
-    );
+    env.extend(ctx.secrets.env_for(
+        &e.env_secret,
+        &format!("{}: {:?}", ctx.cfg.path.display(), e.name),
+    )?);
     Ok(env)
 }
 
@@ -171,20 +194,17 @@ async fn image_for(ctx: &Ctx<'_>, e: &Entry, tag: &str) -> Result<String, String
         ImageSource::Build(b) => {
             let ui = ctx.ui;
             let ctxtar = crate::buildctx::tar_context(&b.context, &b.dockerfile)?;
-            let args = b.args.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            let l = labels(ctx.project(), "image", &[(names::LABEL_APP, &e.name)]);
+            let spec = engine::BuildSpec {
+                tag: tag.to_string(),
+                dockerfile: b.dockerfile.clone(),
+                args: b.args.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                target: b.target.clone(),
+                platform: b.platform.clone(),
+                labels: labels(ctx.project(), "image", &[(names::LABEL_APP, &e.name)]),
+            };
             ui.step(
                 format!("build {tag}"),
-                ctx.engine.build(
-                    ctxtar,
-                    &b.dockerfile,
-                    tag,
-                    args,
-                    b.target.as_deref(),
-                    b.platform.as_deref(),
-                    l,
-                    |line| ui.detail(line),
-                ),
+                ctx.engine.build(ctxtar, &spec, |line| ui.detail(line)),
             )
             .await?;
             Ok(tag.to_string())
@@ -327,7 +347,9 @@ pub async fn deploy(
         ctx.cfg.app(s)?;
     }
     let mut release = crate::release::release_id(&ctx.dir(), force)?;
-    setup(ctx).await?;
+    // Everything that can be checked is checked before anything changes.
+    preflight(ctx, selected).await?;
+    // The lock comes first: two deploys of one project must not even race on setup.
     let lock = ctx
         .ui
         .step(
@@ -336,6 +358,7 @@ pub async fn deploy(
         )
         .await?;
     let result = async {
+        setup(ctx).await?;
         let mut urls = Vec::new();
         for app in ctx
             .cfg

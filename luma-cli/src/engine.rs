@@ -44,6 +44,16 @@ pub struct ContainerSpec {
     pub restart_unless_stopped: bool,
 }
 
+/// What to build and how to tag it.
+pub struct BuildSpec {
+    pub tag: String,
+    pub dockerfile: String,
+    pub args: HashMap<String, String>,
+    pub target: Option<String>,
+    pub platform: Option<String>,
+    pub labels: HashMap<String, String>,
+}
+
 pub type Result<T> = std::result::Result<T, String>;
 
 fn is_404(e: &bollard::errors::Error) -> bool {
@@ -112,24 +122,20 @@ impl Engine {
     pub async fn build(
         &self,
         context_tar: Vec<u8>,
-        dockerfile: &str,
-        tag: &str,
-        args: HashMap<String, String>,
-        target: Option<&str>,
-        platform: Option<&str>,
-        labels: HashMap<String, String>,
+        b: &BuildSpec,
         mut progress: impl FnMut(&str),
     ) -> Result<()> {
+        let tag = b.tag.as_str();
         self.trace(format_args!("build {tag}"));
         let opts = BuildImageOptions {
-            dockerfile: dockerfile.to_string(),
+            dockerfile: b.dockerfile.clone(),
             t: Some(tag.to_string()),
             rm: true,
             forcerm: true,
-            buildargs: Some(args),
-            labels: Some(labels),
-            target: target.unwrap_or_default().to_string(),
-            platform: platform.unwrap_or_default().to_string(),
+            buildargs: Some(b.args.clone()),
+            labels: Some(b.labels.clone()),
+            target: b.target.clone().unwrap_or_default(),
+            platform: b.platform.clone().unwrap_or_default(),
             ..Default::default()
         };
         let mut stream =
@@ -338,13 +344,21 @@ impl Engine {
 
     pub async fn start(&self, name: &str) -> Result<()> {
         self.trace(format_args!("start {name}"));
-        self.docker
+        match self
+            .docker
             .start_container(
                 name,
                 None::<bollard::query_parameters::StartContainerOptions>,
             )
             .await
-            .map_err(|e| format!("start container {name}: {e}"))
+        {
+            Ok(()) => Ok(()),
+            // Already running.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(format!("start container {name}: {e}")),
+        }
     }
 
     /// Graceful stop: SIGTERM, then SIGKILL after `grace_s`.

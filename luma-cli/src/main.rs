@@ -383,14 +383,11 @@ async fn update_proxy(ctx: &Ctx<'_>) -> Result<(), String> {
         .unwrap_or(0);
     let parked = format!("{}-replaced", p.container);
     ctx.ui
-        .step(
-            format!("stop the old proxy (drains in-flight requests)"),
-            async {
-                ctx.engine.remove(&parked).await?;
-                ctx.engine.stop(&p.container, 30).await?;
-                ctx.engine.rename(&p.container, &parked).await
-            },
-        )
+        .step("stop the old proxy (drains in-flight requests)", async {
+            ctx.engine.remove(&parked).await?;
+            ctx.engine.stop(&p.container, 30).await?;
+            ctx.engine.rename(&p.container, &parked).await
+        })
         .await?;
     let started = ctx
         .ui

@@ -106,13 +106,20 @@ pub async fn ensure_running(engine: &Engine, s: &ProxySettings) -> Result<(), St
                 )
                 .await?;
             check_ports_free(engine, &[s.http.1, s.https.1], &s.container).await?;
-            if !engine.create(&s.spec()).await? {
-                return Err(format!(
-                    "a container named {} appeared while creating the proxy",
-                    s.container
-                ));
+            // Another project's deploy may create it at the same moment: either way one proxy
+            // exists afterwards, and starting a running container is a no-op.
+            if engine.create(&s.spec()).await? {
+                engine.start(&s.container).await?;
+            } else {
+                // The other creator may still be between reserving the name and finishing.
+                let started = tokio::time::Instant::now();
+                while let Err(e) = engine.start(&s.container).await {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
-            engine.start(&s.container).await?;
         }
     }
     wait_ready(engine, s).await

@@ -223,3 +223,187 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A free port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The `luma` binary built beside this test binary (tests/run.sh builds the workspace first).
+pub fn luma_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("luma");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace` first (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Objects the `luma` CLI creates for a project, removed when dropped.
+pub struct CliLab {
+    pub prefix: String,
+    pub proxy: String,
+    pub http_port: u16,
+    pub https_port: u16,
+    projects: Mutex<Vec<String>>,
+}
+
+impl CliLab {
+    pub fn new(tag: &str) -> CliLab {
+        let lab = Lab::new(tag);
+        let prefix = lab.prefix.clone();
+        drop(lab);
+        CliLab {
+            proxy: format!("{prefix}-proxy"),
+            prefix,
+            http_port: free_port(),
+            https_port: free_port(),
+            projects: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn http_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.http_port)
+    }
+
+    /// Writes `<dir>/luma.yml` (plus a Dockerfile FROM the demo image) for a project named
+    /// `<prefix>-<name>` and registers it for cleanup. Returns (dir, project).
+    pub fn project(&self, name: &str, yaml_body: &str) -> (std::path::PathBuf, String) {
+        let project = format!("{}-{name}", self.prefix);
+        let dir = std::env::temp_dir().join(&project);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("Dockerfile"),
+            format!("FROM {}\nENV PORT=3000\n", demo_image()),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("luma.yml"),
+            format!("name: {project}\n{yaml_body}"),
+        )
+        .unwrap();
+        self.projects.lock().unwrap().push(project.clone());
+        (dir, project)
+    }
+
+    /// Runs `luma -c <dir>/luma.yml ARGS`; returns (success, stdout, stderr).
+    pub fn luma(&self, dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(luma_bin())
+            .arg("-c")
+            .arg(dir.join("luma.yml"))
+            .args(args)
+            .env("LUMA_PROXY_NAME", &self.proxy)
+            .env("LUMA_PROXY_IMAGE", proxy_image())
+            .env("LUMA_HTTP_PORT", format!("127.0.0.1:{}", self.http_port))
+            .env("LUMA_HTTPS_PORT", format!("127.0.0.1:{}", self.https_port))
+            .output()
+            .expect("run luma");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Like [`CliLab::luma`] but panics with the output on failure.
+    pub fn luma_ok(&self, dir: &std::path::Path, args: &[&str]) -> String {
+        let (ok, out, err) = self.luma(dir, args);
+        assert!(ok, "luma {} failed:\n{out}\n{err}", args.join(" "));
+        out
+    }
+}
+
+impl Drop for CliLab {
+    fn drop(&mut self) {
+        // The proxy first: a network cannot be removed while the proxy is attached to it.
+        let _ = docker(&["rm", "-f", "-v", &self.proxy]);
+        for p in self.projects.lock().unwrap().iter() {
+            if let Ok(ids) = docker(&["ps", "-aq", "--filter", &format!("label=luma.project={p}")])
+            {
+                for id in ids.lines() {
+                    let _ = docker(&["rm", "-f", "-v", id]);
+                }
+            }
+            let _ = docker(&["network", "rm", &format!("{p}-network")]);
+            if let Ok(imgs) = docker(&[
+                "images",
+                "--format",
+                "{{.Repository}}:{{.Tag}}",
+                "--filter",
+                &format!("reference={p}_*"),
+            ]) {
+                for i in imgs.lines() {
+                    let _ = docker(&["rmi", "-f", i]);
+                }
+            }
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(p));
+        }
+        let _ = docker(&["rm", "-f", "-v", &self.proxy]);
+        let _ = docker(&["rm", "-f", "-v", &format!("{}-replaced", self.proxy)]);
+        let _ = docker(&["volume", "rm", &format!("{}-state", self.proxy)]);
+    }
+}
+
+impl Http {
+    /// Any method, optionally with `Connection: close`; returns (status, body).
+    pub fn request(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        body: &str,
+        close: bool,
+    ) -> Result<(u16, String), String> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect(&self.addr)
+                .map_err(|e| format!("connect {}: {e}", self.addr))?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            s.set_nodelay(true).ok();
+            self.conn = Some(BufReader::new(s));
+        }
+        let r = self.conn.as_mut().unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        let res = (|| {
+            r.get_mut()
+                .write_all(head.as_bytes())
+                .map_err(|e| format!("write: {e}"))?;
+            let mut line = String::new();
+            r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+            let status: u16 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("bad status line {line:?}"))?;
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h).map_err(|e| format!("read: {e}"))?;
+                let h = h.trim_end().to_ascii_lowercase();
+                if h.is_empty() {
+                    break;
+                }
+                if let Some(v) = h.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut b = vec![0u8; len];
+            r.read_exact(&mut b)
+                .map_err(|e| format!("read body: {e}"))?;
+            Ok((status, String::from_utf8_lossy(&b).into_owned()))
+        })();
+        if close || res.is_err() {
+            self.conn = None;
+        }
+        res
+    }
+}

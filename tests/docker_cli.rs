@@ -1,0 +1,457 @@
+//! The `luma` CLI against the real Docker engine: the seed scenario, deploys under load,
+//! failing releases, replicas, proxy restarts and updates, name collisions, concurrency, and
+//! bad configs.
+
+use luma_integration_tests::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn app_yaml(host: &str, extra: &str) -> String {
+    format!("apps:\n  web:\n    image: {}\n{extra}    health_check:\n      path: /up\n      interval: 200ms\n    proxy:\n      hosts: [{host}]\n      app_port: 3000\n", demo_image())
+}
+
+fn body_json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// IPs of a project's running app containers on its network.
+fn running_ips(project: &str) -> Vec<String> {
+    let ids = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=luma.project={project}"),
+        "--filter",
+        "label=luma.role=app",
+    ])
+    .unwrap();
+    let mut ips: Vec<String> = ids
+        .lines()
+        .map(|id| {
+            docker(&[
+                "inspect",
+                "--format",
+                &format!(
+                    "{{{{(index .NetworkSettings.Networks \"{project}-network\").IPAddress}}}}"
+                ),
+                id,
+            ])
+            .unwrap()
+        })
+        .collect();
+    ips.sort();
+    ips
+}
+
+#[test]
+fn seed_scenario_two_projects_with_web_deploy_side_by_side() {
+    let lab = CliLab::new("cli-seed");
+    let gmail_host = format!("gmail.{}.test", lab.prefix);
+    let next_host = format!("nextjs.{}.test", lab.prefix);
+    // Both build `web` from a Dockerfile, like examples/basic and examples/nextjs.
+    let build = |host: &str, replicas: u32| {
+        format!("apps:\n  web:\n    build:\n      context: .\n    replicas: {replicas}\n    proxy:\n      hosts: [{host}]\n      app_port: 3000\n")
+    };
+    let (gdir, gmail) = lab.project("gmail", &build(&gmail_host, 1));
+    let (ndir, nextjs) = lab.project("nextjs", &build(&next_host, 2));
+    let t = Instant::now();
+    let out = lab.luma_ok(&gdir, &["deploy"]);
+    assert!(
+        out.contains(&gmail_host),
+        "deploy prints the live URL: {out}"
+    );
+    eprintln!("first deploy (build + proxy setup): {:?}", t.elapsed());
+    lab.luma_ok(&ndir, &["deploy"]);
+
+    let mut http = Http::new(&lab.http_addr());
+    for _ in 0..200 {
+        let (s, b) = http.get(&gmail_host, "/").unwrap();
+        assert_eq!(
+            (s, body_json(&b)["project"].as_str()),
+            (200, Some(gmail.as_str()))
+        );
+        let (s, b) = http.get(&next_host, "/").unwrap();
+        assert_eq!(
+            (s, body_json(&b)["project"].as_str()),
+            (200, Some(nextjs.as_str()))
+        );
+    }
+    // Inside each project, `web` resolves to that project's containers only.
+    for (project, n) in [(&gmail, 1), (&nextjs, 2)] {
+        let out = docker(&[
+            "exec",
+            &lab.proxy,
+            "luma-proxy",
+            "check",
+            "--json",
+            "--project",
+            project,
+            "--target",
+            "web:3000",
+            "--timeout",
+            "5s",
+        ])
+        .unwrap();
+        let mut seen: Vec<String> = body_json(&out)["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                b["addr"]
+                    .as_str()
+                    .unwrap()
+                    .trim_end_matches(":3000")
+                    .to_string()
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(seen.len(), n);
+        assert_eq!(
+            seen,
+            running_ips(project),
+            "`web` in {project} is not exactly its own containers"
+        );
+    }
+    let status = lab.luma_ok(&ndir, &["status", "--json"]);
+    let v = body_json(&status);
+    assert_eq!(v["apps"][0]["replicas"].as_array().unwrap().len(), 2);
+    assert!(
+        v["apps"][0]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["proxy_health"] == "healthy"),
+        "{status}"
+    );
+    let table = lab.luma_ok(&ndir, &["status"]);
+    assert!(
+        table.contains("PROXY HEALTH") && table.contains("healthy"),
+        "{table}"
+    );
+}
+
+/// Drives load until `stop`, counting failures (non-200 or socket errors).
+fn load(
+    addr: String,
+    host: String,
+    method: &'static str,
+    close: bool,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    bad: Arc<Mutex<Vec<String>>>,
+) {
+    let mut http = Http::new(&addr);
+    while !stop.load(Ordering::Relaxed) {
+        match http.request(
+            method,
+            &host,
+            "/",
+            if method == "POST" { "order=1" } else { "" },
+            close,
+        ) {
+            Ok((200, _)) => {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((s, b)) => bad
+                .lock()
+                .unwrap()
+                .push(format!("{method} close={close}: {s} {}", b.trim())),
+            Err(e) => bad
+                .lock()
+                .unwrap()
+                .push(format!("{method} close={close}: {e}")),
+        }
+    }
+}
+
+#[test]
+fn twenty_deploys_under_continuous_load_fail_no_request() {
+    let lab = CliLab::new("cli-load");
+    let host = format!("shop.{}.test", lab.prefix);
+    let (dir, _) = lab.project("shop", &app_yaml(&host, "    replicas: 2\n"));
+    lab.luma_ok(&dir, &["deploy"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let bad = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = [
+        ("GET", false),
+        ("GET", true),
+        ("POST", false),
+        ("POST", true),
+    ]
+    .into_iter()
+    .map(|(m, close)| {
+        let (a, h, s, o, b) = (
+            lab.http_addr(),
+            host.clone(),
+            stop.clone(),
+            ok.clone(),
+            bad.clone(),
+        );
+        std::thread::spawn(move || load(a, h, m, close, s, o, b))
+    })
+    .collect();
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        lab.luma_ok(&dir, &["deploy"]);
+        times.push(t.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    times.sort();
+    let bad = bad.lock().unwrap();
+    eprintln!(
+        "20 deploys: median {:?}, max {:?}; {} requests ok, {} failed",
+        times[10],
+        times[19],
+        ok.load(Ordering::Relaxed),
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} failed requests, first: {:?}",
+        bad.len(),
+        bad.first()
+    );
+    assert!(ok.load(Ordering::Relaxed) > 1000);
+    // Only the live release runs; two earlier ones are kept stopped for rollback.
+    let v = body_json(&lab.luma_ok(&dir, &["status", "--json"]));
+    let replicas = v["apps"][0]["replicas"].as_array().unwrap();
+    let running = replicas.iter().filter(|r| r["state"] == "running").count();
+    assert_eq!(running, 2, "{v}");
+    assert_eq!(
+        v["apps"][0]["retained_releases"].as_array().unwrap().len(),
+        2,
+        "{v}"
+    );
+}
+
+#[test]
+fn a_release_that_fails_its_health_check_changes_nothing_and_rollback_works() {
+    let lab = CliLab::new("cli-fail");
+    let host = format!("shop.{}.test", lab.prefix);
+    let (dir, project) = lab.project("shop", &app_yaml(&host, ""));
+    lab.luma_ok(&dir, &["deploy"]);
+    let mut http = Http::new(&lab.http_addr());
+    let live = body_json(&http.get(&host, "/").unwrap().1)["release"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let sick = app_yaml(&host, "    environment:\n      plain: [DEMO_UNHEALTHY=1]\n")
+        .replace("interval: 200ms", "interval: 200ms\n      deadline: 3s");
+    std::fs::write(dir.join("luma.yml"), format!("name: {project}\n{sick}")).unwrap();
+    let (ok, _, err) = lab.luma(&dir, &["deploy"]);
+    assert!(!ok, "a failing release must exit non-zero");
+    assert!(
+        err.contains("last log lines") && err.contains("previous release keeps serving"),
+        "{err}"
+    );
+    assert_eq!(
+        body_json(&http.get(&host, "/").unwrap().1)["release"].as_str(),
+        Some(live.as_str())
+    );
+    let running = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=luma.project={project}"),
+        "--filter",
+        "label=luma.role=app",
+    ])
+    .unwrap();
+    assert_eq!(
+        running.lines().count(),
+        1,
+        "a container of the failed release is left running"
+    );
+
+    // A good second release, then rollback to the first through the same gated path.
+    std::fs::write(
+        dir.join("luma.yml"),
+        format!("name: {project}\n{}", app_yaml(&host, "")),
+    )
+    .unwrap();
+    lab.luma_ok(&dir, &["deploy"]);
+    let second = body_json(&http.get(&host, "/").unwrap().1)["release"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(second, live);
+    lab.luma_ok(&dir, &["rollback", "web"]);
+    assert_eq!(
+        body_json(&http.get(&host, "/").unwrap().1)["release"].as_str(),
+        Some(live.as_str())
+    );
+}
+
+#[test]
+fn replicas_share_load_and_a_killed_replica_fails_no_get() {
+    let lab = CliLab::new("cli-replicas");
+    let host = format!("shop.{}.test", lab.prefix);
+    let (dir, project) = lab.project("shop", &app_yaml(&host, "    replicas: 3\n"));
+    lab.luma_ok(&dir, &["deploy"]);
+    let mut http = Http::new(&lab.http_addr());
+    let mut per = std::collections::BTreeMap::new();
+    for _ in 0..600 {
+        let (s, b) = http.get(&host, "/").unwrap();
+        assert_eq!(s, 200);
+        *per.entry(body_json(&b)["hostname"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(per.len(), 3, "{per:?}");
+    assert!(per.values().all(|n| *n >= 120), "unfair shares: {per:?}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let bad = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (a, h, s, o, b) = (
+                lab.http_addr(),
+                host.clone(),
+                stop.clone(),
+                ok.clone(),
+                bad.clone(),
+            );
+            std::thread::spawn(move || load(a, h, "GET", false, s, o, b))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let victim = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=luma.project={project}"),
+        "--filter",
+        "label=luma.replica=2",
+    ])
+    .unwrap();
+    docker(&["kill", victim.trim()]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let bad = bad.lock().unwrap();
+    assert!(
+        bad.is_empty(),
+        "{} GETs failed after a replica was killed: {:?}",
+        bad.len(),
+        bad.first()
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+}
+
+#[test]
+fn routes_survive_proxy_restart_and_update() {
+    let lab = CliLab::new("cli-proxy");
+    let host = format!("shop.{}.test", lab.prefix);
+    let (dir, _) = lab.project("shop", &app_yaml(&host, ""));
+    lab.luma_ok(&dir, &["deploy"]);
+    let serve = || {
+        let mut http = Http::new(&lab.http_addr());
+        wait_for(Duration::from_secs(5), || {
+            (http.get(&host, "/").ok()?.0 == 200).then_some(())
+        })
+    };
+    docker(&["restart", &lab.proxy]).unwrap();
+    let t = Instant::now();
+    assert!(
+        serve().is_some(),
+        "routes did not come back within 5 s of `docker restart`"
+    );
+    eprintln!(
+        "after docker restart of the proxy, the route served within {:?}",
+        t.elapsed()
+    );
+    let out = lab.luma_ok(&dir, &["proxy", "update"]);
+    let _ = out;
+    assert!(serve().is_some(), "routes lost by `luma proxy update`");
+    let st = body_json(&lab.luma_ok(&dir, &["proxy", "status", "--json"]));
+    assert_eq!(st["state"], "running");
+    assert_eq!(st["proxy"]["routes"], 1, "{st}");
+}
+
+#[test]
+fn lookalike_names_coexist_and_two_projects_deploy_concurrently() {
+    let lab = CliLab::new("cli-names");
+    let h1 = format!("one.{}.test", lab.prefix);
+    let h2 = format!("two.{}.test", lab.prefix);
+    // Project `<p>-a-b` with app `c`, and project `<p>-a` with app `b-c`.
+    let yaml = |app: &str, host: &str| app_yaml(host, "").replace("  web:", &format!("  {app}:"));
+    let (d1, p1) = lab.project("a-b", &yaml("c", &h1));
+    let (d2, p2) = lab.project("a", &yaml("b-c", &h2));
+    // Concurrent deploys of two projects: both succeed.
+    let (r1, r2) = std::thread::scope(|s| {
+        let a = s.spawn(|| lab.luma(&d1, &["deploy"]));
+        let b = s.spawn(|| lab.luma(&d2, &["deploy"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(r1.0, "{}", r1.2);
+    assert!(r2.0, "{}", r2.2);
+    let mut http = Http::new(&lab.http_addr());
+    assert_eq!(
+        body_json(&http.get(&h1, "/").unwrap().1)["project"].as_str(),
+        Some(p1.as_str())
+    );
+    assert_eq!(
+        body_json(&http.get(&h2, "/").unwrap().1)["project"].as_str(),
+        Some(p2.as_str())
+    );
+
+    // Two deploys of the same project at once: one waits on nothing, the other is refused clearly.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| lab.luma(&d1, &["deploy"]));
+        std::thread::sleep(Duration::from_millis(150));
+        let b = s.spawn(|| lab.luma(&d1, &["deploy"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(a.0, "{}", a.2);
+    assert!(
+        !b.0 && b.2.contains("another deploy of project"),
+        "second deploy was not refused clearly: {}",
+        b.2
+    );
+}
+
+#[test]
+fn bad_configs_fail_clearly_and_leave_docker_unchanged() {
+    let lab = CliLab::new("cli-bad");
+    let cases = [
+        ("apps:\n  web:\n    image: x\n    replica: 2\n", "apps.web.replica: unknown key; did you mean `replicas`?"),
+        ("apps:\n  web:\n    image: x\n    proxy: {hosts: [\"a.test:80\"], app_port: 3000}\n", "apps.web.proxy.hosts[0]"),
+        ("apps:\n  Web:\n    image: x\n", "app \"Web\" is not a valid name"),
+        ("apps:\n  web:\n    image: missing-image:none\n    proxy: {hosts: [x.test], app_port: 3000}\n", "is not on the engine"),
+        ("apps:\n  web:\n    image: x\n    environment: {secret: [DB_PASSWORD]}\n", "needs secret(s) DB_PASSWORD"),
+    ];
+    for (i, (yaml, want)) in cases.iter().enumerate() {
+        let (dir, project) = lab.project(&format!("bad{i}"), yaml);
+        let (ok, _, err) = lab.luma(&dir, &["deploy"]);
+        assert!(!ok, "case {i} succeeded");
+        assert!(
+            err.contains(want),
+            "case {i}: error {err:?} does not say {want:?}"
+        );
+        assert!(
+            err.contains("luma.yml") || err.contains(".luma/secrets"),
+            "case {i}: the error does not name the file: {err}"
+        );
+        let left = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=luma.project={project}"),
+        ])
+        .unwrap();
+        assert!(left.is_empty(), "case {i} left containers behind");
+        assert!(
+            docker(&["network", "inspect", &format!("{project}-network")]).is_err(),
+            "case {i} created a network"
+        );
+    }
+}
