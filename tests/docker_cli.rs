@@ -455,3 +455,157 @@ fn bad_configs_fail_clearly_and_leave_docker_unchanged() {
         );
     }
 }
+
+#[test]
+fn services_get_their_alias_clashing_ports_are_named_and_remove_cleans_up() {
+    let lab = CliLab::new("cli-svc");
+    let port = free_port();
+    let host = format!("shop.{}.test", lab.prefix);
+    let svc = |env: &str| {
+        format!(
+            "{}services:\n  db:\n    image: {}\n    ports: [\"127.0.0.1:{port}:3000\"]\n    environment:\n      plain: [MODE={env}]\n",
+            app_yaml(&host, ""),
+            demo_image()
+        )
+    };
+    let (dir, project) = lab.project("shop", &svc("a"));
+    lab.luma_ok(&dir, &["deploy"]);
+    // Apps reach the service as db:3000 inside the project network.
+    let out = docker(&[
+        "exec",
+        &lab.proxy,
+        "luma-proxy",
+        "check",
+        "--json",
+        "--project",
+        &project,
+        "--target",
+        "db:3000",
+        "--timeout",
+        "5s",
+    ])
+    .unwrap();
+    assert_eq!(
+        body_json(&out)["backends"].as_array().unwrap().len(),
+        1,
+        "{out}"
+    );
+    let id = |name: &str| docker(&["inspect", "--format", "{{.Id}}", name]).unwrap();
+    let db = format!("{project}_db");
+    let first = id(&db);
+    lab.luma_ok(&dir, &["deploy"]);
+    assert_eq!(id(&db), first, "an unchanged service was recreated");
+    std::fs::write(
+        dir.join("luma.yml"),
+        format!("name: {project}\n{}", svc("b")),
+    )
+    .unwrap();
+    lab.luma_ok(&dir, &["deploy"]);
+    assert_ne!(id(&db), first, "a changed service was not recreated");
+
+    // Another project wanting the same host port is refused before anything changes.
+    let (dir2, project2) = lab.project(
+        "other",
+        &format!(
+            "services:\n  cache:\n    image: {}\n    ports: [\"127.0.0.1:{port}:3000\"]\n",
+            demo_image()
+        ),
+    );
+    let (ok, _, err) = lab.luma(&dir2, &["deploy"]);
+    assert!(
+        !ok && err.contains(&format!("container {db}")),
+        "the clash does not name the holder: {err}"
+    );
+    assert!(
+        docker(&["network", "inspect", &format!("{project2}-network")]).is_err(),
+        "the refused deploy changed Docker"
+    );
+
+    // remove: refuses without a terminal unless --yes, then takes everything down.
+    let (ok, _, err) = lab.luma(&dir, &["remove"]);
+    assert!(!ok && err.contains("--yes"), "{err}");
+    lab.luma_ok(&dir, &["remove", "--yes"]);
+    assert!(docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=luma.project={project}")
+    ])
+    .unwrap()
+    .is_empty());
+    assert!(docker(&["network", "inspect", &format!("{project}-network")]).is_err());
+    let mut http = Http::new(&lab.http_addr());
+    assert_eq!(http.get(&host, "/").unwrap().0, 404);
+}
+
+#[test]
+fn init_writes_a_template_once_and_logs_show_replicas() {
+    let lab = CliLab::new("cli-init");
+    let dir = std::env::temp_dir().join(format!("{}-init", lab.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ok, _, err) = lab.luma(&dir, &["init"]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(dir.join("luma.yml")).unwrap();
+    assert!(
+        text.contains("name: my-project") && text.contains("# "),
+        "template is not commented"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join(".luma/secrets"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(std::fs::read_to_string(dir.join(".gitignore"))
+        .unwrap()
+        .contains(".luma/secrets"));
+    std::fs::write(dir.join("luma.yml"), "name: mine\n").unwrap();
+    let (ok, _, err) = lab.luma(&dir, &["init"]);
+    assert!(ok && err.contains("left as it is"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("luma.yml")).unwrap(),
+        "name: mine\n"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let host = format!("shop.{}.test", lab.prefix);
+    let (pdir, _) = lab.project("shop", &app_yaml(&host, "    replicas: 2\n"));
+    lab.luma_ok(&pdir, &["deploy"]);
+    let logs = lab.luma_ok(&pdir, &["logs", "web"]);
+    assert!(
+        logs.contains("[1]") && logs.contains("[2]") && logs.contains("listening"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn one_replica_release_serves_quickly_after_luma_deploy_starts() {
+    let lab = CliLab::new("cli-time");
+    let host = format!("shop.{}.test", lab.prefix);
+    let (dir, _) = lab.project("shop", &app_yaml(&host, ""));
+    lab.luma_ok(&dir, &["deploy"]);
+    let mut http = Http::new(&lab.http_addr());
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let before = body_json(&http.get(&host, "/").unwrap().1)["release"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let t = Instant::now();
+        let child = std::thread::scope(|s| {
+            let h = s.spawn(|| lab.luma(&dir, &["deploy"]));
+            let serving = wait_for(Duration::from_secs(30), || {
+                let r = body_json(&http.get(&host, "/").ok()?.1)["release"]
+                    .as_str()?
+                    .to_string();
+                (r != before).then(|| t.elapsed())
+            });
+            (h.join().unwrap(), serving)
+        });
+        assert!(child.0 .0, "{}", child.0 .2);
+        times.push(child.1.expect("new release never served"));
+    }
+    times.sort();
+    eprintln!("one replica, prebuilt image: `luma deploy` -> new release serving: median {:?} (min {:?}, max {:?})", times[2], times[0], times[4]);
+}

@@ -746,7 +746,7 @@ pub async fn remove(ctx: &Ctx<'_>, apps: &[String], everything: bool) -> Result<
                         let r = proxyctl::call(
                             ctx.engine,
                             &ctx.proxy,
-                            &["remove", "--project", ctx.project(), "--app", app],
+                            &["remove", "--json", "--project", ctx.project(), "--app", app],
                         )
                         .await;
                         if let Err(e) = r {

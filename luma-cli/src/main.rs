@@ -398,7 +398,8 @@ async fn update_proxy(ctx: &Ctx<'_>) -> Result<(), String> {
             }
             for n in &networks {
                 let project = n.trim_end_matches("-network");
-                let _ = proxyctl::call(ctx.engine, p, &["flush", "--project", project]).await;
+                let _ =
+                    proxyctl::call(ctx.engine, p, &["flush", "--json", "--project", project]).await;
             }
             let after = proxyctl::routes(ctx.engine, p).await?.len();
             if after < routes_before {

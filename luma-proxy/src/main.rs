@@ -46,6 +46,8 @@ enum Cmd {
     Flush {
         #[arg(long)]
         project: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -209,6 +211,8 @@ struct RemoveArgs {
     app: String,
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -310,7 +314,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
             let reply = client(&a.client, a.drain_timeout + Duration::from_secs(30))?
                 .call(Method::POST, "/v1/remove", Some(to_json(&req)))
                 .await?;
-            report(&reply, false, |v| {
+            report(&reply, a.json, |v| {
                 format!("removed; drained in {} ms", v["waited_ms"])
             })
         }
@@ -320,7 +324,11 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                 .await?;
             report(&reply, a.json, routes_table)
         }
-        Cmd::Flush { project, client: c } => {
+        Cmd::Flush {
+            project,
+            json,
+            client: c,
+        } => {
             let reply = client(&c, Duration::from_secs(10))?
                 .call(
                     Method::POST,
@@ -328,7 +336,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                     Some(serde_json::json!({"project": project})),
                 )
                 .await?;
-            report(&reply, false, |v| {
+            report(&reply, json, |v| {
                 format!("refreshing {} routes of {project}", v["routes_refreshed"])
             })
         }
