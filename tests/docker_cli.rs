@@ -251,7 +251,14 @@ fn a_release_that_fails_its_health_check_changes_nothing_and_rollback_works() {
     let watching = Arc::new(AtomicBool::new(true));
     let leaks = Arc::new(Mutex::new(Vec::new()));
     let watcher = {
-        let (w, l, addr, host, proxy, project) = (watching.clone(), leaks.clone(), lab.http_addr(), host.clone(), lab.proxy.clone(), project.clone());
+        let (w, l, addr, host, proxy, project) = (
+            watching.clone(),
+            leaks.clone(),
+            lab.http_addr(),
+            host.clone(),
+            lab.proxy.clone(),
+            project.clone(),
+        );
         let (live, v1_ips) = (live.clone(), v1_ips.clone());
         std::thread::spawn(move || {
             let mut http = Http::new(&addr);
@@ -262,10 +269,31 @@ fn a_release_that_fails_its_health_check_changes_nothing_and_rollback_works() {
                         l.lock().unwrap().push(format!("proxy served {b}"));
                     }
                 }
-                if let Ok(out) = docker(&["exec", &proxy, "luma-proxy", "check", "--json", "--project", &project, "--target", "web:3000", "--timeout", "1s"]) {
-                    let ips: Vec<String> = body_json(&out)["backends"].as_array().into_iter().flatten().filter_map(|b| Some(b["addr"].as_str()?.trim_end_matches(":3000").to_string())).collect();
+                if let Ok(out) = docker(&[
+                    "exec",
+                    &proxy,
+                    "luma-proxy",
+                    "check",
+                    "--json",
+                    "--project",
+                    &project,
+                    "--target",
+                    "web:3000",
+                    "--timeout",
+                    "1s",
+                ]) {
+                    let ips: Vec<String> = body_json(&out)["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|b| {
+                            Some(b["addr"].as_str()?.trim_end_matches(":3000").to_string())
+                        })
+                        .collect();
                     if ips != v1_ips {
-                        l.lock().unwrap().push(format!("`web` resolved to {ips:?}, not only {v1_ips:?}"));
+                        l.lock()
+                            .unwrap()
+                            .push(format!("`web` resolved to {ips:?}, not only {v1_ips:?}"));
                     }
                     checks += 1;
                 }
@@ -277,7 +305,11 @@ fn a_release_that_fails_its_health_check_changes_nothing_and_rollback_works() {
     watching.store(false, Ordering::Relaxed);
     let checks = watcher.join().unwrap();
     assert!(checks >= 3, "the watcher barely ran ({checks} checks)");
-    assert!(leaks.lock().unwrap().is_empty(), "the unhealthy release got traffic: {:?}", leaks.lock().unwrap());
+    assert!(
+        leaks.lock().unwrap().is_empty(),
+        "the unhealthy release got traffic: {:?}",
+        leaks.lock().unwrap()
+    );
     assert!(!ok, "a failing release must exit non-zero");
     assert!(
         err.contains("last log lines") && err.contains("previous release keeps serving"),

@@ -56,7 +56,14 @@ mod tests {
     use super::*;
 
     fn run(dir: &Path, args: &[&str]) {
-        let ok = Command::new("git").arg("-C").arg(dir).args(args).output().unwrap().status.success();
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .success();
         assert!(ok, "git {args:?}");
     }
 
@@ -64,16 +71,33 @@ mod tests {
     fn git_sha_clean_dirty_refused_and_forced() {
         let dir = std::env::temp_dir().join(format!("luma-release-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(release_id(&dir, false).unwrap().starts_with('t'), "outside git the id is time-based");
+        assert!(
+            release_id(&dir, false).unwrap().starts_with('t'),
+            "outside git the id is time-based"
+        );
         run(&dir, &["init", "-q"]);
         std::fs::write(dir.join("f"), "1").unwrap();
         run(&dir, &["add", "f"]);
-        run(&dir, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]);
+        run(
+            &dir,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-qm",
+                "x",
+            ],
+        );
         let sha = release_id(&dir, false).unwrap();
         assert_eq!(sha.len(), 7);
         std::fs::write(dir.join("f"), "2").unwrap();
         let err = release_id(&dir, false).unwrap_err();
-        assert!(err.contains("uncommitted changes") && err.contains("--force"), "{err}");
+        assert!(
+            err.contains("uncommitted changes") && err.contains("--force"),
+            "{err}"
+        );
         let forced = release_id(&dir, true).unwrap();
         assert!(forced.starts_with(&format!("{sha}-t")), "{forced}");
         std::fs::remove_dir_all(&dir).unwrap();

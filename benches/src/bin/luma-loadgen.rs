@@ -1,0 +1,244 @@
+//! luma-loadgen: an HTTP/1.1 load generator for the benchmark harnesses.
+//!
+//! Open loop at a fixed rate (`--rate`), so latency is measured from when a request was due,
+//! not from when a stalled connection got round to it (no coordinated omission), or closed
+//! loop as fast as possible (`--rate 0`). Only 127.0.0.1 targets are accepted. It stops by
+//! itself after `--duration`.
+//!
+//! Prints one JSON summary. With `--records FILE` it also writes one line per request:
+//! `due_unix_ms latency_us outcome release`, where outcome is the status code, `err` or `timeout`
+//! and release is the `x-demo-release` response header (for deploy analysis).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpStream;
+
+struct Args {
+    addr: String,
+    host: String,
+    path: String,
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+    method: String,
+    close: bool,
+    records: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        addr: String::new(),
+        host: "localhost".into(),
+        path: "/".into(),
+        connections: 64,
+        rate: 0.0,
+        duration: Duration::from_secs(10),
+        method: "GET".into(),
+        close: false,
+        records: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().ok_or_else(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--addr" => a.addr = v()?,
+            "--host" => a.host = v()?,
+            "--path" => a.path = v()?,
+            "--connections" => a.connections = v()?.parse().map_err(|e| format!("--connections: {e}"))?,
+            "--rate" => a.rate = v()?.parse().map_err(|e| format!("--rate: {e}"))?,
+            "--duration" => a.duration = Duration::from_secs_f64(v()?.parse().map_err(|e| format!("--duration: {e}"))?),
+            "--method" => a.method = v()?,
+            "--close" => a.close = true,
+            "--records" => a.records = Some(v()?),
+            "-h" | "--help" => {
+                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE]".into())
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if !a.addr.starts_with("127.") {
+        return Err(
+            "--addr must be a 127.0.0.0/8 address: load is only ever sent to this machine".into(),
+        );
+    }
+    if a.duration > Duration::from_secs(600) || a.connections == 0 || a.connections > 4096 {
+        return Err("--duration is capped at 600 s and --connections at 4096".into());
+    }
+    Ok(a)
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u64>,
+    ok: u64,
+    non2xx: u64,
+    errors: u64,
+    timeouts: u64,
+    records: Vec<(u128, u64, String, String)>,
+}
+
+async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
+    let mut t = Tally::default();
+    let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
+    let interval = if a.rate > 0.0 {
+        Some(Duration::from_secs_f64(a.connections as f64 / a.rate))
+    } else {
+        None
+    };
+    let offset = interval
+        .map(|i| i.mul_f64(id as f64 / a.connections as f64))
+        .unwrap_or_default();
+    let mut k: u32 = 0;
+    let body: &'static [u8] = if a.method == "POST" {
+        b"order=1&qty=2"
+    } else {
+        b""
+    };
+    loop {
+        let due = match interval {
+            Some(i) => start + offset + i * k,
+            None => Instant::now(),
+        };
+        if due >= start + a.duration {
+            break;
+        }
+        k += 1;
+        tokio::time::sleep_until(due.into()).await;
+        let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+            if sender.as_ref().is_none_or(|s| s.is_closed()) {
+                let s = TcpStream::connect(&a.addr).await.map_err(|_| "err")?;
+                let _ = s.set_nodelay(true);
+                let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                    .await
+                    .map_err(|_| "err")?;
+                tokio::spawn(conn);
+                sender = Some(tx);
+            }
+            let tx = sender.as_mut().ok_or("err")?;
+            tx.ready().await.map_err(|_| "err")?;
+            let mut b = Request::builder()
+                .method(a.method.as_str())
+                .uri(a.path.as_str())
+                .header("host", a.host.as_str());
+            if a.close {
+                b = b.header("connection", "close");
+            }
+            let resp = tx
+                .send_request(
+                    b.body(Full::new(Bytes::from_static(body)))
+                        .map_err(|_| "err")?,
+                )
+                .await
+                .map_err(|_| "err")?;
+            let status = resp.status().as_u16();
+            let release = resp
+                .headers()
+                .get("x-demo-release")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            resp.into_body().collect().await.map_err(|_| "err")?;
+            Ok::<_, &'static str>((status, release))
+        })
+        .await;
+        let latency = due.elapsed().as_micros() as u64;
+        let (label, release) = match outcome {
+            Ok(Ok((status, release))) => {
+                if (200..300).contains(&status) {
+                    t.ok += 1;
+                } else {
+                    t.non2xx += 1;
+                }
+                (status.to_string(), release)
+            }
+            Ok(Err(_)) => {
+                t.errors += 1;
+                sender = None;
+                ("err".to_string(), "-".to_string())
+            }
+            Err(_) => {
+                t.timeouts += 1;
+                sender = None;
+                ("timeout".to_string(), "-".to_string())
+            }
+        };
+        if a.close {
+            sender = None;
+        }
+        t.latencies_us.push(latency);
+        if a.records.is_some() {
+            let due_ms = wall0 + (due - start).as_millis();
+            t.records.push((due_ms, latency, label, release));
+        }
+    }
+    t
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let a = match parse_args() {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            eprintln!("luma-loadgen: {e}");
+            std::process::exit(2);
+        }
+    };
+    let wall0 = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..a.connections)
+        .map(|i| tokio::spawn(worker(a.clone(), i, start, wall0)))
+        .collect();
+    let mut all = Tally::default();
+    for t in tasks {
+        if let Ok(t) = t.await {
+            all.latencies_us.extend(t.latencies_us);
+            all.ok += t.ok;
+            all.non2xx += t.non2xx;
+            all.errors += t.errors;
+            all.timeouts += t.timeouts;
+            all.records.extend(t.records);
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.latencies_us.sort_unstable();
+    if let Some(path) = &a.records {
+        all.records.sort();
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("records file"));
+        for (due, lat, outcome, release) in &all.records {
+            let _ = writeln!(f, "{due} {lat} {outcome} {release}");
+        }
+    }
+    let sent = all.latencies_us.len();
+    println!(
+        "{}",
+        serde_json::json!({
+            "sent": sent,
+            "ok": all.ok,
+            "non_2xx": all.non2xx,
+            "socket_errors": all.errors,
+            "timeouts": all.timeouts,
+            "seconds": elapsed,
+            "rps": sent as f64 / elapsed,
+            "p50_us": pct(&all.latencies_us, 50.0),
+            "p99_us": pct(&all.latencies_us, 99.0),
+            "p999_us": pct(&all.latencies_us, 99.9),
+            "max_us": all.latencies_us.last().copied().unwrap_or(0),
+        })
+    );
+}
