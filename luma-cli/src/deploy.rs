@@ -75,7 +75,7 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
     preflight_ports(ctx).await?;
     ui.step(
         format!("proxy {} running", ctx.proxy.container),
-        proxyctl::ensure_running(ctx.engine, &ctx.proxy),
+        proxyctl::ensure_running(ctx.engine, &ctx.proxy, &[]),
     )
     .await?;
     let net = ctx.network();

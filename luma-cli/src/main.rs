@@ -392,20 +392,20 @@ async fn update_proxy(ctx: &Ctx<'_>) -> Result<(), String> {
     let started = ctx
         .ui
         .step(format!("start {} from {}", p.container, p.image), async {
-            proxyctl::ensure_running(ctx.engine, p).await?;
-            for n in &networks {
-                proxyctl::attach(ctx.engine, p, n).await?;
-            }
-            for n in &networks {
-                let project = n.trim_end_matches("-network");
-                let _ =
-                    proxyctl::call(ctx.engine, p, &["flush", "--json", "--project", project]).await;
-            }
-            let after = proxyctl::routes(ctx.engine, p).await?.len();
-            if after < routes_before {
-                return Err(format!(
-                    "the new proxy restored {after} of {routes_before} routes"
-                ));
+            proxyctl::ensure_running(ctx.engine, p, &networks).await?;
+            // Routes are restored from the state volume as the proxy starts.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let after = proxyctl::routes(ctx.engine, p).await?.len();
+                if after >= routes_before {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "the new proxy restored {after} of {routes_before} routes"
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             Ok(())
         })

@@ -92,8 +92,13 @@ pub async fn ensure_image(engine: &Engine, s: &ProxySettings) -> Result<(), Stri
     ))
 }
 
-/// Starts the proxy if it is missing or stopped, then waits for its admin API.
-pub async fn ensure_running(engine: &Engine, s: &ProxySettings) -> Result<(), String> {
+/// Starts the proxy if it is missing or stopped, then waits for its admin API. A newly created
+/// proxy joins `networks` before it starts, so restored routes resolve from the first second.
+pub async fn ensure_running(
+    engine: &Engine,
+    s: &ProxySettings,
+    networks: &[String],
+) -> Result<(), String> {
     ensure_image(engine, s).await?;
     match engine.inspect(&s.container).await? {
         Some(c) if c.state.as_ref().and_then(|st| st.running).unwrap_or(false) => return Ok(()),
@@ -109,6 +114,9 @@ pub async fn ensure_running(engine: &Engine, s: &ProxySettings) -> Result<(), St
             // Another project's deploy may create it at the same moment: either way one proxy
             // exists afterwards, and starting a running container is a no-op.
             if engine.create(&s.spec()).await? {
+                for n in networks {
+                    engine.connect_network(n, &s.container, Vec::new()).await?;
+                }
                 engine.start(&s.container).await?;
             } else {
                 // The other creator may still be between reserving the name and finishing.

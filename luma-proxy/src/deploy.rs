@@ -13,9 +13,10 @@
 //! When the reply arrives, the old containers carry no proxy traffic and may be disconnected
 //! and stopped. `check` runs step 4 alone; `remove` runs 5 and 6 with an empty route.
 
+use crate::backend::Backend;
 use crate::health::{self, BackendReport};
 use crate::resolve::Resolver;
-use crate::route::{HealthSettings, RouteKey, RouteSpec, RouteTimeouts};
+use crate::route::{HealthSettings, RouteKey, RouteSpec, RouteTimeouts, Target};
 use crate::router::Router;
 use crate::service::Service;
 use crate::state::StateStore;
@@ -258,37 +259,33 @@ impl Deployer {
     /// Installs saved routes without the deploy gate; their backends are checked right away
     /// and serve as soon as they pass.
     pub async fn restore(self: &Arc<Self>, routes: Vec<RouteSpec>) {
-        let mut tasks = tokio::task::JoinSet::new();
         for spec in routes {
-            let this = self.clone();
-            tasks.spawn(async move {
-                let key = spec.key();
-                let svc = match Service::resolve(spec.clone(), &this.resolver).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        crate::log::warn(
-                            "restored route does not resolve yet; will retry",
-                            serde_json::json!({"route": key.to_string(), "error": e}),
-                        );
-                        Service::with_backends(spec, Vec::new())
-                    }
-                };
-                svc.start(this.resolver.clone(), true);
-                if let Err(e) = this.router.install(svc.clone()) {
+            let key = spec.key();
+            // Installed at once, before any DNS answer: the refresh task resolves right away and
+            // checks new backends as soon as they appear, so a slow DNS never delays a route.
+            let backends = match spec.parsed_target() {
+                Target::Literal(addrs) => addrs
+                    .iter()
+                    .map(|a| Backend::new(*a, None, &spec.timeouts))
+                    .collect(),
+                Target::Name { .. } => Vec::new(),
+            };
+            let svc = Service::with_backends(spec, backends);
+            svc.start(self.resolver.clone(), true);
+            match self.router.install(svc.clone()) {
+                Ok(_) => crate::log::info(
+                    "route restored",
+                    serde_json::json!({"route": key.to_string()}),
+                ),
+                Err(e) => {
                     svc.stop();
                     crate::log::error(
                         "restored route skipped",
                         serde_json::json!({"route": key.to_string(), "error": e}),
                     );
-                } else {
-                    crate::log::info(
-                        "route restored",
-                        serde_json::json!({"route": key.to_string()}),
-                    );
                 }
-            });
+            }
         }
-        while tasks.join_next().await.is_some() {}
     }
 
     /// Steps 3 and 4 of the contract: resolve and check every backend of a new target.

@@ -72,8 +72,9 @@ impl Proxy {
         for why in &restored.skipped {
             crate::log::warn("state entry skipped", serde_json::json!({"reason": why}));
         }
-        let d = deployer.clone();
-        let restore = tokio::spawn(async move { d.restore(restored.routes).await });
+        // Restoring only installs routes (resolution and checks run in the background), so the
+        // table is complete before the first connection is accepted.
+        deployer.restore(restored.routes).await;
 
         let (shutdown, rx) = watch::channel(false);
         let ctx = Arc::new(ProxyCtx {
@@ -93,7 +94,6 @@ impl Proxy {
             serde_json::json!({"http": http_addr.to_string(), "admin": admin_addr.to_string(), "state_dir": cfg.state_dir.display().to_string()}),
         );
         let tasks = vec![
-            restore,
             tokio::spawn(serve_http(http, ctx, cfg, rx.clone())),
             tokio::spawn(admin::serve(admin_listener, admin_ctx, rx)),
         ];

@@ -92,7 +92,6 @@ impl Service {
         tokio::spawn(async move {
             let mut refresh = tokio::time::interval(REFRESH_EVERY);
             refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            refresh.tick().await;
             let mut last_error: Option<String> = None;
             loop {
                 tokio::select! {
