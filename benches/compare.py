@@ -32,6 +32,15 @@ ADMIN = 18191
 CLK = os.sysconf("SC_CLK_TCK")
 
 
+def render(template_path, values):
+    """Fills {name} placeholders; the configs' own braces stay as they are."""
+    with open(os.path.join(ROOT, template_path)) as f:
+        text = f.read()
+    for k, v in values.items():
+        text = text.replace("{" + k + "}", str(v))
+    return text
+
+
 def wait_port(port, timeout=10.0):
     import socket
     end = time.time() + timeout
@@ -98,18 +107,15 @@ class Contender:
         elif self.name == "nginx":
             os.makedirs(os.path.join(tmp, "body"), exist_ok=True)
             conf = os.path.join(tmp, "nginx.conf")
-            with open(os.path.join(ROOT, "benches/peers/nginx.conf.in")) as f:
-                open(conf, "w").write(f.read().format(**fmt))
+            open(conf, "w").write(render("benches/peers/nginx.conf.in", fmt))
             cmd = ["nginx", "-p", tmp, "-c", conf, "-g", "daemon off;"]
         elif self.name == "haproxy":
             conf = os.path.join(tmp, "haproxy.cfg")
-            with open(os.path.join(ROOT, "benches/peers/haproxy.cfg.in")) as f:
-                open(conf, "w").write(f.read().format(**fmt))
+            open(conf, "w").write(render("benches/peers/haproxy.cfg.in", fmt))
             cmd = ["haproxy", "-db", "-f", conf]
         elif self.name == "caddy":
             conf = os.path.join(tmp, "Caddyfile")
-            with open(os.path.join(ROOT, "benches/peers/Caddyfile.in")) as f:
-                open(conf, "w").write(f.read().format(**fmt))
+            open(conf, "w").write(render("benches/peers/Caddyfile.in", fmt))
             env["GOMAXPROCS"] = str(n)
             env["HOME"] = tmp
             env["XDG_DATA_HOME"] = tmp

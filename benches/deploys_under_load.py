@@ -102,8 +102,10 @@ def nginx_runs(a, tmp):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     conf = os.path.join(tmp, "nginx.conf")
     os.makedirs(os.path.join(tmp, "body"), exist_ok=True)
-    with open(os.path.join(ROOT, "benches/peers/nginx.conf.in")) as f:
-        open(conf, "w").write(f.read().format(workers=2, tmp=tmp, port=NGINX, backend_port=BACKEND))
+    text = open(os.path.join(ROOT, "benches/peers/nginx.conf.in")).read()
+    for k, v in dict(workers=2, tmp=tmp, port=NGINX, backend_port=BACKEND).items():
+        text = text.replace("{" + k + "}", str(v))
+    open(conf, "w").write(text)
     nginx = subprocess.Popen(["nginx", "-p", tmp, "-c", conf, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
     records = os.path.join(tmp, "nginx.records")

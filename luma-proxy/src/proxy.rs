@@ -113,8 +113,12 @@ impl Body for ResponseBody {
         match this {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Upstream { body, conn, guard } => {
-                let polled = Pin::new(body).poll_frame(cx);
+                let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
+                    // hyper stops polling once a length-delimited body has all its bytes, so
+                    // "the last frame" is noticed here, not by waiting for a None that never
+                    // comes; otherwise no connection would ever return to the pool.
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => this.finish(),
                     Poll::Ready(None) => this.finish(),
                     Poll::Ready(Some(Err(_))) => {
                         conn.take();
