@@ -35,7 +35,8 @@ pub struct Backend {
     /// Interface the sockets are pinned to (None in host mode).
     pub device: Option<Arc<str>>,
     pub connect_timeout: Duration,
-    idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+    /// One idle pool per serving thread: a connection is used on the thread that runs it.
+    idle: Box<[Mutex<Vec<http1::SendRequest<UpstreamBody>>>]>,
     inflight: AtomicUsize,
     healthy: AtomicBool,
     consecutive_ok: AtomicU32,
@@ -64,7 +65,9 @@ impl Backend {
             addr,
             device,
             connect_timeout: Duration::from_millis(timeouts.connect_ms),
-            idle: Mutex::new(Vec::new()),
+            idle: (0..crate::workers::count())
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             inflight: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
             consecutive_ok: AtomicU32::new(0),
@@ -145,8 +148,10 @@ impl Backend {
     /// Closes idle connections and tells open tunnels to end.
     pub fn retire(&self) {
         let _ = self.retired.send(true);
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.clear();
+        for pool in self.idle.iter() {
+            if let Ok(mut idle) = pool.lock() {
+                idle.clear();
+            }
         }
     }
 
@@ -165,7 +170,7 @@ impl Backend {
         mut req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, http1::SendRequest<UpstreamBody>), SendError> {
         loop {
-            let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
+            let pooled = self.pool().lock().ok().and_then(|mut v| v.pop());
             let Some(mut sender) = pooled else { break };
             if sender.is_closed() || sender.ready().await.is_err() {
                 continue;
@@ -195,12 +200,16 @@ impl Backend {
         }
     }
 
+    fn pool(&self) -> &Mutex<Vec<http1::SendRequest<UpstreamBody>>> {
+        &self.idle[crate::workers::index() % self.idle.len()]
+    }
+
     /// Returns a connection whose response completed to the idle pool.
     pub fn checkin(&self, sender: http1::SendRequest<UpstreamBody>) {
         if sender.is_closed() || self.is_retired() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
+        if let Ok(mut idle) = self.pool().lock() {
             if idle.len() < MAX_IDLE_PER_BACKEND {
                 idle.push(sender);
             }

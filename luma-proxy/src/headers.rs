@@ -12,17 +12,23 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Headers that describe one connection and must not be forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection and must not be forwarded (RFC 9110 7.6.1). Typed
+/// names, so removing them hashes nothing at run time.
+fn hop_by_hop() -> [&'static HeaderName; 8] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+    ]
+}
 
 /// True for an HTTP/1.1 upgrade request (WebSocket and friends).
 pub fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
@@ -42,24 +48,33 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers, including any named in `Connection`. For an upgrade, keeps
 /// `Upgrade` and sets `Connection: upgrade` so the upstream sees the handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most requests carry at most `Connection: keep-alive`; only other tokens need a list.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| {
+            !t.eq_ignore_ascii_case("keep-alive")
+                && !t.eq_ignore_ascii_case("close")
+                && !t.is_empty()
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in listed {
         if !(upgrade && name == header::UPGRADE) {
             headers.remove(&name);
         }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for name in hop_by_hop() {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if headers.contains_key(header::UPGRADE) {
         headers.remove(header::UPGRADE);
     }
 }
@@ -86,7 +101,12 @@ pub fn new_request_id() -> HeaderValue {
 /// Rewrites a downstream request's head for the upstream: HTTP/1.1, origin-form URI, Host kept,
 /// hop-by-hop headers stripped, X-Forwarded-* and X-Request-Id set.
 pub fn prepare_upstream(parts: &mut Parts, client_ip: IpAddr, proto: &'static str, upgrade: bool) {
-    let host = request_host(&parts.uri, &parts.headers).and_then(|h| HeaderValue::from_str(h).ok());
+    // HTTP/1.1 carries the Host header (cloning a HeaderValue is a reference count); HTTP/2 and
+    // absolute-form requests carry the authority in the URI.
+    let host = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    };
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if let Some(host) = host {
         parts.headers.insert(X_FORWARDED_HOST.clone(), host.clone());
@@ -103,16 +123,16 @@ pub fn prepare_upstream(parts: &mut Parts, client_ip: IpAddr, proto: &'static st
         }
     }
     parts.version = Version::HTTP_11;
-    let ip = client_ip.to_string();
     let xff = match parts
         .headers
         .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
     {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+        Some(prev) if !prev.is_empty() => format!("{prev}, {client_ip}"),
+        _ => client_ip.to_string(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    // from_maybe_shared takes the buffer without copying it again.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         parts.headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     parts

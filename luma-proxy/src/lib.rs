@@ -32,6 +32,7 @@ pub mod service;
 pub mod state;
 pub mod token;
 pub mod util;
+pub mod workers;
 
 pub use config::ProxyConfig;
 pub use server::Proxy;

@@ -219,14 +219,10 @@ struct RemoveArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let workers = match &cli.cmd {
-        Cmd::Serve(a) => a.workers,
-        _ => Some(1),
-    };
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        rt.worker_threads(n.max(1));
-    }
+    // Serving is thread-per-core (see workers.rs): this thread runs worker 0 plus the admin
+    // API and background checks; `serve` adds the others. Client commands need one thread.
+    let rt = tokio::runtime::Builder::new_current_thread();
+    let mut rt = rt;
     let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -474,7 +470,17 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         max_header_bytes: a.max_header_size,
         shutdown_timeout: a.shutdown_timeout,
     };
-    let running = luma_proxy::Proxy::start(cfg).await?;
+    let workers = a
+        .workers
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    luma_proxy::workers::set_count(workers);
+    let mut running = luma_proxy::Proxy::start(cfg).await?;
+    running.add_workers(workers - 1)?;
     wait_for_signal().await;
     running.shutdown().await;
     luma_proxy::log::info("luma-proxy stopped", serde_json::json!({}));

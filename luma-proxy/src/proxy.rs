@@ -171,11 +171,15 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
-    let host = headers::request_host(req.uri(), req.headers()).map(str::to_owned);
-    let service = host.as_deref().and_then(|h| ctx.router.lookup(h));
-    let log = ctx
-        .access_log
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
+    let service =
+        headers::request_host(req.uri(), req.headers()).and_then(|h| ctx.router.lookup(h));
+    // Only the access log needs owned copies of the request line.
+    let log = ctx.access_log.then(|| {
+        let host = headers::request_host(req.uri(), req.headers())
+            .unwrap_or("")
+            .to_owned();
+        (host, req.method().clone(), req.uri().path().to_owned())
+    });
     let (resp, backend) = match &service {
         None => (
             local_response(StatusCode::NOT_FOUND, "404 no route for this host\n"),
@@ -184,9 +188,9 @@ pub async fn handle(
         Some(svc) => forward(&ctx, svc, req, peer).await,
     };
     ctx.metrics.count_response(resp.status());
-    if let Some((method, path)) = log {
+    if let Some((host, method, path)) = log {
         crate::log::access(&crate::log::AccessLine {
-            host: host.as_deref().unwrap_or(""),
+            host: &host,
             method: method.as_str(),
             path: &path,
             status: resp.status().as_u16(),

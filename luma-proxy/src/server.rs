@@ -36,6 +36,9 @@ pub struct RunningProxy {
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    ctx: Arc<ProxyCtx>,
+    cfg: ProxyConfig,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -49,8 +52,7 @@ impl Proxy {
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| format!("cannot create state dir {}: {e}", cfg.state_dir.display()))?;
         let token: Arc<str> = crate::token::load_or_create(&cfg.token_path())?.into();
-        let http = TcpListener::bind(cfg.http_addr)
-            .await
+        let http = crate::workers::reuseport_listener(cfg.http_addr)
             .map_err(|e| format!("cannot listen on {}: {e}", cfg.http_addr))?;
         let admin_listener = TcpListener::bind(cfg.admin_addr)
             .await
@@ -94,9 +96,10 @@ impl Proxy {
             serde_json::json!({"http": http_addr.to_string(), "admin": admin_addr.to_string(), "state_dir": cfg.state_dir.display().to_string()}),
         );
         let tasks = vec![
-            tokio::spawn(serve_http(http, ctx, cfg, rx.clone())),
+            tokio::spawn(serve_http(http, ctx.clone(), cfg.clone(), rx.clone())),
             tokio::spawn(admin::serve(admin_listener, admin_ctx, rx)),
         ];
+        let cfg = ProxyConfig { http_addr, ..cfg };
         Ok(RunningProxy {
             http_addr,
             admin_addr,
@@ -104,17 +107,68 @@ impl Proxy {
             metrics,
             shutdown,
             tasks,
+            ctx,
+            cfg,
+            threads: Vec::new(),
         })
     }
 }
 
 impl RunningProxy {
+    /// Starts `n` more serving threads (workers 1..=n), each with its own runtime, listener and
+    /// pools. Call [`crate::workers::set_count`] with the total before starting the proxy.
+    pub fn add_workers(&mut self, n: usize) -> Result<(), String> {
+        for i in 1..=n {
+            let (ctx, cfg, rx) = (
+                self.ctx.clone(),
+                self.cfg.clone(),
+                self.shutdown.subscribe(),
+            );
+            let listener = std::thread::Builder::new()
+                .name(format!("luma-worker-{i}"))
+                .spawn(move || {
+                    crate::workers::set_index(i);
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            return crate::log::error(
+                                "worker runtime",
+                                serde_json::json!({"error": e.to_string()}),
+                            )
+                        }
+                    };
+                    rt.block_on(async move {
+                        match crate::workers::reuseport_listener(cfg.http_addr) {
+                            Ok(l) => serve_http(l, ctx, cfg, rx).await,
+                            Err(e) => crate::log::error(
+                                "worker listener",
+                                serde_json::json!({"error": e.to_string()}),
+                            ),
+                        }
+                    });
+                })
+                .map_err(|e| format!("cannot start worker thread: {e}"))?;
+            self.threads.push(listener);
+        }
+        Ok(())
+    }
+
     /// Stops accepting, drains in-flight requests (up to the shutdown timeout), and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         for svc in self.deployer.router.services() {
             svc.stop();
         }

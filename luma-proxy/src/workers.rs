@@ -1,0 +1,49 @@
+//! Thread-per-core serving: each worker thread runs its own single-threaded runtime with its own
+//! `SO_REUSEPORT` listener, and keeps its own upstream connection pools, so a request is read,
+//! proxied and answered on one thread with no cross-thread handoff. The kernel spreads incoming
+//! connections over the listeners.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// How many serving threads the process runs (pools are sized by it).
+static WORKERS: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+pub fn set_count(n: usize) {
+    WORKERS.store(n.max(1), Ordering::Relaxed);
+}
+
+pub fn count() -> usize {
+    WORKERS.load(Ordering::Relaxed)
+}
+
+/// Marks the current thread as serving worker `i`.
+pub fn set_index(i: usize) {
+    INDEX.with(|c| c.set(i));
+}
+
+/// The serving worker of the current thread (0 for any other thread).
+pub fn index() -> usize {
+    INDEX.with(|c| c.get())
+}
+
+/// A listener that several threads can bind to the same address.
+pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
