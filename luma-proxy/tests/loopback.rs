@@ -556,3 +556,23 @@ async fn shutdown_finishes_in_flight_requests_and_remove_drains() {
         "still accepting after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_across_requests() {
+    let proxy = start_proxy("pool").await;
+    let b = TestBackend::start("127.0.0.2", "b").await;
+    let mut r = route("shop", "shop.test", &[b.addr]);
+    r.health.interval_ms = 60_000; // no probe connections during the measurement
+    proxy.deployer.deploy(deploy_req(r)).await.unwrap();
+    let before = b.connections.load(Ordering::Relaxed);
+    // Sequential requests, each on a new client connection: the upstream side is reused.
+    for path in ["/", "/bytes", "/headers", "/"].iter().cycle().take(60) {
+        assert_eq!(get(proxy.http_addr, "shop.test", path).await.0, 200);
+    }
+    let opened = b.connections.load(Ordering::Relaxed) - before;
+    assert!(
+        opened <= 2,
+        "60 requests opened {opened} upstream connections: the pool is not reused"
+    );
+    proxy.shutdown().await;
+}

@@ -54,6 +54,8 @@ pub struct TestBackend {
     pub addr: SocketAddr,
     pub name: String,
     pub hits: Arc<AtomicU64>,
+    /// TCP connections accepted (to check that the proxy pools them).
+    pub connections: Arc<AtomicU64>,
     pub healthy: Arc<AtomicBool>,
     tasks: Arc<std::sync::Mutex<JoinSet<()>>>,
 }
@@ -91,6 +93,7 @@ impl TestBackend {
             addr,
             name: name.into(),
             hits,
+            connections,
             healthy,
             tasks,
         }
