@@ -65,17 +65,20 @@ impl TestBackend {
         let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
         let healthy = Arc::new(AtomicBool::new(true));
         let tasks = Arc::new(std::sync::Mutex::new(JoinSet::new()));
-        let (h, ok, n, t) = (
+        let (h, ok, n, t, conns) = (
             hits.clone(),
             healthy.clone(),
             name.to_string(),
             tasks.clone(),
+            connections.clone(),
         );
         tasks.lock().unwrap().spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
+                conns.fetch_add(1, Ordering::Relaxed);
                 let (h, ok, n) = (h.clone(), ok.clone(), n.clone());
                 t.lock().unwrap().spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
