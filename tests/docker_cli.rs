@@ -228,6 +228,9 @@ fn twenty_deploys_under_continuous_load_fail_no_request() {
         2,
         "{v}"
     );
+    // The live release is recorded twice, by the proxy's route and by labels, and they agree.
+    assert_eq!(v["apps"][0]["consistent"], true, "{v}");
+    assert!(v["apps"][0]["live_release"].is_string());
 }
 
 #[test]

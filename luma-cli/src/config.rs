@@ -205,25 +205,8 @@ fn show(v: &Value) -> String {
         .unwrap_or_else(|_| kind(v).into())
 }
 
-/// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write e.g. 500ms, 5s or 1m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!(
-            "{s:?} has an unknown unit; write e.g. 500ms, 5s or 1m"
-        )),
-    }
-}
+/// Durations are written as in luma-proxy's flags: `500ms`, `2s`, `1m`, or bare seconds.
+pub use luma_proxy::util::parse_duration;
 
 /// Edit distance, for "did you mean".
 fn closest<'a>(k: &str, allowed: &[&'a str]) -> Option<&'a str> {

@@ -603,7 +603,39 @@ async fn bring_up(
             )
             .await?;
     }
+    record_live(ctx, &app.name, release).await?;
     retire_others(ctx, &app.name, release).await
+}
+
+/// Records the live release in labels (beside the proxy's route, which records it too): a
+/// created, never started marker container per app, replaced at every switch.
+async fn record_live(ctx: &Ctx<'_>, app: &str, release: &str) -> Result<(), String> {
+    let name = names::live_marker(ctx.project(), app);
+    ctx.engine.remove(&name).await?;
+    let spec = ContainerSpec {
+        name,
+        image: ctx.proxy.image.clone(),
+        cmd: Some(vec!["live-marker".into()]),
+        labels: labels(
+            ctx.project(),
+            names::ROLE_MARKER,
+            &[(names::LABEL_APP, app), (names::LABEL_RELEASE, release)],
+        ),
+        ..Default::default()
+    };
+    ctx.engine.create(&spec).await.map(|_| ())
+}
+
+/// The live release as the labels record it.
+pub async fn recorded_release(ctx: &Ctx<'_>, app: &str) -> Result<Option<String>, String> {
+    let marker = ctx
+        .engine
+        .inspect(&names::live_marker(ctx.project(), app))
+        .await?;
+    Ok(marker
+        .and_then(|m| m.config)
+        .and_then(|c| c.labels)
+        .and_then(|l| l.get(names::LABEL_RELEASE).cloned()))
 }
 
 /// Reconnects containers that carry no traffic yet with the app alias added.
@@ -755,6 +787,9 @@ pub async fn remove(ctx: &Ctx<'_>, apps: &[String], everything: bool) -> Result<
                             }
                         }
                     }
+                    ctx.engine
+                        .remove(&names::live_marker(ctx.project(), app))
+                        .await?;
                     for (rel, cs) in releases(ctx, app).await? {
                         for c in cs {
                             ctx.engine.remove(&engine::name_of(&c)).await?;
@@ -852,9 +887,12 @@ pub async fn status(ctx: &Ctx<'_>, selected: &[String]) -> Result<serde_json::Va
                 }));
             }
         }
+        let recorded = recorded_release(ctx, &app.name).await?;
         apps.push(serde_json::json!({
             "app": app.name,
             "live_release": live,
+            "recorded_release": recorded,
+            "consistent": recorded == live,
             "hosts": app.proxy.as_ref().map(|p| p.hosts.clone()).unwrap_or_default(),
             "replicas": replicas,
             "retained_releases": retained,

@@ -231,6 +231,14 @@ async fn status(ctx: &Ctx<'_>, apps: &[String], json: bool) -> Result<(), String
         v["network"].as_str().unwrap_or("")
     );
     for a in v["apps"].as_array().into_iter().flatten() {
+        if a["consistent"] == false {
+            println!(
+                "\n! app {}: the proxy routes to release {} but the labels record {}; run `luma deploy` or `luma rollback` to settle it",
+                a["app"].as_str().unwrap_or(""),
+                a["live_release"].as_str().unwrap_or("none"),
+                a["recorded_release"].as_str().unwrap_or("none")
+            );
+        }
         println!(
             "\napp {}  live release: {}  hosts: {}",
             a["app"].as_str().unwrap_or(""),

@@ -18,6 +18,7 @@ pub const ROLE_APP: &str = "app";
 pub const ROLE_SERVICE: &str = "service";
 pub const ROLE_PROXY: &str = "proxy";
 pub const ROLE_LOCK: &str = "lock";
+pub const ROLE_MARKER: &str = "live-marker";
 
 pub fn network(project: &str) -> String {
     format!("{project}-network")
@@ -44,6 +45,11 @@ pub fn release_of_target(app: &str, target: &str) -> Option<String> {
 
 pub fn image_repo(project: &str, app: &str) -> String {
     format!("{project}_{app}")
+}
+
+/// A created, never started container whose labels record an app's live release.
+pub fn live_marker(project: &str, app: &str) -> String {
+    format!("{project}_{app}_live")
 }
 
 pub fn lock_container(project: &str) -> String {

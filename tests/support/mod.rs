@@ -155,58 +155,10 @@ impl Http {
     /// GET `path` with `Host: host`; returns (status, body). Reconnects once if the pooled
     /// connection was closed.
     pub fn get(&mut self, host: &str, path: &str) -> Result<(u16, String), String> {
-        match self.try_get(host, path) {
+        match self.request("GET", host, path, "", false) {
             Ok(r) => Ok(r),
-            Err(_) => {
-                self.conn = None;
-                self.try_get(host, path)
-            }
+            Err(_) => self.request("GET", host, path, "", false),
         }
-    }
-
-    fn try_get(&mut self, host: &str, path: &str) -> Result<(u16, String), String> {
-        if self.conn.is_none() {
-            let s = TcpStream::connect(&self.addr)
-                .map_err(|e| format!("connect {}: {e}", self.addr))?;
-            s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-            s.set_nodelay(true).ok();
-            self.conn = Some(BufReader::new(s));
-        }
-        let r = self.conn.as_mut().unwrap();
-        // One write: a request head split over several segments stalls on Nagle + delayed ACK.
-        let head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
-        r.get_mut()
-            .write_all(head.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        r.read_line(&mut line).map_err(|e| e.to_string())?;
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("bad status line {line:?}"))?;
-        let mut len = 0usize;
-        let mut close = false;
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h).map_err(|e| e.to_string())?;
-            let h = h.trim_end().to_ascii_lowercase();
-            if h.is_empty() {
-                break;
-            }
-            if let Some(v) = h.strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-            if h.starts_with("connection:") && h.contains("close") {
-                close = true;
-            }
-        }
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body).map_err(|e| e.to_string())?;
-        if close {
-            self.conn = None;
-        }
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 }
 
@@ -385,12 +337,16 @@ impl Http {
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| format!("bad status line {line:?}"))?;
             let mut len = 0usize;
+            let mut server_closes = false;
             loop {
                 let mut h = String::new();
                 r.read_line(&mut h).map_err(|e| format!("read: {e}"))?;
                 let h = h.trim_end().to_ascii_lowercase();
                 if h.is_empty() {
                     break;
+                }
+                if h.starts_with("connection:") && h.contains("close") {
+                    server_closes = true;
                 }
                 if let Some(v) = h.strip_prefix("content-length:") {
                     len = v.trim().parse().unwrap_or(0);
@@ -399,8 +355,18 @@ impl Http {
             let mut b = vec![0u8; len];
             r.read_exact(&mut b)
                 .map_err(|e| format!("read body: {e}"))?;
-            Ok((status, String::from_utf8_lossy(&b).into_owned()))
+            Ok((
+                status,
+                String::from_utf8_lossy(&b).into_owned(),
+                server_closes,
+            ))
         })();
+        let res = res.map(|(status, body, server_closes)| {
+            if server_closes {
+                self.conn = None;
+            }
+            (status, body)
+        });
         if close || res.is_err() {
             self.conn = None;
         }
