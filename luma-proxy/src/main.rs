@@ -221,9 +221,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Serving is thread-per-core (see workers.rs): this thread runs worker 0 plus the admin
     // API and background checks; `serve` adds the others. Client commands need one thread.
-    let rt = tokio::runtime::Builder::new_current_thread();
-    let mut rt = rt;
-    let rt = match rt.enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("luma-proxy: cannot start the runtime: {e}");
