@@ -41,8 +41,13 @@ enum Cmd {
     /// Build and release apps with zero downtime (all apps when none are named).
     ///
     /// The release id is the git short sha (a time-based id outside git). A dirty tree is
-    /// refused unless --force.
+    /// refused unless --force. Each app: new replicas start beside the old release, the proxy
+    /// checks every one, the route switches atomically, the old release drains and is kept
+    /// stopped for `luma rollback`. A failed check leaves the old release serving.
+    ///
+    /// Examples: `luma deploy`, `luma deploy web`, `luma -c examples/basic/luma.yml deploy`.
     Deploy {
+        /// Apps to deploy (default: every app in luma.yml).
         apps: Vec<String>,
         /// Deploy even with uncommitted changes.
         #[arg(long)]
@@ -53,6 +58,7 @@ enum Cmd {
     },
     /// Live release, replicas, container state and proxy health per app; services.
     Status {
+        /// Apps to show (default: all).
         apps: Vec<String>,
         #[arg(long)]
         json: bool,
@@ -64,6 +70,7 @@ enum Cmd {
     },
     /// Take down apps (all apps, services, routes and the network when none are named).
     Remove {
+        /// Apps to remove (default: the whole project).
         apps: Vec<String>,
         /// Do not ask for confirmation.
         #[arg(long)]
@@ -71,6 +78,7 @@ enum Cmd {
     },
     /// Print an app's logs (every replica of the live release).
     Logs {
+        /// The app whose live replicas to show.
         app: String,
         #[arg(short, long)]
         follow: bool,

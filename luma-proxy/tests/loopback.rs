@@ -267,7 +267,7 @@ async fn errors_are_404_503_504_with_short_bodies() {
     let (s, body) = get(proxy.http_addr, "shop.test", "/").await;
     assert_eq!(s, 503, "{body}");
     assert!(
-        t.elapsed() < Duration::from_millis(200),
+        t.elapsed() < Duration::from_secs(1),
         "503 was slow: {:?}",
         t.elapsed()
     );
