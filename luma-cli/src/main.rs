@@ -65,7 +65,9 @@ enum Cmd {
     },
     /// Go back to a retained release (the newest earlier one by default), health-gated.
     Rollback {
+        /// The app to roll back.
         app: String,
+        /// A retained release id (see `luma status`); default: the newest earlier one.
         release: Option<String>,
     },
     /// Take down apps (all apps, services, routes and the network when none are named).
