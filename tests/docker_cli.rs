@@ -676,3 +676,52 @@ fn one_replica_release_serves_quickly_after_luma_deploy_starts() {
     times.sort();
     eprintln!("one replica, prebuilt image: `luma deploy` -> new release serving: median {:?} (min {:?}, max {:?})", times[2], times[0], times[4]);
 }
+
+#[test]
+fn setup_builds_a_missing_proxy_image_from_the_static_binary() {
+    let lab = CliLab::new("cli-setup");
+    // docker/build-images.sh leaves the static binary here; tests/run.sh runs it first.
+    let root = luma_bin().parent().unwrap().parent().unwrap().to_path_buf();
+    let binary = root.join("x86_64-unknown-linux-gnu/release/luma-proxy");
+    assert!(
+        binary.exists(),
+        "{} is missing: run docker/build-images.sh",
+        binary.display()
+    );
+    let image = format!("{}-proxy-image:test", lab.prefix);
+    let host = format!("shop.{}.test", lab.prefix);
+    let (dir, _) = lab.project("shop", &app_yaml(&host, ""));
+    let env = [
+        ("LUMA_PROXY_IMAGE", image.as_str()),
+        ("LUMA_PROXY_BINARY", binary.to_str().unwrap()),
+    ];
+    let (ok, _, err) = lab.luma_env(&dir, &["setup"], &env);
+    let cleanup = || {
+        let _ = docker(&["rm", "-f", "-v", &lab.proxy]);
+        let _ = docker(&["rmi", "-f", &image]);
+    };
+    if !ok {
+        cleanup();
+        panic!("setup could not build the proxy image: {err}");
+    }
+    let built = docker(&["image", "inspect", "--format", "{{.Id}}", &image]);
+    let running = docker(&[
+        "inspect",
+        "--format",
+        "{{.State.Running}} {{.Config.Image}}",
+        &lab.proxy,
+    ]);
+    // A dynamically linked binary is refused with a clear reason.
+    let (ok2, _, err2) = lab.luma_env(
+        &dir,
+        &["setup"],
+        &[
+            ("LUMA_PROXY_IMAGE", "lumait-never-built:x"),
+            ("LUMA_PROXY_BINARY", luma_bin().to_str().unwrap()),
+        ],
+    );
+    cleanup();
+    assert!(built.is_ok(), "no image {image}");
+    assert_eq!(running.unwrap(), format!("true {image}"));
+    assert!(!ok2 && err2.contains("not a statically linked"), "{err2}");
+}

@@ -81,15 +81,96 @@ impl ProxySettings {
     }
 }
 
-/// Makes sure the proxy image is on the engine: nothing is pulled from a registry.
+/// The proxy's Dockerfile, shared with `docker/build-images.sh`.
+const PROXY_DOCKERFILE: &str = include_str!("../../docker/luma-proxy.Dockerfile");
+
+/// Makes sure the proxy image is on the engine without a registry: it is there already, or it
+/// is built on the engine from a statically linked `luma-proxy` binary (`LUMA_PROXY_BINARY`, or
+/// the one installed beside `luma`).
 pub async fn ensure_image(engine: &Engine, s: &ProxySettings) -> Result<(), String> {
     if engine.image_exists(&s.image).await? {
         return Ok(());
     }
-    Err(format!(
-        "the proxy image {} is not on this engine and no registry is used; build it with `docker/build-images.sh` (or set proxy.image in luma.yml / LUMA_PROXY_IMAGE)",
-        s.image
-    ))
+    let binary = std::env::var_os("LUMA_PROXY_BINARY")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()?
+                .parent()
+                .map(|d| d.join("luma-proxy"))
+        })
+        .filter(|p| p.is_file());
+    let Some(binary) = binary else {
+        return Err(format!(
+            "the proxy image {} is not on this engine and no registry is used; build it with `docker/build-images.sh`, put a static `luma-proxy` beside `luma` (or set LUMA_PROXY_BINARY), or set proxy.image / LUMA_PROXY_IMAGE",
+            s.image
+        ));
+    };
+    let bytes = std::fs::read(&binary).map_err(|e| format!("read {}: {e}", binary.display()))?;
+    if !is_static_elf(&bytes) {
+        return Err(format!(
+            "{} is not a statically linked Linux binary, so it cannot run in the FROM-scratch proxy image; build one with docker/build-images.sh",
+            binary.display()
+        ));
+    }
+    let context = proxy_context(&bytes).map_err(|e| format!("proxy build context: {e}"))?;
+    let spec = crate::engine::BuildSpec {
+        tag: s.image.clone(),
+        dockerfile: "Dockerfile".into(),
+        args: HashMap::new(),
+        target: None,
+        platform: None,
+        labels: HashMap::from([(names::LABEL_ROLE.to_string(), names::ROLE_PROXY.to_string())]),
+    };
+    engine.build(context, &spec, |_| {}).await
+}
+
+/// A tar with the Dockerfile, the binary and the empty state directory.
+fn proxy_context(binary: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, mode: u32, data: &[u8], kind: tar::EntryType| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data)
+    };
+    add(
+        "Dockerfile",
+        0o644,
+        PROXY_DOCKERFILE.as_bytes(),
+        tar::EntryType::Regular,
+    )?;
+    add("luma-proxy", 0o755, binary, tar::EntryType::Regular)?;
+    add("state/", 0o755, &[], tar::EntryType::Directory)?;
+    tar.into_inner()
+}
+
+/// An x86-64/aarch64 ELF executable with no program interpreter (`PT_INTERP`) is static.
+pub fn is_static_elf(b: &[u8]) -> bool {
+    let u16_at = |o: usize| {
+        b.get(o..o + 2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+    };
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let u64_at = |o: usize| {
+        b.get(o..o + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..phnum).all(|i| u32_at(phoff as usize + i * phentsize) != Some(3))
 }
 
 /// Starts the proxy if it is missing or stopped, then waits for its admin API. A newly created
@@ -217,4 +298,25 @@ pub async fn check_ports_free(engine: &Engine, ports: &[u16], except: &str) -> R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_static_from_dynamic_binaries() {
+        // The test binary itself is dynamically linked; /bin/sh too. Garbage is neither.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(!is_static_elf(&me));
+        assert!(!is_static_elf(b"#!/bin/sh\necho hi\n"));
+        let ctx = proxy_context(b"\x7fELF-not-really").unwrap();
+        let mut names: Vec<String> = tar::Archive::new(&ctx[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["Dockerfile", "luma-proxy", "state/"]);
+    }
 }

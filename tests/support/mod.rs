@@ -246,6 +246,16 @@ impl CliLab {
 
     /// Runs `luma -c <dir>/luma.yml ARGS`; returns (success, stdout, stderr).
     pub fn luma(&self, dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+        self.luma_env(dir, args, &[])
+    }
+
+    /// Like [`CliLab::luma`], with extra environment variables (they win over the defaults).
+    pub fn luma_env(
+        &self,
+        dir: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (bool, String, String) {
         let out = Command::new(luma_bin())
             .arg("-c")
             .arg(dir.join("luma.yml"))
@@ -254,6 +264,7 @@ impl CliLab {
             .env("LUMA_PROXY_IMAGE", proxy_image())
             .env("LUMA_HTTP_PORT", format!("127.0.0.1:{}", self.http_port))
             .env("LUMA_HTTPS_PORT", format!("127.0.0.1:{}", self.https_port))
+            .envs(env.iter().copied())
             .output()
             .expect("run luma");
         (
