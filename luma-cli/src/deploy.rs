@@ -492,6 +492,7 @@ async fn bring_up(
     let deadline = format!("{}ms", app.health.deadline.as_millis());
     let interval = format!("{}ms", app.health.interval.as_millis().max(50));
     let timeout = format!("{}ms", app.health.timeout.as_millis().max(10));
+    // Step 3: nothing reaches the new replicas yet; check them.
     if let Some(route) = &app.proxy {
         let target = format!("{alias}:{}", route.app_port);
         let n = containers.len();
@@ -529,12 +530,35 @@ async fn bring_up(
                 },
             )
             .await?;
+    } else {
         ctx.ui
-            .step(
-                format!("give the new replicas the alias {}", app.name),
-                realias(ctx, containers, &app.name, &alias),
-            )
+            .step("check the new replicas keep running", async {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                for c in containers {
+                    let running = ctx
+                        .engine
+                        .inspect(c)
+                        .await?
+                        .and_then(|i| i.state?.running)
+                        .unwrap_or(false);
+                    if !running {
+                        return Err(format!("{c} exited right after starting"));
+                    }
+                }
+                Ok(())
+            })
             .await?;
+    }
+    // Step 4: they still carry no traffic, so reconnecting them with the app alias is safe.
+    ctx.ui
+        .step(
+            format!("give the new replicas the alias {}", app.name),
+            realias(ctx, containers, &app.name, &alias),
+        )
+        .await?;
+    // Step 5: the proxy re-checks, switches and drains the old release.
+    if let Some(route) = &app.proxy {
+        let target = format!("{alias}:{}", route.app_port);
         let mut args: Vec<String> = vec![
             "deploy".into(),
             "--json".into(),
@@ -576,30 +600,6 @@ async fn bring_up(
                         .await
                         .map(|_| ())
                 },
-            )
-            .await?;
-    } else {
-        ctx.ui
-            .step("check the new replicas keep running", async {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                for c in containers {
-                    let running = ctx
-                        .engine
-                        .inspect(c)
-                        .await?
-                        .and_then(|i| i.state?.running)
-                        .unwrap_or(false);
-                    if !running {
-                        return Err(format!("{c} exited right after starting"));
-                    }
-                }
-                Ok(())
-            })
-            .await?;
-        ctx.ui
-            .step(
-                format!("give the new replicas the alias {}", app.name),
-                realias(ctx, containers, &app.name, &alias),
             )
             .await?;
     }
