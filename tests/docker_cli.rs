@@ -15,8 +15,8 @@ fn body_json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
 }
 
-/// IPs of a project's running app containers on its network.
-fn running_ips(project: &str) -> Vec<String> {
+/// Ids of a project's running app containers.
+fn running_app_ids(project: &str) -> Vec<String> {
     let ids = docker(&[
         "ps",
         "-q",
@@ -26,19 +26,15 @@ fn running_ips(project: &str) -> Vec<String> {
         "label=luma.role=app",
     ])
     .unwrap();
-    let mut ips: Vec<String> = ids
-        .lines()
-        .map(|id| {
-            docker(&[
-                "inspect",
-                "--format",
-                &format!(
-                    "{{{{(index .NetworkSettings.Networks \"{project}-network\").IPAddress}}}}"
-                ),
-                id,
-            ])
-            .unwrap()
-        })
+    ids.lines().map(str::to_string).collect()
+}
+
+/// IPs of a project's running app containers on its network.
+fn running_ips(project: &str) -> Vec<String> {
+    let fmt = format!("{{{{(index .NetworkSettings.Networks \"{project}-network\").IPAddress}}}}");
+    let mut ips: Vec<String> = running_app_ids(project)
+        .iter()
+        .map(|id| docker(&["inspect", "--format", &fmt, id]).unwrap())
         .collect();
     ips.sort();
     ips
@@ -322,17 +318,9 @@ fn a_release_that_fails_its_health_check_changes_nothing_and_rollback_works() {
         body_json(&http.get(&host, "/").unwrap().1)["release"].as_str(),
         Some(live.as_str())
     );
-    let running = docker(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=luma.project={project}"),
-        "--filter",
-        "label=luma.role=app",
-    ])
-    .unwrap();
+    let running = running_app_ids(&project);
     assert_eq!(
-        running.lines().count(),
+        running.len(),
         1,
         "a container of the failed release is left running"
     );

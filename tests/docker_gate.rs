@@ -2,7 +2,6 @@
 //! and leaves the old release serving; healthy replicas share the load.
 
 use luma_integration_tests::*;
-use std::time::Duration;
 
 #[test]
 fn a_deploy_to_an_unhealthy_release_changes_nothing_and_replicas_share_load() {
@@ -10,23 +9,8 @@ fn a_deploy_to_an_unhealthy_release_changes_nothing_and_replicas_share_load() {
     let shop = lab.name("shop");
     let net = lab.network(&format!("{shop}-network"));
     lab.demo(&lab.name("web-1"), &net, "web-v1", "shop");
-    let proxy = lab.run(
-        &lab.name("proxy"),
-        &[
-            "--network",
-            &net,
-            "-p",
-            "127.0.0.1::8080",
-            &proxy_image(),
-            "serve",
-            "--no-access-log",
-        ],
-    );
+    let proxy = lab.proxy(&net);
     let addr = lab.published(&proxy, "8080/tcp");
-    wait_for(Duration::from_secs(10), || {
-        lab.proxy_cli(&proxy, &["status"]).ok()
-    })
-    .expect("admin API");
     lab.proxy_cli(
         &proxy,
         &[
@@ -50,19 +34,12 @@ fn a_deploy_to_an_unhealthy_release_changes_nothing_and_replicas_share_load() {
         } else {
             "DEMO_UNHEALTHY=0"
         };
-        lab.run(
+        lab.demo_with(
             &lab.name(&format!("v2-{i}")),
-            &[
-                "--network",
-                &net,
-                "--network-alias",
-                "web-v2",
-                "-e",
-                env,
-                "-e",
-                "LUMA_PROJECT=shop",
-                &demo_image(),
-            ],
+            &net,
+            "web-v2",
+            "shop",
+            &[env],
         );
     }
     let err = lab
@@ -95,18 +72,7 @@ fn a_deploy_to_an_unhealthy_release_changes_nothing_and_replicas_share_load() {
 
     // Heal it through the proxy's own network path and deploy again: each replica gets a share.
     docker(&["rm", "-f", "-v", &lab.name("v2-2")]).unwrap();
-    lab.run(
-        &lab.name("v2-2b"),
-        &[
-            "--network",
-            &net,
-            "--network-alias",
-            "web-v2",
-            "-e",
-            "LUMA_PROJECT=shop",
-            &demo_image(),
-        ],
-    );
+    lab.demo(&lab.name("v2-2b"), &net, "web-v2", "shop");
     lab.proxy_cli(
         &proxy,
         &[

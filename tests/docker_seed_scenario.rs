@@ -54,26 +54,10 @@ fn two_projects_with_the_same_app_name_never_see_each_other() {
 
     lab.demo(&lab.name("alpha-web"), &alpha_net, "web", "alpha");
     lab.demo(&lab.name("beta-web"), &beta_net, "web", "beta");
-    let proxy = lab.run(
-        &lab.name("proxy"),
-        &[
-            "--network",
-            &alpha_net,
-            "-p",
-            "127.0.0.1::8080",
-            &proxy_image(),
-            "serve",
-            "--no-access-log",
-        ],
-    );
+    let proxy = lab.proxy(&alpha_net);
     docker(&["network", "connect", &beta_net, &proxy]).unwrap();
     let addr = lab.published(&proxy, "8080/tcp");
 
-    // The admin API answers once the proxy is up.
-    wait_for(Duration::from_secs(10), || {
-        lab.proxy_cli(&proxy, &["status"]).ok()
-    })
-    .expect("proxy admin API never came up");
     let out = lab
         .proxy_cli(
             &proxy,

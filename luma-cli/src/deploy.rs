@@ -164,6 +164,43 @@ fn fingerprint(parts: &[String]) -> String {
     format!("{h:016x}")
 }
 
+/// Creates and starts the container of an app replica or a service: the entry's command,
+/// ports, volumes and restart policy, in the project network under `alias` only. A container
+/// that fails to start is removed again.
+async fn run_entry(
+    ctx: &Ctx<'_>,
+    e: &Entry,
+    name: &str,
+    image: &str,
+    env: &[String],
+    labels: HashMap<String, String>,
+    alias: &str,
+) -> Result<(), String> {
+    let spec = ContainerSpec {
+        name: name.to_string(),
+        image: image.to_string(),
+        env: env.to_vec(),
+        labels,
+        cmd: e.command.clone(),
+        network: Some((ctx.network(), vec![alias.to_string()])),
+        ports: e
+            .ports
+            .iter()
+            .map(|p| crate::config::parse_port(p))
+            .collect::<Result<_, _>>()?,
+        binds: e.volumes.clone(),
+        restart_unless_stopped: true,
+    };
+    if !ctx.engine.create(&spec).await? {
+        return Err(format!("container {name} already exists"));
+    }
+    if let Err(err) = ctx.engine.start(name).await {
+        let _ = ctx.engine.remove(name).await;
+        return Err(err);
+    }
+    Ok(())
+}
+
 fn env_of(ctx: &Ctx<'_>, e: &Entry, release: &str) -> Result<Vec<String>, String> {
     let mut env: Vec<String> = vec![
         format!("LUMA_PROJECT={}", ctx.project()),
@@ -262,32 +299,15 @@ async fn ensure_service(ctx: &Ctx<'_>, svc: &Entry) -> Result<(), String> {
                 ctx.engine.stop(&name, 30).await?;
                 ctx.engine.remove(&name).await?;
             }
-            let spec = ContainerSpec {
-                name: name.clone(),
-                image,
-                env,
-                labels: labels(
-                    ctx.project(),
-                    names::ROLE_SERVICE,
-                    &[
-                        (names::LABEL_APP, &svc.name),
-                        (names::LABEL_FINGERPRINT, &fp),
-                    ],
-                ),
-                cmd: svc.command.clone(),
-                network: Some((ctx.network(), vec![svc.name.clone()])),
-                ports: svc
-                    .ports
-                    .iter()
-                    .map(|p| crate::config::parse_port(p))
-                    .collect::<Result<_, _>>()?,
-                binds: svc.volumes.clone(),
-                restart_unless_stopped: true,
-            };
-            if !ctx.engine.create(&spec).await? {
-                return Err(format!("container {name} already exists"));
-            }
-            ctx.engine.start(&name).await
+            let labels = labels(
+                ctx.project(),
+                names::ROLE_SERVICE,
+                &[
+                    (names::LABEL_APP, &svc.name),
+                    (names::LABEL_FINGERPRINT, &fp),
+                ],
+            );
+            run_entry(ctx, svc, &name, &image, &env, labels, &svc.name).await
         })
         .await
 }
@@ -415,34 +435,17 @@ async fn deploy_app(ctx: &Ctx<'_>, app: &Entry, release: &str) -> Result<(), Str
             for i in 1..=app.replicas {
                 let name = names::app_container(ctx.project(), &app.name, release, i);
                 let replica = i.to_string();
-                let spec = ContainerSpec {
-                    name: name.clone(),
-                    image: image.clone(),
-                    env: env.clone(),
-                    labels: labels(
-                        ctx.project(),
-                        names::ROLE_APP,
-                        &[
-                            (names::LABEL_APP, &app.name),
-                            (names::LABEL_RELEASE, release),
-                            (names::LABEL_REPLICA, &replica),
-                        ],
-                    ),
-                    cmd: app.command.clone(),
-                    network: Some((ctx.network(), vec![alias.clone()])),
-                    ports: app
-                        .ports
-                        .iter()
-                        .map(|p| crate::config::parse_port(p))
-                        .collect::<Result<_, _>>()?,
-                    binds: app.volumes.clone(),
-                    restart_unless_stopped: true,
-                };
-                if !ctx.engine.create(&spec).await? {
-                    return Err(format!("container {name} already exists"));
-                }
+                let labels = labels(
+                    ctx.project(),
+                    names::ROLE_APP,
+                    &[
+                        (names::LABEL_APP, &app.name),
+                        (names::LABEL_RELEASE, release),
+                        (names::LABEL_REPLICA, &replica),
+                    ],
+                );
+                run_entry(ctx, app, &name, &image, &env, labels, &alias).await?;
                 created.push(name.clone());
-                ctx.engine.start(&name).await?;
             }
             Ok(())
         })

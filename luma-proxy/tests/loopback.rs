@@ -24,11 +24,7 @@ async fn switching_a_route_100_times_under_load_loses_no_request() {
     ];
     let blue_addrs: Vec<_> = blue.iter().map(|b| b.addr).collect();
     let green_addrs: Vec<_> = green.iter().map(|b| b.addr).collect();
-    proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &blue_addrs)))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &blue_addrs).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
@@ -59,11 +55,7 @@ async fn switching_a_route_100_times_under_load_loses_no_request() {
         } else {
             &blue_addrs
         };
-        let out = proxy
-            .deployer
-            .deploy(deploy_req(route("shop", "shop.test", addrs)))
-            .await
-            .unwrap();
+        let out = deploy_route(&proxy, "shop", "shop.test", addrs).await;
         assert_eq!(out.drain.as_ref().unwrap().cut, 0, "drain cut requests");
     }
     let switching = started.elapsed();
@@ -98,21 +90,13 @@ async fn deploy_drains_slow_in_flight_requests_before_replying() {
     let proxy = start_proxy("drain").await;
     let old = TestBackend::start("127.0.0.2", "old").await;
     let new = TestBackend::start("127.0.0.3", "new").await;
-    proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &[old.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &[old.addr]).await;
 
     let addr = proxy.http_addr;
     let slow = tokio::spawn(async move { get(addr, "shop.test", "/slow?ms=1500").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
-    let out = proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &[new.addr])))
-        .await
-        .unwrap();
+    let out = deploy_route(&proxy, "shop", "shop.test", &[new.addr]).await;
     let deploy_took = t.elapsed();
     // New requests go to the new release at once, while the slow one is still running.
     let (status, body) = slow.await.unwrap();
@@ -133,11 +117,7 @@ async fn a_sent_post_is_never_replayed_but_a_get_is_retried_once() {
     let proxy = start_proxy("retry").await;
     let d1 = DroppingBackend::start("127.0.0.2").await;
     let d2 = DroppingBackend::start("127.0.0.3").await;
-    proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &[d1.addr, d2.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &[d1.addr, d2.addr]).await;
     let swallowed = || d1.swallowed.load(Ordering::Relaxed) + d2.swallowed.load(Ordering::Relaxed);
 
     let (status, _) = request(proxy.http_addr, "POST", "shop.test", "/order", "pay-once").await;
@@ -165,15 +145,7 @@ async fn posts_to_a_half_broken_route_are_each_delivered_at_most_once() {
     let proxy = start_proxy("post-once").await;
     let good = TestBackend::start("127.0.0.2", "good").await;
     let bad = DroppingBackend::start("127.0.0.3").await;
-    proxy
-        .deployer
-        .deploy(deploy_req(route(
-            "shop",
-            "shop.test",
-            &[good.addr, bad.addr],
-        )))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &[good.addr, bad.addr]).await;
     let mut ok = 0;
     for _ in 0..40 {
         match request(proxy.http_addr, "POST", "shop.test", "/", "x")
@@ -201,11 +173,7 @@ async fn a_killed_replica_fails_no_get_and_is_marked_down() {
     let proxy = start_proxy("kill").await;
     let a = TestBackend::start("127.0.0.2", "a").await;
     let b = TestBackend::start("127.0.0.3", "b").await;
-    proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &[a.addr, b.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &[a.addr, b.addr]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let workers: Vec<_> = (0..4)
@@ -285,11 +253,7 @@ async fn a_failing_deploy_leaves_the_route_unchanged_and_says_why_per_backend() 
     let sick = TestBackend::start("127.0.0.3", "sick").await;
     let fine = TestBackend::start("127.0.0.4", "fine").await;
     sick.healthy.store(false, Ordering::Relaxed);
-    proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &[live.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &[live.addr]).await;
     let mut req = deploy_req(route("shop", "shop.test", &[sick.addr, fine.addr]));
     req.deploy_timeout_ms = Some(800);
     let err = proxy.deployer.deploy(req).await.unwrap_err();
@@ -311,11 +275,7 @@ async fn hosts_belong_to_one_project() {
     let proxy = start_proxy("owner").await;
     let a = TestBackend::start("127.0.0.2", "alpha").await;
     let b = TestBackend::start("127.0.0.3", "beta").await;
-    proxy
-        .deployer
-        .deploy(deploy_req(route("alpha", "shared.test", &[a.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "alpha", "shared.test", &[a.addr]).await;
     let err = proxy
         .deployer
         .deploy(deploy_req(route("beta", "shared.test", &[b.addr])))
@@ -334,11 +294,7 @@ async fn hosts_belong_to_one_project() {
 async fn forwards_headers_and_strips_hop_by_hop() {
     let proxy = start_proxy("headers").await;
     let b = TestBackend::start("127.0.0.2", "b").await;
-    proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &[b.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &[b.addr]).await;
     let mut s = tokio::net::TcpStream::connect(proxy.http_addr)
         .await
         .unwrap();
@@ -363,11 +319,7 @@ async fn websocket_upgrades_pass_through_and_end_after_drain() {
     let proxy = start_proxy("ws").await;
     let b = TestBackend::start("127.0.0.2", "b").await;
     let other = TestBackend::start("127.0.0.3", "other").await;
-    proxy
-        .deployer
-        .deploy(deploy_req(route("chat", "chat.test", &[b.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "chat", "chat.test", &[b.addr]).await;
     let mut s = tokio::net::TcpStream::connect(proxy.http_addr)
         .await
         .unwrap();
@@ -399,11 +351,7 @@ async fn websocket_upgrades_pass_through_and_end_after_drain() {
 async fn serves_http2_with_prior_knowledge() {
     let proxy = start_proxy("h2").await;
     let b = TestBackend::start("127.0.0.2", "b").await;
-    proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &[b.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &[b.addr]).await;
     assert_eq!(
         get_h2(proxy.http_addr, "shop.test", "/").await,
         (200, "b 0".into())
@@ -515,11 +463,7 @@ async fn admin_api_needs_the_token_and_routes_survive_a_restart() {
 async fn shutdown_finishes_in_flight_requests_and_remove_drains() {
     let proxy = start_proxy("sigterm").await;
     let b = TestBackend::start("127.0.0.2", "b").await;
-    proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &[b.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &[b.addr]).await;
     let addr = proxy.http_addr;
     let slow = tokio::spawn(async move { get(addr, "shop.test", "/slow?ms=800").await });
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -538,11 +482,7 @@ async fn shutdown_finishes_in_flight_requests_and_remove_drains() {
     assert_eq!(slow.await.unwrap().0, 200);
     assert_eq!(get(addr, "shop.test", "/").await.0, 404);
 
-    proxy
-        .deployer
-        .deploy(deploy_req(route("shop", "shop.test", &[b.addr])))
-        .await
-        .unwrap();
+    deploy_route(&proxy, "shop", "shop.test", &[b.addr]).await;
     let slow = tokio::spawn(async move { get(addr, "shop.test", "/slow?ms=800").await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     proxy.shutdown().await;

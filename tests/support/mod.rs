@@ -83,19 +83,56 @@ impl Lab {
 
     /// A demo backend in `network` with `alias`, reporting `project`.
     pub fn demo(&self, name: &str, network: &str, alias: &str, project: &str) -> String {
-        let env = format!("LUMA_PROJECT={project}");
-        self.run(
-            name,
+        self.demo_with(name, network, alias, project, &[])
+    }
+
+    /// A demo backend with extra `KEY=VALUE` environment (e.g. `DEMO_UNHEALTHY=1`).
+    pub fn demo_with(
+        &self,
+        name: &str,
+        network: &str,
+        alias: &str,
+        project: &str,
+        env: &[&str],
+    ) -> String {
+        let project_env = format!("LUMA_PROJECT={project}");
+        let mut args = vec![
+            "--network",
+            network,
+            "--network-alias",
+            alias,
+            "-e",
+            &project_env,
+        ];
+        for e in env {
+            args.extend(["-e", e]);
+        }
+        let image = demo_image();
+        args.push(&image);
+        self.run(name, &args)
+    }
+
+    /// The proxy image on `network`, port 8080 published on 127.0.0.1; returns once its admin
+    /// API answers. The container is named `<prefix>-proxy`.
+    pub fn proxy(&self, network: &str) -> String {
+        let image = proxy_image();
+        let proxy = self.run(
+            &self.name("proxy"),
             &[
                 "--network",
                 network,
-                "--network-alias",
-                alias,
-                "-e",
-                &env,
-                &demo_image(),
+                "-p",
+                "127.0.0.1::8080",
+                &image,
+                "serve",
+                "--no-access-log",
             ],
-        )
+        );
+        wait_for(Duration::from_secs(10), || {
+            self.proxy_cli(&proxy, &["status"]).ok()
+        })
+        .expect("the proxy's admin API never came up");
+        proxy
     }
 
     /// `docker exec CONTAINER luma-proxy ARGS...`

@@ -237,6 +237,21 @@ pub fn deploy_req(route: RouteSpec) -> DeployRequest {
     }
 }
 
+/// Deploys `project`'s app `web` on `host` to literal backend addresses, through the deploy
+/// contract, and panics if the gate refuses it.
+pub async fn deploy_route(
+    proxy: &RunningProxy,
+    project: &str,
+    host: &str,
+    addrs: &[SocketAddr],
+) -> luma_proxy::deploy::DeployOutcome {
+    proxy
+        .deployer
+        .deploy(deploy_req(route(project, host, addrs)))
+        .await
+        .unwrap_or_else(|e| panic!("deploy {project} on {host}: {e}"))
+}
+
 /// One request on a fresh connection: (status, body).
 pub async fn request(
     proxy: SocketAddr,
