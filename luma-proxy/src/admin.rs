@@ -5,15 +5,22 @@
 //! | POST   | /v1/deploy    | `DeployRequest`     | the deploy contract (see `deploy`)       |
 //! | POST   | /v1/check     | `CheckRequest`      | health-check a target without switching  |
 //! | POST   | /v1/remove    | `RemoveRequest`     | remove a route and drain it              |
-//! | POST   | /v1/flush     | `{"project": "p"}`  | re-resolve a project's routes now        |
+//! | POST   | /v1/flush     | `FlushRequest`      | re-resolve a project's routes now        |
+//! | POST   | /v1/route     | `RouteQuery`        | one route, once no operation runs on it  |
 //! | GET    | /v1/routes    |                     | routes with per-backend health           |
 //! | GET    | /v1/status    |                     | version, uptime, counts                  |
 //! | GET    | /metrics      |                     | Prometheus text                          |
 //!
-//! The `luma-proxy` binary is the client of this API, so `docker exec <proxy> luma-proxy …` is
-//! all the CLI needs; the proxy never needs docker.sock.
+//! Request and reply types are `luma-api`'s; an error is an `ApiError` whose `kind` tells a
+//! refusal (nothing changed) from everything else. Each operation runs in a task of its own:
+//! once accepted it finishes (swap, save, drain, retire) even if the caller goes away, so an
+//! interrupted `docker exec` can never leave a switch half done.
+//!
+//! The `luma-proxy` binary is the client of this API (`luma-proxy call` reads one
+//! `luma_api::Request` on stdin), so `docker exec -i <proxy> luma-proxy call` is all the CLI
+//! needs; the proxy never needs docker.sock.
 
-use crate::deploy::{CheckRequest, DeployError, DeployRequest, Deployer, RemoveRequest};
+use crate::deploy::Deployer;
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -21,7 +28,9 @@ use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use luma_api::{ApiError, ErrorKind, FlushReply, RouteState, RoutesReply, StatusReply};
 use serde::de::DeserializeOwned;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -67,88 +76,130 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
-    json(status, &serde_json::json!({"error": msg.into()}))
+fn error(e: &ApiError) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json(status, &serde_json::to_value(e).unwrap_or_default())
+}
+
+fn invalid(msg: impl Into<String>) -> Response<Full<Bytes>> {
+    error(&ApiError::new(ErrorKind::Invalid, msg))
 }
 
 async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Full<Bytes>>> {
     let bytes = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read body (max 1 MiB): {e}"),
-            )
-        })?
+        .map_err(|e| invalid(format!("cannot read body (max 1 MiB): {e}")))?
         .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| invalid(format!("invalid JSON body: {e}")))
 }
 
-fn outcome<T: serde::Serialize>(r: Result<T, DeployError>) -> Response<Full<Bytes>> {
+fn reply<T: serde::Serialize>(r: Result<T, ApiError>) -> Response<Full<Bytes>> {
     match r {
         Ok(v) => json(StatusCode::OK, &serde_json::to_value(v).unwrap_or_default()),
-        Err(e) => json(e.status(), &e.to_json()),
+        Err(e) => error(&e),
     }
+}
+
+/// Runs an operation in a task of its own and waits for it. If the caller disconnects, this
+/// future is dropped but the task is not: the operation still finishes.
+async fn detached<T, F>(ctx: &AdminCtx, req: Request<Incoming>, op: F) -> Response<Full<Bytes>>
+where
+    T: DeserializeOwned,
+    F: FnOnce(
+        Arc<Deployer>,
+        T,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>,
+{
+    let input = match body::<T>(req).await {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    let task = tokio::spawn(op(ctx.deployer.clone(), input));
+    task.await.unwrap_or_else(|e| {
+        error(&ApiError::new(
+            ErrorKind::Internal,
+            format!("operation task failed: {e}"),
+        ))
+    })
 }
 
 async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let auth = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
     if !crate::token::authorized(auth, &ctx.token) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        return error(&ApiError::new(
+            ErrorKind::Unauthorized,
+            "missing or wrong bearer token",
+        ));
     }
     let d = &ctx.deployer;
     match (req.method().clone(), req.uri().path()) {
-        (Method::POST, "/v1/deploy") => match body::<DeployRequest>(req).await {
-            Ok(r) => outcome(d.deploy(r).await),
+        (Method::POST, "/v1/deploy") => {
+            detached(ctx, req, |d, r| {
+                Box::pin(async move { reply(d.deploy(r).await) })
+            })
+            .await
+        }
+        (Method::POST, "/v1/check") => {
+            detached(ctx, req, |d, r| {
+                Box::pin(async move { reply(d.check(r).await) })
+            })
+            .await
+        }
+        (Method::POST, "/v1/remove") => {
+            detached(ctx, req, |d, r| {
+                Box::pin(async move { reply(d.remove(r).await) })
+            })
+            .await
+        }
+        (Method::POST, "/v1/route") => {
+            detached(ctx, req, |d, r| {
+                Box::pin(async move { reply(d.settled(r).await) })
+            })
+            .await
+        }
+        (Method::POST, "/v1/flush") => match body::<luma_api::FlushRequest>(req).await {
+            Ok(r) => reply(Ok(FlushReply {
+                routes_refreshed: d.flush(&r.project),
+                project: r.project,
+            })),
             Err(resp) => resp,
         },
-        (Method::POST, "/v1/check") => match body::<CheckRequest>(req).await {
-            Ok(r) => outcome(d.check(r).await),
-            Err(resp) => resp,
-        },
-        (Method::POST, "/v1/remove") => match body::<RemoveRequest>(req).await {
-            Ok(r) => outcome(d.remove(r).await),
-            Err(resp) => resp,
-        },
-        (Method::POST, "/v1/flush") => match body::<serde_json::Value>(req).await {
-            Ok(v) => match v.get("project").and_then(|p| p.as_str()) {
-                Some(p) => json(
-                    StatusCode::OK,
-                    &serde_json::json!({"project": p, "routes_refreshed": d.flush(p)}),
-                ),
-                None => error(
-                    StatusCode::BAD_REQUEST,
-                    "body must be {\"project\": \"NAME\"}",
-                ),
-            },
-            Err(resp) => resp,
-        },
-        (Method::GET, "/v1/routes") => {
-            let routes: Vec<_> = d
+        (Method::GET, "/v1/routes") => reply(Ok(RoutesReply {
+            routes: d
                 .router
                 .services()
                 .iter()
-                .map(|s| serde_json::json!({"route": s.spec, "backends": s.reports()}))
-                .collect();
-            json(StatusCode::OK, &serde_json::json!({"routes": routes}))
-        }
+                .map(|s| RouteState {
+                    route: s.spec.clone(),
+                    backends: s.reports(),
+                })
+                .collect(),
+        })),
         (Method::GET, "/v1/status") => {
             let services = d.router.services();
-            json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "uptime_s": ctx.started.elapsed().as_secs(),
-                    "routes": services.len(),
-                    "backends": services.iter().map(|s| s.balancer.backends().len()).sum::<usize>(),
-                    "healthy_backends": services.iter().map(|s| s.balancer.backends().iter().filter(|b| b.is_healthy()).count()).sum::<usize>(),
-                    "inflight": services.iter().map(|s| s.inflight()).sum::<usize>(),
-                    "connections_open": ctx.metrics.connections_open.load(std::sync::atomic::Ordering::Relaxed),
-                    "requests_total": ctx.metrics.requests_total(),
-                }),
-            )
+            reply(Ok(StatusReply {
+                version: env!("CARGO_PKG_VERSION").into(),
+                uptime_s: ctx.started.elapsed().as_secs(),
+                routes: services.len(),
+                backends: services.iter().map(|s| s.balancer.backends().len()).sum(),
+                healthy_backends: services
+                    .iter()
+                    .map(|s| {
+                        s.balancer
+                            .backends()
+                            .iter()
+                            .filter(|b| b.is_healthy())
+                            .count()
+                    })
+                    .sum(),
+                inflight: services.iter().map(|s| s.inflight()).sum(),
+                connections_open: ctx
+                    .metrics
+                    .connections_open
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                requests_total: ctx.metrics.requests_total(),
+            }))
         }
         (Method::GET, "/metrics") => {
             let mut out = String::new();
@@ -175,9 +226,9 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> 
             );
             r
         }
-        (_, path) => error(
-            StatusCode::NOT_FOUND,
+        (_, path) => error(&ApiError::new(
+            ErrorKind::NotFound,
             format!("no admin endpoint {path}; see `luma-proxy --help`"),
-        ),
+        )),
     }
 }

@@ -2,144 +2,41 @@
 //!
 //! `deploy(route)`:
 //! 1. validate the route and refuse hosts that belong to another project (409, holder keeps them);
-//! 2. take the route's deploy lock (two deploys of one route never interleave);
+//! 2. take the route's deploy lock (two deploys of one route never interleave); an identical
+//!    repeat of what is live answers at once with `already_live` and changes nothing, so a
+//!    caller that lost a reply can simply ask again;
 //! 3. resolve the new target in its project's network into fresh backends;
 //! 4. health-check every one of them on its own until all pass or the deploy timeout (30 s)
 //!    ends; if any fails, nothing changes and the error lists the reason per backend (422);
-//! 5. switch the route in one atomic swap of the table, and save the table;
-//! 6. drain: wait until the old release's in-flight requests finish (drain timeout, 30 s), then
-//!    retire it (idle connections close, WebSocket tunnels end) and reply.
+//! 5. save the table with the new route, then switch it in one atomic swap. The save comes
+//!    first: if it fails, nothing is switched (500 `not_saved`), so a restart can never restore
+//!    a release that the caller has since stopped;
+//! 6. drain: wait until every request that saw the old route finishes (drain timeout, 30 s),
+//!    then retire it (idle connections close, WebSocket tunnels end) and reply.
 //!
 //! When the reply arrives, the old containers carry no proxy traffic and may be disconnected
-//! and stopped. `check` runs step 4 alone; `remove` runs 5 and 6 with an empty route.
+//! and stopped. `check` runs steps 3-4 alone; `remove` runs 5 and 6 with the route taken out.
+//! The admin API runs each operation in its own task, so a caller that goes away mid-drain
+//! does not cut it short (see `admin`). [`Deployer::settled`] answers what is live once no
+//! operation is running on a route: the question a caller asks when an outcome is unknown.
 
 use crate::backend::Backend;
-use crate::health::{self, BackendReport};
+use crate::health;
 use crate::resolve::Resolver;
-use crate::route::{HealthSettings, RouteKey, RouteSpec, RouteTimeouts, Target};
+use crate::route::{RouteKey, RouteSpec, RouteTimeouts, Target};
 use crate::router::Router;
 use crate::service::Service;
 use crate::state::StateStore;
-use hyper::StatusCode;
-use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use luma_api::{
+    ApiError, CheckOutcome, CheckRequest, DeployOutcome, DeployRequest, DrainReport, ErrorKind,
+    RemoveRequest, RouteQuery, RouteQueryReply, RouteState, DEFAULT_DEPLOY_TIMEOUT_MS,
+    DEFAULT_DRAIN_TIMEOUT_MS,
+};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const DEFAULT_DEPLOY_TIMEOUT_MS: u64 = 30_000;
-pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
-
-#[derive(Debug, Deserialize, Serialize, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct DeployRequest {
-    pub route: RouteSpec,
-    #[serde(default)]
-    pub deploy_timeout_ms: Option<u64>,
-    #[serde(default)]
-    pub drain_timeout_ms: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, Serialize, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct CheckRequest {
-    pub project: String,
-    pub target: String,
-    #[serde(default)]
-    pub network: String,
-    #[serde(default)]
-    pub health: HealthSettings,
-    #[serde(default)]
-    pub timeout_ms: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, Serialize, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct RemoveRequest {
-    pub project: String,
-    pub app: String,
-    #[serde(default)]
-    pub drain_timeout_ms: Option<u64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct DrainReport {
-    pub waited_ms: u64,
-    /// Requests (or tunnels) still open when the drain timeout ended them.
-    pub cut: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct DeployOutcome {
-    pub route: RouteSpec,
-    pub backends: Vec<BackendReport>,
-    pub previous_target: Option<String>,
-    pub drain: Option<DrainReport>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct CheckOutcome {
-    pub healthy: bool,
-    pub backends: Vec<BackendReport>,
-}
-
-#[derive(Debug)]
-pub enum DeployError {
-    Invalid(String),
-    Conflict(String),
-    NotFound(String),
-    Unresolved(String),
-    Unhealthy(String, Vec<BackendReport>),
-    Internal(String),
-}
-
-impl DeployError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            DeployError::Invalid(_) => StatusCode::BAD_REQUEST,
-            DeployError::Conflict(_) => StatusCode::CONFLICT,
-            DeployError::NotFound(_) => StatusCode::NOT_FOUND,
-            DeployError::Unresolved(_) | DeployError::Unhealthy(..) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            DeployError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            DeployError::Unhealthy(msg, backends) => {
-                serde_json::json!({"error": msg, "backends": backends})
-            }
-            DeployError::Invalid(m)
-            | DeployError::Conflict(m)
-            | DeployError::NotFound(m)
-            | DeployError::Unresolved(m)
-            | DeployError::Internal(m) => serde_json::json!({"error": m}),
-        }
-    }
-}
-
-impl std::fmt::Display for DeployError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DeployError::Unhealthy(m, b) => {
-                write!(f, "{m}")?;
-                for r in b.iter().filter(|r| !r.healthy) {
-                    write!(
-                        f,
-                        "\n  {}: {}",
-                        r.addr,
-                        r.error.as_deref().unwrap_or("unhealthy")
-                    )?;
-                }
-                Ok(())
-            }
-            other => write!(
-                f,
-                "{}",
-                other.to_json()["error"].as_str().unwrap_or("error")
-            ),
-        }
-    }
+fn err(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
+    ApiError::new(kind, msg)
 }
 
 /// Owns the operations that change the routing table.
@@ -147,21 +44,50 @@ pub struct Deployer {
     pub router: Arc<Router>,
     pub resolver: Arc<Resolver>,
     pub state: Option<Arc<StateStore>>,
+    /// Held across "save the table, then swap it", so two routes' changes never save a table
+    /// that misses the other's (held briefly: no await inside).
+    commit: Mutex<()>,
 }
 
 impl Deployer {
-    pub async fn deploy(&self, req: DeployRequest) -> Result<DeployOutcome, DeployError> {
-        let spec = req.route.validate().map_err(DeployError::Invalid)?;
+    pub fn new(
+        router: Arc<Router>,
+        resolver: Arc<Resolver>,
+        state: Option<Arc<StateStore>>,
+    ) -> Deployer {
+        Deployer {
+            router,
+            resolver,
+            state,
+            commit: Mutex::new(()),
+        }
+    }
+
+    pub async fn deploy(&self, req: DeployRequest) -> Result<DeployOutcome, ApiError> {
+        let spec = req
+            .route
+            .validate()
+            .map_err(|e| err(ErrorKind::Invalid, e))?;
         if spec.hosts.is_empty() {
-            return Err(DeployError::Invalid(
-                "route.hosts is empty: give at least one host, e.g. app.example.com".into(),
+            return Err(err(
+                ErrorKind::Invalid,
+                "route.hosts is empty: give at least one host, e.g. app.example.com",
             ));
         }
         self.router
             .check_ownership(&spec)
-            .map_err(DeployError::Conflict)?;
+            .map_err(|e| err(ErrorKind::Conflict, e))?;
         let key = spec.key();
         let _lock = self.router.lock(&key).await;
+        if let Some(live) = self.router.get(&key).filter(|l| l.spec == spec) {
+            return Ok(DeployOutcome {
+                route: live.spec.clone(),
+                backends: live.reports(),
+                previous_target: None,
+                drain: None,
+                already_live: true,
+            });
+        }
         let deploy_timeout =
             Duration::from_millis(req.deploy_timeout_ms.unwrap_or(DEFAULT_DEPLOY_TIMEOUT_MS));
         let candidate = self.gate(spec, deploy_timeout).await?;
@@ -169,15 +95,14 @@ impl Deployer {
             b.mark_up();
         }
         candidate.start(self.resolver.clone(), false);
-        let old = match self.router.install(candidate.clone()) {
+        let old = match self.commit(Change::Install(candidate.clone())) {
             Ok(old) => old,
             Err(e) => {
                 candidate.stop();
                 candidate.retire();
-                return Err(DeployError::Conflict(e));
+                return Err(e);
             }
         };
-        self.save();
         crate::log::info(
             "route switched",
             serde_json::json!({"route": key.to_string(), "target": candidate.spec.target, "hosts": candidate.spec.hosts}),
@@ -194,11 +119,84 @@ impl Deployer {
             backends: candidate.reports(),
             previous_target,
             drain,
+            already_live: false,
         })
     }
 
+    /// What is live for a route once no deploy or remove of it is running.
+    pub async fn settled(&self, q: RouteQuery) -> Result<RouteQueryReply, ApiError> {
+        let key = RouteKey {
+            project: q.project,
+            app: q.app,
+        };
+        let _lock = self.router.lock(&key).await;
+        Ok(RouteQueryReply {
+            route: self.router.get(&key).map(|s| RouteState {
+                route: s.spec.clone(),
+                backends: s.reports(),
+            }),
+        })
+    }
+
+    /// Saves the table as it will be after `change`, then applies it in one swap. A failed
+    /// save changes nothing. Returns the route replaced or removed.
+    fn commit(&self, change: Change) -> Result<Option<Arc<Service>>, ApiError> {
+        let _c = self
+            .commit
+            .lock()
+            .map_err(|_| err(ErrorKind::Internal, "commit lock poisoned"))?;
+        let key = match &change {
+            Change::Install(svc) => {
+                self.router
+                    .check_ownership(&svc.spec)
+                    .map_err(|e| err(ErrorKind::Conflict, e))?;
+                svc.spec.key()
+            }
+            Change::Remove(key) => {
+                if self.router.get(key).is_none() {
+                    return Err(err(
+                        ErrorKind::NotFound,
+                        format!("no route for project {:?} app {:?}", key.project, key.app),
+                    ));
+                }
+                key.clone()
+            }
+        };
+        let mut next: Vec<RouteSpec> = self
+            .router
+            .specs()
+            .into_iter()
+            .filter(|s| s.key() != key)
+            .collect();
+        if let Change::Install(svc) = &change {
+            next.push(svc.spec.clone());
+        }
+        next.sort_by_key(|s| s.key());
+        if let Some(state) = &self.state {
+            state.save(&next).map_err(|e| {
+                crate::log::error(
+                    "saving routes failed; the route was not changed",
+                    serde_json::json!({"route": key.to_string(), "error": e}),
+                );
+                err(
+                    ErrorKind::NotSaved,
+                    format!(
+                        "the routing table could not be saved ({e}); the route was not changed"
+                    ),
+                )
+            })?;
+        }
+        match change {
+            Change::Install(svc) => self
+                .router
+                .install(svc)
+                .map_err(|e| err(ErrorKind::Conflict, e)),
+            Change::Remove(key) => Ok(self.router.remove(&key)),
+        }
+    }
+
     /// Health-checks a target in its network without switching anything.
-    pub async fn check(&self, req: CheckRequest) -> Result<CheckOutcome, DeployError> {
+    pub async fn check(&self, req: CheckRequest) -> Result<CheckOutcome, ApiError> {
         let spec = RouteSpec {
             project: req.project,
             app: String::new(),
@@ -209,7 +207,7 @@ impl Deployer {
             timeouts: RouteTimeouts::default(),
         }
         .validate()
-        .map_err(DeployError::Invalid)?;
+        .map_err(|e| err(ErrorKind::Invalid, e))?;
         let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(DEFAULT_DEPLOY_TIMEOUT_MS));
         let svc = self.gate(spec, timeout).await?;
         svc.retire();
@@ -220,19 +218,15 @@ impl Deployer {
     }
 
     /// Removes a route: the hosts stop matching at once, then in-flight requests drain.
-    pub async fn remove(&self, req: RemoveRequest) -> Result<DrainReport, DeployError> {
+    pub async fn remove(&self, req: RemoveRequest) -> Result<DrainReport, ApiError> {
         let key = RouteKey {
             project: req.project,
             app: req.app,
         };
         let _lock = self.router.lock(&key).await;
-        let old = self.router.remove(&key).ok_or_else(|| {
-            DeployError::NotFound(format!(
-                "no route for project {:?} app {:?}",
-                key.project, key.app
-            ))
-        })?;
-        self.save();
+        let Some(old) = self.commit(Change::Remove(key.clone()))? else {
+            return Err(err(ErrorKind::NotFound, format!("no route for {key}")));
+        };
         crate::log::info(
             "route removed",
             serde_json::json!({"route": key.to_string()}),
@@ -289,13 +283,13 @@ impl Deployer {
     }
 
     /// Steps 3 and 4 of the contract: resolve and check every backend of a new target.
-    async fn gate(&self, spec: RouteSpec, timeout: Duration) -> Result<Arc<Service>, DeployError> {
+    async fn gate(&self, spec: RouteSpec, timeout: Duration) -> Result<Arc<Service>, ApiError> {
         let svc = Service::resolve(spec, &self.resolver)
             .await
-            .map_err(DeployError::Unresolved)?;
+            .map_err(|e| err(ErrorKind::Unresolved, e))?;
         let backends = svc.balancer.backends();
         if backends.is_empty() {
-            return Err(DeployError::Unresolved(format!(
+            return Err(err(ErrorKind::Unresolved, format!(
                 "target {} has no containers in network {}: is the container running with that network alias?",
                 svc.spec.target, svc.spec.network
             )));
@@ -306,29 +300,25 @@ impl Deployer {
         } else {
             svc.retire();
             let bad = reports.iter().filter(|r| !r.healthy).count();
-            Err(DeployError::Unhealthy(
-                format!(
+            Err(ApiError {
+                kind: ErrorKind::Unhealthy,
+                error: format!(
                     "{bad} of {} backends of {} failed their health check ({} in {}); the route was not changed",
                     reports.len(),
                     svc.spec.target,
                     svc.spec.health.path,
                     svc.spec.network
                 ),
-                reports,
-            ))
+                backends: reports,
+            })
         }
     }
+}
 
-    fn save(&self) {
-        if let Some(state) = &self.state {
-            if let Err(e) = state.save(&self.router.specs()) {
-                crate::log::error(
-                    "saving routes failed; the change is live but not persisted",
-                    serde_json::json!({"error": e}),
-                );
-            }
-        }
-    }
+/// A change to the routing table, saved before it is applied.
+enum Change {
+    Install(Arc<Service>),
+    Remove(RouteKey),
 }
 
 async fn drain_and_retire(old: &Service, drain_timeout_ms: Option<u64>) -> DrainReport {

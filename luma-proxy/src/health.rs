@@ -8,32 +8,21 @@
 
 use crate::backend::Backend;
 use crate::route::HealthSettings;
-use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-/// One backend's health as reported by the admin API.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct BackendReport {
-    pub addr: String,
-    pub healthy: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub inflight: usize,
-    pub requests: u64,
-}
+pub use luma_api::BackendReport;
 
-impl BackendReport {
-    pub fn of(b: &Backend) -> BackendReport {
-        BackendReport {
-            addr: b.addr.to_string(),
-            healthy: b.is_healthy(),
-            error: b.last_error(),
-            inflight: b.inflight(),
-            requests: b.requests(),
-        }
+/// One backend's health as the admin API reports it.
+pub fn report(b: &Backend) -> BackendReport {
+    BackendReport {
+        addr: b.addr.to_string(),
+        healthy: b.is_healthy(),
+        error: b.last_error(),
+        inflight: b.inflight(),
+        requests: b.requests(),
     }
 }
 
@@ -89,7 +78,7 @@ pub async fn gate(
                         ok += 1;
                         b.record_check(Ok(()), 1, 1);
                         if ok >= s.healthy_threshold {
-                            return (i, BackendReport::of(&b));
+                            return (i, report(&b));
                         }
                     }
                     Err(e) => {
@@ -98,7 +87,7 @@ pub async fn gate(
                     }
                 }
                 if Instant::now() + retry_every >= deadline {
-                    let mut r = BackendReport::of(&b);
+                    let mut r = report(&b);
                     r.healthy = false;
                     if r.error.is_none() {
                         r.error = Some(format!("not healthy within {timeout:?}"));
@@ -122,7 +111,7 @@ pub async fn gate(
             r.unwrap_or_else(|| BackendReport {
                 error: Some("health check task failed".into()),
                 healthy: false,
-                ..BackendReport::of(b)
+                ..report(b)
             })
         })
         .collect()

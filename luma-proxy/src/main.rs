@@ -2,9 +2,12 @@
 
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
+use luma_api::route::{HealthSettings, RouteSpec, RouteTimeouts};
+use luma_api::{
+    ApiError, BackendReport, CheckRequest, DeployRequest, Envelope, FlushRequest, Operation,
+    RemoveRequest, RoutesReply, RoutesRequest, StatusRequest,
+};
 use luma_proxy::client::AdminClient;
-use luma_proxy::deploy::{CheckRequest, DeployRequest, RemoveRequest};
-use luma_proxy::route::{HealthSettings, RouteSpec, RouteTimeouts};
 use luma_proxy::util::{parse_bytes, parse_duration};
 use luma_proxy::ProxyConfig;
 use std::net::SocketAddr;
@@ -55,6 +58,15 @@ enum Cmd {
     Status(ClientJson),
     /// Print Prometheus metrics.
     Metrics(ClientArgs),
+    /// Read one admin request as JSON on stdin, print the reply envelope as JSON on stdout.
+    ///
+    /// This is how `luma` drives the proxy (`docker exec -i <proxy> luma-proxy call`): the
+    /// request is a `luma_api::Request`, e.g. {"routes":{}}; the reply is {"ok": REPLY} or
+    /// {"err": {"kind": ..., "error": ...}}. Exit status 0 with "ok", 3 with "err".
+    Call(ClientArgs),
+    /// Hold a deploy lock: wait until stdin closes, then exit (the lock container's process).
+    #[command(hide = true)]
+    HoldLock,
 }
 
 #[derive(Args)]
@@ -260,30 +272,26 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                 deploy_timeout_ms: Some(a.deploy_timeout.as_millis() as u64),
                 drain_timeout_ms: Some(a.drain_timeout.as_millis() as u64),
             };
-            let slack = a.deploy_timeout + a.drain_timeout + Duration::from_secs(30);
-            let reply = client(&a.client, slack)?
-                .call(Method::POST, "/v1/deploy", Some(to_json(&req)))
-                .await?;
-            report(&reply, a.json, |v| {
-                let r = &v["route"];
-                let drained = v["drain"]["waited_ms"]
-                    .as_u64()
-                    .map(|ms| format!(", drained old release in {ms} ms"))
+            let v = op(&a.client, &req).await?;
+            print(a.json, &v, || {
+                let r = &v.route;
+                let drained = v
+                    .drain
+                    .as_ref()
+                    .map(|d| format!(", drained old release in {} ms", d.waited_ms))
                     .unwrap_or_default();
+                let already = if v.already_live {
+                    " (already live)"
+                } else {
+                    ""
+                };
                 format!(
-                    "deployed {}/{} -> {} ({} backends healthy){drained}\n  hosts: {}",
-                    r["project"].as_str().unwrap_or(""),
-                    r["app"].as_str().unwrap_or(""),
-                    r["target"].as_str().unwrap_or(""),
-                    v["backends"].as_array().map(|b| b.len()).unwrap_or(0),
-                    r["hosts"]
-                        .as_array()
-                        .map(|h| h
-                            .iter()
-                            .filter_map(|x| x.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "))
-                        .unwrap_or_default()
+                    "deployed {}/{} -> {} ({} backends healthy){drained}{already}\n  hosts: {}",
+                    r.project,
+                    r.app,
+                    r.target,
+                    v.backends.len(),
+                    r.hosts.join(", ")
                 )
             })
         }
@@ -295,11 +303,9 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                 health: a.health.settings(),
                 timeout_ms: Some(a.timeout.as_millis() as u64),
             };
-            let reply = client(&a.client, a.timeout + Duration::from_secs(30))?
-                .call(Method::POST, "/v1/check", Some(to_json(&req)))
-                .await?;
-            report(&reply, a.json, |v| {
-                format!("healthy: {}", backends_table(&v["backends"]))
+            let v = op(&a.client, &req).await?;
+            print(a.json, &v, || {
+                format!("healthy: {}", backends_table(&v.backends))
             })
         }
         Cmd::Remove(a) => {
@@ -308,42 +314,30 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                 app: a.app,
                 drain_timeout_ms: Some(a.drain_timeout.as_millis() as u64),
             };
-            let reply = client(&a.client, a.drain_timeout + Duration::from_secs(30))?
-                .call(Method::POST, "/v1/remove", Some(to_json(&req)))
-                .await?;
-            report(&reply, a.json, |v| {
-                format!("removed; drained in {} ms", v["waited_ms"])
+            let v = op(&a.client, &req).await?;
+            print(a.json, &v, || {
+                format!("removed; drained in {} ms", v.waited_ms)
             })
         }
         Cmd::List(a) => {
-            let reply = client(&a.client, Duration::from_secs(10))?
-                .call(Method::GET, "/v1/routes", None)
-                .await?;
-            report(&reply, a.json, routes_table)
+            let v = op(&a.client, &RoutesRequest {}).await?;
+            print(a.json, &v, || routes_table(&v))
         }
         Cmd::Flush {
             project,
             json,
             client: c,
         } => {
-            let reply = client(&c, Duration::from_secs(10))?
-                .call(
-                    Method::POST,
-                    "/v1/flush",
-                    Some(serde_json::json!({"project": project})),
-                )
-                .await?;
-            report(&reply, json, |v| {
-                format!("refreshing {} routes of {project}", v["routes_refreshed"])
+            let v = op(&c, &FlushRequest { project }).await?;
+            print(json, &v, || {
+                format!("refreshing {} routes of {}", v.routes_refreshed, v.project)
             })
         }
         Cmd::Status(a) => {
-            let reply = client(&a.client, Duration::from_secs(10))?
-                .call(Method::GET, "/v1/status", None)
-                .await?;
-            report(&reply, a.json, |v| {
+            let v = op(&a.client, &StatusRequest {}).await?;
+            print(a.json, &v, || {
                 let mut s = String::new();
-                if let Some(o) = v.as_object() {
+                if let Ok(serde_json::Value::Object(o)) = serde_json::to_value(&v) {
                     for (k, val) in o {
                         s.push_str(&format!("{k:<18} {val}\n"));
                     }
@@ -354,18 +348,64 @@ async fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Metrics(c) => {
             let reply = client(&c, Duration::from_secs(10))?
                 .call(Method::GET, "/metrics", None)
-                .await?;
+                .await
+                .map_err(|e| e.to_string())?;
             if !reply.ok() {
                 return Err(reply.body);
             }
             print!("{}", reply.body);
             Ok(())
         }
+        Cmd::Call(c) => call(&c).await,
+        Cmd::HoldLock => {
+            // The lock container lives as long as its holder's attached stdin (StdinOnce).
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            Ok(())
+        }
     }
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or_default()
+/// `luma-proxy call`: one `luma_api::Request` on stdin, one envelope on stdout.
+async fn call(c: &ClientArgs) -> Result<(), String> {
+    let mut input = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
+        .map_err(|e| format!("read the request from stdin: {e}"))?;
+    let envelope: Envelope<serde_json::Value> =
+        match serde_json::from_str::<luma_api::Request>(&input) {
+            Err(e) => Envelope::Err(ApiError::new(
+                luma_api::ErrorKind::Invalid,
+                format!("stdin is not a luma-proxy request ({e})"),
+            )),
+            Ok(req) => {
+                let (method, path) = req.method_and_path();
+                let method = Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+                let result = match client(c, req.reply_within()) {
+                    Ok(cl) => cl.call(method, path, req.body()).await,
+                    Err(e) => Err(ApiError::new(luma_api::ErrorKind::Unreachable, e)),
+                };
+                match result.and_then(|r| r.decode::<serde_json::Value>()) {
+                    Ok(v) => Envelope::Ok(v),
+                    Err(e) => Envelope::Err(e),
+                }
+            }
+        };
+    let failed = matches!(envelope, Envelope::Err(_));
+    println!(
+        "{}",
+        serde_json::to_string(&envelope).map_err(|e| e.to_string())?
+    );
+    if failed {
+        std::process::exit(3);
+    }
+    Ok(())
+}
+
+/// One typed admin call from the command line; the deadline covers the slowest operation.
+async fn op<O: Operation + Clone>(c: &ClientArgs, req: &O) -> Result<O::Reply, String> {
+    let within: luma_api::Request = req.clone().into();
+    let within = within.reply_within();
+    client(c, within)?.op(req).await.map_err(|e| e.to_string())
 }
 
 fn client(c: &ClientArgs, timeout: Duration) -> Result<AdminClient, String> {
@@ -380,75 +420,50 @@ fn client(c: &ClientArgs, timeout: Duration) -> Result<AdminClient, String> {
     })
 }
 
-/// Prints a reply as JSON or as text; a non-2xx reply becomes the error (exit code 1).
-fn report(
-    reply: &luma_proxy::client::Reply,
-    json: bool,
-    text: impl Fn(&serde_json::Value) -> String,
-) -> Result<(), String> {
-    let v = reply.json();
+/// Prints a reply as JSON or as text.
+fn print<T: serde::Serialize>(json: bool, v: &T, text: impl Fn() -> String) -> Result<(), String> {
     if json {
-        println!("{v:#}");
-    }
-    if !reply.ok() {
-        let mut msg = v["error"].as_str().unwrap_or("request failed").to_string();
-        if v["backends"].is_array() {
-            msg.push('\n');
-            msg.push_str(&backends_table(&v["backends"]));
-        }
-        return Err(msg);
-    }
-    if !json {
-        println!("{}", text(&v));
+        let s = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
+        println!("{s}");
+    } else {
+        println!("{}", text());
     }
     Ok(())
 }
 
-fn backends_table(b: &serde_json::Value) -> String {
+fn backends_table(b: &[BackendReport]) -> String {
     let mut s = format!(
         "\n  {:<24} {:<9} {:>8} {:>10}  {}",
         "BACKEND", "HEALTH", "INFLIGHT", "REQUESTS", "LAST ERROR"
     );
-    for r in b.as_array().into_iter().flatten() {
+    for r in b {
         s.push_str(&format!(
             "\n  {:<24} {:<9} {:>8} {:>10}  {}",
-            r["addr"].as_str().unwrap_or("?"),
-            if r["healthy"].as_bool() == Some(true) {
-                "healthy"
-            } else {
-                "DOWN"
-            },
-            r["inflight"].as_u64().unwrap_or(0),
-            r["requests"].as_u64().unwrap_or(0),
-            r["error"].as_str().unwrap_or("")
+            r.addr,
+            if r.healthy { "healthy" } else { "DOWN" },
+            r.inflight,
+            r.requests,
+            r.error.as_deref().unwrap_or("")
         ));
     }
     s
 }
 
-fn routes_table(v: &serde_json::Value) -> String {
-    let routes = v["routes"].as_array().cloned().unwrap_or_default();
-    if routes.is_empty() {
+fn routes_table(v: &RoutesReply) -> String {
+    if v.routes.is_empty() {
         return "no routes".into();
     }
     let mut s = String::new();
-    for r in routes {
-        let spec = &r["route"];
+    for r in &v.routes {
+        let spec = &r.route;
         s.push_str(&format!(
             "{}/{}  {} -> {} (network {}){}\n",
-            spec["project"].as_str().unwrap_or(""),
-            spec["app"].as_str().unwrap_or(""),
-            spec["hosts"]
-                .as_array()
-                .map(|h| h
-                    .iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","))
-                .unwrap_or_default(),
-            spec["target"].as_str().unwrap_or(""),
-            spec["network"].as_str().unwrap_or(""),
-            backends_table(&r["backends"])
+            spec.project,
+            spec.app,
+            spec.hosts.join(","),
+            spec.target,
+            spec.network,
+            backends_table(&r.backends)
         ));
     }
     s.trim_end().to_string()

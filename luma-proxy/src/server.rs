@@ -64,11 +64,7 @@ impl Proxy {
         let resolver = Arc::new(Resolver::new(cfg.dns, cfg.self_name.clone())?);
         let state = Arc::new(StateStore::new(&cfg.state_dir));
         let metrics = Arc::new(Metrics::default());
-        let deployer = Arc::new(Deployer {
-            router: router.clone(),
-            resolver,
-            state: Some(state.clone()),
-        });
+        let deployer = Arc::new(Deployer::new(router.clone(), resolver, Some(state.clone())));
 
         let restored = state.load();
         for why in &restored.skipped {

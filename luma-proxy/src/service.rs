@@ -75,7 +75,7 @@ impl Service {
         self.balancer
             .backends()
             .iter()
-            .map(|b| BackendReport::of(b))
+            .map(|b| health::report(b))
             .collect()
     }
 

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use hyper::Method;
-use luma_proxy::deploy::RemoveRequest;
+use luma_api::RemoveRequest;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -281,7 +281,8 @@ async fn hosts_belong_to_one_project() {
         .deploy(deploy_req(route("beta", "shared.test", &[b.addr])))
         .await
         .unwrap_err();
-    assert_eq!(err.status(), 409);
+    assert_eq!(err.kind, luma_api::ErrorKind::Conflict);
+    assert_eq!(err.http_status(), 409);
     assert!(err.to_string().contains("belongs to project \"alpha\""));
     assert_eq!(
         get(proxy.http_addr, "shared.test", "/").await,
@@ -417,13 +418,8 @@ async fn admin_api_needs_the_token_and_routes_survive_a_restart() {
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = client.call(Method::GET, "/v1/routes", None).await.unwrap();
-    assert_eq!(
-        r.json()["routes"][0]["backends"][0]["healthy"],
-        true,
-        "{}",
-        r.body
-    );
+    let routes = client.op(&luma_api::RoutesRequest {}).await.unwrap();
+    assert!(routes.routes[0].backends[0].healthy, "{routes:?}");
     let m = client.call(Method::GET, "/metrics", None).await.unwrap();
     assert!(
         m.body

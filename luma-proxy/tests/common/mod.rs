@@ -6,7 +6,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use luma_proxy::deploy::DeployRequest;
+use luma_api::DeployRequest;
 use luma_proxy::route::{HealthSettings, RouteSpec, RouteTimeouts};
 use luma_proxy::server::RunningProxy;
 use luma_proxy::ProxyConfig;
@@ -244,7 +244,7 @@ pub async fn deploy_route(
     project: &str,
     host: &str,
     addrs: &[SocketAddr],
-) -> luma_proxy::deploy::DeployOutcome {
+) -> luma_api::DeployOutcome {
     proxy
         .deployer
         .deploy(deploy_req(route(project, host, addrs)))
