@@ -468,7 +468,7 @@ fn lookalike_names_coexist_and_two_projects_deploy_concurrently() {
     });
     assert!(a.0, "{}", a.2);
     assert!(
-        !b.0 && b.2.contains("another deploy of project"),
+        !b.0 && b.2.contains("is locked by `luma deploy`"),
         "second deploy was not refused clearly: {}",
         b.2
     );

@@ -56,6 +56,9 @@ pub struct Entry {
     pub env_secret: Vec<String>,
     pub health: Health,
     pub proxy: Option<ProxyRoute>,
+    /// How long a stop waits after SIGTERM before SIGKILL (containers run under Docker's
+    /// init, so an app that ignores SIGTERM as PID 1 still stops at once).
+    pub stop_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,9 +89,6 @@ pub struct ProxyRoute {
     pub ssl_redirect: bool,
     pub response_timeout: Duration,
 }
-
-/// Names Luma keeps for itself.
-const RESERVED: [&str; 6] = ["luma", "luma-proxy", "proxy", "lock", "host", "none"];
 
 pub struct ConfigError(pub String);
 
@@ -206,7 +206,7 @@ fn show(v: &Value) -> String {
 }
 
 /// Durations are written as in luma-proxy's flags: `500ms`, `2s`, `1m`, or bare seconds.
-pub use luma_proxy::util::parse_duration;
+pub use luma_api::parse_duration;
 
 /// Edit distance, for "did you mean".
 fn closest<'a>(k: &str, allowed: &[&'a str]) -> Option<&'a str> {
@@ -234,27 +234,7 @@ fn closest<'a>(k: &str, allowed: &[&'a str]) -> Option<&'a str> {
         .map(|(_, _, a)| a)
 }
 
-/// DNS-label rules; `--` is kept for Luma's own release aliases.
-pub fn check_name(what: &str, v: &str) -> Result<(), String> {
-    let ok = !v.is_empty()
-        && v.len() <= 40
-        && v.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !v.starts_with('-')
-        && !v.ends_with('-')
-        && !v.contains("--");
-    if !ok {
-        return Err(format!(
-            "{what} {v:?} is not a valid name: use 1-40 lowercase letters, digits and single '-', starting and ending with a letter or digit"
-        ));
-    }
-    if RESERVED.contains(&v) {
-        return Err(format!(
-            "{what} {v:?} is reserved by Luma; pick another name"
-        ));
-    }
-    Ok(())
-}
+pub use luma_api::names::check_name;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -379,8 +359,9 @@ impl Config {
     }
 }
 
-const ENTRY_KEYS: [&str; 12] = [
+const ENTRY_KEYS: [&str; 13] = [
     "name",
+    "stop_timeout",
     "image",
     "build",
     "server",
@@ -605,6 +586,17 @@ fn entry(
             health.deadline = cx.duration(&k("health_check.deadline"), v)?;
         }
     }
+    let stop_timeout = m
+        .get("stop_timeout")
+        .map(|v| cx.duration(&k("stop_timeout"), v))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(10));
+    if stop_timeout > Duration::from_secs(600) {
+        return Err(cx.err(
+            &k("stop_timeout"),
+            "must be at most 10m; it bounds how long a stop waits for the app to exit",
+        ));
+    }
     let proxy = match m.get("proxy") {
         None => None,
         Some(_) if !is_app => {
@@ -642,7 +634,7 @@ fn entry(
                 ));
             }
             for (i, h) in hosts.iter().enumerate() {
-                luma_proxy::route::normalize_host_pattern(h)
+                luma_api::names::normalize_host_pattern(h)
                     .map_err(|e| cx.err(&format!("{}[{i}]", pk("hosts")), e))?;
             }
             Some(ProxyRoute {
@@ -682,6 +674,7 @@ fn entry(
         env_secret,
         health,
         proxy,
+        stop_timeout,
     })
 }
 

@@ -8,8 +8,8 @@ use bollard::models::{
     NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, StopContainerOptions,
+    AttachContainerOptions, BuildImageOptions, CreateContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -42,6 +42,11 @@ pub struct ContainerSpec {
     pub ports: Vec<(Option<String>, u16, String)>,
     pub binds: Vec<String>,
     pub restart_unless_stopped: bool,
+    /// Run Docker's init as PID 1, so the app gets SIGTERM's default action (apps rarely
+    /// handle it as PID 1) and a stop does not wait out the whole grace period.
+    pub init: bool,
+    /// Seconds `docker stop` waits after SIGTERM before SIGKILL.
+    pub stop_timeout: Option<i64>,
 }
 
 /// What to build and how to tag it.
@@ -52,6 +57,12 @@ pub struct BuildSpec {
     pub target: Option<String>,
     pub platform: Option<String>,
     pub labels: HashMap<String, String>,
+}
+
+/// An open attach connection to a container's stdin (see [`Engine::attach_stdin`]). Holding it
+/// keeps the connection open; dropping it closes it.
+pub struct StdinHold {
+    _input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
 }
 
 pub type Result<T> = std::result::Result<T, String>;
@@ -281,64 +292,116 @@ impl Engine {
             "create container {} from {}",
             spec.name, spec.image
         ));
-        let mut exposed: Vec<String> = Vec::new();
-        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
-        for (ip, host, cport) in &spec.ports {
-            exposed.push(cport.clone());
-            bindings
-                .entry(cport.clone())
-                .or_insert_with(|| Some(Vec::new()))
-                .get_or_insert_with(Vec::new)
-                .push(PortBinding {
-                    host_ip: ip.clone(),
-                    host_port: Some(host.to_string()),
-                });
+        Ok(self
+            .create_from(&spec.name, create_body(spec))
+            .await?
+            .is_some())
+    }
+
+    /// Creates a container whose process lives exactly as long as one attach connection: stdin
+    /// is open (`OpenStdin`), the daemon closes it when the one attached client goes away
+    /// (`StdinOnce`), and removes the container once its process exits (`AutoRemove`). Attach
+    /// with [`Engine::attach_stdin`] *before* starting it. Returns the new container's ID, or
+    /// `None` when the name is taken (Docker's name check is atomic).
+    pub async fn create_stdin_bound(&self, spec: &ContainerSpec) -> Result<Option<String>> {
+        self.trace(format_args!(
+            "create stdin-bound container {} from {}",
+            spec.name, spec.image
+        ));
+        let mut body = create_body(spec);
+        body.open_stdin = Some(true);
+        body.stdin_once = Some(true);
+        body.attach_stdin = Some(true);
+        if let Some(h) = body.host_config.as_mut() {
+            h.auto_remove = Some(true);
         }
-        let networking = spec
-            .network
-            .as_ref()
-            .map(|(net, aliases)| NetworkingConfig {
-                endpoints_config: Some(HashMap::from([(
-                    net.clone(),
-                    EndpointSettings {
-                        aliases: Some(aliases.clone()),
-                        ..Default::default()
-                    },
-                )])),
-            });
-        let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
-            env: Some(spec.env.clone()),
-            labels: Some(spec.labels.clone()),
-            cmd: spec.cmd.clone(),
-            exposed_ports: (!exposed.is_empty()).then_some(exposed),
-            host_config: Some(HostConfig {
-                port_bindings: (!bindings.is_empty()).then_some(bindings),
-                binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
-                network_mode: spec.network.as_ref().map(|(n, _)| n.clone()),
-                restart_policy: spec.restart_unless_stopped.then_some(RestartPolicy {
-                    name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
-                    maximum_retry_count: None,
-                }),
-                ..Default::default()
-            }),
-            networking_config: networking,
-            ..Default::default()
-        };
+        self.create_from(&spec.name, body).await
+    }
+
+    /// `Ok(Some(id))` when created, `Ok(None)` on a name conflict.
+    async fn create_from(&self, name: &str, body: ContainerCreateBody) -> Result<Option<String>> {
         match self
             .docker
             .create_container(
                 Some(CreateContainerOptions {
-                    name: Some(spec.name.clone()),
+                    name: Some(name.to_string()),
                     ..Default::default()
                 }),
                 body,
             )
             .await
         {
-            Ok(_) => Ok(true),
-            Err(e) if is_conflict(&e) => Ok(false),
-            Err(e) => Err(format!("create container {}: {e}", spec.name)),
+            Ok(r) => Ok(Some(r.id)),
+            Err(e) if is_conflict(&e) => Ok(None),
+            Err(e) => Err(format!("create container {name}: {e}")),
+        }
+    }
+
+    /// Attaches to a container's stdin (stream, nothing else). The returned handle is the
+    /// connection: dropping it, or the process that holds it dying, closes it; with
+    /// `StdinOnce` the daemon then closes the container's stdin.
+    pub async fn attach_stdin(&self, id: &str) -> Result<StdinHold> {
+        self.trace(format_args!("attach to the stdin of {id}"));
+        let r = self
+            .docker
+            .attach_container(
+                id,
+                Some(AttachContainerOptions {
+                    stdin: true,
+                    stream: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(|e| format!("attach to container {id}: {e}"))?;
+        // The read half is not needed: the shared connection lives while the write half does.
+        drop(r.output);
+        Ok(StdinHold { _input: r.input })
+    }
+
+    /// Force-removes one container by ID (never by name: a name may already belong to a
+    /// newer container). Gone already is fine; a removal already in progress is waited for,
+    /// so the name is free when this returns.
+    pub async fn remove_id(&self, id: &str) -> Result<()> {
+        self.trace(format_args!("remove {id}"));
+        match self
+            .docker
+            .remove_container(
+                id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    link: false,
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_404(&e) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409,
+                message,
+            }) if message.contains("already in progress") => self.wait_removed(id).await,
+            Err(e) => Err(format!("remove container {id}: {e}")),
+        }
+    }
+
+    /// Returns once the container is removed (at once when there is no such container). Uses
+    /// the engine's wait (`condition=removed`), no polling.
+    pub async fn wait_removed(&self, id: &str) -> Result<()> {
+        self.trace(format_args!("wait until {id} is removed"));
+        let mut s = self.docker.wait_container(
+            id,
+            Some(WaitContainerOptions {
+                condition: "removed".into(),
+            }),
+        );
+        match s.next().await {
+            None | Some(Ok(_)) => Ok(()),
+            // A non-zero exit status of the removed container.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => Ok(()),
+            Some(Err(e)) if is_404(&e) => Ok(()),
+            Some(Err(e)) => Err(format!("wait for the removal of container {id}: {e}")),
         }
     }
 
@@ -526,14 +589,65 @@ impl Engine {
         Ok(())
     }
 
+    /// The ID of an image, if it is on the engine.
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>> {
+        self.trace(format_args!("inspect image {image}"));
+        match self.docker.inspect_image(image).await {
+            Ok(i) => Ok(i.id),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(format!("inspect image {image}: {e}")),
+        }
+    }
+
+    /// Images whose labels match every `key=value` given, as (id, repo:tag names).
+    pub async fn images(&self, labels: &[(&str, &str)]) -> Result<Vec<(String, Vec<String>)>> {
+        let filters: HashMap<String, Vec<String>> = HashMap::from([(
+            "label".to_string(),
+            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        )]);
+        let list = self
+            .docker
+            .list_images(Some(bollard::query_parameters::ListImagesOptions {
+                all: false,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| format!("list images: {e}"))?;
+        Ok(list
+            .into_iter()
+            .map(|i| {
+                let tags = i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect();
+                (i.id, tags)
+            })
+            .collect())
+    }
+
     /// Runs a command in a container; returns (exit code, stdout, stderr).
     pub async fn exec(&self, container: &str, cmd: &[&str]) -> Result<(i64, String, String)> {
+        self.exec_with_stdin(container, cmd, None).await
+    }
+
+    /// Runs a command in a container, writing `stdin` to it first (then closing it), so
+    /// structured input never travels in argv (where `ps` would show it).
+    pub async fn exec_with_stdin(
+        &self,
+        container: &str,
+        cmd: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<(i64, String, String)> {
+        use tokio::io::AsyncWriteExt;
         self.trace(format_args!("exec {container} {}", cmd.join(" ")));
         let created = self
             .docker
             .create_exec(
                 container,
                 ExecConfig {
+                    attach_stdin: Some(stdin.is_some()),
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
                     cmd: Some(cmd.iter().map(|s| s.to_string()).collect()),
@@ -548,7 +662,21 @@ impl Engine {
             .await
             .map_err(|e| format!("exec in {container}: {e}"))?;
         let (mut out, mut err) = (String::new(), String::new());
-        if let bollard::exec::StartExecResults::Attached { mut output, .. } = started {
+        if let bollard::exec::StartExecResults::Attached {
+            mut output,
+            mut input,
+        } = started
+        {
+            if let Some(bytes) = stdin {
+                input
+                    .write_all(bytes)
+                    .await
+                    .map_err(|e| format!("exec stdin: {e}"))?;
+                input
+                    .shutdown()
+                    .await
+                    .map_err(|e| format!("exec stdin: {e}"))?;
+            }
             while let Some(item) = output.next().await {
                 match item.map_err(|e| format!("exec output: {e}"))? {
                     bollard::container::LogOutput::StdErr { message } => {
@@ -566,6 +694,56 @@ impl Engine {
             .exit_code
             .unwrap_or(-1);
         Ok((code, out, err))
+    }
+}
+
+/// The create body of a plain container from a [`ContainerSpec`].
+fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+    let mut exposed: Vec<String> = Vec::new();
+    let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for (ip, host, cport) in &spec.ports {
+        exposed.push(cport.clone());
+        bindings
+            .entry(cport.clone())
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_with(Vec::new)
+            .push(PortBinding {
+                host_ip: ip.clone(),
+                host_port: Some(host.to_string()),
+            });
+    }
+    let networking = spec
+        .network
+        .as_ref()
+        .map(|(net, aliases)| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                net.clone(),
+                EndpointSettings {
+                    aliases: Some(aliases.clone()),
+                    ..Default::default()
+                },
+            )])),
+        });
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        env: Some(spec.env.clone()),
+        labels: Some(spec.labels.clone()),
+        cmd: spec.cmd.clone(),
+        stop_timeout: spec.stop_timeout,
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        host_config: Some(HostConfig {
+            port_bindings: (!bindings.is_empty()).then_some(bindings),
+            binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
+            network_mode: spec.network.as_ref().map(|(n, _)| n.clone()),
+            restart_policy: spec.restart_unless_stopped.then_some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                maximum_retry_count: None,
+            }),
+            init: spec.init.then_some(true),
+            ..Default::default()
+        }),
+        networking_config: networking,
+        ..Default::default()
     }
 }
 

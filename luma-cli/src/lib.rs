@@ -1,12 +1,23 @@
-//! The `luma` CLI as a library: configuration, names, the engine transport, and the deploy
-//! engine. `main.rs` only parses arguments and prints.
+//! The `luma` CLI as a library. `main.rs` only parses arguments and prints.
+//!
+//! - [`config`]: `luma.yml`, validated with errors that name the file, key and fix;
+//! - [`names`]: every Docker name Luma creates (validators come from `luma-api`);
+//! - [`engine`]: the only way to Docker (bollard);
+//! - [`proxyctl`]: the proxy's lifecycle, and the only way to its admin API (typed, `luma-api`);
+//! - [`project`]: what a release stands on: proxy, network, services, preflight checks;
+//! - [`release`]: a release as phases: prepare (reversible) -> switch -> settle;
+//! - [`inventory`]: what a project has on the engine by label: status, remove, prune;
+//! - [`lock`]: one deploy per project at a time; [`interrupt`]: signals and failpoints;
+//! - [`ui`]: steps, progress and tables.
 
 pub mod buildctx;
 pub mod config;
-pub mod deploy;
 pub mod engine;
+pub mod interrupt;
+pub mod inventory;
 pub mod lock;
 pub mod names;
+pub mod project;
 pub mod proxyctl;
 pub mod release;
 pub mod secrets;

@@ -2,9 +2,11 @@
 
 use clap::{Parser, Subcommand};
 use luma_cli::config::Config;
-use luma_cli::deploy::{self, Ctx};
 use luma_cli::engine::{Engine, Transport};
+use luma_cli::inventory;
+use luma_cli::project::{self, Ctx};
 use luma_cli::proxyctl::{self, ProxySettings};
+use luma_cli::release::{self, ReleaseError};
 use luma_cli::secrets::Secrets;
 use luma_cli::ui::{table, Ui};
 use std::io::{BufRead, IsTerminal, Write};
@@ -41,9 +43,16 @@ enum Cmd {
     /// Build and release apps with zero downtime (all apps when none are named).
     ///
     /// The release id is the git short sha (a time-based id outside git). A dirty tree is
-    /// refused unless --force. Each app: new replicas start beside the old release, the proxy
-    /// checks every one, the route switches atomically, the old release drains and is kept
-    /// stopped for `luma rollback`. A failed check leaves the old release serving.
+    /// refused unless --force. Each app goes through three phases:
+    ///
+    /// 1. prepare (undone on any failure or Ctrl-C): build, start new replicas beside the old
+    ///    release, the proxy checks every one, give them the app alias;
+    /// 2. switch, the point of no return: the proxy swaps the route and drains the old release;
+    /// 3. settle (finished, never undone; Ctrl-C waits for it): record the live release, stop
+    ///    the old one (kept for `luma rollback`), prune old releases.
+    ///
+    /// Exit status: 0 done; 1 nothing changed (the old release keeps serving); 2 the new release
+    /// is live but settling stopped (`luma prune` finishes it); 3 unknown (see `luma status`).
     ///
     /// Examples: `luma deploy`, `luma deploy web`, `luma -c examples/basic/luma.yml deploy`.
     Deploy {
@@ -71,12 +80,31 @@ enum Cmd {
         release: Option<String>,
     },
     /// Take down apps (all apps, services, routes and the network when none are named).
+    ///
+    /// Everything is found by its labels on the engine, so apps and services no longer in
+    /// luma.yml go too; their routes are removed from the proxy (freeing their hosts) and the
+    /// images Luma built for them are deleted. Named volumes are kept.
     Remove {
         /// Apps to remove (default: the whole project).
         apps: Vec<String>,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+    },
+    /// Finish what a deploy left: settle every app from the proxy's truth and clean up.
+    ///
+    /// For each app in luma.yml: record the release the proxy serves, stop the others, remove
+    /// releases beyond --retain and the images of failed releases. Then remove apps and
+    /// services that are on the engine but no longer in luma.yml (asks first; --yes to skip).
+    ///
+    /// Run it when `luma deploy` exits with status 2, or after deleting an app from luma.yml.
+    Prune {
+        /// Do not ask before removing apps and services that left luma.yml.
+        #[arg(long)]
+        yes: bool,
+        /// Earlier releases kept stopped for rollback.
+        #[arg(long, default_value_t = 2)]
+        retain: usize,
     },
     /// Print an app's logs (every replica of the live release).
     Logs {
@@ -132,15 +160,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("luma: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli) -> Result<(), ReleaseError> {
     let ui = Ui::new(cli.verbose, false);
     if let Cmd::Init = cli.cmd {
-        return init(&cli.config);
+        return Ok(init(&cli.config)?);
     }
     let cfg = Config::load(&cli.config).map_err(|e| e.0)?;
     let dir = cfg
@@ -159,9 +187,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         ui: &ui,
         retain: 2,
     };
-    let out = match cli.cmd {
+    let out: Result<(), ReleaseError> = match cli.cmd {
         Cmd::Init => unreachable!("handled above"),
-        Cmd::Setup => deploy::setup(&ctx).await,
+        Cmd::Setup => project::setup(&ctx).await.map_err(Into::into),
         Cmd::Deploy {
             apps,
             force,
@@ -169,31 +197,32 @@ async fn run(cli: Cli) -> Result<(), String> {
         } => {
             ctx.retain = retain;
             let started = std::time::Instant::now();
-            deploy::deploy(&ctx, &apps, force).await.map(|urls| {
+            release::deploy(&ctx, &apps, force).await.map(|urls| {
                 ui.info(format!(
                     "✓ deployed {} in {:.1}s",
                     cfg.project,
                     started.elapsed().as_secs_f64()
                 ));
                 for u in urls {
-                    println!("{u}");
+                    let via = u.via.as_deref().unwrap_or("-");
+                    match u.answered {
+                        Ok(code) => println!("{}  (via {via}, answered {code})", u.url),
+                        Err(why) => println!("{}  (not answering from here: {why})", u.url),
+                    }
                 }
             })
         }
-        Cmd::Status { apps, json } => status(&ctx, &apps, json).await,
-        Cmd::Rollback { app, release } => deploy::rollback(&ctx, &app, release.as_deref())
+        Cmd::Status { apps, json } => status(&ctx, &apps, json).await.map_err(Into::into),
+        Cmd::Rollback { app, release } => release::rollback(&ctx, &app, release.as_deref())
             .await
             .map(|r| ui.info(format!("✓ {app} is back on release {r}"))),
+        Cmd::Prune { yes, retain } => {
+            ctx.retain = retain;
+            prune(&ctx, yes).await.map_err(Into::into)
+        }
         Cmd::Remove { apps, yes } => {
             let everything = apps.is_empty();
-            let targets: Vec<String> = if everything {
-                cfg.apps.iter().map(|a| a.name.clone()).collect()
-            } else {
-                apps
-            };
-            for a in &targets {
-                cfg.app(a)?;
-            }
+            let targets = apps;
             let what = if everything {
                 format!(
                     "project {} (apps, services, routes and network; named volumes are kept)",
@@ -203,14 +232,48 @@ async fn run(cli: Cli) -> Result<(), String> {
                 format!("app(s) {} of project {}", targets.join(", "), cfg.project)
             };
             if !yes && !confirm(&format!("Remove {what}?"))? {
-                return Err("cancelled; nothing was removed".into());
+                return Err("cancelled; nothing was removed".to_string().into());
             }
-            deploy::remove(&ctx, &targets, everything).await
+            inventory::remove(&ctx, &targets, everything)
+                .await
+                .map_err(Into::into)
         }
-        Cmd::Logs { app, follow, tail } => logs(&ctx, &app, follow, tail).await,
-        Cmd::Proxy { cmd } => proxy_cmd(&ctx, cmd).await,
+        Cmd::Logs { app, follow, tail } => logs(&ctx, &app, follow, tail).await.map_err(Into::into),
+        Cmd::Proxy { cmd } => proxy_cmd(&ctx, cmd).await.map_err(Into::into),
     };
-    out.map_err(|e| secrets.redact(&e))
+    out.map_err(|e| match e {
+        ReleaseError::NothingChanged(m) => ReleaseError::NothingChanged(secrets.redact(&m)),
+        ReleaseError::Unknown(m) => ReleaseError::Unknown(secrets.redact(&m)),
+        ReleaseError::Unsettled {
+            app,
+            release,
+            error,
+            left,
+        } => ReleaseError::Unsettled {
+            app,
+            release,
+            error: secrets.redact(&error),
+            left,
+        },
+    })
+}
+
+async fn prune(ctx: &Ctx<'_>, yes: bool) -> Result<(), String> {
+    let gone = inventory::departed(ctx).await?;
+    let remove = !gone.is_empty()
+        && (yes
+            || confirm(&format!(
+                "Remove {} (no longer in {})?",
+                gone.join(", "),
+                ctx.cfg.path.display()
+            ))?);
+    let gone = inventory::prune(ctx, remove).await?;
+    if !gone.is_empty() && !remove {
+        ctx.ui
+            .info(format!("kept {} (not removed)", gone.join(", ")));
+    }
+    ctx.ui.info(format!("✓ {} settled", ctx.cfg.project));
+    Ok(())
 }
 
 fn confirm(question: &str) -> Result<bool, String> {
@@ -230,49 +293,43 @@ fn confirm(question: &str) -> Result<bool, String> {
 }
 
 async fn status(ctx: &Ctx<'_>, apps: &[String], json: bool) -> Result<(), String> {
-    let v = deploy::status(ctx, apps).await?;
+    let v = inventory::status(ctx, apps).await?;
     if json {
-        println!("{v:#}");
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
         return Ok(());
     }
-    println!(
-        "project {}  (network {})",
-        v["project"].as_str().unwrap_or(""),
-        v["network"].as_str().unwrap_or("")
-    );
-    for a in v["apps"].as_array().into_iter().flatten() {
-        if a["consistent"] == false {
+    println!("project {}  (network {})", v.project, v.network);
+    if let Some(l) = &v.lock {
+        println!("deploy lock: {}", l.describe());
+    }
+    for a in &v.apps {
+        if !a.consistent {
             println!(
-                "\n! app {}: the proxy routes to release {} but the labels record {}; run `luma deploy` or `luma rollback` to settle it",
-                a["app"].as_str().unwrap_or(""),
-                a["live_release"].as_str().unwrap_or("none"),
-                a["recorded_release"].as_str().unwrap_or("none")
+                "\n! app {}: the proxy routes to release {} but the labels record {}; run `luma prune` to settle it",
+                a.app,
+                a.live_release.as_deref().unwrap_or("none"),
+                a.recorded_release.as_deref().unwrap_or("none")
             );
         }
         println!(
             "\napp {}  live release: {}  hosts: {}",
-            a["app"].as_str().unwrap_or(""),
-            a["live_release"].as_str().unwrap_or("none"),
-            a["hosts"]
-                .as_array()
-                .map(|h| h
-                    .iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default()
+            a.app,
+            a.live_release.as_deref().unwrap_or("none"),
+            a.hosts.join(", ")
         );
-        let rows: Vec<Vec<String>> = a["replicas"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let rows: Vec<Vec<String>> = a
+            .replicas
+            .iter()
             .map(|r| {
                 vec![
-                    r["container"].as_str().unwrap_or("").into(),
-                    r["release"].as_str().unwrap_or("").into(),
-                    r["state"].as_str().unwrap_or("").into(),
-                    r["ip"].as_str().unwrap_or("-").into(),
-                    r["proxy_health"].as_str().unwrap_or("-").into(),
+                    r.container.clone(),
+                    r.release.clone(),
+                    r.state.clone(),
+                    r.ip.clone().unwrap_or_else(|| "-".into()),
+                    r.proxy_health.unwrap_or("-").into(),
                 ]
             })
             .collect();
@@ -284,28 +341,24 @@ async fn status(ctx: &Ctx<'_>, apps: &[String], json: bool) -> Result<(), String
             )
         );
     }
-    let rows: Vec<Vec<String>> = v["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| {
-            vec![
-                s["service"].as_str().unwrap_or("").into(),
-                s["container"].as_str().unwrap_or("").into(),
-                s["state"].as_str().unwrap_or("").into(),
-            ]
-        })
+    let rows: Vec<Vec<String>> = v
+        .services
+        .iter()
+        .map(|s| vec![s.service.clone(), s.container.clone(), s.state.clone()])
         .collect();
     if !rows.is_empty() {
         println!("\n{}", table(&["SERVICE", "CONTAINER", "STATE"], &rows));
+    }
+    for d in &v.departed {
+        println!("\n! {d} is on the engine but not in luma.yml; `luma prune` removes it");
     }
     Ok(())
 }
 
 async fn logs(ctx: &Ctx<'_>, app: &str, follow: bool, tail: usize) -> Result<(), String> {
     ctx.cfg.app(app)?;
-    let live = deploy::live_release(ctx, app).await.ok().flatten();
-    let releases = deploy::releases(ctx, app).await?;
+    let live = release::live_release(ctx, app).await.ok().flatten();
+    let releases = release::releases(ctx, app).await?;
     let (_, cs) = releases
         .iter()
         .rev()
@@ -347,8 +400,9 @@ async fn proxy_cmd(ctx: &Ctx<'_>, cmd: ProxyCmd) -> Result<(), String> {
                 .as_ref()
                 .and_then(|c| c.image.clone())
                 .unwrap_or_default();
-            let inner = proxyctl::call(ctx.engine, p, &["status", "--json"])
+            let inner = proxyctl::ask(ctx.engine, p, luma_api::StatusRequest {})
                 .await
+                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
                 .unwrap_or_else(|e| serde_json::json!({"error": e}));
             let v = serde_json::json!({"container": p.container, "image": image, "state": state, "proxy": inner});
             if json {
@@ -397,7 +451,7 @@ async fn update_proxy(ctx: &Ctx<'_>) -> Result<(), String> {
         .unwrap_or_default();
     let routes_before = proxyctl::routes(ctx.engine, p)
         .await
-        .map(|r| r.len())
+        .map(|r| r.routes.len())
         .unwrap_or(0);
     let parked = format!("{}-replaced", p.container);
     ctx.ui
@@ -414,7 +468,7 @@ async fn update_proxy(ctx: &Ctx<'_>) -> Result<(), String> {
             // Routes are restored from the state volume as the proxy starts.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             loop {
-                let after = proxyctl::routes(ctx.engine, p).await?.len();
+                let after = proxyctl::routes(ctx.engine, p).await?.routes.len();
                 if after >= routes_before {
                     break;
                 }

@@ -19,6 +19,8 @@ pub const ROLE_SERVICE: &str = "service";
 pub const ROLE_PROXY: &str = "proxy";
 pub const ROLE_LOCK: &str = "lock";
 pub const ROLE_MARKER: &str = "live-marker";
+/// Images Luma built (apps and services).
+pub const ROLE_IMAGE: &str = "image";
 
 pub fn network(project: &str) -> String {
     format!("{project}-network")
@@ -32,16 +34,9 @@ pub fn service_container(project: &str, service: &str) -> String {
     format!("{project}_{service}")
 }
 
-/// The alias a release answers to inside the project network; the proxy routes to it.
-pub fn release_alias(app: &str, release: &str) -> String {
-    format!("{app}--{release}")
-}
-
-/// Recovers the release from a route target like `web--3f2a1c9:3000`.
-pub fn release_of_target(app: &str, target: &str) -> Option<String> {
-    let alias = target.rsplit_once(':').map(|(a, _)| a).unwrap_or(target);
-    alias.strip_prefix(&format!("{app}--")).map(str::to_string)
-}
+/// The alias a release answers to (checked to fit one DNS label) and the release a route
+/// target names: defined once, in `luma-api`.
+pub use luma_api::names::{release_alias, release_of_target};
 
 pub fn image_repo(project: &str, app: &str) -> String {
     format!("{project}_{app}")
@@ -77,7 +72,7 @@ mod tests {
 
     #[test]
     fn release_round_trips_through_the_route_target() {
-        let alias = release_alias("web", "3f2a1c9");
+        let alias = release_alias("web", "3f2a1c9").unwrap();
         assert_eq!(
             release_of_target("web", &format!("{alias}:3000")).as_deref(),
             Some("3f2a1c9")

@@ -2,11 +2,16 @@
 //!
 //! The proxy container runs `luma-proxy serve` with a state volume, a restart policy and ports
 //! 80 and 443 published (`LUMA_HTTP_PORT`/`LUMA_HTTPS_PORT` override them, e.g.
-//! `127.0.0.1:18080`). Luma talks to it with `docker exec <proxy> luma-proxy …`, so the proxy
-//! never needs docker.sock.
+//! `127.0.0.1:18080`). Luma talks to it through `luma-api` types only: one typed request on the
+//! stdin of `docker exec -i <proxy> luma-proxy call`, one typed reply back, so the proxy never
+//! needs docker.sock and no argv is built by hand.
 
 use crate::engine::{ContainerSpec, Engine};
 use crate::names;
+use luma_api::{
+    ApiError, CallError, Envelope, ErrorKind, Operation, RouteQuery, RouteState, RoutesReply,
+    RoutesRequest,
+};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -217,20 +222,15 @@ pub async fn ensure_running(
 pub async fn wait_ready(engine: &Engine, s: &ProxySettings) -> Result<(), String> {
     let started = tokio::time::Instant::now();
     loop {
-        match engine
-            .exec(&s.container, &["luma-proxy", "status", "--json"])
-            .await
-        {
-            Ok((0, _, _)) => return Ok(()),
-            Ok((_, _, err)) if started.elapsed() > Duration::from_secs(15) => {
+        match ask(engine, s, luma_api::StatusRequest {}).await {
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() > Duration::from_secs(15) => {
                 return Err(format!(
-                    "the proxy {} did not become ready: {}",
-                    s.container,
-                    err.trim()
+                    "the proxy {} did not become ready: {e}",
+                    s.container
                 ))
             }
-            Err(e) if started.elapsed() > Duration::from_secs(15) => return Err(e),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
@@ -249,35 +249,225 @@ pub async fn attach(engine: &Engine, s: &ProxySettings, network: &str) -> Result
         .await
 }
 
-/// Runs `luma-proxy ARGS --json` in the proxy and returns its JSON reply.
-pub async fn call(
+/// One typed admin operation, through `docker exec -i <proxy> luma-proxy call` with the
+/// request as JSON on stdin. A reply the proxy gave is `Ok` or `Refused` (nothing changed);
+/// anything else (the exec failed or died, the output cannot be read, the proxy timed out
+/// waiting for itself) is `Unknown`, and the caller must ask the proxy what is live.
+pub async fn call<O: Operation>(
     engine: &Engine,
     s: &ProxySettings,
-    args: &[&str],
-) -> Result<serde_json::Value, String> {
-    let mut cmd = vec!["luma-proxy"];
-    cmd.extend_from_slice(args);
-    let (code, out, err) = engine.exec(&s.container, &cmd).await?;
-    if code != 0 {
-        let msg = err.trim().trim_start_matches("luma-proxy: ");
-        return Err(if msg.is_empty() {
-            format!("luma-proxy {} failed", args.join(" "))
-        } else {
-            msg.to_string()
-        });
+    op: O,
+) -> Result<O::Reply, CallError> {
+    let request: luma_api::Request = op.into();
+    let input = serde_json::to_vec(&request)
+        .map_err(|e| CallError::Refused(ApiError::new(ErrorKind::Invalid, e.to_string())))?;
+    let ran = tokio::time::timeout(
+        request.reply_within() + Duration::from_secs(15),
+        engine.exec_with_stdin(&s.container, &["luma-proxy", "call"], Some(&input)),
+    )
+    .await;
+    let (code, out, err) = match ran {
+        Err(_) => {
+            return Err(CallError::Unknown(format!(
+                "no reply from {} in time",
+                s.container
+            )))
+        }
+        Ok(Err(e)) => return Err(CallError::Unknown(e)),
+        Ok(Ok(r)) => r,
+    };
+    match serde_json::from_str::<Envelope<O::Reply>>(out.trim()) {
+        Ok(envelope) => Result::from(envelope).map_err(CallError::from),
+        Err(_) => Err(CallError::Unknown(format!(
+            "unreadable reply from {} (exit {code}): {}{}",
+            s.container,
+            out.trim(),
+            err.trim()
+        ))),
     }
-    serde_json::from_str(&out).map_err(|e| {
-        format!(
-            "luma-proxy {}: unreadable reply ({e}): {out}",
-            args.join(" ")
-        )
-    })
+}
+
+/// Like [`call`], for reads and for callers to whom "unknown" and "refused" are both a plain
+/// failure.
+pub async fn ask<O: Operation>(
+    engine: &Engine,
+    s: &ProxySettings,
+    op: O,
+) -> Result<O::Reply, String> {
+    call(engine, s, op).await.map_err(|e| e.to_string())
 }
 
 /// The proxy's routes (with per-backend health).
-pub async fn routes(engine: &Engine, s: &ProxySettings) -> Result<Vec<serde_json::Value>, String> {
-    let v = call(engine, s, &["list", "--json"]).await?;
-    Ok(v["routes"].as_array().cloned().unwrap_or_default())
+pub async fn routes(engine: &Engine, s: &ProxySettings) -> Result<RoutesReply, String> {
+    ask(engine, s, RoutesRequest {}).await
+}
+
+/// What is live for one route, once no operation on it is running in the proxy: the truth a
+/// deploy continues from when a switch's outcome is unknown.
+pub async fn settled(
+    engine: &Engine,
+    s: &ProxySettings,
+    project: &str,
+    app: &str,
+) -> Result<Option<RouteState>, String> {
+    let q = RouteQuery {
+        project: project.into(),
+        app: app.into(),
+    };
+    Ok(ask(engine, s, q).await?.route)
+}
+
+/// How the running proxy differs from what this run asks for (image, published ports), each
+/// with the command that applies it. Empty when they match or no proxy runs.
+pub async fn drift(engine: &Engine, s: &ProxySettings) -> Result<Vec<String>, String> {
+    let Some(c) = engine.inspect(&s.container).await? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let apply = "run `luma proxy update` to apply it (routes and certificates are kept)";
+    let running_image = c.image.clone().unwrap_or_default();
+    if let Some(wanted) = engine.image_id(&s.image).await? {
+        if wanted != running_image {
+            out.push(format!(
+                "the running proxy {} was started from another image than {} ({}); {apply}",
+                s.container,
+                s.image,
+                short_id(&wanted)
+            ));
+        }
+    }
+    let bindings = c
+        .host_config
+        .as_ref()
+        .and_then(|h| h.port_bindings.clone())
+        .unwrap_or_default();
+    for (cport, (ip, port), var) in [
+        ("8080/tcp", &s.http, "LUMA_HTTP_PORT"),
+        ("8443/tcp", &s.https, "LUMA_HTTPS_PORT"),
+    ] {
+        let have: Vec<(String, String)> = bindings
+            .get(cport)
+            .cloned()
+            .flatten()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|b| {
+                (
+                    b.host_ip.unwrap_or_default(),
+                    b.host_port.unwrap_or_default(),
+                )
+            })
+            .collect();
+        let want_ip = ip.clone().unwrap_or_default();
+        let same = have.iter().any(|(hip, hport)| {
+            *hport == port.to_string()
+                && (hip == &want_ip || (want_ip.is_empty() && hip == "0.0.0.0"))
+        });
+        if !same {
+            let shown = have
+                .iter()
+                .map(|(i, p)| {
+                    if i.is_empty() {
+                        p.clone()
+                    } else {
+                        format!("{i}:{p}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let want = if want_ip.is_empty() {
+                port.to_string()
+            } else {
+                format!("{want_ip}:{port}")
+            };
+            out.push(format!(
+                "the running proxy {} publishes container port {cport} on {}, not on {want} as asked ({var}); {apply}",
+                s.container,
+                if shown.is_empty() { "nothing".into() } else { shown }
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn short_id(id: &str) -> &str {
+    let id = id.strip_prefix("sha256:").unwrap_or(id);
+    &id[..id.len().min(12)]
+}
+
+/// Where the running proxy really answers HTTP on this host (from its live port bindings),
+/// e.g. `http://127.0.0.1:8080`.
+pub async fn published_http(engine: &Engine, s: &ProxySettings) -> Result<Option<String>, String> {
+    let Some(c) = engine.inspect(&s.container).await? else {
+        return Ok(None);
+    };
+    let ports = c
+        .network_settings
+        .and_then(|n| n.ports)
+        .and_then(|p| p.get("8080/tcp").cloned().flatten())
+        .unwrap_or_default();
+    Ok(ports.into_iter().find_map(|b| {
+        let port = b.host_port?;
+        let ip = match b.host_ip.as_deref() {
+            None | Some("") | Some("0.0.0.0") => "localhost".to_string(),
+            Some(ip) if ip.contains(':') => return None,
+            Some(ip) => ip.to_string(),
+        };
+        Some(if port == "80" {
+            format!("http://{ip}")
+        } else {
+            format!("http://{ip}:{port}")
+        })
+    }))
+}
+
+/// Asks `base` (the proxy's published address) for `/` with `Host: host`; the HTTP status
+/// when the app answered, or why not.
+pub async fn probe(base: &str, host: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = base.trim_start_matches("http://");
+    let addr = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let work = async {
+        let mut stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        stream
+            .write_all(
+                format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: luma\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 512];
+        let mut got = 0;
+        while got < buf.len() {
+            let n = stream
+                .read(&mut buf[got..])
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        let text = String::from_utf8_lossy(&buf[..got]);
+        let code: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("no HTTP answer from {addr}"))?;
+        if text.contains("no route for this host") {
+            return Err(format!("the proxy at {addr} has no route for {host}"));
+        }
+        Ok(code)
+    };
+    tokio::time::timeout(Duration::from_secs(3), work)
+        .await
+        .map_err(|_| format!("{addr} did not answer within 3 s"))?
 }
 
 /// Fails with the name of the container holding any of these host ports.

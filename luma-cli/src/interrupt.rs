@@ -1,0 +1,120 @@
+//! Ctrl-C and SIGTERM, and the fault-injection points the tests use.
+//!
+//! A signal never kills `luma` mid-release. It is recorded, and each phase decides what it
+//! means: before the switch, the running step stops and what this release created is undone
+//! (then the lock is released); at and after the switch, settling finishes first, because the
+//! new release is already live. Only commands that change the engine listen for signals
+//! ([`install`]); `logs -f` and `status` keep the default (exit at once).
+//!
+//! Failpoints (`LUMA_FAILPOINTS=name=action[,name=action]`) let tests fault a named step
+//! deterministically: `error` makes it fail as if the engine refused it; `pause` prints
+//! `failpoint NAME: paused` on stderr and waits for a signal, so a test can synchronize on that
+//! line and then send SIGINT or SIGKILL at exactly that point. Unset, they cost one env lookup.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+use tokio::sync::watch;
+
+static SIGNALLED: OnceLock<watch::Receiver<u32>> = OnceLock::new();
+/// Which side of the point of no return a release is on, so a signal says what it will do.
+static PHASE: AtomicU8 = AtomicU8::new(PREPARE);
+const PREPARE: u8 = 0;
+const SWITCH: u8 = 1;
+const SETTLE: u8 = 2;
+
+/// Marks the proxy switch call (its outcome decides between undoing and settling).
+pub fn switching(on: bool) {
+    PHASE.store(if on { SWITCH } else { PREPARE }, Ordering::SeqCst);
+}
+
+/// Marks the span between a switch and the end of its settling.
+pub fn settling(on: bool) {
+    PHASE.store(if on { SETTLE } else { PREPARE }, Ordering::SeqCst);
+}
+
+/// What an interrupted step returns.
+pub const INTERRUPTED: &str = "interrupted by a signal";
+
+/// Starts listening for SIGINT and SIGTERM (once per process).
+pub fn install() {
+    if SIGNALLED.get().is_some() {
+        return;
+    }
+    let (tx, rx) = watch::channel(0u32);
+    let _ = SIGNALLED.set(rx);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            let n = *tx.borrow() + 1;
+            eprintln!(
+                "\n{}",
+                match PHASE.load(Ordering::SeqCst) {
+                    SETTLE => "signal received: the new release is already live; finishing settling first",
+                    SWITCH => "signal received: asking the proxy whether the switch happened, then undoing or settling",
+                    _ => "signal received: stopping and undoing what this release created",
+                }
+            );
+            let _ = tx.send(n);
+        }
+    });
+}
+
+/// True once a signal arrived.
+pub fn requested() -> bool {
+    SIGNALLED.get().is_some_and(|rx| *rx.borrow() > 0)
+}
+
+/// Resolves when a signal arrives (never, if signals are not being listened for).
+pub async fn wait() {
+    match SIGNALLED.get() {
+        Some(rx) => {
+            let mut rx = rx.clone();
+            let _ = rx.wait_for(|n| *n > 0).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a reversible step unless a signal arrives first (or has already arrived).
+pub async fn unless_interrupted<T>(
+    work: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    if requested() {
+        return Err(INTERRUPTED.into());
+    }
+    tokio::select! {
+        r = work => r,
+        _ = wait() => Err(INTERRUPTED.into()),
+    }
+}
+
+/// A named fault-injection point (see the module docs).
+pub async fn failpoint(name: &str) -> Result<(), String> {
+    let Ok(spec) = std::env::var("LUMA_FAILPOINTS") else {
+        return Ok(());
+    };
+    let action = spec
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| k.trim() == name)
+        .map(|(_, v)| v.trim().to_string());
+    match action.as_deref() {
+        Some("error") => Err(format!("failpoint {name}: injected failure")),
+        Some("pause") => {
+            eprintln!("failpoint {name}: paused (pid {})", std::process::id());
+            wait().await;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,330 @@
+//! A project on an engine: everything a release stands on, and nothing of a release itself.
+//!
+//! [`setup`] makes sure the engine answers, the proxy runs (and says when it differs from what
+//! is asked), the project network exists with the proxy on it, and services are up to date.
+//! [`preflight`] is every check that needs no change: images, secrets, host ports, names. The
+//! container recipe for app replicas and services ([`run_entry`]) lives here too, so both get
+//! the same labels, init and stop timeout.
+
+use crate::config::{Config, Entry, ImageSource};
+use crate::engine::{self, ContainerSpec, Engine};
+use crate::names;
+use crate::proxyctl::{self, ProxySettings};
+use crate::secrets::Secrets;
+use crate::ui::Ui;
+use std::collections::HashMap;
+
+pub struct Ctx<'a> {
+    pub engine: &'a Engine,
+    pub cfg: &'a Config,
+    pub secrets: &'a Secrets,
+    pub proxy: ProxySettings,
+    pub ui: &'a Ui,
+    /// Previous releases kept stopped for rollback.
+    pub retain: usize,
+}
+
+impl Ctx<'_> {
+    pub fn project(&self) -> &str {
+        &self.cfg.project
+    }
+    pub fn network(&self) -> String {
+        names::network(&self.cfg.project)
+    }
+    pub fn dir(&self) -> std::path::PathBuf {
+        self.cfg
+            .path
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| ".".into())
+    }
+    /// `<luma.yml>: <what>: <message>`, for errors about one entry.
+    pub fn err(&self, what: &str, msg: impl std::fmt::Display) -> String {
+        format!("{}: {what}: {msg}", self.cfg.path.display())
+    }
+}
+
+pub fn labels(project: &str, role: &str, extra: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut l = HashMap::from([
+        (names::LABEL_PROJECT.to_string(), project.to_string()),
+        (names::LABEL_ROLE.to_string(), role.to_string()),
+        (
+            names::LABEL_CREATED_BY.to_string(),
+            format!("luma {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ]);
+    for (k, v) in extra {
+        l.insert(k.to_string(), v.to_string());
+    }
+    l
+}
+
+/// Engine reachable, proxy running, project network present and joined by the proxy, services
+/// up to date. Idempotent; `deploy` runs it first.
+pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
+    let ui = ctx.ui;
+    ui.step("engine answers", async {
+        ctx.engine.server_version().await.map(|_| ())
+    })
+    .await?;
+    preflight_ports(ctx).await?;
+    ui.step(
+        format!("proxy {} running", ctx.proxy.container),
+        proxyctl::ensure_running(ctx.engine, &ctx.proxy, &[]),
+    )
+    .await?;
+    for d in proxyctl::drift(ctx.engine, &ctx.proxy).await? {
+        ui.info(format!("! {d}"));
+    }
+    let net = ctx.network();
+    ui.step(format!("network {net}"), async {
+        if !ctx.engine.network_exists(&net).await? {
+            ctx.engine
+                .create_network(&net, labels(ctx.project(), "network", &[]))
+                .await?;
+        }
+        proxyctl::attach(ctx.engine, &ctx.proxy, &net).await
+    })
+    .await?;
+    for svc in &ctx.cfg.services {
+        ensure_service(ctx, svc).await?;
+    }
+    Ok(())
+}
+
+/// Read-only checks: images that must already exist, secrets, the proxy image, host ports.
+pub async fn preflight(ctx: &Ctx<'_>, selected: &[&Entry]) -> Result<(), String> {
+    proxyctl::ensure_image(ctx.engine, &ctx.proxy).await?;
+    for e in selected.iter().copied().chain(ctx.cfg.services.iter()) {
+        env_of(ctx, e, "preflight")?;
+        if let ImageSource::Image(i) = &e.source {
+            if !ctx.engine.image_exists(i).await? {
+                return Err(missing_image(ctx, e, i));
+            }
+        }
+    }
+    preflight_ports(ctx).await
+}
+
+fn missing_image(ctx: &Ctx<'_>, e: &Entry, image: &str) -> String {
+    ctx.err(
+        &e.name,
+        format!("image {image:?} is not on the engine, and Luma deploys without a registry; build it first or use `build:`"),
+    )
+}
+
+/// Finds host-port clashes before anything changes, naming the container that holds the port.
+async fn preflight_ports(ctx: &Ctx<'_>) -> Result<(), String> {
+    let mut wanted: Vec<(u16, String)> = Vec::new();
+    for e in ctx.cfg.services.iter().chain(ctx.cfg.apps.iter()) {
+        for p in &e.ports {
+            let (_, host, _) = crate::config::parse_port(p)?;
+            wanted.push((host, e.name.clone()));
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    for c in ctx.engine.running_containers().await? {
+        let ours = engine::label(&c, names::LABEL_PROJECT) == Some(ctx.project());
+        for p in c.ports.iter().flatten() {
+            let Some(public) = p.public_port else {
+                continue;
+            };
+            for (port, entry) in &wanted {
+                let same_entry = ours
+                    && (engine::label(&c, names::LABEL_APP) == Some(entry.as_str())
+                        || engine::name_of(&c) == names::service_container(ctx.project(), entry));
+                if public == *port && !same_entry {
+                    return Err(ctx.err(
+                        entry,
+                        format!(
+                            "wants host port {port}, which container {} already publishes; stop that container or change `ports`",
+                            engine::name_of(&c)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A stable fingerprint of everything that defines a service container.
+fn fingerprint(parts: &[String]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// Creates and starts the container of an app replica or a service: the entry's command,
+/// ports, volumes, restart policy and stop timeout, under Docker's init, in the project network
+/// under `aliases`. A container that fails to start is removed again.
+pub async fn run_entry(
+    ctx: &Ctx<'_>,
+    e: &Entry,
+    name: &str,
+    image: &str,
+    env: &[String],
+    labels: HashMap<String, String>,
+    aliases: Vec<String>,
+) -> Result<(), String> {
+    let spec = ContainerSpec {
+        name: name.to_string(),
+        image: image.to_string(),
+        env: env.to_vec(),
+        labels,
+        cmd: e.command.clone(),
+        network: Some((ctx.network(), aliases)),
+        ports: e
+            .ports
+            .iter()
+            .map(|p| crate::config::parse_port(p))
+            .collect::<Result<_, _>>()?,
+        binds: e.volumes.clone(),
+        restart_unless_stopped: true,
+        init: true,
+        stop_timeout: Some(e.stop_timeout.as_secs() as i64),
+    };
+    if !ctx.engine.create(&spec).await? {
+        return Err(format!("container {name} already exists"));
+    }
+    if let Err(err) = ctx.engine.start(name).await {
+        let _ = ctx.engine.remove(name).await;
+        return Err(err);
+    }
+    Ok(())
+}
+
+pub fn env_of(ctx: &Ctx<'_>, e: &Entry, release: &str) -> Result<Vec<String>, String> {
+    let mut env: Vec<String> = vec![
+        format!("LUMA_PROJECT={}", ctx.project()),
+        format!("LUMA_APP={}", e.name),
+        format!("LUMA_RELEASE={release}"),
+    ];
+    env.extend(e.env_plain.iter().map(|(k, v)| format!("{k}={v}")));
+    env.extend(ctx.secrets.env_for(
+        &e.env_secret,
+        &format!("{}: {:?}", ctx.cfg.path.display(), e.name),
+    )?);
+    Ok(env)
+}
+
+/// The image an entry runs: the given one (which must be on the engine), or one built on the
+/// engine and tagged `tag`. Returns the image and whether this call built it.
+pub async fn image_for(ctx: &Ctx<'_>, e: &Entry, tag: &str) -> Result<(String, bool), String> {
+    match &e.source {
+        ImageSource::Image(i) => {
+            if ctx.engine.image_exists(i).await? {
+                Ok((i.clone(), false))
+            } else {
+                Err(missing_image(ctx, e, i))
+            }
+        }
+        ImageSource::Build(b) => {
+            let ui = ctx.ui;
+            let ctxtar = crate::buildctx::tar_context(&b.context, &b.dockerfile)?;
+            let spec = engine::BuildSpec {
+                tag: tag.to_string(),
+                dockerfile: b.dockerfile.clone(),
+                args: b.args.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                target: b.target.clone(),
+                platform: b.platform.clone(),
+                labels: labels(
+                    ctx.project(),
+                    names::ROLE_IMAGE,
+                    &[(names::LABEL_APP, &e.name)],
+                ),
+            };
+            ui.step(
+                format!("build {tag}"),
+                ctx.engine.build(ctxtar, &spec, |line| ui.detail(line)),
+            )
+            .await?;
+            Ok((tag.to_string(), true))
+        }
+    }
+}
+
+async fn ensure_service(ctx: &Ctx<'_>, svc: &Entry) -> Result<(), String> {
+    let name = names::service_container(ctx.project(), &svc.name);
+    let (image, _) = image_for(
+        ctx,
+        svc,
+        &format!("{}:latest", names::image_repo(ctx.project(), &svc.name)),
+    )
+    .await?;
+    let env = env_of(ctx, svc, "service")?;
+    // The image ID, not its tag: a rebuilt `build:` service keeps its tag but must be
+    // recreated.
+    let image_id = ctx.engine.image_id(&image).await?.unwrap_or(image.clone());
+    let mut parts = vec![image_id];
+    parts.extend(env.iter().cloned());
+    parts.extend(svc.ports.iter().cloned());
+    parts.extend(svc.volumes.iter().cloned());
+    parts.extend(svc.command.iter().flatten().cloned());
+    parts.push(format!("stop_timeout={}", svc.stop_timeout.as_secs()));
+    let fp = fingerprint(&parts);
+    let existing = ctx.engine.inspect(&name).await?;
+    let current_fp = existing.as_ref().and_then(|c| {
+        c.config
+            .as_ref()?
+            .labels
+            .as_ref()?
+            .get(names::LABEL_FINGERPRINT)
+            .cloned()
+    });
+    let running = existing
+        .as_ref()
+        .and_then(|c| c.state.as_ref()?.running)
+        .unwrap_or(false);
+    if current_fp.as_deref() == Some(fp.as_str()) {
+        if !running {
+            ctx.ui
+                .step(
+                    format!("start service {}", svc.name),
+                    ctx.engine.start(&name),
+                )
+                .await?;
+        }
+        return Ok(());
+    }
+    let verb = if existing.is_some() {
+        "recreate"
+    } else {
+        "start"
+    };
+    ctx.ui
+        .step(format!("{verb} service {}", svc.name), async {
+            if existing.is_some() {
+                ctx.engine
+                    .stop(&name, svc.stop_timeout.as_secs() as i32)
+                    .await?;
+                ctx.engine.remove(&name).await?;
+            }
+            let labels = labels(
+                ctx.project(),
+                names::ROLE_SERVICE,
+                &[
+                    (names::LABEL_APP, &svc.name),
+                    (names::LABEL_FINGERPRINT, &fp),
+                ],
+            );
+            run_entry(
+                ctx,
+                svc,
+                &name,
+                &image,
+                &env,
+                labels,
+                vec![svc.name.clone()],
+            )
+            .await
+        })
+        .await
+}
