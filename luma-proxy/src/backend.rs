@@ -7,7 +7,9 @@
 //!
 //! A `Backend` object lives as long as one deploy of one route. Redeploying creates new
 //! objects even for the same IP, so draining the old release means waiting for the old objects'
-//! in-flight count to reach zero.
+//! in-flight count to reach zero. The count is the drain's half of the handshake described in
+//! `service`: it is incremented with `SeqCst` *before* the request checks whether its service
+//! was stopped, and read with `SeqCst` by the drain *after* the service was stopped.
 
 use crate::route::RouteTimeouts;
 use bytes::Bytes;
@@ -82,8 +84,10 @@ impl Backend {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Requests counted on this backend now. `SeqCst`: the drain's load in the handshake
+    /// described in `service` (a plain load on x86, so the balancer may use it too).
     pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
+        self.inflight.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> u64 {
@@ -94,9 +98,10 @@ impl Backend {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
-    /// Counts a request as in flight until the guard drops.
+    /// Counts a request as in flight until the guard drops. The increment is `SeqCst` and must
+    /// come before the request checks [`crate::service::Service::is_stopped`] (see `service`).
     pub fn begin(self: &Arc<Self>) -> InflightGuard {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.inflight.fetch_add(1, Ordering::SeqCst);
         self.requests.fetch_add(1, Ordering::Relaxed);
         InflightGuard {
             backend: self.clone(),
@@ -278,7 +283,9 @@ impl InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.backend.inflight.fetch_sub(1, Ordering::Relaxed);
+        // Release: a drain that reads the count this leaves also sees everything the request did
+        // before (its connection back in the pool), so retiring after it closes that too.
+        self.backend.inflight.fetch_sub(1, Ordering::Release);
     }
 }
 

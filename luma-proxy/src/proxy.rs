@@ -8,6 +8,11 @@
 //!
 //! Bodies stream both ways and are never buffered whole. The in-flight count of a backend runs
 //! until the response body ends (or a tunnel closes), which is what deploy drains on.
+//!
+//! A request counts itself on its first backend before it touches anything, then checks that
+//! its service was not stopped by a deploy meanwhile; if it was, it is routed again, untouched
+//! (the handshake is explained in `service`). A retry counts itself on the next backend before
+//! it releases the previous one.
 
 use crate::backend::{Backend, InflightGuard, SendError};
 use crate::headers;
@@ -165,14 +170,30 @@ pub fn local_response(status: StatusCode, text: &'static str) -> Response<Respon
     r
 }
 
+/// Route lookups one request may make. A request that finds its service stopped by a deploy
+/// looks again, and the second lookup finds the new service, which a deploy installs before it
+/// stops the old one. The bound only matters for a stopped service that stays in the table
+/// (shutdown): the last lookup is served whatever it finds.
+pub const MAX_LOOKUPS: usize = 3;
+
+/// What [`forward`] did with a request.
+enum Forwarded {
+    Done(Response<ResponseBody>, Option<SocketAddr>),
+    /// The service was stopped before the request was counted on it. Nothing was sent and the
+    /// request is handed back unchanged, to be routed again.
+    Reroute(Request<Incoming>),
+}
+
+fn lookup(ctx: &ProxyCtx, req: &Request<Incoming>) -> Option<Arc<Service>> {
+    headers::request_host(req.uri(), req.headers()).and_then(|h| ctx.router.lookup(h))
+}
+
 pub async fn handle(
     ctx: Arc<ProxyCtx>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
-    let service =
-        headers::request_host(req.uri(), req.headers()).and_then(|h| ctx.router.lookup(h));
     // Only the access log needs owned copies of the request line.
     let log = ctx.access_log.then(|| {
         let host = headers::request_host(req.uri(), req.headers())
@@ -180,12 +201,23 @@ pub async fn handle(
             .to_owned();
         (host, req.method().clone(), req.uri().path().to_owned())
     });
-    let (resp, backend) = match &service {
-        None => (
-            local_response(StatusCode::NOT_FOUND, "404 no route for this host\n"),
-            None,
-        ),
-        Some(svc) => forward(&ctx, svc, req, peer).await,
+    let mut service = lookup(&ctx, &req);
+    let mut lookups = 1;
+    let (resp, backend) = loop {
+        let Some(svc) = &service else {
+            break (
+                local_response(StatusCode::NOT_FOUND, "404 no route for this host\n"),
+                None,
+            );
+        };
+        match forward(&ctx, svc, req, peer, lookups < MAX_LOOKUPS).await {
+            Forwarded::Done(resp, backend) => break (resp, backend),
+            Forwarded::Reroute(r) => {
+                req = r;
+                lookups += 1;
+                service = lookup(&ctx, &req);
+            }
+        }
     };
     ctx.metrics.count_response(resp.status());
     if let Some((host, method, path)) = log {
@@ -207,18 +239,31 @@ fn is_replayable(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
+/// Sends the request to a backend of `svc`. With `may_reroute`, a request that finds `svc`
+/// stopped (a deploy replaced it) comes back untouched as [`Forwarded::Reroute`].
 async fn forward(
     ctx: &ProxyCtx,
     svc: &Arc<Service>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
-) -> (Response<ResponseBody>, Option<SocketAddr>) {
+    may_reroute: bool,
+) -> Forwarded {
     let Some(first) = svc.balancer.pick(None) else {
-        return (
+        if may_reroute && svc.is_stopped() {
+            return Forwarded::Reroute(req);
+        }
+        return Forwarded::Done(
             local_response(StatusCode::SERVICE_UNAVAILABLE, "503 no healthy backend\n"),
             None,
         );
     };
+    // Count first, then check: the request's half of the handshake with `Service::stop` and
+    // `Service::drain` (see `service`). Nothing may be sent or changed before this check.
+    let mut guard = first.begin();
+    if may_reroute && svc.is_stopped() {
+        drop(guard);
+        return Forwarded::Reroute(req);
+    }
     let upgrade = headers::is_upgrade(req.version(), req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -236,18 +281,17 @@ async fn forward(
     let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
     let mut backend = first;
     for attempt in 0..2 {
-        let guard = backend.begin();
         let sent = tokio::time::timeout(timeout, backend.send(req)).await;
         let retry_req = match sent {
             Err(_) => {
-                return (
+                return Forwarded::Done(
                     local_response(StatusCode::GATEWAY_TIMEOUT, "504 upstream timed out\n"),
                     Some(backend.addr),
                 )
             }
             Ok(Ok((resp, conn))) => {
                 let addr = backend.addr;
-                return (respond(resp, conn, guard, client_upgrade), Some(addr));
+                return Forwarded::Done(respond(resp, conn, guard, client_upgrade), Some(addr));
             }
             Ok(Err(SendError::Connect(e, r))) => {
                 backend.mark_down(format!("connect: {e}"));
@@ -263,7 +307,7 @@ async fn forward(
                     r
                 }
                 None => {
-                    return (
+                    return Forwarded::Done(
                         local_response(
                             StatusCode::BAD_GATEWAY,
                             "502 upstream closed the connection\n",
@@ -273,20 +317,24 @@ async fn forward(
                 }
             },
         };
-        drop(guard);
         if attempt == 1 {
             break;
         }
         ctx.metrics.count_retry();
         match svc.balancer.pick(Some(&backend)) {
             Some(next) => {
+                // The next backend counts the request before the previous one lets it go, so
+                // the service's in-flight count never dips to zero in between (a drain could
+                // end there). Assigning drops the old guard after `begin` has run.
+                guard = next.begin();
                 backend = next;
                 req = retry_req;
             }
             None => break,
         }
     }
-    (
+    drop(guard);
+    Forwarded::Done(
         local_response(StatusCode::BAD_GATEWAY, "502 upstream unreachable\n"),
         Some(backend.addr),
     )

@@ -4,12 +4,42 @@
 //! While started, one background task keeps the backend set fresh (re-resolving at least once a
 //! second and whenever it is kicked by a flush) and runs the active health checks. Requests
 //! never wait on any of this: they read the balancer's current snapshot.
+//!
+//! # Why a drain cannot miss a request
+//!
+//! A request reads the routing table (a lock-free snapshot) and only later counts itself on a
+//! backend. A deploy installs the new service, then [`Service::stop`]s the old one and
+//! [`Service::drain`]s it, and once that returns the old containers may be stopped at once. A
+//! request that read the old service but had not yet counted itself would not be waited for
+//! and would then reach a dead container. So both sides follow one rule (a Dekker-style
+//! handshake; the count's increment, the flag and the drain's loads are all `SeqCst`):
+//!
+//! - request: count itself on the backend first ([`Backend::begin`]), *then* check
+//!   [`Service::is_stopped`]. If the service is stopped it uncounts itself and looks the route
+//!   up again; nothing has been sent or changed yet (`proxy::forward` hands the request back).
+//! - deploy: install the new service, set the flag ([`Service::stop`]), *then* read the counts
+//!   ([`Service::drain`]).
+//!
+//! In the single total order of `SeqCst` operations either the request's check comes before
+//! the flag is set, and then its count comes before the drain's reads, which see it; or the
+//! check sees the flag, and then (since the new service was installed before the flag was set)
+//! the second lookup finds the new service (or no route, after a `remove`: 404). Lookups are
+//! bounded (`proxy::MAX_LOOKUPS`), so a service that stays stopped in the table (shutdown)
+//! still serves.
+//!
+//! Within one request the count never drops to zero: a retry counts itself on the next backend
+//! before it releases the previous one. The drain sums per-backend counts one by one, so a
+//! retry that hops between backends during one scan could hide from it; a request hops at most
+//! once, so the drain only trusts a zero seen by two scans in a row. All this costs the request
+//! path one atomic load and no lock or allocation; the counter was already atomic (`SeqCst`
+//! instead of `Relaxed` is the same locked instruction on x86).
 
 use crate::backend::Backend;
 use crate::balancer::LoadBalancer;
 use crate::health::{self, BackendReport};
 use crate::resolve::{Resolution, Resolver};
 use crate::route::{RouteSpec, Target};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -25,6 +55,8 @@ pub struct Service {
     /// Host header sent with health probes.
     probe_host: String,
     stop: watch::Sender<bool>,
+    /// Set by [`Service::stop`]: no new request may start here (see the module docs).
+    stopped: AtomicBool,
     kick: Notify,
 }
 
@@ -50,6 +82,7 @@ impl Service {
             balancer: LoadBalancer::new(backends),
             probe_host,
             stop: watch::channel(false).0,
+            stopped: AtomicBool::new(false),
             kick: Notify::new(),
         })
     }
@@ -129,17 +162,30 @@ impl Service {
         self.kick.notify_one();
     }
 
-    /// Stops the background task; the backends keep serving what they have in flight.
+    /// Marks the service stopped, so no new request starts on it (a request that already looked
+    /// it up routes again), and stops the background tasks. The backends keep serving what
+    /// they have in flight. Must come before [`Service::drain`] (see the module docs).
     pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
         let _ = self.stop.send(true);
     }
 
+    /// The request's check, made right after its first [`Backend::begin`] on this service.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
     /// Waits until no request is in flight on this service or `timeout` passes. Returns the
-    /// number still in flight (0 means fully drained).
+    /// number still in flight (0 means fully drained). Call [`Service::stop`] first.
     pub async fn drain(&self, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
         loop {
-            let n = self.inflight();
+            // A zero counts only if a second scan confirms it: a retry hopping between backends
+            // during one scan can hide from it, but not from the next one (module docs).
+            let n = match self.inflight() {
+                0 => self.inflight(),
+                n => n,
+            };
             if n == 0 || Instant::now() >= deadline {
                 return n;
             }

@@ -4,12 +4,20 @@
 //! so a crash mid-write leaves either the old or the new file, never a torn one. On restore each
 //! route is parsed and validated on its own: a bad entry is reported and skipped and never takes
 //! the others down.
+//!
+//! A file that cannot be restored whole is never silently overwritten by the next save: before
+//! anything else, its original bytes are preserved next to it as
+//! `routes.json.corrupt-<UTC time>` (mode 0600). It is moved there when nothing in it was usable
+//! and copied there when some routes were restored (the file still holds them until the next
+//! save). Files are written with mode 0600.
 
 use crate::route::RouteSpec;
 use serde::Serialize;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const ROUTES_FILE: &str = "routes.json";
 const VERSION: u64 = 1;
@@ -31,6 +39,9 @@ struct File<'a> {
 pub struct Restored {
     pub routes: Vec<RouteSpec>,
     pub skipped: Vec<String>,
+    /// Where the original file was preserved because not all of it could be restored. The
+    /// path is also named in `skipped`, which the caller logs.
+    pub set_aside: Option<PathBuf>,
 }
 
 impl StateStore {
@@ -60,7 +71,16 @@ impl StateStore {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(format!(".{ROUTES_FILE}.tmp"));
         let ctx = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
-        let mut f = std::fs::File::create(&tmp).map_err(|e| ctx("create", e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| ctx("create", e))?;
+        // A temp file left by a crash keeps its old mode; the rename publishes this one.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ctx("chmod", e))?;
         f.write_all(&body).map_err(|e| ctx("write", e))?;
         f.sync_all().map_err(|e| ctx("fsync", e))?;
         drop(f);
@@ -71,20 +91,116 @@ impl StateStore {
         Ok(())
     }
 
-    /// Reads the saved routes. A missing file is an empty table.
+    /// Reads the saved routes. A missing file is an empty table. If anything in the file could
+    /// not be restored, the file is first preserved (see the module docs).
     pub fn load(&self) -> Restored {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Restored::default(),
             Err(e) => {
                 return Restored {
-                    routes: Vec::new(),
                     skipped: vec![format!("cannot read {}: {e}", self.path.display())],
+                    ..Restored::default()
                 }
             }
         };
-        parse(&text, &self.path.display().to_string())
+        let origin = self.path.display().to_string();
+        let mut out = match std::str::from_utf8(&bytes) {
+            Ok(text) => parse(text, &origin),
+            Err(e) => Restored {
+                skipped: vec![format!(
+                    "{origin} is not valid UTF-8 ({e}); starting with no routes"
+                )],
+                ..Restored::default()
+            },
+        };
+        if out.skipped.is_empty() {
+            return out;
+        }
+        let whole = out.routes.is_empty();
+        match self.set_aside(&bytes, whole, SystemTime::now()) {
+            Ok(aside) => {
+                out.skipped.push(format!(
+                    "the original {origin} was {} to {} (mode 0600); the next save writes a fresh {ROUTES_FILE}",
+                    if whole { "moved" } else { "copied" },
+                    aside.display()
+                ));
+                out.set_aside = Some(aside);
+            }
+            Err(e) => out.skipped.push(format!(
+                "could not preserve {origin} ({e}); the next save will replace it"
+            )),
+        }
+        out
     }
+
+    /// Preserves the file as `routes.json.corrupt-<UTC time>`: renamed when nothing in it was
+    /// usable (`whole`), otherwise a copy of `bytes` (what was read). Earlier evidence is never
+    /// overwritten: a taken name gets a `-N` suffix.
+    fn set_aside(&self, bytes: &[u8], whole: bool, now: SystemTime) -> Result<PathBuf, String> {
+        let _w = self
+            .write
+            .lock()
+            .map_err(|_| "state lock poisoned".to_string())?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let base = format!("{ROUTES_FILE}.corrupt-{}", utc_stamp(now));
+        let free = |p: &PathBuf| {
+            std::fs::symlink_metadata(p).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        };
+        let aside = (0..1000)
+            .map(|i| match i {
+                0 => dir.join(&base),
+                i => dir.join(format!("{base}-{i}")),
+            })
+            .find(free)
+            .ok_or_else(|| format!("no free name {base}-N in {}", dir.display()))?;
+        let ctx = |what: &str, e: std::io::Error| format!("{what} {}: {e}", aside.display());
+        if whole {
+            // Private first, so the evidence is never readable by others under its new name.
+            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("chmod {}: {e}", self.path.display()))?;
+            std::fs::rename(&self.path, &aside).map_err(|e| ctx("rename to", e))?;
+        } else {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&aside)
+                .map_err(|e| ctx("create", e))?;
+            f.write_all(bytes).map_err(|e| ctx("write", e))?;
+            f.sync_all().map_err(|e| ctx("fsync", e))?;
+        }
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("fsync dir {}: {e}", dir.display()))?;
+        Ok(aside)
+    }
+}
+
+/// `20261128T083000Z`: a UTC time for file names, sortable and free of `:`.
+fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, s) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        s / 3600,
+        s % 3600 / 60,
+        s % 60
+    )
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// Parses a state file, keeping every entry that is valid on its own.
@@ -173,7 +289,128 @@ mod tests {
         assert_eq!(back.routes, routes);
         assert!(back.skipped.is_empty());
         assert!(!dir.join(format!(".{ROUTES_FILE}.tmp")).exists());
+        assert_eq!(mode(store.path()), 0o600);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The set-aside files in `dir`, sorted.
+    fn aside_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("{ROUTES_FILE}.corrupt-"))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_wholly_corrupt_file_is_moved_aside_and_survives_the_next_save() {
+        let dir = tempdir("corrupt");
+        let store = StateStore::new(&dir);
+        let originals: [&[u8]; 3] = [
+            b"{\"version\":1,\"routes\":[{\"proj",
+            b"\xff\xfe not even text",
+            b"{\"version\":1}",
+        ];
+        let mut seen = Vec::new();
+        for original in originals {
+            std::fs::write(store.path(), original).unwrap();
+            std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+            let r = store.load();
+            assert!(r.routes.is_empty());
+            let aside = r.set_aside.clone().expect("the file was set aside");
+            assert_eq!(aside.parent(), Some(dir.as_path()));
+            let name = aside.file_name().unwrap().to_string_lossy().into_owned();
+            let stamp = name
+                .strip_prefix("routes.json.corrupt-")
+                .unwrap_or_else(|| panic!("{name}"));
+            let stamp = &stamp[..16];
+            assert!(
+                stamp.len() == 16
+                    && stamp.as_bytes()[8] == b'T'
+                    && stamp.ends_with('Z')
+                    && stamp[..8]
+                        .bytes()
+                        .chain(stamp[9..15].bytes())
+                        .all(|b| b.is_ascii_digit()),
+                "{name}"
+            );
+            assert!(
+                r.skipped
+                    .iter()
+                    .any(|m| m.contains(&*aside.to_string_lossy())),
+                "{:?}",
+                r.skipped
+            );
+            assert!(!store.path().exists(), "moved, not copied");
+            assert_eq!(std::fs::read(&aside).unwrap(), original);
+            assert_eq!(mode(&aside), 0o600);
+            seen.push(aside);
+        }
+        // Two loads within one second never overwrite each other's evidence.
+        assert_eq!(aside_files(&dir), {
+            let mut s = seen.clone();
+            s.sort();
+            s
+        });
+        let routes = vec![spec("alpha", "alpha.test")];
+        store.save(&routes).unwrap();
+        let back = store.load();
+        assert_eq!(back.routes, routes);
+        assert!(back.skipped.is_empty() && back.set_aside.is_none());
+        for (aside, original) in seen.iter().zip(originals) {
+            assert_eq!(std::fs::read(aside).unwrap(), original);
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_partly_corrupt_file_is_copied_aside_and_its_good_routes_kept() {
+        let dir = tempdir("partial");
+        let store = StateStore::new(&dir);
+        let good = serde_json::to_value(spec("alpha", "alpha.test")).unwrap();
+        let original = serde_json::json!({
+            "version": 1,
+            "routes": [good, {"project": "Bad Name", "hosts": ["x.test"], "target": "web:3000"}]
+        })
+        .to_string();
+        std::fs::write(store.path(), &original).unwrap();
+        let r = store.load();
+        assert_eq!(r.routes, vec![spec("alpha", "alpha.test")]);
+        let aside = r.set_aside.clone().expect("the file was set aside");
+        assert!(r.skipped.iter().any(|m| m.contains("routes[1]")));
+        assert!(r
+            .skipped
+            .iter()
+            .any(|m| m.contains("copied") && m.contains(&*aside.to_string_lossy())));
+        assert_eq!(std::fs::read_to_string(store.path()).unwrap(), original);
+        assert_eq!(std::fs::read_to_string(&aside).unwrap(), original);
+        assert_eq!(mode(&aside), 0o600);
+        assert_eq!(aside_files(&dir), vec![aside.clone()]);
+        store.save(&r.routes).unwrap();
+        assert_eq!(std::fs::read_to_string(&aside).unwrap(), original);
+        let back = store.load();
+        assert_eq!(back.routes, r.routes);
+        assert!(back.skipped.is_empty() && back.set_aside.is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn set_aside_names_carry_the_utc_time() {
+        let at = |s: u64| utc_stamp(UNIX_EPOCH + std::time::Duration::from_secs(s));
+        assert_eq!(at(1_795_854_600), "20261128T083000Z");
+        assert_eq!(at(951_868_799), "20000229T235959Z");
+        assert_eq!(at(0), "19700101T000000Z");
     }
 
     #[test]
