@@ -421,3 +421,99 @@ impl Http {
         res
     }
 }
+
+/// A finished `luma` run: exit code and both streams.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliLab {
+    fn luma_command(&self, dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(luma_bin());
+        c.arg("-c")
+            .arg(dir.join("luma.yml"))
+            .args(args)
+            .env("LUMA_PROXY_NAME", &self.proxy)
+            .env("LUMA_PROXY_IMAGE", proxy_image())
+            .env("LUMA_HTTP_PORT", format!("127.0.0.1:{}", self.http_port))
+            .env("LUMA_HTTPS_PORT", format!("127.0.0.1:{}", self.https_port))
+            .envs(env.iter().copied());
+        c
+    }
+
+    /// Runs luma to the end and keeps its exit code.
+    pub fn luma_run(&self, dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let out = self
+            .luma_command(dir, args, env)
+            .output()
+            .expect("run luma");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Starts luma with a failpoint paused (`LUMA_FAILPOINTS=<point>=pause`) and returns once
+    /// it says it has reached it: the child, and its stderr so far.
+    pub fn luma_paused_at(
+        &self,
+        dir: &std::path::Path,
+        args: &[&str],
+        point: &str,
+    ) -> (std::process::Child, String) {
+        let spec = format!("{point}=pause");
+        let mut child = self
+            .luma_command(dir, args, &[("LUMA_FAILPOINTS", spec.as_str())])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn luma");
+        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut seen = String::new();
+        let marker = format!("failpoint {point}: paused");
+        loop {
+            let mut line = String::new();
+            let n = err.read_line(&mut line).expect("read luma stderr");
+            assert!(n > 0, "luma ended before reaching {point}:\n{seen}");
+            seen.push_str(&line);
+            if line.contains(&marker) {
+                break;
+            }
+        }
+        // Keep draining stderr so the child never blocks on a full pipe.
+        let rest = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        child.stderr = None;
+        CHILD_STDERR.lock().unwrap().push((child.id(), rest));
+        (child, seen)
+    }
+}
+
+static CHILD_STDERR: Mutex<Vec<(u32, std::thread::JoinHandle<String>)>> = Mutex::new(Vec::new());
+
+/// Sends `signal` (e.g. "INT", "KILL") to a child and waits for it; returns its exit code
+/// (None when killed by a signal) and the rest of its stderr.
+pub fn signal_and_wait(mut child: std::process::Child, signal: &str) -> (Option<i32>, String) {
+    let pid = child.id();
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{signal} {pid} failed");
+    let status = child.wait().expect("wait for luma");
+    let handle = {
+        let mut v = CHILD_STDERR.lock().unwrap();
+        v.iter().position(|(p, _)| *p == pid).map(|i| v.remove(i).1)
+    };
+    let rest = handle
+        .map(|h| h.join().unwrap_or_default())
+        .unwrap_or_default();
+    (status.code(), rest)
+}

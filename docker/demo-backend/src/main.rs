@@ -3,7 +3,8 @@
 //! It exists for tests, demos and benchmarks, so it has no dependencies and builds as a static
 //! binary for a `FROM scratch` image in seconds. One thread per connection, keep-alive.
 //!
-//! Environment: `PORT` (3000), `LUMA_PROJECT`, `LUMA_APP`, `LUMA_RELEASE`, `DEMO_UNHEALTHY=1`
+//! Environment: `PORT` (3000), `LUMA_PROJECT`, `LUMA_APP`, `LUMA_RELEASE`, `DEMO_DEFAULT_SIGNALS=1`
+//! (no SIGTERM handler, so as PID 1 it ignores SIGTERM), `DEMO_UNHEALTHY=1`
 //! (start failing `/up`), `DEMO_DELAY_MS` (slow every request), `DEMO_BODY_BYTES` (answer `/`
 //! with this many bytes instead of JSON; the benchmark backend uses 1024).
 //!
@@ -38,11 +39,15 @@ extern "C" fn exit_now(_: libc::c_int) {
 
 fn main() {
     // As PID 1 in a container, SIGTERM is ignored unless handled: exit at once so `docker stop`
-    // does not wait for its grace period.
-    // SAFETY: installing a handler that only calls an async-signal-safe function.
-    unsafe {
-        libc::signal(libc::SIGTERM, exit_now as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, exit_now as *const () as libc::sighandler_t);
+    // does not wait for its grace period. `DEMO_DEFAULT_SIGNALS=1` leaves the default
+    // dispositions instead, like the many real apps (busybox httpd, naive servers) that never
+    // handle SIGTERM and so ignore it as PID 1.
+    if env("DEMO_DEFAULT_SIGNALS", "") != "1" {
+        // SAFETY: installing a handler that only calls an async-signal-safe function.
+        unsafe {
+            libc::signal(libc::SIGTERM, exit_now as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGINT, exit_now as *const () as libc::sighandler_t);
+        }
     }
     let port = env("PORT", "3000");
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -251,11 +251,12 @@ impl<'c, 'a> Prepared<'c, 'a> {
     /// live; a signal during the call counts as unknown.
     pub async fn switch(self) -> Result<Switched<'c, 'a>, ReleaseError> {
         let ctx = self.ctx;
-        if crate::interrupt::requested() {
-            return Err(self.abandon(crate::interrupt::INTERRUPTED.into()).await);
-        }
         if let Err(e) = failpoint("switch.before").await {
             return Err(self.abandon(e).await);
+        }
+        // The last moment a signal can still undo everything.
+        if crate::interrupt::requested() {
+            return Err(self.abandon(crate::interrupt::INTERRUPTED.into()).await);
         }
         if let Some(route) = &self.app.proxy {
             let target = format!("{}:{}", self.alias, route.app_port);
