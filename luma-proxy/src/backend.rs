@@ -152,7 +152,9 @@ impl Backend {
 
     /// Closes idle connections and tells open tunnels to end.
     pub fn retire(&self) {
-        let _ = self.retired.send(true);
+        // send_replace, not send: `send` drops the value when no tunnel is subscribed, and
+        // then `is_retired` would stay false and closed pools would take connections back.
+        self.retired.send_replace(true);
         for pool in self.idle.iter() {
             if let Ok(mut idle) = pool.lock() {
                 idle.clear();
