@@ -4,6 +4,8 @@
 //! - a step after the switch fails (the marker, the retire): the new release stays live and
 //!   serving, luma exits 2 naming what is left, and `luma prune` finishes it;
 //! - luma is SIGKILLed right after the switch: the new release serves and the lock is freed;
+//! - the `docker exec` carrying the switch dies mid-drain: luma asks the proxy, which did
+//!   switch, and settles;
 //! - SIGINT at each step before the switch: everything this release made is undone, the old
 //!   release serves, no lock is left; SIGINT while settling: settling finishes first;
 //! - the proxy's state volume turns read-only: the deploy fails and the old route serves;
@@ -147,6 +149,78 @@ fn luma_killed_right_after_the_switch_leaves_the_new_release_serving_and_no_lock
         Some(new.as_str())
     );
     assert!(st["lock"].is_null(), "{st:#}");
+}
+
+#[test]
+fn the_exec_carrying_the_switch_dies_mid_drain_and_luma_settles_from_the_proxys_truth() {
+    let lab = CliLab::new("fault-exec");
+    let host = format!("web.{}.test", lab.prefix);
+    let (dir, _) = lab.project("p", &app_yaml(&host, ""));
+    lab.luma_ok(&dir, &["deploy"]);
+    let old = served(&lab, &host);
+    // A slow request on the old release keeps the proxy's drain (and so the exec) open.
+    let addr = lab.http_addr();
+    let slow_host = host.clone();
+    let slow = std::thread::spawn(move || Http::new(&addr).get(&slow_host, "/?delay_ms=4000"));
+    let mut child = std::process::Command::new(luma_bin())
+        .arg("-c")
+        .arg(dir.join("luma.yml"))
+        .arg("deploy")
+        .env("LUMA_PROXY_NAME", &lab.proxy)
+        .env("LUMA_PROXY_IMAGE", proxy_image())
+        .env("LUMA_HTTP_PORT", format!("127.0.0.1:{}", lab.http_port))
+        .env("LUMA_HTTPS_PORT", format!("127.0.0.1:{}", lab.https_port))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once luma says the switch step started, the only `luma-proxy call` in the proxy
+    // container is the switch's exec: kill it there.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("… switch ") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("luma never reached the switch");
+    let pid = wait_for(Duration::from_secs(30), || {
+        docker(&["top", &lab.proxy, "-eo", "pid,args"])
+            .ok()?
+            .lines()
+            .find(|l| l.contains("luma-proxy call"))
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+    })
+    .expect("the switch's exec never showed up");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let err = reader.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("the switch's outcome is unknown"), "{err}");
+    assert!(err.contains("the proxy did switch"), "{err}");
+    assert_eq!(
+        slow.join().unwrap().unwrap().0,
+        200,
+        "the drained request completed"
+    );
+    let new = served(&lab, &host);
+    assert_ne!(new, old);
+    assert_eq!(status_json(&lab, &dir)["apps"][0]["consistent"], true);
 }
 
 #[test]

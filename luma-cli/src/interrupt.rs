@@ -2,8 +2,9 @@
 //!
 //! A signal never kills `luma` mid-release. It is recorded, and each phase decides what it
 //! means: before the switch, the running step stops and what this release created is undone
-//! (then the lock is released); at and after the switch, settling finishes first, because the
-//! new release is already live. Only commands that change the engine listen for signals
+//! (then the lock is released); during the switch call, its answer is awaited (it decides
+//! between undoing and settling); after the switch, settling finishes first, because the new
+//! release is already live. Only commands that change the engine listen for signals
 //! ([`install`]); `logs -f` and `status` keep the default (exit at once).
 //!
 //! Failpoints (`LUMA_FAILPOINTS=name=action[,name=action]`) let tests fault a named step
@@ -60,7 +61,7 @@ pub fn install() {
                 "\n{}",
                 match PHASE.load(Ordering::SeqCst) {
                     SETTLE => "signal received: the new release is already live; finishing settling first",
-                    SWITCH => "signal received: asking the proxy whether the switch happened, then undoing or settling",
+                    SWITCH => "signal received: waiting for the proxy's answer to the switch, then undoing or settling",
                     _ => "signal received: stopping and undoing what this release created",
                 }
             );

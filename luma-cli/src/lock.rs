@@ -37,7 +37,7 @@ use crate::names;
 use bollard::models::ContainerInspectResponse;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A lock taken longer ago than this is taken over even if its holder looks alive: the last
 /// resort for an engine that lost the attach connection but kept the holder running. A `luma`
@@ -256,14 +256,28 @@ impl Lock {
             ..Default::default()
         };
         let mut took_over = None;
-        // Each round either takes the lock, fails on a live holder, or removes one stale lock;
-        // a few rounds only run out when others keep taking and releasing it meanwhile.
-        for _ in 0..5 {
+        let mut removed = 0;
+        let mut pause = Duration::from_millis(10);
+        let give_up = Instant::now() + Duration::from_secs(15);
+        // Each round takes the lock, fails on a live holder, or removes one stale lock; rounds
+        // only run out when others keep taking and releasing it meanwhile.
+        loop {
             if let Some(id) = engine.create_stdin_bound(&spec).await? {
                 return Self::hold(engine, name, id, image, took_over).await;
             }
             let Some(c) = engine.inspect(&name).await? else {
-                // Released between our create and inspect.
+                // The name is taken but no container answers to it: Docker reserves the name
+                // before it registers a new container (another taker's create is under way),
+                // and frees it just after one is gone. Nothing to wait on by ID yet: retry
+                // shortly, then the new holder is visible (or the name is free).
+                if Instant::now() > give_up {
+                    return Err(format!(
+                        "could not take the lock {name}: the engine keeps reporting the name as \
+                         taken without a container by that name; try again"
+                    ));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
                 continue;
             };
             let labels = labels_of(&c);
@@ -294,10 +308,14 @@ impl Lock {
             // survives this; our create below then fails on the name, as it must.
             engine.remove_id(&h.id).await?;
             took_over = Some(h);
+            removed += 1;
+            if removed > 5 {
+                return Err(format!(
+                    "could not take the lock {name}: it changed hands repeatedly while trying; \
+                     try again"
+                ));
+            }
         }
-        Err(format!(
-            "could not take the lock {name}: it changed hands repeatedly while trying; try again"
-        ))
     }
 
     /// Attaches to the new lock container's stdin, then starts it.

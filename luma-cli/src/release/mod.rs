@@ -14,9 +14,10 @@
 //!   serving. A [`Prepared`] can only be switched or abandoned.
 //! - **Switch** ([`Prepared::switch`]): one typed `deploy` call to the proxy, which re-checks,
 //!   saves its table, swaps the route and drains the old release before it answers. A refusal
-//!   means nothing changed, so the release is abandoned. If the outcome is unknown (the exec
-//!   died, a timeout, a signal), the proxy is asked what is live once no operation runs on the
-//!   route ([`crate::proxyctl::settled`]), and the release continues from that truth.
+//!   means nothing changed, so the release is abandoned. A signal during the call waits for its
+//!   answer. If the outcome is unknown (the exec died, no reply in time), the proxy is asked
+//!   what is live once no operation runs on the route ([`crate::proxyctl::settled`]), and the
+//!   release continues from that truth.
 //! - **Settle** ([`Switched::settle`]): record the live release in labels, stop and disconnect
 //!   the old release, remove releases beyond the retained ones and images of failed releases.
 //!   Nothing here is ever undone: a failure leaves the new release live and says what is left

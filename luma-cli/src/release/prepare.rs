@@ -247,8 +247,8 @@ impl<'c, 'a> Prepared<'c, 'a> {
     }
 
     /// The point of no return: one proxy call switches the route. A refusal abandons the
-    /// release (nothing changed); an unknown outcome is settled by asking the proxy what is
-    /// live; a signal during the call counts as unknown.
+    /// release (nothing changed); an unknown outcome (the exec died, no reply in time) is
+    /// settled by asking the proxy what is live. A signal during the call waits for its answer.
     pub async fn switch(self) -> Result<Switched<'c, 'a>, ReleaseError> {
         let ctx = self.ctx;
         if let Err(e) = failpoint("switch.before").await {
@@ -285,12 +285,10 @@ impl<'c, 'a> Prepared<'c, 'a> {
                         route.hosts.join(", "),
                         self.release
                     ),
-                    async {
-                        tokio::select! {
-                            r = proxyctl::call(ctx.engine, &ctx.proxy, req) => Ok(r),
-                            _ = crate::interrupt::wait() => Ok(Err(CallError::Unknown(crate::interrupt::INTERRUPTED.into()))),
-                        }
-                    },
+                    // Not interruptible: a signal here waits for the proxy's own answer, which
+                    // is the truth. Abandoning the call instead would leave its request in
+                    // flight, and a late switch could race the undo.
+                    async { Ok(proxyctl::call(ctx.engine, &ctx.proxy, req).await) },
                 )
                 .await
                 .unwrap_or_else(|e: String| Err(CallError::Unknown(e)));
