@@ -40,9 +40,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A lock taken longer ago than this is taken over even if its holder looks alive: the last
-/// resort for an engine that lost the attach connection but kept the holder running. A `luma`
-/// whose deploy legitimately runs longer than this can lose its lock.
-pub const STALE_AFTER_S: u64 = 15 * 60;
+/// resort for an engine that lost the attach connection but kept the holder running (a dead
+/// `luma` is otherwise noticed at once). Long enough for a slow build: a `luma` whose deploy
+/// runs longer than this can lose its lock.
+pub const STALE_AFTER_S: u64 = 60 * 60;
 /// A lock still `created` (never started) this long after it was taken is abandoned: its taker
 /// died between creating and starting it.
 pub const CREATED_GRACE_S: u64 = 30;
