@@ -32,7 +32,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("invalid duration {s:?}: too long")),
         _ => Err(format!(
             "invalid duration {s:?}: unit must be ms, s or m (e.g. 500ms, 2s, 1m)"
         )),

@@ -78,8 +78,9 @@ impl Request {
             }
             Request::Check(r) => r.timeout_ms.unwrap_or(DEFAULT_DEPLOY_TIMEOUT_MS),
             Request::Remove(r) => r.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS),
-            // Waits for a running deploy of that route.
-            Request::Route(_) => DEFAULT_DEPLOY_TIMEOUT_MS + DEFAULT_DRAIN_TIMEOUT_MS,
+            // Waits for a running operation on that route, which its own deadlines bound (a
+            // deploy's health deadline may be minutes).
+            Request::Route(_) => 10 * 60 * 1000,
             Request::Flush(_) | Request::Routes(_) | Request::Status(_) => 0,
         };
         Duration::from_millis(ms) + Duration::from_secs(15)
@@ -279,7 +280,7 @@ pub enum ErrorKind {
     Unreachable,
     /// The request was sent but no reply came: the outcome is unknown.
     NoReply,
-    /// Something inside the proxy failed before any change.
+    /// Something inside the proxy failed; whether anything changed is not known.
     Internal,
 }
 
@@ -302,9 +303,21 @@ impl ApiError {
         }
     }
 
-    /// True when the proxy certainly left its routing table as it was.
+    /// True when the proxy certainly left its routing table as it was: only kinds that are
+    /// decided before any change. `internal` (a failed task, an unreadable error reply) may
+    /// come after a switch, so it counts as unknown, like `no_reply`.
     pub fn changed_nothing(&self) -> bool {
-        self.kind != ErrorKind::NoReply
+        matches!(
+            self.kind,
+            ErrorKind::Invalid
+                | ErrorKind::Conflict
+                | ErrorKind::NotFound
+                | ErrorKind::Unresolved
+                | ErrorKind::Unhealthy
+                | ErrorKind::NotSaved
+                | ErrorKind::Unauthorized
+                | ErrorKind::Unreachable
+        )
     }
 
     /// The HTTP status the admin API answers with.
@@ -431,6 +444,8 @@ mod tests {
         assert!(matches!(refused, CallError::Refused(_)));
         let unknown: CallError = ApiError::new(ErrorKind::NoReply, "timeout").into();
         assert!(matches!(unknown, CallError::Unknown(_)));
+        let crashed: CallError = ApiError::new(ErrorKind::Internal, "task failed").into();
+        assert!(matches!(crashed, CallError::Unknown(_)));
         let env: Envelope<FlushReply> =
             serde_json::from_str(r#"{"err":{"kind":"conflict","error":"taken"}}"#).unwrap();
         let r: Result<FlushReply, ApiError> = env.into();

@@ -186,13 +186,19 @@ impl Deployer {
                 )
             })?;
         }
-        match change {
-            Change::Install(svc) => self
-                .router
-                .install(svc)
-                .map_err(|e| err(ErrorKind::Conflict, e)),
+        let before = self.router.specs();
+        let applied = match change {
+            Change::Install(svc) => self.router.install(svc),
             Change::Remove(key) => Ok(self.router.remove(&key)),
-        }
+        };
+        // Ownership was checked under this lock, so only a poisoned table lock gets here; the
+        // file then holds a change that did not happen: put the table back, and say "unknown".
+        applied.map_err(|e| {
+            if let Some(state) = &self.state {
+                let _ = state.save(&before);
+            }
+            err(ErrorKind::Internal, e)
+        })
     }
 
     /// Health-checks a target in its network without switching anything.

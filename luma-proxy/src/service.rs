@@ -212,6 +212,10 @@ impl Service {
                         serde_json::json!({"route": self.spec.key().to_string()}),
                     );
                 }
+                // A draining service keeps the backend set its drain is counting.
+                if self.is_stopped() {
+                    return;
+                }
                 let added = self.apply(res);
                 if !added.is_empty() {
                     health::check_round(&added, &self.spec.health, &self.probe_host).await;

@@ -24,8 +24,10 @@ const VERSION: u64 = 1;
 
 pub struct StateStore {
     path: PathBuf,
-    /// Serializes writers so an older table can never overwrite a newer one.
-    write: Mutex<()>,
+    /// Serializes writers so an older table can never overwrite a newer one. Holds why saves
+    /// are refused, when the file on disk could not be read or preserved: overwriting it
+    /// would lose what it holds.
+    write: Mutex<Option<String>>,
 }
 
 #[derive(Serialize)]
@@ -48,7 +50,7 @@ impl StateStore {
     pub fn new(dir: &Path) -> StateStore {
         StateStore {
             path: dir.join(ROUTES_FILE),
-            write: Mutex::new(()),
+            write: Mutex::new(None),
         }
     }
 
@@ -59,10 +61,13 @@ impl StateStore {
     /// Writes the whole table atomically. `routes` must be the table as of now; callers save
     /// after every install or removal.
     pub fn save(&self, routes: &[RouteSpec]) -> Result<(), String> {
-        let _w = self
+        let w = self
             .write
             .lock()
             .map_err(|_| "state lock poisoned".to_string())?;
+        if let Some(why) = w.as_ref() {
+            return Err(why.clone());
+        }
         let body = serde_json::to_vec_pretty(&File {
             version: VERSION,
             routes,
@@ -85,10 +90,22 @@ impl StateStore {
         f.sync_all().map_err(|e| ctx("fsync", e))?;
         drop(f);
         std::fs::rename(&tmp, &self.path).map_err(|e| ctx("rename", e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| format!("fsync dir {}: {e}", dir.display()))?;
+        // Past the rename the new table is what a restart reads, so the save has happened:
+        // a failed directory fsync only leaves it less durable against power loss, and
+        // reporting "not saved" now would make the caller undo a change that is on disk.
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            crate::log::warn(
+                "fsync of the state dir failed after the routes were saved",
+                serde_json::json!({"dir": dir.display().to_string(), "error": e.to_string()}),
+            );
+        }
         Ok(())
+    }
+
+    fn refuse_saves(&self, why: String) {
+        if let Ok(mut w) = self.write.lock() {
+            *w = Some(why);
+        }
     }
 
     /// Reads the saved routes. A missing file is an empty table. If anything in the file could
@@ -98,10 +115,15 @@ impl StateStore {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Restored::default(),
             Err(e) => {
+                let why = format!(
+                    "{} cannot be read ({e}); it is kept as it is and routes are not saved until it can be read (fix it, then restart the proxy)",
+                    self.path.display()
+                );
+                self.refuse_saves(why.clone());
                 return Restored {
-                    skipped: vec![format!("cannot read {}: {e}", self.path.display())],
+                    skipped: vec![why],
                     ..Restored::default()
-                }
+                };
             }
         };
         let origin = self.path.display().to_string();
@@ -127,9 +149,13 @@ impl StateStore {
                 ));
                 out.set_aside = Some(aside);
             }
-            Err(e) => out.skipped.push(format!(
-                "could not preserve {origin} ({e}); the next save will replace it"
-            )),
+            Err(e) => {
+                let why = format!(
+                    "could not preserve {origin} ({e}); routes are not saved until it is moved away by hand (then restart the proxy)"
+                );
+                self.refuse_saves(why.clone());
+                out.skipped.push(why);
+            }
         }
         out
     }
@@ -438,5 +464,20 @@ mod tests {
         let r = parse("{\"version\":1,\"routes\":[{\"proj", "routes.json");
         assert!(r.routes.is_empty());
         assert!(r.skipped[0].contains("not valid JSON"));
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_never_overwritten() {
+        let dir = tempdir("unreadable");
+        // A directory where the file should be: reading it fails (root ignores permissions).
+        std::fs::create_dir(dir.join(ROUTES_FILE)).unwrap();
+        let store = StateStore::new(&dir);
+        let r = store.load();
+        assert!(r.routes.is_empty());
+        assert!(r.skipped[0].contains("cannot be read"), "{:?}", r.skipped);
+        let err = store.save(&[spec("alpha", "alpha.test")]).unwrap_err();
+        assert!(err.contains("not saved until it can be read"), "{err}");
+        assert!(dir.join(ROUTES_FILE).is_dir());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

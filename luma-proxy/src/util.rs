@@ -1,26 +1,8 @@
 //! Small parsing helpers shared by the CLI flags and the admin API.
 
-use std::time::Duration;
 
-/// Parses a human duration: `250ms`, `2s`, `1m`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 2s, 1m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!(
-            "invalid duration {s:?}: unit must be ms, s or m (e.g. 500ms, 2s, 1m)"
-        )),
-    }
-}
+/// Parses a human duration (one definition, shared with the CLI).
+pub use luma_api::parse_duration;
 
 /// Parses a byte size: `64KiB`, `1MiB`, or a bare number of bytes.
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -43,6 +25,7 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn durations() {
