@@ -151,6 +151,15 @@ fn luma_killed_right_after_the_switch_leaves_the_new_release_serving_and_no_lock
     assert!(st["lock"].is_null(), "{st:#}");
 }
 
+/// In-flight requests through the proxy right now (its own status).
+fn proxy_inflight(lab: &CliLab) -> u64 {
+    docker(&["exec", &lab.proxy, "luma-proxy", "status", "--json"])
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["inflight"].as_u64())
+        .unwrap_or(0)
+}
+
 #[test]
 fn the_exec_carrying_the_switch_dies_mid_drain_and_luma_settles_from_the_proxys_truth() {
     let lab = CliLab::new("fault-exec");
@@ -158,43 +167,26 @@ fn the_exec_carrying_the_switch_dies_mid_drain_and_luma_settles_from_the_proxys_
     let (dir, _) = lab.project("p", &app_yaml(&host, ""));
     lab.luma_ok(&dir, &["deploy"]);
     let old = served(&lab, &host);
-    // A slow request on the old release keeps the proxy's drain (and so the exec) open.
+    // luma waits before the switch until a slow request holds the old release's drain open.
+    let go = dir.join("go");
+    let fp = format!("prepare.realiased=wait:{}", go.display());
+    let (child, _) = lab.luma_until(
+        &dir,
+        &["deploy"],
+        &[("LUMA_FAILPOINTS", fp.as_str())],
+        "failpoint prepare.realiased: waiting",
+    );
     let addr = lab.http_addr();
     let slow_host = host.clone();
-    let slow = std::thread::spawn(move || Http::new(&addr).get(&slow_host, "/?delay_ms=4000"));
-    let mut child = std::process::Command::new(luma_bin())
-        .arg("-c")
-        .arg(dir.join("luma.yml"))
-        .arg("deploy")
-        .env("LUMA_PROXY_NAME", &lab.proxy)
-        .env("LUMA_PROXY_IMAGE", proxy_image())
-        .env("LUMA_HTTP_PORT", format!("127.0.0.1:{}", lab.http_port))
-        .env("LUMA_HTTPS_PORT", format!("127.0.0.1:{}", lab.https_port))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Once luma says the switch step started, the only `luma-proxy call` in the proxy
-    // container is the switch's exec: kill it there.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("… switch ") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("luma never reached the switch");
+    let slow = std::thread::spawn(move || Http::new(&addr).get(&slow_host, "/?delay_ms=8000"));
+    assert!(
+        wait_for(Duration::from_secs(30), || (proxy_inflight(&lab) > 0)
+            .then_some(()))
+        .is_some(),
+        "the slow request never reached the proxy"
+    );
+    std::fs::write(&go, "").unwrap();
+    // The switch's exec is the only `luma-proxy call` in the proxy container: kill it there.
     let pid = wait_for(Duration::from_secs(30), || {
         docker(&["top", &lab.proxy, "-eo", "pid,args"])
             .ok()?
@@ -208,9 +200,8 @@ fn the_exec_carrying_the_switch_dies_mid_drain_and_luma_settles_from_the_proxys_
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = child.wait().unwrap();
-    let err = reader.join().unwrap();
-    assert_eq!(status.code(), Some(0), "{err}");
+    let (code, err) = finish(child);
+    assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("the switch's outcome is unknown"), "{err}");
     assert!(err.contains("the proxy did switch"), "{err}");
     assert_eq!(
@@ -274,6 +265,27 @@ fn sigint_before_the_switch_undoes_everything_and_after_it_settling_finishes() {
         );
         assert!(!lock_exists(&project), "{point}: the lock was left");
     }
+    // A signal in the middle of a running step (a health check that cannot pass) cuts it short
+    // and undoes the release too.
+    let yaml_ok = std::fs::read_to_string(dir.join("luma.yml")).unwrap();
+    let unhealthy = yaml_ok.replace(
+        "    health_check:\n",
+        "    environment:\n      plain: [DEMO_UNHEALTHY=1]\n    health_check:\n      deadline: 10m\n",
+    );
+    std::fs::write(dir.join("luma.yml"), &unhealthy).unwrap();
+    let (child, _) = lab.luma_until(&dir, &["deploy"], &[], "… health-check");
+    let (code, err) = signal_and_wait(child, "INT");
+    std::fs::write(dir.join("luma.yml"), &yaml_ok).unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("interrupted") && err.contains("keeps serving"),
+        "{err}"
+    );
+    assert_eq!(served(&lab, &host), old);
+    assert!(app_containers(&project).iter().all(|(r, _)| *r == old));
+    assert_eq!(images(&project), images_before);
+    assert!(!lock_exists(&project));
+
     // After the switch a signal waits for settling, which then completes.
     let (child, _) = lab.luma_paused_at(&dir, &["deploy"], "settle.record");
     let (code, err) = signal_and_wait(child, "INT");
@@ -431,13 +443,39 @@ fn apps_that_left_luma_yml_are_pruned_and_removed_with_their_routes_images_and_h
 #[test]
 fn checks_before_anything_changes_and_the_truth_about_the_proxy() {
     let lab = CliLab::new("fault-check");
-    // A release alias must fit one DNS label: refused before anything is created.
+    // A release alias must fit one DNS label: a 40-byte app name (the longest allowed) with a
+    // forced release of a dirty git tree (`<sha>-t<time>`) does not, and is refused before
+    // anything is created.
     let long = "a".repeat(40);
     let (dir, project) = lab.project(
         "long",
         &app_yaml(&format!("x.{}.test", lab.prefix), "").replace("  web:", &format!("  {long}:")),
     );
-    let run = lab.luma_run(&dir, &["deploy"], &[]);
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&dir)
+            .args([
+                "-c",
+                "user.name=luma-test",
+                "-c",
+                "user.email=luma-test@localhost",
+            ])
+            .args(args)
+            .output()
+            .expect("git")
+            .status
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "init"]);
+    let yml = dir.join("luma.yml");
+    let mut text = std::fs::read_to_string(&yml).unwrap();
+    text.push_str("# dirty\n");
+    std::fs::write(&yml, text).unwrap();
+    let run = lab.luma_run(&dir, &["deploy", "--force"], &[]);
     assert_eq!(run.code, Some(1));
     assert!(
         run.stderr.contains("luma.yml: apps.") && run.stderr.contains("63-byte"),

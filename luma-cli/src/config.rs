@@ -61,6 +61,16 @@ pub struct Entry {
     pub stop_timeout: Duration,
 }
 
+impl Entry {
+    /// The stop grace in whole seconds for the engine, rounded up (`500ms` waits 1 s, not 0).
+    pub fn stop_grace_s(&self) -> i32 {
+        self.stop_timeout
+            .as_millis()
+            .div_ceil(1000)
+            .min(i32::MAX as u128) as i32
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Health {
     pub path: String,

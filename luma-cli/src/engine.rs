@@ -667,23 +667,38 @@ impl Engine {
             mut input,
         } = started
         {
-            if let Some(bytes) = stdin {
-                input
-                    .write_all(bytes)
-                    .await
-                    .map_err(|e| format!("exec stdin: {e}"))?;
-                input
-                    .shutdown()
-                    .await
-                    .map_err(|e| format!("exec stdin: {e}"))?;
-            }
-            while let Some(item) = output.next().await {
-                match item.map_err(|e| format!("exec output: {e}"))? {
-                    bollard::container::LogOutput::StdErr { message } => {
-                        err.push_str(&String::from_utf8_lossy(&message))
-                    }
-                    other => out.push_str(&other.to_string()),
+            let streamed = async {
+                if let Some(bytes) = stdin {
+                    input
+                        .write_all(bytes)
+                        .await
+                        .map_err(|e| format!("exec stdin: {e}"))?;
+                    input
+                        .shutdown()
+                        .await
+                        .map_err(|e| format!("exec stdin: {e}"))?;
                 }
+                while let Some(item) = output.next().await {
+                    match item.map_err(|e| format!("exec output: {e}"))? {
+                        bollard::container::LogOutput::StdErr { message } => {
+                            err.push_str(&String::from_utf8_lossy(&message))
+                        }
+                        other => out.push_str(&other.to_string()),
+                    }
+                }
+                Ok::<_, String>(())
+            }
+            .await;
+            if let Err(e) = streamed {
+                // The stream broke, not necessarily the command: wait until it has ended, so
+                // a caller that goes on to ask what happened never races it.
+                while let Ok(i) = self.docker.inspect_exec(&created.id).await {
+                    if i.running != Some(true) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                return Err(e);
             }
         }
         let code = self

@@ -10,7 +10,8 @@
 //! Failpoints (`LUMA_FAILPOINTS=name=action[,name=action]`) let tests fault a named step
 //! deterministically: `error` makes it fail as if the engine refused it; `pause` prints
 //! `failpoint NAME: paused` on stderr and waits for a signal, so a test can synchronize on that
-//! line and then send SIGINT or SIGKILL at exactly that point. Unset, they cost one env lookup.
+//! line and then send SIGINT or SIGKILL at exactly that point; `wait:PATH` goes on once PATH
+//! exists. Unset, they cost one env lookup.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -22,6 +23,12 @@ static PHASE: AtomicU8 = AtomicU8::new(PREPARE);
 const PREPARE: u8 = 0;
 const SWITCH: u8 = 1;
 const SETTLE: u8 = 2;
+const REMOVE: u8 = 3;
+
+/// Marks commands that remove or settle (remove, prune): a signal stops them between steps.
+pub fn removing() {
+    PHASE.store(REMOVE, Ordering::SeqCst);
+}
 
 /// Marks the proxy switch call (its outcome decides between undoing and settling).
 pub fn switching(on: bool) {
@@ -36,32 +43,39 @@ pub fn settling(on: bool) {
 /// What an interrupted step returns.
 pub const INTERRUPTED: &str = "interrupted by a signal";
 
-/// Starts listening for SIGINT and SIGTERM (once per process).
+/// Starts listening for SIGINT and SIGTERM (once per process). The handlers are registered
+/// before this returns, so no signal in between kills the process the default way. A second
+/// signal exits at once: the lock frees itself, and `luma prune` settles what is left.
 pub fn install() {
+    use tokio::signal::unix::{signal, SignalKind};
     if SIGNALLED.get().is_some() {
         return;
     }
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
     let (tx, rx) = watch::channel(0u32);
     let _ = SIGNALLED.set(rx);
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
         loop {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
             }
             let n = *tx.borrow() + 1;
+            if n > 1 {
+                eprintln!("\nsecond signal: exiting now; `luma status` shows what is live and `luma prune` settles the rest");
+                std::process::exit(130);
+            }
             eprintln!(
-                "\n{}",
+                "\n{} (a second signal exits at once)",
                 match PHASE.load(Ordering::SeqCst) {
                     SETTLE => "signal received: the new release is already live; finishing settling first",
                     SWITCH => "signal received: waiting for the proxy's answer to the switch, then undoing or settling",
+                    REMOVE => "signal received: stopping after the current step",
                     _ => "signal received: stopping and undoing what this release created",
                 }
             );
@@ -114,6 +128,15 @@ pub async fn failpoint(name: &str) -> Result<(), String> {
         Some("pause") => {
             eprintln!("failpoint {name}: paused (pid {})", std::process::id());
             wait().await;
+            Ok(())
+        }
+        Some(a) if a.starts_with("wait:") => {
+            // Lets a test set the scene (e.g. a request in flight) before the next step.
+            let path = std::path::Path::new(&a["wait:".len()..]);
+            eprintln!("failpoint {name}: waiting for {}", path.display());
+            while !path.exists() && !requested() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
             Ok(())
         }
         _ => Ok(()),

@@ -54,6 +54,37 @@ async fn proxy_up(ctx: &Ctx<'_>) -> Result<bool, String> {
         .unwrap_or(false))
 }
 
+/// The proxy, started if it exists but is stopped: its routes (and the hosts they claim) live
+/// in its state volume, so removing an app without it would leave them to come back.
+async fn start_proxy_if_stopped(ctx: &Ctx<'_>) -> Result<bool, String> {
+    if ctx.engine.inspect(&ctx.proxy.container).await?.is_none() {
+        return Ok(false);
+    }
+    if !proxy_up(ctx).await? {
+        ctx.ui
+            .step(
+                format!("start the proxy {} to remove routes", ctx.proxy.container),
+                async {
+                    ctx.engine.start(&ctx.proxy.container).await?;
+                    proxyctl::wait_ready(ctx.engine, &ctx.proxy).await
+                },
+            )
+            .await?;
+    }
+    Ok(true)
+}
+
+fn stop_if_interrupted() -> Result<(), String> {
+    if crate::interrupt::requested() {
+        Err(format!(
+            "{}; stopped between steps (run the command again to finish)",
+            crate::interrupt::INTERRUPTED
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// Apps and services on the engine (or routed by the proxy) that `luma.yml` no longer lists,
 /// as "app NAME" / "service NAME".
 pub async fn departed(ctx: &Ctx<'_>) -> Result<Vec<String>, String> {
@@ -140,6 +171,7 @@ async fn remove_service(ctx: &Ctx<'_>, service: &str) -> Result<(), String> {
 /// network. Named volumes are kept.
 pub async fn remove(ctx: &Ctx<'_>, apps: &[String], everything: bool) -> Result<(), String> {
     crate::interrupt::install();
+    crate::interrupt::removing();
     let lock = ctx
         .ui
         .step(
@@ -148,17 +180,19 @@ pub async fn remove(ctx: &Ctx<'_>, apps: &[String], everything: bool) -> Result<
         )
         .await?;
     let result = async {
-        let up = proxy_up(ctx).await?;
+        let up = start_proxy_if_stopped(ctx).await?;
         let targets: Vec<String> = if everything {
             known_apps(ctx, up).await?.into_iter().collect()
         } else {
             apps.to_vec()
         };
         for app in &targets {
+            stop_if_interrupted()?;
             remove_app(ctx, app, up).await?;
         }
         if everything {
             for c in containers(ctx).await? {
+                stop_if_interrupted()?;
                 if role(&c) == names::ROLE_SERVICE {
                     let s = engine::label(&c, names::LABEL_APP)
                         .unwrap_or("")
@@ -191,6 +225,7 @@ pub async fn remove(ctx: &Ctx<'_>, apps: &[String], everything: bool) -> Result<
 /// removes apps and services that left luma.yml when `remove_departed`.
 pub async fn prune(ctx: &Ctx<'_>, remove_departed: bool) -> Result<Vec<String>, String> {
     crate::interrupt::install();
+    crate::interrupt::removing();
     let lock = ctx
         .ui
         .step(
@@ -199,7 +234,9 @@ pub async fn prune(ctx: &Ctx<'_>, remove_departed: bool) -> Result<Vec<String>, 
         )
         .await?;
     let result = async {
+        start_proxy_if_stopped(ctx).await?;
         for app in &ctx.cfg.apps {
+            stop_if_interrupted()?;
             let live = ctx
                 .ui
                 .step(
@@ -215,6 +252,7 @@ pub async fn prune(ctx: &Ctx<'_>, remove_departed: bool) -> Result<Vec<String>, 
         if remove_departed {
             let up = proxy_up(ctx).await?;
             for g in &gone {
+                stop_if_interrupted()?;
                 match g.split_once(' ') {
                     Some(("app", a)) => remove_app(ctx, a, up).await?,
                     Some(("service", s)) => remove_service(ctx, s).await?,

@@ -364,6 +364,25 @@ impl Lock {
         }
     }
 
+    /// Checks the lock is still this process's: its container (by ID) still runs. Called
+    /// right before a switch, so a lock lost mid-deploy (its attach connection dropped, or a
+    /// last-resort takeover) stops the release while it can still be undone.
+    pub async fn verify(&self, engine: &Engine) -> Result<(), String> {
+        let running = engine
+            .inspect(&self.id)
+            .await?
+            .and_then(|c| c.state?.running)
+            .unwrap_or(false);
+        if running {
+            Ok(())
+        } else {
+            Err(format!(
+                "the deploy lock {} is no longer held by this luma (its connection to the engine dropped, or it was taken over); stopping before the switch",
+                self.name
+            ))
+        }
+    }
+
     /// The lock container's ID.
     pub fn id(&self) -> &str {
         &self.id

@@ -232,7 +232,9 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
                 format!("app(s) {} of project {}", targets.join(", "), cfg.project)
             };
             if !yes && !confirm(&format!("Remove {what}?"))? {
-                return Err("cancelled; nothing was removed".to_string().into());
+                return Err(ReleaseError::Failed(
+                    "cancelled; nothing was removed".into(),
+                ));
             }
             inventory::remove(&ctx, &targets, everything)
                 .await
@@ -241,21 +243,7 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
         Cmd::Logs { app, follow, tail } => logs(&ctx, &app, follow, tail).await.map_err(Into::into),
         Cmd::Proxy { cmd } => proxy_cmd(&ctx, cmd).await.map_err(Into::into),
     };
-    out.map_err(|e| match e {
-        ReleaseError::NothingChanged(m) => ReleaseError::NothingChanged(secrets.redact(&m)),
-        ReleaseError::Unknown(m) => ReleaseError::Unknown(secrets.redact(&m)),
-        ReleaseError::Unsettled {
-            app,
-            release,
-            error,
-            left,
-        } => ReleaseError::Unsettled {
-            app,
-            release,
-            error: secrets.redact(&error),
-            left,
-        },
-    })
+    out.map_err(|e| e.map_messages(|m| secrets.redact(m)))
 }
 
 async fn prune(ctx: &Ctx<'_>, yes: bool) -> Result<(), String> {

@@ -87,6 +87,9 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
     })
     .await?;
     for svc in &ctx.cfg.services {
+        if crate::interrupt::requested() {
+            return Err(crate::interrupt::INTERRUPTED.into());
+        }
         ensure_service(ctx, svc).await?;
     }
     Ok(())
@@ -189,7 +192,7 @@ pub async fn run_entry(
         binds: e.volumes.clone(),
         restart_unless_stopped: true,
         init: true,
-        stop_timeout: Some(e.stop_timeout.as_secs() as i64),
+        stop_timeout: Some(e.stop_grace_s() as i64),
     };
     if !ctx.engine.create(&spec).await? {
         return Err(format!("container {name} already exists"));
@@ -302,9 +305,7 @@ async fn ensure_service(ctx: &Ctx<'_>, svc: &Entry) -> Result<(), String> {
     ctx.ui
         .step(format!("{verb} service {}", svc.name), async {
             if existing.is_some() {
-                ctx.engine
-                    .stop(&name, svc.stop_timeout.as_secs() as i32)
-                    .await?;
+                ctx.engine.stop(&name, svc.stop_grace_s()).await?;
                 ctx.engine.remove(&name).await?;
             }
             let labels = labels(

@@ -1,6 +1,5 @@
 //! Small parsing helpers shared by the CLI flags and the admin API.
 
-
 /// Parses a human duration (one definition, shared with the CLI).
 pub use luma_api::parse_duration;
 

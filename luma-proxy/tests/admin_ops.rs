@@ -67,6 +67,10 @@ async fn a_deploy_whose_client_disconnects_mid_drain_still_finishes() {
             .is_some_and(|s| s.spec.target == new_target)
     })
     .await;
+    // A reset, not a polite close: the connection is gone at once, as with a killed client.
+    socket2::SockRef::from(&conn)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(conn);
 
     // The drain still runs to its end: the slow request completes on the old release, and the

@@ -465,21 +465,33 @@ impl CliLab {
         point: &str,
     ) -> (std::process::Child, String) {
         let spec = format!("{point}=pause");
+        let marker = format!("failpoint {point}: paused");
+        self.luma_until(dir, args, &[("LUMA_FAILPOINTS", spec.as_str())], &marker)
+    }
+
+    /// Starts luma and returns once a line of its stderr contains `marker`: the child, and its
+    /// stderr so far. The rest of stderr is collected by [`signal_and_wait`] / [`finish`].
+    pub fn luma_until(
+        &self,
+        dir: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        marker: &str,
+    ) -> (std::process::Child, String) {
         let mut child = self
-            .luma_command(dir, args, &[("LUMA_FAILPOINTS", spec.as_str())])
+            .luma_command(dir, args, env)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn luma");
         let mut err = BufReader::new(child.stderr.take().expect("stderr"));
         let mut seen = String::new();
-        let marker = format!("failpoint {point}: paused");
         loop {
             let mut line = String::new();
             let n = err.read_line(&mut line).expect("read luma stderr");
-            assert!(n > 0, "luma ended before reaching {point}:\n{seen}");
+            assert!(n > 0, "luma ended before printing {marker:?}:\n{seen}");
             seen.push_str(&line);
-            if line.contains(&marker) {
+            if line.contains(marker) {
                 break;
             }
         }
@@ -489,24 +501,15 @@ impl CliLab {
             let _ = err.read_to_string(&mut s);
             s
         });
-        child.stderr = None;
         CHILD_STDERR.lock().unwrap().push((child.id(), rest));
         (child, seen)
     }
 }
 
-static CHILD_STDERR: Mutex<Vec<(u32, std::thread::JoinHandle<String>)>> = Mutex::new(Vec::new());
-
-/// Sends `signal` (e.g. "INT", "KILL") to a child and waits for it; returns its exit code
-/// (None when killed by a signal) and the rest of its stderr.
-pub fn signal_and_wait(mut child: std::process::Child, signal: &str) -> (Option<i32>, String) {
+/// Waits for a child started by [`CliLab::luma_until`]; returns its exit code and the rest of
+/// its stderr.
+pub fn finish(mut child: std::process::Child) -> (Option<i32>, String) {
     let pid = child.id();
-    let sent = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(sent.success(), "kill -{signal} {pid} failed");
     let status = child.wait().expect("wait for luma");
     let handle = {
         let mut v = CHILD_STDERR.lock().unwrap();
@@ -516,4 +519,19 @@ pub fn signal_and_wait(mut child: std::process::Child, signal: &str) -> (Option<
         .map(|h| h.join().unwrap_or_default())
         .unwrap_or_default();
     (status.code(), rest)
+}
+
+static CHILD_STDERR: Mutex<Vec<(u32, std::thread::JoinHandle<String>)>> = Mutex::new(Vec::new());
+
+/// Sends `signal` (e.g. "INT", "KILL") to a child and waits for it; returns its exit code
+/// (None when killed by a signal) and the rest of its stderr.
+pub fn signal_and_wait(child: std::process::Child, signal: &str) -> (Option<i32>, String) {
+    let pid = child.id();
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{signal} {pid} failed");
+    finish(child)
 }

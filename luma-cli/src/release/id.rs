@@ -51,6 +51,18 @@ pub fn release_id(dir: &Path, force: bool) -> Result<String, String> {
     }
 }
 
+/// `base`, or `base-2`, `base-3`, … when `base` is taken: the same commit deployed again gets
+/// a distinct, short release id.
+pub fn unique(base: &str, taken: &[&str]) -> String {
+    if !taken.contains(&base) {
+        return base.to_string();
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|r| !taken.contains(&r.as_str()))
+        .unwrap_or_else(|| format!("{base}-{}", time_id()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +77,13 @@ mod tests {
             .status
             .success();
         assert!(ok, "git {args:?}");
+    }
+
+    #[test]
+    fn a_taken_id_gets_the_next_free_suffix() {
+        assert_eq!(unique("abc1234", &[]), "abc1234");
+        assert_eq!(unique("abc1234", &["abc1234"]), "abc1234-2");
+        assert_eq!(unique("abc1234", &["abc1234", "abc1234-2"]), "abc1234-3");
     }
 
     #[test]

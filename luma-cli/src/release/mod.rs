@@ -47,8 +47,11 @@ use bollard::models::ContainerSummary;
 /// How a release ended when it did not simply succeed: what happened to the world.
 #[derive(Debug)]
 pub enum ReleaseError {
-    /// Nothing changed (or what changed was undone): the previous release keeps serving.
+    /// A release was abandoned: what it made was undone and the previous release keeps
+    /// serving.
     NothingChanged(String),
+    /// A command failed before or outside a release (a check, setup, remove, prune).
+    Failed(String),
     /// The new release is live; settling stopped part way.
     Unsettled {
         app: String,
@@ -64,7 +67,7 @@ impl ReleaseError {
     /// Exit status for scripts: 1 nothing changed, 2 live but unsettled, 3 unknown.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ReleaseError::NothingChanged(_) => 1,
+            ReleaseError::NothingChanged(_) | ReleaseError::Failed(_) => 1,
             ReleaseError::Unsettled { .. } => 2,
             ReleaseError::Unknown(_) => 3,
         }
@@ -73,14 +76,63 @@ impl ReleaseError {
 
 impl From<String> for ReleaseError {
     fn from(e: String) -> Self {
-        ReleaseError::NothingChanged(e)
+        ReleaseError::Failed(e)
+    }
+}
+
+impl ReleaseError {
+    /// The same outcome, noting the apps this run released before it.
+    fn after(self, released: &[String]) -> ReleaseError {
+        if released.is_empty() {
+            return self;
+        }
+        let note = format!(
+            "\nReleased earlier in this run (live): {}.",
+            released.join(", ")
+        );
+        match self {
+            ReleaseError::NothingChanged(m) => ReleaseError::NothingChanged(m + &note),
+            ReleaseError::Failed(m) => ReleaseError::Failed(m + &note),
+            ReleaseError::Unknown(m) => ReleaseError::Unknown(m + &note),
+            ReleaseError::Unsettled {
+                app,
+                release,
+                error,
+                left,
+            } => ReleaseError::Unsettled {
+                app,
+                release,
+                error: error + &note,
+                left,
+            },
+        }
+    }
+
+    /// Applies `f` to every message (e.g. to redact secrets).
+    pub fn map_messages(self, f: impl Fn(&str) -> String) -> ReleaseError {
+        match self {
+            ReleaseError::NothingChanged(m) => ReleaseError::NothingChanged(f(&m)),
+            ReleaseError::Failed(m) => ReleaseError::Failed(f(&m)),
+            ReleaseError::Unknown(m) => ReleaseError::Unknown(f(&m)),
+            ReleaseError::Unsettled {
+                app,
+                release,
+                error,
+                left,
+            } => ReleaseError::Unsettled {
+                app,
+                release,
+                error: f(&error),
+                left,
+            },
+        }
     }
 }
 
 impl std::fmt::Display for ReleaseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ReleaseError::NothingChanged(e) => write!(f, "{e}"),
+            ReleaseError::NothingChanged(e) | ReleaseError::Failed(e) => write!(f, "{e}"),
             ReleaseError::Unsettled {
                 app,
                 release,
@@ -169,8 +221,7 @@ pub async fn deploy(
     // Everything that can be checked is checked before anything changes.
     project::preflight(ctx, &apps).await?;
     for app in &apps {
-        names::release_alias(&app.name, &format!("{base}-{}", id::time_id()))
-            .map_err(|e| ctx.err(&format!("apps.{}", app.name), e))?;
+        next_release(ctx, app, &base).await?;
     }
     for gone in crate::inventory::departed(ctx).await? {
         ctx.ui.info(format!(
@@ -187,32 +238,47 @@ pub async fn deploy(
             Lock::acquire_for(ctx.engine, ctx.project(), &ctx.proxy.image, "deploy"),
         )
         .await?;
+    let mut released = Vec::new();
     let result = async {
-        crate::interrupt::unless_interrupted(project::setup(ctx)).await?;
+        // Setup is idempotent infrastructure: it is never cut mid-step (a service between
+        // stop and start), a signal is looked at once it is done.
+        project::setup(ctx).await?;
         for app in &apps {
-            // The same commit deployed twice gets a distinct release id.
-            let existing = releases(ctx, &app.name).await?;
-            let release = if existing.iter().any(|(r, _)| *r == base) {
-                format!("{base}-{}", id::time_id())
-            } else {
-                base.clone()
-            };
-            refuse_host_port_redeploy(ctx, app, &existing)?;
+            if crate::interrupt::requested() {
+                return Err(ReleaseError::Failed(crate::interrupt::INTERRUPTED.into()));
+            }
+            let release = next_release(ctx, app, &base).await?;
             ctx.ui.info(format!(
                 "▶ {}/{} release {release}",
                 ctx.project(),
                 app.name
             ));
             let prepared = Prepared::new_release(ctx, app, &release).await?;
+            if let Err(e) = lock.verify(ctx.engine).await {
+                return Err(prepared.abandon(e).await);
+            }
             prepared.switch().await?.settle().await?;
+            released.push(format!("{} {release}", app.name));
         }
         Ok::<_, ReleaseError>(())
     }
     .await;
     lock.release(ctx.engine).await;
     crate::interrupt::settling(false);
-    result?;
+    result.map_err(|e| e.after(&released))?;
     Ok(urls(ctx, &apps).await)
+}
+
+/// The next release id of an app (unique among its releases), checked before anything
+/// changes: its alias fits one DNS label, and host ports allow a second release.
+async fn next_release(ctx: &Ctx<'_>, app: &Entry, base: &str) -> Result<String, String> {
+    let existing = releases(ctx, &app.name).await?;
+    refuse_host_port_redeploy(ctx, app, &existing)?;
+    let taken: Vec<&str> = existing.iter().map(|(r, _)| r.as_str()).collect();
+    let release = id::unique(base, &taken);
+    names::release_alias(&app.name, &release)
+        .map_err(|e| ctx.err(&format!("apps.{}", app.name), e))?;
+    Ok(release)
 }
 
 /// Blue-green needs two releases side by side, which cannot share a host port.
@@ -278,7 +344,11 @@ pub async fn rollback(
         )
         .await?;
     let result = async {
-        let live = live_release(ctx, app_name).await?;
+        // An app without a route has no proxy record: its labels say what is live.
+        let live = match app.proxy {
+            Some(_) => live_release(ctx, app_name).await?,
+            None => recorded_release(ctx, app_name).await?,
+        };
         let all = releases(ctx, app_name).await?;
         let candidates: Vec<&(String, Vec<_>)> = all
             .iter()
@@ -309,6 +379,9 @@ pub async fn rollback(
         };
         let names: Vec<String> = containers.iter().map(engine::name_of).collect();
         let prepared = Prepared::retained(ctx, &app, release, names).await?;
+        if let Err(e) = lock.verify(ctx.engine).await {
+            return Err(prepared.abandon(e).await);
+        }
         prepared.switch().await?.settle().await?;
         Ok::<_, ReleaseError>(release.clone())
     }

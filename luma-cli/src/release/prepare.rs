@@ -124,6 +124,9 @@ impl<'c, 'a> Prepared<'c, 'a> {
                 unless_interrupted(async {
                     for i in 1..=app.replicas {
                         let name = names::app_container(ctx.project(), &app.name, release, i);
+                        if ctx.engine.inspect(&name).await?.is_some() {
+                            return Err(format!("container {name} already exists (left by an earlier run?); `luma prune` settles the app, or remove it with `docker rm -f {name}`"));
+                        }
                         // Recorded before it exists, so an interrupted create is cleaned up.
                         containers.push(name.clone());
                         let replica = i.to_string();
@@ -334,7 +337,7 @@ impl<'c, 'a> Prepared<'c, 'a> {
     }
 
     /// Undoes what this release created and says the old release keeps serving.
-    async fn abandon(self, error: String) -> ReleaseError {
+    pub async fn abandon(self, error: String) -> ReleaseError {
         let ctx = self.ctx;
         if error != crate::interrupt::INTERRUPTED {
             print_logs(ctx, &self.containers).await;

@@ -46,9 +46,12 @@ impl<'c, 'a> Switched<'c, 'a> {
         }
         .await
         .map_err(|e| unsettled(e, &[RETIRE, PRUNE]))?;
-        prune_releases(self.ctx, &self.app, &self.release)
+        let pruned = prune_releases(self.ctx, &self.app, &self.release)
             .await
-            .map_err(|e| unsettled(e, &[PRUNE]))
+            .map_err(|e| unsettled(e, &[PRUNE]));
+        // Settled (or stopped for good): the next app starts before its own point of no return.
+        crate::interrupt::settling(false);
+        pruned
     }
 }
 
@@ -106,7 +109,7 @@ async fn record_live(ctx: &Ctx<'_>, app: &str, release: &str) -> Result<(), Stri
 async fn retire_others(ctx: &Ctx<'_>, app: &Entry, live: &str) -> Result<(), String> {
     let net = ctx.network();
     let all = super::releases(ctx, &app.name).await?;
-    let grace = app.stop_timeout.as_secs() as i32;
+    let grace = app.stop_grace_s();
     let old: Vec<String> = all
         .iter()
         .filter(|(rel, _)| rel != live)
