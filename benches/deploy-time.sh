@@ -2,13 +2,17 @@
 # Deploy wall time with an app that ignores SIGTERM as PID 1 (like busybox httpd and many real
 # servers): 2 replicas of the demo backend with DEMO_DEFAULT_SIGNALS=1, a prebuilt image, N
 # deploys (default 21) in a row, each timed from `luma deploy` start to exit. Writes
-# docs/deploy-time.md. Usage: benches/deploy-time.sh [N]
+# docs/deploy-time.md. Usage: benches/deploy-time.sh [N]. LUMA_BIN times another `luma` build
+# (e.g. an older commit's) and OUT writes elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-21}
 docker/build-images.sh dev >/dev/null
-cargo build --release --locked -p luma-cli >/dev/null 2>&1
-luma=$PWD/target/release/luma
+if [ -z "${LUMA_BIN:-}" ]; then
+  cargo build --release --locked -p luma-cli >/dev/null 2>&1
+fi
+luma=${LUMA_BIN:-$PWD/target/release/luma}
+out=${OUT:-docs/deploy-time.md}
 tag="lumabench-dt-$$"
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -44,7 +48,7 @@ for i in $(seq "$n"); do
   end=$(date +%s%N)
   times+=("$(( (end - start) / 1000000 ))")
 done
-python3 - "$n" "${times[@]}" <<'PY' | tee docs/deploy-time.md
+python3 - "$n" "${times[@]}" <<'PY' | tee "$out"
 import statistics, sys
 n, ts = int(sys.argv[1]), sorted(int(t) / 1000 for t in sys.argv[2:])
 print("# Deploy wall time, app ignoring SIGTERM as PID 1\n")
