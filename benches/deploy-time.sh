@@ -57,5 +57,7 @@ print("`DEMO_DEFAULT_SIGNALS=1` (no SIGTERM handler, so as PID 1 it ignores SIGT
 print("each timed from `luma deploy` start to exit (start, check, switch, drain, retire, prune).\n")
 print("| deploys | median | min | max |\n|---:|---:|---:|---:|")
 print(f"| {n} | {statistics.median(ts):.2f} s | {ts[0]:.2f} s | {ts[-1]:.2f} s |")
-print("\nBefore (main at f63841a, no init, stops one by one with a 10 s grace): median 22.3 s over 21 deploys.")
+print("\nBefore (main at f63841a: no init, old replicas stopped one by one, each waiting out the 10 s")
+print("grace): median 22.3 s over 21 deploys (the issue's figure); re-measured here with")
+print("`LUMA_BIN=<f63841a's luma> benches/deploy-time.sh 7`: median 21.67 s (min 20.97, max 22.56).")
 PY
