@@ -6,9 +6,9 @@
 //! claimed host behind.
 
 use crate::engine;
-use crate::lock::{self, Lock, LockHolder};
+use crate::lock::{self, LockHolder};
 use crate::names;
-use crate::project::Ctx;
+use crate::project::{self, Ctx};
 use crate::proxyctl;
 use crate::release;
 use bollard::models::ContainerSummary;
@@ -170,15 +170,8 @@ async fn remove_service(ctx: &Ctx<'_>, service: &str) -> Result<(), String> {
 /// every app and service by label (in luma.yml or not), their routes and images, and the
 /// network. Named volumes are kept.
 pub async fn remove(ctx: &Ctx<'_>, apps: &[String], everything: bool) -> Result<(), String> {
-    crate::interrupt::install();
     crate::interrupt::removing();
-    let lock = ctx
-        .ui
-        .step(
-            "take the deploy lock",
-            Lock::acquire_for(ctx.engine, ctx.project(), &ctx.proxy.image, "remove"),
-        )
-        .await?;
+    let lock = project::take_lock(ctx, "remove").await?;
     let result = async {
         let up = start_proxy_if_stopped(ctx).await?;
         let targets: Vec<String> = if everything {
@@ -224,15 +217,8 @@ pub async fn remove(ctx: &Ctx<'_>, apps: &[String], everything: bool) -> Result<
 /// release, stops the others, removes old releases and failed releases' images), then
 /// removes apps and services that left luma.yml when `remove_departed`.
 pub async fn prune(ctx: &Ctx<'_>, remove_departed: bool) -> Result<Vec<String>, String> {
-    crate::interrupt::install();
     crate::interrupt::removing();
-    let lock = ctx
-        .ui
-        .step(
-            "take the deploy lock",
-            Lock::acquire_for(ctx.engine, ctx.project(), &ctx.proxy.image, "prune"),
-        )
-        .await?;
+    let lock = project::take_lock(ctx, "prune").await?;
     let result = async {
         start_proxy_if_stopped(ctx).await?;
         for app in &ctx.cfg.apps {

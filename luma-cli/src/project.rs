@@ -59,6 +59,18 @@ pub fn labels(project: &str, role: &str, extra: &[(&str, &str)]) -> HashMap<Stri
     l
 }
 
+/// Takes the project's deploy lock for `command` (shown to anyone else who tries), after
+/// signals start being listened for: from here on a signal is handled, never fatal.
+pub async fn take_lock(ctx: &Ctx<'_>, command: &str) -> Result<crate::lock::Lock, String> {
+    crate::interrupt::install();
+    ctx.ui
+        .step(
+            "take the deploy lock",
+            crate::lock::Lock::acquire_for(ctx.engine, ctx.project(), &ctx.proxy.image, command),
+        )
+        .await
+}
+
 /// Engine reachable, proxy running, project network present and joined by the proxy, services
 /// up to date. Idempotent; `deploy` runs it first.
 pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {

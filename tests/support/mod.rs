@@ -293,22 +293,8 @@ impl CliLab {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> (bool, String, String) {
-        let out = Command::new(luma_bin())
-            .arg("-c")
-            .arg(dir.join("luma.yml"))
-            .args(args)
-            .env("LUMA_PROXY_NAME", &self.proxy)
-            .env("LUMA_PROXY_IMAGE", proxy_image())
-            .env("LUMA_HTTP_PORT", format!("127.0.0.1:{}", self.http_port))
-            .env("LUMA_HTTPS_PORT", format!("127.0.0.1:{}", self.https_port))
-            .envs(env.iter().copied())
-            .output()
-            .expect("run luma");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let run = self.luma_run(dir, args, env);
+        (run.code == Some(0), run.stdout, run.stderr)
     }
 
     /// Like [`CliLab::luma`] but panics with the output on failure.

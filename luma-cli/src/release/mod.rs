@@ -38,7 +38,6 @@ pub use settle::{settle_app, Switched};
 
 use crate::config::Entry;
 use crate::engine;
-use crate::lock::Lock;
 use crate::names;
 use crate::project::{self, Ctx};
 use crate::proxyctl;
@@ -229,15 +228,8 @@ pub async fn deploy(
             ctx.cfg.path.display()
         ));
     }
-    crate::interrupt::install();
     // The lock comes first: two deploys of one project must not even race on setup.
-    let lock = ctx
-        .ui
-        .step(
-            "take the deploy lock",
-            Lock::acquire_for(ctx.engine, ctx.project(), &ctx.proxy.image, "deploy"),
-        )
-        .await?;
+    let lock = project::take_lock(ctx, "deploy").await?;
     let mut released = Vec::new();
     let result = async {
         // Setup is idempotent infrastructure: it is never cut mid-step (a service between
@@ -335,14 +327,7 @@ pub async fn rollback(
     to: Option<&str>,
 ) -> Result<String, ReleaseError> {
     let app = ctx.cfg.app(app_name)?.clone();
-    crate::interrupt::install();
-    let lock = ctx
-        .ui
-        .step(
-            "take the deploy lock",
-            Lock::acquire_for(ctx.engine, ctx.project(), &ctx.proxy.image, "rollback"),
-        )
-        .await?;
+    let lock = project::take_lock(ctx, "rollback").await?;
     let result = async {
         // An app without a route has no proxy record: its labels say what is live.
         let live = match app.proxy {
