@@ -186,7 +186,17 @@ fn the_exec_carrying_the_switch_dies_mid_drain_and_luma_settles_from_the_proxys_
         "the slow request never reached the proxy"
     );
     std::fs::write(&go, "").unwrap();
-    // The switch's exec is the only `luma-proxy call` in the proxy container: kill it there.
+    // Once the proxy has switched (seen without a `call`), the switch's exec is the only
+    // `luma-proxy call` in the proxy container, held open by the drain: kill it there.
+    let old_alias = format!("web--{old}:");
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let routes = docker(&["exec", &lab.proxy, "luma-proxy", "list", "--json"]).ok()?;
+            (routes.contains("\"target\"") && !routes.contains(&old_alias)).then_some(())
+        })
+        .is_some(),
+        "the proxy never switched"
+    );
     let pid = wait_for(Duration::from_secs(30), || {
         docker(&["top", &lab.proxy, "-eo", "pid,args"])
             .ok()?
@@ -270,7 +280,7 @@ fn sigint_before_the_switch_undoes_everything_and_after_it_settling_finishes() {
     let yaml_ok = std::fs::read_to_string(dir.join("luma.yml")).unwrap();
     let unhealthy = yaml_ok.replace(
         "    health_check:\n",
-        "    environment:\n      plain: [DEMO_UNHEALTHY=1]\n    health_check:\n      deadline: 10m\n",
+        "    environment:\n      plain: [DEMO_UNHEALTHY=1]\n    health_check:\n      deadline: 5m\n",
     );
     std::fs::write(dir.join("luma.yml"), &unhealthy).unwrap();
     let (child, _) = lab.luma_until(&dir, &["deploy"], &[], "… health-check");

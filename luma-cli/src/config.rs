@@ -594,6 +594,13 @@ fn entry(
         }
         if let Some(v) = hm.get("deadline") {
             health.deadline = cx.duration(&k("health_check.deadline"), v)?;
+            // Bounded so a caller that lost the switch's reply can always wait it out.
+            if health.deadline > Duration::from_secs(300) {
+                return Err(cx.err(
+                    &k("health_check.deadline"),
+                    "must be at most 5m: it is how long new replicas have to become healthy",
+                ));
+            }
         }
     }
     let stop_timeout = m

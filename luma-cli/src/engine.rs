@@ -690,8 +690,11 @@ impl Engine {
             }
             .await;
             if let Err(e) = streamed {
-                // The stream broke, not necessarily the command: wait until it has ended, so
-                // a caller that goes on to ask what happened never races it.
+                // The stream broke, not necessarily the command: close our side (so it sees
+                // EOF on stdin) and wait until it has ended, so a caller that goes on to ask
+                // what happened never races it.
+                drop(input);
+                drop(output);
                 while let Ok(i) = self.docker.inspect_exec(&created.id).await {
                     if i.running != Some(true) {
                         break;

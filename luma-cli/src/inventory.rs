@@ -61,7 +61,8 @@ async fn start_proxy_if_stopped(ctx: &Ctx<'_>) -> Result<bool, String> {
         return Ok(false);
     }
     if !proxy_up(ctx).await? {
-        ctx.ui
+        let started = ctx
+            .ui
             .step(
                 format!("start the proxy {} to remove routes", ctx.proxy.container),
                 async {
@@ -69,7 +70,13 @@ async fn start_proxy_if_stopped(ctx: &Ctx<'_>) -> Result<bool, String> {
                     proxyctl::wait_ready(ctx.engine, &ctx.proxy).await
                 },
             )
-            .await?;
+            .await;
+        if let Err(e) = started {
+            ctx.ui.info(format!(
+                "! the proxy could not start ({e}); its routes stay in its state volume and come back with it: run `luma remove` again once it runs"
+            ));
+            return Ok(false);
+        }
     }
     Ok(true)
 }

@@ -449,75 +449,101 @@ impl CliLab {
         dir: &std::path::Path,
         args: &[&str],
         point: &str,
-    ) -> (std::process::Child, String) {
+    ) -> (LumaChild, String) {
         let spec = format!("{point}=pause");
         let marker = format!("failpoint {point}: paused");
         self.luma_until(dir, args, &[("LUMA_FAILPOINTS", spec.as_str())], &marker)
     }
 
-    /// Starts luma and returns once a line of its stderr contains `marker`: the child, and its
-    /// stderr so far. The rest of stderr is collected by [`signal_and_wait`] / [`finish`].
+    /// Starts luma and returns once a line of its stderr contains `marker` (at most 120 s):
+    /// the child, and its stderr so far.
     pub fn luma_until(
         &self,
         dir: &std::path::Path,
         args: &[&str],
         env: &[(&str, &str)],
         marker: &str,
-    ) -> (std::process::Child, String) {
+    ) -> (LumaChild, String) {
         let mut child = self
             .luma_command(dir, args, env)
-            .stdout(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn luma");
-        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        let err = BufReader::new(child.stderr.take().expect("stderr"));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        // Reads all of stderr (so the child never blocks on a full pipe) and reports each line.
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in err.lines().map_while(Result::ok) {
+                all.push_str(&line);
+                all.push('\n');
+                let _ = tx.send(line);
+            }
+            all
+        });
+        let child = LumaChild {
+            child,
+            stderr: Some(reader),
+        };
         let mut seen = String::new();
         loop {
-            let mut line = String::new();
-            let n = err.read_line(&mut line).expect("read luma stderr");
-            assert!(n > 0, "luma ended before printing {marker:?}:\n{seen}");
-            seen.push_str(&line);
-            if line.contains(marker) {
-                break;
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if line.contains(marker) {
+                        return (child, seen);
+                    }
+                }
+                // The child is killed when `child` drops.
+                Err(e) => panic!("luma never printed {marker:?} ({e}):\n{seen}"),
             }
         }
-        // Keep draining stderr so the child never blocks on a full pipe.
-        let rest = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        CHILD_STDERR.lock().unwrap().push((child.id(), rest));
-        (child, seen)
     }
 }
 
-/// Waits for a child started by [`CliLab::luma_until`]; returns its exit code and the rest of
-/// its stderr.
-pub fn finish(mut child: std::process::Child) -> (Option<i32>, String) {
-    let pid = child.id();
-    let status = child.wait().expect("wait for luma");
-    let handle = {
-        let mut v = CHILD_STDERR.lock().unwrap();
-        v.iter().position(|(p, _)| *p == pid).map(|i| v.remove(i).1)
-    };
-    let rest = handle
-        .map(|h| h.join().unwrap_or_default())
-        .unwrap_or_default();
-    (status.code(), rest)
+/// A running `luma`, killed if the test fails before it ends.
+pub struct LumaChild {
+    child: std::process::Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
-static CHILD_STDERR: Mutex<Vec<(u32, std::thread::JoinHandle<String>)>> = Mutex::new(Vec::new());
+impl LumaChild {
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
 
-/// Sends `signal` (e.g. "INT", "KILL") to a child and waits for it; returns its exit code
-/// (None when killed by a signal) and the rest of its stderr.
-pub fn signal_and_wait(child: std::process::Child, signal: &str) -> (Option<i32>, String) {
-    let pid = child.id();
+impl Drop for LumaChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits for a child started by [`CliLab::luma_until`]; returns its exit code (None when
+/// killed by a signal) and its whole stderr.
+pub fn finish(mut c: LumaChild) -> (Option<i32>, String) {
+    let status = c.child.wait().expect("wait for luma");
+    let all = c
+        .stderr
+        .take()
+        .map(|h| h.join().unwrap_or_default())
+        .unwrap_or_default();
+    (status.code(), all)
+}
+
+/// Sends `signal` (e.g. "INT", "KILL") to a child and waits for it.
+pub fn signal_and_wait(c: LumaChild, signal: &str) -> (Option<i32>, String) {
+    let pid = c.id();
     let sent = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
         .status()
         .expect("run kill");
     assert!(sent.success(), "kill -{signal} {pid} failed");
-    finish(child)
+    finish(c)
 }

@@ -63,7 +63,9 @@ pub enum ReleaseError {
 }
 
 impl ReleaseError {
-    /// Exit status for scripts: 1 nothing changed, 2 live but unsettled, 3 unknown.
+    /// Exit status for scripts, about the app the run stopped at (apps released before it in
+    /// the same run are live, and the message names them): 1 nothing changed, 2 live but
+    /// unsettled, 3 unknown.
     pub fn exit_code(&self) -> u8 {
         match self {
             ReleaseError::NothingChanged(_) | ReleaseError::Failed(_) => 1,
@@ -329,15 +331,16 @@ pub async fn rollback(
     let app = ctx.cfg.app(app_name)?.clone();
     let lock = project::take_lock(ctx, "rollback").await?;
     let result = async {
-        // An app without a route has no proxy record: its labels say what is live.
-        let live = match app.proxy {
-            Some(_) => live_release(ctx, app_name).await?,
-            None => recorded_release(ctx, app_name).await?,
-        };
+        let live = live_release(ctx, app_name).await?;
         let all = releases(ctx, app_name).await?;
+        // An app without a route has no proxy record, and every running release of it gets
+        // `<app>` traffic: only stopped releases are candidates.
         let candidates: Vec<&(String, Vec<_>)> = all
             .iter()
-            .filter(|(r, _)| Some(r) != live.as_ref())
+            .filter(|(r, cs)| match app.proxy {
+                Some(_) => Some(r) != live.as_ref(),
+                None => !cs.iter().any(engine::is_running),
+            })
             .collect();
         let retained = || {
             candidates

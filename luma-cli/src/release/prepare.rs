@@ -357,9 +357,7 @@ impl<'c, 'a> Prepared<'c, 'a> {
                     }
                     Origin::Retained => {
                         for c in &self.containers {
-                            ctx.engine
-                                .stop(c, self.app.stop_timeout.as_secs() as i32)
-                                .await?;
+                            ctx.engine.stop(c, self.app.stop_grace_s()).await?;
                             ctx.engine.disconnect_network(&net, c).await?;
                         }
                     }
