@@ -141,7 +141,7 @@ async fn concurrent_takers_get_exactly_one_winner_and_release_frees_the_lock() {
     assert_eq!(again.took_over(), None, "nothing stale was left behind");
 
     // Release is quiet and quick when the container is already gone.
-    docker(&["rm", "-f", again.id()]).unwrap();
+    docker(&["rm", "-f", "-v", again.id()]).unwrap();
     within("release of a removed lock", again.release(&e)).await;
     assert_eq!(lock::holder(&e, &lab.project).await.unwrap(), None);
 }
