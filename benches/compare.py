@@ -103,7 +103,9 @@ class Contender:
         if self.name == "luma-proxy":
             state = os.path.join(tmp, "luma-state")
             cmd = [f"{REL}/luma-proxy", "serve", "--http", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{ADMIN}",
-                   "--state-dir", state, "--no-access-log", "--workers", str(n)]
+                   "--state-dir", state, "--no-access-log", "--workers", str(n),
+                   # The bench backend is a loopback ip:port, not an alias in a project network.
+                   "--allow-literal-targets"]
         elif self.name == "nginx":
             os.makedirs(os.path.join(tmp, "body"), exist_ok=True)
             conf = os.path.join(tmp, "nginx.conf")

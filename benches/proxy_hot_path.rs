@@ -21,6 +21,7 @@ fn spec(i: usize, host: String) -> RouteSpec {
         network: String::new(),
         health: Default::default(),
         timeouts: Default::default(),
+        limits: Default::default(),
     }
     .validate()
     .expect("valid spec")
@@ -77,7 +78,7 @@ fn header_rewrite(c: &mut Criterion) {
         b.iter_batched(
             || parts.clone(),
             |mut p| {
-                prepare_upstream(&mut p, ip, "http", false);
+                prepare_upstream(&mut p, ip, "http", &Default::default(), false);
                 p
             },
             criterion::BatchSize::SmallInput,

@@ -410,6 +410,7 @@ mod tests {
                 network: String::new(),
                 health: Default::default(),
                 timeouts: Default::default(),
+                limits: Default::default(),
             },
             deploy_timeout_ms: Some(1000),
             drain_timeout_ms: None,

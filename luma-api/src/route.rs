@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// The network value that means "no Docker network: resolve with the system resolver".
+/// The network value of a literal `ip:port` target: no Docker network, nothing resolved.
 pub const HOST_NETWORK: &str = "host";
 
 /// One deployed app behind one or more hosts.
@@ -21,15 +21,19 @@ pub struct RouteSpec {
     #[serde(default)]
     pub app: String,
     pub hosts: Vec<String>,
-    /// `alias:port`, `ip:port[,ip:port...]`, or `hostname:port` with `network: host`.
+    /// `alias:port` inside the project's network, or `ip:port[,ip:port...]` (only where the
+    /// proxy was started with `--allow-literal-targets`).
     pub target: String,
-    /// Docker network to resolve the alias in. Defaults to `<project>-network`.
+    /// Docker network to resolve the alias in: always `<project>-network` (empty means that);
+    /// any other network is refused.
     #[serde(default)]
     pub network: String,
     #[serde(default)]
     pub health: HealthSettings,
     #[serde(default)]
     pub timeouts: RouteTimeouts,
+    #[serde(default)]
+    pub limits: RouteLimits,
 }
 
 /// Active health-check settings of a route; every backend is checked on its own with these.
@@ -72,15 +76,46 @@ impl HealthSettings {
 pub struct RouteTimeouts {
     /// Time to establish a TCP connection to a backend.
     pub connect_ms: u64,
-    /// Time from sending the request to receiving the response headers (504 after).
+    /// Time from the end of the request (its last body byte handed to the backend) to the
+    /// response headers (504 after). While a body uploads, the clock restarts on every chunk.
     pub response_ms: u64,
+    /// How long an idle pooled connection to a backend may be reused; keep it below the
+    /// backend's keep-alive idle limit. 0 opens a fresh connection for every request.
+    pub pool_idle_ms: u64,
 }
+
+/// Default [`RouteTimeouts::pool_idle_ms`]: below gunicorn's 2 s keep-alive, the shortest of
+/// the common defaults (Node, uvicorn and Apache 5 s, nginx 75 s), with room for the gap
+/// between the backend's idle clock (from writing a response) and the proxy's (from reading it).
+pub const DEFAULT_POOL_IDLE_MS: u64 = 1500;
+/// Upper bound of [`RouteTimeouts::pool_idle_ms`].
+pub const MAX_POOL_IDLE_MS: u64 = 600_000;
 
 impl Default for RouteTimeouts {
     fn default() -> Self {
         RouteTimeouts {
             connect_ms: 2000,
             response_ms: 30_000,
+            pool_idle_ms: DEFAULT_POOL_IDLE_MS,
+        }
+    }
+}
+
+/// Per-route request limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteLimits {
+    /// Largest request body passed to the app (413 above it).
+    pub max_body_bytes: u64,
+}
+
+/// Default [`RouteLimits::max_body_bytes`]: 100 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 100 << 20;
+
+impl Default for RouteLimits {
+    fn default() -> Self {
+        RouteLimits {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
     }
 }
@@ -127,6 +162,45 @@ impl Target {
     }
 }
 
+/// One project, one network: an alias is resolved in `<project>-network` and nowhere else, so
+/// a route can never reach another project's containers nor ask the system resolver for a bare
+/// name. Literal `ip:port` targets use no network (`host`); whether they are accepted at all is
+/// the proxy's decision (`--allow-literal-targets`), not the spec's.
+fn route_network(project: &str, target: &Target, given: &str) -> Result<String, String> {
+    let own = format!("{project}-network");
+    match target {
+        Target::Literal(_) if given.is_empty() || given == HOST_NETWORK => {
+            Ok(HOST_NETWORK.to_string())
+        }
+        Target::Literal(_) => Err(format!(
+            "network {given:?}: a literal ip:port target uses no network; leave network empty"
+        )),
+        Target::Name { .. } if given.is_empty() || given == own => Ok(own),
+        Target::Name { name, .. } if given == HOST_NETWORK => Err(format!(
+            "network \"host\" with the alias target {name:?} is refused: a bare name would be resolved by the system resolver, outside any project network; a route of project {project:?} resolves its alias in {own:?} (leave network empty)"
+        )),
+        Target::Name { .. } => Err(format!(
+            "network {given:?} is not project {project:?}'s network: a route resolves its alias only in its own project's network {own:?} (leave network empty)"
+        )),
+    }
+}
+
+/// Pool and body limits of a route.
+fn check_upstream_limits(t: &RouteTimeouts, l: &RouteLimits) -> Result<(), String> {
+    if t.pool_idle_ms > MAX_POOL_IDLE_MS {
+        return Err(format!(
+            "timeouts.pool_idle_ms {} is above {MAX_POOL_IDLE_MS}: keep it below the app's keep-alive idle limit (default {DEFAULT_POOL_IDLE_MS}; 0 turns pooling off)",
+            t.pool_idle_ms
+        ));
+    }
+    if l.max_body_bytes == 0 {
+        return Err(format!(
+            "limits.max_body_bytes must be at least 1 (0 does not mean unlimited): the default is {DEFAULT_MAX_BODY_BYTES}; give a larger number for bigger uploads"
+        ));
+    }
+    Ok(())
+}
+
 impl RouteSpec {
     /// Normalizes and checks every field. Errors name the field and how to fix it.
     pub fn validate(mut self) -> Result<RouteSpec, String> {
@@ -149,18 +223,7 @@ impl RouteSpec {
             }
         }
         self.hosts = hosts;
-        self.network = match (&target, self.network.trim()) {
-            (Target::Literal(_), _) => HOST_NETWORK.to_string(),
-            (_, "") => format!("{}-network", self.project),
-            (_, n) => {
-                if n != HOST_NETWORK && !is_dns_name(n) {
-                    return Err(format!(
-                        "network {n:?} is not a valid Docker network name (letters, digits, '-', '.', '_')"
-                    ));
-                }
-                n.to_string()
-            }
-        };
+        self.network = route_network(&self.project, &target, self.network.trim())?;
         let h = &self.health;
         if !h.path.starts_with('/') {
             return Err(format!(
@@ -180,6 +243,7 @@ impl RouteSpec {
         if self.timeouts.connect_ms == 0 || self.timeouts.response_ms == 0 {
             return Err("timeouts.connect_ms and timeouts.response_ms must be above 0".into());
         }
+        check_upstream_limits(&self.timeouts, &self.limits)?;
         Ok(self)
     }
 
@@ -223,7 +287,28 @@ mod tests {
             network: String::new(),
             health: Default::default(),
             timeouts: Default::default(),
+            limits: Default::default(),
         }
+    }
+
+    #[test]
+    fn pool_and_body_limits_default_and_are_checked() {
+        // A route saved before these fields existed still loads, with the defaults.
+        let old: RouteSpec = serde_json::from_str(
+            r#"{"project":"a","hosts":["a.test"],"target":"web:1","timeouts":{"connect_ms":5,"response_ms":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.timeouts.pool_idle_ms, DEFAULT_POOL_IDLE_MS);
+        assert_eq!(old.limits.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        let mut s = spec("web:3000");
+        s.timeouts.pool_idle_ms = 0;
+        assert!(s.validate().is_ok(), "0 turns pooling off");
+        let mut s = spec("web:3000");
+        s.timeouts.pool_idle_ms = MAX_POOL_IDLE_MS + 1;
+        assert!(s.validate().unwrap_err().contains("timeouts.pool_idle_ms"));
+        let mut s = spec("web:3000");
+        s.limits.max_body_bytes = 0;
+        assert!(s.validate().unwrap_err().contains("limits.max_body_bytes"));
     }
 
     #[test]
@@ -261,6 +346,29 @@ mod tests {
         let mut s = spec("web:3000");
         s.health.path = "up".into();
         assert!(s.validate().unwrap_err().contains("health.path"));
+    }
+
+    #[test]
+    fn a_route_resolves_only_in_its_own_project_network() {
+        let mut s = spec("web:3000");
+        s.network = "alpha-network".into();
+        assert_eq!(s.validate().unwrap().network, "alpha-network");
+        let mut s = spec("web:3000");
+        s.network = "beta-network".into();
+        let err = s.validate().unwrap_err();
+        assert!(err.contains("not project \"alpha\"'s network"), "{err}");
+        assert!(err.contains("\"alpha-network\""), "{err}");
+        let mut s = spec("web:3000");
+        s.network = "host".into();
+        let err = s.validate().unwrap_err();
+        assert!(err.contains("system resolver"), "{err}");
+        // A literal target uses no network, and names none.
+        let mut s = spec("127.0.0.1:80");
+        s.network = "host".into();
+        assert_eq!(s.validate().unwrap().network, HOST_NETWORK);
+        let mut s = spec("127.0.0.1:80");
+        s.network = "beta-network".into();
+        assert!(s.validate().unwrap_err().contains("uses no network"));
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct ProxySettings {
     pub image: String,
     pub http: (Option<String>, u16),
     pub https: (Option<String>, u16),
+    /// CIDRs whose forwarded headers the proxy believes (`LUMA_TRUSTED_PROXIES`, passed to
+    /// the proxy as `LUMA_PROXY_TRUSTED_PROXIES`); empty: edge mode.
+    pub trusted_proxies: String,
 }
 
 fn port_env(var: &str, default: u16) -> Result<(Option<String>, u16), String> {
@@ -48,6 +51,10 @@ impl ProxySettings {
                 .unwrap_or_else(|| "luma-proxy:dev".into()),
             http: port_env("LUMA_HTTP_PORT", 80)?,
             https: port_env("LUMA_HTTPS_PORT", 443)?,
+            trusted_proxies: std::env::var("LUMA_TRUSTED_PROXIES")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
         })
     }
 
@@ -56,6 +63,7 @@ impl ProxySettings {
             name: self.container.clone(),
             image: self.image.clone(),
             cmd: Some(vec!["serve".into()]),
+            env: self.trusted_env().into_iter().collect(),
             labels: HashMap::from([(names::LABEL_ROLE.to_string(), names::ROLE_PROXY.to_string())]),
             ports: vec![
                 (self.http.0.clone(), self.http.1, "8080/tcp".into()),
@@ -68,6 +76,11 @@ impl ProxySettings {
             restart_unless_stopped: true,
             ..Default::default()
         }
+    }
+
+    fn trusted_env(&self) -> Option<String> {
+        (!self.trusted_proxies.is_empty())
+            .then(|| format!("{TRUSTED_ENV}={}", self.trusted_proxies))
     }
 
     /// The URL scheme+authority where the proxy answers HTTP on this machine.
@@ -85,6 +98,9 @@ impl ProxySettings {
         }
     }
 }
+
+/// The proxy's setting for `--trusted-proxies`.
+const TRUSTED_ENV: &str = "LUMA_PROXY_TRUSTED_PROXIES";
 
 /// The proxy's Dockerfile, shared with `docker/build-images.sh`.
 const PROXY_DOCKERFILE: &str = include_str!("../../docker/luma-proxy.Dockerfile");
@@ -335,6 +351,33 @@ pub async fn drift(engine: &Engine, s: &ProxySettings) -> Result<Vec<String>, St
                 short_id(&wanted)
             ));
         }
+    }
+    let running_trust = c
+        .config
+        .as_ref()
+        .and_then(|c| c.env.as_ref())
+        .and_then(|env| {
+            env.iter().find_map(|e| {
+                e.strip_prefix(TRUSTED_ENV)?
+                    .strip_prefix('=')
+                    .map(str::to_string)
+            })
+        })
+        .unwrap_or_default();
+    if running_trust != s.trusted_proxies {
+        let shown = |v: &str| {
+            if v.is_empty() {
+                "no proxies (edge mode)".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        out.push(format!(
+            "the running proxy {} trusts {}, not {} as asked (LUMA_TRUSTED_PROXIES); {apply}",
+            s.container,
+            shown(&running_trust),
+            shown(&s.trusted_proxies)
+        ));
     }
     let bindings = c
         .host_config

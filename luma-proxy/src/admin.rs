@@ -9,7 +9,7 @@
 //! | POST   | /v1/route     | `RouteQuery`        | one route, once no operation runs on it  |
 //! | GET    | /v1/routes    |                     | routes with per-backend health           |
 //! | GET    | /v1/status    |                     | version, uptime, counts                  |
-//! | GET    | /metrics      |                     | Prometheus text                          |
+//! | GET    | /metrics      |                     | OpenMetrics text (same as the metrics listener) |
 //!
 //! Request and reply types are `luma-api`'s; an error is an `ApiError` whose `kind` tells a
 //! refusal (nothing changed) from everything else. Each operation runs in a task of its own:
@@ -46,10 +46,34 @@ pub struct AdminCtx {
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
     loop {
-        let (stream, _) = tokio::select! {
+        let accepted = tokio::select! {
             _ = shutdown.changed() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                if backoff.succeeded() {
+                    crate::log::info("admin accept recovered", serde_json::json!({}));
+                }
+                stream
+            }
+            Err(e) => {
+                // EMFILE and friends: wait (doubling up to the cap) instead of spinning, and
+                // log the first error of a run only.
+                let (wait, first) = backoff.failed();
+                if first {
+                    crate::log::warn(
+                        "admin accept failed; backing off",
+                        serde_json::json!({"error": e.to_string(), "max_backoff_ms": ACCEPT_BACKOFF_MAX.as_millis() as u64}),
+                    );
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -64,6 +88,56 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut shutdown: watc
                 .await;
         });
     }
+}
+
+/// First and longest wait after a failed accept.
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Exponential backoff for accept loops: `min`, doubling on every failure in a row up to `max`,
+/// back to `min` after a success.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+    failing: bool,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            next: min,
+            failing: false,
+        }
+    }
+
+    /// How long to wait now, and whether this failure starts a run (the one to log).
+    pub fn failed(&mut self) -> (Duration, bool) {
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let first = !self.failing;
+        self.failing = true;
+        (wait, first)
+    }
+
+    /// Resets the schedule; true if this ends a run of failures.
+    pub fn succeeded(&mut self) -> bool {
+        self.next = self.min;
+        std::mem::replace(&mut self.failing, false)
+    }
+}
+
+/// `GET /metrics`: the one registry, in the OpenMetrics text format.
+pub fn metrics_response(metrics: &Metrics) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(metrics.render())));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    r
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -194,41 +268,48 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> 
                     })
                     .sum(),
                 inflight: services.iter().map(|s| s.inflight()).sum(),
-                connections_open: ctx
-                    .metrics
-                    .connections_open
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                connections_open: ctx.metrics.connections_open(),
                 requests_total: ctx.metrics.requests_total(),
             }))
         }
-        (Method::GET, "/metrics") => {
-            let mut out = String::new();
-            ctx.metrics.render(&mut out);
-            out.push_str("# TYPE luma_proxy_backend_healthy gauge\n# TYPE luma_proxy_backend_inflight gauge\n# TYPE luma_proxy_backend_requests_total counter\n");
-            for s in d.router.services() {
-                for b in s.balancer.backends().iter() {
-                    let l = format!(
-                        "project=\"{}\",app=\"{}\",backend=\"{}\"",
-                        s.spec.project, s.spec.app, b.addr
-                    );
-                    out.push_str(&format!(
-                        "luma_proxy_backend_healthy{{{l}}} {}\nluma_proxy_backend_inflight{{{l}}} {}\nluma_proxy_backend_requests_total{{{l}}} {}\n",
-                        b.is_healthy() as u8,
-                        b.inflight(),
-                        b.requests()
-                    ));
-                }
-            }
-            let mut r = Response::new(Full::new(Bytes::from(out)));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            r
-        }
+        (Method::GET, "/metrics") => metrics_response(&ctx.metrics),
         (_, path) => error(&ApiError::new(
             ErrorKind::NotFound,
             format!("no admin endpoint {path}; see `luma-proxy --help`"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_to_the_cap_logs_once_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
+        let waits: Vec<(u64, bool)> = (0..10)
+            .map(|_| {
+                let (w, first) = b.failed();
+                (w.as_millis() as u64, first)
+            })
+            .collect();
+        assert_eq!(
+            waits,
+            vec![
+                (5, true),
+                (10, false),
+                (20, false),
+                (40, false),
+                (80, false),
+                (160, false),
+                (320, false),
+                (640, false),
+                (1000, false),
+                (1000, false)
+            ]
+        );
+        assert!(b.succeeded(), "a success ends the run");
+        assert!(!b.succeeded(), "a second success is not a recovery");
+        assert_eq!(b.failed(), (Duration::from_millis(5), true));
     }
 }

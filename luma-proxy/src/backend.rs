@@ -1,5 +1,23 @@
 //! One replica of an app: its address, pooled HTTP/1.1 connections, in-flight count and health.
 //!
+//! Connection reuse, the rule in one place (HAProxy's `http-reuse safe` is the model):
+//! - A connection goes back to its serving thread's pool when a response has been read to the
+//!   end, stamped with that time. Each pool is a stack, so the freshest connection is reused
+//!   first and the stalest sit at the bottom, where they expire.
+//! - A pooled connection idle for the route's `timeouts.pool_idle_ms` (default 1.5 s, below
+//!   gunicorn's 2 s keep-alive, the shortest common one) is closed, never reused; pools are
+//!   also swept at every health probe. Backends close idle connections on their own clock, and
+//!   a request written into a connection the backend is closing at that instant is lost.
+//! - GET, HEAD and OPTIONS without a body may use any pooled connection that has not expired:
+//!   if it dies under them they are replayed once, on a connection proven alive (below).
+//! - Every other request (a body, another method, an upgrade) cannot be replayed, so it only
+//!   takes a connection whose last response ended less than [`SAFE_REUSE`] ago (250 ms, far
+//!   below any backend's idle limit); otherwise it opens a fresh one. HAProxy's safe mode gets
+//!   the same guarantee by sending a session's first request on its own connection and leaving
+//!   later ones to the client's own retry; this proxy cannot count on its clients to retry, so
+//!   it asks for recent proof of life instead.
+//! - Health probes never use the pool (see [`Backend::probe`]).
+//!
 //! Every upstream socket is opened by [`connect`]: pinned to the project's network interface
 //! (`SO_BINDTODEVICE`; binding the source IP does not pick the interface when subnets overlap),
 //! with `TCP_NODELAY`, and with `TCP_USER_TIMEOUT` so that a peer that vanishes (a container
@@ -18,17 +36,21 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-use crate::proxy::UpstreamBody;
+use crate::proxy::Upload;
 
-/// Idle connections kept per backend; more are closed when returned.
+/// Idle connections kept per backend and serving thread; the oldest is closed beyond that.
 const MAX_IDLE_PER_BACKEND: usize = 256;
+/// How recently a response must have ended on a pooled connection for a request that cannot be
+/// replayed to use it (see the module doc).
+pub const SAFE_REUSE: Duration = Duration::from_millis(250);
 /// How long unacknowledged data may sit on an upstream socket before the kernel fails it.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -37,8 +59,12 @@ pub struct Backend {
     /// Interface the sockets are pinned to (None in host mode).
     pub device: Option<Arc<str>>,
     pub connect_timeout: Duration,
+    /// A pooled connection idle this long is closed (zero: no pooling).
+    pool_idle: Duration,
+    /// `SAFE_REUSE`, or `pool_idle` if shorter.
+    safe_reuse: Duration,
     /// One idle pool per serving thread: a connection is used on the thread that runs it.
-    idle: Box<[Mutex<Vec<http1::SendRequest<UpstreamBody>>>]>,
+    idle: Box<[Mutex<VecDeque<Pooled>>]>,
     inflight: AtomicUsize,
     healthy: AtomicBool,
     consecutive_ok: AtomicU32,
@@ -49,10 +75,25 @@ pub struct Backend {
     retired: watch::Sender<bool>,
 }
 
+/// An idle connection and when its last response ended.
+struct Pooled {
+    sender: http1::SendRequest<Upload>,
+    since: Instant,
+}
+
+/// Which pooled connections a request may be sent on (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reuse {
+    /// Replayable: any connection that has not expired.
+    Any,
+    /// Not replayable: only a connection whose last response ended within [`SAFE_REUSE`].
+    Recent,
+}
+
 /// Why a send failed, and whether the request can still be retried.
 pub enum SendError {
     /// No connection could be made; the request was not sent and is handed back.
-    Connect(std::io::Error, Box<Request<UpstreamBody>>),
+    Connect(std::io::Error, Box<Request<Upload>>),
     /// The connection failed after the request may have been written.
     Sent(hyper::Error),
 }
@@ -63,12 +104,15 @@ impl Backend {
         device: Option<Arc<str>>,
         timeouts: &RouteTimeouts,
     ) -> Arc<Backend> {
+        let pool_idle = Duration::from_millis(timeouts.pool_idle_ms);
         Arc::new(Backend {
             addr,
             device,
             connect_timeout: Duration::from_millis(timeouts.connect_ms),
+            pool_idle,
+            safe_reuse: SAFE_REUSE.min(pool_idle),
             idle: (0..crate::workers::count())
-                .map(|_| Mutex::new(Vec::new()))
+                .map(|_| Mutex::new(VecDeque::new()))
                 .collect(),
             inflight: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
@@ -170,15 +214,19 @@ impl Backend {
         *self.retired.borrow()
     }
 
-    /// Sends a request over a pooled or new connection. The response body hands the
-    /// connection back to the pool when it completes (see [`UpstreamBody`]).
+    /// Sends a request over a pooled connection that `reuse` allows, or a new one. The
+    /// response body hands the connection back to the pool when it completes (see
+    /// `proxy::ResponseBody`).
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, http1::SendRequest<UpstreamBody>), SendError> {
-        loop {
-            let pooled = self.pool().lock().ok().and_then(|mut v| v.pop());
-            let Some(mut sender) = pooled else { break };
+        mut req: Request<Upload>,
+        reuse: Reuse,
+    ) -> Result<(Response<Incoming>, http1::SendRequest<Upload>), SendError> {
+        let max_idle = match reuse {
+            Reuse::Any => self.pool_idle,
+            Reuse::Recent => self.safe_reuse,
+        };
+        while let Some(mut sender) = self.checkout(max_idle) {
             if sender.is_closed() || sender.ready().await.is_err() {
                 continue;
             }
@@ -207,23 +255,57 @@ impl Backend {
         }
     }
 
-    fn pool(&self) -> &Mutex<Vec<http1::SendRequest<UpstreamBody>>> {
+    fn pool(&self) -> &Mutex<VecDeque<Pooled>> {
         &self.idle[crate::workers::index() % self.idle.len()]
     }
 
+    /// The freshest pooled connection if it has been idle less than `max_idle`. Expired ones
+    /// are closed on the way.
+    fn checkout(&self, max_idle: Duration) -> Option<http1::SendRequest<Upload>> {
+        if max_idle.is_zero() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut pool = self.pool().lock().ok()?;
+        expire(&mut pool, now, self.pool_idle);
+        let fresh = pool
+            .back()
+            .is_some_and(|c| now.saturating_duration_since(c.since) < max_idle);
+        if fresh {
+            pool.pop_back().map(|c| c.sender)
+        } else {
+            None
+        }
+    }
+
     /// Returns a connection whose response completed to the idle pool.
-    pub fn checkin(&self, sender: http1::SendRequest<UpstreamBody>) {
-        if sender.is_closed() || self.is_retired() {
+    pub fn checkin(&self, sender: http1::SendRequest<Upload>) {
+        if sender.is_closed() || self.is_retired() || self.pool_idle.is_zero() {
             return;
         }
         if let Ok(mut idle) = self.pool().lock() {
-            if idle.len() < MAX_IDLE_PER_BACKEND {
-                idle.push(sender);
+            if idle.len() >= MAX_IDLE_PER_BACKEND {
+                idle.pop_front();
+            }
+            idle.push_back(Pooled {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes the expired connections of every thread's pool, so a backend that no request
+    /// reaches does not keep them open (called at each health probe).
+    pub fn expire_idle(&self) {
+        let now = Instant::now();
+        for pool in self.idle.iter() {
+            if let Ok(mut idle) = pool.lock() {
+                expire(&mut idle, now, self.pool_idle);
             }
         }
     }
 
-    async fn open(&self) -> std::io::Result<http1::SendRequest<UpstreamBody>> {
+    async fn open(&self) -> std::io::Result<http1::SendRequest<Upload>> {
         let stream = connect(self.addr, self.device.as_deref(), self.connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -238,6 +320,7 @@ impl Backend {
 
     /// One health probe on a fresh connection, so a stale pooled socket never hides a result.
     pub async fn probe(&self, path: &str, host: &str, timeout: Duration) -> Result<(), String> {
+        self.expire_idle();
         let fut = async {
             let stream = connect(self.addr, self.device.as_deref(), self.connect_timeout)
                 .await
@@ -269,6 +352,16 @@ impl Backend {
             Ok(r) => r,
             Err(_) => Err(format!("GET {path} timed out after {timeout:?}")),
         }
+    }
+}
+
+/// Drops the connections at the front of `pool` (the oldest) idle for `limit` or more.
+fn expire(pool: &mut VecDeque<Pooled>, now: Instant, limit: Duration) {
+    while pool
+        .front()
+        .is_some_and(|c| now.saturating_duration_since(c.since) >= limit)
+    {
+        pool.pop_front();
     }
 }
 

@@ -30,6 +30,18 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// How long SIGTERM waits for in-flight requests before exiting.
     pub shutdown_timeout: Duration,
+    /// A new connection that sends no byte for this long is closed (capped at `idle_timeout`).
+    pub first_byte_timeout: Duration,
+    /// Where the metrics listener (`GET /metrics`, no token) listens; see [`MetricsListen`].
+    pub metrics: MetricsListen,
+    /// Constant labels added to every metric (`--metrics-label name=value`).
+    pub metrics_labels: Vec<(String, String)>,
+    /// Peers whose forwarded headers are believed (a load balancer or CDN in front). Empty:
+    /// edge mode for everyone (see `headers`).
+    pub trusted_proxies: crate::headers::TrustedProxies,
+    /// Accept routes to literal `ip:port` targets (tests and benchmarks). Off: every target is
+    /// an alias resolved in its own project's network.
+    pub allow_literal_targets: bool,
 }
 
 impl Default for ProxyConfig {
@@ -47,6 +59,14 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(120),
             max_header_bytes: 64 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            first_byte_timeout: Duration::from_secs(10),
+            metrics: MetricsListen::Network {
+                network: DEFAULT_METRICS_NETWORK.into(),
+                port: DEFAULT_METRICS_PORT,
+            },
+            metrics_labels: Vec::new(),
+            trusted_proxies: Default::default(),
+            allow_literal_targets: false,
         }
     }
 }
@@ -56,5 +76,88 @@ impl ProxyConfig {
         self.token_file
             .clone()
             .unwrap_or_else(|| self.state_dir.join(crate::token::TOKEN_FILE))
+    }
+}
+
+/// The Docker network the metrics listener binds to by default.
+pub const DEFAULT_METRICS_NETWORK: &str = "luma-metrics";
+pub const DEFAULT_METRICS_PORT: u16 = 9100;
+
+/// Where the metrics listener listens.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetricsListen {
+    /// No metrics listener (the admin API's `GET /metrics` still answers).
+    Off,
+    /// Exactly this address. `0.0.0.0:PORT` is reachable from every network the proxy is on,
+    /// so every project's containers could read every project's per-backend series.
+    Addr(SocketAddr),
+    /// Only the proxy's own interface on this Docker network (`SO_BINDTODEVICE`), bound once
+    /// the proxy is attached to it and re-bound if that interface changes.
+    Network { network: String, port: u16 },
+}
+
+impl MetricsListen {
+    /// `off`, `IP:PORT`, or `NETWORK:PORT`.
+    pub fn parse(s: &str) -> Result<MetricsListen, String> {
+        let s = s.trim();
+        if s == "off" {
+            return Ok(MetricsListen::Off);
+        }
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(MetricsListen::Addr(a));
+        }
+        let (network, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("metrics address {s:?}: write NETWORK:PORT (e.g. {DEFAULT_METRICS_NETWORK}:{DEFAULT_METRICS_PORT}), IP:PORT or off"))?;
+        let port: u16 = port.parse().map_err(|_| {
+            format!("metrics address {s:?}: port {port:?} is not a number from 0 to 65535")
+        })?;
+        if !luma_api::names::is_dns_name(network) {
+            return Err(format!(
+                "metrics address {s:?}: {network:?} is not a Docker network name (letters, digits, '-', '.', '_')"
+            ));
+        }
+        Ok(MetricsListen::Network {
+            network: network.to_string(),
+            port,
+        })
+    }
+}
+
+/// `NAME=VALUE` for `--metrics-label`; the value may be anything, it is escaped on output.
+pub fn parse_metrics_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("metrics label {s:?}: write NAME=VALUE"))?;
+    crate::metrics::check_label_name(k)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_listen_parses_off_addresses_and_networks() {
+        assert_eq!(MetricsListen::parse("off"), Ok(MetricsListen::Off));
+        assert_eq!(
+            MetricsListen::parse("0.0.0.0:9100"),
+            Ok(MetricsListen::Addr("0.0.0.0:9100".parse().unwrap()))
+        );
+        assert_eq!(
+            MetricsListen::parse("luma-metrics:9100"),
+            Ok(MetricsListen::Network {
+                network: "luma-metrics".into(),
+                port: 9100
+            })
+        );
+        assert!(MetricsListen::parse("luma-metrics").is_err());
+        assert!(MetricsListen::parse("bad name:9100").is_err());
+        assert!(MetricsListen::parse("net:99999").is_err());
+        assert_eq!(
+            parse_metrics_label("server=a=\"b\""),
+            Ok(("server".into(), "a=\"b\"".into()))
+        );
+        assert!(parse_metrics_label("1x=a").is_err());
     }
 }

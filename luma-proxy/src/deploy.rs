@@ -44,6 +44,8 @@ pub struct Deployer {
     pub router: Arc<Router>,
     pub resolver: Arc<Resolver>,
     pub state: Option<Arc<StateStore>>,
+    /// Routes to literal `ip:port` targets are accepted (`--allow-literal-targets`).
+    allow_literal_targets: bool,
     /// Held across "save the table, then swap it", so two routes' changes never save a table
     /// that misses the other's (held briefly: no await inside).
     commit: Mutex<()>,
@@ -59,8 +61,30 @@ impl Deployer {
             router,
             resolver,
             state,
+            allow_literal_targets: false,
             commit: Mutex::new(()),
         }
+    }
+
+    /// Accepts routes to literal `ip:port` targets too (tests and benchmarks).
+    pub fn allowing_literal_targets(mut self, allow: bool) -> Deployer {
+        self.allow_literal_targets = allow;
+        self
+    }
+
+    /// A literal target names no project network, so it is refused unless the operator
+    /// allowed literal targets when starting the proxy.
+    fn check_target(&self, spec: &RouteSpec) -> Result<(), ApiError> {
+        if self.allow_literal_targets || !matches!(spec.parsed_target(), Target::Literal(_)) {
+            return Ok(());
+        }
+        Err(err(
+            ErrorKind::Invalid,
+            format!(
+                "target {:?} is a literal address: this proxy routes only to aliases inside the project's network (alias:port, e.g. web:3000); literal targets are for tests and benchmarks and need `luma-proxy serve --allow-literal-targets`",
+                spec.target
+            ),
+        ))
     }
 
     pub async fn deploy(&self, req: DeployRequest) -> Result<DeployOutcome, ApiError> {
@@ -68,6 +92,7 @@ impl Deployer {
             .route
             .validate()
             .map_err(|e| err(ErrorKind::Invalid, e))?;
+        self.check_target(&spec)?;
         if spec.hosts.is_empty() {
             return Err(err(
                 ErrorKind::Invalid,
@@ -211,9 +236,11 @@ impl Deployer {
             network: req.network,
             health: req.health,
             timeouts: RouteTimeouts::default(),
+            limits: Default::default(),
         }
         .validate()
         .map_err(|e| err(ErrorKind::Invalid, e))?;
+        self.check_target(&spec)?;
         let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(DEFAULT_DEPLOY_TIMEOUT_MS));
         let svc = self.gate(spec, timeout).await?;
         svc.retire();
@@ -261,6 +288,13 @@ impl Deployer {
     pub async fn restore(self: &Arc<Self>, routes: Vec<RouteSpec>) {
         for spec in routes {
             let key = spec.key();
+            if let Err(e) = self.check_target(&spec) {
+                crate::log::error(
+                    "restored route skipped",
+                    serde_json::json!({"route": key.to_string(), "error": e.error}),
+                );
+                continue;
+            }
             // Installed at once, before any DNS answer: the refresh task resolves right away and
             // checks new backends as soon as they appear, so a slow DNS never delays a route.
             let backends = match spec.parsed_target() {

@@ -1,16 +1,127 @@
-//! Per-request header handling: hop-by-hop stripping, forwarding headers, request ids.
+//! Per-request header handling: hop-by-hop stripping, forwarding headers, request ids, and the
+//! strict checks a request head must pass before it is routed.
 //!
 //! Kept free of I/O so it can be unit-tested and benchmarked on its own.
+//!
+//! Forwarded headers, in one place. The proxy faces the internet, so by default (edge mode) it
+//! vouches only for what it saw itself:
+//! - `X-Forwarded-For` is set to the peer address; a client-sent one is discarded;
+//! - `X-Forwarded-Proto` is the scheme the client used with the proxy (`http`), and
+//!   `X-Forwarded-Host` the Host it asked for; client-sent ones are overwritten;
+//! - client-sent `X-Real-IP` and `Forwarded` are removed (the proxy writes neither).
+//!
+//! Behind a load balancer or CDN, `--trusted-proxies` lists its networks. When the immediate
+//! peer is inside one of them, the peer is appended to the `X-Forwarded-For` it sent, and its
+//! `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Real-IP` and `Forwarded` are kept (the proxy
+//! fills in the first two when they are missing). A peer outside the list gets edge mode.
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
-use hyper::{Uri, Version};
+use hyper::{Method, Uri, Version};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// An IP network: `10.0.0.0/8`, `2001:db8::/32`; a bare address means just that address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr.parse().map_err(|_| {
+            format!("{s:?} is not a CIDR: {addr:?} is not an IP address (write e.g. 10.0.0.0/8 or 2001:db8::/32)")
+        })?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                format!(
+                    "{s:?} is not a CIDR: the prefix length {p:?} must be a number from 0 to {max}"
+                )
+            })?,
+        };
+        let c = Cidr { net, prefix };
+        if c.masked(net) != net {
+            return Err(format!(
+                "{s:?} has bits set after the first {prefix}: did you mean {}/{prefix}?",
+                c.masked(net)
+            ));
+        }
+        Ok(c)
+    }
+
+    fn masked(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4((u32::from(v) & mask).into())
+            }
+            IpAddr::V6(v) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v) & mask).into())
+            }
+        }
+    }
+
+    /// True when `ip` is inside this network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.net.is_ipv4() && self.masked(ip) == self.net
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
+/// The networks whose forwarded headers are believed (`--trusted-proxies`). Empty by default:
+/// edge mode for every peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Arc<[Cidr]>);
+
+impl TrustedProxies {
+    /// A comma- or space-separated list of CIDRs; an empty string is an empty list.
+    pub fn parse(s: &str) -> Result<TrustedProxies, String> {
+        s.split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|p| !p.is_empty())
+            .map(Cidr::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| TrustedProxies(v.into()))
+            .map_err(|e| format!("trusted proxies: {e}"))
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn cidrs(&self) -> &[Cidr] {
+        &self.0
+    }
+}
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -86,6 +197,100 @@ pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str>
         .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
+/// Methods the proxy forwards, for the `Allow` header of a 405.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// Why a request head is refused before it is routed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// CONNECT and TRACE: a reverse proxy opens no tunnels and echoes no requests (405).
+    MethodNotAllowed,
+    /// A head that RFC 9112 requires a server to refuse (400); the text says why.
+    BadRequest(&'static str),
+}
+
+/// The strict checks on a request head (RFC 9112 3.2, RFC 9113 8.3.1), without allocating:
+/// CONNECT and TRACE, more than one Host, HTTP/1.1 without Host, a Host that is not a valid
+/// authority, and a Host that disagrees with the URI's authority (absolute-form, HTTP/2).
+pub fn refuse(
+    method: &Method,
+    version: Version,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<Refusal> {
+    if method == Method::CONNECT || method == Method::TRACE {
+        return Some(Refusal::MethodNotAllowed);
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some(Refusal::BadRequest("400 more than one Host header\n"));
+    }
+    let Some(host) = host else {
+        return (version == Version::HTTP_11).then_some(Refusal::BadRequest(
+            "400 HTTP/1.1 request without a Host header\n",
+        ));
+    };
+    let valid = host
+        .as_bytes()
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b));
+    if !valid {
+        return Some(Refusal::BadRequest("400 invalid Host header\n"));
+    }
+    if let Some(authority) = uri.authority() {
+        // Valid bytes are ASCII, so this is a str.
+        let host = host.to_str().unwrap_or("");
+        let default_port = if uri.scheme_str() == Some("https") {
+            "443"
+        } else {
+            "80"
+        };
+        let (ah, ap) = split_host_port(authority.as_str());
+        let (hh, hp) = split_host_port(host);
+        if !ah.eq_ignore_ascii_case(hh) || ap.unwrap_or(default_port) != hp.unwrap_or(default_port)
+        {
+            return Some(Refusal::BadRequest(
+                "400 the Host header disagrees with the request target\n",
+            ));
+        }
+    }
+    None
+}
+
+/// `host[:port]` or `[v6][:port]` (a trailing dot on the host is ignored).
+fn split_host_port(s: &str) -> (&str, Option<&str>) {
+    let (h, p) = if s.starts_with('[') {
+        match s.find(']') {
+            Some(i) => (&s[..=i], s[i + 1..].strip_prefix(':')),
+            None => (s, None),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    (
+        h.strip_suffix('.').unwrap_or(h),
+        p.filter(|p| !p.is_empty()),
+    )
+}
+
+/// True when `e`, returned by an upstream send, was caused by the client's request body (bad
+/// chunked framing, a body cut short) rather than by the upstream: hyper reports an error of
+/// the body it was given as a "user" error whose source is the server side's body error.
+pub fn is_client_body_error(e: &hyper::Error) -> bool {
+    e.is_user()
+        && std::error::Error::source(e).is_some_and(|s| s.downcast_ref::<hyper::Error>().is_some())
+}
+
+/// True for an HTTP/1 request whose body is chunked (no length known up front): the one body
+/// whose framing the proxy must see before anything goes upstream.
+pub fn has_chunked_body(version: Version, headers: &HeaderMap) -> bool {
+    version <= Version::HTTP_11 && headers.contains_key(header::TRANSFER_ENCODING)
+}
+
 /// A fresh request id: 128 random bits as 32 hex characters.
 pub fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; 32];
@@ -99,18 +304,32 @@ pub fn new_request_id() -> HeaderValue {
 }
 
 /// Rewrites a downstream request's head for the upstream: HTTP/1.1, origin-form URI, Host kept,
-/// hop-by-hop headers stripped, X-Forwarded-* and X-Request-Id set.
-pub fn prepare_upstream(parts: &mut Parts, client_ip: IpAddr, proto: &'static str, upgrade: bool) {
+/// hop-by-hop headers stripped, forwarded headers set by the policy in the module doc (`peer`
+/// is the immediate peer, trusted or not), X-Request-Id set.
+pub fn prepare_upstream(
+    parts: &mut Parts,
+    peer: IpAddr,
+    proto: &'static str,
+    trusted: &TrustedProxies,
+    upgrade: bool,
+) {
     // HTTP/1.1 carries the Host header (cloning a HeaderValue is a reference count); HTTP/2 and
     // absolute-form requests carry the authority in the URI.
     let host = match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => parts.headers.get(header::HOST).cloned(),
     };
+    // First, so that a client cannot name a forwarded header in `Connection` to drop the one
+    // the proxy sets.
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    let trusted = !trusted.is_empty() && trusted.contains(peer);
     if let Some(host) = host {
-        parts.headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        if !trusted || !parts.headers.contains_key(&X_FORWARDED_HOST) {
+            parts.headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
         parts.headers.insert(header::HOST, host);
+    } else if !trusted {
+        parts.headers.remove(&X_FORWARDED_HOST);
     }
     if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
         let pq = parts
@@ -123,21 +342,38 @@ pub fn prepare_upstream(parts: &mut Parts, client_ip: IpAddr, proto: &'static st
         }
     }
     parts.version = Version::HTTP_11;
-    let xff = match parts
-        .headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {client_ip}"),
-        _ => client_ip.to_string(),
+    let peer = peer.to_canonical();
+    let xff = if trusted {
+        // Every X-Forwarded-For line the trusted hop sent, in order, then the hop itself.
+        let mut xff = String::new();
+        for prev in parts.headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(prev) = prev.to_str() {
+                if !prev.trim().is_empty() {
+                    xff.push_str(prev.trim());
+                    xff.push_str(", ");
+                }
+            }
+        }
+        use std::fmt::Write;
+        let _ = write!(xff, "{peer}");
+        xff
+    } else {
+        for name in [&X_REAL_IP, &FORWARDED] {
+            if parts.headers.contains_key(name) {
+                parts.headers.remove(name);
+            }
+        }
+        peer.to_string()
     };
     // from_maybe_shared takes the buffer without copying it again.
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         parts.headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    parts
-        .headers
-        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if !trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO) {
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    }
     if !parts.headers.contains_key(&X_REQUEST_ID) {
         parts.headers.insert(X_REQUEST_ID.clone(), new_request_id());
     }
@@ -166,7 +402,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", false);
+        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", &edge(), false);
         for h in ["connection", "keep-alive", "x-secret-hop", "te", "upgrade"] {
             assert!(!p.headers.contains_key(h), "{h} was forwarded");
         }
@@ -178,19 +414,173 @@ mod tests {
         assert_eq!(p.headers["x-request-id"].len(), 32);
     }
 
-    #[test]
-    fn appends_to_forwarded_for_and_keeps_request_id() {
-        let mut p = parts(
+    fn edge() -> TrustedProxies {
+        TrustedProxies::default()
+    }
+
+    fn spoofed() -> Parts {
+        parts(
             Request::get("/")
                 .header("host", "a.test")
-                .header("x-forwarded-for", "1.2.3.4")
+                .header("x-forwarded-for", "6.6.6.6")
+                .header("x-forwarded-for", "7.7.7.7")
+                .header("x-real-ip", "6.6.6.6")
+                .header("forwarded", "for=6.6.6.6;proto=https")
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "evil.test")
                 .header("x-request-id", "abc")
                 .body(())
                 .unwrap(),
-        );
-        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", false);
-        assert_eq!(p.headers["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        )
+    }
+
+    #[test]
+    fn edge_mode_vouches_only_for_what_the_proxy_saw() {
+        let mut p = spoofed();
+        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", &edge(), false);
+        assert_eq!(p.headers["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(p.headers.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(p.headers["x-forwarded-proto"], "http");
+        assert_eq!(p.headers["x-forwarded-host"], "a.test");
+        assert!(!p.headers.contains_key("x-real-ip"));
+        assert!(!p.headers.contains_key("forwarded"));
         assert_eq!(p.headers["x-request-id"], "abc");
+        // A peer outside the trusted networks gets the same.
+        let mut p = spoofed();
+        let trusted = TrustedProxies::parse("192.0.2.0/24").unwrap();
+        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", &trusted, false);
+        assert_eq!(p.headers["x-forwarded-for"], "10.0.0.9");
+        assert!(!p.headers.contains_key("x-real-ip"));
+        // Naming a forwarded header in Connection does not remove the proxy's own.
+        let mut p = parts(
+            Request::get("/")
+                .header("host", "a.test")
+                .header("connection", "x-forwarded-for, x-forwarded-proto")
+                .body(())
+                .unwrap(),
+        );
+        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", &edge(), false);
+        assert_eq!(p.headers["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(p.headers["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn a_trusted_peer_is_appended_and_its_headers_kept() {
+        let trusted = TrustedProxies::parse("192.0.2.0/24, 10.0.0.0/8").unwrap();
+        let mut p = spoofed();
+        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", &trusted, false);
+        assert_eq!(p.headers["x-forwarded-for"], "6.6.6.6, 7.7.7.7, 10.0.0.9");
+        assert_eq!(p.headers["x-forwarded-proto"], "https");
+        assert_eq!(p.headers["x-forwarded-host"], "evil.test");
+        assert_eq!(p.headers["x-real-ip"], "6.6.6.6");
+        assert_eq!(p.headers["forwarded"], "for=6.6.6.6;proto=https");
+        // Missing ones are filled in; an IPv4-mapped peer is written as IPv4.
+        let mut p = parts(Request::get("/").header("host", "a.test").body(()).unwrap());
+        prepare_upstream(
+            &mut p,
+            "::ffff:10.1.2.3".parse().unwrap(),
+            "http",
+            &trusted,
+            false,
+        );
+        assert_eq!(p.headers["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(p.headers["x-forwarded-proto"], "http");
+        assert_eq!(p.headers["x-forwarded-host"], "a.test");
+    }
+
+    #[test]
+    fn cidrs_parse_strictly_and_match() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.255.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let one = Cidr::parse("192.0.2.7").unwrap();
+        assert_eq!(one.to_string(), "192.0.2.7/32");
+        assert!(one.contains("192.0.2.7".parse().unwrap()));
+        assert!(!one.contains("192.0.2.8".parse().unwrap()));
+        let all = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains("203.0.113.1".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:1::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(Cidr::parse("::/0")
+            .unwrap()
+            .contains("::1".parse().unwrap()));
+        let err = Cidr::parse("10.0.0.1/8").unwrap_err();
+        assert!(err.contains("did you mean 10.0.0.0/8"), "{err}");
+        assert!(Cidr::parse("10.0.0.0/33").unwrap_err().contains("0 to 32"));
+        assert!(Cidr::parse("ten/8")
+            .unwrap_err()
+            .contains("not an IP address"));
+        assert!(Cidr::parse("10.0.0.0/x").is_err());
+        let list = TrustedProxies::parse(" 10.0.0.0/8,, 192.0.2.0/24 ").unwrap();
+        assert_eq!(list.cidrs().len(), 2);
+        assert!(TrustedProxies::parse("").unwrap().is_empty());
+        let err = TrustedProxies::parse("10.0.0.0/8,nope").unwrap_err();
+        assert!(err.starts_with("trusted proxies: \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn strict_request_heads() {
+        fn check(req: Request<()>) -> Option<Refusal> {
+            let p = parts(req);
+            refuse(&p.method, p.version, &p.uri, &p.headers)
+        }
+        let ok = Request::get("/").header("host", "a.test").body(()).unwrap();
+        assert_eq!(check(ok), None);
+        for m in ["CONNECT", "TRACE"] {
+            let r = Request::builder()
+                .method(m)
+                .uri("/")
+                .header("host", "a.test");
+            assert_eq!(check(r.body(()).unwrap()), Some(Refusal::MethodNotAllowed));
+        }
+        let two = Request::get("/")
+            .header("host", "a.test")
+            .header("host", "b.test")
+            .body(())
+            .unwrap();
+        assert!(matches!(check(two), Some(Refusal::BadRequest(t)) if t.contains("more than one")));
+        let none = Request::get("/").body(()).unwrap();
+        assert!(
+            matches!(check(none), Some(Refusal::BadRequest(t)) if t.contains("without a Host"))
+        );
+        let old = Request::get("/")
+            .version(Version::HTTP_10)
+            .body(())
+            .unwrap();
+        assert_eq!(check(old), None);
+        let bad = Request::get("/")
+            .header("host", "a.test/x")
+            .body(())
+            .unwrap();
+        assert!(matches!(check(bad), Some(Refusal::BadRequest(_))));
+        let differs = Request::get("http://a.test/")
+            .header("host", "b.test")
+            .body(())
+            .unwrap();
+        assert!(matches!(check(differs), Some(Refusal::BadRequest(t)) if t.contains("disagrees")));
+        for (uri, host) in [
+            ("http://A.test/", "a.test"),
+            ("http://a.test:80/", "a.test"),
+            ("http://a.test/", "a.test:80"),
+            ("http://[::1]:8080/", "[::1]:8080"),
+        ] {
+            let same = Request::get(uri).header("host", host).body(()).unwrap();
+            assert_eq!(check(same), None, "{uri} {host}");
+        }
+        let port = Request::get("http://a.test:8080/")
+            .header("host", "a.test")
+            .body(())
+            .unwrap();
+        assert!(matches!(check(port), Some(Refusal::BadRequest(_))));
+        // HTTP/2 carries the authority alone.
+        let h2 = Request::get("http://a.test/")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert_eq!(check(h2), None);
     }
 
     #[test]
@@ -201,7 +591,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", false);
+        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", &edge(), false);
         assert_eq!(p.uri, "/p?q=1");
         assert_eq!(p.headers["host"], "b.test:8080");
         assert_eq!(p.version, Version::HTTP_11);
@@ -218,7 +608,7 @@ mod tests {
                 .unwrap(),
         );
         assert!(is_upgrade(p.version, &p.headers));
-        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", true);
+        prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", &edge(), true);
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["connection"], "upgrade");
     }

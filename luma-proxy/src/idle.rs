@@ -1,60 +1,132 @@
-//! An I/O wrapper that fails a connection after a period with no bytes in either direction.
+//! The I/O wrapper of every public connection: its timeouts, its slot, and its end at shutdown.
+//!
+//! - **First-byte timeout.** Until the client has sent a byte, the connection lives for the
+//!   first-byte timeout only (a connection that sends nothing is closed early, whatever
+//!   protocol it was going to speak).
+//! - **Idle timeout.** After that, a connection with no bytes in either direction for the idle
+//!   timeout fails. This covers HTTP/2 (the proxy sends no keep-alive pings of its own, so an
+//!   idle HTTP/2 connection really is idle) and upgraded tunnels.
+//! - **Slot.** The wrapper owns the connection's slot (a permit of the global connection limit
+//!   and its gauge), so a connection that hyper hands over to an upgrade (a WebSocket tunnel)
+//!   keeps counting against the limit until the tunnel drops the socket.
+//! - **End.** When its worker shuts down and in-flight requests are done, every read and write
+//!   fails, which ends tunnels (and anything left past the shutdown timeout).
 //!
 //! The timer is re-armed lazily: reads and writes only store a timestamp, and the sleep is
 //! reset when it fires early, so the hot path pays for a clock read, not a timer update.
 
-use hyper::rt::{Read, ReadBufCursor, Write};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-pub struct IdleIo<T> {
+/// Resolves when the connection must end.
+pub type EndSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pub struct ConnIo<T> {
     inner: T,
-    timeout: Duration,
+    /// `Some` until the first byte arrives.
+    first_byte: Option<Duration>,
+    idle: Duration,
     last: Instant,
     sleep: Pin<Box<Sleep>>,
+    end: Option<EndSignal>,
+    ended: bool,
+    /// Dropped with the connection (or the tunnel that took it over).
+    _slot: Option<Box<dyn Send>>,
 }
 
-impl<T> IdleIo<T> {
-    pub fn new(inner: T, timeout: Duration) -> IdleIo<T> {
+impl<T> ConnIo<T> {
+    /// `first_byte` is capped at `idle`.
+    pub fn new(inner: T, first_byte: Duration, idle: Duration) -> ConnIo<T> {
         let now = Instant::now();
-        IdleIo {
+        let first = first_byte.min(idle);
+        ConnIo {
             inner,
-            timeout,
+            first_byte: Some(first),
+            idle,
             last: now,
-            sleep: Box::pin(tokio::time::sleep_until(now + timeout)),
+            sleep: Box::pin(tokio::time::sleep_until(now + first)),
+            end: None,
+            ended: false,
+            _slot: None,
         }
     }
 
-    /// Ready(err) once the connection has been idle for the whole timeout.
+    /// Every read and write fails once `end` resolves.
+    pub fn with_end(mut self, end: EndSignal) -> Self {
+        self.end = Some(end);
+        self
+    }
+
+    /// Keeps `slot` alive exactly as long as the connection.
+    pub fn with_slot(mut self, slot: Box<dyn Send>) -> Self {
+        self._slot = Some(slot);
+        self
+    }
+
+    fn timeout(&self) -> Duration {
+        self.first_byte.unwrap_or(self.idle)
+    }
+
+    /// Ready(err) once the connection has been silent for the whole current timeout.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         while self.sleep.as_mut().poll(cx).is_ready() {
-            let deadline = self.last + self.timeout;
+            let deadline = self.last + self.timeout();
             if Instant::now() >= deadline {
-                return Poll::Ready(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connection idle timeout",
-                ));
+                let what = if self.first_byte.is_some() {
+                    "no bytes within the first-byte timeout"
+                } else {
+                    "connection idle timeout"
+                };
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what));
             }
             self.sleep.as_mut().reset(deadline);
         }
         Poll::Pending
     }
+
+    /// True once the end signal has fired (and registers for it otherwise).
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.ended {
+            if let Some(end) = self.end.as_mut() {
+                if end.as_mut().poll(cx).is_ready() {
+                    self.ended = true;
+                    self.end = None;
+                }
+            }
+        }
+        self.ended
+    }
 }
 
-impl<T: Read + Unpin> Read for IdleIo<T> {
+fn ended() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection ended by proxy shutdown",
+    )
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.poll_end(cx) {
+            return Poll::Ready(Err(ended()));
+        }
+        let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 this.last = Instant::now();
+                if buf.filled().len() > before {
+                    this.first_byte = None;
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => match this.poll_expired(cx) {
@@ -65,13 +137,16 @@ impl<T: Read + Unpin> Read for IdleIo<T> {
     }
 }
 
-impl<T: Write + Unpin> Write for IdleIo<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.poll_end(cx) {
+            return Poll::Ready(Err(ended()));
+        }
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.last = Instant::now();
@@ -84,6 +159,9 @@ impl<T: Write + Unpin> Write for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.poll_end(cx) {
+            return Poll::Ready(Err(ended()));
+        }
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.last = Instant::now();
@@ -98,5 +176,56 @@ impl<T: Write + Unpin> Write for IdleIo<T> {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_fails_at_the_first_byte_timeout_then_the_idle_timeout() {
+        let (a, _b) = tokio::io::duplex(64);
+        let mut io = ConnIo::new(a, Duration::from_secs(10), Duration::from_secs(120));
+        let t = Instant::now();
+        let mut buf = [0u8; 8];
+        let e = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t.elapsed(), Duration::from_secs(10));
+
+        let (a, mut b2) = tokio::io::duplex(64);
+        let mut io = ConnIo::new(a, Duration::from_secs(10), Duration::from_secs(120));
+        b2.write_all(b"x").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        let t = Instant::now();
+        let e = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t.elapsed(), Duration::from_secs(120));
+    }
+
+    #[tokio::test]
+    async fn the_end_signal_fails_a_pending_read_and_drops_the_slot_with_the_io() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let slot = std::sync::Arc::new(());
+        let mut io = ConnIo::new(a, Duration::from_secs(60), Duration::from_secs(60))
+            .with_end(Box::pin(async move {
+                let _ = rx.await;
+            }))
+            .with_slot(Box::new(slot.clone()));
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let r = io.read(&mut buf).await;
+            drop(io);
+            r
+        });
+        tx.send(()).unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(std::sync::Arc::strong_count(&slot), 1);
     }
 }

@@ -113,6 +113,27 @@ struct ServeArgs {
     /// Worker threads (default: one per core).
     #[arg(long, env = "LUMA_PROXY_WORKERS")]
     workers: Option<usize>,
+    /// Close a new connection that sends no byte for this long (at most the idle timeout).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    first_byte_timeout: Duration,
+    /// Metrics listener (GET /metrics, read-only, no token): NETWORK:PORT listens only on the
+    /// proxy's interface in that Docker network, once the proxy is attached to it
+    /// (`docker network connect luma-metrics <proxy>`); IP:PORT listens there exactly
+    /// (0.0.0.0 would let every project's containers read every project's metrics); `off`.
+    #[arg(long, env = "LUMA_PROXY_METRICS", default_value = "luma-metrics:9100", value_parser = luma_proxy::config::MetricsListen::parse)]
+    metrics: luma_proxy::config::MetricsListen,
+    /// A constant label on every metric, NAME=VALUE (repeat for more), e.g. server=eu-1.
+    #[arg(long = "metrics-label", value_parser = luma_proxy::config::parse_metrics_label)]
+    metrics_labels: Vec<(String, String)>,
+    /// CIDRs of a load balancer or CDN in front (comma-separated): from these peers the
+    /// proxy appends to X-Forwarded-For and keeps X-Forwarded-Proto/-Host, X-Real-IP and
+    /// Forwarded. Every other peer gets edge mode: those headers are the proxy's own.
+    #[arg(long, env = "LUMA_PROXY_TRUSTED_PROXIES", default_value = "", value_parser = luma_proxy::headers::TrustedProxies::parse)]
+    trusted_proxies: luma_proxy::headers::TrustedProxies,
+    /// Accept routes to literal ip:port targets (tests and benchmarks only): such a route
+    /// names no project network, so it is off by default.
+    #[arg(long, env = "LUMA_PROXY_ALLOW_LITERAL_TARGETS")]
+    allow_literal_targets: bool,
 }
 
 #[derive(Args, Clone)]
@@ -150,19 +171,27 @@ struct DeployArgs {
     /// App name (default: the target's alias).
     #[arg(long, default_value = "")]
     app: String,
-    /// alias:port inside the project's network (or ip:port[,ip:port] with no network).
+    /// alias:port inside the project's network (ip:port[,ip:port] only with a proxy started
+    /// with --allow-literal-targets).
     #[arg(long)]
     target: String,
-    /// Docker network to resolve in (default: <project>-network; `host` for system DNS).
+    /// Docker network to resolve in: <project>-network, the default and the only one accepted.
     #[arg(long, default_value = "")]
     network: String,
     #[command(flatten)]
     health: HealthArgs,
-    /// Per-request time to receive response headers (504 after).
+    /// Per-request time to receive response headers once the request is sent (504 after).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     response_timeout: Duration,
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     connect_timeout: Duration,
+    /// How long an idle upstream connection may be reused; keep it below the app's keep-alive
+    /// idle limit (0 opens a fresh connection for every request).
+    #[arg(long, default_value = "1500ms", value_parser = parse_duration)]
+    pool_idle_timeout: Duration,
+    /// Largest request body passed to the app (413 above it).
+    #[arg(long, default_value = "100MiB", value_parser = parse_bytes)]
+    max_body: usize,
     /// How long every replica has to pass its health check.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     deploy_timeout: Duration,
@@ -267,6 +296,10 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                     timeouts: RouteTimeouts {
                         connect_ms: a.connect_timeout.as_millis() as u64,
                         response_ms: a.response_timeout.as_millis() as u64,
+                        pool_idle_ms: a.pool_idle_timeout.as_millis() as u64,
+                    },
+                    limits: luma_api::route::RouteLimits {
+                        max_body_bytes: a.max_body as u64,
                     },
                 },
                 deploy_timeout_ms: Some(a.deploy_timeout.as_millis() as u64),
@@ -485,6 +518,11 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         idle_timeout: a.idle_timeout,
         max_header_bytes: a.max_header_size,
         shutdown_timeout: a.shutdown_timeout,
+        first_byte_timeout: a.first_byte_timeout,
+        metrics: a.metrics,
+        metrics_labels: a.metrics_labels,
+        trusted_proxies: a.trusted_proxies,
+        allow_literal_targets: a.allow_literal_targets,
     };
     let workers = a
         .workers

@@ -4,7 +4,18 @@
 //! - a connect failure never sent anything, so any request moves once to another backend;
 //! - a pooled connection found dead before writing is skipped transparently;
 //! - a connection that dies after the request was written is retried once, elsewhere, only for
-//!   GET, HEAD and OPTIONS without a body. A POST that was sent is never replayed: 502.
+//!   GET, HEAD and OPTIONS without a body. A POST that was sent is never replayed: 502. So a
+//!   request that cannot be replayed is only sent on a connection proven alive very recently
+//!   (the reuse rule is in `backend`), and a replay is too.
+//!
+//! Upstream limits, per route:
+//! - `limits.max_body_bytes`: a declared Content-Length above it is answered 413 before
+//!   anything goes upstream; a streamed body stops being forwarded at the cap, answered 413 if
+//!   no response has started, cut otherwise.
+//! - `timeouts.response_ms` runs from the end of the request body to the response head (504),
+//!   so a slow upload is not cut by it. While the body uploads, the clock restarts on every
+//!   chunk: a body that moves nothing for that long is answered 408 when the client stopped
+//!   sending, 504 when the backend stopped reading.
 //!
 //! Bodies stream both ways and are never buffered whole. The in-flight count of a backend runs
 //! until the response body ends (or a tunnel closes), which is what deploy drains on.
@@ -14,7 +25,7 @@
 //! (the handshake is explained in `service`). A retry counts itself on the next backend before
 //! it releases the previous one.
 
-use crate::backend::{Backend, InflightGuard, SendError};
+use crate::backend::{Backend, InflightGuard, Reuse, SendError};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -34,7 +45,21 @@ use std::time::{Duration, Instant};
 /// Body sent upstream: the client's streaming body, or nothing (replays).
 pub enum UpstreamBody {
     Incoming(Incoming),
+    /// A chunked client body whose first frame `handle` read (to check its framing before
+    /// anything goes upstream): that frame, then the rest.
+    Peeked(Option<Frame<Bytes>>, Incoming),
     Empty,
+}
+
+impl UpstreamBody {
+    /// The client's body, with the frame `handle` may have read first (see [`FirstFrame`]).
+    fn client(body: Incoming, extensions: &mut hyper::http::Extensions) -> UpstreamBody {
+        match extensions.remove::<FirstFrame>() {
+            Some(FirstFrame::Data(d)) => UpstreamBody::Peeked(Some(Frame::data(d)), body),
+            Some(FirstFrame::Trailers(t)) => UpstreamBody::Peeked(Some(Frame::trailers(t)), body),
+            None => UpstreamBody::Incoming(body),
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -47,21 +72,234 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             UpstreamBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Peeked(first, b) => match first.take() {
+                Some(f) => Poll::Ready(Some(Ok(f))),
+                None => Pin::new(b).poll_frame(cx),
+            },
             UpstreamBody::Empty => Poll::Ready(None),
         }
     }
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Incoming(b) => b.is_end_stream(),
+            UpstreamBody::Peeked(first, b) => first.is_none() && b.is_end_stream(),
             UpstreamBody::Empty => true,
         }
     }
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Incoming(b) => b.size_hint(),
+            // Only chunked bodies are peeked: their length is not known.
+            UpstreamBody::Peeked(..) => SizeHint::default(),
             UpstreamBody::Empty => SizeHint::with_exact(0),
         }
     }
+}
+
+/// A body error as hyper's client gets it. A client body error is passed on as the
+/// `hyper::Error` itself (what `headers::is_client_body_error` looks for), the cap as
+/// [`BodyTooLarge`].
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body went past its route's `limits.max_body_bytes`.
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body larger than the route's limits.max_body_bytes")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// What goes upstream: an [`UpstreamBody`] cut at the route's body cap (no frame that would
+/// pass it is forwarded), reporting its progress to the response timeout's [`UploadClock`].
+pub struct Upload {
+    body: UpstreamBody,
+    /// Bytes the cap still allows.
+    left: u64,
+    clock: Option<Arc<UploadClock>>,
+}
+
+impl Upload {
+    fn new(body: UpstreamBody, cap: u64, clock: Option<Arc<UploadClock>>) -> Upload {
+        Upload {
+            body,
+            left: cap,
+            clock,
+        }
+    }
+
+    /// No body (replays).
+    fn empty() -> Upload {
+        Upload::new(UpstreamBody::Empty, 0, None)
+    }
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => {
+                if let Some(c) = &this.clock {
+                    c.waiting_on_client();
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    let n = d.len() as u64;
+                    if n > this.left {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                    this.left -= n;
+                }
+                if let Some(c) = &this.clock {
+                    c.progress(this.body.is_end_stream());
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => {
+                if let Some(c) = &this.clock {
+                    c.progress(true);
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// How far a request body's upload has got: written by the body as the upstream connection's
+/// task polls it, read by the response timeout in [`forward`]. One atomic word: the time of
+/// the last chunk passed on (in microseconds since `start`), whether it was the last one, and
+/// whether the body is now waiting for the client.
+pub struct UploadClock {
+    start: tokio::time::Instant,
+    state: std::sync::atomic::AtomicU64,
+}
+
+const UPLOAD_DONE: u64 = 1 << 63;
+const UPLOAD_WAITING: u64 = 1 << 62;
+const UPLOAD_TIME: u64 = UPLOAD_WAITING - 1;
+
+impl UploadClock {
+    fn new() -> UploadClock {
+        UploadClock {
+            start: tokio::time::Instant::now(),
+            state: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    // Only the body writes, so a plain load and store suffice; Relaxed, as nothing else is
+    // published through this word.
+    fn progress(&self, done: bool) {
+        let us = (self.start.elapsed().as_micros() as u64).min(UPLOAD_TIME);
+        let flag = if done { UPLOAD_DONE } else { 0 };
+        self.state
+            .store(us | flag, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn waiting_on_client(&self) {
+        let s = self.state.load(std::sync::atomic::Ordering::Relaxed);
+        if s & (UPLOAD_DONE | UPLOAD_WAITING) == 0 {
+            self.state
+                .store(s | UPLOAD_WAITING, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// When the upload last moved (or ended), and the flags.
+    fn read(&self) -> (tokio::time::Instant, u64) {
+        let s = self.state.load(std::sync::atomic::Ordering::Relaxed);
+        (
+            self.start + Duration::from_micros(s & UPLOAD_TIME),
+            s & !UPLOAD_TIME,
+        )
+    }
+}
+
+/// Why no response head came in time.
+enum Late {
+    /// The request was sent and no response head came within the response timeout: 504.
+    Response,
+    /// The body moved nothing for the response timeout: the client stopped sending (408), or
+    /// the backend stopped reading (504).
+    Upload { client: bool },
+}
+
+/// Waits for `send` under the response timeout, which runs from the end of the request body
+/// (from the start without one). While a body uploads, the clock restarts on every chunk, so a
+/// slow upload is not cut, but one that stalls is. The timer is re-armed lazily, when it fires.
+async fn within_response_timeout<F: std::future::Future>(
+    send: F,
+    clock: Option<&UploadClock>,
+    timeout: Duration,
+) -> Result<F::Output, Late> {
+    let mut send = std::pin::pin!(send);
+    let mut sleep = std::pin::pin!(tokio::time::sleep(timeout));
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut send => return Ok(r),
+            _ = &mut sleep => {}
+        }
+        let Some(clock) = clock else {
+            return Err(Late::Response);
+        };
+        let (at, flags) = clock.read();
+        let deadline = at + timeout;
+        if deadline <= tokio::time::Instant::now() {
+            return Err(if flags & UPLOAD_DONE != 0 {
+                Late::Response
+            } else {
+                Late::Upload {
+                    client: flags & UPLOAD_WAITING != 0,
+                }
+            });
+        }
+        sleep.as_mut().reset(deadline);
+    }
+}
+
+/// A local answer after which the HTTP/1 connection closes: its request body was not read
+/// (whole), so the connection's framing cannot be trusted.
+fn closing_local(
+    version: hyper::Version,
+    status: StatusCode,
+    text: &'static str,
+) -> Response<ResponseBody> {
+    let mut r = local_response(status, text);
+    if version < hyper::Version::HTTP_2 {
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+fn too_large(version: hyper::Version) -> Response<ResponseBody> {
+    closing_local(
+        version,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "413 request body too large\n",
+    )
+}
+
+/// True when an upstream send failed because the body went past its cap.
+fn is_too_large(e: &hyper::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.is::<BodyTooLarge>())
 }
 
 /// Body sent to the client: a streamed upstream response, or a short local one.
@@ -69,7 +307,7 @@ pub enum ResponseBody {
     Upstream {
         body: Incoming,
         /// Goes back to the backend's pool once the body has been read to the end.
-        conn: Option<SendRequest<UpstreamBody>>,
+        conn: Option<SendRequest<Upload>>,
         guard: Option<InflightGuard>,
     },
     Local(Option<Bytes>),
@@ -82,7 +320,7 @@ impl ResponseBody {
 
     fn upstream(
         body: Incoming,
-        conn: Option<SendRequest<UpstreamBody>>,
+        conn: Option<SendRequest<Upload>>,
         guard: InflightGuard,
     ) -> ResponseBody {
         let mut b = ResponseBody::Upstream {
@@ -157,6 +395,8 @@ pub struct ProxyCtx {
     pub access_log: bool,
     /// `http` now; `https` once TLS terminates here.
     pub proto: &'static str,
+    /// Peers whose forwarded headers are believed (see `headers`).
+    pub trusted_proxies: headers::TrustedProxies,
 }
 
 /// A short plain-text answer that says what went wrong and leaks nothing about other projects.
@@ -201,21 +441,27 @@ pub async fn handle(
             .to_owned();
         (host, req.method().clone(), req.uri().path().to_owned())
     });
-    let mut service = lookup(&ctx, &req);
-    let mut lookups = 1;
-    let (resp, backend) = loop {
-        let Some(svc) = &service else {
-            break (
-                local_response(StatusCode::NOT_FOUND, "404 no route for this host\n"),
-                None,
-            );
-        };
-        match forward(&ctx, svc, req, peer, lookups < MAX_LOOKUPS).await {
-            Forwarded::Done(resp, backend) => break (resp, backend),
-            Forwarded::Reroute(r) => {
-                req = r;
-                lookups += 1;
-                service = lookup(&ctx, &req);
+    let mut service = None;
+    let (resp, backend) = match admit(&mut req).await {
+        Err(refused) => (refused, None),
+        Ok(()) => {
+            service = lookup(&ctx, &req);
+            let mut lookups = 1;
+            loop {
+                let Some(svc) = &service else {
+                    break (
+                        local_response(StatusCode::NOT_FOUND, "404 no route for this host\n"),
+                        None,
+                    );
+                };
+                match forward(&ctx, svc, req, peer, lookups < MAX_LOOKUPS).await {
+                    Forwarded::Done(resp, backend) => break (resp, backend),
+                    Forwarded::Reroute(r) => {
+                        req = r;
+                        lookups += 1;
+                        service = lookup(&ctx, &req);
+                    }
+                }
             }
         }
     };
@@ -235,6 +481,67 @@ pub async fn handle(
     resp
 }
 
+/// The first frame of a chunked request body, read by [`admit`] and sent upstream first.
+#[derive(Clone)]
+enum FirstFrame {
+    Data(Bytes),
+    Trailers(hyper::HeaderMap),
+}
+
+/// The strict checks a request passes before it is routed (see [`headers::refuse`]). A chunked
+/// body's first frame is read here, so a body whose framing is bad from the start is answered
+/// 400 with nothing sent upstream; a framing error further on is answered 400 by `forward`
+/// while no response has started.
+async fn admit(req: &mut Request<Incoming>) -> Result<(), Response<ResponseBody>> {
+    match headers::refuse(req.method(), req.version(), req.uri(), req.headers()) {
+        None => {}
+        Some(headers::Refusal::MethodNotAllowed) => {
+            let mut r = local_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "405 CONNECT and TRACE are not served\n",
+            );
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                HeaderValue::from_static(headers::ALLOWED_METHODS),
+            );
+            return Err(r);
+        }
+        Some(headers::Refusal::BadRequest(text)) => {
+            return Err(closing(local_response(StatusCode::BAD_REQUEST, text)))
+        }
+    }
+    if headers::has_chunked_body(req.version(), req.headers()) {
+        use http_body_util::BodyExt;
+        let first = match req.body_mut().frame().await {
+            None => None,
+            Some(Err(_)) => return Err(bad_body()),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => Some(FirstFrame::Data(d)),
+                Err(f) => f.into_trailers().ok().map(FirstFrame::Trailers),
+            },
+        };
+        if let Some(first) = first {
+            req.extensions_mut().insert(first);
+        }
+    }
+    Ok(())
+}
+
+/// A 400 for a request body whose framing broke (hyper closes that connection).
+fn bad_body() -> Response<ResponseBody> {
+    closing(local_response(
+        StatusCode::BAD_REQUEST,
+        "400 malformed request body\n",
+    ))
+}
+
+/// After a malformed request, the connection's framing cannot be trusted: close it.
+fn closing(mut r: Response<ResponseBody>) -> Response<ResponseBody> {
+    r.headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 fn is_replayable(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
@@ -248,6 +555,11 @@ async fn forward(
     peer: SocketAddr,
     may_reroute: bool,
 ) -> Forwarded {
+    // A declared length above the cap is refused before anything goes upstream.
+    let cap = svc.spec.limits.max_body_bytes;
+    if req.body().size_hint().lower() > cap {
+        return Forwarded::Done(too_large(req.version()), None);
+    }
     let Some(first) = svc.balancer.pick(None) else {
         if may_reroute && svc.is_stopped() {
             return Forwarded::Reroute(req);
@@ -267,7 +579,15 @@ async fn forward(
     let upgrade = headers::is_upgrade(req.version(), req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    headers::prepare_upstream(&mut parts, peer.ip(), ctx.proto, upgrade);
+    headers::prepare_upstream(
+        &mut parts,
+        peer.ip(),
+        ctx.proto,
+        &ctx.trusted_proxies,
+        upgrade,
+    );
+    // With the frame `admit` may have read first: a body that is all in that frame is not empty.
+    let body = UpstreamBody::client(body, &mut parts.extensions);
     // Keep what a replay needs only when a replay is allowed.
     let mut replay =
         (is_replayable(&parts.method) && body.is_end_stream() && !upgrade).then(|| {
@@ -277,13 +597,32 @@ async fn forward(
                 parts.headers.clone(),
             )
         });
-    let mut req = Request::from_parts(parts, UpstreamBody::Incoming(body));
+    let version = parts.version;
+    // A request that cannot be replayed only goes on a connection proven alive (`backend`).
+    let mut reuse = if replay.is_some() {
+        Reuse::Any
+    } else {
+        Reuse::Recent
+    };
+    let clock = (!body.is_end_stream()).then(|| Arc::new(UploadClock::new()));
+    let mut req = Request::from_parts(parts, Upload::new(body, cap, clock.clone()));
     let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
     let mut backend = first;
     for attempt in 0..2 {
-        let sent = tokio::time::timeout(timeout, backend.send(req)).await;
+        let sent =
+            within_response_timeout(backend.send(req, reuse), clock.as_deref(), timeout).await;
         let retry_req = match sent {
-            Err(_) => {
+            Err(Late::Upload { client: true }) => {
+                return Forwarded::Done(
+                    closing_local(
+                        version,
+                        StatusCode::REQUEST_TIMEOUT,
+                        "408 request body timed out\n",
+                    ),
+                    Some(backend.addr),
+                )
+            }
+            Err(Late::Response | Late::Upload { client: false }) => {
                 return Forwarded::Done(
                     local_response(StatusCode::GATEWAY_TIMEOUT, "504 upstream timed out\n"),
                     Some(backend.addr),
@@ -298,9 +637,21 @@ async fn forward(
                 ctx.metrics.count_connect_error();
                 *r
             }
+            // The body went past the route's cap and no response has started (once one has,
+            // the connection is cut and the response aborts).
+            Ok(Err(SendError::Sent(e))) if is_too_large(&e) => {
+                return Forwarded::Done(too_large(version), Some(backend.addr))
+            }
+            // The client's body broke (bad chunked framing, cut short) and no response has
+            // started: the client's fault, not the upstream's.
+            Ok(Err(SendError::Sent(e))) if headers::is_client_body_error(&e) => {
+                return Forwarded::Done(bad_body(), Some(backend.addr))
+            }
             Ok(Err(SendError::Sent(_))) => match replay.take() {
                 Some((method, uri, headers)) => {
-                    let mut r = Request::new(UpstreamBody::Empty);
+                    // The connection died under it: the replay takes no chances either.
+                    reuse = Reuse::Recent;
+                    let mut r = Request::new(Upload::empty());
                     *r.method_mut() = method;
                     *r.uri_mut() = uri;
                     *r.headers_mut() = headers;
@@ -342,7 +693,7 @@ async fn forward(
 
 fn respond(
     mut resp: Response<Incoming>,
-    conn: SendRequest<UpstreamBody>,
+    conn: SendRequest<Upload>,
     guard: InflightGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ResponseBody> {

@@ -3,7 +3,9 @@
 //! Lookups are exact first, then a one-level wildcard (`*.example.com` matches
 //! `a.example.com`, not `example.com` nor `a.b.example.com`). Hosts are case-insensitive and the
 //! port is ignored. A host belongs to exactly one route; a deploy that claims a host held by
-//! another project (or another app) is refused, and the holder keeps it.
+//! another project (or another app) is refused, and the holder keeps it. Across projects a
+//! wildcard counts as owning every host one level under it, both ways: an exact host inside
+//! another project's wildcard is refused, and so is a wildcard over another project's host.
 
 use crate::route::{RouteKey, RouteSpec};
 use crate::service::Service;
@@ -42,6 +44,28 @@ impl Table {
         match host.strip_prefix("*.") {
             Some(suffix) => self.wildcard.get(suffix),
             None => self.exact.get(host),
+        }
+    }
+
+    /// A route of another project whose hosts overlap `host` through a one-level wildcard, and
+    /// the host pattern of theirs that overlaps: for an exact host, the wildcard of its parent;
+    /// for a wildcard, an exact host one level under it.
+    fn cross_project_overlap(&self, host: &str, project: &str) -> Option<(&Arc<Service>, String)> {
+        let foreign = |s: &&Arc<Service>| s.spec.project != project;
+        match host.strip_prefix("*.") {
+            Some(suffix) => self
+                .exact
+                .iter()
+                .filter(|(h, s)| h.split_once('.').map(|(_, p)| p) == Some(suffix) && foreign(s))
+                .min_by(|a, b| a.0.cmp(b.0))
+                .map(|(h, s)| (s, h.to_string())),
+            None => {
+                let (_, parent) = host.split_once('.')?;
+                self.wildcard
+                    .get(parent)
+                    .filter(foreign)
+                    .map(|s| (s, format!("*.{parent}")))
+            }
         }
     }
 }
@@ -110,11 +134,28 @@ impl Router {
             .collect()
     }
 
-    /// Refuses a spec whose hosts belong to another route.
+    /// Refuses a spec whose hosts belong to another route, or that overlap another project's
+    /// hosts through a wildcard: an exact host under another project's `*.parent`, or a
+    /// wildcard over another project's exact host. (Within one project such an overlap is
+    /// allowed: the exact host wins, as in any lookup.)
     pub fn check_ownership(&self, spec: &RouteSpec) -> Result<(), String> {
         let table = self.table.load();
         let key = spec.key();
         for h in &spec.hosts {
+            if let Some((owner, covered)) = table.cross_project_overlap(h, &spec.project) {
+                let o = &owner.spec;
+                return Err(if h.starts_with("*.") {
+                    format!(
+                        "wildcard {h:?} would cover host {covered:?} of project {:?} (app {:?}); a host can belong to one project only. Remove it there first (luma-proxy remove --project {} --app {}) or list your hosts one by one",
+                        o.project, o.app, o.project, o.app
+                    )
+                } else {
+                    format!(
+                        "host {h:?} is inside the wildcard {covered:?} of project {:?} (app {:?}); a host can belong to one project only. Remove the wildcard there first (luma-proxy remove --project {} --app {}) or pick another host",
+                        o.project, o.app, o.project, o.app
+                    )
+                });
+            }
             if let Some(owner) = table.owner_of(h) {
                 let ok = owner.spec.key() == key;
                 if !ok {
@@ -185,6 +226,7 @@ mod tests {
             network: String::new(),
             health: Default::default(),
             timeouts: Default::default(),
+            limits: Default::default(),
         }
         .validate()
         .unwrap();
@@ -210,9 +252,12 @@ mod tests {
     fn wildcard_matches_exactly_one_level_and_exact_wins() {
         let r = Router::new();
         r.install(svc("alpha", "web", &["*.example.com"])).unwrap();
-        r.install(svc("beta", "web", &["api.example.com"])).unwrap();
-        assert_eq!(project_of(&r, "a.example.com").as_deref(), Some("alpha"));
-        assert_eq!(project_of(&r, "api.example.com").as_deref(), Some("beta"));
+        // Another app of the same project (across projects this overlap is refused).
+        r.install(svc("alpha", "api", &["api.example.com"]))
+            .unwrap();
+        let app_of = |h: &str| r.lookup(h).map(|s| s.spec.app.clone());
+        assert_eq!(app_of("a.example.com").as_deref(), Some("web"));
+        assert_eq!(app_of("api.example.com").as_deref(), Some("api"));
         assert_eq!(project_of(&r, "example.com"), None);
         assert_eq!(project_of(&r, "a.b.example.com"), None);
     }
@@ -228,6 +273,47 @@ mod tests {
             .install(svc("alpha", "api", &["shared.test"]))
             .unwrap_err();
         assert!(err.contains("app \"web\""), "{err}");
+    }
+
+    #[test]
+    fn wildcards_never_overlap_another_projects_hosts() {
+        let r = Router::new();
+        r.install(svc("beta", "web", &["*.wild.test", "exact.beta.test"]))
+            .unwrap();
+        // An exact host inside another project's wildcard.
+        let err = r
+            .install(svc("alpha", "web", &["shop.wild.test"]))
+            .unwrap_err();
+        assert!(err.contains("inside the wildcard \"*.wild.test\""), "{err}");
+        assert!(err.contains("project \"beta\""), "{err}");
+        // A wildcard over another project's exact host.
+        let err = r
+            .install(svc("alpha", "web", &["*.beta.test"]))
+            .unwrap_err();
+        assert!(
+            err.contains("would cover host \"exact.beta.test\""),
+            "{err}"
+        );
+        assert_eq!(project_of(&r, "shop.wild.test").as_deref(), Some("beta"));
+        assert_eq!(project_of(&r, "exact.beta.test").as_deref(), Some("beta"));
+        assert_eq!(r.services().len(), 1);
+        // Not an overlap: two levels down, the parent itself, a sibling suffix.
+        r.install(svc(
+            "alpha",
+            "web",
+            &["a.b.wild.test", "wild.test", "*.x.wild.test"],
+        ))
+        .unwrap();
+        // Inside one project the exact host wins, as before.
+        r.install(svc("beta", "api", &["api.wild.test"])).unwrap();
+        assert_eq!(
+            r.lookup("api.wild.test")
+                .map(|s| s.spec.app.clone())
+                .as_deref(),
+            Some("api")
+        );
+        // The owner redeploys its own wildcard.
+        r.install(svc("beta", "web", &["*.wild.test"])).unwrap();
     }
 
     #[test]

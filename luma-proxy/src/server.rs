@@ -1,14 +1,28 @@
 //! The proxy process: listeners, connection limits, restore on start, graceful shutdown.
 //!
-//! [`Proxy::start`] binds both listeners first (so a caller learns the real ports), restores
+//! [`Proxy::start`] binds the listeners first (so a caller learns the real ports), restores
 //! saved routes in the background (they serve as soon as a backend passes its first check), and
-//! returns a handle. Shutting down stops accepting, lets in-flight requests finish for up to the
-//! shutdown timeout, then returns.
+//! returns a handle.
+//!
+//! **Connections.** One limit holds for the whole process: every worker takes a slot from the
+//! same semaphore at accept, or closes the connection at once. The slot lives in the
+//! connection's I/O ([`ConnIo`]), so a connection upgraded to a tunnel (WebSocket) keeps its
+//! slot until the tunnel ends. A connection that sends nothing is closed at the first-byte
+//! timeout; one with no bytes either way at the idle timeout (HTTP/2 too: the proxy sends no
+//! keep-alive pings, so nothing but the peer's traffic keeps a connection open).
+//!
+//! **Shutdown.** Stop accepting; let in-flight requests finish (HTTP/1.1 connections close after
+//! their current response, HTTP/2 ones get a GOAWAY) for up to the shutdown timeout; then end
+//! every connection still open: upgraded tunnels (which have no end the proxy could wait for,
+//! so they are ended as soon as the requests are done, not held for the whole timeout) and
+//! anything past the timeout. [`RunningProxy::shutdown`] returns once every connection of every
+//! worker is gone (bounded by [`END_WAIT`]).
 
 use crate::admin::{self, AdminCtx};
+use crate::config::MetricsListen;
 use crate::config::ProxyConfig;
 use crate::deploy::Deployer;
-use crate::idle::IdleIo;
+use crate::idle::ConnIo;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyCtx};
 use crate::resolve::Resolver;
@@ -20,11 +34,15 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+
+/// How long a worker waits, after ending its connections, for their tasks to let them go.
+pub const END_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Proxy;
 
@@ -32,8 +50,12 @@ pub struct Proxy;
 pub struct RunningProxy {
     pub http_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The metrics listener's address when it was given as `IP:PORT` (bound at start).
+    pub metrics_addr: Option<SocketAddr>,
     pub deployer: Arc<Deployer>,
     pub metrics: Arc<Metrics>,
+    /// The one connection limit, shared by every worker.
+    limit: Arc<Semaphore>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     ctx: Arc<ProxyCtx>,
@@ -49,6 +71,12 @@ impl Proxy {
                 cfg.admin_addr
             ));
         }
+        if cfg.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if cfg.first_byte_timeout.is_zero() || cfg.idle_timeout.is_zero() {
+            return Err("--first-byte-timeout and --idle-timeout must be above 0".into());
+        }
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| format!("cannot create state dir {}: {e}", cfg.state_dir.display()))?;
         let token: Arc<str> = crate::token::load_or_create(&cfg.token_path())?.into();
@@ -59,12 +87,27 @@ impl Proxy {
             .map_err(|e| format!("cannot listen on admin {}: {e}", cfg.admin_addr))?;
         let http_addr = http.local_addr().map_err(|e| e.to_string())?;
         let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+        let metrics_listener = match &cfg.metrics {
+            MetricsListen::Addr(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| format!("cannot listen on metrics {a}: {e}"))?,
+            ),
+            _ => None,
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?),
+            None => None,
+        };
 
         let router = Arc::new(Router::new());
         let resolver = Arc::new(Resolver::new(cfg.dns, cfg.self_name.clone())?);
         let state = Arc::new(StateStore::new(&cfg.state_dir));
-        let metrics = Arc::new(Metrics::default());
-        let deployer = Arc::new(Deployer::new(router.clone(), resolver, Some(state.clone())));
+        let metrics = Arc::new(Metrics::new(router.clone(), &cfg.metrics_labels)?);
+        let deployer = Arc::new(
+            Deployer::new(router.clone(), resolver.clone(), Some(state.clone()))
+                .allowing_literal_targets(cfg.allow_literal_targets),
+        );
 
         let restored = state.load();
         for why in &restored.skipped {
@@ -80,6 +123,7 @@ impl Proxy {
             metrics: metrics.clone(),
             access_log: cfg.access_log,
             proto: "http",
+            trusted_proxies: cfg.trusted_proxies.clone(),
         });
         let admin_ctx = Arc::new(AdminCtx {
             deployer: deployer.clone(),
@@ -89,18 +133,47 @@ impl Proxy {
         });
         crate::log::info(
             "luma-proxy listening",
-            serde_json::json!({"http": http_addr.to_string(), "admin": admin_addr.to_string(), "state_dir": cfg.state_dir.display().to_string()}),
+            serde_json::json!({"http": http_addr.to_string(), "admin": admin_addr.to_string(), "state_dir": cfg.state_dir.display().to_string(), "max_connections": cfg.max_connections}),
         );
-        let tasks = vec![
-            tokio::spawn(serve_http(http, ctx.clone(), cfg.clone(), rx.clone())),
-            tokio::spawn(admin::serve(admin_listener, admin_ctx, rx)),
+        let limit = Arc::new(Semaphore::new(
+            cfg.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
+        let mut tasks = vec![
+            tokio::spawn(serve_http(
+                http,
+                ctx.clone(),
+                cfg.clone(),
+                limit.clone(),
+                rx.clone(),
+            )),
+            tokio::spawn(admin::serve(admin_listener, admin_ctx, rx.clone())),
         ];
+        let metrics_source = match (metrics_listener, &cfg.metrics) {
+            (Some(l), _) => Some(crate::metrics::listener::Source::Bound(l)),
+            (None, MetricsListen::Network { network, port }) => {
+                Some(crate::metrics::listener::Source::Network {
+                    network: network.clone(),
+                    port: *port,
+                    resolver,
+                })
+            }
+            _ => None,
+        };
+        if let Some(source) = metrics_source {
+            tasks.push(tokio::spawn(crate::metrics::listener::serve(
+                source,
+                metrics.clone(),
+                rx,
+            )));
+        }
         let cfg = ProxyConfig { http_addr, ..cfg };
         Ok(RunningProxy {
             http_addr,
             admin_addr,
+            metrics_addr,
             deployer,
             metrics,
+            limit,
             shutdown,
             tasks,
             ctx,
@@ -112,14 +185,18 @@ impl Proxy {
 
 impl RunningProxy {
     /// Starts `n` more serving threads (workers 1..=n), each with its own runtime, listener and
-    /// pools. Call [`crate::workers::set_count`] with the total before starting the proxy.
+    /// pools, all under the one connection limit. Call [`crate::workers::set_count`] with the
+    /// total before starting the proxy. Every listener is bound when this returns.
     pub fn add_workers(&mut self, n: usize) -> Result<(), String> {
         for i in 1..=n {
-            let (ctx, cfg, rx) = (
+            let (ctx, cfg, limit, rx) = (
                 self.ctx.clone(),
                 self.cfg.clone(),
+                self.limit.clone(),
                 self.shutdown.subscribe(),
             );
+            let std_listener = crate::workers::reuseport_std_listener(cfg.http_addr)
+                .map_err(|e| format!("worker {i}: cannot listen on {}: {e}", cfg.http_addr))?;
             let listener = std::thread::Builder::new()
                 .name(format!("luma-worker-{i}"))
                 .spawn(move || {
@@ -137,8 +214,8 @@ impl RunningProxy {
                         }
                     };
                     rt.block_on(async move {
-                        match crate::workers::reuseport_listener(cfg.http_addr) {
-                            Ok(l) => serve_http(l, ctx, cfg, rx).await,
+                        match TcpListener::from_std(std_listener) {
+                            Ok(l) => serve_http(l, ctx, cfg, limit, rx).await,
                             Err(e) => crate::log::error(
                                 "worker listener",
                                 serde_json::json!({"error": e.to_string()}),
@@ -152,7 +229,8 @@ impl RunningProxy {
         Ok(())
     }
 
-    /// Stops accepting, drains in-flight requests (up to the shutdown timeout), and returns.
+    /// Stops accepting, drains in-flight requests (up to the shutdown timeout), ends tunnels and
+    /// whatever is left, and returns once every connection is gone.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
@@ -178,33 +256,105 @@ fn builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(cfg.header_read_timeout)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
+    // No keep-alive pings: the proxy's own pings (and their acks) would be traffic, and an
+    // idle HTTP/2 connection would never reach the idle timeout. Dead peers are found by it.
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .max_header_list_size(cfg.max_header_bytes as u32)
-        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+        .keep_alive_interval(None);
     b
+}
+
+/// The connections of one worker: how many are alive (tunnels included) and a wake-up when the
+/// last one goes.
+#[derive(Default)]
+struct Live {
+    open: AtomicUsize,
+    empty: Notify,
+}
+
+impl Live {
+    async fn wait_empty(&self) {
+        loop {
+            let notified = self.empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What a connection holds while it is alive: its slot of the global limit, its place in the
+/// open-connections gauge and in its worker's count. Owned by the connection's I/O, so an
+/// upgraded connection keeps all three until the tunnel drops the socket.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+    live: Arc<Live>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>, live: Arc<Live>) -> Slot {
+        metrics.connection_opened();
+        live.open.fetch_add(1, Ordering::AcqRel);
+        Slot {
+            _permit: permit,
+            metrics,
+            live,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.connection_closed();
+        if self.live.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.live.empty.notify_waiters();
+        }
+    }
 }
 
 async fn serve_http(
     listener: TcpListener,
     ctx: Arc<ProxyCtx>,
     cfg: ProxyConfig,
+    limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let builder = Arc::new(builder(&cfg));
-    let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
+    let live = Arc::new(Live::default());
+    // Fired once in-flight requests are done (or the shutdown timeout passed): every
+    // connection still open, tunnels included, fails its next read or write.
+    let (end_tx, end_rx) = watch::channel(false);
+    let mut backoff = crate::admin::Backoff::new(
+        crate::admin::ACCEPT_BACKOFF_MIN,
+        crate::admin::ACCEPT_BACKOFF_MAX,
+    );
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    if backoff.succeeded() {
+                        crate::log::info("accept recovered", serde_json::json!({}));
+                    }
+                    a
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    crate::log::warn("accept failed", serde_json::json!({"error": e.to_string()}));
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
+                    // EMFILE and friends: back off instead of spinning; log a run once.
+                    let (wait, first) = backoff.failed();
+                    if first {
+                        crate::log::warn("accept failed; backing off", serde_json::json!({"error": e.to_string()}));
+                    }
+                    tokio::select! {
+                        _ = shutdown.changed() => break,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
                 }
             },
         };
@@ -214,34 +364,54 @@ async fn serve_http(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let io = IdleIo::new(TokioIo::new(stream), cfg.idle_timeout);
+        let slot = Slot::new(permit, ctx.metrics.clone(), live.clone());
+        let mut end = end_rx.clone();
+        let io = ConnIo::new(stream, cfg.first_byte_timeout, cfg.idle_timeout)
+            .with_end(Box::pin(async move {
+                let _ = end.wait_for(|e| *e).await;
+            }))
+            .with_slot(Box::new(slot));
         let c = ctx.clone();
         let svc = service_fn(move |req| {
             let c = c.clone();
             async move { Ok::<_, Infallible>(proxy::handle(c, req, peer).await) }
         });
-        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .into_owned();
         let conn = graceful.watch(conn);
-        let metrics = ctx.metrics.clone();
-        metrics.connection_opened();
         tokio::spawn(async move {
             let _ = conn.await;
-            metrics.connection_closed();
-            drop(permit);
         });
     }
     drop(listener);
     crate::log::info(
         "shutting down: draining connections",
-        serde_json::json!({"open": ctx.metrics.connections_open.load(std::sync::atomic::Ordering::Relaxed)}),
+        serde_json::json!({"worker": crate::workers::index(), "open": live.open.load(Ordering::Relaxed), "open_all_workers": ctx.metrics.connections_open()}),
     );
-    if tokio::time::timeout(cfg.shutdown_timeout, graceful.shutdown())
+    let drained = tokio::time::timeout(cfg.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_ok();
+    let left = live.open.load(Ordering::Relaxed);
+    if !drained {
+        crate::log::warn(
+            "shutdown timeout: ending remaining connections",
+            serde_json::json!({"worker": crate::workers::index(), "open": left}),
+        );
+    } else if left > 0 {
+        crate::log::info(
+            "requests drained; ending upgraded connections",
+            serde_json::json!({"worker": crate::workers::index(), "open": left}),
+        );
+    }
+    let _ = end_tx.send(true);
+    if tokio::time::timeout(END_WAIT, live.wait_empty())
         .await
         .is_err()
     {
         crate::log::warn(
-            "shutdown timeout: closing remaining connections",
-            serde_json::json!({}),
+            "connections still open after ending them",
+            serde_json::json!({"worker": crate::workers::index(), "open": live.open.load(Ordering::Relaxed)}),
         );
     }
 }

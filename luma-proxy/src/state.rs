@@ -294,6 +294,7 @@ mod tests {
             network: String::new(),
             health: Default::default(),
             timeouts: Default::default(),
+            limits: Default::default(),
         }
         .validate()
         .unwrap()

@@ -34,6 +34,13 @@ pub fn index() -> usize {
 
 /// A listener that several threads can bind to the same address.
 pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::from_std(reuseport_std_listener(addr)?)
+}
+
+/// The same, bound and listening but not yet registered with a runtime: a worker thread
+/// turns it into a tokio listener on its own runtime. The kernel queues connections for it from
+/// the moment it exists.
+pub fn reuseport_std_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -45,5 +52,5 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpLi
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    tokio::net::TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }

@@ -6,9 +6,12 @@
 //! Environment: `PORT` (3000), `LUMA_PROJECT`, `LUMA_APP`, `LUMA_RELEASE`, `DEMO_DEFAULT_SIGNALS=1`
 //! (no SIGTERM handler, so as PID 1 it ignores SIGTERM), `DEMO_UNHEALTHY=1`
 //! (start failing `/up`), `DEMO_DELAY_MS` (slow every request), `DEMO_BODY_BYTES` (answer `/`
-//! with this many bytes instead of JSON; the benchmark backend uses 1024).
+//! with this many bytes instead of JSON; the benchmark backend uses 1024), `DEMO_IDLE_CLOSE_MS`
+//! (close a keep-alive connection that waits this long for its next request, like Node's
+//! `keepAliveTimeout` or gunicorn's `--keep-alive`; unset or 0 keeps it open).
 //!
 //! Paths: `/up` health; `/_demo/unhealthy` and `/_demo/healthy` flip `/up` at runtime;
+//! `/_demo/headers` answers the request's header lines as the app received them;
 //! `/bytes/N` answers N bytes; `?delay_ms=N` on any path sleeps first; anything else answers
 //! JSON with project, app, release, hostname, method, path and the request body length.
 
@@ -24,6 +27,8 @@ struct Identity {
     release: String,
     hostname: String,
     delay: Duration,
+    /// Keep-alive idle limit between requests (None: wait forever).
+    idle_close: Option<Duration>,
     fixed_body: Option<Vec<u8>>,
     unhealthy: AtomicBool,
 }
@@ -59,6 +64,11 @@ fn main() {
         release: env("LUMA_RELEASE", "dev"),
         hostname,
         delay: Duration::from_millis(env("DEMO_DELAY_MS", "0").parse().unwrap_or(0)),
+        idle_close: env("DEMO_IDLE_CLOSE_MS", "")
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
         fixed_body: env("DEMO_BODY_BYTES", "")
             .parse::<usize>()
             .ok()
@@ -91,6 +101,14 @@ fn serve(stream: TcpStream, id: &Identity) -> std::io::Result<()> {
     let mut out = stream;
     loop {
         let mut line = String::new();
+        if let Some(idle) = id.idle_close {
+            // Wait at most `idle` for the next request, then close (with a timer as precise
+            // as Node's). Bytes that arrive just too late are answered by the kernel with a
+            // reset: the race a proxy must not lose a POST to.
+            if reader.buffer().is_empty() && !wait_readable(reader.get_ref(), idle)? {
+                return Ok(());
+            }
+        }
         if reader.read_line(&mut line)? == 0 {
             return Ok(());
         }
@@ -100,6 +118,8 @@ fn serve(stream: TcpStream, id: &Identity) -> std::io::Result<()> {
             parts.next().unwrap_or("/").to_string(),
         );
         let (mut length, mut chunked, mut close) = (0usize, false, false);
+        // The request's header lines as received, for `/_demo/headers`.
+        let mut received = String::new();
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 {
@@ -109,6 +129,8 @@ fn serve(stream: TcpStream, id: &Identity) -> std::io::Result<()> {
             if h.is_empty() {
                 break;
             }
+            received.push_str(h);
+            received.push('\n');
             if let Some((k, v)) = h.split_once(':') {
                 let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
                 match k.as_str() {
@@ -145,6 +167,7 @@ fn serve(stream: TcpStream, id: &Identity) -> std::io::Result<()> {
                 id.unhealthy.store(false, Ordering::Relaxed);
                 ("200 OK", "text/plain", b"now healthy\n".to_vec())
             }
+            "/_demo/headers" => ("200 OK", "text/plain", received.into_bytes()),
             p if p.starts_with("/bytes/") => {
                 let n = p["/bytes/".len()..].parse().unwrap_or(0usize).min(64 << 20);
                 ("200 OK", "application/octet-stream", vec![b'x'; n])
@@ -174,6 +197,28 @@ fn serve(stream: TcpStream, id: &Identity) -> std::io::Result<()> {
         }
         if close {
             return Ok(());
+        }
+    }
+}
+
+/// Waits until `stream` has bytes to read (or its peer closed): false after `timeout`.
+fn wait_readable(stream: &TcpStream, timeout: Duration) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
+    loop {
+        // SAFETY: one valid pollfd that outlives the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r >= 0 {
+            return Ok(r > 0);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

@@ -275,6 +275,7 @@ impl<'c, 'a> Prepared<'c, 'a> {
                         response_ms: route.response_timeout.as_millis() as u64,
                         ..RouteTimeouts::default()
                     },
+                    limits: Default::default(),
                 },
                 deploy_timeout_ms: Some(self.app.health.deadline.as_millis() as u64),
                 drain_timeout_ms: Some(30_000),

@@ -38,6 +38,8 @@ pub fn config(state_dir: PathBuf) -> ProxyConfig {
         dns: "127.0.0.1:9".parse().unwrap(),
         self_name: "test".into(),
         access_log: false,
+        // Loopback backends have no network alias.
+        allow_literal_targets: true,
         ..ProxyConfig::default()
     }
 }
@@ -226,6 +228,7 @@ pub fn route(project: &str, host: &str, addrs: &[SocketAddr]) -> RouteSpec {
             ..HealthSettings::default()
         },
         timeouts: RouteTimeouts::default(),
+        limits: Default::default(),
     }
 }
 
@@ -386,4 +389,147 @@ pub async fn load_worker(
             sender = None;
         }
     }
+}
+
+/// A raw HTTP/1.1 backend that closes a keep-alive connection once it has waited `idle` for
+/// the next request, the way Node's `keepAliveTimeout` and gunicorn's `--keep-alive` do.
+/// Answers `/up` with `ok`, and anything else, once its whole body is read (Content-Length or
+/// chunked), with `200` and the body's length.
+///
+/// Between deciding to close and closing it waits `fin_delay`, the time its FIN would take to
+/// cross a real network: a request written in that window is answered with a reset, as one
+/// that crossed the FIN on the wire would be. On loopback the window would be microseconds.
+pub struct IdleClosingBackend {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicU64>,
+    /// Request heads read, `/up` excluded.
+    pub requests: Arc<AtomicU64>,
+    /// Connections this backend closed because they sat idle for the whole limit.
+    pub idle_closes: Arc<AtomicU64>,
+}
+
+impl IdleClosingBackend {
+    pub async fn start(ip: &str, idle: Duration, fin_delay: Duration) -> IdleClosingBackend {
+        let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let b = IdleClosingBackend {
+            addr,
+            connections: Arc::new(AtomicU64::new(0)),
+            requests: Arc::new(AtomicU64::new(0)),
+            idle_closes: Arc::new(AtomicU64::new(0)),
+        };
+        let (conns, reqs, closes) = (
+            b.connections.clone(),
+            b.requests.clone(),
+            b.idle_closes.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.fetch_add(1, Ordering::Relaxed);
+                let (reqs, closes) = (reqs.clone(), closes.clone());
+                tokio::spawn(serve_idle_closing(stream, idle, fin_delay, reqs, closes));
+            }
+        });
+        b
+    }
+}
+
+async fn serve_idle_closing(
+    mut stream: TcpStream,
+    idle: Duration,
+    fin_delay: Duration,
+    requests: Arc<AtomicU64>,
+    idle_closes: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        // Wait for the next request for at most `idle`, then close, whatever arrives after.
+        if buf.is_empty() {
+            match tokio::time::timeout(idle, stream.read(&mut chunk)).await {
+                Err(_) => {
+                    idle_closes.fetch_add(1, Ordering::Relaxed);
+                    // Closing with unread bytes sends a reset.
+                    tokio::time::sleep(fin_delay).await;
+                    return;
+                }
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        buf.drain(..head_end);
+        let is_up = head.starts_with("get /up ");
+        if !is_up {
+            requests.fetch_add(1, Ordering::Relaxed);
+        }
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        let close = header("connection:").is_some_and(|v| v.contains("close"));
+        let body_len = if header("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+            // Good enough for tests: the body ends at the first empty last chunk.
+            let end = loop {
+                if let Some(i) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
+                    break i + 5;
+                }
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            buf.drain(..end);
+            end
+        } else {
+            let len: usize = header("content-length:")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < len {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..len);
+            len
+        };
+        let body = if is_up {
+            "ok".to_string()
+        } else {
+            body_len.to_string()
+        };
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        if stream.write_all(resp.as_bytes()).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Writes a raw request on a fresh connection and reads until the proxy closes it or
+/// `limit` passes; returns everything read (the status line first).
+pub async fn raw_exchange(proxy: SocketAddr, request: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
