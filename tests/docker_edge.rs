@@ -42,7 +42,19 @@ fn values<'a>(lines: &'a str, name: &str) -> Vec<&'a str> {
         .collect()
 }
 
-const SPOOFED: &str = "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6;proto=https\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n";
+/// The forwarded headers a client could send, the first two also spelled with underscores
+/// (which CGI, WSGI and Rack apps read as the same `HTTP_X_REAL_IP`... keys).
+const SPOOFED: &str = "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6;proto=https\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nX_Real_IP: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\n";
+
+/// The underscore spellings of the forwarded headers never reach the app, in either mode.
+fn assert_no_underscore_spoofs(seen: &str) {
+    for name in ["x_real_ip", "x_forwarded_for"] {
+        assert!(
+            values(seen, name).is_empty(),
+            "{name} reached the app: {seen}"
+        );
+    }
+}
 
 #[test]
 fn forwarded_headers_as_the_app_sees_them_in_edge_and_trusted_mode() {
@@ -64,6 +76,7 @@ fn forwarded_headers_as_the_app_sees_them_in_edge_and_trusted_mode() {
     assert_eq!(values(&seen, "x-forwarded-host"), [host.as_str()], "{seen}");
     assert!(values(&seen, "x-real-ip").is_empty(), "{seen}");
     assert!(values(&seen, "forwarded").is_empty(), "{seen}");
+    assert_no_underscore_spoofs(&seen);
 
     // Trusted mode: the proxy is replaced with LUMA_TRUSTED_PROXIES naming the peer it saw.
     let bits = if peer.is_ipv4() { 32 } else { 128 };
@@ -89,6 +102,7 @@ fn forwarded_headers_as_the_app_sees_them_in_edge_and_trusted_mode() {
         ["for=6.6.6.6;proto=https"],
         "{seen}"
     );
+    assert_no_underscore_spoofs(&seen);
     // Without spoofing, the trusted hop is the whole chain and the scheme is the proxy's.
     let (_, seen) = raw_get(&lab.http_addr(), &host, "/_demo/headers", "");
     assert_eq!(

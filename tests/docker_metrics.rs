@@ -1,6 +1,7 @@
 //! Metrics against the real engine: a container on the metrics network scrapes the proxy over
-//! HTTP (no `docker exec`, no token), the port is published nowhere on the host, a container
-//! on a project network cannot read it, and label values are escaped in the real output.
+//! HTTP (no `docker exec`, no token), the port is published nowhere on the host, the proxy's
+//! address on a project network refuses the metrics port, and label values are escaped in the
+//! real output.
 
 use luma_integration_tests::*;
 use std::time::Duration;
@@ -135,18 +136,16 @@ fn prometheus_on_the_metrics_network_scrapes_without_exec_and_nothing_else_can()
     assert!(!ports.contains("9100"), "{ports}");
     assert!(ports.contains("8080"), "{ports}");
 
-    // A container on the project network (every project shares one with the proxy) can read
-    // neither the proxy's address there nor its metrics-network address.
+    // A container on the project network cannot read the metrics at the proxy's address there:
+    // the listener is bound to the metrics-network interface only, so a proxy that bound all
+    // interfaces (0.0.0.0:9100) would fail this. (The proxy's metrics-network address is not
+    // tried from the project network: Docker drops traffic between bridge networks whatever
+    // the proxy binds, so that check could not fail.)
     let project_side = format!("{}:9100", ip_on(&proxy, &project_net));
     let (code, out, err) = scrape_from(&lab, &mut n, &project_net, &project_side);
     assert_ne!(code, 0, "scraped from the project network: {out}");
     assert!(!out.contains("luma_proxy_"), "{out}");
+    // Refused by the proxy's host (nothing listens there), not lost on the way.
+    assert!(err.contains("refused"), "{err}");
     eprintln!("project network -> {project_side}: {}", err.trim());
-    let (code, out, err) = scrape_from(&lab, &mut n, &project_net, &metrics_addr);
-    assert_ne!(
-        code, 0,
-        "scraped the metrics address from the project network: {out}"
-    );
-    assert!(!out.contains("luma_proxy_"), "{out}");
-    eprintln!("project network -> {metrics_addr}: {}", err.trim());
 }

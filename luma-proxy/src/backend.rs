@@ -1,21 +1,32 @@
 //! One replica of an app: its address, pooled HTTP/1.1 connections, in-flight count and health.
 //!
 //! Connection reuse, the rule in one place (HAProxy's `http-reuse safe` is the model):
-//! - A connection goes back to its serving thread's pool when a response has been read to the
-//!   end, stamped with that time. Each pool is a stack, so the freshest connection is reused
-//!   first and the stalest sit at the bottom, where they expire.
-//! - A pooled connection idle for the route's `timeouts.pool_idle_ms` (default 1.5 s, below
-//!   gunicorn's 2 s keep-alive, the shortest common one) is closed, never reused; pools are
-//!   also swept at every health probe. Backends close idle connections on their own clock, and
-//!   a request written into a connection the backend is closing at that instant is lost.
+//! - A connection's proof of life is the moment its last response *head* arrived. The backend
+//!   starts its idle timer when it has finished writing that response, which is no earlier
+//!   than when it wrote the head; the proxy may read the rest of the body much later (a slow
+//!   client sets the pace), so the end of that read says nothing about the backend's clock.
+//!   The head's arrival lags the backend's end of writing by at most the head's transit time,
+//!   however slow the client; for a body larger than the socket buffers it comes before it.
+//!   A long response simply leaves its connection too old for the fast reuse below.
+//! - A connection goes back to its serving thread's pool, with that stamp, once its response
+//!   has been read to the end and its request body has been sent whole (one still uploading
+//!   would make the next request wait behind the upload; it is closed instead). Each pool is a
+//!   stack ordered by stamp, so the freshest connection is reused first and the stalest sit at
+//!   the bottom, where they expire. Checking out skips (and closes) a connection that is not
+//!   ready for a new request.
+//! - A pooled connection whose stamp is older than the route's `timeouts.pool_idle_ms` (default
+//!   1.5 s, below gunicorn's 2 s keep-alive, the shortest common one) is closed, never reused;
+//!   pools are also swept at every health probe. Backends close idle connections on their own
+//!   clock, and a request written into a connection the backend is closing at that instant is
+//!   lost.
 //! - GET, HEAD and OPTIONS without a body may use any pooled connection that has not expired:
 //!   if it dies under them they are replayed once, on a connection proven alive (below).
 //! - Every other request (a body, another method, an upgrade) cannot be replayed, so it only
-//!   takes a connection whose last response ended less than [`SAFE_REUSE`] ago (250 ms, far
-//!   below any backend's idle limit); otherwise it opens a fresh one. HAProxy's safe mode gets
-//!   the same guarantee by sending a session's first request on its own connection and leaving
-//!   later ones to the client's own retry; this proxy cannot count on its clients to retry, so
-//!   it asks for recent proof of life instead.
+//!   takes a connection whose last response head arrived less than [`SAFE_REUSE`] ago (250 ms,
+//!   far below any backend's idle limit); otherwise it opens a fresh one. HAProxy's safe mode
+//!   gets the same guarantee by sending a session's first request on its own connection and
+//!   leaving later ones to the client's own retry; this proxy cannot count on its clients to
+//!   retry, so it asks for recent proof of life instead.
 //! - Health probes never use the pool (see [`Backend::probe`]).
 //!
 //! Every upstream socket is opened by [`connect`]: pinned to the project's network interface
@@ -43,13 +54,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 use crate::proxy::Upload;
 
 /// Idle connections kept per backend and serving thread; the oldest is closed beyond that.
 const MAX_IDLE_PER_BACKEND: usize = 256;
-/// How recently a response must have ended on a pooled connection for a request that cannot be
-/// replayed to use it (see the module doc).
+/// How recently a response head must have arrived on a pooled connection for a request that
+/// cannot be replayed to use it (see the module doc).
 pub const SAFE_REUSE: Duration = Duration::from_millis(250);
 /// How long unacknowledged data may sit on an upstream socket before the kernel fails it.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -75,10 +87,44 @@ pub struct Backend {
     retired: watch::Sender<bool>,
 }
 
-/// An idle connection and when its last response ended.
-struct Pooled {
+/// One upstream connection: its sender, and the task that runs it.
+struct Upstream {
     sender: http1::SendRequest<Upload>,
+    task: AbortHandle,
+}
+
+/// An idle connection and when its last response head arrived.
+struct Pooled {
+    conn: Upstream,
     since: Instant,
+}
+
+/// A connection that has just answered, and when the response head arrived: the stamp it goes
+/// back to the pool with (see the module doc).
+pub struct Answered {
+    conn: Upstream,
+    head_at: Instant,
+}
+
+/// Aborts a connection's task if the request written on it is abandoned before its response
+/// head came (the response timeout drops the send). Left alone, the task would hold the
+/// request, and so the client's body, until the backend read the rest or the kernel gave up:
+/// closing a connection first flushes what is buffered, which waits forever on a backend that
+/// stopped reading.
+struct AbortIfAbandoned(Option<AbortHandle>);
+
+impl AbortIfAbandoned {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortIfAbandoned {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Which pooled connections a request may be sent on (see the module doc).
@@ -86,7 +132,8 @@ struct Pooled {
 pub enum Reuse {
     /// Replayable: any connection that has not expired.
     Any,
-    /// Not replayable: only a connection whose last response ended within [`SAFE_REUSE`].
+    /// Not replayable: only a connection whose last response head arrived within
+    /// [`SAFE_REUSE`].
     Recent,
 }
 
@@ -221,17 +268,22 @@ impl Backend {
         self: &Arc<Self>,
         mut req: Request<Upload>,
         reuse: Reuse,
-    ) -> Result<(Response<Incoming>, http1::SendRequest<Upload>), SendError> {
+    ) -> Result<(Response<Incoming>, Answered), SendError> {
         let max_idle = match reuse {
             Reuse::Any => self.pool_idle,
             Reuse::Recent => self.safe_reuse,
         };
-        while let Some(mut sender) = self.checkout(max_idle) {
-            if sender.is_closed() || sender.ready().await.is_err() {
+        while let Some(mut conn) = self.checkout(max_idle) {
+            // Not ready: still sending an earlier request (or its connection task has not
+            // caught up yet). Waiting could mean waiting for someone else's upload: close it.
+            if conn.sender.is_closed() || !conn.sender.is_ready() {
                 continue;
             }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, sender)),
+            let armed = AbortIfAbandoned(Some(conn.task.clone()));
+            let sent = conn.sender.try_send_request(req).await;
+            armed.disarm();
+            match sent {
+                Ok(resp) => return Ok((resp, answered(conn))),
                 Err(mut e) => match e.take_message() {
                     // Not written: the pooled connection was already dead. Try the next one.
                     Some(r) => req = r,
@@ -239,12 +291,15 @@ impl Backend {
                 },
             }
         }
-        let mut sender = match self.open().await {
-            Ok(s) => s,
+        let mut conn = match self.open().await {
+            Ok(c) => c,
             Err(e) => return Err(SendError::Connect(e, Box::new(req))),
         };
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, sender)),
+        let armed = AbortIfAbandoned(Some(conn.task.clone()));
+        let sent = conn.sender.try_send_request(req).await;
+        armed.disarm();
+        match sent {
+            Ok(resp) => Ok((resp, answered(conn))),
             Err(mut e) => match e.take_message() {
                 Some(r) => Err(SendError::Connect(
                     std::io::Error::other("new connection closed before the request was sent"),
@@ -259,9 +314,9 @@ impl Backend {
         &self.idle[crate::workers::index() % self.idle.len()]
     }
 
-    /// The freshest pooled connection if it has been idle less than `max_idle`. Expired ones
+    /// The freshest pooled connection if its stamp is less than `max_idle` old. Expired ones
     /// are closed on the way.
-    fn checkout(&self, max_idle: Duration) -> Option<http1::SendRequest<Upload>> {
+    fn checkout(&self, max_idle: Duration) -> Option<Upstream> {
         if max_idle.is_zero() {
             return None;
         }
@@ -272,25 +327,41 @@ impl Backend {
             .back()
             .is_some_and(|c| now.saturating_duration_since(c.since) < max_idle);
         if fresh {
-            pool.pop_back().map(|c| c.sender)
+            pool.pop_back().map(|c| c.conn)
         } else {
             None
         }
     }
 
-    /// Returns a connection whose response completed to the idle pool.
-    pub fn checkin(&self, sender: http1::SendRequest<Upload>) {
-        if sender.is_closed() || self.is_retired() || self.pool_idle.is_zero() {
+    /// Returns a connection whose response completed (and whose request body was sent whole)
+    /// to the idle pool, stamped with when its response head arrived. One already older than
+    /// the pool limit is closed.
+    pub fn checkin(&self, conn: Answered) {
+        let Answered { conn, head_at } = conn;
+        if conn.sender.is_closed() || self.is_retired() {
+            return;
+        }
+        // Also true for a zero pool limit (no pooling).
+        if Instant::now().saturating_duration_since(head_at) >= self.pool_idle {
             return;
         }
         if let Ok(mut idle) = self.pool().lock() {
             if idle.len() >= MAX_IDLE_PER_BACKEND {
                 idle.pop_front();
             }
-            idle.push_back(Pooled {
-                sender,
-                since: Instant::now(),
-            });
+            // A long response checks in after shorter ones that started later: keep the stack
+            // ordered by stamp (almost always the top, so this looks at one entry).
+            let at = idle
+                .iter()
+                .rposition(|c| c.since <= head_at)
+                .map_or(0, |i| i + 1);
+            idle.insert(
+                at,
+                Pooled {
+                    conn,
+                    since: head_at,
+                },
+            );
         }
     }
 
@@ -305,17 +376,18 @@ impl Backend {
         }
     }
 
-    async fn open(&self) -> std::io::Result<http1::SendRequest<Upload>> {
+    async fn open(&self) -> std::io::Result<Upstream> {
         let stream = connect(self.addr, self.device.as_deref(), self.connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             // Errors here surface to the request that owns the connection.
             let _ = conn.with_upgrades().await;
-        });
-        Ok(sender)
+        })
+        .abort_handle();
+        Ok(Upstream { sender, task })
     }
 
     /// One health probe on a fresh connection, so a stale pooled socket never hides a result.
@@ -355,13 +427,20 @@ impl Backend {
     }
 }
 
-/// Drops the connections at the front of `pool` (the oldest) idle for `limit` or more.
+/// Drops the connections at the front of `pool` (the oldest) stamped `limit` or more ago.
 fn expire(pool: &mut VecDeque<Pooled>, now: Instant, limit: Duration) {
     while pool
         .front()
         .is_some_and(|c| now.saturating_duration_since(c.since) >= limit)
     {
         pool.pop_front();
+    }
+}
+
+fn answered(conn: Upstream) -> Answered {
+    Answered {
+        conn,
+        head_at: Instant::now(),
     }
 }
 

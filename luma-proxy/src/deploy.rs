@@ -284,7 +284,9 @@ impl Deployer {
     }
 
     /// Installs saved routes without the deploy gate; their backends are checked right away
-    /// and serve as soon as they pass.
+    /// and serve as soon as they pass. A cross-project wildcard overlap saved before it was
+    /// refused is kept (and logged as a warning), so a restart never moves a host to another
+    /// project nor loses a route at the next save.
     pub async fn restore(self: &Arc<Self>, routes: Vec<RouteSpec>) {
         for spec in routes {
             let key = spec.key();
@@ -306,11 +308,31 @@ impl Deployer {
             };
             let svc = Service::with_backends(spec, backends);
             svc.start(self.resolver.clone(), true);
-            match self.router.install(svc.clone()) {
-                Ok(_) => crate::log::info(
-                    "route restored",
-                    serde_json::json!({"route": key.to_string()}),
-                ),
+            // Not `install`: a saved table may hold a cross-project wildcard overlap from before
+            // that was refused, and the route must come back as it was saved (see
+            // `Router::restore`). A host of another route is still refused.
+            match self.router.restore(svc.clone()) {
+                Ok(overlaps) => {
+                    crate::log::info(
+                        "route restored",
+                        serde_json::json!({"route": key.to_string()}),
+                    );
+                    for (ours, theirs, other) in overlaps {
+                        crate::log::warn(
+                            "restored routes overlap across projects; resolve it: new deploys of these hosts are refused until one side drops its host",
+                            serde_json::json!({
+                                "route": key.to_string(),
+                                "host": ours,
+                                "other_route": other.to_string(),
+                                "other_host": theirs,
+                                "served_by": "the exact host's route (exact hosts win over wildcards)",
+                                "fix": format!(
+                                    "drop {ours:?} from {key} or {theirs:?} from {other}: redeploy that app without it, or remove its route (luma-proxy remove --project .. --app ..)"
+                                ),
+                            }),
+                        );
+                    }
+                }
                 Err(e) => {
                     svc.stop();
                     crate::log::error(

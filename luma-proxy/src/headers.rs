@@ -14,6 +14,12 @@
 //! peer is inside one of them, the peer is appended to the `X-Forwarded-For` it sent, and its
 //! `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Real-IP` and `Forwarded` are kept (the proxy
 //! fills in the first two when they are missing). A peer outside the list gets edge mode.
+//!
+//! In both modes, a request header whose name reads as one of those five once `_` is read as
+//! `-` (`X_Real_IP`, `X_Forwarded-For`) is removed: CGI, WSGI and Rack name headers
+//! `HTTP_X_REAL_IP`, mapping both spellings to the same key, so an app could take the client's
+//! underscore spelling for the proxy's header. A trusted hop passes such a header through from
+//! its own client, so trusting the hop does not make it trustworthy.
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
@@ -60,6 +66,18 @@ impl Cidr {
                 "{s:?} has bits set after the first {prefix}: did you mean {}/{prefix}?",
                 c.masked(net)
             ));
+        }
+        // Peers are matched as IPv4 when they are IPv4-mapped (`contains`), so an IPv4-mapped
+        // network is stored as the IPv4 one. Its prefix is at least 96 here: below that, the
+        // mapping's `ffff` bits would have been refused above.
+        if let Some(v4) = match net {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+            IpAddr::V4(_) => None,
+        } {
+            return Ok(Cidr {
+                net: IpAddr::V4(v4),
+                prefix: prefix.saturating_sub(96),
+            });
         }
         Ok(c)
     }
@@ -238,18 +256,27 @@ pub fn refuse(
     if !valid {
         return Some(Refusal::BadRequest("400 invalid Host header\n"));
     }
+    // RFC 9112 3.2.2 lets a server ignore Host when the target is absolute. At the edge a
+    // disagreement is refused instead (as HAProxy does): a request that names two hosts is
+    // either broken or probing for the one component that reads the other name.
     if let Some(authority) = uri.authority() {
         // Valid bytes are ASCII, so this is a str.
         let host = host.to_str().unwrap_or("");
         let default_port = if uri.scheme_str() == Some("https") {
-            "443"
+            443
         } else {
-            "80"
+            80
         };
         let (ah, ap) = split_host_port(authority.as_str());
         let (hh, hp) = split_host_port(host);
-        if !ah.eq_ignore_ascii_case(hh) || ap.unwrap_or(default_port) != hp.unwrap_or(default_port)
-        {
+        let port = |p: Option<&str>| match p {
+            None => Some(default_port),
+            // Numbers, so `080` is `80`; digits only, as `u16::from_str` would take `+80`.
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => p.parse::<u16>().ok(),
+            Some(_) => None,
+        };
+        let same_port = matches!((port(ap), port(hp)), (Some(a), Some(b)) if a == b);
+        if !ah.eq_ignore_ascii_case(hh) || !same_port {
             return Some(Refusal::BadRequest(
                 "400 the Host header disagrees with the request target\n",
             ));
@@ -289,6 +316,43 @@ pub fn is_client_body_error(e: &hyper::Error) -> bool {
 /// whose framing the proxy must see before anything goes upstream.
 pub fn has_chunked_body(version: Version, headers: &HeaderMap) -> bool {
     version <= Version::HTTP_11 && headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+/// The headers whose meaning the proxy decides (see the module doc).
+const MANAGED: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "forwarded",
+];
+
+/// True when `name` (lowercase, as `HeaderName` keeps it) has a `_` and reads as a managed
+/// header once every `_` is read as `-`.
+fn is_underscore_alias(name: &str) -> bool {
+    name.contains('_')
+        && MANAGED.iter().any(|m| {
+            m.len() == name.len()
+                && m.bytes()
+                    .zip(name.bytes())
+                    .all(|(m, n)| m == n || (m == b'-' && n == b'_'))
+        })
+}
+
+/// Removes the underscore spellings of the managed headers (see the module doc). Only scans
+/// names for `_`; allocates only when there is one to remove.
+fn remove_underscore_aliases(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| is_underscore_alias(k.as_str())) {
+        return;
+    }
+    let aliases: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_underscore_alias(k.as_str()))
+        .cloned()
+        .collect();
+    for name in aliases {
+        headers.remove(&name);
+    }
 }
 
 /// A fresh request id: 128 random bits as 32 hex characters.
@@ -365,6 +429,7 @@ pub fn prepare_upstream(
         }
         peer.to_string()
     };
+    remove_underscore_aliases(&mut parts.headers);
     // from_maybe_shared takes the buffer without copying it again.
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         parts.headers.insert(X_FORWARDED_FOR.clone(), v);
@@ -464,6 +529,46 @@ mod tests {
         assert_eq!(p.headers["x-forwarded-proto"], "http");
     }
 
+    /// A request with the managed headers spelled with underscores, as CGI-style apps would
+    /// read them, and two headers that only look alike.
+    fn underscored() -> Parts {
+        parts(
+            Request::get("/")
+                .header("host", "a.test")
+                .header("x_real_ip", "6.6.6.6")
+                .header("X_Forwarded_For", "6.6.6.6")
+                .header("x-forwarded_proto", "https")
+                .header("x_forwarded_host", "evil.test")
+                .header("x_request_id", "kept")
+                .header("x_real_ip_extra", "kept")
+                .body(())
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn underscore_spellings_of_managed_headers_are_removed_in_both_modes() {
+        let trusted = TrustedProxies::parse("10.0.0.0/8").unwrap();
+        for mode in [edge(), trusted] {
+            let mut p = underscored();
+            prepare_upstream(&mut p, "10.0.0.9".parse().unwrap(), "http", &mode, false);
+            for h in [
+                "x_real_ip",
+                "x_forwarded_for",
+                "x-forwarded_proto",
+                "x_forwarded_host",
+            ] {
+                assert!(!p.headers.contains_key(h), "{h} was forwarded ({mode:?})");
+            }
+            assert_eq!(p.headers["x_request_id"], "kept");
+            assert_eq!(p.headers["x_real_ip_extra"], "kept");
+            assert_eq!(p.headers["x-forwarded-for"], "10.0.0.9");
+        }
+        assert!(!is_underscore_alias("x-real-ip"));
+        assert!(!is_underscore_alias("x_real_ipx"));
+        assert!(is_underscore_alias("x_real-ip"));
+    }
+
     #[test]
     fn a_trusted_peer_is_appended_and_its_headers_kept() {
         let trusted = TrustedProxies::parse("192.0.2.0/24, 10.0.0.0/8").unwrap();
@@ -507,6 +612,17 @@ mod tests {
         assert!(Cidr::parse("::/0")
             .unwrap()
             .contains("::1".parse().unwrap()));
+        // IPv4-mapped networks match the IPv4 peers they map, in either notation.
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(mapped, c);
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()));
+        assert!(mapped.contains("::ffff:10.1.2.3".parse().unwrap()));
+        let one_mapped = Cidr::parse("::ffff:192.0.2.7").unwrap();
+        assert_eq!(one_mapped.to_string(), "192.0.2.7/32");
+        assert!(one_mapped.contains("192.0.2.7".parse().unwrap()));
+        let all_mapped = Cidr::parse("::ffff:0.0.0.0/96").unwrap();
+        assert!(all_mapped.contains("203.0.113.1".parse().unwrap()));
+        assert!(Cidr::parse("::ffff:10.0.0.0/80").is_err());
         let err = Cidr::parse("10.0.0.1/8").unwrap_err();
         assert!(err.contains("did you mean 10.0.0.0/8"), "{err}");
         assert!(Cidr::parse("10.0.0.0/33").unwrap_err().contains("0 to 32"));
@@ -566,6 +682,9 @@ mod tests {
             ("http://a.test:80/", "a.test"),
             ("http://a.test/", "a.test:80"),
             ("http://[::1]:8080/", "[::1]:8080"),
+            // Ports are numbers.
+            ("http://a.test:80/", "a.test:080"),
+            ("http://a.test:0080/", "a.test"),
         ] {
             let same = Request::get(uri).header("host", host).body(()).unwrap();
             assert_eq!(check(same), None, "{uri} {host}");
@@ -575,6 +694,13 @@ mod tests {
             .body(())
             .unwrap();
         assert!(matches!(check(port), Some(Refusal::BadRequest(_))));
+        for host in ["a.test:+80", "a.test:x", "a.test:99999"] {
+            let odd = Request::get("http://a.test/")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            assert!(matches!(check(odd), Some(Refusal::BadRequest(_))), "{host}");
+        }
         // HTTP/2 carries the authority alone.
         let h2 = Request::get("http://a.test/")
             .version(Version::HTTP_2)

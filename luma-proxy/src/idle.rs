@@ -5,7 +5,10 @@
 //!   protocol it was going to speak).
 //! - **Idle timeout.** After that, a connection with no bytes in either direction for the idle
 //!   timeout fails. This covers HTTP/2 (the proxy sends no keep-alive pings of its own, so an
-//!   idle HTTP/2 connection really is idle) and upgraded tunnels.
+//!   idle HTTP/2 connection really is idle) and upgraded tunnels. The clock is checked on every
+//!   pending read *and* every pending write or flush: a client that stops reading its
+//!   responses (pipelined requests whose answers fill the socket buffers, so hyper waits on the
+//!   write and no longer reads) is closed at the idle timeout too, not held forever.
 //! - **Slot.** The wrapper owns the connection's slot (a permit of the global connection limit
 //!   and its gauge), so a connection that hyper hands over to an upgrade (a WebSocket tunnel)
 //!   keeps counting against the limit until the tunnel drops the socket.
@@ -27,6 +30,9 @@ use tokio::time::{Instant, Sleep};
 pub type EndSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pub struct ConnIo<T> {
+    /// Dropped with the connection (or the tunnel that took it over). Declared first, so it is
+    /// dropped before the socket: once a client sees the close, the slot is already free.
+    _slot: Option<Box<dyn Send>>,
     inner: T,
     /// `Some` until the first byte arrives.
     first_byte: Option<Duration>,
@@ -35,8 +41,6 @@ pub struct ConnIo<T> {
     sleep: Pin<Box<Sleep>>,
     end: Option<EndSignal>,
     ended: bool,
-    /// Dropped with the connection (or the tunnel that took it over).
-    _slot: Option<Box<dyn Send>>,
 }
 
 impl<T> ConnIo<T> {
@@ -45,6 +49,7 @@ impl<T> ConnIo<T> {
         let now = Instant::now();
         let first = first_byte.min(idle);
         ConnIo {
+            _slot: None,
             inner,
             first_byte: Some(first),
             idle,
@@ -52,7 +57,6 @@ impl<T> ConnIo<T> {
             sleep: Box::pin(tokio::time::sleep_until(now + first)),
             end: None,
             ended: false,
-            _slot: None,
         }
     }
 
@@ -101,6 +105,15 @@ impl<T> ConnIo<T> {
         }
         self.ended
     }
+
+    /// What a pending write, flush or shutdown returns: still pending, or the timeout error once
+    /// no byte has moved either way for the whole timeout (the peer stopped reading).
+    fn pending_write<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        match self.poll_expired(cx) {
+            Poll::Ready(e) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 fn ended() -> io::Error {
@@ -147,11 +160,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         if this.poll_end(cx) {
             return Poll::Ready(Err(ended()));
         }
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.last = Instant::now();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending => this.pending_write(cx),
+            r => {
+                if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                    this.last = Instant::now();
+                }
+                r
+            }
         }
-        r
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
@@ -162,20 +179,32 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         if this.poll_end(cx) {
             return Poll::Ready(Err(ended()));
         }
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.last = Instant::now();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.pending_write(cx),
+            r => {
+                if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                    this.last = Instant::now();
+                }
+                r
+            }
         }
-        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Pending => this.pending_write(cx),
+            r => r,
+        }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_shutdown(cx) {
+            Poll::Pending => this.pending_write(cx),
+            r => r,
+        }
     }
 }
 
@@ -202,6 +231,73 @@ mod tests {
         let e = io.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(t.elapsed(), Duration::from_secs(120));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_fails_a_pending_write_at_the_idle_timeout() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut io = ConnIo::new(a, Duration::from_secs(10), Duration::from_secs(120));
+        b.write_all(b"x").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        // The peer never reads: the first 64 bytes fit, then the write waits for good. No read
+        // is pending meanwhile (as in hyper writing a response with the next request buffered).
+        let t = Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(600), io.write_all(&[0u8; 1024]))
+            .await
+            .expect("the write was still pending after 600 s (idle timeout 120 s)")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t.elapsed(), Duration::from_secs(120));
+        // A peer that reads, however slowly, keeps it alive: each byte moved restarts the clock.
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut io = ConnIo::new(a, Duration::from_secs(10), Duration::from_secs(120));
+        b.write_all(b"x").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        let slow_reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut chunk = [0u8; 64];
+            while got < 1024 {
+                tokio::time::sleep(Duration::from_secs(100)).await;
+                got += b.read(&mut chunk).await.unwrap();
+            }
+            b
+        });
+        let t = Instant::now();
+        io.write_all(&[0u8; 1024]).await.unwrap();
+        assert!(t.elapsed() > Duration::from_secs(120), "{:?}", t.elapsed());
+        slow_reader.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_slot_is_dropped_before_the_socket() {
+        struct Order(
+            std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+            &'static str,
+        );
+        impl Drop for Order {
+            fn drop(&mut self) {
+                self.0.lock().unwrap().push(self.1);
+            }
+        }
+        impl AsyncRead for Order {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                Poll::Pending
+            }
+        }
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let io = ConnIo::new(
+            Order(log.clone(), "socket"),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+        .with_slot(Box::new(Order(log.clone(), "slot")));
+        drop(io);
+        assert_eq!(*log.lock().unwrap(), ["slot", "socket"]);
     }
 
     #[tokio::test]

@@ -28,17 +28,28 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 type OneLabel = [(&'static str, &'static str); 1];
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-const LOCAL_CODES: [(StatusCode, &str); 4] = [
-    (StatusCode::NOT_FOUND, "404"),
-    (StatusCode::BAD_GATEWAY, "502"),
-    (StatusCode::SERVICE_UNAVAILABLE, "503"),
-    (StatusCode::GATEWAY_TIMEOUT, "504"),
-];
+/// The codes of the proxy's own error answers, by their index in `Metrics::local`.
+const LOCAL_CODES: [&str; 8] = ["400", "404", "405", "408", "413", "502", "503", "504"];
+
+/// The index of `status` in [`LOCAL_CODES`] (a jump table, no search).
+fn local_index(status: StatusCode) -> Option<usize> {
+    Some(match status.as_u16() {
+        400 => 0,
+        404 => 1,
+        405 => 2,
+        408 => 3,
+        413 => 4,
+        502 => 5,
+        503 => 6,
+        504 => 7,
+        _ => return None,
+    })
+}
 
 pub struct Metrics {
     registry: Registry,
     by_class: [Counter; 5],
-    local: [Counter; 4],
+    local: [Counter; 8],
     connect_errors: Counter,
     retries: Counter,
     connections_open: Gauge,
@@ -81,10 +92,10 @@ impl Metrics {
             responses,
         );
         let local_errors = Family::<OneLabel, Counter>::default();
-        let local = LOCAL_CODES.map(|(_, c)| local_errors.get_or_create(&[("code", c)]).clone());
+        let local = LOCAL_CODES.map(|c| local_errors.get_or_create(&[("code", c)]).clone());
         registry.register(
             "luma_proxy_local_errors",
-            "Error responses the proxy answered itself or for an upstream failure, by code",
+            "Error responses the proxy answered itself (refused requests, no route, upstream failures), by code",
             local_errors,
         );
         let m = Metrics {
@@ -128,11 +139,15 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn count_response(&self, status: StatusCode) {
+    /// Counts a response by class and, when the proxy answered it itself (`local`, not an
+    /// app's own 404 or 502), by code.
+    pub fn count_response(&self, status: StatusCode, local: bool) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].inc();
-        if let Some(i) = LOCAL_CODES.iter().position(|(s, _)| *s == status) {
-            self.local[i].inc();
+        if local {
+            if let Some(i) = local_index(status) {
+                self.local[i].inc();
+            }
         }
     }
     pub fn count_connect_error(&self) {
@@ -550,8 +565,13 @@ mod tests {
             &[("server".to_string(), "eu \"1\"\\x\nnext".to_string())],
         )
         .unwrap();
-        m.count_response(StatusCode::OK);
-        m.count_response(StatusCode::BAD_GATEWAY);
+        m.count_response(StatusCode::OK, false);
+        m.count_response(StatusCode::BAD_GATEWAY, true);
+        // An app's own 404 is no local error; the proxy's refusals are.
+        m.count_response(StatusCode::NOT_FOUND, false);
+        for s in [400, 405, 408, 413] {
+            m.count_response(StatusCode::from_u16(s).unwrap(), true);
+        }
         m.connection_opened();
         m.connection_refused();
         let out = m.render();
@@ -576,7 +596,14 @@ mod tests {
                 "stray line {line:?} in\n{out}"
             );
         }
-        assert_eq!(m.requests_total(), 2);
+        let server = "server=\"eu \\\"1\\\"\\\\x\\nnext\"";
+        for code in ["400", "405", "408", "413"] {
+            let line = format!("luma_proxy_local_errors_total{{{server},code=\"{code}\"}} 1");
+            assert!(out.contains(&line), "no {line} in {out}");
+        }
+        let app_404 = format!("luma_proxy_local_errors_total{{{server},code=\"404\"}} 0");
+        assert!(out.contains(&app_404), "an app's 404 was counted: {out}");
+        assert_eq!(m.requests_total(), 7);
         assert_eq!(m.connections_open(), 1);
     }
 

@@ -15,7 +15,9 @@
 //! - `timeouts.response_ms` runs from the end of the request body to the response head (504),
 //!   so a slow upload is not cut by it. While the body uploads, the clock restarts on every
 //!   chunk: a body that moves nothing for that long is answered 408 when the client stopped
-//!   sending, 504 when the backend stopped reading.
+//!   sending, 504 when the backend stopped reading (both close the client connection, whose
+//!   body was not read whole). A chunked body's first chunk, read before anything goes
+//!   upstream, gets the same bound: 408.
 //!
 //! Bodies stream both ways and are never buffered whole. The in-flight count of a backend runs
 //! until the response body ends (or a tunnel closes), which is what deploy drains on.
@@ -25,14 +27,13 @@
 //! (the handshake is explained in `service`). A retry counts itself on the next backend before
 //! it releases the previous one.
 
-use crate::backend::{Backend, InflightGuard, Reuse, SendError};
+use crate::backend::{Answered, Backend, InflightGuard, Reuse, SendError};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::service::Service;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -45,14 +46,15 @@ use std::time::{Duration, Instant};
 /// Body sent upstream: the client's streaming body, or nothing (replays).
 pub enum UpstreamBody {
     Incoming(Incoming),
-    /// A chunked client body whose first frame `handle` read (to check its framing before
-    /// anything goes upstream): that frame, then the rest.
+    /// A chunked client body whose first frame `read_first_chunk` read (to check its framing
+    /// before anything goes upstream): that frame, then the rest.
     Peeked(Option<Frame<Bytes>>, Incoming),
     Empty,
 }
 
 impl UpstreamBody {
-    /// The client's body, with the frame `handle` may have read first (see [`FirstFrame`]).
+    /// The client's body, with the frame `read_first_chunk` may have read first (see
+    /// [`FirstFrame`]).
     fn client(body: Incoming, extensions: &mut hyper::http::Extensions) -> UpstreamBody {
         match extensions.remove::<FirstFrame>() {
             Some(FirstFrame::Data(d)) => UpstreamBody::Peeked(Some(Frame::data(d)), body),
@@ -221,6 +223,11 @@ impl UploadClock {
         }
     }
 
+    /// True once the whole body has been passed on.
+    fn is_done(&self) -> bool {
+        self.state.load(std::sync::atomic::Ordering::Relaxed) & UPLOAD_DONE != 0
+    }
+
     /// When the upload last moved (or ended), and the flags.
     fn read(&self) -> (tokio::time::Instant, u64) {
         let s = self.state.load(std::sync::atomic::Ordering::Relaxed);
@@ -306,8 +313,11 @@ fn is_too_large(e: &hyper::Error) -> bool {
 pub enum ResponseBody {
     Upstream {
         body: Incoming,
-        /// Goes back to the backend's pool once the body has been read to the end.
-        conn: Option<SendRequest<Upload>>,
+        /// Goes back to the backend's pool once the body has been read to the end, if the
+        /// request body has been sent whole by then.
+        conn: Option<Answered>,
+        /// The request body's progress (None: there was none).
+        upload: Option<Arc<UploadClock>>,
         guard: Option<InflightGuard>,
     },
     Local(Option<Bytes>),
@@ -320,12 +330,14 @@ impl ResponseBody {
 
     fn upstream(
         body: Incoming,
-        conn: Option<SendRequest<Upload>>,
+        conn: Answered,
+        upload: Option<Arc<UploadClock>>,
         guard: InflightGuard,
     ) -> ResponseBody {
         let mut b = ResponseBody::Upstream {
             body,
-            conn,
+            conn: Some(conn),
+            upload,
             guard: Some(guard),
         };
         if b.is_end_stream() {
@@ -335,8 +347,17 @@ impl ResponseBody {
     }
 
     fn finish(&mut self) {
-        if let ResponseBody::Upstream { conn, guard, .. } = self {
-            if let (Some(c), Some(g)) = (conn.take(), guard.as_ref()) {
+        if let ResponseBody::Upstream {
+            conn,
+            upload,
+            guard,
+            ..
+        } = self
+        {
+            // A connection still uploading (the backend answered before the body ended) would
+            // make the next request wait for that upload: it is dropped, and closes once done.
+            let uploaded = upload.as_ref().is_none_or(|u| u.is_done());
+            if let (Some(c), Some(g), true) = (conn.take(), guard.as_ref(), uploaded) {
                 g.backend().checkin(c);
             }
             guard.take();
@@ -355,7 +376,9 @@ impl Body for ResponseBody {
         let this = self.get_mut();
         match this {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::Upstream { body, conn, guard } => {
+            ResponseBody::Upstream {
+                body, conn, guard, ..
+            } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
                     // hyper stops polling once a length-delimited body has all its bytes, so
@@ -430,7 +453,7 @@ fn lookup(ctx: &ProxyCtx, req: &Request<Incoming>) -> Option<Arc<Service>> {
 
 pub async fn handle(
     ctx: Arc<ProxyCtx>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
@@ -442,30 +465,16 @@ pub async fn handle(
         (host, req.method().clone(), req.uri().path().to_owned())
     });
     let mut service = None;
-    let (resp, backend) = match admit(&mut req).await {
-        Err(refused) => (refused, None),
-        Ok(()) => {
+    let (resp, backend) = match admit(&req) {
+        Some(refused) => (refused, None),
+        None => {
             service = lookup(&ctx, &req);
-            let mut lookups = 1;
-            loop {
-                let Some(svc) = &service else {
-                    break (
-                        local_response(StatusCode::NOT_FOUND, "404 no route for this host\n"),
-                        None,
-                    );
-                };
-                match forward(&ctx, svc, req, peer, lookups < MAX_LOOKUPS).await {
-                    Forwarded::Done(resp, backend) => break (resp, backend),
-                    Forwarded::Reroute(r) => {
-                        req = r;
-                        lookups += 1;
-                        service = lookup(&ctx, &req);
-                    }
-                }
-            }
+            route(&ctx, &mut service, req, peer).await
         }
     };
-    ctx.metrics.count_response(resp.status());
+    // Local answers are the ones with a local body (a 101's empty one is no error code).
+    let local = matches!(resp.body(), ResponseBody::Local(_));
+    ctx.metrics.count_response(resp.status(), local);
     if let Some((host, method, path)) = log {
         crate::log::access(&crate::log::AccessLine {
             host: &host,
@@ -481,21 +490,18 @@ pub async fn handle(
     resp
 }
 
-/// The first frame of a chunked request body, read by [`admit`] and sent upstream first.
+/// The first frame of a chunked request body, read by [`read_first_chunk`] and sent upstream
+/// first.
 #[derive(Clone)]
 enum FirstFrame {
     Data(Bytes),
     Trailers(hyper::HeaderMap),
 }
 
-/// The strict checks a request passes before it is routed (see [`headers::refuse`]). A chunked
-/// body's first frame is read here, so a body whose framing is bad from the start is answered
-/// 400 with nothing sent upstream; a framing error further on is answered 400 by `forward`
-/// while no response has started.
-async fn admit(req: &mut Request<Incoming>) -> Result<(), Response<ResponseBody>> {
-    match headers::refuse(req.method(), req.version(), req.uri(), req.headers()) {
-        None => {}
-        Some(headers::Refusal::MethodNotAllowed) => {
+/// The strict checks a request head passes before it is routed (see [`headers::refuse`]).
+fn admit(req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    match headers::refuse(req.method(), req.version(), req.uri(), req.headers())? {
+        headers::Refusal::MethodNotAllowed => {
             let mut r = local_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "405 CONNECT and TRACE are not served\n",
@@ -504,25 +510,83 @@ async fn admit(req: &mut Request<Incoming>) -> Result<(), Response<ResponseBody>
                 hyper::header::ALLOW,
                 HeaderValue::from_static(headers::ALLOWED_METHODS),
             );
-            return Err(r);
+            Some(r)
         }
-        Some(headers::Refusal::BadRequest(text)) => {
-            return Err(closing(local_response(StatusCode::BAD_REQUEST, text)))
+        headers::Refusal::BadRequest(text) => {
+            Some(closing(local_response(StatusCode::BAD_REQUEST, text)))
         }
     }
-    if headers::has_chunked_body(req.version(), req.headers()) {
-        use http_body_util::BodyExt;
-        let first = match req.body_mut().frame().await {
-            None => None,
-            Some(Err(_)) => return Err(bad_body()),
-            Some(Ok(f)) => match f.into_data() {
-                Ok(d) => Some(FirstFrame::Data(d)),
-                Err(f) => f.into_trailers().ok().map(FirstFrame::Trailers),
-            },
-        };
-        if let Some(first) = first {
-            req.extensions_mut().insert(first);
+}
+
+/// Serves an admitted request on `service`, looking it up again when a deploy stopped it
+/// meanwhile (the last lookup is left in `service` for the access log).
+async fn route(
+    ctx: &ProxyCtx,
+    service: &mut Option<Arc<Service>>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> (Response<ResponseBody>, Option<SocketAddr>) {
+    if let Some(svc) = service.as_ref() {
+        let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
+        if let Err(refused) = read_first_chunk(&mut req, timeout).await {
+            return (refused, None);
         }
+    }
+    let mut lookups = 1;
+    loop {
+        let Some(svc) = service.as_ref() else {
+            return (
+                local_response(StatusCode::NOT_FOUND, "404 no route for this host\n"),
+                None,
+            );
+        };
+        match forward(ctx, svc, req, peer, lookups < MAX_LOOKUPS).await {
+            Forwarded::Done(resp, backend) => return (resp, backend),
+            Forwarded::Reroute(r) => {
+                req = r;
+                lookups += 1;
+                *service = lookup(ctx, &req);
+            }
+        }
+    }
+}
+
+/// Reads a chunked body's first frame before anything goes upstream (it is sent first, see
+/// [`UpstreamBody::Peeked`]), so a body whose framing is bad from its first chunk is answered
+/// 400 with nothing sent; a framing error further on is answered 400 by `forward` while no
+/// response has started, once the backend has seen the start of the body.
+///
+/// The wait is bounded by the route's response timeout, the bound an upload gets between any
+/// two chunks once it streams (see [`within_response_timeout`]): the first chunk is no
+/// different, and the route's operator has already sized it for that route's clients. A client
+/// that sends chunked headers and then nothing is answered 408, and the connection closed,
+/// instead of holding its connection slot until the idle timeout.
+async fn read_first_chunk(
+    req: &mut Request<Incoming>,
+    timeout: Duration,
+) -> Result<(), Response<ResponseBody>> {
+    if !headers::has_chunked_body(req.version(), req.headers()) {
+        return Ok(());
+    }
+    use http_body_util::BodyExt;
+    let version = req.version();
+    let first = match tokio::time::timeout(timeout, req.body_mut().frame()).await {
+        Err(_) => {
+            return Err(closing_local(
+                version,
+                StatusCode::REQUEST_TIMEOUT,
+                "408 request body timed out\n",
+            ))
+        }
+        Ok(None) => None,
+        Ok(Some(Err(_))) => return Err(bad_body()),
+        Ok(Some(Ok(f))) => match f.into_data() {
+            Ok(d) => Some(FirstFrame::Data(d)),
+            Err(f) => f.into_trailers().ok().map(FirstFrame::Trailers),
+        },
+    };
+    if let Some(first) = first {
+        req.extensions_mut().insert(first);
     }
     Ok(())
 }
@@ -586,7 +650,8 @@ async fn forward(
         &ctx.trusted_proxies,
         upgrade,
     );
-    // With the frame `admit` may have read first: a body that is all in that frame is not empty.
+    // With the frame `read_first_chunk` may have read first: a body that is all in that frame
+    // is not empty.
     let body = UpstreamBody::client(body, &mut parts.extensions);
     // Keep what a replay needs only when a replay is allowed.
     let mut replay =
@@ -622,15 +687,31 @@ async fn forward(
                     Some(backend.addr),
                 )
             }
-            Err(Late::Response | Late::Upload { client: false }) => {
+            Err(Late::Response) => {
                 return Forwarded::Done(
                     local_response(StatusCode::GATEWAY_TIMEOUT, "504 upstream timed out\n"),
                     Some(backend.addr),
                 )
             }
+            // The client's body was not read whole: its connection cannot carry another
+            // request. (The abandoned upstream connection is aborted, see `backend`, so the body
+            // is let go and the client connection closes after this answer.)
+            Err(Late::Upload { client: false }) => {
+                return Forwarded::Done(
+                    closing_local(
+                        version,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "504 upstream timed out\n",
+                    ),
+                    Some(backend.addr),
+                )
+            }
             Ok(Ok((resp, conn))) => {
                 let addr = backend.addr;
-                return Forwarded::Done(respond(resp, conn, guard, client_upgrade), Some(addr));
+                return Forwarded::Done(
+                    respond(resp, conn, clock, guard, client_upgrade),
+                    Some(addr),
+                );
             }
             Ok(Err(SendError::Connect(e, r))) => {
                 backend.mark_down(format!("connect: {e}"));
@@ -693,7 +774,8 @@ async fn forward(
 
 fn respond(
     mut resp: Response<Incoming>,
-    conn: SendRequest<Upload>,
+    conn: Answered,
+    upload: Option<Arc<UploadClock>>,
     guard: InflightGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ResponseBody> {
@@ -710,7 +792,7 @@ fn respond(
     }
     headers::strip_hop_by_hop(resp.headers_mut(), false);
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, ResponseBody::upstream(body, Some(conn), guard))
+    Response::from_parts(parts, ResponseBody::upstream(body, conn, upload, guard))
 }
 
 /// Copies bytes both ways until either side closes or the backend is retired after a drain.

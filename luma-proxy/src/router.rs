@@ -6,6 +6,11 @@
 //! another project (or another app) is refused, and the holder keeps it. Across projects a
 //! wildcard counts as owning every host one level under it, both ways: an exact host inside
 //! another project's wildcard is refused, and so is a wildcard over another project's host.
+//!
+//! Restoring saved routes at start ([`Router::restore`]) skips that last check: a table saved
+//! before it existed may hold such an overlap, and a restart must not move a host to another
+//! project nor drop a route the operator still has. The exact host keeps winning the lookup;
+//! the caller logs the overlap for the operator to resolve.
 
 use crate::route::{RouteKey, RouteSpec};
 use crate::service::Service;
@@ -51,21 +56,31 @@ impl Table {
     /// the host pattern of theirs that overlaps: for an exact host, the wildcard of its parent;
     /// for a wildcard, an exact host one level under it.
     fn cross_project_overlap(&self, host: &str, project: &str) -> Option<(&Arc<Service>, String)> {
+        self.cross_project_overlaps(host, project)
+            .into_iter()
+            .min_by(|a, b| a.1.cmp(&b.1))
+    }
+
+    /// Every such overlap of `host` (a wildcard may cover several hosts of other projects).
+    fn cross_project_overlaps(&self, host: &str, project: &str) -> Vec<(&Arc<Service>, String)> {
         let foreign = |s: &&Arc<Service>| s.spec.project != project;
         match host.strip_prefix("*.") {
             Some(suffix) => self
                 .exact
                 .iter()
                 .filter(|(h, s)| h.split_once('.').map(|(_, p)| p) == Some(suffix) && foreign(s))
-                .min_by(|a, b| a.0.cmp(b.0))
-                .map(|(h, s)| (s, h.to_string())),
-            None => {
-                let (_, parent) = host.split_once('.')?;
-                self.wildcard
-                    .get(parent)
-                    .filter(foreign)
-                    .map(|s| (s, format!("*.{parent}")))
-            }
+                .map(|(h, s)| (s, h.to_string()))
+                .collect(),
+            None => host
+                .split_once('.')
+                .and_then(|(_, parent)| {
+                    self.wildcard
+                        .get(parent)
+                        .filter(foreign)
+                        .map(|s| (s, format!("*.{parent}")))
+                })
+                .into_iter()
+                .collect(),
         }
     }
 }
@@ -140,7 +155,6 @@ impl Router {
     /// allowed: the exact host wins, as in any lookup.)
     pub fn check_ownership(&self, spec: &RouteSpec) -> Result<(), String> {
         let table = self.table.load();
-        let key = spec.key();
         for h in &spec.hosts {
             if let Some((owner, covered)) = table.cross_project_overlap(h, &spec.project) {
                 let o = &owner.spec;
@@ -156,6 +170,14 @@ impl Router {
                     )
                 });
             }
+        }
+        Self::check_hosts_free(&table, spec)
+    }
+
+    /// Refuses a spec that lists a host (or the very same wildcard) of another route.
+    fn check_hosts_free(table: &Table, spec: &RouteSpec) -> Result<(), String> {
+        let key = spec.key();
+        for h in &spec.hosts {
             if let Some(owner) = table.owner_of(h) {
                 let ok = owner.spec.key() == key;
                 if !ok {
@@ -185,11 +207,45 @@ impl Router {
             .lock()
             .map_err(|_| "routing table lock poisoned".to_string())?;
         self.check_ownership(&svc.spec)?;
+        Ok(self.swap_in(svc))
+    }
+
+    /// Installs a route restored from the state file. A host (or the same wildcard) of another
+    /// route is still refused, but an overlap with another project through a wildcard is not:
+    /// the file may predate that check, and refusing would hand the loser's hosts to the other
+    /// project (an exact host to the foreign wildcard) and drop the route at the next save. The
+    /// overlaps are returned as `(this host, their host, their route)` for the caller to log;
+    /// the exact host keeps winning lookups.
+    pub fn restore(&self, svc: Arc<Service>) -> Result<Vec<(String, String, RouteKey)>, String> {
+        let _w = self
+            .write
+            .lock()
+            .map_err(|_| "routing table lock poisoned".to_string())?;
+        let table = self.table.load();
+        Self::check_hosts_free(&table, &svc.spec)?;
+        let overlaps = svc
+            .spec
+            .hosts
+            .iter()
+            .flat_map(|h| {
+                table
+                    .cross_project_overlaps(h, &svc.spec.project)
+                    .into_iter()
+                    .map(move |(owner, theirs)| (h.clone(), theirs, owner.spec.key()))
+            })
+            .collect();
+        drop(table);
+        self.swap_in(svc);
+        Ok(overlaps)
+    }
+
+    /// Replaces the route with `svc`'s key in one atomic swap (the write lock is held).
+    fn swap_in(&self, svc: Arc<Service>) -> Option<Arc<Service>> {
         let current = self.table.load();
         let mut services = current.services.clone();
         let old = services.insert(svc.spec.key(), svc);
         self.table.store(Arc::new(Table::build(services)));
-        Ok(old)
+        old
     }
 
     /// Removes a route in one atomic swap and returns it for draining.
@@ -314,6 +370,52 @@ mod tests {
         );
         // The owner redeploys its own wildcard.
         r.install(svc("beta", "web", &["*.wild.test"])).unwrap();
+    }
+
+    #[test]
+    fn restore_keeps_a_saved_cross_project_overlap_and_the_exact_host_wins() {
+        for wildcard_first in [true, false] {
+            let r = Router::new();
+            let a = svc("alpha", "web", &["shop.wild.test", "alpha.test"]);
+            let b = svc("beta", "web", &["*.wild.test", "other.beta.test"]);
+            let (first, second) = if wildcard_first { (b, a) } else { (a, b) };
+            assert!(r.restore(first).unwrap().is_empty());
+            let overlaps = r.restore(second).unwrap();
+            let key = |p: &str| RouteKey {
+                project: p.into(),
+                app: "web".into(),
+            };
+            let expected = if wildcard_first {
+                (
+                    "shop.wild.test".to_string(),
+                    "*.wild.test".to_string(),
+                    key("beta"),
+                )
+            } else {
+                (
+                    "*.wild.test".to_string(),
+                    "shop.wild.test".to_string(),
+                    key("alpha"),
+                )
+            };
+            assert_eq!(overlaps, vec![expected]);
+            assert_eq!(r.services().len(), 2);
+            assert_eq!(project_of(&r, "shop.wild.test").as_deref(), Some("alpha"));
+            assert_eq!(project_of(&r, "x.wild.test").as_deref(), Some("beta"));
+            // A deploy still gets the strict check.
+            let err = r
+                .install(svc("alpha", "api", &["cart.wild.test"]))
+                .unwrap_err();
+            assert!(err.contains("inside the wildcard"), "{err}");
+            // A host of another route is refused on restore too.
+            let err = r.restore(svc("gamma", "web", &["alpha.test"])).unwrap_err();
+            assert!(err.contains("belongs to project \"alpha\""), "{err}");
+            let err = r
+                .restore(svc("gamma", "web", &["*.wild.test"]))
+                .unwrap_err();
+            assert!(err.contains("belongs to project \"beta\""), "{err}");
+            assert_eq!(r.services().len(), 2);
+        }
     }
 
     #[test]

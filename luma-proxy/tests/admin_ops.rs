@@ -30,7 +30,8 @@ fn key() -> RouteKey {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_whose_client_disconnects_mid_drain_still_finishes() {
-    let dir = temp_state_dir("hangup");
+    let guard = TempStateDir::new("hangup");
+    let dir = guard.path();
     let proxy = luma_proxy::Proxy::start(config(dir.clone())).await.unwrap();
     let old = TestBackend::start("127.0.0.2", "old").await;
     let new = TestBackend::start("127.0.0.3", "new").await;
@@ -105,7 +106,8 @@ async fn a_deploy_whose_client_disconnects_mid_drain_still_finishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_that_cannot_be_saved_is_not_switched() {
-    let dir = temp_state_dir("unsaved");
+    let guard = TempStateDir::new("unsaved");
+    let dir = guard.path();
     let proxy = luma_proxy::Proxy::start(config(dir.clone())).await.unwrap();
     let old = TestBackend::start("127.0.0.2", "old").await;
     let new = TestBackend::start("127.0.0.3", "new").await;
@@ -152,5 +154,83 @@ async fn a_table_that_cannot_be_saved_is_not_switched() {
         (200, "new 0".into())
     );
     proxy.shutdown().await;
-    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A state file written before cross-project wildcard overlaps were refused may hold one (it
+/// was a valid table then). A restart restores both routes as saved: the exact host still
+/// reaches its own project (it is not handed to the other project's wildcard), and the next
+/// save, of an unrelated route, keeps both. New deploys still get the strict check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_cross_project_wildcard_overlap_survives_a_restart() {
+    let guard = TempStateDir::new("overlap-restore");
+    let dir = guard.path();
+    let exact = TestBackend::start("127.0.0.2", "exact").await;
+    let wild = TestBackend::start("127.0.0.3", "wild").await;
+    let other = TestBackend::start("127.0.0.4", "other").await;
+    // In the order a save writes them (by project): the wildcard's project comes first, so
+    // the exact host is the one a strict restore would refuse.
+    let mut market = route("market", "*.wild.test", &[wild.addr]);
+    market.hosts.push("market.test".into());
+    let shop = route("shop", "shop.wild.test", &[exact.addr]);
+    let file = serde_json::json!({"version": 1, "routes": [market, shop]});
+    std::fs::write(dir.join("routes.json"), file.to_string()).unwrap();
+
+    let proxy = luma_proxy::Proxy::start(config(dir.clone())).await.unwrap();
+    let key = |p: &str| RouteKey {
+        project: p.into(),
+        app: "web".into(),
+    };
+    assert!(proxy.deployer.router.get(&key("market")).is_some());
+    assert!(proxy.deployer.router.get(&key("shop")).is_some());
+    // Restored backends serve once their first check passes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let shop_answer = get(proxy.http_addr, "shop.wild.test", "/").await;
+        let wild_answer = get(proxy.http_addr, "cart.wild.test", "/").await;
+        if shop_answer == (200, "exact 0".into()) && wild_answer == (200, "wild 0".into()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after restore: shop.wild.test -> {shop_answer:?}, cart.wild.test -> {wild_answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Deploys get the strict check: no new overlap.
+    let mut api = route("shop", "api.wild.test", &[exact.addr]);
+    api.app = "api".into();
+    let err = proxy.deployer.deploy(deploy_req(api)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict, "{err}");
+    assert!(err.error.contains("inside the wildcard"), "{err}");
+
+    // The next save (an unrelated route) keeps both overlapping routes.
+    deploy_route(&proxy, "other", "other.test", &[other.addr]).await;
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("routes.json")).unwrap()).unwrap();
+    let hosts: Vec<(String, String)> = saved["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            let project = r["project"].as_str().unwrap().to_string();
+            r["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |h| (project.clone(), h.as_str().unwrap().to_string()))
+        })
+        .collect();
+    for (p, h) in [
+        ("market", "*.wild.test"),
+        ("market", "market.test"),
+        ("shop", "shop.wild.test"),
+        ("other", "other.test"),
+    ] {
+        assert!(
+            hosts.contains(&(p.to_string(), h.to_string())),
+            "{p} {h} missing from the saved table: {saved}"
+        );
+    }
+    proxy.shutdown().await;
 }

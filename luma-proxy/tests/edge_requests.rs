@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Writes `request` from `from` (a loopback address) and reads until the proxy closes the
 /// connection; every request here either asks for `Connection: close` or is one the proxy
@@ -148,17 +148,28 @@ async fn connect_and_trace_get_405_with_allow() {
         let allow = header(&r, "allow").unwrap_or_else(|| panic!("no Allow in {r}"));
         assert!(allow.contains("GET") && !allow.contains("TRACE"), "{allow}");
     }
+    let m = proxy.metrics.render();
+    assert!(
+        m.contains("luma_proxy_local_errors_total{code=\"405\"} 2"),
+        "{m}"
+    );
     assert_backend_saw_only_a_good_request(proxy.http_addr, &b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_chunked_body_is_400_and_never_reaches_the_backend() {
+async fn a_chunked_body_malformed_in_its_first_chunk_is_400_and_never_reaches_the_backend() {
     let (proxy, b) = shop("chunked").await;
+    // Each breaks before the first chunk has yielded a byte of data, so the proxy has nothing
+    // it could send: it reads that chunk before it picks a backend.
     for body in [
         // Not a chunk size.
         &b"zz\r\nhello\r\n0\r\n\r\n"[..],
-        // A chunk longer than its size says, then garbage.
-        &b"3\r\nhello\r\n0\r\n\r\n"[..],
+        // Garbage after the size.
+        &b"5 x\r\nhello\r\n0\r\n\r\n"[..],
+        // A size that overflows.
+        &b"fffffffffffffffff\r\nhello\r\n0\r\n\r\n"[..],
+        // CR without LF.
+        &b"5\rhello\r\n0\r\n\r\n"[..],
     ] {
         let mut req =
             b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
@@ -166,8 +177,14 @@ async fn a_malformed_chunked_body_is_400_and_never_reaches_the_backend() {
         let r = exchange(proxy.http_addr, &req).await;
         assert_eq!(status(&r), 400, "{r}");
         assert!(r.contains("malformed request body"), "{r}");
+        assert_eq!(header(&r, "connection"), Some("close"), "{r}");
     }
     assert_backend_saw_only_a_good_request(proxy.http_addr, &b).await;
+    let m = proxy.metrics.render();
+    assert!(
+        m.contains("luma_proxy_local_errors_total{code=\"400\"} 4"),
+        "{m}"
+    );
     // A well-formed chunked body still streams through.
     let r = exchange(
         proxy.http_addr,
@@ -178,19 +195,168 @@ async fn a_malformed_chunked_body_is_400_and_never_reaches_the_backend() {
     assert!(r.ends_with("shop 11"), "{r}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_framing_after_a_good_first_chunk_is_400_not_502() {
-    let (proxy, _b) = shop("chunked-later").await;
-    let r = exchange(
-        proxy.http_addr,
-        b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
-    )
-    .await;
-    assert_eq!(status(&r), 400, "{r}");
-    assert!(r.contains("malformed request body"), "{r}");
+/// What a raw backend saw of one request: its head once read, then whether the body ended
+/// with the last chunk or the connection was cut first, and the body bytes it got.
+enum Seen {
+    Head(String),
+    Body { complete: bool, bytes: Vec<u8> },
 }
 
-const SPOOFED: &str = "GET /headers HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6;proto=https\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nConnection: close\r\n\r\n";
+/// A raw backend that answers `/up`, reports every other request to `seen` as it reads it,
+/// and answers `200 done` to a chunked body that ends well.
+async fn reporting_backend() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Seen>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                if head.starts_with("GET /up ") {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    return;
+                }
+                let _ = tx.send(Seen::Head(head));
+                let mut body = buf.split_off(end);
+                let complete = loop {
+                    if body.ends_with(b"0\r\n\r\n") {
+                        break true;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break false,
+                        Ok(n) => body.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                if complete {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndone")
+                        .await;
+                }
+                let _ = tx.send(Seen::Body {
+                    complete,
+                    bytes: body,
+                });
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The backend's next report.
+async fn next(seen: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>) -> Seen {
+    tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("the backend saw nothing")
+        .expect("backend gone")
+}
+
+/// Past the first chunk, the body streams: the backend has the head and the first chunk when
+/// the bad framing arrives. The client gets a 400 (not a 502), the backend a body cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_framing_after_the_first_chunk_is_400_and_cuts_the_upload_short() {
+    let proxy = proxy_with("chunked-later", |_| {}).await;
+    let (backend, mut seen) = reporting_backend().await;
+    deploy_route(&proxy, "shop", "shop.test", &[backend]).await;
+    for (first, rest, upstream) in [
+        // A whole first chunk, then a size that is not one.
+        (
+            &b"5\r\nhello\r\n"[..],
+            &b"zz\r\n"[..],
+            &b"5\r\nhello\r\n"[..],
+        ),
+        // A first chunk longer than its size says: its first 3 bytes are data.
+        (
+            &b"3\r\nhel"[..],
+            &b"lo\r\n0\r\n\r\n"[..],
+            &b"3\r\nhel\r\n"[..],
+        ),
+    ] {
+        let mut s = TcpStream::connect(proxy.http_addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(first).await.unwrap();
+        // Only once the backend has the request does the rest go: a later segment.
+        let Seen::Head(head) = next(&mut seen).await else {
+            panic!("no head first")
+        };
+        assert!(head.starts_with("POST / HTTP/1.1\r\n"), "{head}");
+        s.write_all(rest).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the proxy did not close the connection")
+            .unwrap();
+        let r = String::from_utf8_lossy(&out);
+        assert_eq!(status(&r), 400, "{r}");
+        assert!(r.contains("malformed request body"), "{r}");
+        assert_eq!(header(&r, "connection"), Some("close"), "{r}");
+        let Seen::Body { complete, bytes } = next(&mut seen).await else {
+            panic!("a second head")
+        };
+        assert!(!complete, "the backend got a whole body");
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            String::from_utf8_lossy(upstream)
+        );
+    }
+}
+
+/// A chunked body whose first chunk never comes does not hold its connection for the idle
+/// timeout: the route's response timeout bounds the wait for it, as for any later chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_that_never_starts_is_408_at_the_response_timeout() {
+    let proxy = proxy_with("chunked-silent", |_| {}).await;
+    let b = TestBackend::start("127.0.0.1", "shop").await;
+    let mut r = route("shop", "shop.test", &[b.addr]);
+    r.timeouts.response_ms = 300;
+    proxy.deployer.deploy(deploy_req(r)).await.unwrap();
+    let t = std::time::Instant::now();
+    let r = exchange(
+        proxy.http_addr,
+        b"POST / HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&r), 408, "{r}");
+    assert_eq!(header(&r, "connection"), Some("close"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(b.hits.load(Ordering::SeqCst), 0);
+    let m = proxy.metrics.render();
+    assert!(
+        m.contains("luma_proxy_local_errors_total{code=\"408\"} 1"),
+        "{m}"
+    );
+}
+
+/// The forwarded headers a client could send, also spelled with underscores, which CGI, WSGI
+/// and Rack read as the same `HTTP_X_REAL_IP`... keys; and one unrelated underscore header.
+const SPOOFED: &str = "GET /headers HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6;proto=https\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nX_Real_IP: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\nX-Forwarded_Proto: https\r\nx_forwarded_host: evil.test\r\nX_App_Token: kept\r\nConnection: close\r\n\r\n";
+
+/// The echoed header names with an underscore: only the unrelated one may get through.
+fn assert_no_underscore_spoofs(echoed: &str) {
+    let names: Vec<&str> = echoed
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(k, _)| k.trim()))
+        .filter(|k| k.contains('_'))
+        .collect();
+    assert_eq!(names, ["x_app_token"], "{echoed}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_mode_forwards_only_what_the_proxy_saw() {
@@ -215,6 +381,7 @@ async fn edge_mode_forwards_only_what_the_proxy_saw() {
     );
     assert_eq!(header(echoed, "x-real-ip"), None, "{echoed}");
     assert_eq!(header(echoed, "forwarded"), None, "{echoed}");
+    assert_no_underscore_spoofs(echoed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,6 +417,9 @@ async fn a_trusted_peer_is_appended_and_an_untrusted_one_is_not() {
         Some("for=6.6.6.6;proto=https"),
         "{echoed}"
     );
+    // The trusted hop passes its own client's headers through: underscore spellings are not
+    // the hop's to vouch for either.
+    assert_no_underscore_spoofs(echoed);
 
     // Next door, outside the trusted list: edge mode.
     let r = exchange_from("127.0.0.6", proxy.http_addr, SPOOFED.as_bytes()).await;
@@ -266,6 +436,7 @@ async fn a_trusted_peer_is_appended_and_an_untrusted_one_is_not() {
     );
     assert_eq!(header(echoed, "x-real-ip"), None, "{echoed}");
     assert_eq!(header(echoed, "forwarded"), None, "{echoed}");
+    assert_no_underscore_spoofs(echoed);
 }
 
 /// A proxy and a client of its admin API (loopback, bearer token).

@@ -1,6 +1,7 @@
 //! Bounded resources against the real proxy on loopback, with raw sockets: one connection limit
 //! across workers, upgraded tunnels counted and ended at shutdown, the first-byte timeout,
-//! HTTP/2 idle connections closed, and the metrics listener.
+//! HTTP/2 idle connections and clients that stop reading closed at the idle timeout, and the
+//! metrics listener.
 
 mod common;
 
@@ -38,6 +39,15 @@ async fn ask(s: &mut TcpStream, host: &str) -> Fate {
     }
 }
 
+/// Polls a condition (not a fixed sleep) until it holds or 10 s pass.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A fresh connection that gets served (polls until a slot is free, at most `limit`).
 async fn wait_for_a_slot(addr: SocketAddr, limit: Duration) -> TcpStream {
     let t = Instant::now();
@@ -57,8 +67,11 @@ async fn one_connection_limit_holds_across_workers() {
     const WORKERS: usize = 3;
     const LIMIT: usize = 4;
     const TRIES: usize = 15;
-    luma_proxy::workers::set_count(WORKERS);
-    let mut cfg = config(temp_state_dir("limit-workers"));
+    // `workers::set_count` (a process-wide global) is left alone: it only sizes the per-worker
+    // upstream pools of backends created after it, and this test has no backend. The extra
+    // workers still run: their pool index wraps (`index % pools`).
+    let dir = TempStateDir::new("limit-workers");
+    let mut cfg = config(dir.path());
     cfg.max_connections = LIMIT;
     let mut proxy = luma_proxy::Proxy::start(cfg).await.unwrap();
     proxy.add_workers(WORKERS - 1).unwrap();
@@ -99,7 +112,8 @@ async fn one_connection_limit_holds_across_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_sends_nothing_is_closed_at_the_first_byte_timeout() {
-    let mut cfg = config(temp_state_dir("first-byte"));
+    let dir = TempStateDir::new("first-byte");
+    let mut cfg = config(dir.path());
     cfg.first_byte_timeout = Duration::from_millis(400);
     cfg.header_read_timeout = Duration::from_secs(30);
     cfg.idle_timeout = Duration::from_secs(60);
@@ -138,7 +152,8 @@ async fn an_idle_http2_connection_is_closed_at_the_idle_timeout() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let mut cfg = config(temp_state_dir("h2-idle"));
+    let dir = TempStateDir::new("h2-idle");
+    let mut cfg = config(dir.path());
     cfg.idle_timeout = Duration::from_millis(800);
     cfg.first_byte_timeout = Duration::from_millis(800);
     cfg.header_read_timeout = Duration::from_secs(30);
@@ -173,8 +188,31 @@ async fn an_idle_http2_connection_is_closed_at_the_idle_timeout() {
         "closed after {waited:?}, idle timeout 800 ms"
     );
     eprintln!("idle h2 connection closed after {waited:?}");
-    assert_eq!(proxy.metrics.connections_open(), 0);
+    // The client has seen the close; the proxy's task may still be dropping the connection.
+    until("the idle connection's slot to come back", || {
+        proxy.metrics.connections_open() == 0
+    })
+    .await;
     proxy.shutdown().await;
+}
+
+/// Fails with a clear message when the soft open-files limit (`ulimit -n`) is below `n`,
+/// rather than with an accept or connect error half-way (Linux; elsewhere it is not checked).
+fn need_open_files(n: u64) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(soft) = soft {
+        assert!(
+            soft >= n,
+            "this test needs about {n} open files, and the soft limit is {soft}: raise it (ulimit -n {n}) before running the tests"
+        );
+    }
 }
 
 /// Opens a WebSocket-style tunnel through the proxy and checks the echo.
@@ -220,7 +258,11 @@ async fn echo(s: &mut TcpStream, msg: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_websockets_hold_their_slots_and_are_ended_at_shutdown() {
     const TUNNELS: usize = 500;
-    let mut cfg = config(temp_state_dir("ws-limit"));
+    // Each tunnel is four sockets in this process (client, proxy's client side, proxy's
+    // upstream side, backend), beside whatever the tests running in parallel hold.
+    need_open_files(TUNNELS as u64 * 4 + 512);
+    let dir = TempStateDir::new("ws-limit");
+    let mut cfg = config(dir.path());
     cfg.max_connections = TUNNELS;
     cfg.shutdown_timeout = Duration::from_secs(30);
     let proxy = luma_proxy::Proxy::start(cfg).await.unwrap();
@@ -284,9 +326,109 @@ async fn idle_websockets_hold_their_slots_and_are_ended_at_shutdown() {
     assert_eq!(metrics.connections_open(), 0);
 }
 
+/// A backend that answers `/up` with `ok` and anything else with `size` bytes.
+async fn big_backend(ip: &str, size: usize) -> SocketAddr {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let big = Bytes::from(vec![b'x'; size]);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let big = big.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let body = if req.uri().path() == "/up" {
+                        Bytes::from_static(b"ok")
+                    } else {
+                        big.clone()
+                    };
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body)))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client that sends requests and never reads the answers: once the socket buffers are full
+/// the proxy's writes wait, and with the next request already buffered hyper reads nothing
+/// either. The idle timeout must still end the connection and give its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_at_the_idle_timeout_and_frees_its_slot() {
+    const IDLE: Duration = Duration::from_millis(800);
+    let dir = TempStateDir::new("no-reader");
+    let mut cfg = config(dir.path());
+    cfg.idle_timeout = IDLE;
+    cfg.first_byte_timeout = IDLE;
+    cfg.header_read_timeout = Duration::from_secs(30);
+    cfg.max_connections = 1;
+    let proxy = luma_proxy::Proxy::start(cfg).await.unwrap();
+    // Far more than the socket buffers on the way hold (client, proxy, backend).
+    let backend = big_backend("127.0.0.2", 64 << 20).await;
+    deploy_route(&proxy, "big", "big.test", &[backend]).await;
+
+    // A small receive buffer, so the proxy's writes block early.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(proxy.http_addr).await.unwrap();
+    stuck
+        .write_all(
+            b"GET /a HTTP/1.1\r\nHost: big.test\r\n\r\nGET /b HTTP/1.1\r\nHost: big.test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    until("the stuck connection to hold the only slot", || {
+        proxy.metrics.connections_open() == 1
+    })
+    .await;
+    // The slot comes back at the idle timeout after the writes stopped moving, never before
+    // the idle timeout has passed at all.
+    until(
+        "the stuck connection to be closed and its slot freed",
+        || proxy.metrics.connections_open() == 0,
+    )
+    .await;
+    let freed = sent.elapsed();
+    eprintln!("a client that never reads was closed after {freed:?}");
+    assert!(
+        freed >= IDLE,
+        "closed after {freed:?}, idle timeout {IDLE:?}"
+    );
+    // The next client gets the slot.
+    drop(wait_for_a_slot(proxy.http_addr, Duration::from_secs(10)).await);
+    // And the stuck client finds its connection closed once it reads (what was buffered, then
+    // the end: EOF, or a reset since its second request was never answered).
+    let mut sink = vec![0u8; 1 << 20];
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stuck.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "the stuck connection was still open");
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_listener_serves_the_admin_registry_read_only() {
-    let mut cfg = config(temp_state_dir("metrics"));
+    let dir = TempStateDir::new("metrics");
+    let mut cfg = config(dir.path());
     cfg.metrics = MetricsListen::Addr("127.0.0.1:0".parse().unwrap());
     cfg.metrics_labels = vec![("server".into(), "a\"b\\c\nd".into())];
     let proxy = luma_proxy::Proxy::start(cfg).await.unwrap();

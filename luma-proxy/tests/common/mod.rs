@@ -533,3 +533,60 @@ pub async fn raw_exchange(proxy: SocketAddr, request: &[u8], limit: Duration) ->
     let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A temp state dir that is removed when dropped, so a test (passing or failing) leaves no
+/// directory behind: `let dir = TempStateDir::new("tag"); config(dir.path())`. Keep it alive
+/// until the proxy using it has shut down.
+pub struct TempStateDir(PathBuf);
+
+impl TempStateDir {
+    pub fn new(tag: &str) -> TempStateDir {
+        TempStateDir(temp_state_dir(tag))
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.0.clone()
+    }
+}
+
+impl Drop for TempStateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One keep-alive HTTP/1.1 client connection to the proxy, so a test times its requests and
+/// not a connect and handshake each.
+pub struct KeepAliveClient {
+    tx: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl KeepAliveClient {
+    pub async fn connect(proxy: SocketAddr, host: &str) -> KeepAliveClient {
+        let stream = TcpStream::connect(proxy).await.unwrap();
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        KeepAliveClient {
+            tx,
+            host: host.to_string(),
+        }
+    }
+
+    /// (status, body); panics if the connection fails.
+    pub async fn request(&mut self, method: &str, path: &str, body: &'static str) -> (u16, String) {
+        self.tx.ready().await.unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let resp = self.tx.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&text).into_owned())
+    }
+}
