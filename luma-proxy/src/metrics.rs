@@ -318,8 +318,11 @@ pub mod listener {
     pub const MAX_CONNECTIONS: usize = 32;
     /// How often the network mode looks at the local interfaces.
     pub const RECHECK: Duration = Duration::from_secs(2);
-    /// While not attached, DNS is asked again at least this often (besides on interface changes).
-    const RETRY_UNBOUND: Duration = Duration::from_secs(60);
+    /// After an interface change, a failed look-up is retried with this backoff (doubling up to
+    /// `RETRY_MAX`), in case Docker's DNS lags the attach. Unattached, the proxy asks no more:
+    /// each look-up for a network it is not on is forwarded to the host's resolvers.
+    const RETRY_MIN: Duration = Duration::from_secs(2);
+    const RETRY_MAX: Duration = Duration::from_secs(600);
     /// Bound on one look-up of the proxy's own address on the metrics network.
     const DNS_LIMIT: Duration = Duration::from_secs(5);
     const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -399,7 +402,10 @@ pub mod listener {
     ) {
         let mut bound: Option<(Interface, TcpListener)> = None;
         let mut seen: Option<Vec<Interface>> = None;
-        let mut asked: Option<Instant> = None;
+        // When to ask DNS again after a failure, and the wait after that.
+        let mut retry: Option<(Instant, Duration)> = None;
+        // An interface found but not bound yet (the bind failed): retried locally, no DNS.
+        let mut unbound: Option<Interface> = None;
         let mut told_waiting = false;
         let mut tick = tokio::time::interval(RECHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -442,13 +448,15 @@ pub mod listener {
                 None => {
                     let now = local_interfaces().unwrap_or_default();
                     let changed = seen.as_ref() != Some(&now);
-                    let retry =
-                        bound.is_none() && asked.is_none_or(|t| t.elapsed() >= RETRY_UNBOUND);
-                    if !changed && !retry {
+                    if changed {
+                        seen = Some(now);
+                        retry = None;
+                    } else if let Some(iface) = unbound.take() {
+                        bind_or_keep(&iface, port, network, &mut bound, &mut unbound);
+                        continue;
+                    } else if retry.is_none_or(|(at, _)| Instant::now() < at) {
                         continue;
                     }
-                    seen = Some(now);
-                    asked = Some(Instant::now());
                     let found = tokio::select! {
                         _ = shutdown.changed() => return,
                         r = tokio::time::timeout(DNS_LIMIT, resolver.interface_for(network)) => {
@@ -457,33 +465,16 @@ pub mod listener {
                     };
                     match found {
                         Ok(iface) => {
+                            retry = None;
                             if bound.as_ref().map(|(i, _)| i) == Some(&iface) {
                                 continue;
                             }
                             bound = None;
-                            match bind_on(&iface, port) {
-                                Ok(l) => {
-                                    crate::log::info(
-                                        "metrics listening",
-                                        serde_json::json!({
-                                            "addr": SocketAddr::from((iface.addr, port)).to_string(),
-                                            "network": network,
-                                            "interface": iface.name.as_ref(),
-                                        }),
-                                    );
-                                    bound = Some((iface, l));
-                                }
-                                Err(e) => {
-                                    crate::log::warn(
-                                        "metrics listener cannot bind",
-                                        serde_json::json!({"network": network, "error": e.to_string()}),
-                                    );
-                                    // Try again on the next tick.
-                                    seen = None;
-                                }
-                            }
+                            bind_or_keep(&iface, port, network, &mut bound, &mut unbound);
                         }
                         Err(why) => {
+                            let wait = retry.map_or(RETRY_MIN, |(_, w)| (w * 2).min(RETRY_MAX));
+                            retry = Some((Instant::now() + wait, wait));
                             if bound.take().is_some() {
                                 crate::log::info(
                                     "metrics listener closed: the proxy left its network",
@@ -499,6 +490,38 @@ pub mod listener {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Binds on `iface`, or keeps it in `unbound` to try again on the next tick (no DNS).
+    fn bind_or_keep(
+        iface: &Interface,
+        port: u16,
+        network: &str,
+        bound: &mut Option<(Interface, TcpListener)>,
+        unbound: &mut Option<Interface>,
+    ) {
+        match bind_on(iface, port) {
+            Ok(l) => {
+                crate::log::info(
+                    "metrics listening",
+                    serde_json::json!({
+                        "addr": SocketAddr::from((iface.addr, port)).to_string(),
+                        "network": network,
+                        "interface": iface.name.as_ref(),
+                    }),
+                );
+                *bound = Some((iface.clone(), l));
+            }
+            Err(e) => {
+                if unbound.is_none() {
+                    crate::log::warn(
+                        "metrics listener cannot bind; retrying",
+                        serde_json::json!({"network": network, "error": e.to_string()}),
+                    );
+                }
+                *unbound = Some(iface.clone());
             }
         }
     }
