@@ -155,7 +155,13 @@ impl Router {
     /// allowed: the exact host wins, as in any lookup.)
     pub fn check_ownership(&self, spec: &RouteSpec) -> Result<(), String> {
         let table = self.table.load();
+        // A host the route already serves stays allowed: an overlap restored from an older
+        // state file must not block a plain redeploy. Only new overlaps are refused.
+        let live = table.services.get(&spec.key());
         for h in &spec.hosts {
+            if live.is_some_and(|l| l.spec.hosts.contains(h)) {
+                continue;
+            }
             if let Some((owner, covered)) = table.cross_project_overlap(h, &spec.project) {
                 let o = &owner.spec;
                 return Err(if h.starts_with("*.") {

@@ -203,6 +203,14 @@ async fn a_saved_cross_project_wildcard_overlap_survives_a_restart() {
     let err = proxy.deployer.deploy(deploy_req(api)).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Conflict, "{err}");
     assert!(err.error.contains("inside the wildcard"), "{err}");
+    // A redeploy that keeps the host it already serves is not a new overlap.
+    let redeploy = proxy
+        .deployer
+        .deploy(deploy_req(route("shop", "shop.wild.test", &[other.addr])))
+        .await
+        .unwrap();
+    assert!(!redeploy.already_live);
+    assert_eq!(redeploy.route.target, other.addr.to_string());
 
     // The next save (an unrelated route) keeps both overlapping routes.
     deploy_route(&proxy, "other", "other.test", &[other.addr]).await;
