@@ -458,24 +458,9 @@ impl Engine {
             .map_err(|e| format!("restart container {name}: {e}"))
     }
 
+    /// Force-removes a container by name (with its anonymous volumes); gone already is fine.
     pub async fn remove(&self, name: &str) -> Result<()> {
-        self.trace(format_args!("remove {name}"));
-        match self
-            .docker
-            .remove_container(
-                name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    v: true,
-                    link: false,
-                }),
-            )
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_404(&e) => Ok(()),
-            Err(e) => Err(format!("remove container {name}: {e}")),
-        }
+        self.remove_id(name).await
     }
 
     pub async fn rename(&self, name: &str, to: &str) -> Result<()> {

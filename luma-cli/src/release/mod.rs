@@ -91,22 +91,7 @@ impl ReleaseError {
             "\nReleased earlier in this run (live): {}.",
             released.join(", ")
         );
-        match self {
-            ReleaseError::NothingChanged(m) => ReleaseError::NothingChanged(m + &note),
-            ReleaseError::Failed(m) => ReleaseError::Failed(m + &note),
-            ReleaseError::Unknown(m) => ReleaseError::Unknown(m + &note),
-            ReleaseError::Unsettled {
-                app,
-                release,
-                error,
-                left,
-            } => ReleaseError::Unsettled {
-                app,
-                release,
-                error: error + &note,
-                left,
-            },
-        }
+        self.map_messages(|m| format!("{m}{note}"))
     }
 
     /// Applies `f` to every message (e.g. to redact secrets).

@@ -590,3 +590,19 @@ impl KeepAliveClient {
         (status, String::from_utf8_lossy(&text).into_owned())
     }
 }
+
+/// Reads from `s` into `buf` until it holds a whole request head; returns the head's length
+/// (bytes after it stay in `buf`), or None when the peer closes first.
+pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
