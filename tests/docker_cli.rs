@@ -496,13 +496,7 @@ fn bad_configs_fail_clearly_and_leave_docker_unchanged() {
             err.contains("luma.yml") || err.contains(".luma/secrets"),
             "case {i}: the error does not name the file: {err}"
         );
-        let left = docker(&[
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=luma.project={project}"),
-        ])
-        .unwrap();
+        let left = project_containers(&project, &[]);
         assert!(left.is_empty(), "case {i} left containers behind");
         assert!(
             docker(&["network", "inspect", &format!("{project}-network")]).is_err(),
@@ -580,14 +574,7 @@ fn services_get_their_alias_clashing_ports_are_named_and_remove_cleans_up() {
     let (ok, _, err) = lab.luma(&dir, &["remove"]);
     assert!(!ok && err.contains("--yes"), "{err}");
     lab.luma_ok(&dir, &["remove", "--yes"]);
-    assert!(docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=luma.project={project}")
-    ])
-    .unwrap()
-    .is_empty());
+    assert!(project_containers(&project, &[]).is_empty());
     assert!(docker(&["network", "inspect", &format!("{project}-network")]).is_err());
     let mut http = Http::new(&lab.http_addr());
     assert_eq!(http.get(&host, "/").unwrap().0, 404);

@@ -401,16 +401,8 @@ fn apps_that_left_luma_yml_are_pruned_and_removed_with_their_routes_images_and_h
     );
     assert_eq!(status_json(&lab, &dir)["departed"][0], "app api");
     lab.luma_ok(&dir, &["prune", "--yes"]);
-    let api_left = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=luma.project={project}"),
-        "--filter",
-        "label=luma.app=api",
-    ])
-    .unwrap();
-    assert!(api_left.is_empty(), "api containers left: {api_left}");
+    let api_left = project_containers(&project, &["luma.app=api"]);
+    assert!(api_left.is_empty(), "api containers left: {api_left:?}");
     let api_images = docker(&["images", "-q", &format!("{project}_api")]).unwrap();
     assert!(api_images.is_empty(), "api images left: {api_images}");
     assert_eq!(Http::new(&lab.http_addr()).get(&api, "/").unwrap().0, 404);
@@ -418,14 +410,8 @@ fn apps_that_left_luma_yml_are_pruned_and_removed_with_their_routes_images_and_h
 
     // Everything goes with `remove`, found by label.
     lab.luma_ok(&dir, &["remove", "--yes"]);
-    let left = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=luma.project={project}"),
-    ])
-    .unwrap();
-    assert!(left.is_empty(), "containers left: {left}");
+    let left = project_containers(&project, &[]);
+    assert!(left.is_empty(), "containers left: {left:?}");
     let imgs = docker(&[
         "images",
         "-q",
@@ -492,14 +478,7 @@ fn checks_before_anything_changes_and_the_truth_about_the_proxy() {
         "{}",
         run.stderr
     );
-    assert!(docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=luma.project={project}")
-    ])
-    .unwrap()
-    .is_empty());
+    assert!(project_containers(&project, &[]).is_empty());
 
     // Host ports: the first release runs; a redeploy is refused with the reason, old kept.
     let port = free_port();
@@ -582,18 +561,9 @@ fn a_drained_release_that_ignores_sigterm_stops_at_once_under_init() {
     let old = served(&lab, &host);
     lab.luma_ok(&dir, &["deploy"]);
     assert_ne!(served(&lab, &host), old);
-    let stopped = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        &format!("label=luma.project={project}"),
-        "--filter",
-        &format!("label=luma.release={old}"),
-    ])
-    .unwrap();
-    let ids: Vec<&str> = stopped.lines().collect();
+    let ids = project_containers(&project, &[&format!("luma.release={old}")]);
     assert_eq!(ids.len(), 2);
-    for id in ids {
+    for id in &ids {
         let (init, code) = docker(&[
             "inspect",
             "--format",

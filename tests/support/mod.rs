@@ -36,6 +36,21 @@ pub fn docker(args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// IDs of a project's containers (any state) that also carry every `key=value` label given.
+pub fn project_containers(project: &str, labels: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "ps".to_string(),
+        "-aq".into(),
+        "--filter".into(),
+        format!("label=luma.project={project}"),
+    ];
+    for l in labels {
+        args.extend(["--filter".into(), format!("label={l}")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    docker(&args).unwrap().lines().map(str::to_string).collect()
+}
+
 /// Owns the Docker objects of one test.
 pub struct Lab {
     pub prefix: String,
