@@ -22,6 +22,7 @@ fn spec(i: usize, host: String) -> RouteSpec {
         health: Default::default(),
         timeouts: Default::default(),
         limits: Default::default(),
+        tls: None,
     }
     .validate()
     .expect("valid spec")

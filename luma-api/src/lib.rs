@@ -10,10 +10,13 @@
 //! - [`route`]: what a route is ([`route::RouteSpec`]), validated once at the door.
 //! - [`messages`]: each admin operation, its reply type, and [`ApiError`], which says whether
 //!   the world changed.
+//! - [`tls`]: a route's HTTPS settings and the certificate state the proxy reports.
 
 pub mod messages;
 pub mod names;
 pub mod route;
+pub mod time;
+pub mod tls;
 
 pub use messages::*;
 

@@ -13,6 +13,7 @@
 //! client goes away, and repeating an identical deploy is a no-op that answers the same.
 
 use crate::route::{HealthSettings, RouteSpec};
+pub use crate::tls::{CertificatesReply, CertificatesRequest, CustomCertificate};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -38,6 +39,7 @@ pub enum Request {
     Routes(RoutesRequest),
     Route(RouteQuery),
     Status(StatusRequest),
+    Certificates(CertificatesRequest),
 }
 
 impl Request {
@@ -53,6 +55,7 @@ impl Request {
             Request::Routes(r) => mp(r),
             Request::Route(r) => mp(r),
             Request::Status(r) => mp(r),
+            Request::Certificates(r) => mp(r),
         }
     }
 
@@ -64,6 +67,7 @@ impl Request {
             Request::Remove(r) => serde_json::to_value(r),
             Request::Flush(r) => serde_json::to_value(r),
             Request::Route(r) => serde_json::to_value(r),
+            Request::Certificates(r) => serde_json::to_value(r),
             Request::Routes(_) | Request::Status(_) => return None,
         };
         v.ok()
@@ -81,7 +85,10 @@ impl Request {
             // Waits for a running operation on that route, which its own deadlines bound (a
             // deploy's health deadline may be minutes).
             Request::Route(_) => 10 * 60 * 1000,
-            Request::Flush(_) | Request::Routes(_) | Request::Status(_) => 0,
+            Request::Flush(_)
+            | Request::Routes(_)
+            | Request::Status(_)
+            | Request::Certificates(_) => 0,
         };
         Duration::from_millis(ms) + Duration::from_secs(15)
     }
@@ -109,6 +116,7 @@ operation!(FlushRequest => FlushReply, Flush, "POST", "/v1/flush");
 operation!(RoutesRequest => RoutesReply, Routes, "GET", "/v1/routes");
 operation!(RouteQuery => RouteQueryReply, Route, "POST", "/v1/route");
 operation!(StatusRequest => StatusReply, Status, "GET", "/v1/status");
+operation!(CertificatesRequest => CertificatesReply, Certificates, "POST", "/v1/certificates");
 
 /// Switch a route to a new target: gate, swap, save, drain (see luma-proxy's `deploy.rs`).
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
@@ -119,6 +127,11 @@ pub struct DeployRequest {
     pub deploy_timeout_ms: Option<u64>,
     #[serde(default)]
     pub drain_timeout_ms: Option<u64>,
+    /// The custom certificate that `route.tls` names by its SHA-256 (sent with every deploy of
+    /// such a route; the proxy checks that it matches the name, covers every host and has not
+    /// expired before anything changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CustomCertificate>,
 }
 
 /// Health-check a target in its network, changing nothing.
@@ -411,9 +424,11 @@ mod tests {
                 health: Default::default(),
                 timeouts: Default::default(),
                 limits: Default::default(),
+                tls: None,
             },
             deploy_timeout_ms: Some(1000),
             drain_timeout_ms: None,
+            certificate: None,
         }
     }
 

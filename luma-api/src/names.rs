@@ -154,3 +154,62 @@ mod tests {
         assert!(normalize_host_pattern("a.test:80").is_err());
     }
 }
+
+/// Why no public CA will issue a certificate for `host`, if that is so: IP addresses, and names
+/// under suffixes reserved for local or test use (RFC 2606, RFC 6761, RFC 6762, RFC 8375, and
+/// ICANN's `.internal`). With a private or test CA (`proxy.acme.directory`) these are allowed.
+pub fn no_public_certificate(host: &str) -> Option<String> {
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    if h.parse::<std::net::IpAddr>().is_ok() {
+        return Some(format!(
+            "{host} is an IP address; public CAs issue certificates for DNS names only"
+        ));
+    }
+    const RESERVED: [&str; 9] = [
+        "localhost",
+        "test",
+        "internal",
+        "local",
+        "invalid",
+        "example",
+        "example.com",
+        "example.net",
+        "example.org",
+    ];
+    let suffix = RESERVED
+        .iter()
+        .chain(std::iter::once(&"home.arpa"))
+        .find(|s| h == **s || h.ends_with(&format!(".{s}")))?;
+    Some(format!(
+        "no public CA issues certificates for {suffix} names; {host} stays HTTP only (use a real domain, a custom certificate, or a private CA with proxy.acme.directory)"
+    ))
+}
+
+#[cfg(test)]
+mod public_ca_tests {
+    use super::no_public_certificate;
+
+    #[test]
+    fn reserved_names_and_ips_get_no_public_certificate() {
+        for h in [
+            "localhost",
+            "a.localhost",
+            "shop.test",
+            "db.internal",
+            "x.example.com",
+            "127.0.0.1",
+            "::1",
+            "printer.home.arpa",
+        ] {
+            assert!(no_public_certificate(h).is_some(), "{h}");
+        }
+        for h in [
+            "shop.example.io",
+            "testing.com",
+            "mytest",
+            "example.company.com",
+        ] {
+            assert!(no_public_certificate(h).is_none(), "{h}");
+        }
+    }
+}

@@ -34,6 +34,9 @@ pub struct RouteSpec {
     pub timeouts: RouteTimeouts,
     #[serde(default)]
     pub limits: RouteLimits,
+    /// HTTPS for every host of the route; absent: HTTP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::RouteTls>,
 }
 
 /// Active health-check settings of a route; every backend is checked on its own with these.
@@ -288,6 +291,7 @@ mod tests {
             health: Default::default(),
             timeouts: Default::default(),
             limits: Default::default(),
+            tls: None,
         }
     }
 

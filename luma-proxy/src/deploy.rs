@@ -237,6 +237,7 @@ impl Deployer {
             health: req.health,
             timeouts: RouteTimeouts::default(),
             limits: Default::default(),
+            tls: None,
         }
         .validate()
         .map_err(|e| err(ErrorKind::Invalid, e))?;

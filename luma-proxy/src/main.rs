@@ -301,7 +301,9 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                     limits: luma_api::route::RouteLimits {
                         max_body_bytes: a.max_body as u64,
                     },
+                    tls: None,
                 },
+                certificate: None,
                 deploy_timeout_ms: Some(a.deploy_timeout.as_millis() as u64),
                 drain_timeout_ms: Some(a.drain_timeout.as_millis() as u64),
             };

@@ -295,6 +295,7 @@ mod tests {
             health: Default::default(),
             timeouts: Default::default(),
             limits: Default::default(),
+            tls: None,
         }
         .validate()
         .unwrap()

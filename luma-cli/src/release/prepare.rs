@@ -276,9 +276,11 @@ impl<'c, 'a> Prepared<'c, 'a> {
                         ..RouteTimeouts::default()
                     },
                     limits: Default::default(),
+                    tls: None,
                 },
                 deploy_timeout_ms: Some(self.app.health.deadline.as_millis() as u64),
                 drain_timeout_ms: Some(30_000),
+                certificate: None,
             };
             crate::interrupt::switching(true);
             let outcome = ctx

@@ -229,6 +229,7 @@ pub fn route(project: &str, host: &str, addrs: &[SocketAddr]) -> RouteSpec {
         },
         timeouts: RouteTimeouts::default(),
         limits: Default::default(),
+        tls: None,
     }
 }
 
@@ -237,6 +238,7 @@ pub fn deploy_req(route: RouteSpec) -> DeployRequest {
         route,
         deploy_timeout_ms: Some(5_000),
         drain_timeout_ms: Some(10_000),
+        certificate: None,
     }
 }
 
