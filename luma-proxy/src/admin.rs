@@ -7,6 +7,7 @@
 //! | POST   | /v1/remove    | `RemoveRequest`     | remove a route and drain it              |
 //! | POST   | /v1/flush     | `FlushRequest`      | re-resolve a project's routes now        |
 //! | POST   | /v1/route     | `RouteQuery`        | one route, once no operation runs on it  |
+//! | POST   | /v1/certificates | `CertificatesRequest` | certificate state per host of routes with HTTPS |
 //! | GET    | /v1/routes    |                     | routes with per-backend health           |
 //! | GET    | /v1/status    |                     | version, uptime, counts                  |
 //! | GET    | /metrics      |                     | OpenMetrics text (same as the metrics listener) |
@@ -239,6 +240,15 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> 
             })),
             Err(resp) => resp,
         },
+        (Method::POST, "/v1/certificates") => {
+            match body::<luma_api::CertificatesRequest>(req).await {
+                Ok(r) => match &d.tls {
+                    Some(tls) => reply(Ok(tls.statuses(&d.router.specs(), &r))),
+                    None => reply(Ok(luma_api::CertificatesReply::default())),
+                },
+                Err(resp) => resp,
+            }
+        }
         (Method::GET, "/v1/routes") => reply(Ok(RoutesReply {
             routes: d
                 .router

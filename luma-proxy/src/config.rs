@@ -8,6 +8,14 @@ use std::time::Duration;
 pub struct ProxyConfig {
     /// Public HTTP listener.
     pub http_addr: SocketAddr,
+    /// Public HTTPS listener (certificates picked by SNI, see `tls`).
+    pub https_addr: SocketAddr,
+    /// The HTTPS port clients see (a 308 names it when it is not 443).
+    pub https_public_port: u16,
+    /// Time a client has to finish the TLS handshake once connected.
+    pub tls_handshake_timeout: Duration,
+    /// Where certificates of ACME routes come from.
+    pub acme: AcmeSettings,
     /// Admin API listener; must be a loopback address.
     pub admin_addr: SocketAddr,
     /// Where routes and the admin token live (a volume in Docker).
@@ -48,6 +56,10 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             http_addr: ([0, 0, 0, 0], 8080).into(),
+            https_addr: ([0, 0, 0, 0], 8443).into(),
+            https_public_port: 443,
+            tls_handshake_timeout: Duration::from_secs(10),
+            acme: AcmeSettings::default(),
             admin_addr: ([127, 0, 0, 1], 9090).into(),
             state_dir: PathBuf::from("/var/lib/luma-proxy"),
             token_file: None,
@@ -78,6 +90,91 @@ impl ProxyConfig {
             .unwrap_or_else(|| self.state_dir.join(crate::token::TOKEN_FILE))
     }
 }
+
+/// Let's Encrypt's production directory, the default ACME directory.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// ACME settings (`--acme-*`). Orders are placed per host in the background (see `tls::acme`).
+#[derive(Clone, Debug)]
+pub struct AcmeSettings {
+    /// The directory URL; `None` turns ACME off (`--acme-directory off`).
+    pub directory: Option<String>,
+    /// Contact address given to the CA.
+    pub email: Option<String>,
+    /// Extra roots (PEM) trusted for the directory's HTTPS, next to the public web roots.
+    pub ca_roots_pem: Option<String>,
+    /// First wait after a failed order; doubles on every failure in a row up to `retry_max`.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// Orders one host may place in any hour.
+    pub orders_per_hour: u32,
+}
+
+impl Default for AcmeSettings {
+    fn default() -> Self {
+        AcmeSettings {
+            directory: Some(LETS_ENCRYPT.into()),
+            email: None,
+            ca_roots_pem: None,
+            retry_min: Duration::from_secs(60),
+            retry_max: Duration::from_secs(6 * 3600),
+            orders_per_hour: 5,
+        }
+    }
+}
+
+impl AcmeSettings {
+    /// ACME off: hosts of ACME routes stay HTTP only.
+    pub fn off() -> AcmeSettings {
+        AcmeSettings {
+            directory: None,
+            ..AcmeSettings::default()
+        }
+    }
+
+    /// `off` or an `https://` URL.
+    pub fn parse_directory(s: &str) -> Result<Option<String>, String> {
+        let s = s.trim();
+        if s.is_empty() || s == "off" {
+            return Ok(None);
+        }
+        let uri: hyper::Uri = s
+            .parse()
+            .map_err(|e| format!("ACME directory {s:?} is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("https") || uri.host().is_none() {
+            return Err(format!(
+                "ACME directory {s:?} must be an https:// URL (or `off`)"
+            ));
+        }
+        Ok(Some(s.to_string()))
+    }
+
+    /// True for the public CAs, which refuse reserved names (`.test`, `localhost`, IPs): hosts
+    /// under those are reported HTTP only instead of burning orders. Any other directory (a
+    /// private or test CA) may issue for any name.
+    pub fn is_public_ca(&self) -> bool {
+        let Some(d) = &self.directory else {
+            return false;
+        };
+        let host = d
+            .parse::<hyper::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(|h| h.to_ascii_lowercase()))
+            .unwrap_or_default();
+        PUBLIC_CAS
+            .iter()
+            .any(|ca| host == *ca || host.ends_with(&format!(".{ca}")))
+    }
+}
+
+/// Domains of public ACME CAs (see [`AcmeSettings::is_public_ca`]).
+const PUBLIC_CAS: [&str; 5] = [
+    "letsencrypt.org",
+    "zerossl.com",
+    "pki.goog",
+    "buypass.com",
+    "ssl.com",
+];
 
 /// The Docker network the metrics listener binds to by default.
 pub const DEFAULT_METRICS_NETWORK: &str = "luma-metrics";
@@ -159,5 +256,21 @@ mod tests {
             Ok(("server".into(), "a=\"b\"".into()))
         );
         assert!(parse_metrics_label("1x=a").is_err());
+    }
+
+    #[test]
+    fn acme_directories_parse_and_public_cas_are_known() {
+        assert_eq!(AcmeSettings::parse_directory("off"), Ok(None));
+        assert!(AcmeSettings::parse_directory("http://ca.test/dir").is_err());
+        assert!(AcmeSettings::parse_directory("not a url").is_err());
+        assert!(AcmeSettings::default().is_public_ca());
+        let mut s = AcmeSettings {
+            directory: AcmeSettings::parse_directory("https://pebble:14000/dir").unwrap(),
+            ..AcmeSettings::default()
+        };
+        assert!(!s.is_public_ca());
+        s.directory = Some("https://acme.zerossl.com/v2/DV90".into());
+        assert!(s.is_public_ca());
+        assert!(!AcmeSettings::off().is_public_ca());
     }
 }

@@ -14,6 +14,16 @@
 //! 6. drain: wait until every request that saw the old route finishes (drain timeout, 30 s),
 //!    then retire it (idle connections close, WebSocket tunnels end) and reply.
 //!
+//! HTTPS (`route.tls`, see `tls`) rides on the same steps and never delays nor fails a deploy
+//! for a certificate it has yet to get:
+//! - step 1 also checks a custom certificate (sent with the deploy, or already held for the
+//!   project under the sha256 the route names): leaf sha256, key, validity, every host
+//!   covered; a refusal (422 `invalid`, the reason named) changes nothing;
+//! - step 5 stores a custom certificate sent with the deploy (0600) before the table is saved,
+//!   and after the swap the certificate state follows the new table (`Tls::sync`): ACME
+//!   orders for hosts without a certificate start then, in the background; hosts that left
+//!   the table (a remove, a redeploy without them) are forgotten by the SNI book at once.
+//!
 //! When the reply arrives, the old containers carry no proxy traffic and may be disconnected
 //! and stopped. `check` runs steps 3-4 alone; `remove` runs 5 and 6 with the route taken out.
 //! The admin API runs each operation in its own task, so a caller that goes away mid-drain
@@ -27,6 +37,7 @@ use crate::route::{RouteKey, RouteSpec, RouteTimeouts, Target};
 use crate::router::Router;
 use crate::service::Service;
 use crate::state::StateStore;
+use crate::tls::{CheckedCustom, Tls};
 use luma_api::{
     ApiError, CheckOutcome, CheckRequest, DeployOutcome, DeployRequest, DrainReport, ErrorKind,
     RemoveRequest, RouteQuery, RouteQueryReply, RouteState, DEFAULT_DEPLOY_TIMEOUT_MS,
@@ -44,6 +55,8 @@ pub struct Deployer {
     pub router: Arc<Router>,
     pub resolver: Arc<Resolver>,
     pub state: Option<Arc<StateStore>>,
+    /// Certificates of routes with `tls` (None: such routes are refused).
+    pub tls: Option<Arc<Tls>>,
     /// Routes to literal `ip:port` targets are accepted (`--allow-literal-targets`).
     allow_literal_targets: bool,
     /// Held across "save the table, then swap it", so two routes' changes never save a table
@@ -61,6 +74,7 @@ impl Deployer {
             router,
             resolver,
             state,
+            tls: None,
             allow_literal_targets: false,
             commit: Mutex::new(()),
         }
@@ -70,6 +84,29 @@ impl Deployer {
     pub fn allowing_literal_targets(mut self, allow: bool) -> Deployer {
         self.allow_literal_targets = allow;
         self
+    }
+
+    /// Manages the certificates of routes with `tls`.
+    pub fn with_tls(mut self, tls: Arc<Tls>) -> Deployer {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Step 1 for HTTPS: a custom certificate is judged before anything changes. Returns the
+    /// certificate to store at commit, if one came with the deploy.
+    fn check_tls(
+        &self,
+        req: &DeployRequest,
+        spec: &RouteSpec,
+    ) -> Result<Option<CheckedCustom>, ApiError> {
+        match &self.tls {
+            Some(tls) => tls.check_custom(spec, req.certificate.as_ref()),
+            None if spec.tls.is_none() && req.certificate.is_none() => Ok(None),
+            None => Err(err(
+                ErrorKind::Invalid,
+                "this proxy has no HTTPS listener: route.tls cannot be served",
+            )),
+        }
     }
 
     /// A literal target names no project network, so it is refused unless the operator
@@ -90,9 +127,11 @@ impl Deployer {
     pub async fn deploy(&self, req: DeployRequest) -> Result<DeployOutcome, ApiError> {
         let spec = req
             .route
+            .clone()
             .validate()
             .map_err(|e| err(ErrorKind::Invalid, e))?;
         self.check_target(&spec)?;
+        let custom = self.check_tls(&req, &spec)?;
         if spec.hosts.is_empty() {
             return Err(err(
                 ErrorKind::Invalid,
@@ -120,7 +159,7 @@ impl Deployer {
             b.mark_up();
         }
         candidate.start(self.resolver.clone(), false);
-        let old = match self.commit(Change::Install(candidate.clone())) {
+        let old = match self.commit(Change::Install(candidate.clone(), custom)) {
             Ok(old) => old,
             Err(e) => {
                 candidate.stop();
@@ -171,7 +210,7 @@ impl Deployer {
             .lock()
             .map_err(|_| err(ErrorKind::Internal, "commit lock poisoned"))?;
         let key = match &change {
-            Change::Install(svc) => {
+            Change::Install(svc, _) => {
                 self.router
                     .check_ownership(&svc.spec)
                     .map_err(|e| err(ErrorKind::Conflict, e))?;
@@ -193,8 +232,16 @@ impl Deployer {
             .into_iter()
             .filter(|s| s.key() != key)
             .collect();
-        if let Change::Install(svc) = &change {
+        if let Change::Install(svc, _) = &change {
             next.push(svc.spec.clone());
+        }
+        if let (Change::Install(_, Some(custom)), Some(tls)) = (&change, &self.tls) {
+            tls.store_custom(custom).map_err(|e| {
+                err(
+                    ErrorKind::NotSaved,
+                    format!("the custom certificate could not be saved ({e}); the route was not changed"),
+                )
+            })?;
         }
         next.sort_by_key(|s| s.key());
         if let Some(state) = &self.state {
@@ -213,9 +260,12 @@ impl Deployer {
         }
         let before = self.router.specs();
         let applied = match change {
-            Change::Install(svc) => self.router.install(svc),
+            Change::Install(svc, _) => self.router.install(svc),
             Change::Remove(key) => Ok(self.router.remove(&key)),
         };
+        if let (Ok(_), Some(tls)) = (&applied, &self.tls) {
+            tls.sync(&self.router.specs());
+        }
         // Ownership was checked under this lock, so only a poisoned table lock gets here; the
         // file then holds a change that did not happen: put the table back, and say "unknown".
         applied.map_err(|e| {
@@ -343,6 +393,11 @@ impl Deployer {
                 }
             }
         }
+        // Certificates come back with their routes: stored ones are served at once, ACME
+        // hosts without a valid one get their orders started.
+        if let Some(tls) = &self.tls {
+            tls.sync(&self.router.specs());
+        }
     }
 
     /// Steps 3 and 4 of the contract: resolve and check every backend of a new target.
@@ -380,7 +435,8 @@ impl Deployer {
 
 /// A change to the routing table, saved before it is applied.
 enum Change {
-    Install(Arc<Service>),
+    /// With the custom certificate that came with the deploy, stored before the table.
+    Install(Arc<Service>, Option<CheckedCustom>),
     Remove(RouteKey),
 }
 

@@ -30,6 +30,7 @@ pub mod router;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod tls;
 pub mod token;
 pub mod util;
 pub mod workers;

@@ -56,6 +56,9 @@ enum Cmd {
     },
     /// Show proxy status.
     Status(ClientJson),
+    /// Certificate state per host of every route with HTTPS: issued, pending (with the CA's
+    /// reason), http-only (with why) or expired.
+    Certs(CertsArgs),
     /// Print Prometheus metrics.
     Metrics(ClientArgs),
     /// Read one admin request as JSON on stdin, print the reply envelope as JSON on stdout.
@@ -74,6 +77,38 @@ struct ServeArgs {
     /// Public HTTP listen address.
     #[arg(long, env = "LUMA_PROXY_HTTP", default_value = "0.0.0.0:8080")]
     http: SocketAddr,
+    /// Public HTTPS listen address (certificate by SNI; no SNI or an unknown one fails the
+    /// handshake).
+    #[arg(long, env = "LUMA_PROXY_HTTPS", default_value = "0.0.0.0:8443")]
+    https: SocketAddr,
+    /// The HTTPS port clients use (the port published for --https); a redirect names it
+    /// when it is not 443.
+    #[arg(long, env = "LUMA_PROXY_HTTPS_PUBLIC_PORT", default_value_t = 443)]
+    https_public_port: u16,
+    /// Time a client has to complete the TLS handshake.
+    #[arg(long, env = "LUMA_PROXY_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    tls_handshake_timeout: Duration,
+    /// ACME directory URL for routes with automatic certificates, or `off`.
+    #[arg(long, env = "LUMA_PROXY_ACME_DIRECTORY", default_value = luma_proxy::config::LETS_ENCRYPT)]
+    acme_directory: String,
+    /// Contact e-mail given to the ACME CA.
+    #[arg(long, env = "LUMA_PROXY_ACME_EMAIL")]
+    acme_email: Option<String>,
+    /// PEM file of extra roots trusted for the ACME directory's HTTPS (a private or test CA).
+    #[arg(long, env = "LUMA_PROXY_ACME_CA_ROOT")]
+    acme_ca_root: Option<PathBuf>,
+    /// The same roots as PEM text (what `luma` passes).
+    #[arg(long, env = "LUMA_PROXY_ACME_CA_ROOT_PEM", hide = true)]
+    acme_ca_root_pem: Option<String>,
+    /// First wait after a failed order; doubles per failure in a row up to --acme-retry-max.
+    #[arg(long, env = "LUMA_PROXY_ACME_RETRY_MIN", default_value = "1m", value_parser = parse_duration)]
+    acme_retry_min: Duration,
+    /// Longest wait between failed orders (360m = 6 h).
+    #[arg(long, env = "LUMA_PROXY_ACME_RETRY_MAX", default_value = "360m", value_parser = parse_duration)]
+    acme_retry_max: Duration,
+    /// Orders one host may place per hour (HTTP-01 and TLS-ALPN-01 orders both count).
+    #[arg(long, env = "LUMA_PROXY_ACME_ORDERS_PER_HOUR", default_value_t = 5)]
+    acme_orders_per_hour: u32,
     /// Admin API address; must be loopback.
     #[arg(long, env = "LUMA_PROXY_ADMIN", default_value = "127.0.0.1:9090")]
     admin: SocketAddr,
@@ -134,6 +169,20 @@ struct ServeArgs {
     /// names no project network, so it is off by default.
     #[arg(long, env = "LUMA_PROXY_ALLOW_LITERAL_TARGETS")]
     allow_literal_targets: bool,
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    /// Only this project's hosts.
+    #[arg(long)]
+    project: Option<String>,
+    /// Only these hosts (repeat for more).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Args, Clone)]
@@ -380,6 +429,14 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                 s.trim_end().to_string()
             })
         }
+        Cmd::Certs(a) => {
+            let req = luma_api::CertificatesRequest {
+                project: a.project,
+                hosts: a.hosts,
+            };
+            let v = op(&a.client, &req).await?;
+            print(a.json, &v, || certs_table(&v))
+        }
         Cmd::Metrics(c) => {
             let reply = client(&c, Duration::from_secs(10))?
                 .call(Method::GET, "/metrics", None)
@@ -484,6 +541,38 @@ fn backends_table(b: &[BackendReport]) -> String {
     s
 }
 
+fn certs_table(v: &luma_api::CertificatesReply) -> String {
+    if v.certificates.is_empty() {
+        return "no routes with HTTPS".into();
+    }
+    let when = |t: Option<u64>| t.map(luma_api::time::display).unwrap_or_default();
+    let mut s = format!(
+        "{:<32} {:<16} {:<10} {:<7} {:<24} {:<21} {}",
+        "HOST", "PROJECT", "STATE", "SOURCE", "ISSUER", "EXPIRES", "NOTE"
+    );
+    for c in &v.certificates {
+        let note = match (&c.last_error, c.next_attempt) {
+            (Some(e), Some(n)) => format!("{e} (next try {})", luma_api::time::display(n)),
+            (Some(e), None) => e.clone(),
+            (None, _) => c
+                .renew_at
+                .map(|r| format!("renews {}", luma_api::time::display(r)))
+                .unwrap_or_default(),
+        };
+        s.push_str(&format!(
+            "\n{:<32} {:<16} {:<10} {:<7} {:<24} {:<21} {}",
+            c.host,
+            c.project,
+            c.state.as_str(),
+            c.source,
+            c.issuer.as_deref().unwrap_or(""),
+            when(c.not_after),
+            note
+        ));
+    }
+    s
+}
+
 fn routes_table(v: &RoutesReply) -> String {
     if v.routes.is_empty() {
         return "no routes".into();
@@ -505,8 +594,34 @@ fn routes_table(v: &RoutesReply) -> String {
 }
 
 async fn serve(a: ServeArgs) -> Result<(), String> {
+    let mut ca_roots = a.acme_ca_root_pem.filter(|p| !p.trim().is_empty());
+    if let Some(path) = &a.acme_ca_root {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| format!("--acme-ca-root {}: {e}", path.display()))?;
+        ca_roots = Some(match ca_roots {
+            Some(more) => format!("{pem}\n{more}"),
+            None => pem,
+        });
+    }
+    if a.acme_orders_per_hour == 0
+        || a.acme_retry_min.is_zero()
+        || a.acme_retry_max < a.acme_retry_min
+    {
+        return Err("--acme-orders-per-hour must be at least 1, and 0 < --acme-retry-min <= --acme-retry-max".into());
+    }
     let cfg = ProxyConfig {
         http_addr: a.http,
+        https_addr: a.https,
+        https_public_port: a.https_public_port,
+        tls_handshake_timeout: a.tls_handshake_timeout,
+        acme: luma_proxy::config::AcmeSettings {
+            directory: luma_proxy::config::AcmeSettings::parse_directory(&a.acme_directory)?,
+            email: a.acme_email.filter(|e| !e.trim().is_empty()),
+            ca_roots_pem: ca_roots,
+            retry_min: a.acme_retry_min,
+            retry_max: a.acme_retry_max,
+            orders_per_hour: a.acme_orders_per_hour,
+        },
         admin_addr: a.admin,
         state_dir: a.state_dir,
         token_file: a.token_file,

@@ -11,6 +11,7 @@
 //! `\n`), which it does from 0.25.2 on; the tests below hold it to that.
 
 use crate::router::Router;
+use arc_swap::ArcSwap;
 use hyper::StatusCode;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -55,6 +56,11 @@ pub struct Metrics {
     connections_open: Gauge,
     connections_total: Counter,
     connections_refused: Counter,
+    acme_issued: Counter,
+    acme_failed: Counter,
+    tls_handshake_failures: Counter,
+    /// (project, host, not_after) of every certificate served, written by `tls`.
+    certificate_expiry: Arc<ArcSwap<Vec<(String, String, u64)>>>,
 }
 
 impl Default for Metrics {
@@ -98,6 +104,10 @@ impl Metrics {
             "Error responses the proxy answered itself (refused requests, no route, upstream failures), by code",
             local_errors,
         );
+        let orders = Family::<OneLabel, Counter>::default();
+        // One statement each: a family's guard lives to the end of its statement.
+        let acme_issued = orders.get_or_create(&[("result", "issued")]).clone();
+        let acme_failed = orders.get_or_create(&[("result", "failed")]).clone();
         let m = Metrics {
             by_class,
             local,
@@ -106,8 +116,25 @@ impl Metrics {
             connections_open: Gauge::default(),
             connections_total: Counter::default(),
             connections_refused: Counter::default(),
+            acme_issued,
+            acme_failed,
+            tls_handshake_failures: Counter::default(),
+            certificate_expiry: Arc::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "luma_acme_orders",
+            "ACME orders that ended, by result (issued or failed)",
+            orders,
+        );
+        registry.register(
+            "luma_tls_handshake_failures",
+            "TLS handshakes that failed (unknown or missing SNI, protocol errors, timeouts)",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register_collector(Box::new(ExpiryCollector {
+            certs: m.certificate_expiry.clone(),
+        }));
         registry.register(
             "luma_proxy_upstream_connect_errors",
             "Failed connects to backends",
@@ -167,6 +194,25 @@ impl Metrics {
         self.connections_refused.inc();
     }
 
+    /// Counts an ACME order that ended, by outcome (a failed HTTP-01 order and the TLS-ALPN-01
+    /// order after it count as two).
+    pub fn count_acme_order(&self, issued: bool) {
+        if issued {
+            self.acme_issued.inc();
+        } else {
+            self.acme_failed.inc();
+        }
+    }
+    pub fn count_handshake_failure(&self) {
+        self.tls_handshake_failures.inc();
+    }
+    pub fn handshake_failures(&self) -> u64 {
+        self.tls_handshake_failures.get()
+    }
+    pub fn set_certificate_expiry(&self, certs: Vec<(String, String, u64)>) {
+        self.certificate_expiry.store(Arc::new(certs));
+    }
+
     pub fn connections_open(&self) -> u64 {
         self.connections_open.get().max(0) as u64
     }
@@ -202,12 +248,48 @@ pub fn check_label_name(k: &str) -> Result<(), String> {
             "metrics label name {k:?} is not valid: use letters, digits and '_', not starting with a digit or '__'"
         ));
     }
-    if ["class", "code", "project", "app", "backend"].contains(&k) {
+    if [
+        "class", "code", "project", "app", "backend", "host", "result",
+    ]
+    .contains(&k)
+    {
         return Err(format!(
             "metrics label name {k:?} is used by the proxy's own series; pick another"
         ));
     }
     Ok(())
+}
+
+/// `luma_certificate_expiry_timestamp_seconds{project,host}`, read at scrape time.
+struct ExpiryCollector {
+    certs: Arc<ArcSwap<Vec<(String, String, u64)>>>,
+}
+
+impl std::fmt::Debug for ExpiryCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExpiryCollector")
+    }
+}
+
+impl Collector for ExpiryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let certs = self.certs.load();
+        if certs.is_empty() {
+            return Ok(());
+        }
+        let mut m = encoder.encode_descriptor(
+            "luma_certificate_expiry_timestamp_seconds",
+            "When the certificate served for a host expires (Unix seconds)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (project, host, not_after) in certs.iter() {
+            let labels = [("project", project.as_str()), ("host", host.as_str())];
+            ConstGauge::new(i64::try_from(*not_after).unwrap_or(i64::MAX))
+                .encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Per-backend series, read from the route table at scrape time.
@@ -615,7 +697,7 @@ mod tests {
         // Every line is a comment or one whole sample: no raw newline inside a label value.
         for line in out.lines() {
             assert!(
-                line.starts_with('#') || line.starts_with("luma_proxy_"),
+                line.starts_with('#') || line.starts_with("luma_"),
                 "stray line {line:?} in\n{out}"
             );
         }

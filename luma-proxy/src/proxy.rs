@@ -416,10 +416,71 @@ pub struct ProxyCtx {
     pub router: Arc<Router>,
     pub metrics: Arc<Metrics>,
     pub access_log: bool,
-    /// `http` now; `https` once TLS terminates here.
+    /// `http` or `https`: the listener this context serves (`X-Forwarded-Proto`, redirects,
+    /// HSTS).
     pub proto: &'static str,
     /// Peers whose forwarded headers are believed (see `headers`).
     pub trusted_proxies: headers::TrustedProxies,
+    /// Certificates held and ACME HTTP-01 tokens in flight (None: no HTTPS at all).
+    pub certs: Option<Arc<crate::tls::book::CertBook>>,
+    /// The HTTPS port clients see, named in a redirect when it is not 443.
+    pub https_public_port: u16,
+}
+
+/// Where ACME HTTP-01 validators ask for tokens.
+pub const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
+/// `Strict-Transport-Security` for routes with `hsts` (one year).
+const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000");
+
+/// The answers HTTPS adds ahead of routing: an HTTP-01 token the proxy ordered (for the host
+/// it was ordered for), and on plain HTTP the 308 to https for a route with `redirect` whose
+/// host has a usable certificate. Challenges are never redirected.
+fn tls_answer(
+    ctx: &ProxyCtx,
+    req: &Request<Incoming>,
+    service: Option<&Arc<Service>>,
+) -> Option<Response<ResponseBody>> {
+    let certs = ctx.certs.as_ref()?;
+    let path = req.uri().path();
+    let host = headers::request_host(req.uri(), req.headers())
+        .map(crate::router::normalize_request_host)?;
+    if let Some(token) = path.strip_prefix(ACME_CHALLENGE_PATH) {
+        if certs.has_tokens() {
+            if let Some(answer) = certs.http01(token, &host) {
+                let mut r = Response::new(ResponseBody::local(answer));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                return Some(r);
+            }
+        }
+        return None;
+    }
+    if ctx.proto != "http" {
+        return None;
+    }
+    let tls = service?.spec.tls.as_ref()?;
+    if !tls.redirect || !certs.usable(&host, luma_api::time::unix_now()) {
+        return None;
+    }
+    let port = match ctx.https_public_port {
+        443 => String::new(),
+        p => format!(":{p}"),
+    };
+    let tail = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = HeaderValue::from_str(&format!("https://{host}{port}{tail}")).ok()?;
+    let mut r = local_response(
+        StatusCode::PERMANENT_REDIRECT,
+        "308 this site is served over https\n",
+    );
+    r.headers_mut().insert(hyper::header::LOCATION, location);
+    Some(r)
 }
 
 /// A short plain-text answer that says what went wrong and leaks nothing about other projects.
@@ -469,9 +530,23 @@ pub async fn handle(
         Some(refused) => (refused, None),
         None => {
             service = lookup(&ctx, &req);
-            route(&ctx, &mut service, req, peer).await
+            match tls_answer(&ctx, &req, service.as_ref()) {
+                Some(answer) => (answer, None),
+                None => route(&ctx, &mut service, req, peer).await,
+            }
         }
     };
+    let mut resp = resp;
+    if ctx.proto == "https"
+        && service
+            .as_ref()
+            .and_then(|s| s.spec.tls.as_ref())
+            .is_some_and(|t| t.hsts)
+    {
+        resp.headers_mut()
+            .entry(hyper::header::STRICT_TRANSPORT_SECURITY)
+            .or_insert(HSTS);
+    }
     // Local answers are the ones with a local body (a 101's empty one is no error code).
     let local = matches!(resp.body(), ResponseBody::Local(_));
     ctx.metrics.count_response(resp.status(), local);

@@ -148,6 +148,19 @@ impl Resolver {
             })
     }
 
+    /// Addresses of an outside name (the ACME directory's host), asked of the same DNS server:
+    /// Docker's, which answers container names and forwards the rest. IPv4 only, like every
+    /// look-up here.
+    pub async fn lookup_name(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        Ok(self
+            .lookup_v4(&fqdn)
+            .await?
+            .into_iter()
+            .map(IpAddr::V4)
+            .collect())
+    }
+
     async fn lookup_v4(&self, fqdn: &str) -> Result<Vec<Ipv4Addr>, String> {
         match self.docker.lookup_ip(fqdn).await {
             Ok(l) => Ok(l

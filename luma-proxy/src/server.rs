@@ -28,6 +28,7 @@ use crate::proxy::{self, ProxyCtx};
 use crate::resolve::Resolver;
 use crate::router::Router;
 use crate::state::StateStore;
+use crate::tls::Tls;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -49,16 +50,21 @@ pub struct Proxy;
 /// A running proxy.
 pub struct RunningProxy {
     pub http_addr: SocketAddr,
+    pub https_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     /// The metrics listener's address when it was given as `IP:PORT` (bound at start).
     pub metrics_addr: Option<SocketAddr>,
     pub deployer: Arc<Deployer>,
     pub metrics: Arc<Metrics>,
+    /// Certificates: the SNI book, custom certificates, ACME.
+    pub tls: Arc<Tls>,
     /// The one connection limit, shared by every worker.
     limit: Arc<Semaphore>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     ctx: Arc<ProxyCtx>,
+    https_ctx: Arc<ProxyCtx>,
+    acceptor: TlsListen,
     cfg: ProxyConfig,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -82,6 +88,9 @@ impl Proxy {
         let token: Arc<str> = crate::token::load_or_create(&cfg.token_path())?.into();
         let http = crate::workers::reuseport_listener(cfg.http_addr)
             .map_err(|e| format!("cannot listen on {}: {e}", cfg.http_addr))?;
+        let https = crate::workers::reuseport_listener(cfg.https_addr)
+            .map_err(|e| format!("cannot listen on {} (HTTPS): {e}", cfg.https_addr))?;
+        let https_addr = https.local_addr().map_err(|e| e.to_string())?;
         let admin_listener = TcpListener::bind(cfg.admin_addr)
             .await
             .map_err(|e| format!("cannot listen on admin {}: {e}", cfg.admin_addr))?;
@@ -104,26 +113,44 @@ impl Proxy {
         let resolver = Arc::new(Resolver::new(cfg.dns, cfg.self_name.clone())?);
         let state = Arc::new(StateStore::new(&cfg.state_dir));
         let metrics = Arc::new(Metrics::new(router.clone(), &cfg.metrics_labels)?);
+        let tls = Tls::new(&cfg, resolver.clone(), metrics.clone())?;
+        let acceptor = TlsListen {
+            acceptor: tokio_rustls::TlsAcceptor::from(tls.server_config()?),
+            handshake_timeout: cfg.tls_handshake_timeout,
+        };
         let deployer = Arc::new(
             Deployer::new(router.clone(), resolver.clone(), Some(state.clone()))
-                .allowing_literal_targets(cfg.allow_literal_targets),
+                .allowing_literal_targets(cfg.allow_literal_targets)
+                .with_tls(tls.clone()),
         );
 
         let restored = state.load();
         for why in &restored.skipped {
             crate::log::warn("state entry skipped", serde_json::json!({"reason": why}));
         }
-        // Restoring only installs routes (resolution and checks run in the background), so the
-        // table is complete before the first connection is accepted.
+        // Restoring only installs routes (resolution and checks run in the background) and
+        // loads their certificates, so the table and the SNI book are complete before the
+        // first connection is accepted.
         deployer.restore(restored.routes).await;
 
         let (shutdown, rx) = watch::channel(false);
         let ctx = Arc::new(ProxyCtx {
-            router,
+            router: router.clone(),
             metrics: metrics.clone(),
             access_log: cfg.access_log,
             proto: "http",
             trusted_proxies: cfg.trusted_proxies.clone(),
+            certs: Some(tls.book.clone()),
+            https_public_port: cfg.https_public_port,
+        });
+        let https_ctx = Arc::new(ProxyCtx {
+            router,
+            metrics: metrics.clone(),
+            access_log: cfg.access_log,
+            proto: "https",
+            trusted_proxies: cfg.trusted_proxies.clone(),
+            certs: Some(tls.book.clone()),
+            https_public_port: cfg.https_public_port,
         });
         let admin_ctx = Arc::new(AdminCtx {
             deployer: deployer.clone(),
@@ -133,7 +160,7 @@ impl Proxy {
         });
         crate::log::info(
             "luma-proxy listening",
-            serde_json::json!({"http": http_addr.to_string(), "admin": admin_addr.to_string(), "state_dir": cfg.state_dir.display().to_string(), "max_connections": cfg.max_connections}),
+            serde_json::json!({"http": http_addr.to_string(), "https": https_addr.to_string(), "admin": admin_addr.to_string(), "state_dir": cfg.state_dir.display().to_string(), "max_connections": cfg.max_connections}),
         );
         let limit = Arc::new(Semaphore::new(
             cfg.max_connections.min(Semaphore::MAX_PERMITS),
@@ -145,6 +172,15 @@ impl Proxy {
                 cfg.clone(),
                 limit.clone(),
                 rx.clone(),
+                None,
+            )),
+            tokio::spawn(serve_http(
+                https,
+                https_ctx.clone(),
+                cfg.clone(),
+                limit.clone(),
+                rx.clone(),
+                Some(acceptor.clone()),
             )),
             tokio::spawn(admin::serve(admin_listener, admin_ctx, rx.clone())),
         ];
@@ -166,9 +202,17 @@ impl Proxy {
                 rx,
             )));
         }
-        let cfg = ProxyConfig { http_addr, ..cfg };
+        let cfg = ProxyConfig {
+            http_addr,
+            https_addr,
+            ..cfg
+        };
         Ok(RunningProxy {
             http_addr,
+            https_addr,
+            tls,
+            https_ctx,
+            acceptor,
             admin_addr,
             metrics_addr,
             deployer,
@@ -189,14 +233,23 @@ impl RunningProxy {
     /// total before starting the proxy. Every listener is bound when this returns.
     pub fn add_workers(&mut self, n: usize) -> Result<(), String> {
         for i in 1..=n {
-            let (ctx, cfg, limit, rx) = (
+            let (ctx, https_ctx, acceptor, cfg, limit, rx) = (
                 self.ctx.clone(),
+                self.https_ctx.clone(),
+                self.acceptor.clone(),
                 self.cfg.clone(),
                 self.limit.clone(),
                 self.shutdown.subscribe(),
             );
             let std_listener = crate::workers::reuseport_std_listener(cfg.http_addr)
                 .map_err(|e| format!("worker {i}: cannot listen on {}: {e}", cfg.http_addr))?;
+            let std_https =
+                crate::workers::reuseport_std_listener(cfg.https_addr).map_err(|e| {
+                    format!(
+                        "worker {i}: cannot listen on {} (HTTPS): {e}",
+                        cfg.https_addr
+                    )
+                })?;
             let listener = std::thread::Builder::new()
                 .name(format!("luma-worker-{i}"))
                 .spawn(move || {
@@ -214,9 +267,24 @@ impl RunningProxy {
                         }
                     };
                     rt.block_on(async move {
-                        match TcpListener::from_std(std_listener) {
-                            Ok(l) => serve_http(l, ctx, cfg, limit, rx).await,
-                            Err(e) => crate::log::error(
+                        match (
+                            TcpListener::from_std(std_listener),
+                            TcpListener::from_std(std_https),
+                        ) {
+                            (Ok(l), Ok(tl)) => {
+                                tokio::join!(
+                                    serve_http(
+                                        l,
+                                        ctx,
+                                        cfg.clone(),
+                                        limit.clone(),
+                                        rx.clone(),
+                                        None
+                                    ),
+                                    serve_http(tl, https_ctx, cfg, limit, rx, Some(acceptor)),
+                                );
+                            }
+                            (Err(e), _) | (_, Err(e)) => crate::log::error(
                                 "worker listener",
                                 serde_json::json!({"error": e.to_string()}),
                             ),
@@ -318,12 +386,22 @@ impl Drop for Slot {
     }
 }
 
+/// What the HTTPS listener adds to a connection: the handshake, under its own deadline.
+#[derive(Clone)]
+struct TlsListen {
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake_timeout: Duration,
+}
+
+/// One listener's accept loop: plain HTTP, or HTTPS with `tls`. Both take the same slot of the
+/// global limit and the same ConnIo timeouts (under TLS, on the raw socket).
 async fn serve_http(
     listener: TcpListener,
     ctx: Arc<ProxyCtx>,
     cfg: ProxyConfig,
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
+    tls: Option<TlsListen>,
 ) {
     let builder = Arc::new(builder(&cfg));
     let graceful = GracefulShutdown::new();
@@ -376,12 +454,40 @@ async fn serve_http(
             let c = c.clone();
             async move { Ok::<_, Infallible>(proxy::handle(c, req, peer).await) }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let Some(tls) = &tls else {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), svc)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            continue;
+        };
+        let (tls, builder, watcher, metrics) = (
+            tls.clone(),
+            builder.clone(),
+            graceful.watcher(),
+            ctx.metrics.clone(),
+        );
         tokio::spawn(async move {
-            let _ = conn.await;
+            let stream =
+                match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(io)).await {
+                    Ok(Ok(s)) => s,
+                    // An unknown or missing SNI ends here too: rustls sent the alert.
+                    Ok(Err(_)) | Err(_) => {
+                        metrics.count_handshake_failure();
+                        return;
+                    }
+                };
+            // A TLS-ALPN-01 validator only needs the handshake (RFC 8737).
+            if stream.get_ref().1.alpn_protocol() == Some(crate::tls::book::ACME_TLS_ALPN) {
+                return;
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            let _ = watcher.watch(conn).await;
         });
     }
     drop(listener);

@@ -31,6 +31,9 @@ pub fn temp_state_dir(tag: &str) -> PathBuf {
 pub fn config(state_dir: PathBuf) -> ProxyConfig {
     ProxyConfig {
         http_addr: "127.0.0.1:0".parse().unwrap(),
+        https_addr: "127.0.0.1:0".parse().unwrap(),
+        // No CA on loopback tests unless a test starts pebble.
+        acme: luma_proxy::config::AcmeSettings::off(),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         state_dir,
         token_file: None,

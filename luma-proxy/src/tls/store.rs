@@ -1,0 +1,251 @@
+//! Certificates and ACME accounts on disk, in the state volume.
+//!
+//! ```text
+//! <state>/tls/                                  0700
+//!   accounts/<sha256 of directory URL>.json      ACME account (credentials, key included)
+//!   projects/<project>/hosts/<host>/             one ACME host
+//!     chain.pem  key.pem  meta.json
+//!   projects/<project>/custom/<sha256>/          one custom certificate
+//!     chain.pem  key.pem
+//! ```
+//!
+//! Files are 0600 and directories 0700, every file written atomically (temp file, fsync,
+//! rename, fsync of the directory), so a crash leaves the old file or the new one. A chain and
+//! its key are two files: a crash between them leaves a pair whose key does not match, which a
+//! load refuses (see `certs`), so the worst case is one more order. Certificates live under
+//! their project's directory: a host that moves to another project never inherits the other
+//! project's key.
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// What the proxy remembers about one ACME host between restarts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostMeta {
+    /// `acme`.
+    pub source: String,
+    /// The directory the certificate came from.
+    pub directory: Option<String>,
+    pub sha256: Option<String>,
+    pub issuer: Option<String>,
+    pub not_before: Option<u64>,
+    pub not_after: Option<u64>,
+    /// When renewal is due (ARI's window, or one third of the lifetime left).
+    pub renew_at: Option<u64>,
+    /// The challenge type that worked last (`http-01` or `tls-alpn-01`), tried first next time.
+    pub challenge: Option<String>,
+    /// When orders were placed (Unix seconds, the last hour's only): the per-hour cap.
+    pub orders: Vec<u64>,
+    /// Failed orders in a row: the backoff's exponent.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    pub next_attempt: Option<u64>,
+}
+
+pub struct Store {
+    root: PathBuf,
+}
+
+/// A name used as one path component: a validated host, project or hex digest. Anything else
+/// (a separator, a leading dot) is refused rather than joined.
+fn component(s: &str) -> Result<&str, String> {
+    if s.is_empty() || s.starts_with('.') || s.contains('/') || s.contains('\0') {
+        return Err(format!("{s:?} cannot name a directory"));
+    }
+    Ok(s)
+}
+
+impl Store {
+    pub fn new(state_dir: &Path) -> Store {
+        Store {
+            root: state_dir.join("tls"),
+        }
+    }
+
+    fn host_dir(&self, project: &str, host: &str) -> Result<PathBuf, String> {
+        Ok(self
+            .root
+            .join("projects")
+            .join(component(project)?)
+            .join("hosts")
+            .join(component(host)?))
+    }
+
+    fn custom_dir(&self, project: &str, sha256: &str) -> Result<PathBuf, String> {
+        Ok(self
+            .root
+            .join("projects")
+            .join(component(project)?)
+            .join("custom")
+            .join(component(sha256)?))
+    }
+
+    fn account_path(&self, directory: &str) -> PathBuf {
+        let id = super::certs::sha256_hex(directory.as_bytes());
+        self.root
+            .join("accounts")
+            .join(format!("{}.json", &id[..32]))
+    }
+
+    /// The stored ACME account for `directory`, as JSON.
+    pub fn account(&self, directory: &str) -> Option<String> {
+        read_string(&self.account_path(directory)).ok().flatten()
+    }
+
+    pub fn save_account(&self, directory: &str, json: &str) -> Result<(), String> {
+        write_atomic(&self.account_path(directory), json.as_bytes())
+    }
+
+    pub fn forget_account(&self, directory: &str) {
+        let _ = std::fs::remove_file(self.account_path(directory));
+    }
+
+    /// An ACME host's chain and key PEM, if both are stored.
+    pub fn host_cert(&self, project: &str, host: &str) -> Option<(String, String)> {
+        let d = self.host_dir(project, host).ok()?;
+        let chain = read_string(&d.join("chain.pem")).ok().flatten()?;
+        let key = read_string(&d.join("key.pem")).ok().flatten()?;
+        Some((chain, key))
+    }
+
+    pub fn host_meta(&self, project: &str, host: &str) -> HostMeta {
+        let Ok(d) = self.host_dir(project, host) else {
+            return HostMeta::default();
+        };
+        match read_string(&d.join("meta.json")) {
+            Ok(Some(s)) => serde_json::from_str(&s).unwrap_or_else(|e| {
+                crate::log::warn(
+                    "certificate meta unreadable; starting afresh",
+                    serde_json::json!({"project": project, "host": host, "error": e.to_string()}),
+                );
+                HostMeta::default()
+            }),
+            _ => HostMeta::default(),
+        }
+    }
+
+    pub fn save_host_meta(&self, project: &str, host: &str, meta: &HostMeta) -> Result<(), String> {
+        let d = self.host_dir(project, host)?;
+        let body = serde_json::to_vec_pretty(meta).map_err(|e| format!("encode meta: {e}"))?;
+        write_atomic(&d.join("meta.json"), &body)
+    }
+
+    /// Stores a newly issued chain and key (the key first: see the module docs).
+    pub fn save_host_cert(
+        &self,
+        project: &str,
+        host: &str,
+        chain: &str,
+        key: &str,
+    ) -> Result<(), String> {
+        let d = self.host_dir(project, host)?;
+        write_atomic(&d.join("key.pem"), key.as_bytes())?;
+        write_atomic(&d.join("chain.pem"), chain.as_bytes())
+    }
+
+    pub fn custom_cert(&self, project: &str, sha256: &str) -> Option<(String, String)> {
+        let d = self.custom_dir(project, sha256).ok()?;
+        let chain = read_string(&d.join("chain.pem")).ok().flatten()?;
+        let key = read_string(&d.join("key.pem")).ok().flatten()?;
+        Some((chain, key))
+    }
+
+    pub fn save_custom_cert(
+        &self,
+        project: &str,
+        sha256: &str,
+        chain: &str,
+        key: &str,
+    ) -> Result<(), String> {
+        let d = self.custom_dir(project, sha256)?;
+        write_atomic(&d.join("key.pem"), key.as_bytes())?;
+        write_atomic(&d.join("chain.pem"), chain.as_bytes())
+    }
+}
+
+fn read_string(path: &Path) -> Result<Option<String>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("read {}: {e}", path.display())),
+    }
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+fn make_dirs(dir: &Path) -> Result<(), String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("create {}: {e}", dir.display()))
+}
+
+/// Writes `body` to `path` atomically with mode 0600 (see the module docs).
+pub fn write_atomic(path: &Path, body: &[u8]) -> Result<(), String> {
+    let dir = path.parent().ok_or("a file needs a directory")?;
+    make_dirs(dir)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let ctx = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| ctx("create", e))?;
+    // A temp file left by a crash keeps its old mode; the rename publishes this one.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ctx("chmod", e))?;
+    f.write_all(body).map_err(|e| ctx("write", e))?;
+    f.sync_all().map_err(|e| ctx("fsync", e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| ctx("rename", e))?;
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        crate::log::warn(
+            "fsync of a certificate directory failed after a write",
+            serde_json::json!({"dir": dir.display().to_string(), "error": e.to_string()}),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn files_are_private_and_paths_are_checked() {
+        let dir = std::env::temp_dir().join(format!("luma-store-{}", fastrand::u64(..)));
+        let s = Store::new(&dir);
+        s.save_host_cert("shop", "a.test", "CHAIN", "KEY").unwrap();
+        let mut m = HostMeta {
+            source: "acme".into(),
+            ..HostMeta::default()
+        };
+        m.orders.push(7);
+        s.save_host_meta("shop", "a.test", &m).unwrap();
+        assert_eq!(s.host_meta("shop", "a.test"), m);
+        assert_eq!(
+            s.host_cert("shop", "a.test"),
+            Some(("CHAIN".into(), "KEY".into()))
+        );
+        assert_eq!(s.host_cert("other", "a.test"), None, "per project");
+        let d = dir.join("tls/projects/shop/hosts/a.test");
+        for f in ["chain.pem", "key.pem", "meta.json"] {
+            assert_eq!(std::fs::metadata(d.join(f)).unwrap().mode() & 0o777, 0o600);
+        }
+        assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(dir.join("tls")).unwrap().mode() & 0o777,
+            0o700
+        );
+        assert!(s.save_host_cert("shop", "../x", "C", "K").is_err());
+        assert!(s.save_host_cert("a/b", "x.test", "C", "K").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,385 @@
+//! ACME against a real CA: Debian's pebble and pebble-challtestsrv on loopback, validating
+//! against the in-process proxy's own HTTP and HTTPS ports. Skipped (with a message) where
+//! pebble is not installed. Every test starts its own pebble on free loopback ports and kills
+//! it when it ends, pass or fail.
+
+mod common;
+mod tls_support;
+
+use common::*;
+use luma_api::tls::{
+    CertState, CertificateSource, CertificateStatus, CertificatesRequest, RouteTls,
+};
+use luma_proxy::server::RunningProxy;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tls_support::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// pebble and its DNS, killed on drop.
+struct Pebble {
+    children: Vec<Child>,
+    dir: PathBuf,
+    pub directory: String,
+    pub ca_pem: String,
+    management: u16,
+    challtest: u16,
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn installed() -> bool {
+    let ok =
+        Path::new("/usr/bin/pebble").exists() && Path::new("/usr/bin/pebble-challtestsrv").exists();
+    if !ok {
+        eprintln!("pebble is not installed (apt-get install pebble): skipping");
+    }
+    ok
+}
+
+impl Pebble {
+    async fn start(port: u16, http_port: u16, tls_port: u16, validity_s: Option<u64>) -> Pebble {
+        let dir = temp_state_dir("pebble");
+        let ca = TestCa::new("Pebble Listener CA");
+        let leaf = ca.leaf(&["127.0.0.1", "localhost"]);
+        std::fs::write(dir.join("cert.pem"), &leaf.chain_pem).unwrap();
+        std::fs::write(dir.join("key.pem"), &leaf.key_pem).unwrap();
+        let (management, dns, challtest) = (free_port(), free_port(), free_port());
+        let mut cfg = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{port}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": dir.join("cert.pem"),
+            "privateKey": dir.join("key.pem"),
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }});
+        if let Some(v) = validity_s {
+            cfg["pebble"]["certificateValidityPeriod"] = v.into();
+        }
+        std::fs::write(dir.join("pebble.json"), cfg.to_string()).unwrap();
+        let mut p = Pebble {
+            children: Vec::new(),
+            dir: dir.clone(),
+            directory: format!("https://127.0.0.1:{port}/dir"),
+            ca_pem: ca.pem(),
+            management,
+            challtest,
+        };
+        let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+        p.children.push(
+            Command::new("/usr/bin/pebble-challtestsrv")
+                .args([
+                    "-defaultIPv4",
+                    "127.0.0.1",
+                    "-defaultIPv6",
+                    "",
+                    "-http01",
+                    "",
+                    "-https01",
+                    "",
+                    "-tlsalpn01",
+                    "",
+                ])
+                .args(["-dns01", &format!("127.0.0.1:{dns}")])
+                .args(["-management", &format!("127.0.0.1:{challtest}")])
+                .stdout(log("challtestsrv.log"))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        p.children.push(
+            Command::new("/usr/bin/pebble")
+                .arg("-config")
+                .arg(dir.join("pebble.json"))
+                .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
+                .env("PEBBLE_AUTHZREUSE", "0")
+                .stdout(log("pebble.log"))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        for port in [port, management, challtest] {
+            eventually("pebble listening", 20, || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            })
+            .await;
+        }
+        p
+    }
+
+    /// The root pebble issues under (new on every start).
+    async fn issuing_root(&self) -> String {
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.management).parse().unwrap();
+        let r = https_get(addr, "127.0.0.1", "/roots/0", &self.ca_pem, false)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        r.body
+    }
+
+    /// Points `host` at `ip` in pebble's DNS.
+    async fn add_a(&self, host: &str, ip: &str) {
+        let body = serde_json::json!({"host": host, "addresses": [ip]}).to_string();
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.challtest).parse().unwrap();
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::post("/add-a")
+            .header("host", "challtestsrv")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        assert!(tx.send_request(req).await.unwrap().status().is_success());
+    }
+}
+
+fn acme_config(dir: PathBuf, directory: &str, ca_pem: &str) -> luma_proxy::ProxyConfig {
+    let mut cfg = config(dir);
+    cfg.acme = luma_proxy::config::AcmeSettings {
+        directory: Some(directory.to_string()),
+        email: Some("ops@example.test".into()),
+        ca_roots_pem: Some(ca_pem.to_string()),
+        retry_min: Duration::from_secs(1),
+        retry_max: Duration::from_secs(2),
+        orders_per_hour: 50,
+    };
+    cfg
+}
+
+async fn deploy_acme(proxy: &RunningProxy, project: &str, host: &str, backend: SocketAddr) {
+    let mut r = route(project, host, &[backend]);
+    r.tls = Some(RouteTls {
+        certificate: CertificateSource::Acme,
+        redirect: true,
+        hsts: false,
+    });
+    proxy.deployer.deploy(deploy_req(r)).await.unwrap();
+}
+
+fn status(proxy: &RunningProxy, host: &str) -> CertificateStatus {
+    let st = proxy.tls.statuses(
+        &proxy.deployer.router.specs(),
+        &CertificatesRequest {
+            project: None,
+            hosts: vec![host.into()],
+        },
+    );
+    st.certificates
+        .into_iter()
+        .next()
+        .expect("a status for the host")
+}
+
+async fn issued(proxy: &RunningProxy, host: &str) -> CertificateStatus {
+    eventually(&format!("a certificate for {host}"), 90, || async {
+        let s = status(proxy, host);
+        (s.state == CertState::Issued).then_some(s)
+    })
+    .await
+}
+
+fn meta(dir: &Path, project: &str, host: &str) -> serde_json::Value {
+    let p = dir.join(format!("tls/projects/{project}/hosts/{host}/meta.json"));
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http01_issues_at_deploy_redirects_after_and_a_restart_orders_nothing() {
+    if !installed() {
+        return;
+    }
+    let dir = TempStateDir::new("acme-http01");
+    let port = free_port();
+    // pebble first, told the proxy's ports; then the proxy, trusting pebble's listener CA.
+    let (http_port, https_port) = (free_port(), free_port());
+    let pebble = Pebble::start(port, http_port, https_port, None).await;
+    let mut cfg = acme_config(dir.path(), &pebble.directory, &pebble.ca_pem);
+    cfg.http_addr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    cfg.https_addr = format!("127.0.0.1:{https_port}").parse().unwrap();
+    let proxy = luma_proxy::Proxy::start(cfg.clone()).await.unwrap();
+    let backend = TestBackend::start("127.0.0.1", "app").await;
+
+    deploy_acme(&proxy, "shop", "shop.test", backend.addr).await;
+    let s = issued(&proxy, "shop.test").await;
+    assert_eq!(s.source, "acme");
+    assert!(
+        s.issuer.is_some() && s.not_after.is_some() && s.renew_at.is_some(),
+        "{s:?}"
+    );
+    let root = pebble.issuing_root().await;
+    let r = https_get(proxy.https_addr, "shop.test", "/headers", &root, true)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.alpn.as_deref(), Some(&b"h2"[..]));
+    let served = r.peer_sha256.clone();
+    let m = meta(&dir.path(), "shop", "shop.test");
+    assert_eq!(m["challenge"], "http-01");
+    assert_eq!(m["sha256"], served.as_str());
+    let orders = m["orders"].as_array().unwrap().len();
+    assert!(proxy
+        .metrics
+        .render()
+        .contains("luma_acme_orders_total{result=\"issued\"} 1"));
+    // Now HTTP redirects, except the challenge path.
+    let (code, _) = get(proxy.http_addr, "shop.test", "/page").await;
+    assert_eq!(code, 308);
+    let (code, _) = get(
+        proxy.http_addr,
+        "shop.test",
+        "/.well-known/acme-challenge/nope",
+    )
+    .await;
+    assert_eq!(code, 200);
+
+    // A host pebble cannot reach (its DNS points at 127.0.0.2, where nothing listens) stays
+    // pending with the CA's reason, and keeps serving HTTP.
+    pebble.add_a("bad.test", "127.0.0.2").await;
+    deploy_acme(&proxy, "shop2", "bad.test", backend.addr).await;
+    let s = eventually("the CA's reason for bad.test", 90, || async {
+        let s = status(&proxy, "bad.test");
+        s.last_error.is_some().then_some(s)
+    })
+    .await;
+    assert_eq!(s.state, CertState::Pending, "{s:?}");
+    let why = s.last_error.unwrap();
+    assert!(why.contains("127.0.0.2"), "{why}");
+    let (code, body) = get(proxy.http_addr, "bad.test", "/").await;
+    assert_eq!((code, body.as_str()), (200, "app 0"));
+    assert!(proxy
+        .metrics
+        .render()
+        .contains("luma_acme_orders_total{result=\"failed\"}"));
+
+    // Restart: the same certificate at once, and no order for it.
+    proxy
+        .deployer
+        .remove(luma_api::RemoveRequest {
+            project: "shop2".into(),
+            app: "web".into(),
+            drain_timeout_ms: Some(100),
+        })
+        .await
+        .unwrap();
+    proxy.shutdown().await;
+    let proxy = luma_proxy::Proxy::start(cfg).await.unwrap();
+    let r = https_get(proxy.https_addr, "shop.test", "/", &root, false)
+        .await
+        .unwrap();
+    assert_eq!(r.peer_sha256, served);
+    eventually("the restored host's renewal time", 30, || async {
+        status(&proxy, "shop.test").renew_at.map(|_| ())
+    })
+    .await;
+    assert_eq!(
+        meta(&dir.path(), "shop", "shop.test")["orders"]
+            .as_array()
+            .unwrap()
+            .len(),
+        orders
+    );
+    assert!(proxy
+        .metrics
+        .render()
+        .contains("luma_acme_orders_total{result=\"issued\"} 0"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn01_issues_when_port_80_is_closed_to_the_ca() {
+    if !installed() {
+        return;
+    }
+    let dir = TempStateDir::new("acme-alpn");
+    let port = free_port();
+    let https_port = free_port();
+    // pebble's HTTP-01 port points where nothing listens.
+    let closed = free_port();
+    let pebble = Pebble::start(port, closed, https_port, None).await;
+    let mut cfg = acme_config(dir.path(), &pebble.directory, &pebble.ca_pem);
+    cfg.https_addr = format!("127.0.0.1:{https_port}").parse().unwrap();
+    let proxy = luma_proxy::Proxy::start(cfg).await.unwrap();
+    let backend = TestBackend::start("127.0.0.1", "app").await;
+    deploy_acme(&proxy, "alpn", "alpn.test", backend.addr).await;
+    issued(&proxy, "alpn.test").await;
+    assert_eq!(
+        meta(&dir.path(), "alpn", "alpn.test")["challenge"],
+        "tls-alpn-01"
+    );
+    // The HTTP-01 order failed, the TLS-ALPN-01 order right after it worked.
+    let text = proxy.metrics.render();
+    assert!(
+        text.contains("luma_acme_orders_total{result=\"failed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("luma_acme_orders_total{result=\"issued\"} 1"),
+        "{text}"
+    );
+    let root = pebble.issuing_root().await;
+    let r = https_get(proxy.https_addr, "alpn.test", "/", &root, true)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_certificate_is_renewed_in_the_background() {
+    if !installed() {
+        return;
+    }
+    let dir = TempStateDir::new("acme-renew");
+    let port = free_port();
+    let (http_port, https_port) = (free_port(), free_port());
+    let pebble = Pebble::start(port, http_port, https_port, Some(15)).await;
+    let mut cfg = acme_config(dir.path(), &pebble.directory, &pebble.ca_pem);
+    cfg.http_addr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    cfg.https_addr = format!("127.0.0.1:{https_port}").parse().unwrap();
+    let proxy = luma_proxy::Proxy::start(cfg).await.unwrap();
+    let backend = TestBackend::start("127.0.0.1", "app").await;
+    deploy_acme(&proxy, "short", "short.test", backend.addr).await;
+    let first = issued(&proxy, "short.test").await;
+    let root = pebble.issuing_root().await;
+    let sha1 = https_get(proxy.https_addr, "short.test", "/", &root, false)
+        .await
+        .unwrap()
+        .peer_sha256;
+    // One third of 15 s before expiry, a new certificate replaces it.
+    let sha2 = eventually("a renewed certificate", 90, || async {
+        let r = https_get(proxy.https_addr, "short.test", "/", &root, false)
+            .await
+            .ok()?;
+        (r.peer_sha256 != sha1 && r.status == 200).then_some(r.peer_sha256)
+    })
+    .await;
+    assert_ne!(sha1, sha2);
+    let now = status(&proxy, "short.test");
+    assert!(now.not_after > first.not_after, "{now:?} after {first:?}");
+    proxy.shutdown().await;
+}
