@@ -15,6 +15,8 @@ pub struct Config {
     pub project: String,
     pub ssh: Option<Ssh>,
     pub proxy_image: Option<String>,
+    /// `proxy.acme`: where the proxy orders certificates (each unset key: the proxy's default).
+    pub acme: AcmeConfig,
     pub registry: Option<String>,
     pub apps: Vec<Entry>,
     pub services: Vec<Entry>,
@@ -95,9 +97,114 @@ impl Default for Health {
 pub struct ProxyRoute {
     pub hosts: Vec<String>,
     pub app_port: u16,
-    pub ssl: bool,
+    pub ssl: Ssl,
+    /// Plain HTTP answers 308 to https once a host has a certificate.
     pub ssl_redirect: bool,
+    /// `Strict-Transport-Security` on HTTPS responses.
+    pub hsts: bool,
     pub response_timeout: Duration,
+}
+
+/// How an app's hosts get HTTPS (`proxy.ssl`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ssl {
+    /// `ssl: false`: plain HTTP only.
+    Off,
+    /// `ssl: true` (the default): the proxy orders a certificate per host over ACME.
+    Acme,
+    /// `ssl: {certificate, private_key}`: the user's own PEM certificate chain and key, named by
+    /// their keys in `.luma/secrets` (the values are never in luma.yml, output or errors).
+    Custom {
+        certificate: String,
+        private_key: String,
+    },
+}
+
+/// Top-level `proxy.acme`. Only what the project sets explicitly is passed to the proxy (and
+/// compared with the running one); the rest stays the proxy's default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AcmeConfig {
+    /// The ACME directory URL, or `off`.
+    pub directory: Option<String>,
+    /// The account's contact address.
+    pub email: Option<String>,
+    /// Extra roots trusted for the directory's HTTPS (a private or test CA).
+    pub ca_root: Option<CaRoot>,
+}
+
+/// A CA root certificate file, read and checked when luma.yml is loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaRoot {
+    pub path: PathBuf,
+    /// The file's text: one or more PEM certificates.
+    pub pem: String,
+}
+
+/// `proxy.acme.directory`: an https URL, or `off` to disable ACME.
+pub fn check_acme_directory(v: &str) -> Result<(), String> {
+    let rest = v.strip_prefix("https://").unwrap_or("");
+    if v == "off"
+        || (!rest.is_empty() && !rest.starts_with('/') && !v.contains(char::is_whitespace))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "{v:?} is not an ACME directory; use its https:// URL (e.g. https://acme-v02.api.letsencrypt.org/directory for Let's Encrypt, or a private CA's), or `off` to turn ACME off"
+    ))
+}
+
+/// `proxy.acme.email`: a contact address for the CA (expiry notices, account recovery),
+/// returned without a `mailto:` prefix (the proxy adds it).
+pub fn acme_email(v: &str) -> Result<String, String> {
+    let addr = v.trim();
+    let addr = addr.strip_prefix("mailto:").unwrap_or(addr);
+    match addr.split_once('@') {
+        Some((user, domain))
+            if !user.is_empty()
+                && domain.contains('.')
+                && !addr.contains(|c: char| c.is_whitespace() || c == ',' || c == '<') =>
+        {
+            Ok(addr.to_string())
+        }
+        _ => Err(format!(
+            "{v:?} is not an email address; use one contact address like ops@example.com"
+        )),
+    }
+}
+
+/// Reads a CA root file and checks that it holds at least one PEM certificate that parses.
+/// The error says what is wrong and how to fix it; the caller adds where the path came from.
+pub fn read_ca_root(path: &Path) -> Result<CaRoot, String> {
+    let shown = path.display();
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!("cannot read {shown} ({e}); point it at the PEM file of your CA's root certificate")
+    })?;
+    let mut certificates = 0;
+    for pem in x509_parser::pem::Pem::iter_from_buffer(&bytes) {
+        let pem = pem.map_err(|e| {
+            format!(
+                "{shown} is not valid PEM ({e}); it must hold -----BEGIN CERTIFICATE----- blocks"
+            )
+        })?;
+        if pem.label != "CERTIFICATE" {
+            continue;
+        }
+        pem.parse_x509().map_err(|e| {
+            format!("{shown}: a CERTIFICATE block does not parse as X.509 ({e}); export the CA root again as PEM")
+        })?;
+        certificates += 1;
+    }
+    if certificates == 0 {
+        return Err(format!(
+            "{shown} holds no PEM certificate; it must hold the CA's root certificate as -----BEGIN CERTIFICATE----- ... (for pebble: its /roots/0 from the management port)"
+        ));
+    }
+    let pem = String::from_utf8(bytes)
+        .map_err(|_| format!("{shown} is not text; it must be a PEM file"))?;
+    Ok(CaRoot {
+        path: path.to_path_buf(),
+        pem,
+    })
 }
 
 pub struct ConfigError(pub String);
@@ -306,16 +413,30 @@ impl Config {
             }
             None => None,
         };
-        let proxy_image = match top.get("proxy") {
-            Some(v) => {
-                let m = cx.map("proxy", v, &["image"])?;
-                m.get("image")
-                    .map(|v| cx.string("proxy.image", v))
-                    .transpose()?
-            }
-            None => None,
-        };
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let (proxy_image, acme) = match top.get("proxy") {
+            Some(v) => {
+                let m = cx.map("proxy", v, &["image", "acme", "ssl", "hosts", "host"])?;
+                for app_key in ["ssl", "hosts", "host"] {
+                    if m.contains_key(app_key) {
+                        return Err(cx.err(
+                            &format!("proxy.{app_key}"),
+                            format!("the top-level `proxy` configures the shared proxy (image, acme); `{app_key}` is set per app, under apps.<name>.proxy"),
+                        ));
+                    }
+                }
+                let image = m
+                    .get("image")
+                    .map(|v| cx.string("proxy.image", v))
+                    .transpose()?;
+                let acme = match m.get("acme") {
+                    Some(a) => acme(&cx, a, &base)?,
+                    None => AcmeConfig::default(),
+                };
+                (image, acme)
+            }
+            None => (None, AcmeConfig::default()),
+        };
         let apps = entries(&cx, "apps", top.get("apps"), &base, true)?;
         let services = entries(&cx, "services", top.get("services"), &base, false)?;
         let mut seen = std::collections::BTreeSet::new();
@@ -351,6 +472,7 @@ impl Config {
             project,
             ssh,
             proxy_image,
+            acme,
             registry,
             apps,
             services,
@@ -366,6 +488,84 @@ impl Config {
                 names.join(", ")
             )
         })
+    }
+}
+
+/// Top-level `proxy.acme: {directory, email, ca_root}`.
+fn acme(cx: &Ctx, v: &Value, base: &Path) -> Result<AcmeConfig, ConfigError> {
+    let m = cx.map("proxy.acme", v, &["directory", "email", "ca_root"])?;
+    let directory = m
+        .get("directory")
+        .map(|v| cx.string("proxy.acme.directory", v))
+        .transpose()?;
+    if let Some(d) = &directory {
+        check_acme_directory(d).map_err(|e| cx.err("proxy.acme.directory", e))?;
+    }
+    let email = m
+        .get("email")
+        .map(|v| {
+            acme_email(&cx.string("proxy.acme.email", v)?)
+                .map_err(|e| cx.err("proxy.acme.email", e))
+        })
+        .transpose()?;
+    let ca_root = match m.get("ca_root") {
+        Some(v) => {
+            let rel = cx.string("proxy.acme.ca_root", v)?;
+            let path = base.join(&rel);
+            Some(read_ca_root(&path).map_err(|e| {
+                cx.err(
+                    "proxy.acme.ca_root",
+                    format!("{rel:?} (relative to luma.yml): {e}"),
+                )
+            })?)
+        }
+        None => None,
+    };
+    Ok(AcmeConfig {
+        directory,
+        email,
+        ca_root,
+    })
+}
+
+/// `apps.<name>.proxy.ssl`: `true`, `false`, or `{certificate: SECRET, private_key: SECRET}`.
+fn ssl(cx: &Ctx, key: &str, v: &Value) -> Result<Ssl, ConfigError> {
+    match v {
+        Value::Bool(true) => Ok(Ssl::Acme),
+        Value::Bool(false) => Ok(Ssl::Off),
+        Value::Mapping(_) => {
+            let m = cx.map(key, v, &["certificate", "private_key"])?;
+            let secret = |name: &str| -> Result<String, ConfigError> {
+                let k = format!("{key}.{name}");
+                let s = match m.get(name) {
+                    Some(v) => cx.string(&k, v)?,
+                    None => return Err(cx.err(&k, "missing; name the .luma/secrets key that holds the PEM, e.g. `certificate: TLS_CERT, private_key: TLS_KEY`")),
+                };
+                // A name, never the PEM itself: luma.yml is committed, the key must not be.
+                if s.is_empty()
+                    || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
+                    let what = if s.contains("-----BEGIN") {
+                        "a PEM value".to_string()
+                    } else {
+                        format!("{s:?}")
+                    };
+                    return Err(cx.err(&k, format!("{what} is not a secret name; put the PEM in .luma/secrets as NAME=... and write only NAME here (letters, digits, _)")));
+                }
+                Ok(s)
+            };
+            Ok(Ssl::Custom {
+                certificate: secret("certificate")?,
+                private_key: secret("private_key")?,
+            })
+        }
+        _ => Err(cx.err(
+            key,
+            format!(
+                "expected true, false or {{certificate: SECRET_NAME, private_key: SECRET_NAME}}, found {}",
+                show(v)
+            ),
+        )),
     }
 }
 
@@ -633,6 +833,7 @@ fn entry(
                     "app_port",
                     "ssl",
                     "ssl_redirect",
+                    "hsts",
                     "response_timeout",
                 ],
             )?;
@@ -663,12 +864,17 @@ fn entry(
                     .unwrap_or(80) as u16,
                 ssl: pm
                     .get("ssl")
-                    .map(|v| cx.bool(&pk("ssl"), v))
+                    .map(|v| ssl(cx, &pk("ssl"), v))
                     .transpose()?
-                    .unwrap_or(false),
+                    .unwrap_or(Ssl::Acme),
                 ssl_redirect: pm
                     .get("ssl_redirect")
                     .map(|v| cx.bool(&pk("ssl_redirect"), v))
+                    .transpose()?
+                    .unwrap_or(true),
+                hsts: pm
+                    .get("hsts")
+                    .map(|v| cx.bool(&pk("hsts"), v))
                     .transpose()?
                     .unwrap_or(false),
                 response_timeout: pm
@@ -679,6 +885,14 @@ fn entry(
             })
         }
     };
+    if let Some(p) = &proxy {
+        if p.hsts && p.ssl == Ssl::Off {
+            return Err(cx.err(
+                &k("proxy.hsts"),
+                "needs HTTPS, but `ssl: false` turns it off; remove `hsts` or set `ssl: true`",
+            ));
+        }
+    }
     Ok(Entry {
         name,
         source,
@@ -792,6 +1006,170 @@ mod tests {
                 .unwrap_err()
                 .contains("unique")
         );
+    }
+
+    fn web(proxy: &str) -> String {
+        format!("name: gmail\napps:\n  web:\n    image: demo\n    proxy: {proxy}\n")
+    }
+
+    #[test]
+    fn https_is_on_by_default_with_redirect_and_without_hsts() {
+        let c = parse(&web("{hosts: [a.test]}")).unwrap();
+        let p = c.apps[0].proxy.clone().unwrap();
+        assert_eq!((p.ssl, p.ssl_redirect, p.hsts), (Ssl::Acme, true, false));
+        assert_eq!(c.acme, AcmeConfig::default());
+        let p = parse(&web("{hosts: [a.test], ssl: false}")).unwrap().apps[0]
+            .proxy
+            .clone()
+            .unwrap();
+        assert_eq!(p.ssl, Ssl::Off);
+        let p = parse(&web(
+            "{hosts: [a.test], ssl: true, ssl_redirect: false, hsts: true}",
+        ))
+        .unwrap()
+        .apps[0]
+            .proxy
+            .clone()
+            .unwrap();
+        assert_eq!((p.ssl, p.ssl_redirect, p.hsts), (Ssl::Acme, false, true));
+        let p = parse(&web(
+            "{hosts: [a.test], ssl: {certificate: TLS_CERT, private_key: TLS_KEY}}",
+        ))
+        .unwrap()
+        .apps[0]
+            .proxy
+            .clone()
+            .unwrap();
+        assert_eq!(
+            p.ssl,
+            Ssl::Custom {
+                certificate: "TLS_CERT".into(),
+                private_key: "TLS_KEY".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_ssl_settings_name_the_key_and_the_fix() {
+        let e = parse(&web("{hosts: [a.test], ssl: yes-please}")).unwrap_err();
+        assert!(
+            e.starts_with("/tmp/luma.yml: apps.web.proxy.ssl: expected true, false or {certificate: SECRET_NAME, private_key: SECRET_NAME}, found yes-please"),
+            "{e}"
+        );
+        let e = parse(&web("{hosts: [a.test], ssl: {certificate: TLS_CERT}}")).unwrap_err();
+        assert!(
+            e.contains("apps.web.proxy.ssl.private_key: missing") && e.contains(".luma/secrets"),
+            "{e}"
+        );
+        let e = parse(&web(
+            "{hosts: [a.test], ssl: {certificate: TLS_CERT, privatekey: K}}",
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("apps.web.proxy.ssl.privatekey: unknown key; did you mean `private_key`?"),
+            "{e}"
+        );
+        // A PEM pasted into luma.yml is refused without being echoed.
+        let e = parse(&web(
+            "{hosts: [a.test], ssl: {certificate: \"-----BEGIN CERTIFICATE-----MIIB\", private_key: K}}",
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("apps.web.proxy.ssl.certificate: a PEM value is not a secret name")
+                && !e.contains("MIIB"),
+            "{e}"
+        );
+        let e = parse(&web("{hosts: [a.test], ssl_redirect: sometimes}")).unwrap_err();
+        assert!(
+            e.contains("apps.web.proxy.ssl_redirect: expected true or false"),
+            "{e}"
+        );
+        let e = parse(&web("{hosts: [a.test], hstss: true}")).unwrap_err();
+        assert!(e.contains("did you mean `hsts`?"), "{e}");
+        let e = parse(&web("{hosts: [a.test], ssl: false, hsts: true}")).unwrap_err();
+        assert!(e.contains("apps.web.proxy.hsts: needs HTTPS"), "{e}");
+        let e = parse("name: gmail\nproxy: {ssl: true}\napps: {web: {image: x}}\n").unwrap_err();
+        assert!(
+            e.contains("proxy.ssl: ") && e.contains("apps.<name>.proxy"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn acme_settings_are_checked_and_the_ca_root_is_read() {
+        let dir = std::env::temp_dir().join(format!("luma-acme-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("luma.yml");
+        let parse_in = |y: &str| Config::parse(y, &file).map_err(|e| e.0);
+        let yml = |acme: &str| {
+            format!("name: gmail\nproxy:\n  acme: {acme}\napps: {{web: {{image: x}}}}\n")
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let root = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        std::fs::write(dir.join("ca.pem"), &root).unwrap();
+        let c = parse_in(&yml(
+            "{directory: \"https://pebble:14000/dir\", email: ops@shop.test, ca_root: ca.pem}",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.acme.directory.as_deref(),
+            Some("https://pebble:14000/dir")
+        );
+        assert_eq!(c.acme.email.as_deref(), Some("ops@shop.test"));
+        let ca = c.acme.ca_root.unwrap();
+        assert_eq!((ca.path, ca.pem), (dir.join("ca.pem"), root));
+        assert_eq!(
+            parse_in(&yml("{directory: \"off\"}"))
+                .unwrap()
+                .acme
+                .directory
+                .as_deref(),
+            Some("off")
+        );
+
+        let e = parse_in(&yml("{directory: \"http://pebble/dir\"}")).unwrap_err();
+        assert!(
+            e.contains(
+                "luma.yml: proxy.acme.directory: \"http://pebble/dir\" is not an ACME directory"
+            ) && e.contains("`off`"),
+            "{e}"
+        );
+        let e = parse_in(&yml("{email: nobody}")).unwrap_err();
+        assert!(
+            e.contains("proxy.acme.email: \"nobody\" is not an email address"),
+            "{e}"
+        );
+        let e = parse_in(&yml("{diretory: x}")).unwrap_err();
+        assert!(
+            e.contains("proxy.acme.diretory: unknown key; did you mean `directory`?"),
+            "{e}"
+        );
+        let e = parse_in(&yml("{ca_root: missing.pem}")).unwrap_err();
+        assert!(
+            e.contains("proxy.acme.ca_root: \"missing.pem\" (relative to luma.yml): cannot read")
+                && e.contains("missing.pem")
+                && e.contains("PEM file"),
+            "{e}"
+        );
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        let e = parse_in(&yml("{ca_root: key.pem}")).unwrap_err();
+        assert!(
+            e.contains("proxy.acme.ca_root") && e.contains("holds no PEM certificate"),
+            "{e}"
+        );
+        std::fs::write(
+            dir.join("junk.pem"),
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(parse_in(&yml("{ca_root: junk.pem}"))
+            .unwrap_err()
+            .contains("proxy.acme.ca_root"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -270,6 +270,11 @@ pub struct ProjectStatus {
     pub services: Vec<ServiceStatus>,
     /// Apps and services on the engine that luma.yml no longer lists.
     pub departed: Vec<String>,
+    /// The certificate of every HTTPS host of the shown apps, as the proxy serves it.
+    pub certificates: Vec<luma_api::tls::CertificateStatus>,
+    /// Why the proxy could not be asked about certificates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificates_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -387,6 +392,7 @@ pub async fn status(ctx: &Ctx<'_>, selected: &[String]) -> Result<ProjectStatus,
             state: st.unwrap_or_else(|| "missing".into()),
         });
     }
+    let (certificates, certificates_error) = certificates(ctx, selected).await;
     Ok(ProjectStatus {
         project: ctx.project().into(),
         network: net,
@@ -394,5 +400,47 @@ pub async fn status(ctx: &Ctx<'_>, selected: &[String]) -> Result<ProjectStatus,
         apps,
         services,
         departed: departed(ctx).await?,
+        certificates,
+        certificates_error,
     })
+}
+
+/// The project's certificates (of the selected apps' hosts when apps are named), sorted by
+/// host; with no proxy running, none and no error.
+async fn certificates(
+    ctx: &Ctx<'_>,
+    selected: &[String],
+) -> (Vec<luma_api::tls::CertificateStatus>, Option<String>) {
+    match proxy_up(ctx).await {
+        Ok(true) => {}
+        Ok(false) => return (Vec::new(), None),
+        Err(e) => return (Vec::new(), Some(e)),
+    }
+    let hosts: Vec<String> = if selected.is_empty() {
+        Vec::new()
+    } else {
+        let hosts: Vec<String> = ctx
+            .cfg
+            .apps
+            .iter()
+            .filter(|a| selected.contains(&a.name))
+            .filter_map(|a| a.proxy.as_ref())
+            .flat_map(|p| p.hosts.iter().map(|h| crate::tls::normalized(h)))
+            .collect();
+        if hosts.is_empty() {
+            return (Vec::new(), None);
+        }
+        hosts
+    };
+    let req = luma_api::tls::CertificatesRequest {
+        project: Some(ctx.project().to_string()),
+        hosts,
+    };
+    match proxyctl::certificates(ctx.engine, &ctx.proxy, req).await {
+        Ok(mut r) => {
+            r.certificates.sort_by(|a, b| a.host.cmp(&b.host));
+            (r.certificates, None)
+        }
+        Err(e) => (Vec::new(), Some(e)),
+    }
 }

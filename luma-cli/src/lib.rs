@@ -7,6 +7,7 @@
 //! - [`project`]: what a release stands on: proxy, network, services, preflight checks;
 //! - [`release`]: a release as phases: prepare (reversible) -> switch -> settle;
 //! - [`inventory`]: what a project has on the engine by label: status, remove, prune;
+//! - [`tls`]: an app's HTTPS: custom certificates checked in preflight, certificate state;
 //! - [`lock`]: one deploy per project at a time; [`interrupt`]: signals and failpoints;
 //! - [`ui`]: steps, progress and tables.
 
@@ -21,4 +22,5 @@ pub mod project;
 pub mod proxyctl;
 pub mod release;
 pub mod secrets;
+pub mod tls;
 pub mod ui;

@@ -20,6 +20,9 @@ use std::process::ExitCode;
 /// Docker network, switches traffic atomically, drains the old release and keeps it stopped for
 /// rollback. Many projects share one server, even when their apps have the same names.
 ///
+/// Every routed app gets HTTPS by default: a certificate per host, ordered over ACME when it is
+/// deployed (`proxy.ssl`, `proxy.acme` in luma.yml; see `luma deploy --help`).
+///
 /// Start with `luma init`, edit luma.yml, then `luma deploy`.
 #[derive(Parser)]
 #[command(version, propagate_version = true)]
@@ -51,10 +54,27 @@ enum Cmd {
     /// 3. settle (finished, never undone; Ctrl-C waits for it): record the live release, stop
     ///    the old one (kept for `luma rollback`), prune old releases.
     ///
-    /// Exit status: 0 done; 1 nothing changed (the old release keeps serving); 2 the new release
-    /// is live but settling stopped (`luma prune` finishes it); 3 unknown (see `luma status`).
+    /// HTTPS: every app with `proxy.ssl: true` (the default) gets a certificate per host. The
+    /// proxy orders it over ACME as the route goes live, and luma then waits up to --cert-wait
+    /// for it, printing per host one of:
     ///
-    /// Examples: `luma deploy`, `luma deploy web`, `luma -c examples/basic/luma.yml deploy`.
+    /// - `https://HOST  certificate issued by ISSUER, expires DATE`
+    ///
+    /// - `http://HOST  pending: REASON` (the CA's words; HTTP keeps serving, not a failure)
+    ///
+    /// - `http://HOST  HTTP only: WHY` (e.g. .test names with a public CA, or ACME off)
+    ///
+    /// Until a host has its certificate it is served over HTTP and not redirected.
+    /// `ssl: {certificate: SECRET, private_key: SECRET}` uses your own PEM certificate from
+    /// .luma/secrets instead; it is checked (valid now, covers every host, key matches) before
+    /// anything changes.
+    ///
+    /// Exit status: 0 done (also with certificates pending); 1 nothing changed (the old release
+    /// keeps serving); 2 the new release is live but settling stopped (`luma prune` finishes
+    /// it); 3 unknown (see `luma status`).
+    ///
+    /// Examples: `luma deploy`, `luma deploy web`, `luma -c examples/basic/luma.yml deploy`,
+    /// `luma deploy --cert-wait 0`.
     Deploy {
         /// Apps to deploy (default: every app in luma.yml).
         apps: Vec<String>,
@@ -64,8 +84,14 @@ enum Cmd {
         /// Earlier releases kept stopped for rollback.
         #[arg(long, default_value_t = 2)]
         retain: usize,
+        /// How long to wait after the switch for the certificates of the apps' HTTPS hosts
+        /// (`500ms`, `90s`, `2m`, or seconds); 0 asks once without waiting. Certificates
+        /// still pending then keep being ordered in the background (`luma status`).
+        #[arg(long, default_value = "60s", value_parser = cert_wait, value_name = "DURATION")]
+        cert_wait: std::time::Duration,
     },
-    /// Live release, replicas, container state and proxy health per app; services.
+    /// Live release, replicas, container state and proxy health per app; services; the
+    /// certificate of every HTTPS host (state, issuer, expiry, last error).
     Status {
         /// Apps to show (default: all).
         apps: Vec<String>,
@@ -143,6 +169,14 @@ enum ProxyCmd {
     Update,
 }
 
+fn cert_wait(v: &str) -> Result<std::time::Duration, String> {
+    let d = luma_cli::config::parse_duration(v)?;
+    if d > std::time::Duration::from_secs(3600) {
+        return Err("at most 60m; certificates keep being ordered after luma exits".into());
+    }
+    Ok(d)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -177,7 +211,7 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
         .map(|p| p.to_path_buf())
         .unwrap_or_else(|| ".".into());
     let secrets = Secrets::load(&dir)?;
-    let proxy = ProxySettings::resolve(cfg.proxy_image.as_deref())?;
+    let proxy = ProxySettings::resolve(&cfg)?;
     let engine = Engine::connect(Transport::Local, cli.verbose).await?;
     let mut ctx = Ctx {
         engine: &engine,
@@ -194,23 +228,34 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
             apps,
             force,
             retain,
+            cert_wait,
         } => {
             ctx.retain = retain;
             let started = std::time::Instant::now();
-            release::deploy(&ctx, &apps, force).await.map(|urls| {
-                ui.info(format!(
-                    "✓ deployed {} in {:.1}s",
-                    cfg.project,
-                    started.elapsed().as_secs_f64()
-                ));
-                for u in urls {
-                    let via = u.via.as_deref().unwrap_or("-");
-                    match u.answered {
-                        Ok(code) => println!("{}  (via {via}, answered {code})", u.url),
-                        Err(why) => println!("{}  (not answering from here: {why})", u.url),
+            release::deploy(&ctx, &apps, force, cert_wait)
+                .await
+                .map(|done| {
+                    ui.info(format!(
+                        "✓ deployed {} in {:.1}s",
+                        cfg.project,
+                        started.elapsed().as_secs_f64()
+                    ));
+                    for u in done.urls {
+                        let via = u.via.as_deref().unwrap_or("-");
+                        match u.answered {
+                            Ok(code) => println!("{}  (via {via}, answered {code})", u.url),
+                            Err(why) => println!("{}  (not answering from here: {why})", u.url),
+                        }
                     }
-                }
-            })
+                    for c in &done.certificates {
+                        println!("{}", luma_cli::tls::report_line(c));
+                    }
+                    if let Some(e) = done.certificates_error {
+                        ui.info(format!(
+                            "! could not ask the proxy about certificates ({e}); `luma status` shows them"
+                        ));
+                    }
+                })
         }
         Cmd::Status { apps, json } => status(&ctx, &apps, json).await.map_err(Into::into),
         Cmd::Rollback { app, release } => release::rollback(&ctx, &app, release.as_deref())
@@ -336,6 +381,29 @@ async fn status(ctx: &Ctx<'_>, apps: &[String], json: bool) -> Result<(), String
         .collect();
     if !rows.is_empty() {
         println!("\n{}", table(&["SERVICE", "CONTAINER", "STATE"], &rows));
+    }
+    let rows: Vec<Vec<String>> = v
+        .certificates
+        .iter()
+        .map(|c| {
+            let date = |t: Option<u64>| t.map_or_else(|| "-".into(), luma_api::time::display);
+            vec![
+                c.host.clone(),
+                c.state.as_str().into(),
+                c.issuer.clone().unwrap_or_else(|| "-".into()),
+                date(c.not_after),
+                c.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        println!(
+            "\ncertificates\n{}",
+            table(&["HOST", "STATE", "ISSUER", "EXPIRES", "LAST ERROR"], &rows)
+        );
+    }
+    if let Some(e) = &v.certificates_error {
+        println!("\n! certificates: could not ask the proxy ({e})");
     }
     for d in &v.departed {
         println!("\n! {d} is on the engine but not in luma.yml; `luma prune` removes it");
@@ -512,6 +580,20 @@ apps:
       hosts:
         - my-project.example.com
       app_port: 3000      # the port the app listens on inside its container
+      # HTTPS. ssl: true (the default) gets each host a certificate over ACME (Let's Encrypt
+      # unless proxy.acme says otherwise), ordered at deploy; until it is issued the host is
+      # served over HTTP. false: HTTP only. Your own certificate instead, PEM values in
+      # .luma/secrets (a quoted value may span lines):
+      #   ssl: {certificate: TLS_CERT, private_key: TLS_KEY}
+      # ssl: true
+      # ssl_redirect: true  # once a host has its certificate, http:// answers 308 to https://
+      # hsts: false         # send Strict-Transport-Security on HTTPS responses
+
+# proxy:                  # the shared luma-proxy (one per server)
+#   acme:                 # where certificates come from; env LUMA_ACME_DIRECTORY/_EMAIL/_CA_ROOT
+#     email: ops@my-project.example.com
+#     directory: https://acme-v02.api.letsencrypt.org/directory  # a private CA's URL, or `off`
+#     ca_root: ca.pem     # PEM root the directory's HTTPS is signed by (private or test CA)
 
 # services:               # databases and friends; reachable from apps as <name>:<port>
 #   db:

@@ -2,7 +2,8 @@
 //!
 //! [`setup`] makes sure the engine answers, the proxy runs (and says when it differs from what
 //! is asked), the project network exists with the proxy on it, and services are up to date.
-//! [`preflight`] is every check that needs no change: images, secrets, host ports, names. The
+//! [`preflight`] is every check that needs no change: images, secrets, custom certificates,
+//! host ports, names. The
 //! container recipe for app replicas and services ([`run_entry`]) lives here too, so both get
 //! the same labels, init and stop timeout.
 
@@ -107,8 +108,12 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// Read-only checks: images that must already exist, secrets, the proxy image, host ports.
+/// Read-only checks: images that must already exist, secrets, custom certificates (they parse,
+/// are valid and cover every host), the proxy image, host ports.
 pub async fn preflight(ctx: &Ctx<'_>, selected: &[&Entry]) -> Result<(), String> {
+    for e in selected {
+        deploy_tls(ctx, e)?;
+    }
     proxyctl::ensure_image(ctx.engine, &ctx.proxy).await?;
     for e in selected.iter().copied().chain(ctx.cfg.services.iter()) {
         env_of(ctx, e, "preflight")?;
@@ -119,6 +124,21 @@ pub async fn preflight(ctx: &Ctx<'_>, selected: &[&Entry]) -> Result<(), String>
         }
     }
     preflight_ports(ctx).await
+}
+
+/// The HTTPS part of an app's deploy request (none for an app without a route), its custom
+/// certificate checked now.
+pub fn deploy_tls(ctx: &Ctx<'_>, e: &Entry) -> Result<crate::tls::DeployTls, String> {
+    match &e.proxy {
+        Some(route) => crate::tls::for_route(
+            &ctx.cfg.path.display().to_string(),
+            &e.name,
+            route,
+            ctx.secrets,
+            luma_api::time::unix_now(),
+        ),
+        None => Ok(Default::default()),
+    }
 }
 
 fn missing_image(ctx: &Ctx<'_>, e: &Entry, image: &str) -> String {

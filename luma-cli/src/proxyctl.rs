@@ -2,15 +2,20 @@
 //!
 //! The proxy container runs `luma-proxy serve` with a state volume, a restart policy and ports
 //! 80 and 443 published (`LUMA_HTTP_PORT`/`LUMA_HTTPS_PORT` override them, e.g.
-//! `127.0.0.1:18080`). Luma talks to it through `luma-api` types only: one typed request on the
+//! `127.0.0.1:18080`). Its settings travel in its environment when it is created: trusted
+//! proxies, the ACME settings the project asked for (`proxy.acme` in luma.yml, or
+//! `LUMA_ACME_*`), and the public HTTPS port its redirects name. A running proxy that differs
+//! from what a run asks for is reported as drift with the command that applies it
+//! (`luma proxy update`); nothing replaces it behind the user's back. Luma talks to it through `luma-api` types only: one typed request on the
 //! stdin of `docker exec -i <proxy> luma-proxy call`, one typed reply back, so the proxy never
 //! needs docker.sock and no argv is built by hand.
 
+use crate::config::{self, AcmeConfig};
 use crate::engine::{ContainerSpec, Engine};
 use crate::names;
 use luma_api::{
-    ApiError, CallError, Envelope, ErrorKind, Operation, RouteQuery, RouteState, RoutesReply,
-    RoutesRequest,
+    ApiError, CallError, CertificatesReply, CertificatesRequest, Envelope, ErrorKind, Operation,
+    RouteQuery, RouteState, RoutesReply, RoutesRequest,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,6 +29,97 @@ pub struct ProxySettings {
     /// CIDRs whose forwarded headers the proxy believes (`LUMA_TRUSTED_PROXIES`, passed to
     /// the proxy as `LUMA_PROXY_TRUSTED_PROXIES`); empty: edge mode.
     pub trusted_proxies: String,
+    pub acme: AcmeSettings,
+}
+
+/// A setting the project asked for explicitly, and where it was asked (for drift reports).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Asked {
+    pub value: String,
+    pub from: String,
+}
+
+/// The ACME settings passed to the proxy; `None`: the proxy's own default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AcmeSettings {
+    /// `LUMA_PROXY_ACME_DIRECTORY`.
+    pub directory: Option<Asked>,
+    /// `LUMA_PROXY_ACME_EMAIL`.
+    pub email: Option<Asked>,
+    /// `LUMA_PROXY_ACME_CA_ROOT_PEM`: the PEM text (the file is on this machine, not in the
+    /// proxy's container).
+    pub ca_root_pem: Option<Asked>,
+}
+
+const ACME_DIRECTORY_ENV: &str = "LUMA_PROXY_ACME_DIRECTORY";
+const ACME_EMAIL_ENV: &str = "LUMA_PROXY_ACME_EMAIL";
+const ACME_CA_ROOT_ENV: &str = "LUMA_PROXY_ACME_CA_ROOT_PEM";
+const HTTPS_PUBLIC_PORT_ENV: &str = "LUMA_PROXY_HTTPS_PUBLIC_PORT";
+/// The proxy's default directory (Let's Encrypt production), what an unset one means.
+const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+impl AcmeSettings {
+    /// `proxy.acme` from luma.yml (`file`), each key overridden by its `LUMA_ACME_*` variable
+    /// (`LUMA_ACME_CA_ROOT` is a path relative to the working directory). An empty variable
+    /// counts as unset.
+    pub fn resolve(cfg: &AcmeConfig, file: &str) -> Result<AcmeSettings, String> {
+        let env = |var: &str| {
+            std::env::var(var)
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let from_env = |var: &str, value: String| Asked {
+            value,
+            from: var.to_string(),
+        };
+        let from_file = |key: &str, value: String| Asked {
+            value,
+            from: format!("proxy.acme.{key} in {file}"),
+        };
+        let directory = match env("LUMA_ACME_DIRECTORY") {
+            Some(v) => {
+                config::check_acme_directory(&v)
+                    .map_err(|e| format!("LUMA_ACME_DIRECTORY: {e}"))?;
+                Some(from_env("LUMA_ACME_DIRECTORY", v))
+            }
+            None => cfg.directory.clone().map(|v| from_file("directory", v)),
+        };
+        let email = match env("LUMA_ACME_EMAIL") {
+            Some(v) => {
+                let v = config::acme_email(&v).map_err(|e| format!("LUMA_ACME_EMAIL: {e}"))?;
+                Some(from_env("LUMA_ACME_EMAIL", v))
+            }
+            None => cfg.email.clone().map(|v| from_file("email", v)),
+        };
+        let ca_root_pem = match env("LUMA_ACME_CA_ROOT") {
+            Some(v) => {
+                let root = config::read_ca_root(std::path::Path::new(&v))
+                    .map_err(|e| format!("LUMA_ACME_CA_ROOT={v:?}: {e}"))?;
+                Some(from_env("LUMA_ACME_CA_ROOT", root.pem))
+            }
+            None => cfg.ca_root.clone().map(|r| Asked {
+                value: r.pem,
+                from: format!("proxy.acme.ca_root ({}) in {file}", r.path.display()),
+            }),
+        };
+        Ok(AcmeSettings {
+            directory,
+            email,
+            ca_root_pem,
+        })
+    }
+
+    fn env(&self) -> Vec<String> {
+        [
+            (ACME_DIRECTORY_ENV, &self.directory),
+            (ACME_EMAIL_ENV, &self.email),
+            (ACME_CA_ROOT_ENV, &self.ca_root_pem),
+        ]
+        .into_iter()
+        .filter_map(|(var, asked)| Some(format!("{var}={}", asked.as_ref()?.value)))
+        .collect()
+    }
 }
 
 fn port_env(var: &str, default: u16) -> Result<(Option<String>, u16), String> {
@@ -41,8 +137,10 @@ fn port_env(var: &str, default: u16) -> Result<(Option<String>, u16), String> {
 }
 
 impl ProxySettings {
-    /// From the config's `proxy.image` and the environment.
-    pub fn resolve(config_image: Option<&str>) -> Result<ProxySettings, String> {
+    /// From the config's `proxy.image` and `proxy.acme`, and the environment.
+    pub fn resolve(cfg: &crate::config::Config) -> Result<ProxySettings, String> {
+        let config_image = cfg.proxy_image.as_deref();
+        let file = cfg.path.display().to_string();
         Ok(ProxySettings {
             container: std::env::var("LUMA_PROXY_NAME").unwrap_or_else(|_| "luma-proxy".into()),
             image: std::env::var("LUMA_PROXY_IMAGE")
@@ -55,6 +153,7 @@ impl ProxySettings {
                 .unwrap_or_default()
                 .trim()
                 .to_string(),
+            acme: AcmeSettings::resolve(&cfg.acme, &file)?,
         })
     }
 
@@ -63,7 +162,7 @@ impl ProxySettings {
             name: self.container.clone(),
             image: self.image.clone(),
             cmd: Some(vec!["serve".into()]),
-            env: self.trusted_env().into_iter().collect(),
+            env: self.env(),
             labels: HashMap::from([(names::LABEL_ROLE.to_string(), names::ROLE_PROXY.to_string())]),
             ports: vec![
                 (self.http.0.clone(), self.http.1, "8080/tcp".into()),
@@ -78,24 +177,22 @@ impl ProxySettings {
         }
     }
 
-    fn trusted_env(&self) -> Option<String> {
-        (!self.trusted_proxies.is_empty())
-            .then(|| format!("{TRUSTED_ENV}={}", self.trusted_proxies))
+    /// The proxy container's environment: every setting this run asks for.
+    fn env(&self) -> Vec<String> {
+        let mut env = Vec::new();
+        if !self.trusted_proxies.is_empty() {
+            env.push(format!("{TRUSTED_ENV}={}", self.trusted_proxies));
+        }
+        env.extend(self.acme.env());
+        if let Some(port) = self.https_public_port() {
+            env.push(format!("{HTTPS_PUBLIC_PORT_ENV}={port}"));
+        }
+        env
     }
 
-    /// The URL scheme+authority where the proxy answers HTTP on this machine.
-    pub fn http_base(&self) -> String {
-        let ip = self
-            .http
-            .0
-            .clone()
-            .filter(|i| i != "0.0.0.0")
-            .unwrap_or_else(|| "localhost".into());
-        if self.http.1 == 80 {
-            format!("http://{ip}")
-        } else {
-            format!("http://{ip}:{}", self.http.1)
-        }
+    /// The published HTTPS port when it is not 443, which the proxy's redirects must name.
+    pub fn https_public_port(&self) -> Option<u16> {
+        (self.https.1 != 443).then_some(self.https.1)
     }
 }
 
@@ -318,6 +415,15 @@ pub async fn routes(engine: &Engine, s: &ProxySettings) -> Result<RoutesReply, S
     ask(engine, s, RoutesRequest {}).await
 }
 
+/// The certificate state of hosts (see [`CertificatesRequest`]).
+pub async fn certificates(
+    engine: &Engine,
+    s: &ProxySettings,
+    req: CertificatesRequest,
+) -> Result<CertificatesReply, String> {
+    ask(engine, s, req).await
+}
+
 /// What is live for one route, once no operation on it is running in the proxy: the truth a
 /// deploy continues from when a switch's outcome is unknown.
 pub async fn settled(
@@ -352,18 +458,16 @@ pub async fn drift(engine: &Engine, s: &ProxySettings) -> Result<Vec<String>, St
             ));
         }
     }
-    let running_trust = c
-        .config
-        .as_ref()
-        .and_then(|c| c.env.as_ref())
-        .and_then(|env| {
-            env.iter().find_map(|e| {
-                e.strip_prefix(TRUSTED_ENV)?
-                    .strip_prefix('=')
-                    .map(str::to_string)
+    let running_env = |var: &str| {
+        c.config
+            .as_ref()
+            .and_then(|c| c.env.as_ref())
+            .and_then(|env| {
+                env.iter()
+                    .find_map(|e| e.strip_prefix(var)?.strip_prefix('=').map(str::to_string))
             })
-        })
-        .unwrap_or_default();
+    };
+    let running_trust = running_env(TRUSTED_ENV).unwrap_or_default();
     if running_trust != s.trusted_proxies {
         let shown = |v: &str| {
             if v.is_empty() {
@@ -377,6 +481,17 @@ pub async fn drift(engine: &Engine, s: &ProxySettings) -> Result<Vec<String>, St
             s.container,
             shown(&running_trust),
             shown(&s.trusted_proxies)
+        ));
+    }
+    out.extend(acme_drift(&s.container, &s.acme, running_env, apply));
+    let running_public = running_env(HTTPS_PUBLIC_PORT_ENV);
+    let wanted_public = s.https_public_port().map(|p| p.to_string());
+    if running_public != wanted_public {
+        out.push(format!(
+            "the running proxy {} redirects to https on port {}, not {} as asked (LUMA_HTTPS_PORT); {apply}",
+            s.container,
+            running_public.as_deref().unwrap_or("443"),
+            wanted_public.as_deref().unwrap_or("443")
         ));
     }
     let bindings = c
@@ -433,21 +548,101 @@ pub async fn drift(engine: &Engine, s: &ProxySettings) -> Result<Vec<String>, St
     Ok(out)
 }
 
+/// ACME settings the project asked for explicitly that the running proxy does not have
+/// (`running_env` reads its environment). Unasked settings are never drift.
+fn acme_drift(
+    container: &str,
+    want: &AcmeSettings,
+    running_env: impl Fn(&str) -> Option<String>,
+    apply: &str,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(d) = &want.directory {
+        let have = running_env(ACME_DIRECTORY_ENV);
+        if have.as_deref().unwrap_or(DEFAULT_ACME_DIRECTORY) != d.value {
+            out.push(format!(
+                "the running proxy {container} orders certificates from {}, not from {} as asked ({}); {apply}",
+                have.unwrap_or_else(|| format!("its default directory {DEFAULT_ACME_DIRECTORY}")),
+                d.value,
+                d.from
+            ));
+        }
+    }
+    if let Some(e) = &want.email {
+        let have = running_env(ACME_EMAIL_ENV);
+        if have.as_deref() != Some(e.value.as_str()) {
+            out.push(format!(
+                "the running proxy {container} registers ACME contact {}, not {} as asked ({}); {apply}",
+                have.as_deref().unwrap_or("none"),
+                e.value,
+                e.from
+            ));
+        }
+    }
+    if let Some(r) = &want.ca_root_pem {
+        let have = running_env(ACME_CA_ROOT_ENV);
+        if have.as_deref().map(str::trim) != Some(r.value.trim()) {
+            out.push(format!(
+                "the running proxy {container} trusts {} for the ACME directory, not the CA root of {}; {apply}",
+                if have.is_some() {
+                    "another extra CA root"
+                } else {
+                    "no extra CA root"
+                },
+                r.from
+            ));
+        }
+    }
+    out
+}
+
 fn short_id(id: &str) -> &str {
     let id = id.strip_prefix("sha256:").unwrap_or(id);
     &id[..id.len().min(12)]
 }
 
-/// Where the running proxy really answers HTTP on this host (from its live port bindings),
-/// e.g. `http://127.0.0.1:8080`.
-pub async fn published_http(engine: &Engine, s: &ProxySettings) -> Result<Option<String>, String> {
+/// The proxy's two listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    fn name(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+    fn container_port(self) -> &'static str {
+        match self {
+            Scheme::Http => "8080/tcp",
+            Scheme::Https => "8443/tcp",
+        }
+    }
+    fn default_port(self) -> &'static str {
+        match self {
+            Scheme::Http => "80",
+            Scheme::Https => "443",
+        }
+    }
+}
+
+/// Where the running proxy really answers `scheme` on this host (from its live port
+/// bindings), e.g. `http://127.0.0.1:8080`.
+pub async fn published(
+    engine: &Engine,
+    s: &ProxySettings,
+    scheme: Scheme,
+) -> Result<Option<String>, String> {
     let Some(c) = engine.inspect(&s.container).await? else {
         return Ok(None);
     };
     let ports = c
         .network_settings
         .and_then(|n| n.ports)
-        .and_then(|p| p.get("8080/tcp").cloned().flatten())
+        .and_then(|p| p.get(scheme.container_port()).cloned().flatten())
         .unwrap_or_default();
     Ok(ports.into_iter().find_map(|b| {
         let port = b.host_port?;
@@ -456,28 +651,35 @@ pub async fn published_http(engine: &Engine, s: &ProxySettings) -> Result<Option
             Some(ip) if ip.contains(':') => return None,
             Some(ip) => ip.to_string(),
         };
-        Some(if port == "80" {
-            format!("http://{ip}")
+        let name = scheme.name();
+        Some(if port == scheme.default_port() {
+            format!("{name}://{ip}")
         } else {
-            format!("http://{ip}:{port}")
+            format!("{name}://{ip}:{port}")
         })
     }))
 }
 
-/// Asks `base` (the proxy's published address) for `/` with `Host: host`; the HTTP status
-/// when the app answered, or why not.
+/// Asks `base` (the proxy's published address, `http://` or `https://`) for `/` with
+/// `Host: host` (and, over TLS, SNI `host`); the HTTP status when the app answered, or why
+/// not. Over TLS the certificate is not verified here: the proxy reported it issued, and this
+/// only shows that the app answers through the HTTPS listener.
 pub async fn probe(base: &str, host: &str) -> Result<u16, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let authority = base.trim_start_matches("http://");
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    let (tls, authority) = match base.strip_prefix("https://") {
+        Some(a) => (true, a),
+        None => (false, base.trim_start_matches("http://")),
+    };
     let addr = if authority.contains(':') {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{}", if tls { 443 } else { 80 })
     };
-    let work = async {
-        let mut stream = tokio::net::TcpStream::connect(&addr)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    async fn ask<S: AsyncRead + AsyncWrite + Unpin>(
+        mut stream: S,
+        host: &str,
+        addr: &str,
+    ) -> Result<u16, String> {
         stream
             .write_all(
                 format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: luma\r\n\r\n")
@@ -488,10 +690,12 @@ pub async fn probe(base: &str, host: &str) -> Result<u16, String> {
         let mut buf = vec![0u8; 512];
         let mut got = 0;
         while got < buf.len() {
-            let n = stream
-                .read(&mut buf[got..])
-                .await
-                .map_err(|e| e.to_string())?;
+            let n = match stream.read(&mut buf[got..]).await {
+                Ok(n) => n,
+                // A TLS peer that closes without close_notify after a complete answer.
+                Err(_) if got > 0 => 0,
+                Err(e) => return Err(e.to_string()),
+            };
             if n == 0 {
                 break;
             }
@@ -507,10 +711,88 @@ pub async fn probe(base: &str, host: &str) -> Result<u16, String> {
             return Err(format!("the proxy at {addr} has no route for {host}"));
         }
         Ok(code)
+    }
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        if !tls {
+            return ask(stream, host, &addr).await;
+        }
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|_| format!("{host} is not a name to send as TLS SNI"))?;
+        let stream = tokio_rustls::TlsConnector::from(probe_tls_config()?)
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS handshake with {addr} for {host} failed: {e}"))?;
+        ask(stream, host, &addr).await
     };
     tokio::time::timeout(Duration::from_secs(3), work)
         .await
         .map_err(|_| format!("{addr} did not answer within 3 s"))?
+}
+
+/// A TLS client for [`probe`]: HTTP/1.1, any server certificate (the handshake signatures are
+/// still checked).
+fn probe_tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Fails with the name of the container holding any of these host ports.
@@ -536,6 +818,125 @@ pub async fn check_ports_free(engine: &Engine, ports: &[u16], except: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn asked(v: &str) -> Option<Asked> {
+        Some(Asked {
+            value: v.into(),
+            from: "proxy.acme in luma.yml".into(),
+        })
+    }
+
+    #[test]
+    fn acme_drift_is_only_about_what_was_asked() {
+        let running = |env: &'static [(&'static str, &'static str)]| {
+            move |var: &str| {
+                env.iter()
+                    .find(|(k, _)| *k == var)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let apply = "run `luma proxy update`";
+        assert!(acme_drift("p", &AcmeSettings::default(), running(&[]), apply).is_empty());
+        // The default directory, asked explicitly, is what a proxy without the variable uses.
+        let le = AcmeSettings {
+            directory: asked(DEFAULT_ACME_DIRECTORY),
+            ..Default::default()
+        };
+        assert!(acme_drift("p", &le, running(&[]), apply).is_empty());
+        let want = AcmeSettings {
+            directory: asked("https://pebble:14000/dir"),
+            email: asked("ops@shop.test"),
+            ca_root_pem: asked("-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n"),
+        };
+        let d = acme_drift("p", &want, running(&[]), apply);
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(
+            d[0].contains("its default directory")
+                && d[0].contains("https://pebble:14000/dir")
+                && d[0].contains("luma proxy update")
+        );
+        assert!(d[1].contains("contact none, not ops@shop.test"));
+        assert!(d[2].contains("no extra CA root"));
+        let same = acme_drift(
+            "p",
+            &want,
+            running(&[
+                (ACME_DIRECTORY_ENV, "https://pebble:14000/dir"),
+                (ACME_EMAIL_ENV, "ops@shop.test"),
+                (
+                    ACME_CA_ROOT_ENV,
+                    "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----",
+                ),
+            ]),
+            apply,
+        );
+        assert!(same.is_empty(), "{same:?}");
+        let other_root = acme_drift(
+            "p",
+            &want,
+            running(&[
+                (ACME_DIRECTORY_ENV, "https://pebble:14000/dir"),
+                (ACME_EMAIL_ENV, "ops@shop.test"),
+                (
+                    ACME_CA_ROOT_ENV,
+                    "-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----",
+                ),
+            ]),
+            apply,
+        );
+        assert_eq!(other_root.len(), 1);
+        assert!(other_root[0].contains("another extra CA root"));
+    }
+
+    #[test]
+    fn the_proxy_gets_acme_settings_and_the_public_https_port_in_its_env() {
+        let dir = std::env::temp_dir().join(format!("luma-proxyenv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let root = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        std::fs::write(dir.join("root.pem"), &root).unwrap();
+        let cfg = crate::config::Config::parse(
+            "name: shop\nproxy: {acme: {directory: \"https://ca.test/dir\", email: a@shop.test}}\napps: {web: {image: x}}\n",
+            &dir.join("luma.yml"),
+        )
+        .map_err(|e| e.0)
+        .unwrap();
+        // The only test that sets these variables.
+        std::env::set_var("LUMA_ACME_EMAIL", "mailto:env@shop.test");
+        std::env::set_var("LUMA_ACME_CA_ROOT", dir.join("root.pem"));
+        std::env::set_var("LUMA_HTTPS_PORT", "127.0.0.1:18443");
+        let s = ProxySettings::resolve(&cfg);
+        std::env::set_var("LUMA_ACME_CA_ROOT", dir.join("missing.pem"));
+        let missing = ProxySettings::resolve(&cfg).unwrap_err();
+        std::env::set_var("LUMA_ACME_EMAIL", "not-an-address");
+        let bad_email = AcmeSettings::resolve(&cfg.acme, "luma.yml").unwrap_err();
+        for v in ["LUMA_ACME_EMAIL", "LUMA_ACME_CA_ROOT", "LUMA_HTTPS_PORT"] {
+            std::env::remove_var(v);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        let s = s.unwrap();
+        let env = s.env();
+        assert!(env.contains(&"LUMA_PROXY_ACME_DIRECTORY=https://ca.test/dir".to_string()));
+        assert!(env.contains(&"LUMA_PROXY_ACME_EMAIL=env@shop.test".to_string()));
+        assert!(env.contains(&format!("LUMA_PROXY_ACME_CA_ROOT_PEM={root}")));
+        assert!(env.contains(&"LUMA_PROXY_HTTPS_PUBLIC_PORT=18443".to_string()));
+        assert_eq!(s.acme.email.unwrap().from, "LUMA_ACME_EMAIL");
+        assert!(s
+            .acme
+            .directory
+            .unwrap()
+            .from
+            .contains("proxy.acme.directory"));
+        assert!(
+            missing.starts_with("LUMA_ACME_CA_ROOT=") && missing.contains("cannot read"),
+            "{missing}"
+        );
+        assert!(bad_email.starts_with("LUMA_ACME_EMAIL: "), "{bad_email}");
+    }
 
     #[test]
     fn tells_static_from_dynamic_binaries() {

@@ -1,6 +1,16 @@
 //! `.luma/secrets`: `KEY=VALUE` lines with `#` comments. Values never reach output, logs or
-//! errors: they only go into container environments, and [`Secrets::redact`] scrubs any text
-//! that is about to be shown.
+//! errors: they only go into container environments (and, for custom TLS certificates, into
+//! the proxy's deploy request on stdin), and [`Secrets::redact`] scrubs any text that is about
+//! to be shown.
+//!
+//! A value in double quotes may span lines and understands `\n`, `\"` and `\\` (as in
+//! dotenv files), which is how a PEM certificate or key is written:
+//!
+//! ```text
+//! TLS_CERT="-----BEGIN CERTIFICATE-----
+//! MIIB...
+//! -----END CERTIFICATE-----"
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +39,8 @@ impl Secrets {
             Err(e) => return Err(format!("{}: cannot read it: {e}", path.display())),
         };
         let mut values = BTreeMap::new();
-        for (i, line) in text.lines().enumerate() {
+        let mut lines = text.lines().enumerate();
+        while let Some((i, line)) = lines.next() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -50,9 +61,25 @@ impl Secrets {
                     i + 1
                 ));
             }
-            values.insert(k.to_string(), v.trim().to_string());
+            let v = v.trim();
+            let value = match v.strip_prefix('"') {
+                Some(rest) => quoted(rest, &mut lines).ok_or_else(|| {
+                    format!(
+                        "{}:{}: the quoted value of {k} has no closing '\"'",
+                        path.display(),
+                        i + 1
+                    )
+                })?,
+                None => v.to_string(),
+            };
+            values.insert(k.to_string(), value);
         }
         Ok(Secrets { path, values })
+    }
+
+    /// The value of one secret, if defined.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
     }
 
     /// `KEY=VALUE` for each requested key, or an error naming the missing keys.
@@ -87,6 +114,30 @@ impl Secrets {
     }
 }
 
+/// The rest of a double-quoted value after its opening quote, reading further lines until the
+/// closing quote; `None` when the file ends first. Text after the closing quote is ignored
+/// (e.g. a `# comment`).
+fn quoted<'t>(first: &'t str, more: &mut impl Iterator<Item = (usize, &'t str)>) -> Option<String> {
+    let mut out = String::new();
+    let mut line = first;
+    loop {
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => return Some(out),
+                '\\' => match chars.next() {
+                    Some('n') => out.push('\n'),
+                    Some(other) => out.push(other),
+                    None => out.push('\\'),
+                },
+                c => out.push(c),
+            }
+        }
+        out.push('\n');
+        line = more.next()?.1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +162,24 @@ mod tests {
             s.redact("failed: hunter2-long rejected"),
             "failed: [secret DB_PASSWORD] rejected"
         );
+        std::fs::write(
+            dir.join(".luma/secrets"),
+            "PEM=\"-----BEGIN X-----\nAAAA\n-----END X-----\"  # multi-line\nONE=\"a\\nb \\\"q\\\"\"\nPLAIN=\"x\n",
+        )
+        .unwrap();
+        let e = Secrets::load(&dir).unwrap_err();
+        assert!(e.contains(":5:") && e.contains("PLAIN"), "{e}");
+        std::fs::write(
+            dir.join(".luma/secrets"),
+            "PEM=\"-----BEGIN X-----\nAAAA\n-----END X-----\"  # multi-line\nONE=\"a\\nb \\\"q\\\"\"\n",
+        )
+        .unwrap();
+        let s = Secrets::load(&dir).unwrap();
+        assert_eq!(
+            s.get("PEM"),
+            Some("-----BEGIN X-----\nAAAA\n-----END X-----")
+        );
+        assert_eq!(s.get("ONE"), Some("a\nb \"q\""));
         std::fs::write(dir.join(".luma/secrets"), "TOKEN supersecretvalue\n").unwrap();
         let e = Secrets::load(&dir).unwrap_err();
         assert!(e.contains(":1:") && !e.contains("supersecretvalue"), "{e}");

@@ -70,6 +70,22 @@ impl Ui {
         }
     }
 
+    /// A progress line that replaces itself, on a terminal only (the lines before and after
+    /// it say what happened, so a log loses nothing).
+    pub fn progress(&self, msg: impl std::fmt::Display) {
+        if self.tty && !self.quiet {
+            eprint!("\r\x1b[2K  {msg}");
+            let _ = std::io::stderr().flush();
+        }
+    }
+
+    /// Clears the progress line.
+    pub fn progress_done(&self) {
+        if self.tty && !self.quiet {
+            eprint!("\r\x1b[2K");
+        }
+    }
+
     pub fn detail(&self, msg: impl std::fmt::Display) {
         if self.verbose {
             eprintln!("    {msg}");

@@ -28,6 +28,11 @@
 //! retired in settle.
 //!
 //! `rollback` is the same path for the containers of a retained release.
+//!
+//! After every app of a deploy is settled and the lock is released, the deploy asks the proxy
+//! for the certificates of its HTTPS hosts, waiting a bounded time (`--cert-wait`) for them
+//! to be issued. That wait is outside the phases: the releases are live and settled whatever
+//! it finds, and a pending certificate is reported, not a failure.
 
 pub mod id;
 mod prepare;
@@ -42,6 +47,8 @@ use crate::names;
 use crate::project::{self, Ctx};
 use crate::proxyctl;
 use bollard::models::ContainerSummary;
+use luma_api::tls::{CertState, CertificateStatus};
+use std::time::Duration;
 
 /// How a release ended when it did not simply succeed: what happened to the world.
 #[derive(Debug)]
@@ -189,12 +196,24 @@ pub struct AppUrl {
     pub answered: Result<u16, String>,
 }
 
-/// Deploys the selected apps (all when empty).
+/// What a successful deploy serves: its URLs (https for hosts with a certificate) and the
+/// certificate state of its HTTPS hosts.
+#[derive(Debug, Default)]
+pub struct Deployed {
+    pub urls: Vec<AppUrl>,
+    pub certificates: Vec<CertificateStatus>,
+    /// Why the proxy could not be asked about certificates (the deploy still succeeded).
+    pub certificates_error: Option<String>,
+}
+
+/// Deploys the selected apps (all when empty), then waits up to `cert_wait` for the
+/// certificates of their HTTPS hosts.
 pub async fn deploy(
     ctx: &Ctx<'_>,
     selected: &[String],
     force: bool,
-) -> Result<Vec<AppUrl>, ReleaseError> {
+    cert_wait: Duration,
+) -> Result<Deployed, ReleaseError> {
     let apps: Vec<&Entry> = if selected.is_empty() {
         ctx.cfg.apps.iter().collect()
     } else {
@@ -245,7 +264,21 @@ pub async fn deploy(
     lock.release(ctx.engine).await;
     crate::interrupt::settling(false);
     result.map_err(|e| e.after(&released))?;
-    Ok(urls(ctx, &apps).await)
+    let https_hosts: Vec<String> = apps
+        .iter()
+        .filter_map(|a| a.proxy.as_ref())
+        .filter(|p| p.ssl != crate::config::Ssl::Off)
+        .flat_map(|p| p.hosts.iter().cloned())
+        .collect();
+    let mut out = Deployed::default();
+    if !https_hosts.is_empty() {
+        match crate::tls::wait_for_certificates(ctx, &https_hosts, cert_wait).await {
+            Ok(c) => out.certificates = c,
+            Err(e) => out.certificates_error = Some(e),
+        }
+    }
+    out.urls = urls(ctx, &apps, &out.certificates).await;
+    Ok(out)
 }
 
 /// The next release id of an app (unique among its releases), checked before anything
@@ -284,21 +317,37 @@ fn refuse_host_port_redeploy(
     }
 }
 
-/// The URLs of the deployed apps, each probed through the proxy's real published port.
-async fn urls(ctx: &Ctx<'_>, apps: &[&Entry]) -> Vec<AppUrl> {
-    let base = proxyctl::published_http(ctx.engine, &ctx.proxy)
+/// The URLs of the deployed apps, each probed through the proxy's real published port: https
+/// (through the HTTPS port) for hosts with a certificate, http for the others.
+async fn urls(ctx: &Ctx<'_>, apps: &[&Entry], certificates: &[CertificateStatus]) -> Vec<AppUrl> {
+    let http = proxyctl::published(ctx.engine, &ctx.proxy, proxyctl::Scheme::Http)
+        .await
+        .ok()
+        .flatten();
+    let https = proxyctl::published(ctx.engine, &ctx.proxy, proxyctl::Scheme::Https)
         .await
         .ok()
         .flatten();
     let mut out = Vec::new();
     for app in apps {
         for h in app.proxy.iter().flat_map(|p| p.hosts.iter()) {
-            let answered = match &base {
+            let issued = certificates
+                .iter()
+                .any(|c| crate::tls::same_host(&c.host, h) && c.state == CertState::Issued);
+            let (scheme, base) = if issued {
+                ("https", &https)
+            } else {
+                ("http", &http)
+            };
+            let answered = match base {
                 Some(b) => proxyctl::probe(b, h).await,
-                None => Err("the proxy publishes no HTTP port on this host".into()),
+                None => Err(format!(
+                    "the proxy publishes no {} port on this host",
+                    scheme.to_uppercase()
+                )),
             };
             out.push(AppUrl {
-                url: format!("http://{h}"),
+                url: format!("{scheme}://{h}"),
                 via: base.clone(),
                 answered,
             });

@@ -263,6 +263,11 @@ impl<'c, 'a> Prepared<'c, 'a> {
         }
         if let Some(route) = &self.app.proxy {
             let target = format!("{}:{}", self.alias, route.app_port);
+            // Checked in preflight; checked again, as a certificate may expire in between.
+            let tls = match project::deploy_tls(ctx, &self.app) {
+                Ok(t) => t,
+                Err(e) => return Err(self.abandon(e).await),
+            };
             let req = DeployRequest {
                 route: RouteSpec {
                     project: ctx.project().into(),
@@ -276,11 +281,11 @@ impl<'c, 'a> Prepared<'c, 'a> {
                         ..RouteTimeouts::default()
                     },
                     limits: Default::default(),
-                    tls: None,
+                    tls: tls.tls,
                 },
                 deploy_timeout_ms: Some(self.app.health.deadline.as_millis() as u64),
                 drain_timeout_ms: Some(30_000),
-                certificate: None,
+                certificate: tls.certificate,
             };
             crate::interrupt::switching(true);
             let outcome = ctx
