@@ -8,6 +8,9 @@ if ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
   exit 1
 fi
 docker/build-images.sh dev
+# The HTTPS tests (docker_tls) run pebble from an image made of the host's Debian packages;
+# building it here fails early and clearly when they are missing (the tests reuse it).
+docker/pebble/image.sh >/dev/null
 # The Docker CLI tests run the `luma` binary itself.
 cargo build --workspace --locked
 log=$(mktemp)

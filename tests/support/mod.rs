@@ -3,7 +3,11 @@
 //! for 127.0.0.1.
 //!
 //! The tests use the `docker` CLI against the real engine. Docker missing is a failure, never a
-//! silent skip.
+//! silent skip. [`pebble`] runs a real ACME server for the HTTPS tests; [`tls`] has their test
+//! CA and HTTPS client.
+
+pub mod pebble;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -178,7 +182,7 @@ impl Drop for Lab {
     }
 }
 
-fn fastrand_u16() -> u16 {
+pub(crate) fn fastrand_u16() -> u16 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -369,47 +373,8 @@ impl Http {
             self.conn = Some(BufReader::new(s));
         }
         let r = self.conn.as_mut().unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n{}\r\n{body}",
-            body.len(),
-            if close { "Connection: close\r\n" } else { "" }
-        );
-        let res = (|| {
-            r.get_mut()
-                .write_all(head.as_bytes())
-                .map_err(|e| format!("write: {e}"))?;
-            let mut line = String::new();
-            r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
-            let status: u16 = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("bad status line {line:?}"))?;
-            let mut len = 0usize;
-            let mut server_closes = false;
-            loop {
-                let mut h = String::new();
-                r.read_line(&mut h).map_err(|e| format!("read: {e}"))?;
-                let h = h.trim_end().to_ascii_lowercase();
-                if h.is_empty() {
-                    break;
-                }
-                if h.starts_with("connection:") && h.contains("close") {
-                    server_closes = true;
-                }
-                if let Some(v) = h.strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut b = vec![0u8; len];
-            r.read_exact(&mut b)
-                .map_err(|e| format!("read body: {e}"))?;
-            Ok((
-                status,
-                String::from_utf8_lossy(&b).into_owned(),
-                server_closes,
-            ))
-        })();
+        let head = request_head(method, host, path, body, close);
+        let res = exchange(r, &head);
         let res = res.map(|(status, body, server_closes)| {
             if server_closes {
                 self.conn = None;
@@ -421,6 +386,57 @@ impl Http {
         }
         res
     }
+}
+
+/// An HTTP/1.1 request with `Host` and `Content-Length` (and `Connection: close` if `close`).
+pub fn request_head(method: &str, host: &str, path: &str, body: &str, close: bool) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n{}\r\n{body}",
+        body.len(),
+        if close { "Connection: close\r\n" } else { "" }
+    )
+}
+
+/// Writes `head` on a connection and reads one response with a Content-Length body:
+/// (status, body, whether the server closes the connection).
+pub fn exchange<S: Read + Write>(
+    r: &mut BufReader<S>,
+    head: &str,
+) -> Result<(u16, String, bool), String> {
+    r.get_mut()
+        .write_all(head.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line {line:?}"))?;
+    let mut len = 0usize;
+    let mut server_closes = false;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).map_err(|e| format!("read: {e}"))?;
+        let h = h.trim_end().to_ascii_lowercase();
+        if h.is_empty() {
+            break;
+        }
+        if h.starts_with("connection:") && h.contains("close") {
+            server_closes = true;
+        }
+        if let Some(v) = h.strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut b = vec![0u8; len];
+    r.read_exact(&mut b)
+        .map_err(|e| format!("read body: {e}"))?;
+    Ok((
+        status,
+        String::from_utf8_lossy(&b).into_owned(),
+        server_closes,
+    ))
 }
 
 /// A finished `luma` run: exit code and both streams.
