@@ -9,7 +9,20 @@ For each worker count (1 and 2):
   * CPU-seconds per 1,000 requests (from /proc, all of a contender's processes) and peak RSS.
 A "direct" run (no proxy) gives the ceiling. Nothing is asserted: the numbers are reported.
 
-Usage: benches/compare.py [--smoke] [--out docs/benchmarks.md]
+HTTPS (issue 9): luma-proxy, nginx and HAProxy terminate TLS with the same ECDSA P-256
+certificate for bench.test, made once per run with openssl (TlsKit), in front of the same
+backend, with the same worker counts and the TLS settings of peers/*-tls.* (reasons there). The
+clients pin TLS 1.3 with TLS_AES_128_GCM_SHA256 and X25519, so every contender negotiates the
+same, and reach bench.test on 127.0.0.1 with SNI bench.test. Per worker count:
+  * keep-alive HTTPS: wrk over https, 64 connections;
+  * new TLS handshakes: wrk with "Connection: close", every handshake full (tls/no_resume.c stops
+    wrk's session resumption; checked against nginx's $ssl_session_reused before the runs);
+  * HTTP/2 over TLS: h2load, 16 connections x 4 streams (64 in flight, like wrk).
+Before measuring, each contender is probed (tls_probe): 200 over h2 and HTTP/1.1 with the run's
+CA, X-Forwarded-Proto https, the same leaf, and what it negotiated; a contender that fails the
+probe stops the run (a harness error), a slow one never does. Only numbers are reported.
+
+Usage: benches/compare.py [--smoke] [--only http|tls] [--out docs/benchmarks.md]
 """
 import argparse
 import json
@@ -28,8 +41,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 BACKEND = 18100
 PORTS = {"luma-proxy": 18101, "nginx": 18102, "haproxy": 18103, "caddy": 18104}
+TLS_PORTS = {"luma-proxy": 18111, "nginx": 18112, "haproxy": 18113}
 ADMIN = 18191
 CLK = os.sysconf("SC_CLK_TCK")
+# The TLS contenders: the three the issue compares. Caddy is left out of HTTPS: it is at half of
+# nginx's rate already over plain HTTP, and every contender adds minutes to the run.
+TLS_NAMES = ["luma-proxy", "nginx", "haproxy"]
+TLS_HOST = "bench.test"  # .test: reserved, never a public name
+# What the clients offer, one choice each, so that all contenders negotiate the same: the
+# suite and group browsers use first.
+TLS13_SUITE = "TLS_AES_128_GCM_SHA256"
+TLS_GROUP = "X25519"
+H2_CONNECTIONS, H2_STREAMS = 16, 4
+TLS_METRICS = ("keepalive", "handshake", "h2")
 
 
 def render(template_path, values):
@@ -41,10 +65,13 @@ def render(template_path, values):
     return text
 
 
-def wait_port(port, timeout=10.0):
+def wait_port(port, timeout=10.0, proc=None):
+    """Waits until 127.0.0.1:port accepts; `proc` exiting first is an error at once."""
     import socket
     end = time.time() + timeout
     while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before listening on 127.0.0.1:{port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -92,28 +119,40 @@ def peak_rss_mib(pids):
 
 
 class Contender:
-    def __init__(self, name, workers, tmp):
+    """One proxy under test. With `tls` (a TlsKit) it terminates HTTPS on TLS_PORTS[name]."""
+
+    def __init__(self, name, workers, tmp, tls=None, handshake_log=None):
         self.name, self.workers, self.tmp, self.proc = name, workers, tmp, None
-        self.port = PORTS.get(name, BACKEND)
+        self.tls, self.handshake_log = tls, handshake_log
+        self.port = TLS_PORTS[name] if tls else PORTS.get(name, BACKEND)
 
     def start(self):
-        n, tmp, port = self.workers, self.tmp, self.port
+        n, tmp, port, kit = self.workers, self.tmp, self.port, self.tls
         fmt = dict(workers=n, tmp=tmp, port=port, backend_port=BACKEND)
+        if kit:
+            fmt.update(cert=kit.cert, key=kit.key, crt=kit.combined,
+                       access_log=f"{self.handshake_log} handshake" if self.handshake_log else "off")
         env = dict(os.environ)
         if self.name == "luma-proxy":
             state = os.path.join(tmp, "luma-state")
-            cmd = [f"{REL}/luma-proxy", "serve", "--http", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{ADMIN}",
+            cmd = [f"{REL}/luma-proxy", "serve", "--http", f"127.0.0.1:{PORTS['luma-proxy']}", "--admin", f"127.0.0.1:{ADMIN}",
                    "--state-dir", state, "--no-access-log", "--workers", str(n),
                    # The bench backend is a loopback ip:port, not an alias in a project network.
                    "--allow-literal-targets"]
+            if luma_has_https():
+                # Always on loopback (the default is 0.0.0.0:8443), also in the HTTP runs, where it
+                # stays idle. Bench routes have custom certificates or none: no CA is ever asked.
+                cmd += ["--https", f"127.0.0.1:{TLS_PORTS['luma-proxy']}"]
+                if "--acme-directory" in luma_serve_help():
+                    cmd += ["--acme-directory", "off"]
         elif self.name == "nginx":
             os.makedirs(os.path.join(tmp, "body"), exist_ok=True)
             conf = os.path.join(tmp, "nginx.conf")
-            open(conf, "w").write(render("benches/peers/nginx.conf.in", fmt))
+            open(conf, "w").write(render("benches/peers/nginx-tls.conf.in" if kit else "benches/peers/nginx.conf.in", fmt))
             cmd = ["nginx", "-p", tmp, "-c", conf, "-g", "daemon off;"]
         elif self.name == "haproxy":
             conf = os.path.join(tmp, "haproxy.cfg")
-            open(conf, "w").write(render("benches/peers/haproxy.cfg.in", fmt))
+            open(conf, "w").write(render("benches/peers/haproxy-tls.cfg.in" if kit else "benches/peers/haproxy.cfg.in", fmt))
             cmd = ["haproxy", "-db", "-f", conf]
         elif self.name == "caddy":
             conf = os.path.join(tmp, "Caddyfile")
@@ -126,11 +165,24 @@ class Contender:
         else:
             return  # direct: the backend is already running
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{self.name}.log"), "w"))
-        wait_port(port)
-        if self.name == "luma-proxy":
-            subprocess.run([f"{REL}/luma-proxy", "deploy", "--admin", f"127.0.0.1:{ADMIN}", "--state-dir", state,
-                            "--host", "127.0.0.1", "--project", "bench", "--target", f"127.0.0.1:{BACKEND}"],
-                           check=True, stdout=subprocess.DEVNULL)
+        try:
+            wait_port(port, proc=self.proc)
+            if self.name == "luma-proxy" and kit:
+                luma_deploy_tls(state, kit)
+            elif self.name == "luma-proxy":
+                subprocess.run([f"{REL}/luma-proxy", "deploy", "--admin", f"127.0.0.1:{ADMIN}", "--state-dir", state,
+                                "--host", "127.0.0.1", "--project", "bench", "--target", f"127.0.0.1:{BACKEND}"],
+                               check=True, stdout=subprocess.DEVNULL, timeout=60)
+        except (RuntimeError, subprocess.SubprocessError) as e:
+            self.stop()  # never leave a half-started contender holding the ports
+            raise RuntimeError(f"{self.name} ({' '.join(cmd[:2])}): {e}\n{self.log_tail()}") from e
+
+    def log_tail(self):
+        try:
+            with open(os.path.join(self.tmp, f"{self.name}.log")) as f:
+                return f.read()[-2000:]
+        except OSError:
+            return ""
 
     def pids(self):
         return tree_pids(self.proc.pid) if self.proc else []
@@ -145,14 +197,203 @@ class Contender:
                 self.proc.wait()
 
 
-def wrk(port, seconds):
-    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
-                         capture_output=True, text=True, check=True).stdout
+def luma_serve_help():
+    """`luma-proxy serve --help`: which flags this build has (HTTPS arrives with issue 9)."""
+    global _LUMA_HELP
+    if _LUMA_HELP is None:
+        r = subprocess.run([f"{REL}/luma-proxy", "serve", "--help"], capture_output=True, text=True)
+        _LUMA_HELP = r.stdout + r.stderr
+    return _LUMA_HELP
+
+
+_LUMA_HELP = None
+
+
+def luma_has_https():
+    return "--https" in luma_serve_help()
+
+
+def luma_deploy_tls(state, kit):
+    """Deploys bench.test with the run's certificate as a custom certificate, the way `luma`
+    does it: one `luma_api::Request` on stdin of `luma-proxy call` (the key never in argv)."""
+    route = {"project": "bench", "hosts": [TLS_HOST], "target": f"127.0.0.1:{BACKEND}",
+             "tls": {"certificate": {"custom": {"sha256": kit.sha256}}, "redirect": False, "hsts": False}}
+    req = {"deploy": {"route": route, "certificate": {"chain_pem": kit.cert_pem, "key_pem": kit.key_pem},
+                      "deploy_timeout_ms": 30_000}}
+    r = subprocess.run([f"{REL}/luma-proxy", "call", "--admin", f"127.0.0.1:{ADMIN}", "--state-dir", state],
+                       input=json.dumps(req), capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"luma-proxy refused the HTTPS route for {TLS_HOST}: {(r.stdout or r.stderr).strip()[:500]}")
+
+
+class TlsKit:
+    """The run's certificate and the clients' TLS files, made once per run in `tmp`.
+
+    One ECDSA P-256 CA and one ECDSA P-256 leaf for bench.test signed by it (2 days). Every
+    contender serves the leaf alone, so the same bytes go on the wire; clients that verify
+    (curl, openssl s_client) trust the CA. wrk and h2load do not verify certificates at all.
+    """
+
+    def __init__(self, tmp):
+        d = os.path.join(tmp, "tls")
+        os.makedirs(d, mode=0o700)
+        self.ca, self.cert, self.key, self.combined = (os.path.join(d, f) for f in ("ca.pem", "leaf.pem", "leaf.key", "leaf+key.pem"))
+        ca_key, csr, ext = (os.path.join(d, f) for f in ("ca.key", "leaf.csr", "leaf.ext"))
+        with open(ext, "w") as f:
+            f.write(f"subjectAltName=DNS:{TLS_HOST}\nbasicConstraints=critical,CA:FALSE\n"
+                    "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+        p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        for cmd in (["openssl", "req", "-x509", *p256, "-keyout", ca_key, "-out", self.ca, "-days", "2",
+                     "-subj", "/CN=luma bench CA"],
+                    ["openssl", "req", "-new", *p256, "-keyout", self.key, "-out", csr, "-subj", f"/CN={TLS_HOST}"],
+                    ["openssl", "x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", ca_key, "-CAcreateserial",
+                     "-days", "2", "-sha256", "-extfile", ext, "-out", self.cert]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:3])}: {r.stderr.strip()[:500]}")
+        self.cert_pem, self.key_pem = open(self.cert).read(), open(self.key).read()
+        with open(self.combined, "w") as f:
+            f.write(self.cert_pem + self.key_pem)
+        self.sha256 = pem_sha256(self.cert_pem)
+        # wrk takes no TLS options: OpenSSL's config file pins its suite and group instead.
+        self.client_conf = os.path.join(d, "client-openssl.cnf")
+        with open(self.client_conf, "w") as f:
+            f.write("openssl_conf = conf\n[conf]\nssl_conf = ssl\n[ssl]\nsystem_default = client\n"
+                    f"[client]\nMinProtocol = TLSv1.3\nCiphersuites = {TLS13_SUITE}\nGroups = {TLS_GROUP}\n")
+        self.resolve_lua = os.path.join(ROOT, "benches", "tls", "resolve.lua")
+        self.no_resume = os.path.join(d, "no_resume.so")
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if not cc:
+            raise RuntimeError("no C compiler (cc): needed to build benches/tls/no_resume.c for the handshake runs")
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", self.no_resume,
+                        os.path.join(ROOT, "benches", "tls", "no_resume.c"), "-ldl"], check=True)
+
+
+def pem_sha256(pem):
+    """SHA-256 (hex) of the first certificate's DER in a PEM text: the name a custom
+    certificate goes by in `RouteTls`."""
+    import base64
+    import hashlib
+    m = re.search(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", pem, re.S)
+    if not m:
+        raise RuntimeError("no certificate in PEM")
+    return hashlib.sha256(base64.b64decode("".join(m.group(1).split()))).hexdigest()
+
+
+def wrk(port, seconds, kit=None, close=False):
+    """wrk saturation: (req/s, requests, errors). With `kit`: https://bench.test on 127.0.0.1;
+    `close`: "Connection: close", one full handshake per request (no_resume.so)."""
+    if kit is None:
+        cmd, env = ["wrk", "-t2", "-c64", f"-d{seconds}s", f"http://127.0.0.1:{port}/"], None
+    else:
+        cmd = ["wrk", "-t2", "-c64", f"-d{seconds}s", "-s", kit.resolve_lua, f"https://{TLS_HOST}:{port}/"]
+        env = dict(os.environ, OPENSSL_CONF=kit.client_conf)
+        if close:
+            cmd[1:1] = ["-H", "Connection: close"]
+            env["LD_PRELOAD"] = kit.no_resume
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     reqs = int(re.search(r"(\d+) requests in", out).group(1))
     errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
     return rps, reqs, errors + non2xx
+
+
+def h2load(port, seconds, kit):
+    """h2load over TLS with ALPN h2: (req/s, requests, errors)."""
+    threads = 2
+    out = subprocess.run(["h2load", "-t", str(threads), "-c", str(H2_CONNECTIONS), "-m", str(H2_STREAMS), "-D", str(seconds),
+                          f"--tls13-ciphers={TLS13_SUITE}", f"--groups={TLS_GROUP}", "--npn-list=h2",
+                          f"--connect-to=127.0.0.1:{port}", f"https://{TLS_HOST}:{port}/"],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"finished in [^,]+, ([\d.]+) req/s", out)
+    counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    proto = re.search(r"Application protocol: (\S+)", out)
+    if not m or not counts or not proto or proto.group(1) != "h2":
+        raise RuntimeError(f"h2load against port {port} did not run over h2:\n{out[-1500:]}")
+    succeeded, failed, errored, timeout = (int(counts.group(i)) for i in (4, 5, 6, 7))
+    status_errors = sum(int(x) for x in re.findall(r"(\d+) [45]xx", out))
+    return float(m.group(1)), succeeded, failed + errored + timeout + status_errors
+
+
+def tls_probe(port, kit):
+    """What a contender does over TLS, checked with clients that verify against the run's CA.
+    Raises if it does not answer 200 over h2 and HTTP/1.1, does not send X-Forwarded-Proto
+    https, or serves another certificate than the run's leaf."""
+    def curl(version, path):
+        r = subprocess.run(["curl", "-sS", version, "--max-time", "5", "--cacert", kit.ca,
+                            "--resolve", f"{TLS_HOST}:{port}:127.0.0.1", "-w", "\n%{http_version} %{http_code}",
+                            f"https://{TLS_HOST}:{port}{path}"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"curl {version} https://{TLS_HOST}:{port}{path}: {r.stderr.strip()}")
+        body, _, status = r.stdout.rpartition("\n")
+        return body, status
+
+    for version, want in (("--http2", "2 200"), ("--http1.1", "1.1 200")):
+        _, status = curl(version, "/")
+        if status != want:
+            raise RuntimeError(f"{TLS_HOST}:{port} {version}: got '{status}', want '{want}' (HTTP version, status)")
+    headers, _ = curl("--http2", "/_demo/headers")
+    if not re.search(r"^x-forwarded-proto:\s*https\s*$", headers, re.I | re.M):
+        raise RuntimeError(f"{TLS_HOST}:{port} did not send X-Forwarded-Proto: https to the backend:\n{headers[:800]}")
+
+    sess = os.path.join(os.path.dirname(kit.cert), f"session-{port}.pem")
+    def s_client(extra):
+        req = f"GET / HTTP/1.1\r\nHost: {TLS_HOST}\r\nConnection: close\r\n\r\n"
+        r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", TLS_HOST,
+                            "-verify_hostname", TLS_HOST, "-CAfile", kit.ca, "-verify_return_error", "-alpn", "http/1.1",
+                            "-groups", TLS_GROUP, "-ciphersuites", TLS13_SUITE, "-ign_eof", *extra],
+                           input=req, capture_output=True, text=True, timeout=15)
+        return r.stdout + r.stderr
+    first = s_client(["-sess_out", sess])
+    again = s_client(["-sess_in", sess])
+    session = re.search(r"^(New|Reused), (TLSv[\d.]+), Cipher is (\S+)", first, re.M)
+    group = re.search(r"(?:Server Temp Key|Negotiated TLS1.3 group): (\w+)", first)
+    leaf = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", first, re.S)
+    if not session or "Verify return code: 0 (ok)" not in first or not leaf:
+        raise RuntimeError(f"openssl s_client against {TLS_HOST}:{port} failed:\n{first[-1500:]}")
+    if pem_sha256(leaf.group(0)) != kit.sha256:
+        raise RuntimeError(f"{TLS_HOST}:{port} served another certificate than the run's leaf")
+    return {"protocol": session.group(2), "cipher": session.group(3), "group": group.group(1) if group else "?",
+            "tickets": first.count("Post-Handshake New Session Ticket arrived"),
+            "resumes": bool(re.search(r"^Reused, ", again, re.M))}
+
+
+def tls_probe_until(c, kit, deadline_s=15.0):
+    """tls_probe, retried until the contender is ready (luma-proxy loads the certificate the
+    deploy sent) or the deadline passes; the last error is raised."""
+    end = time.time() + deadline_s
+    while True:
+        try:
+            return tls_probe(c.port, kit)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            if time.time() > end:
+                raise RuntimeError(f"{c.name} ({c.workers} workers) over TLS: {e}\n{c.name} log:\n{c.log_tail()}") from e
+            time.sleep(0.2)
+
+
+def check_full_handshakes(kit, tmp):
+    """Shows what the handshake runs measure: wrk with "Connection: close" against nginx,
+    whose log says per request whether the handshake was resumed. Without no_resume.so wrk
+    resumes; with it every handshake must be full, or the run stops."""
+    log = os.path.join(tmp, "handshakes.log")
+    c = Contender("nginx", 1, tempfile.mkdtemp(dir=tmp), tls=kit, handshake_log=log)
+    c.start()
+    counts = {}
+    try:
+        for shim in (False, True):
+            open(log, "w").close()
+            env = dict(os.environ, OPENSSL_CONF=kit.client_conf, **({"LD_PRELOAD": kit.no_resume} if shim else {}))
+            subprocess.run(["wrk", "-t1", "-c4", "-d1s", "-H", "Connection: close", "-s", kit.resolve_lua,
+                            f"https://{TLS_HOST}:{c.port}/"], capture_output=True, text=True, check=True, env=env)
+            lines = [l.split() for l in open(log).read().splitlines() if l.strip()]
+            counts[shim] = {"requests": len(lines), "resumed": sum(1 for l in lines if l[0] == "r"),
+                            "negotiated": sorted({" ".join(l[1:]) for l in lines})}
+    finally:
+        c.stop()
+    if counts[True]["requests"] == 0 or counts[True]["resumed"] != 0:
+        raise RuntimeError(f"no_resume.so did not stop wrk resuming TLS sessions: {counts[True]}")
+    return {"without": counts[False], "with": counts[True]}
 
 
 def loadgen(port, rate, seconds):
@@ -170,81 +411,150 @@ def version(cmd):
         return "not installed"
 
 
+def measure(pids, repeats, run):
+    """`run()` -> (rate, requests, errors), `repeats` times: median rate, median CPU-seconds per
+    1,000 requests over `pids`, summed errors."""
+    runs, cpu = [], []
+    for _ in range(repeats):
+        before = cpu_seconds(pids)
+        rate, reqs, errs = run()
+        cpu.append((cpu_seconds(pids) - before) / max(reqs, 1) * 1000)
+        runs.append((rate, errs))
+    return {"rps": statistics.median(r for r, _ in runs), "errors": sum(e for _, e in runs), "cpu_per_1k": statistics.median(cpu)}
+
+
+def run_http(worker_counts, names, seconds, repeats, tmp, backend):
+    results = {}
+    for n in worker_counts:
+        for name in names:
+            c = Contender(name, n, tempfile.mkdtemp(dir=tmp))
+            c.start()
+            try:
+                wrk(c.port, 1)  # warm-up: pools filled, caches hot
+                pids = c.pids() if name != "direct" else tree_pids(backend.pid)
+                results[(n, name)] = measure(pids, repeats, lambda: wrk(c.port, seconds))
+                results[(n, name)]["rss"] = peak_rss_mib(pids) if name != "direct" else None
+            finally:
+                c.stop()
+            print(f"workers={n} {name}: {results[(n, name)]['rps']:.0f} req/s", file=sys.stderr)
+        rate = int(results[(n, "nginx")]["rps"] / 2)
+        for name in names:
+            c = Contender(name, n, tempfile.mkdtemp(dir=tmp))
+            c.start()
+            try:
+                fixed = [loadgen(c.port, rate, seconds) for _ in range(repeats)]
+            finally:
+                c.stop()
+            r = results[(n, name)]
+            r["rate"] = rate
+            for k in ("p50_us", "p99_us", "p999_us"):
+                r[k] = statistics.median(f[k] for f in fixed)
+            r["fixed_failed"] = sum(f["non_2xx"] + f["socket_errors"] + f["timeouts"] for f in fixed)
+    return results
+
+
+def run_tls(worker_counts, tls_names, seconds, repeats, tmp, kit):
+    """The HTTPS rows. A contender that cannot serve HTTPS here (a luma-proxy built before
+    issue 9) is reported as skipped, with the reason; every other failure stops the run."""
+    results, probes, skipped = {}, {}, {}
+    if "luma-proxy" in tls_names and not luma_has_https():
+        skipped["luma-proxy"] = "this luma-proxy build has no --https listener"
+    for n in worker_counts:
+        for name in tls_names:
+            if name in skipped:
+                continue
+            c = Contender(name, n, tempfile.mkdtemp(dir=tmp), tls=kit)
+            c.start()
+            try:
+                probes[(n, name)] = tls_probe_until(c, kit)
+                wrk(c.port, 1, kit)  # warm-up: pools filled, caches hot
+                pids = c.pids()
+                r = {"keepalive": measure(pids, repeats, lambda: wrk(c.port, seconds, kit)),
+                     "handshake": measure(pids, repeats, lambda: wrk(c.port, seconds, kit, close=True)),
+                     "h2": measure(pids, repeats, lambda: h2load(c.port, seconds, kit))}
+                r["rss"] = peak_rss_mib(pids)
+                results[(n, name)] = r
+            finally:
+                c.stop()
+            print(f"workers={n} {name} TLS: " + ", ".join(f"{m} {r[m]['rps']:.0f}/s" for m in TLS_METRICS), file=sys.stderr)
+    return results, probes, skipped
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="1 s runs, 1 repeat, 1 worker: checks the harness, not speed")
+    ap.add_argument("--only", choices=["http", "tls"], help="run one part; the report then has only that part")
+    ap.add_argument("--contenders", help="comma-separated subset to run (nginx is always kept: the ratios are to it)")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     a = ap.parse_args()
     seconds, repeats, worker_counts = (1, 1, [1]) if a.smoke else (a.seconds, a.repeats, [1, 2])
     names = ["direct", "luma-proxy", "nginx", "haproxy"] + (["caddy"] if shutil.which("caddy") else [])
+    tls_names = list(TLS_NAMES)
+    if a.contenders:
+        keep = set(a.contenders.split(",")) | {"nginx"} | ({"direct"} if a.only != "tls" else set())
+        unknown = keep - set(names) - set(TLS_NAMES)
+        if unknown:
+            ap.error(f"unknown contenders: {', '.join(sorted(unknown))}")
+        names, tls_names = [n for n in names if n in keep], [n for n in tls_names if n in keep]
     tmp = tempfile.mkdtemp(prefix="luma-bench-")
     backend = subprocess.Popen([f"{REL}/luma-demo-backend"], env=dict(os.environ, PORT=str(BACKEND), BIND="127.0.0.1", DEMO_BODY_BYTES="1024"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = {}
+    http = tls = None
+    started = time.time()
     try:
         wait_port(BACKEND)
-        for n in worker_counts:
-            for name in names:
-                c = Contender(name, n, tempfile.mkdtemp(dir=tmp))
-                c.start()
-                try:
-                    wrk(c.port, 1)  # warm-up: pools filled, caches hot
-                    pids = c.pids() if name != "direct" else tree_pids(backend.pid)
-                    runs, cpu = [], []
-                    for _ in range(repeats):
-                        before = cpu_seconds(pids)
-                        rps, reqs, errs = wrk(c.port, seconds)
-                        cpu.append((cpu_seconds(pids) - before) / max(reqs, 1) * 1000)
-                        runs.append((rps, errs))
-                    results[(n, name)] = {"rps": statistics.median(r for r, _ in runs), "errors": sum(e for _, e in runs),
-                                          "cpu_per_1k": statistics.median(cpu), "rss": peak_rss_mib(pids) if name != "direct" else None}
-                finally:
-                    c.stop()
-                print(f"workers={n} {name}: {results[(n, name)]['rps']:.0f} req/s", file=sys.stderr)
-            rate = int(results[(n, "nginx")]["rps"] / 2)
-            for name in names:
-                c = Contender(name, n, tempfile.mkdtemp(dir=tmp))
-                c.start()
-                try:
-                    fixed = [loadgen(c.port, rate, seconds) for _ in range(repeats)]
-                finally:
-                    c.stop()
-                r = results[(n, name)]
-                r["rate"] = rate
-                for k in ("p50_us", "p99_us", "p999_us"):
-                    r[k] = statistics.median(f[k] for f in fixed)
-                r["fixed_failed"] = sum(f["non_2xx"] + f["socket_errors"] + f["timeouts"] for f in fixed)
+        if a.only != "tls":
+            http = run_http(worker_counts, names, seconds, repeats, tmp, backend)
+        if a.only != "http":
+            kit = TlsKit(tmp)
+            resumption = check_full_handshakes(kit, tmp)
+            tls = run_tls(worker_counts, tls_names, seconds, repeats, tmp, kit) + (resumption, tls_names)
     finally:
         backend.terminate()
         backend.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-    write(a, results, worker_counts, names, seconds, repeats)
+    print(f"compare.py: {time.time() - started:.0f} s", file=sys.stderr)
+    write(a, http, tls, worker_counts, names, seconds, repeats)
 
 
-def write(a, results, worker_counts, names, seconds, repeats):
+def write(a, http, tls, worker_counts, names, seconds, repeats):
     cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
     lines = [
         "# luma-proxy benchmarks",
         "",
-        "Generated by `benches/compare.py`" + (" in smoke mode (numbers are not meaningful)" if a.smoke else "") + f" on {time.strftime('%Y-%m-%d')}.",
+        "Generated by `benches/compare.py`" + (" in smoke mode (numbers are not meaningful)" if a.smoke else "")
+        + (f" (`--only {a.only}`)" if a.only else "") + f" on {time.strftime('%Y-%m-%d')}.",
         "",
         f"- Machine: {os.cpu_count()} cores ({cpu.group(1) if cpu else platform.processor()}), {platform.system()} {platform.release()}",
         f"- Versions: luma-proxy {version([f'{REL}/luma-proxy', '--version']).split()[-1]}; {version(['nginx', '-v'])}; "
-        f"{version(['haproxy', '-v'])}; caddy {version(['caddy', 'version'])}; {version(['wrk', '-v'])}",
+        f"{version(['haproxy', '-v'])}; caddy {version(['caddy', 'version'])}; {version(['wrk', '-v'])}; "
+        f"{version(['h2load', '--version'])}; {version(['openssl', 'version'])}",
         f"- Backend: luma-demo-backend on 127.0.0.1:{BACKEND}, 1 KiB body, keep-alive. Every contender: access logs off, "
         "X-Forwarded-For/-Proto/-Host and X-Request-Id added, upstream keep-alive pool. Configs with reasons: `benches/peers/`.",
-        f"- Saturation: `wrk -t2 -c64 -d{seconds}s`, median of {repeats}. Fixed rate: `luma-loadgen --connections 64 --rate R` "
-        f"(open loop, latency from the due time) at R = half of nginx's saturation rate, {seconds} s, median of {repeats}.",
         "- CPU: user+system seconds of all the contender's processes per 1,000 requests in the saturation runs "
         "(the load generator shares the 2 cores, so absolute numbers are lower than on a dedicated client). RSS: peak (VmHWM), summed over processes.",
         "",
     ]
+    if http:
+        lines += write_http(http, worker_counts, names, seconds, repeats)
+    if tls:
+        lines += write_tls(*tls, worker_counts, seconds, repeats)
+    lines += ["Reproduce: `benches/run.sh` (installs the peers from Debian, builds release binaries, runs this); "
+              "`benches/run.sh --only tls` runs the HTTPS part alone.", ""]
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    open(a.out, "w").write("\n".join(lines))
+    print("\n".join(lines))
+
+
+def write_http(results, worker_counts, names, seconds, repeats):
+    lines = ["## HTTP", "", f"Saturation: `wrk -t2 -c64 -d{seconds}s`, median of {repeats}. Fixed rate: `luma-loadgen --connections 64 --rate R` "
+             f"(open loop, latency from the due time) at R = half of nginx's saturation rate, {seconds} s, median of {repeats}.", ""]
     for n in worker_counts:
         nginx = results[(n, "nginx")]["rps"]
         direct = results[(n, "direct")]["rps"]
-        lines += [f"## {n} worker{'s' if n > 1 else ''}", "",
+        lines += [f"### HTTP, {n} worker{'s' if n > 1 else ''}", "",
                   "| contender | req/s | vs nginx | vs direct | fixed rate | p50 | p99 | p99.9 | CPU s / 1k req | peak RSS | errors |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in names:
@@ -255,10 +565,65 @@ def write(a, results, worker_counts, names, seconds, repeats):
                 f"{r['p50_us'] / 1000:.2f} ms | {r['p99_us'] / 1000:.2f} ms | {r['p999_us'] / 1000:.2f} ms | "
                 f"{r['cpu_per_1k']:.3f} | {rss} | {r['errors'] + r['fixed_failed']} |")
         lines.append("")
-    lines += ["Reproduce: `benches/run.sh` (installs the peers from Debian, builds release binaries, runs this).", ""]
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    open(a.out, "w").write("\n".join(lines))
-    print("\n".join(lines))
+    return lines
+
+
+def write_tls(results, probes, skipped, resumption, tls_names, worker_counts, seconds, repeats):
+    without, with_shim = resumption["without"], resumption["with"]
+    lines = [
+        "## HTTPS", "",
+        f"- Certificate: one ECDSA P-256 leaf for `{TLS_HOST}` from a P-256 CA, both made with openssl for each run; every "
+        "contender sends the leaf alone. luma-proxy gets it as the route's custom certificate (a deploy through `luma-proxy call`); "
+        "nginx and HAProxy from files (`benches/peers/nginx-tls.conf.in`, `haproxy-tls.cfg.in`, with reasons).",
+        "- Servers, all three: TLS 1.2 and 1.3; groups X25519, P-256, P-384; the client's cipher order decides; resumption "
+        "through stateless session tickets (2 TLS 1.3 tickets per full handshake) plus a server-side session cache, as "
+        "luma-proxy sets up rustls; nginx and HAProxy are set to match (the table below shows what each did).",
+        f"- Clients offer TLS 1.3 only, `{TLS13_SUITE}`, `{TLS_GROUP}` (wrk through `OPENSSL_CONF`, h2load with "
+        f"`--tls13-ciphers`/`--groups`), SNI `{TLS_HOST}`, connecting to 127.0.0.1 (`benches/tls/resolve.lua` for wrk, "
+        "`--connect-to` for h2load). wrk and h2load do not verify certificates; the probe before the runs uses curl and "
+        "`openssl s_client` against the run's CA.",
+        f"- Keep-alive: `wrk -t2 -c64 -d{seconds}s` over https, median of {repeats}.",
+        f"- New TLS handshakes: the same with `-H 'Connection: close'`, one TLS connection per request, median of {repeats}. "
+        f"These are **full handshakes** (ECDHE and an ECDSA signature each): wrk alone resumes sessions (TLS 1.3 PSK); in the "
+        f"check before the runs nginx logged {without['resumed']:,} of {without['requests']:,} handshakes as resumed without "
+        f"`benches/tls/no_resume.c` preloaded into wrk, {with_shim['resumed']:,} of {with_shim['requests']:,} with it. "
+        "wrk's own handshake work (ECDHE, verifying the ECDSA signature) takes a large share of the cores in this row, "
+        "so the ratios, not the absolute rates, are what to compare.",
+        f"- HTTP/2: `h2load -t2 -c{H2_CONNECTIONS} -m{H2_STREAMS} -D{seconds}` with ALPN h2 ({H2_CONNECTIONS * H2_STREAMS} "
+        f"requests in flight, as wrk's 64), median of {repeats}.",
+        "",
+        "Negotiated, as the probe saw it (`openssl s_client`, verified; h2 and HTTP/1.1 by curl):", "",
+        "| contender | protocol | cipher | group | tickets per full handshake | resumes a session | 200 over h2 and HTTP/1.1, X-Forwarded-Proto https, the run's leaf |",
+        "|---|---|---|---|---:|---|---|",
+    ]
+    first = worker_counts[0]
+    for name in tls_names:
+        if name in skipped:
+            lines.append(f"| {name} | skipped: {skipped[name]} | | | | | |")
+            continue
+        p = probes[(first, name)]
+        lines.append(f"| {name} | {p['protocol']} | {p['cipher']} | {p['group']} | {p['tickets']} | "
+                     f"{'yes' if p['resumes'] else 'no'} | yes |")
+    lines.append("")
+    for n in worker_counts:
+        nginx = results[(n, "nginx")]
+        lines += [f"### HTTPS, {n} worker{'s' if n > 1 else ''}", "",
+                  "| contender | keep-alive req/s | vs nginx | full handshakes/s | vs nginx | HTTP/2 req/s | vs nginx | "
+                  "CPU s / 1k req (keep-alive / handshakes / h2) | peak RSS | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in tls_names:
+            if name in skipped:
+                lines.append(f"| {name} | skipped: {skipped[name]} | | | | | | | | |")
+                continue
+            r = results[(n, name)]
+            cells = []
+            for m in TLS_METRICS:
+                cells += [f"{r[m]['rps']:,.0f}", f"{r[m]['rps'] / nginx[m]['rps']:.2f}"]
+            cpu = " / ".join(f"{r[m]['cpu_per_1k']:.3f}" for m in TLS_METRICS)
+            errors = sum(r[m]["errors"] for m in TLS_METRICS)
+            lines.append(f"| {name} | {' | '.join(cells)} | {cpu} | {r['rss']:.1f} MiB | {errors} |")
+        lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Installs the benchmark peers and load tools from Debian: nginx, haproxy, wrk, and caddy if it
-# installs. Services are not started by the install (policy-rc.d), so nothing binds port 80.
+# Installs the benchmark peers and load tools from Debian: nginx, haproxy, wrk, h2load
+# (nghttp2-client, for HTTP/2 over TLS), openssl and curl (the HTTPS certificate and probe), and
+# caddy if it installs. Services are not started by the install (policy-rc.d), so nothing binds
+# port 80.
 set -euo pipefail
 need=()
-for tool in nginx haproxy wrk; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
+# command -> Debian package
+for pair in nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl curl:curl; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
 want_caddy=0
 command -v caddy >/dev/null 2>&1 || want_caddy=1
 if [ ${#need[@]} -eq 0 ] && [ $want_caddy -eq 0 ]; then exit 0; fi
