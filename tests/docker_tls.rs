@@ -11,7 +11,7 @@
 
 use luma_integration_tests::pebble::{Pebble, PebbleOptions};
 use luma_integration_tests::tls::{
-    curl_http_location, curl_https, handshake, roots, served_leaf, Https, TestCa,
+    curl_http_location, curl_https, curl_https_as, handshake, roots, served_leaf, Https, TestCa,
 };
 use luma_integration_tests::*;
 use serde_json::Value;
@@ -127,13 +127,47 @@ fn wait_state(proxy: &str, host: &str, state: &str) -> Value {
     .unwrap_or_else(|| panic!("{host} never reached {state}: {last:?}"))
 }
 
-/// A counter from `luma-proxy metrics`, summed over the series whose labels contain `label`.
-fn metric(proxy: &str, name: &str, label: &str) -> f64 {
-    let text = docker(&["exec", proxy, "luma-proxy", "metrics"]).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// The value of one series of `luma-proxy metrics`: `name` with exactly `labels` (as written
+/// between the braces, e.g. `result="issued"`). A missing series fails the test: it must not
+/// read as 0.
+fn metric(proxy: &str, name: &str, labels: &str) -> f64 {
+    let text = docker(&["exec", proxy, "luma-proxy", "metrics"]).unwrap_or_else(|e| panic!("{e}"));
+    let series = format!("{name}{{{labels}}} ");
+    let values: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(series.as_str()))
+        .collect();
+    match values.as_slice() {
+        [v] => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{series}{v}: {e}")),
+        _ => {
+            panic!("expected one series {series}in the proxy's metrics, found {values:?}:\n{text}")
+        }
+    }
+}
+
+/// The proxy's structured events (its stderr, one JSON object per line), in order.
+fn proxy_events(proxy: &str) -> Vec<Value> {
+    let out = std::process::Command::new("docker")
+        .args(["logs", proxy])
+        .output()
+        .expect("docker logs");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["msg"].is_string())
+        .collect()
+}
+
+/// The proxy's events about `host` (a `host` field), from the `skip`th event on.
+fn host_events(proxy: &str, host: &str, skip: usize) -> Vec<Value> {
+    proxy_events(proxy)
+        .into_iter()
+        .skip(skip)
+        .filter(|e| e["host"] == host)
+        .collect()
 }
 
 fn unix_now() -> u64 {
@@ -323,22 +357,66 @@ fn http01_issues_at_deploy_redirects_only_issued_hosts_and_survives_restart() {
         "a pending host got a certificate: {h:?}"
     );
 
-    // Restart: the same certificate is served at once, and nothing is ordered.
+    // Restart: the same certificate is served at once, and nothing is ordered. The checks
+    // wait for the restarted proxy's decision about the restored certificate (its host task
+    // logs the host with the time it will renew, or an order), so an order placed just after
+    // the restart is not missed.
     let before = served_leaf(&https_addr, &shop, &issuing).unwrap();
     let issued_before = pebble.issued_count();
+    let events_before = proxy_events(&lab.proxy).len();
     lab.luma_ok(&dir, &["proxy", "restart"]);
     let after = wait_for(Duration::from_secs(30), || {
         served_leaf(&https_addr, &shop, &issuing).ok()
     })
     .expect("no HTTPS for the issued host after `luma proxy restart`");
     assert!(after == before, "a different certificate after restart");
-    wait_state(&lab.proxy, &shop, "issued");
+    let ordering = |e: &Value| {
+        let msg = e["msg"].as_str().unwrap_or_default();
+        msg.contains("order") || msg.contains("issued") || msg.contains("unusable")
+    };
+    let decided = wait_for(Duration::from_secs(30), || {
+        host_events(&lab.proxy, &shop, events_before)
+            .into_iter()
+            .find(|e| e["renew_at"].is_u64() || ordering(e))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the restarted proxy never logged its decision about {shop}'s restored certificate \
+             (an event with the host and its renew_at): {:#?}",
+            proxy_events(&lab.proxy).split_off(events_before)
+        )
+    });
+    assert!(
+        !ordering(&decided) && decided["renew_at"].as_u64().is_some_and(|r| r > unix_now()),
+        "the restarted proxy did not keep the restored certificate: {decided}"
+    );
+    let view = wait_state(&lab.proxy, &shop, "issued");
+    assert!(
+        view["renew_at"].as_u64().is_some_and(|r| r > unix_now()),
+        "{view}"
+    );
+    assert!(
+        served_leaf(&https_addr, &shop, &issuing).unwrap() == before,
+        "a different certificate after restart"
+    );
     assert_eq!(
-        metric(&lab.proxy, "luma_acme_orders_total", "result=\"issued\""),
+        metric(
+            &lab.proxy,
+            "luma_proxy_acme_orders_total",
+            "result=\"issued\""
+        ),
         0.0,
         "the restarted proxy ordered a certificate"
     );
     assert_eq!(pebble.issued_count(), issued_before, "pebble issued again");
+    let orders: Vec<Value> = host_events(&lab.proxy, &shop, events_before)
+        .into_iter()
+        .filter(ordering)
+        .collect();
+    assert!(
+        orders.is_empty(),
+        "the restarted proxy ordered: {orders:#?}"
+    );
 }
 
 /// Port 80 closed to the CA (pebble's httpPort points where nothing listens): the certificate
@@ -367,12 +445,41 @@ fn tls_alpn01_when_http_is_closed_to_the_ca_and_renewal_before_expiry() {
         curl_https(&host, lab.https_port, "/", &root).unwrap(),
         (200, "2".to_string())
     );
-    // HTTP-01 could not have worked: pebble only ever reached a closed port for it.
-    let logs = pebble.logs();
+    // The certificate came over TLS-ALPN-01, after HTTP-01 failed: the proxy says so (its
+    // orders and the challenge that worked), its counters agree, and pebble's own log shows
+    // no HTTP-01 validation of the host that succeeded and a non-HTTP one that did.
+    let events = host_events(&lab.proxy, &host, 0);
+    let orders: Vec<&str> = events
+        .iter()
+        .filter(|e| e["msg"] == "certificate order placed")
+        .filter_map(|e| e["challenge"].as_str())
+        .collect();
+    assert_eq!(orders, ["http-01", "tls-alpn-01"], "{events:#?}");
+    let issued: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["msg"] == "certificate issued")
+        .collect();
     assert!(
-        !logs.contains(&format!("http://{host}:8080/")),
-        "pebble reached the proxy's HTTP port: {logs}"
+        matches!(issued.as_slice(), [e] if e["challenge"] == "tls-alpn-01"),
+        "{events:#?}"
     );
+    assert_eq!(
+        metric(
+            &lab.proxy,
+            "luma_proxy_acme_orders_total",
+            "result=\"failed\""
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &lab.proxy,
+            "luma_proxy_acme_orders_total",
+            "result=\"issued\""
+        ),
+        1.0
+    );
+    assert_tls_alpn_only(&pebble, &host, 1);
 
     // Renewal: at one third of the lifetime left, a new certificate replaces the old one
     // without a deploy, and the served certificate verifies.
@@ -404,6 +511,33 @@ fn tls_alpn01_when_http_is_closed_to_the_ca_and_renewal_before_expiry() {
         curl_https(&host, lab.https_port, "/", &root).unwrap().0,
         200
     );
+    // The renewal used the challenge that worked (and HTTP-01 never did).
+    assert_tls_alpn_only(&pebble, &host, 2);
+}
+
+/// Pebble validated `host` at least `at_least` times without HTTP (TLS-ALPN-01: the proxy
+/// only answers HTTP-01 and TLS-ALPN-01, and pebble logs only HTTP-01 fetches), and every
+/// HTTP-01 validation of it failed.
+fn assert_tls_alpn_only(pebble: &Pebble, host: &str, at_least: usize) {
+    let all = pebble
+        .validations(host)
+        .unwrap_or_else(|e| panic!("{e}\n{}", pebble.logs()));
+    let http_valid: Vec<_> = all
+        .iter()
+        .filter(|v| !v.http_urls.is_empty() && v.valid == Some(true))
+        .collect();
+    assert!(
+        http_valid.is_empty(),
+        "an HTTP-01 validation of {host} succeeded: {http_valid:?}"
+    );
+    let alpn_valid = all
+        .iter()
+        .filter(|v| v.http_urls.is_empty() && v.valid == Some(true))
+        .count();
+    assert!(
+        alpn_valid >= at_least,
+        "{alpn_valid} TLS-ALPN-01 validations of {host} succeeded, expected {at_least}: {all:?}"
+    );
 }
 
 /// Secrets file lines for a custom certificate and key (quoted PEM spanning lines).
@@ -416,7 +550,8 @@ fn tls_secrets(cert_pem: &str, key_pem: &str) -> String {
 }
 
 /// Two projects each get their own certificate; an unknown SNI and no SNI get no certificate
-/// at all. A custom certificate is served as is; a mismatched one is refused at deploy, with
+/// at all; a request for one project's host on a connection made for the other's is refused
+/// (421). A custom certificate is served as is; a mismatched one is refused at deploy, with
 /// the hosts named, and nothing changes.
 #[test]
 fn own_certificate_per_project_no_certificate_for_unknown_sni_and_custom_certificates() {
@@ -425,8 +560,8 @@ fn own_certificate_per_project_no_certificate_for_unknown_sni_and_custom_certifi
     let a = format!("a.{}.test", lab.prefix);
     let b = format!("b.{}.test", lab.prefix);
     let c = format!("c.{}.test", lab.prefix);
-    let (adir, _) = project(&lab, &pebble, "a", &yaml(&pebble, &[&a], "true", ""));
-    let (bdir, _) = project(&lab, &pebble, "b", &yaml(&pebble, &[&b], "true", ""));
+    let (adir, aproject) = project(&lab, &pebble, "a", &yaml(&pebble, &[&a], "true", ""));
+    let (bdir, bproject) = project(&lab, &pebble, "b", &yaml(&pebble, &[&b], "true", ""));
     setup_proxy(&lab, &pebble, &adir);
     luma_all(&lab, &adir, &["deploy"]);
     luma_all(&lab, &bdir, &["deploy"]);
@@ -439,6 +574,30 @@ fn own_certificate_per_project_no_certificate_for_unknown_sni_and_custom_certifi
     let leaf_a = served_leaf(&https_addr, &a, &issuing).unwrap();
     let leaf_b = served_leaf(&https_addr, &b, &issuing).unwrap();
     assert!(leaf_a != leaf_b, "two projects' hosts share a certificate");
+    // A connection made for one project's host never reaches another project's app: a request
+    // for project B's host on a connection whose SNI (and certificate) is project A's is
+    // answered 421 Misdirected Request, over HTTP/1.1 and h2, while A's own host is served.
+    let mut for_a = Https::new(&https_addr, &a, &issuing);
+    let (s, body) = for_a.get("/").unwrap();
+    assert_eq!(
+        (s, body_json(&body)["project"].as_str()),
+        (200, Some(aproject.as_str()))
+    );
+    let misdirected = Https::with_sni(&https_addr, &a, &b, &issuing).get("/");
+    assert!(
+        !matches!(&misdirected, Ok((200, body)) if body_json(body)["project"] == bproject.as_str()),
+        "SNI {a} (project A) with Host {b} reached project B's app"
+    );
+    assert!(
+        matches!(misdirected, Ok((421, _))),
+        "SNI {a} with Host {b}: {misdirected:?}"
+    );
+    let root = root_file(&adir, &pebble);
+    assert_eq!(
+        curl_https_as(&a, Some(&b), lab.https_port, "/", &root),
+        Ok((421, "2".to_string())),
+        "SNI {a} with :authority {b} over h2"
+    );
     let unknown = format!("unknown.{}.test", lab.prefix);
     for sni in [Some(unknown.as_str()), None] {
         let h = handshake(&https_addr, sni, &issuing, &["h2", "http/1.1"]);

@@ -185,6 +185,52 @@ pub fn no_public_certificate(host: &str) -> Option<String> {
     ))
 }
 
+/// Whether a certificate whose subjectAltName DNS names are `names` covers `host` (a route's
+/// host pattern or a request's host): an exact name, or `*.parent` for a host exactly one
+/// label under `parent`. A wildcard host pattern `*.parent` needs the same wildcard name (no
+/// single name covers every host a wildcard route matches). Case and a trailing dot are
+/// ignored on both sides. The one rule for the CLI's preflight and the proxy's gate and
+/// handshakes.
+pub fn certificate_covers<S: AsRef<str>>(names: &[S], host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    names.iter().any(|n| {
+        let n = n.as_ref().trim_end_matches('.').to_ascii_lowercase();
+        if n == host {
+            return true;
+        }
+        match (n.strip_prefix("*."), host.split_once('.')) {
+            (Some(parent), Some((label, rest))) => {
+                !label.is_empty() && label != "*" && rest == parent
+            }
+            _ => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod covers_tests {
+    use super::certificate_covers as covers;
+
+    #[test]
+    fn exact_names_and_one_label_wildcards() {
+        let names = ["*.shop.test", "shop.test", "Other.TEST."];
+        assert!(covers(&names, "shop.test"));
+        assert!(covers(&names, "a.shop.test"));
+        assert!(covers(&names, "A.Shop.Test."));
+        assert!(covers(&names, "other.test"));
+        assert!(!covers(&names, "a.b.shop.test"), "one label only");
+        assert!(!covers(&names, ".shop.test"), "an empty label is no host");
+        assert!(!covers(&names, "www.other.test"));
+        assert!(covers(&names, "*.shop.test"), "the same wildcard");
+        assert!(
+            !covers(&["a.shop.test"], "*.shop.test"),
+            "a wildcard route needs a wildcard name"
+        );
+        assert!(!covers(&["*.shop.test"], "*.a.shop.test"));
+        assert!(!covers::<&str>(&[], "shop.test"));
+    }
+}
+
 #[cfg(test)]
 mod public_ca_tests {
     use super::no_public_certificate;

@@ -12,6 +12,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Let's Encrypt's production ACME directory: the proxy's default, and what `luma` compares a
+/// running proxy's setting with.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
 /// A route's HTTPS settings. Absent: HTTP only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -56,7 +56,7 @@ const ACME_EMAIL_ENV: &str = "LUMA_PROXY_ACME_EMAIL";
 const ACME_CA_ROOT_ENV: &str = "LUMA_PROXY_ACME_CA_ROOT_PEM";
 const HTTPS_PUBLIC_PORT_ENV: &str = "LUMA_PROXY_HTTPS_PUBLIC_PORT";
 /// The proxy's default directory (Let's Encrypt production), what an unset one means.
-const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+const DEFAULT_ACME_DIRECTORY: &str = luma_api::tls::LETS_ENCRYPT_DIRECTORY;
 
 impl AcmeSettings {
     /// `proxy.acme` from luma.yml (`file`), each key overridden by its `LUMA_ACME_*` variable

@@ -289,22 +289,10 @@ fn check_key(who: &SecretNames, key_pem: &str, cert_public: &[u8]) -> Result<(),
     }
 }
 
-/// Whether a certificate with these DNS names covers `host`: an exact name, or `*.suffix` for
-/// a host with exactly one more label (a host pattern `*.suffix` needs the same wildcard).
+/// Whether a certificate with these DNS names covers `host` (the rule is
+/// [`luma_api::names::certificate_covers`], shared with the proxy's gate).
 pub fn covers(names: &[String], host: &str) -> bool {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    names.iter().any(|n| {
-        let n = n.trim_end_matches('.').to_ascii_lowercase();
-        if n == host {
-            return true;
-        }
-        match (n.strip_prefix("*."), host.split_once('.')) {
-            (Some(suffix), Some((label, rest))) => {
-                !label.is_empty() && label != "*" && rest == suffix
-            }
-            _ => false,
-        }
-    })
+    luma_api::names::certificate_covers(names, host)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -91,8 +91,9 @@ impl ProxyConfig {
     }
 }
 
-/// Let's Encrypt's production directory, the default ACME directory.
-pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's production directory, the default ACME directory (defined once, in
+/// `luma_api`, so `luma` compares against the same value).
+pub const LETS_ENCRYPT: &str = luma_api::tls::LETS_ENCRYPT_DIRECTORY;
 
 /// ACME settings (`--acme-*`). Orders are placed per host in the background (see `tls::acme`).
 #[derive(Clone, Debug)]
@@ -103,7 +104,9 @@ pub struct AcmeSettings {
     pub email: Option<String>,
     /// Extra roots (PEM) trusted for the directory's HTTPS, next to the public web roots.
     pub ca_roots_pem: Option<String>,
-    /// First wait after a failed order; doubles on every failure in a row up to `retry_max`.
+    /// First wait after a failed attempt; doubles on every failure in a row up to `retry_max`.
+    /// An attempt may place two orders (HTTP-01, then TLS-ALPN-01), so a short first wait
+    /// would spend the hourly cap in minutes.
     pub retry_min: Duration,
     pub retry_max: Duration,
     /// Orders one host may place in any hour.
@@ -116,7 +119,7 @@ impl Default for AcmeSettings {
             directory: Some(LETS_ENCRYPT.into()),
             email: None,
             ca_roots_pem: None,
-            retry_min: Duration::from_secs(60),
+            retry_min: Duration::from_secs(5 * 60),
             retry_max: Duration::from_secs(6 * 3600),
             orders_per_hour: 5,
         }

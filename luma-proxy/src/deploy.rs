@@ -19,10 +19,15 @@
 //! - step 1 also checks a custom certificate (sent with the deploy, or already held for the
 //!   project under the sha256 the route names): leaf sha256, key, validity, every host
 //!   covered; a refusal (422 `invalid`, the reason named) changes nothing;
-//! - step 5 stores a custom certificate sent with the deploy (0600) before the table is saved,
-//!   and after the swap the certificate state follows the new table (`Tls::sync`): ACME
-//!   orders for hosts without a certificate start then, in the background; hosts that left
-//!   the table (a remove, a redeploy without them) are forgotten by the SNI book at once.
+//! - step 5 stores a custom certificate sent with the deploy (0600) before the table is saved
+//!   (one the gate found already held must still be held then, or the deploy is refused with
+//!   nothing changed), and after the swap the certificate state follows the new table
+//!   (`Tls::sync`): ACME orders for hosts without a certificate start then, in the
+//!   background; hosts that left the table (a remove, a redeploy without them) are forgotten
+//!   by the SNI book at once; custom certificates the table no longer names are deleted;
+//! - a deploy of a route (an identical repeat too: it is the user's way to say "try again",
+//!   e.g. after fixing DNS) makes its ACME hosts still waiting for a certificate order again
+//!   at once, past their backoff but never past the hourly cap.
 //!
 //! When the reply arrives, the old containers carry no proxy traffic and may be disconnected
 //! and stopped. `check` runs steps 3-4 alone; `remove` runs 5 and 6 with the route taken out.
@@ -144,6 +149,9 @@ impl Deployer {
         let key = spec.key();
         let _lock = self.router.lock(&key).await;
         if let Some(live) = self.router.get(&key).filter(|l| l.spec == spec) {
+            if let Some(tls) = &self.tls {
+                tls.retry_pending(&spec);
+            }
             return Ok(DeployOutcome {
                 route: live.spec.clone(),
                 backends: live.reports(),
@@ -167,6 +175,9 @@ impl Deployer {
                 return Err(e);
             }
         };
+        if let Some(tls) = &self.tls {
+            tls.retry_pending(&candidate.spec);
+        }
         crate::log::info(
             "route switched",
             serde_json::json!({"route": key.to_string(), "target": candidate.spec.target, "hosts": candidate.spec.hosts}),
@@ -235,13 +246,17 @@ impl Deployer {
         if let Change::Install(svc, _) = &change {
             next.push(svc.spec.clone());
         }
-        if let (Change::Install(_, Some(custom)), Some(tls)) = (&change, &self.tls) {
-            tls.store_custom(custom).map_err(|e| {
-                err(
-                    ErrorKind::NotSaved,
-                    format!("the custom certificate could not be saved ({e}); the route was not changed"),
-                )
-            })?;
+        match (&change, &self.tls) {
+            (Change::Install(_, Some(custom)), Some(tls)) => {
+                tls.store_custom(custom).map_err(|e| {
+                    err(
+                        ErrorKind::NotSaved,
+                        format!("the custom certificate could not be saved ({e}); the route was not changed"),
+                    )
+                })?;
+            }
+            (Change::Install(svc, None), Some(tls)) => tls.still_holds(&svc.spec)?,
+            _ => {}
         }
         next.sort_by_key(|s| s.key());
         if let Some(state) = &self.state {
@@ -264,7 +279,9 @@ impl Deployer {
             Change::Remove(key) => Ok(self.router.remove(&key)),
         };
         if let (Ok(_), Some(tls)) = (&applied, &self.tls) {
-            tls.sync(&self.router.specs());
+            let now = self.router.specs();
+            tls.sync(&now);
+            tls.prune_custom(&now);
         }
         // Ownership was checked under this lock, so only a poisoned table lock gets here; the
         // file then holds a change that did not happen: put the table back, and say "unknown".

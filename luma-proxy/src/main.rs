@@ -101,7 +101,7 @@ struct ServeArgs {
     #[arg(long, env = "LUMA_PROXY_ACME_CA_ROOT_PEM", hide = true)]
     acme_ca_root_pem: Option<String>,
     /// First wait after a failed order; doubles per failure in a row up to --acme-retry-max.
-    #[arg(long, env = "LUMA_PROXY_ACME_RETRY_MIN", default_value = "1m", value_parser = parse_duration)]
+    #[arg(long, env = "LUMA_PROXY_ACME_RETRY_MIN", default_value = "5m", value_parser = parse_duration)]
     acme_retry_min: Duration,
     /// Longest wait between failed orders (360m = 6 h).
     #[arg(long, env = "LUMA_PROXY_ACME_RETRY_MAX", default_value = "360m", value_parser = parse_duration)]

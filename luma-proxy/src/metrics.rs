@@ -123,12 +123,12 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register(
-            "luma_acme_orders",
+            "luma_proxy_acme_orders",
             "ACME orders that ended, by result (issued or failed)",
             orders,
         );
         registry.register(
-            "luma_tls_handshake_failures",
+            "luma_proxy_tls_handshake_failures",
             "TLS handshakes that failed (unknown or missing SNI, protocol errors, timeouts)",
             m.tls_handshake_failures.clone(),
         );
@@ -260,7 +260,7 @@ pub fn check_label_name(k: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `luma_certificate_expiry_timestamp_seconds{project,host}`, read at scrape time.
+/// `luma_proxy_certificate_expiry_timestamp_seconds{project,host}`, read at scrape time.
 struct ExpiryCollector {
     certs: Arc<ArcSwap<Vec<(String, String, u64)>>>,
 }
@@ -278,7 +278,7 @@ impl Collector for ExpiryCollector {
             return Ok(());
         }
         let mut m = encoder.encode_descriptor(
-            "luma_certificate_expiry_timestamp_seconds",
+            "luma_proxy_certificate_expiry_timestamp_seconds",
             "When the certificate served for a host expires (Unix seconds)",
             None,
             MetricType::Gauge,

@@ -19,6 +19,11 @@
 //!   body was not read whole). A chunked body's first chunk, read before anything goes
 //!   upstream, gets the same bound: 408.
 //!
+//! HTTPS answers ahead of routing: on the TLS listener, a request whose Host the connection's
+//! certificate does not cover, or whose route is in another project than that certificate's,
+//! gets 421 (`misdirected`); on plain HTTP, ACME HTTP-01 tokens the proxy ordered and
+//! the 308 to https once the host's own certificate is usable (`tls_answer`).
+//!
 //! Bodies stream both ways and are never buffered whole. The in-flight count of a backend runs
 //! until the response body ends (or a tunnel closes), which is what deploy drains on.
 //!
@@ -32,6 +37,7 @@ use crate::headers;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::service::Service;
+use crate::tls::book::Entry;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -411,14 +417,30 @@ impl Body for ResponseBody {
     }
 }
 
+/// Which listener a context serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    /// As `X-Forwarded-Proto` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
 /// What the request path needs, shared by every connection.
 pub struct ProxyCtx {
     pub router: Arc<Router>,
     pub metrics: Arc<Metrics>,
     pub access_log: bool,
-    /// `http` or `https`: the listener this context serves (`X-Forwarded-Proto`, redirects,
-    /// HSTS).
-    pub proto: &'static str,
+    /// The listener this context serves (`X-Forwarded-Proto`, redirects, HSTS, 421).
+    pub scheme: Scheme,
     /// Peers whose forwarded headers are believed (see `headers`).
     pub trusted_proxies: headers::TrustedProxies,
     /// Certificates held and ACME HTTP-01 tokens in flight (None: no HTTPS at all).
@@ -458,11 +480,12 @@ fn tls_answer(
         }
         return None;
     }
-    if ctx.proto != "http" {
+    if ctx.scheme != Scheme::Http {
         return None;
     }
-    let tls = service?.spec.tls.as_ref()?;
-    if !tls.redirect || !certs.usable(&host, luma_api::time::unix_now()) {
+    let service = service?;
+    let tls = service.spec.tls.as_ref()?;
+    if !tls.redirect || !certs.usable(&host, &service.spec.project, luma_api::time::unix_now()) {
         return None;
     }
     let port = match ctx.https_public_port {
@@ -481,6 +504,28 @@ fn tls_answer(
     );
     r.headers_mut().insert(hyper::header::LOCATION, location);
     Some(r)
+}
+
+/// On HTTPS, a request whose Host the connection's certificate (picked by SNI at the
+/// handshake) does not cover, or whose route is in another project than that certificate's,
+/// is answered 421 (RFC 9110 section 15.5.20): the client connects again for that name and
+/// gets that host's own certificate. HTTP/2 clients reuse one connection for every name its
+/// certificate covers; within one project that is served as usual.
+fn misdirected(
+    req: &Request<Incoming>,
+    service: Option<&Arc<Service>>,
+    cert: Option<&Entry>,
+) -> Option<Response<ResponseBody>> {
+    let cert = cert?;
+    let host = headers::request_host(req.uri(), req.headers())
+        .map(crate::router::normalize_request_host)?;
+    if cert.serves(&host, service.map(|s| s.spec.project.as_str())) {
+        return None;
+    }
+    Some(local_response(
+        StatusCode::MISDIRECTED_REQUEST,
+        "421 this connection's certificate is not for this host; connect again with this host's name\n",
+    ))
 }
 
 /// A short plain-text answer that says what went wrong and leaks nothing about other projects.
@@ -512,10 +557,13 @@ fn lookup(ctx: &ProxyCtx, req: &Request<Incoming>) -> Option<Arc<Service>> {
     headers::request_host(req.uri(), req.headers()).and_then(|h| ctx.router.lookup(h))
 }
 
+/// Serves one request. `cert`: on HTTPS, the certificate the connection's handshake was
+/// admitted with (see `tls::book`).
 pub async fn handle(
     ctx: Arc<ProxyCtx>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    cert: Option<&Entry>,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     // Only the access log needs owned copies of the request line.
@@ -530,14 +578,16 @@ pub async fn handle(
         Some(refused) => (refused, None),
         None => {
             service = lookup(&ctx, &req);
-            match tls_answer(&ctx, &req, service.as_ref()) {
+            match misdirected(&req, service.as_ref(), cert)
+                .or_else(|| tls_answer(&ctx, &req, service.as_ref()))
+            {
                 Some(answer) => (answer, None),
                 None => route(&ctx, &mut service, req, peer).await,
             }
         }
     };
     let mut resp = resp;
-    if ctx.proto == "https"
+    if ctx.scheme == Scheme::Https
         && service
             .as_ref()
             .and_then(|s| s.spec.tls.as_ref())
@@ -721,7 +771,7 @@ async fn forward(
     headers::prepare_upstream(
         &mut parts,
         peer.ip(),
-        ctx.proto,
+        ctx.scheme.as_str(),
         &ctx.trusted_proxies,
         upgrade,
     );

@@ -24,7 +24,7 @@ use crate::config::ProxyConfig;
 use crate::deploy::Deployer;
 use crate::idle::ConnIo;
 use crate::metrics::Metrics;
-use crate::proxy::{self, ProxyCtx};
+use crate::proxy::{self, ProxyCtx, Scheme};
 use crate::resolve::Resolver;
 use crate::router::Router;
 use crate::state::StateStore;
@@ -113,9 +113,11 @@ impl Proxy {
         let resolver = Arc::new(Resolver::new(cfg.dns, cfg.self_name.clone())?);
         let state = Arc::new(StateStore::new(&cfg.state_dir));
         let metrics = Arc::new(Metrics::new(router.clone(), &cfg.metrics_labels)?);
-        let tls = Tls::new(&cfg, resolver.clone(), metrics.clone())?;
+        // Never fails on ACME settings (ACME is then off, with the reason in every status).
+        let tls = Tls::new(&cfg, resolver.clone(), metrics.clone());
         let acceptor = TlsListen {
             acceptor: tokio_rustls::TlsAcceptor::from(tls.server_config()?),
+            book: tls.book.clone(),
             handshake_timeout: cfg.tls_handshake_timeout,
         };
         let deployer = Arc::new(
@@ -138,7 +140,7 @@ impl Proxy {
             router: router.clone(),
             metrics: metrics.clone(),
             access_log: cfg.access_log,
-            proto: "http",
+            scheme: Scheme::Http,
             trusted_proxies: cfg.trusted_proxies.clone(),
             certs: Some(tls.book.clone()),
             https_public_port: cfg.https_public_port,
@@ -147,7 +149,7 @@ impl Proxy {
             router,
             metrics: metrics.clone(),
             access_log: cfg.access_log,
-            proto: "https",
+            scheme: Scheme::Https,
             trusted_proxies: cfg.trusted_proxies.clone(),
             certs: Some(tls.book.clone()),
             https_public_port: cfg.https_public_port,
@@ -166,7 +168,7 @@ impl Proxy {
             cfg.max_connections.min(Semaphore::MAX_PERMITS),
         ));
         let mut tasks = vec![
-            tokio::spawn(serve_http(
+            tokio::spawn(serve_listener(
                 http,
                 ctx.clone(),
                 cfg.clone(),
@@ -174,7 +176,7 @@ impl Proxy {
                 rx.clone(),
                 None,
             )),
-            tokio::spawn(serve_http(
+            tokio::spawn(serve_listener(
                 https,
                 https_ctx.clone(),
                 cfg.clone(),
@@ -273,7 +275,7 @@ impl RunningProxy {
                         ) {
                             (Ok(l), Ok(tl)) => {
                                 tokio::join!(
-                                    serve_http(
+                                    serve_listener(
                                         l,
                                         ctx,
                                         cfg.clone(),
@@ -281,7 +283,7 @@ impl RunningProxy {
                                         rx.clone(),
                                         None
                                     ),
-                                    serve_http(tl, https_ctx, cfg, limit, rx, Some(acceptor)),
+                                    serve_listener(tl, https_ctx, cfg, limit, rx, Some(acceptor)),
                                 );
                             }
                             (Err(e), _) | (_, Err(e)) => crate::log::error(
@@ -386,16 +388,19 @@ impl Drop for Slot {
     }
 }
 
-/// What the HTTPS listener adds to a connection: the handshake, under its own deadline.
+/// What the HTTPS listener adds to a connection: the handshake, under its own deadline, and
+/// the book's word on the certificate it may go on with.
 #[derive(Clone)]
 struct TlsListen {
     acceptor: tokio_rustls::TlsAcceptor,
+    book: Arc<crate::tls::book::CertBook>,
     handshake_timeout: Duration,
 }
 
-/// One listener's accept loop: plain HTTP, or HTTPS with `tls`. Both take the same slot of the
-/// global limit and the same ConnIo timeouts (under TLS, on the raw socket).
-async fn serve_http(
+/// One listener's accept loop: plain HTTP, or HTTPS with `tls` (the handshake, then the
+/// certificate check, then HTTP). Both take the same slot of the global limit and the same
+/// ConnIo timeouts (under TLS, on the raw socket).
+async fn serve_listener(
     listener: TcpListener,
     ctx: Arc<ProxyCtx>,
     cfg: ProxyConfig,
@@ -449,12 +454,12 @@ async fn serve_http(
                 let _ = end.wait_for(|e| *e).await;
             }))
             .with_slot(Box::new(slot));
-        let c = ctx.clone();
-        let svc = service_fn(move |req| {
-            let c = c.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(c, req, peer).await) }
-        });
         let Some(tls) = &tls else {
+            let c = ctx.clone();
+            let svc = service_fn(move |req| {
+                let c = c.clone();
+                async move { Ok::<_, Infallible>(proxy::handle(c, req, peer, None).await) }
+            });
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), svc)
                 .into_owned();
@@ -464,11 +469,11 @@ async fn serve_http(
             });
             continue;
         };
-        let (tls, builder, watcher, metrics) = (
+        let (tls, builder, watcher, c) = (
             tls.clone(),
             builder.clone(),
             graceful.watcher(),
-            ctx.metrics.clone(),
+            ctx.clone(),
         );
         tokio::spawn(async move {
             let stream =
@@ -476,14 +481,28 @@ async fn serve_http(
                     Ok(Ok(s)) => s,
                     // An unknown or missing SNI ends here too: rustls sent the alert.
                     Ok(Err(_)) | Err(_) => {
-                        metrics.count_handshake_failure();
+                        c.metrics.count_handshake_failure();
                         return;
                     }
                 };
+            let session = stream.get_ref().1;
             // A TLS-ALPN-01 validator only needs the handshake (RFC 8737).
-            if stream.get_ref().1.alpn_protocol() == Some(crate::tls::book::ACME_TLS_ALPN) {
+            if session.alpn_protocol() == Some(crate::tls::book::ACME_TLS_ALPN) {
                 return;
             }
+            // A resumed session skipped the book: ask it now. A host that left its route,
+            // moved to another project, or whose certificate expired gets no connection.
+            let Some(cert) = session
+                .server_name()
+                .and_then(|sni| tls.book.admit(sni, luma_api::time::unix_now()))
+            else {
+                c.metrics.count_handshake_failure();
+                return;
+            };
+            let svc = service_fn(move |req| {
+                let (c, cert) = (c.clone(), cert.clone());
+                async move { Ok::<_, Infallible>(proxy::handle(c, req, peer, Some(&cert)).await) }
+            });
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();

@@ -1,7 +1,7 @@
 //! ACME against a real CA: Debian's pebble and pebble-challtestsrv on loopback, validating
-//! against the in-process proxy's own HTTP and HTTPS ports. Skipped (with a message) where
-//! pebble is not installed. Every test starts its own pebble on free loopback ports and kills
-//! it when it ends, pass or fail.
+//! against the in-process proxy's own HTTP and HTTPS ports. Never skipped: where pebble is not
+//! installed the tests fail and say how to install it. Every test starts its own pebble on
+//! free loopback ports and kills it when it ends, pass or fail.
 
 mod common;
 mod tls_support;
@@ -33,6 +33,8 @@ struct Pebble {
     pub ca_pem: String,
     management: u16,
     challtest: u16,
+    dns: u16,
+    port: u16,
 }
 
 impl Drop for Pebble {
@@ -45,13 +47,12 @@ impl Drop for Pebble {
     }
 }
 
-fn installed() -> bool {
-    let ok =
-        Path::new("/usr/bin/pebble").exists() && Path::new("/usr/bin/pebble-challtestsrv").exists();
-    if !ok {
-        eprintln!("pebble is not installed (apt-get install pebble): skipping");
-    }
-    ok
+/// Fails the test where pebble is missing: these tests are part of the suite, not optional.
+fn require_pebble() {
+    assert!(
+        Path::new("/usr/bin/pebble").exists() && Path::new("/usr/bin/pebble-challtestsrv").exists(),
+        "pebble is not installed: install it (apt-get install pebble) to run the ACME tests"
+    );
 }
 
 impl Pebble {
@@ -83,6 +84,8 @@ impl Pebble {
             ca_pem: ca.pem(),
             management,
             challtest,
+            dns,
+            port,
         };
         let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
         p.children.push(
@@ -106,20 +109,33 @@ impl Pebble {
                 .spawn()
                 .unwrap(),
         );
-        p.children.push(
-            Command::new("/usr/bin/pebble")
-                .arg("-config")
-                .arg(dir.join("pebble.json"))
-                .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
-                .env("PEBBLE_VA_NOSLEEP", "1")
-                .env("PEBBLE_WFE_NONCEREJECT", "0")
-                .env("PEBBLE_AUTHZREUSE", "0")
-                .stdout(log("pebble.log"))
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        for port in [port, management, challtest] {
+        let ca = p.spawn_ca();
+        p.children.push(ca);
+        p.wait_listening().await;
+        p
+    }
+
+    fn spawn_ca(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("pebble.log"))
+            .unwrap();
+        Command::new("/usr/bin/pebble")
+            .arg("-config")
+            .arg(self.dir.join("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{}", self.dns)])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    async fn wait_listening(&self) {
+        for port in [self.port, self.management, self.challtest] {
             eventually("pebble listening", 20, || async move {
                 tokio::net::TcpStream::connect(("127.0.0.1", port))
                     .await
@@ -128,7 +144,16 @@ impl Pebble {
             })
             .await;
         }
-        p
+    }
+
+    /// Restarts the CA on the same ports: pebble keeps nothing, so every account is gone.
+    async fn restart_ca(&mut self) {
+        let mut old = self.children.pop().expect("pebble runs");
+        let _ = old.kill();
+        let _ = old.wait();
+        let ca = self.spawn_ca();
+        self.children.push(ca);
+        self.wait_listening().await;
     }
 
     /// The root pebble issues under (new on every start).
@@ -203,6 +228,13 @@ async fn issued(proxy: &RunningProxy, host: &str) -> CertificateStatus {
     .await
 }
 
+/// The orders placed for `host` (per host, whatever its project).
+fn orders(dir: &Path, host: &str) -> usize {
+    let p = dir.join(format!("tls/orders/{host}.json"));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    v["orders"].as_array().unwrap().len()
+}
+
 fn meta(dir: &Path, project: &str, host: &str) -> serde_json::Value {
     let p = dir.join(format!("tls/projects/{project}/hosts/{host}/meta.json"));
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -210,9 +242,7 @@ fn meta(dir: &Path, project: &str, host: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http01_issues_at_deploy_redirects_after_and_a_restart_orders_nothing() {
-    if !installed() {
-        return;
-    }
+    require_pebble();
     let dir = TempStateDir::new("acme-http01");
     let port = free_port();
     // pebble first, told the proxy's ports; then the proxy, trusting pebble's listener CA.
@@ -241,11 +271,11 @@ async fn http01_issues_at_deploy_redirects_after_and_a_restart_orders_nothing() 
     let m = meta(&dir.path(), "shop", "shop.test");
     assert_eq!(m["challenge"], "http-01");
     assert_eq!(m["sha256"], served.as_str());
-    let orders = m["orders"].as_array().unwrap().len();
+    let placed = orders(&dir.path(), "shop.test");
     assert!(proxy
         .metrics
         .render()
-        .contains("luma_acme_orders_total{result=\"issued\"} 1"));
+        .contains("luma_proxy_acme_orders_total{result=\"issued\"} 1"));
     // Now HTTP redirects, except the challenge path.
     let (code, _) = get(proxy.http_addr, "shop.test", "/page").await;
     assert_eq!(code, 308);
@@ -274,7 +304,7 @@ async fn http01_issues_at_deploy_redirects_after_and_a_restart_orders_nothing() 
     assert!(proxy
         .metrics
         .render()
-        .contains("luma_acme_orders_total{result=\"failed\"}"));
+        .contains("luma_proxy_acme_orders_total{result=\"failed\"}"));
 
     // Restart: the same certificate at once, and no order for it.
     proxy
@@ -296,25 +326,17 @@ async fn http01_issues_at_deploy_redirects_after_and_a_restart_orders_nothing() 
         status(&proxy, "shop.test").renew_at.map(|_| ())
     })
     .await;
-    assert_eq!(
-        meta(&dir.path(), "shop", "shop.test")["orders"]
-            .as_array()
-            .unwrap()
-            .len(),
-        orders
-    );
+    assert_eq!(orders(&dir.path(), "shop.test"), placed);
     assert!(proxy
         .metrics
         .render()
-        .contains("luma_acme_orders_total{result=\"issued\"} 0"));
+        .contains("luma_proxy_acme_orders_total{result=\"issued\"} 0"));
     proxy.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_issues_when_port_80_is_closed_to_the_ca() {
-    if !installed() {
-        return;
-    }
+    require_pebble();
     let dir = TempStateDir::new("acme-alpn");
     let port = free_port();
     let https_port = free_port();
@@ -334,11 +356,11 @@ async fn tls_alpn01_issues_when_port_80_is_closed_to_the_ca() {
     // The HTTP-01 order failed, the TLS-ALPN-01 order right after it worked.
     let text = proxy.metrics.render();
     assert!(
-        text.contains("luma_acme_orders_total{result=\"failed\"} 1"),
+        text.contains("luma_proxy_acme_orders_total{result=\"failed\"} 1"),
         "{text}"
     );
     assert!(
-        text.contains("luma_acme_orders_total{result=\"issued\"} 1"),
+        text.contains("luma_proxy_acme_orders_total{result=\"issued\"} 1"),
         "{text}"
     );
     let root = pebble.issuing_root().await;
@@ -351,9 +373,7 @@ async fn tls_alpn01_issues_when_port_80_is_closed_to_the_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_lived_certificate_is_renewed_in_the_background() {
-    if !installed() {
-        return;
-    }
+    require_pebble();
     let dir = TempStateDir::new("acme-renew");
     let port = free_port();
     let (http_port, https_port) = (free_port(), free_port());
@@ -381,5 +401,76 @@ async fn a_short_lived_certificate_is_renewed_in_the_background() {
     assert_ne!(sha1, sha2);
     let now = status(&proxy, "short.test");
     assert!(now.not_after > first.not_after, "{now:?} after {first:?}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_the_ca_forgot_is_replaced_and_the_next_order_succeeds() {
+    require_pebble();
+    let dir = TempStateDir::new("acme-account");
+    let (port, http_port, https_port) = (free_port(), free_port(), free_port());
+    let mut pebble = Pebble::start(port, http_port, https_port, None).await;
+    let mut cfg = acme_config(dir.path(), &pebble.directory, &pebble.ca_pem);
+    cfg.http_addr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    cfg.https_addr = format!("127.0.0.1:{https_port}").parse().unwrap();
+    let proxy = luma_proxy::Proxy::start(cfg).await.unwrap();
+    let backend = TestBackend::start("127.0.0.1", "app").await;
+    deploy_acme(&proxy, "one", "one.test", backend.addr).await;
+    issued(&proxy, "one.test").await;
+    let account = |d: &Path| {
+        std::fs::read_dir(d.join("tls/accounts"))
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let before = account(&dir.path());
+    assert_eq!(before.len(), 1);
+
+    // The CA forgets every account; the proxy's cached one now gets accountDoesNotExist.
+    pebble.restart_ca().await;
+    deploy_acme(&proxy, "two", "two.test", backend.addr).await;
+    let s = issued(&proxy, "two.test").await;
+    assert!(s.last_error.is_none(), "{s:?}");
+    let after = account(&dir.path());
+    assert_eq!(after.len(), 1);
+    assert_ne!(before, after, "a new account was created and stored");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_directory_is_replaced_at_once() {
+    require_pebble();
+    let dir = TempStateDir::new("acme-directory");
+    // A valid certificate an earlier directory issued, stored as the proxy stores them.
+    let earlier = TestCa::new("Earlier CA");
+    let old = earlier.leaf(&["moved.test"]);
+    let d = dir.path().join("tls/projects/shop/hosts/moved.test");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("chain.pem"), &old.chain_pem).unwrap();
+    std::fs::write(d.join("key.pem"), &old.key_pem).unwrap();
+    let m = serde_json::json!({"source": "acme", "directory": "https://earlier.test/dir", "sha256": old.sha256, "renew_at": 4_000_000_000u64});
+    std::fs::write(d.join("meta.json"), m.to_string()).unwrap();
+
+    let (port, http_port, https_port) = (free_port(), free_port(), free_port());
+    let pebble = Pebble::start(port, http_port, https_port, None).await;
+    let mut cfg = acme_config(dir.path(), &pebble.directory, &pebble.ca_pem);
+    cfg.http_addr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    cfg.https_addr = format!("127.0.0.1:{https_port}").parse().unwrap();
+    let proxy = luma_proxy::Proxy::start(cfg).await.unwrap();
+    let backend = TestBackend::start("127.0.0.1", "app").await;
+    deploy_acme(&proxy, "shop", "moved.test", backend.addr).await;
+    let s = eventually(
+        "a certificate from the configured directory",
+        90,
+        || async {
+            let s = status(&proxy, "moved.test");
+            (s.state == CertState::Issued && s.issuer.as_deref() != Some("Earlier CA")).then_some(s)
+        },
+    )
+    .await;
+    assert!(s.issuer.is_some(), "{s:?}");
+    let m = meta(&dir.path(), "shop", "moved.test");
+    assert_eq!(m["directory"], pebble.directory.as_str());
+    assert_ne!(m["sha256"], old.sha256.as_str());
     proxy.shutdown().await;
 }

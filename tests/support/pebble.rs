@@ -296,10 +296,61 @@ impl Pebble {
         }
     }
 
+    /// The challenge validations pebble ran for `host`, in order, read from its log (pebble
+    /// 2.4): a task line naming the host opens one, `Attempting to validate w/ HTTP: <url>`
+    /// lines name the host for HTTP-01 (TLS-ALPN-01 logs no such line), and `authz .. set
+    /// VALID|INVALID` closes it. The outcome line does not name the host, so a validation
+    /// that overlaps another host's cannot be attributed: that is an error, not a guess.
+    pub fn validations(&self, host: &str) -> Result<Vec<Validation>, String> {
+        const HTTP: &str = "Attempting to validate w/ HTTP: ";
+        let task = format!("Value:\"{host}\"");
+        let http_url = format!("http://{host}:");
+        let mut done: Vec<Validation> = Vec::new();
+        // The validations running, of any host: Some(index into `done`) for the host's own.
+        let mut open: Vec<Option<usize>> = Vec::new();
+        for line in self.logs().lines() {
+            if line.contains("Pulled a task from the Tasks queue") {
+                let ours = line.contains(&task).then(|| {
+                    done.push(Validation {
+                        http_urls: Vec::new(),
+                        valid: None,
+                    });
+                    done.len() - 1
+                });
+                open.push(ours);
+            } else if let Some(url) = line.split_once(HTTP).map(|(_, url)| url) {
+                if !url.starts_with(&http_url) {
+                    continue;
+                }
+                match open.iter().flatten().collect::<Vec<_>>().as_slice() {
+                    [i] => done[**i].http_urls.push(url.to_string()),
+                    _ => return Err(format!("cannot attribute pebble's line: {line}")),
+                }
+            } else if line.contains(" by completed challenge ") {
+                if open.len() > 1 && open.iter().any(Option::is_some) {
+                    return Err(format!("overlapping validations at pebble's line: {line}"));
+                }
+                if let Some(Some(i)) = open.pop() {
+                    done[i].valid = Some(line.contains(" set VALID "));
+                }
+            }
+        }
+        Ok(done)
+    }
+
     /// How many certificates pebble has issued so far (one log line each).
     pub fn issued_count(&self) -> usize {
         self.logs().matches("Issued certificate serial").count()
     }
+}
+
+/// One challenge validation of a host, as pebble logged it ([`Pebble::validations`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Validation {
+    /// The URLs pebble fetched (HTTP-01); empty for TLS-ALPN-01, which pebble does not log.
+    pub http_urls: Vec<String>,
+    /// Whether the authorization became valid; None while the validation runs.
+    pub valid: Option<bool>,
 }
 
 impl Drop for Pebble {

@@ -254,9 +254,11 @@ pub fn served_leaf(addr: &str, host: &str, roots: &Arc<RootCertStore>) -> Result
     }
 }
 
-/// A keep-alive HTTPS/1.1 client for one 127.0.0.1 address and one host (SNI and Host).
+/// A keep-alive HTTPS/1.1 client for one 127.0.0.1 address and one host (SNI and Host, unless
+/// built with [`Https::with_sni`]).
 pub struct Https {
     addr: String,
+    sni: String,
     host: String,
     config: Arc<ClientConfig>,
     conn: Option<BufReader<StreamOwned<ClientConnection, TcpStream>>>,
@@ -264,8 +266,16 @@ pub struct Https {
 
 impl Https {
     pub fn new(addr: &str, host: &str, roots: &Arc<RootCertStore>) -> Https {
+        Https::with_sni(addr, host, host, roots)
+    }
+
+    /// A client whose handshake sends `sni` (and verifies the certificate for it) while its
+    /// requests say `Host: host`: what a client reusing one name's connection for another
+    /// name does.
+    pub fn with_sni(addr: &str, sni: &str, host: &str, roots: &Arc<RootCertStore>) -> Https {
         Https {
             addr: addr.to_string(),
+            sni: sni.to_string(),
             host: host.to_string(),
             config: config(roots, &["http/1.1"], Arc::new(Mutex::new(None))),
             conn: None,
@@ -283,7 +293,7 @@ impl Https {
     ) -> Result<(u16, String), String> {
         if self.conn.is_none() {
             let tcp = connect(&self.addr)?;
-            let conn = ClientConnection::new(self.config.clone(), server_name(Some(&self.host)))
+            let conn = ClientConnection::new(self.config.clone(), server_name(Some(&self.sni)))
                 .map_err(|e| e.to_string())?;
             self.conn = Some(BufReader::new(StreamOwned::new(conn, tcp)));
         }
@@ -315,13 +325,29 @@ pub fn curl_https(
     path: &str,
     cacert: &std::path::Path,
 ) -> Result<(u16, String), String> {
-    let resolve = format!("{host}:{port}:127.0.0.1");
-    let url = format!("https://{host}:{port}{path}");
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--http2", "-m", "10", "-o", "/dev/null"])
+    curl_https_as(host, None, port, path, cacert)
+}
+
+/// [`curl_https`] with the handshake for `sni` (SNI and the name verified) and, when given,
+/// the request for another `host` (`Host`, or `:authority` over h2).
+pub fn curl_https_as(
+    sni: &str,
+    host: Option<&str>,
+    port: u16,
+    path: &str,
+    cacert: &std::path::Path,
+) -> Result<(u16, String), String> {
+    let resolve = format!("{sni}:{port}:127.0.0.1");
+    let url = format!("https://{sni}:{port}{path}");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--http2", "-m", "10", "-o", "/dev/null"])
         .args(["-w", "%{http_code} %{http_version}", "--cacert"])
         .arg(cacert)
-        .args(["--resolve", &resolve, &url])
+        .args(["--resolve", &resolve, &url]);
+    if let Some(host) = host {
+        cmd.arg("-H").arg(format!("Host: {host}"));
+    }
+    let out = cmd
         .output()
         .map_err(|e| format!("cannot run curl (apt-get install curl): {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

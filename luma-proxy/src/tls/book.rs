@@ -3,13 +3,21 @@
 //! The book holds one snapshot (swapped whole, like the routing table) of host pattern ->
 //! certificate, built by [`super::Tls`] from the routes and the certificates it holds, so a
 //! host's certificate is served only for that host's SNI and only while the host belongs to
-//! the project the certificate was obtained for. Lookups are exact first, then a one-level
-//! wildcard pattern, the router's rule. An unknown or missing SNI gets no certificate: rustls
-//! then fails the handshake with an alert (there is no default certificate to leak).
+//! the project the certificate was obtained for. Lookups follow the router's rule: a name that
+//! is the exact host of some route gets that host's own certificate or none (never a
+//! wildcard's: after a restore, another project's `*.parent` may overlap it), and only a name
+//! no route names exactly falls back to a one-level wildcard pattern. An unknown or missing
+//! SNI gets no certificate: rustls then fails the handshake with an alert (there is no default
+//! certificate to leak).
+//!
+//! A resumed session never asks the book (no certificate is sent), so the HTTPS listener asks
+//! it again after every handshake ([`CertBook::admit`]) and keeps the answer for the
+//! connection: each request's Host must be covered by that certificate and routed to its
+//! project (see `proxy`), else it is answered 421.
 //!
 //! Beside it, the ACME challenges in flight: TLS-ALPN-01 certificates (served only to a client
-//! that offers `acme-tls/1` alone, as validators do) and HTTP-01 tokens (answered only for the
-//! host they were ordered for).
+//! that offers `acme-tls/1` alone, as validators do), tagged with the slot that ordered them,
+//! and HTTP-01 tokens (answered only for the host they were ordered for).
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -25,14 +33,42 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 #[derive(Clone)]
 pub struct Entry {
     pub key: Arc<CertifiedKey>,
-    /// Unix seconds; past it the certificate is still served but no longer counts as usable
-    /// (no redirect to HTTPS).
+    /// Unix seconds; past it the certificate is still presented in a full handshake (the
+    /// client sees why it fails) but no longer counts as usable (no redirect to HTTPS, and
+    /// the connection is closed after the handshake).
     pub not_after: u64,
+    /// The project of the route whose host this certificate is for.
+    pub project: Arc<str>,
+    /// The leaf's DNS names: the hosts a request on a connection with it may name.
+    pub names: Arc<[String]>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("project", &self.project)
+            .field("names", &self.names)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Entry {
+    /// Whether a request for `host` (normalized) may be served on a connection that
+    /// presented this certificate: the certificate covers it, and the host's route (if any)
+    /// is in the certificate's project. HTTP/2 clients reuse a connection for every name the
+    /// certificate covers, which holds within one project and is refused (421) across.
+    pub fn serves(&self, host: &str, route_project: Option<&str>) -> bool {
+        luma_api::names::certificate_covers(&self.names, host)
+            && route_project.is_none_or(|p| p == &*self.project)
+    }
 }
 
 #[derive(Default)]
 struct Snapshot {
-    exact: HashMap<String, Entry>,
+    /// Exact route hosts; `None`: the host has a route but no certificate of its own (it
+    /// never falls back to a wildcard's).
+    exact: HashMap<String, Option<Entry>>,
     /// Keyed by the suffix after `*.`.
     wildcard: HashMap<String, Entry>,
 }
@@ -40,8 +76,8 @@ struct Snapshot {
 #[derive(Default)]
 pub struct CertBook {
     served: ArcSwap<Snapshot>,
-    /// Host -> TLS-ALPN-01 certificate of an order in flight.
-    alpn: DashMap<String, Arc<CertifiedKey>>,
+    /// Host -> (slot id, TLS-ALPN-01 certificate) of an order in flight.
+    alpn: DashMap<String, (u64, Arc<CertifiedKey>)>,
     /// Token -> (host, key authorization) of an HTTP-01 order in flight.
     tokens: DashMap<String, (String, String)>,
 }
@@ -53,14 +89,20 @@ impl std::fmt::Debug for CertBook {
 }
 
 impl CertBook {
-    /// Replaces what is served with `hosts` (host pattern -> certificate).
-    pub fn publish(&self, hosts: impl IntoIterator<Item = (String, Entry)>) {
+    /// Replaces what is served with `hosts`: host pattern -> its certificate, or `None` for an
+    /// exact route host that has none (so it does not fall back to a wildcard).
+    pub fn publish(&self, hosts: impl IntoIterator<Item = (String, Option<Entry>)>) {
         let mut s = Snapshot::default();
         for (h, e) in hosts {
-            match h.strip_prefix("*.") {
-                Some(suffix) => s.wildcard.insert(suffix.to_string(), e),
-                None => s.exact.insert(h, e),
-            };
+            match (h.strip_prefix("*."), e) {
+                (Some(suffix), Some(e)) => {
+                    s.wildcard.insert(suffix.to_string(), e);
+                }
+                (Some(_), None) => {}
+                (None, e) => {
+                    s.exact.insert(h, e);
+                }
+            }
         }
         self.served.store(Arc::new(s));
     }
@@ -69,23 +111,35 @@ impl CertBook {
     pub fn lookup(&self, name: &str) -> Option<Entry> {
         let s = self.served.load();
         if let Some(e) = s.exact.get(name) {
-            return Some(e.clone());
+            return e.clone();
         }
         let (_, parent) = name.split_once('.')?;
         s.wildcard.get(parent).cloned()
     }
 
-    /// Whether plain HTTP for `host` may be redirected: a certificate that has not expired.
-    pub fn usable(&self, host: &str, now: u64) -> bool {
-        self.lookup(host).is_some_and(|e| e.not_after > now)
+    /// The certificate a finished handshake for `sni` may go on with: the one the book has
+    /// for it now, unexpired. `None`: close the connection (the host left its route, moved,
+    /// or its certificate expired; a resumed session would otherwise outlive all three).
+    pub fn admit(&self, sni: &str, now: u64) -> Option<Entry> {
+        self.lookup(&normalize(sni)).filter(|e| e.not_after > now)
     }
 
-    pub fn add_alpn_challenge(&self, host: &str, key: Arc<CertifiedKey>) {
-        self.alpn.insert(host.to_string(), key);
+    /// Whether plain HTTP for `host`, routed to `project`, may be redirected: the host's own
+    /// certificate (or its wildcard route's) is in that project and has not expired.
+    pub fn usable(&self, host: &str, project: &str, now: u64) -> bool {
+        self.lookup(host)
+            .is_some_and(|e| e.not_after > now && &*e.project == project)
     }
 
-    pub fn remove_alpn_challenge(&self, host: &str) {
-        self.alpn.remove(host);
+    /// Serves a TLS-ALPN-01 certificate for `host` on behalf of the slot `slot`.
+    pub fn add_alpn_challenge(&self, host: &str, slot: u64, key: Arc<CertifiedKey>) {
+        self.alpn.insert(host.to_string(), (slot, key));
+    }
+
+    /// Takes out `host`'s TLS-ALPN-01 certificate if the slot `slot` put it there (a newer
+    /// slot's order for the same host keeps its own).
+    pub fn remove_alpn_challenge(&self, host: &str, slot: u64) {
+        self.alpn.remove_if(host, |_, (s, _)| *s == slot);
     }
 
     pub fn add_token(&self, token: &str, host: &str, key_authorization: &str) {
@@ -122,8 +176,84 @@ impl ResolvesServerCert for CertBook {
             protocols.next() == Some(ACME_TLS_ALPN) && protocols.next().is_none()
         });
         if only_acme {
-            return self.alpn.get(&name).map(|k| k.clone());
+            return self.alpn.get(&name).map(|k| k.1.clone());
         }
         self.lookup(&name).map(|e| e.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(project: &str, names: &[&str], not_after: u64) -> Entry {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+        let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let signing = rustls::crypto::ring::sign::any_supported_type(&der).unwrap();
+        Entry {
+            key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)),
+            not_after,
+            project: project.into(),
+            names: names.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_host_with_its_own_route_never_falls_back_to_a_wildcard() {
+        let book = CertBook::default();
+        book.publish([
+            (
+                "*.shop.test".into(),
+                Some(entry("a", &["*.shop.test"], 100)),
+            ),
+            // Project b's exact host, no certificate of its own yet.
+            ("b.shop.test".into(), None),
+        ]);
+        assert!(
+            book.lookup("b.shop.test").is_none(),
+            "another project's wildcard"
+        );
+        assert!(!book.usable("b.shop.test", "b", 10));
+        assert!(!book.usable("b.shop.test", "a", 10));
+        assert_eq!(&*book.lookup("x.shop.test").unwrap().project, "a");
+        assert!(book.usable("x.shop.test", "a", 10));
+        assert!(
+            !book.usable("x.shop.test", "b", 10),
+            "the route's own project only"
+        );
+        assert!(!book.usable("x.shop.test", "a", 100), "expired");
+        assert!(book.admit("X.shop.test.", 10).is_some());
+        assert!(book.admit("x.shop.test", 100).is_none(), "expired");
+        assert!(book.admit("b.shop.test", 10).is_none());
+    }
+
+    #[test]
+    fn requests_stay_within_the_certificates_names_and_project() {
+        let e = entry("a", &["a.test", "www.a.test"], 100);
+        assert!(e.serves("a.test", Some("a")));
+        assert!(
+            e.serves("www.a.test", Some("a")),
+            "h2 coalescing within a project"
+        );
+        assert!(!e.serves("www.a.test", Some("b")));
+        assert!(!e.serves("b.test", Some("a")));
+        assert!(e.serves("a.test", None), "no route: 404, not 421");
+    }
+
+    #[test]
+    fn an_old_slots_challenge_cleanup_leaves_a_newer_one() {
+        let book = CertBook::default();
+        let e = entry("a", &["a.test"], 100);
+        book.add_alpn_challenge("a.test", 1, e.key.clone());
+        book.add_alpn_challenge("a.test", 2, e.key.clone());
+        book.remove_alpn_challenge("a.test", 1);
+        assert_eq!(book.alpn.get("a.test").map(|v| v.0), Some(2));
+        book.remove_alpn_challenge("a.test", 2);
+        assert!(book.alpn.get("a.test").is_none());
     }
 }

@@ -3,8 +3,9 @@
 //! [`Parsed::from_pem`] turns PEM text into what rustls serves (a [`CertifiedKey`] whose key is
 //! checked against the leaf) plus the facts the rest of the proxy asks about: the leaf's
 //! SHA-256 (how a custom certificate is named), its validity, issuer and DNS names.
-//! [`Parsed::covers`] applies the one-label wildcard rule, and [`Parsed::check_custom`] is the
-//! deploy gate's whole judgement of a custom certificate, with reasons a user can act on.
+//! [`Parsed::covers`] applies the one-label wildcard rule (shared with `luma`, in `luma_api`),
+//! and [`Parsed::check_custom`] is the deploy gate's whole judgement of a custom certificate,
+//! with reasons a user can act on.
 
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
@@ -113,18 +114,11 @@ impl Parsed {
         })
     }
 
-    /// Whether the certificate is valid for the host pattern `host` (lowercase): an exact SAN,
-    /// or a SAN `*.parent` for a host one label under `parent`. A wildcard host pattern needs
-    /// the same wildcard SAN.
+    /// Whether the certificate is valid for the host pattern `host`: the one rule,
+    /// [`luma_api::names::certificate_covers`] (one-label wildcards; a wildcard host pattern
+    /// needs the same wildcard name).
     pub fn covers(&self, host: &str) -> bool {
-        self.names.iter().any(|n| {
-            n == host
-                || (!host.starts_with("*.")
-                    && n.strip_prefix("*.").is_some_and(|parent| {
-                        host.split_once('.')
-                            .is_some_and(|(label, rest)| !label.is_empty() && rest == parent)
-                    }))
-        })
+        luma_api::names::certificate_covers(&self.names, host)
     }
 
     /// The deploy gate's check of a custom certificate for a route's hosts at time `now`.

@@ -10,12 +10,17 @@
 //! The parts, each with one job:
 //! - [`book`]: the SNI book rustls asks (lock-free), plus the ACME challenges in flight;
 //! - [`certs`]: parsing and checking a chain and key (custom certificates are judged here);
-//! - [`store`]: certificates, meta and ACME accounts on disk (0600, atomic writes);
+//! - [`store`]: certificates, meta, order history and ACME accounts on disk (0600, atomic);
 //! - [`acme`]: one background task per ACME host: order, renew, back off.
 //!
 //! Custom certificates are checked at the deploy gate ([`Tls::check_custom`], before anything
 //! changes) and stored at commit ([`Tls::store_custom`], before the routing table is saved), so
-//! a restart that reads the table always finds them.
+//! a restart that reads the table always finds them; once the table no longer names one, it is
+//! deleted ([`Tls::prune_custom`]).
+//!
+//! ACME being off (`--acme-directory off`), or unusable (a CA root the TLS library refuses),
+//! never stops the proxy and never drops a certificate: stored certificates that are still
+//! valid keep being served, nothing is ordered, and every ACME host says why in its status.
 
 pub mod acme;
 pub mod book;
@@ -33,10 +38,14 @@ use luma_api::tls::{
     CustomCertificate,
 };
 use luma_api::{ApiError, ErrorKind};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use store::Store;
+use tokio::sync::Notify;
+
+/// Why ACME hosts get no certificate when the operator turned ACME off.
+pub const ACME_OFF: &str = "ACME is off";
 
 /// Where one host's certificate comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,19 +80,30 @@ impl Drop for TaskHandle {
     }
 }
 
-/// One host of a route with `tls`.
+/// One host of a route with `tls`. A host's task changes its own slot's fields (by id).
 struct Slot {
     /// Tells this slot from an earlier one of the same host (a task reports by id).
     id: u64,
     project: String,
     source: Source,
     served: Option<Parsed>,
-    /// Why no certificate will be ordered (HTTP only).
+    /// Why no certificate will be ordered (or none can be served): HTTP only unless a stored
+    /// certificate is still valid.
     http_only: Option<String>,
     last_error: Option<String>,
     next_attempt: Option<u64>,
     renew_at: Option<u64>,
+    /// Wakes the host's task: a new deploy of its route retries a pending order at once.
+    wake: Option<Arc<Notify>>,
     _task: Option<TaskHandle>,
+}
+
+/// The slots, and every exact host of every route (TLS or not).
+#[derive(Default)]
+struct Table {
+    slots: HashMap<String, Slot>,
+    /// A name some route has as its exact host never gets a wildcard route's certificate.
+    route_hosts: HashSet<String>,
 }
 
 /// A custom certificate that passed the deploy gate and came with the deploy (to be stored at
@@ -106,39 +126,56 @@ impl std::fmt::Debug for CheckedCustom {
 pub struct Tls {
     pub book: Arc<CertBook>,
     store: Arc<Store>,
-    acme: Option<Arc<acme::Acme>>,
+    /// The ACME side, or why there is none ([`ACME_OFF`], or a setup error).
+    acme: Result<Arc<acme::Acme>, String>,
     /// ACME hosts under reserved names are HTTP only (a public CA refuses them).
     public_ca: bool,
-    acme_off_reason: &'static str,
-    slots: Mutex<HashMap<String, Slot>>,
+    table: Mutex<Table>,
     next_id: AtomicU64,
     pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Tls {
-    pub fn new(
-        cfg: &ProxyConfig,
-        resolver: Arc<Resolver>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Arc<Tls>, String> {
+    /// Never fails on ACME settings: a CA root the TLS library refuses turns ACME off with the
+    /// reason logged and shown in every ACME host's status, so plain HTTP and every stored
+    /// certificate keep serving.
+    pub fn new(cfg: &ProxyConfig, resolver: Arc<Resolver>, metrics: Arc<Metrics>) -> Arc<Tls> {
         let store = Arc::new(Store::new(&cfg.state_dir));
-        let http = acme::http::AcmeHttp::new(resolver, cfg.acme.ca_roots_pem.as_deref())?;
-        let acme = acme::Acme::new(cfg.acme.clone(), http, store.clone()).map(Arc::new);
-        Ok(Arc::new(Tls {
+        let acme = match &cfg.acme.directory {
+            None => Err(ACME_OFF.to_string()),
+            Some(directory) => {
+                match acme::http::AcmeHttp::new(resolver, cfg.acme.ca_roots_pem.as_deref()) {
+                    Ok(http) => acme::Acme::new(cfg.acme.clone(), http, store.clone())
+                        .map(Arc::new)
+                        .ok_or_else(|| ACME_OFF.to_string()),
+                    Err(e) => {
+                        let why = format!(
+                            "{ACME_OFF}: {e}; fix the CA root (--acme-ca-root, or proxy.acme.ca_root in luma.yml) and restart the proxy"
+                        );
+                        crate::log::error(
+                            "ACME client setup failed; ACME is off, stored certificates keep serving",
+                            serde_json::json!({"directory": directory, "reason": why}),
+                        );
+                        Err(why)
+                    }
+                }
+            }
+        };
+        Arc::new(Tls {
             book: Arc::new(CertBook::default()),
             store,
             acme,
             public_ca: cfg.acme.is_public_ca(),
-            acme_off_reason: "ACME is off",
-            slots: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             next_id: AtomicU64::new(1),
             metrics,
-        }))
+        })
     }
 
     /// The rustls server configuration of the HTTPS listener: certificates from the book,
     /// ALPN h2 and http/1.1 (and `acme-tls/1` for validators), session resumption by tickets
-    /// and by a session cache, so a returning client skips the full handshake.
+    /// and by a session cache, so a returning client skips the full handshake. A resumed
+    /// session never asks the book, so the listener checks it after every handshake.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut c = rustls::ServerConfig::builder_with_provider(provider)
@@ -167,9 +204,9 @@ impl Tls {
         sent: Option<&CustomCertificate>,
     ) -> Result<Option<CheckedCustom>, ApiError> {
         let invalid = |m: String| ApiError::new(ErrorKind::Invalid, m);
-        let sha256 = match spec.tls.as_ref().map(|t| &t.certificate) {
-            Some(CertificateSource::Custom { sha256 }) => sha256.trim().to_ascii_lowercase(),
-            _ => {
+        let sha256 = match custom_sha256(spec) {
+            Some(sha) => sha,
+            None => {
                 return match sent {
                     None => Ok(None),
                     Some(_) => Err(invalid(
@@ -182,12 +219,7 @@ impl Tls {
             Some(c) => (c.clone(), true),
             None => match self.store.custom_cert(&spec.project, &sha256) {
                 Some((chain_pem, key_pem)) => (CustomCertificate { chain_pem, key_pem }, false),
-                None => {
-                    return Err(invalid(format!(
-                        "route.tls names the custom certificate {sha256}, which this proxy does not hold for project {:?}: send it with the deploy",
-                        spec.project
-                    )))
-                }
+                None => return Err(invalid(not_held(&spec.project, &sha256))),
             },
         };
         let parsed = Parsed::from_pem(&pem.chain_pem, &pem.key_pem)
@@ -208,6 +240,33 @@ impl Tls {
             .save_custom_cert(&c.project, &c.sha256, &c.pem.chain_pem, &c.pem.key_pem)
     }
 
+    /// At commit, for a custom route deployed without its certificate: the certificate the
+    /// gate found held must still be held (a commit in between may have deleted it).
+    pub fn still_holds(&self, spec: &RouteSpec) -> Result<(), ApiError> {
+        match custom_sha256(spec) {
+            Some(sha) if self.store.custom_cert(&spec.project, &sha).is_none() => Err(
+                ApiError::new(ErrorKind::Invalid, not_held(&spec.project, &sha)),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes the stored custom certificates no route of `specs` (the table just saved)
+    /// names any more, so a replaced certificate's key does not stay on disk.
+    pub fn prune_custom(&self, specs: &[RouteSpec]) {
+        let keep: HashSet<(String, String)> = specs
+            .iter()
+            .filter_map(|s| custom_sha256(s).map(|sha| (s.project.clone(), sha)))
+            .collect();
+        let gone = self.store.prune_custom(&keep);
+        if gone > 0 {
+            crate::log::info(
+                "unused custom certificates deleted",
+                serde_json::json!({"count": gone}),
+            );
+        }
+    }
+
     /// Makes the slots match `specs` (the routing table as now): new hosts get a slot (their
     /// stored certificate loaded, an ACME task started), hosts gone or moved lose theirs, and
     /// the book is republished. Called after every commit and once at start, before the
@@ -221,20 +280,45 @@ impl Tls {
                 }
             }
         }
-        let Ok(mut slots) = self.slots.lock() else {
+        let Ok(mut table) = self.table.lock() else {
             return;
         };
-        slots.retain(|h, slot| {
+        table.route_hosts = specs
+            .iter()
+            .flat_map(|s| s.hosts.iter())
+            .filter(|h| !h.starts_with("*."))
+            .cloned()
+            .collect();
+        table.slots.retain(|h, slot| {
             want.get(h.as_str())
                 .is_some_and(|(p, src)| *p == slot.project && *src == slot.source)
         });
         for (host, (project, source)) in want {
-            if !slots.contains_key(host) {
+            if !table.slots.contains_key(host) {
                 let slot = self.new_slot(host, project, source);
-                slots.insert(host.to_string(), slot);
+                table.slots.insert(host.to_string(), slot);
             }
         }
-        self.publish(&slots);
+        self.publish(&table);
+    }
+
+    /// After a deploy of `spec` (an explicit user action, e.g. after fixing DNS): its ACME
+    /// hosts without a usable certificate order again now instead of at their backoff's next
+    /// attempt. The hourly cap still holds.
+    pub fn retry_pending(&self, spec: &RouteSpec) {
+        let now = unix_now();
+        let Ok(table) = self.table.lock() else {
+            return;
+        };
+        for h in &spec.hosts {
+            let Some(slot) = table.slots.get(h).filter(|s| s.project == spec.project) else {
+                continue;
+            };
+            let pending = slot.served.as_ref().is_none_or(|p| p.not_after <= now);
+            if let (true, Some(wake)) = (pending, &slot.wake) {
+                wake.notify_one();
+            }
+        }
     }
 
     fn new_slot(self: &Arc<Self>, host: &str, project: &str, source: Source) -> Slot {
@@ -248,52 +332,73 @@ impl Tls {
             last_error: None,
             next_attempt: None,
             renew_at: None,
+            wake: None,
             _task: None,
         };
         match &source {
-            Source::Custom(sha) => match self.store.custom_cert(project, sha) {
-                Some((chain, key)) => match Parsed::from_pem(&chain, &key) {
-                    Ok(p) if p.covers(host) => slot.served = Some(p),
-                    Ok(p) => {
-                        slot.last_error = Some(format!(
-                            "the custom certificate does not cover {host}; it covers {}",
-                            p.names.join(", ")
+            Source::Custom(sha) => {
+                // Nothing will ever bring a missing custom certificate but the user's next
+                // deploy: say so (HTTP only), rather than pending forever.
+                let resend = "deploy again from luma to send the certificate";
+                match self.store.custom_cert(project, sha) {
+                    Some((chain, key)) => match Parsed::from_pem(&chain, &key) {
+                        Ok(p) if p.covers(host) => slot.served = Some(p),
+                        Ok(p) => {
+                            slot.http_only = Some(format!(
+                                "the custom certificate does not cover {host}; it covers {}",
+                                p.names.join(", ")
+                            ))
+                        }
+                        Err(e) => {
+                            slot.http_only =
+                                Some(format!("the stored custom certificate: {e}; {resend}"))
+                        }
+                    },
+                    None => {
+                        slot.http_only = Some(format!(
+                            "the custom certificate {sha} is not held by this proxy; {resend}"
                         ))
                     }
-                    Err(e) => slot.last_error = Some(format!("the stored custom certificate: {e}")),
-                },
-                None => {
-                    slot.last_error = Some(format!(
-                        "the custom certificate {sha} is not held by this proxy"
-                    ))
                 }
-            },
+            }
             Source::Acme => {
                 slot.http_only = self.http_only(host);
-                if slot.http_only.is_some() {
-                    return slot;
-                }
+                // A stored certificate is served whatever ACME's state: off (or a CA that
+                // refuses this name) only stops ordering.
                 if let Some((chain, key)) = self.store.host_cert(project, host) {
                     match Parsed::from_pem(&chain, &key) {
-                        Ok(p) if p.covers(host) => slot.served = Some(p),
+                        Ok(p)
+                            if p.covers(host)
+                                && (slot.http_only.is_none() || p.not_after > unix_now()) =>
+                        {
+                            slot.served = Some(p)
+                        }
                         Ok(_) | Err(_) => crate::log::warn(
-                            "stored certificate unusable; ordering a new one",
+                            "stored certificate unusable",
                             serde_json::json!({"project": project, "host": host}),
                         ),
                     }
+                }
+                if slot.http_only.is_some() {
+                    return slot;
                 }
                 let meta = self.store.host_meta(project, host);
                 slot.last_error = meta.last_error.clone();
                 slot.next_attempt = meta.next_attempt;
                 slot.renew_at = meta.renew_at;
-                if let (Some(acme), Ok(rt)) = (&self.acme, tokio::runtime::Handle::try_current()) {
+                if let (Ok(acme), Ok(rt)) = (&self.acme, tokio::runtime::Handle::try_current()) {
+                    let wake = Arc::new(Notify::new());
                     let task = rt.spawn(acme::host_task(
                         Arc::downgrade(self),
                         acme.clone(),
-                        id,
-                        project.to_string(),
-                        host.to_string(),
+                        acme::HostRef {
+                            id,
+                            project: project.to_string(),
+                            host: host.to_string(),
+                        },
+                        wake.clone(),
                     ));
+                    slot.wake = Some(wake);
                     slot._task = Some(TaskHandle(task));
                 }
             }
@@ -301,10 +406,10 @@ impl Tls {
         slot
     }
 
-    /// Why an ACME host gets no certificate, if so.
+    /// Why an ACME host gets no certificate ordered, if so.
     fn http_only(&self, host: &str) -> Option<String> {
-        if self.acme.is_none() {
-            return Some(self.acme_off_reason.to_string());
+        if let Err(why) = &self.acme {
+            return Some(why.clone());
         }
         if host.starts_with("*.") {
             return Some(format!(
@@ -317,20 +422,25 @@ impl Tls {
         None
     }
 
-    fn publish(&self, slots: &HashMap<String, Slot>) {
-        self.book.publish(slots.iter().filter_map(|(h, s)| {
-            s.served.as_ref().map(|p| {
-                (
-                    h.clone(),
-                    Entry {
-                        key: p.key.clone(),
-                        not_after: p.not_after,
-                    },
-                )
-            })
-        }));
+    fn publish(&self, table: &Table) {
+        let own = table.slots.iter().map(|(h, s)| {
+            let entry = s.served.as_ref().map(|p| Entry {
+                key: p.key.clone(),
+                not_after: p.not_after,
+                project: s.project.as_str().into(),
+                names: p.names.clone().into(),
+            });
+            (h.clone(), entry)
+        });
+        let without = table
+            .route_hosts
+            .iter()
+            .filter(|h| !table.slots.contains_key(*h))
+            .map(|h| (h.clone(), None));
+        self.book.publish(without.chain(own));
         self.metrics.set_certificate_expiry(
-            slots
+            table
+                .slots
                 .iter()
                 .filter_map(|(h, s)| {
                     s.served
@@ -343,35 +453,32 @@ impl Tls {
 
     /// The certificate a host's slot serves now (for the slot's own task).
     pub(crate) fn served(&self, host: &str, id: u64) -> Option<Parsed> {
-        let slots = self.slots.lock().ok()?;
-        slots
+        let table = self.table.lock().ok()?;
+        table
+            .slots
             .get(host)
             .filter(|s| s.id == id)
             .and_then(|s| s.served.clone())
     }
 
-    /// Updates a host's slot, if it is still the one with `id`.
-    pub(crate) fn report(&self, host: &str, id: u64, f: impl FnOnce(&mut SlotView<'_>)) {
-        if let Ok(mut slots) = self.slots.lock() {
-            if let Some(s) = slots.get_mut(host).filter(|s| s.id == id) {
-                f(&mut SlotView {
-                    last_error: &mut s.last_error,
-                    next_attempt: &mut s.next_attempt,
-                    renew_at: &mut s.renew_at,
-                });
+    /// Lets a host's task update its slot, if it is still the one with `id`.
+    fn report(&self, host: &str, id: u64, f: impl FnOnce(&mut Slot)) {
+        if let Ok(mut table) = self.table.lock() {
+            if let Some(s) = table.slots.get_mut(host).filter(|s| s.id == id) {
+                f(s);
             }
         }
     }
 
     /// Serves a newly issued certificate, if the slot that ordered it is still there.
     pub(crate) fn install(&self, host: &str, id: u64, cert: Parsed, renew_at: u64) {
-        if let Ok(mut slots) = self.slots.lock() {
-            if let Some(s) = slots.get_mut(host).filter(|s| s.id == id) {
+        if let Ok(mut table) = self.table.lock() {
+            if let Some(s) = table.slots.get_mut(host).filter(|s| s.id == id) {
                 s.served = Some(cert);
                 s.renew_at = Some(renew_at);
                 s.last_error = None;
                 s.next_attempt = None;
-                self.publish(&slots);
+                self.publish(&table);
             }
         }
     }
@@ -384,7 +491,7 @@ impl Tls {
             .map(|h| h.trim().to_ascii_lowercase())
             .collect();
         let now = unix_now();
-        let slots = match self.slots.lock() {
+        let table = match self.table.lock() {
             Ok(s) => s,
             Err(_) => return CertificatesReply::default(),
         };
@@ -399,7 +506,7 @@ impl Tls {
                     continue;
                 }
                 let source = Source::of(&t.certificate);
-                let slot = slots.get(h).filter(|x| x.project == s.project);
+                let slot = table.slots.get(h).filter(|x| x.project == s.project);
                 let mut st = CertificateStatus {
                     host: h.clone(),
                     project: s.project.clone(),
@@ -413,21 +520,29 @@ impl Tls {
                 };
                 if let Some(slot) = slot {
                     st.last_error = slot.last_error.clone();
-                    if source == Source::Acme {
+                    if source == Source::Acme && slot.http_only.is_none() {
                         st.renew_at = slot.renew_at.filter(|_| slot.served.is_some());
                         st.next_attempt = slot.next_attempt.filter(|n| *n > now);
                     }
-                    if let Some(why) = &slot.http_only {
-                        st.state = CertState::HttpOnly;
-                        st.last_error = Some(why.clone());
-                    } else if let Some(p) = &slot.served {
-                        st.state = if p.not_after > now {
-                            CertState::Issued
-                        } else {
-                            CertState::Expired
-                        };
-                        st.issuer = Some(p.issuer.clone());
-                        st.not_after = Some(p.not_after);
+                    match (&slot.served, &slot.http_only) {
+                        (Some(p), why) => {
+                            st.state = if p.not_after > now {
+                                CertState::Issued
+                            } else {
+                                CertState::Expired
+                            };
+                            st.issuer = Some(p.issuer.clone());
+                            st.not_after = Some(p.not_after);
+                            if let Some(why) = why {
+                                st.last_error =
+                                    Some(format!("{why}; this certificate will not be renewed"));
+                            }
+                        }
+                        (None, Some(why)) => {
+                            st.state = CertState::HttpOnly;
+                            st.last_error = Some(why.clone());
+                        }
+                        (None, None) => {}
                     }
                 }
                 out.push(st);
@@ -438,9 +553,16 @@ impl Tls {
     }
 }
 
-/// What a host's task may change in its slot.
-pub(crate) struct SlotView<'a> {
-    pub last_error: &'a mut Option<String>,
-    pub next_attempt: &'a mut Option<u64>,
-    pub renew_at: &'a mut Option<u64>,
+/// The sha256 of the custom certificate a route names, normalized.
+fn custom_sha256(spec: &RouteSpec) -> Option<String> {
+    match spec.tls.as_ref().map(|t| &t.certificate) {
+        Some(CertificateSource::Custom { sha256 }) => Some(sha256.trim().to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+fn not_held(project: &str, sha256: &str) -> String {
+    format!(
+        "route.tls names the custom certificate {sha256}, which this proxy does not hold for project {project:?}: send it with the deploy"
+    )
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! <state>/tls/                                  0700
 //!   accounts/<sha256 of directory URL>.json      ACME account (credentials, key included)
+//!   orders/<host>.json                           when orders were placed for a host
 //!   projects/<project>/hosts/<host>/             one ACME host
 //!     chain.pem  key.pem  meta.json
 //!   projects/<project>/custom/<sha256>/          one custom certificate
@@ -14,7 +15,8 @@
 //! its key are two files: a crash between them leaves a pair whose key does not match, which a
 //! load refuses (see `certs`), so the worst case is one more order. Certificates live under
 //! their project's directory: a host that moves to another project never inherits the other
-//! project's key.
+//! project's key. The order history is per host and outside the projects: the hourly cap is the
+//! CA's limit per name, so moving a host to another project must not reset it.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -33,16 +35,22 @@ pub struct HostMeta {
     pub issuer: Option<String>,
     pub not_before: Option<u64>,
     pub not_after: Option<u64>,
-    /// When renewal is due (ARI's window, or one third of the lifetime left).
+    /// When renewal is due for the certificate `sha256` (a point drawn once in ARI's window,
+    /// or one third of the lifetime left).
     pub renew_at: Option<u64>,
     /// The challenge type that worked last (`http-01` or `tls-alpn-01`), tried first next time.
     pub challenge: Option<String>,
-    /// When orders were placed (Unix seconds, the last hour's only): the per-hour cap.
-    pub orders: Vec<u64>,
     /// Failed orders in a row: the backoff's exponent.
     pub failures: u32,
     pub last_error: Option<String>,
     pub next_attempt: Option<u64>,
+}
+
+/// When orders were placed for one host (Unix seconds, the last hour's only): the hourly cap.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OrderHistory {
+    pub orders: Vec<u64>,
 }
 
 pub struct Store {
@@ -101,6 +109,29 @@ impl Store {
 
     pub fn forget_account(&self, directory: &str) {
         let _ = std::fs::remove_file(self.account_path(directory));
+    }
+
+    fn orders_path(&self, host: &str) -> Result<PathBuf, String> {
+        Ok(self
+            .root
+            .join("orders")
+            .join(format!("{}.json", component(host)?)))
+    }
+
+    /// A host's order history (none yet: empty). `Err` when the file exists but cannot be
+    /// read or parsed: the caller must then assume the cap may be used up, not reset it.
+    pub fn order_history(&self, host: &str) -> Result<OrderHistory, String> {
+        match read_string(&self.orders_path(host)?)? {
+            None => Ok(OrderHistory::default()),
+            Some(s) => {
+                serde_json::from_str(&s).map_err(|e| format!("order history of {host}: {e}"))
+            }
+        }
+    }
+
+    pub fn save_order_history(&self, host: &str, h: &OrderHistory) -> Result<(), String> {
+        let body = serde_json::to_vec(h).map_err(|e| format!("encode order history: {e}"))?;
+        write_atomic(&self.orders_path(host)?, &body)
     }
 
     /// An ACME host's chain and key PEM, if both are stored.
@@ -166,6 +197,38 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Deletes every stored custom certificate (key included) that `keep` does not name as
+    /// (project, sha256): a replaced custom certificate's key does not stay on disk. Returns
+    /// how many were deleted; failures are logged and left for the next commit.
+    pub fn prune_custom(&self, keep: &std::collections::HashSet<(String, String)>) -> usize {
+        let mut gone = 0;
+        let Ok(projects) = std::fs::read_dir(self.root.join("projects")) else {
+            return 0;
+        };
+        for project in projects.flatten() {
+            let Ok(certs) = std::fs::read_dir(project.path().join("custom")) else {
+                continue;
+            };
+            let p = project.file_name().to_string_lossy().into_owned();
+            for cert in certs.flatten() {
+                let sha = cert.file_name().to_string_lossy().into_owned();
+                if keep.contains(&(p.clone(), sha.clone())) {
+                    continue;
+                }
+                match std::fs::remove_dir_all(cert.path()) {
+                    Ok(()) => gone += 1,
+                    Err(e) => crate::log::warn(
+                        "an unused custom certificate could not be deleted",
+                        serde_json::json!({"project": p, "sha256": sha, "error": e.to_string()}),
+                    ),
+                }
+            }
+        }
+        gone
+    }
+}
+
 fn read_string(path: &Path) -> Result<Option<String>, String> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
@@ -188,7 +251,11 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> Result<(), String> {
     let dir = path.parent().ok_or("a file needs a directory")?;
     make_dirs(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp"));
+    // A name of its own per write: two tasks writing the same file (a host's old task still
+    // finishing while its new one starts) never write into one temp file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
     let ctx = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -223,11 +290,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("luma-store-{}", fastrand::u64(..)));
         let s = Store::new(&dir);
         s.save_host_cert("shop", "a.test", "CHAIN", "KEY").unwrap();
-        let mut m = HostMeta {
+        let m = HostMeta {
             source: "acme".into(),
+            renew_at: Some(7),
             ..HostMeta::default()
         };
-        m.orders.push(7);
         s.save_host_meta("shop", "a.test", &m).unwrap();
         assert_eq!(s.host_meta("shop", "a.test"), m);
         assert_eq!(
@@ -246,6 +313,64 @@ mod tests {
         );
         assert!(s.save_host_cert("shop", "../x", "C", "K").is_err());
         assert!(s.save_host_cert("a/b", "x.test", "C", "K").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn order_history_is_per_host_and_an_unreadable_one_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("luma-store-{}", fastrand::u64(..)));
+        let s = Store::new(&dir);
+        assert_eq!(s.order_history("a.test").unwrap(), OrderHistory::default());
+        let h = OrderHistory { orders: vec![5, 6] };
+        s.save_order_history("a.test", &h).unwrap();
+        assert_eq!(s.order_history("a.test").unwrap(), h);
+        std::fs::write(dir.join("tls/orders/a.test.json"), "{not json").unwrap();
+        assert!(
+            s.order_history("a.test").is_err(),
+            "never read as no orders"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unreferenced_custom_certificates_are_deleted() {
+        let dir = std::env::temp_dir().join(format!("luma-store-{}", fastrand::u64(..)));
+        let s = Store::new(&dir);
+        s.save_custom_cert("shop", "aa", "C", "K").unwrap();
+        s.save_custom_cert("shop", "bb", "C", "K").unwrap();
+        s.save_custom_cert("blog", "aa", "C", "K").unwrap();
+        let keep = [("shop".to_string(), "aa".to_string())]
+            .into_iter()
+            .collect();
+        assert_eq!(s.prune_custom(&keep), 2);
+        assert!(s.custom_cert("shop", "aa").is_some());
+        assert!(s.custom_cert("shop", "bb").is_none());
+        assert!(s.custom_cert("blog", "aa").is_none(), "per project");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn concurrent_writes_of_one_file_do_not_share_a_temp_file() {
+        let dir = std::env::temp_dir().join(format!("luma-store-{}", fastrand::u64(..)));
+        let path = dir.join("f.json");
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let body = format!("{i}").repeat(4096);
+                    for _ in 0..20 {
+                        write_atomic(&path, body.as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Whole writes only: one writer's body, never a mix.
+        let got = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(got.len(), 4096);
+        assert!(got.chars().all(|c| got.starts_with(c)), "mixed writes");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

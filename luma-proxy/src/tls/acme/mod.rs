@@ -2,37 +2,52 @@
 //!
 //! A host's task ([`host_task`]) starts when its route is committed or restored and is aborted
 //! when the host leaves the route (see `tls::Tls::sync`). It loops:
-//! 1. decide when the next order is due: now without a certificate; at the renewal time with
-//!    one (ARI's suggested window, RFC 9773, when the directory offers `renewalInfo`, else one
-//!    third of the lifetime before expiry); never before the backoff's next attempt; never
-//!    while the host has placed `orders_per_hour` orders in the last hour;
-//! 2. sleep until then (at most [`RECHECK`] at a time, so a clock jump or a new ARI window is
-//!    noticed);
+//! 1. decide when the next order is due ([`schedule`]): now without a certificate, or with one
+//!    from another ACME directory than the configured one; else at its renewal time (a point
+//!    drawn once in ARI's suggested window, RFC 9773, when the directory offers `renewalInfo`,
+//!    else one third of the lifetime before expiry; stored in the host's meta); never before
+//!    the backoff's next attempt (unless a new deploy of the route asked to retry at once);
+//!    never while the host has placed `orders_per_hour` orders in the last hour;
+//! 2. sleep until then (at most [`RECHECK`] at a time, so a clock jump is noticed), or until a
+//!    deploy of the route wakes it;
 //! 3. order (see [`order`]): HTTP-01 first, or the challenge type that worked last; if that
-//!    authorization fails, one immediate second order with the other type;
+//!    authorization fails, one immediate second order with the other type, if the cap allows;
 //! 4. on success store chain, key and meta, serve the certificate; on failure double the wait
 //!    (`retry_min` .. `retry_max`) and keep the CA's reason for `luma status`.
 //!
-//! Every order is written to the host's meta before the CA is contacted, and the backoff's next
-//! attempt with the failure, so a proxy in a crash loop cannot place more orders than the cap.
-//! A restart loads the certificate and meta first: a valid certificate is served at once and
-//! not ordered again before its renewal time.
+//! Every order is written to the host's order history (per host, whatever its project)
+//! before the CA is contacted, and the backoff's next attempt with the failure, so a proxy in
+//! a crash loop, or a host moved between projects, cannot place more orders than the cap. A
+//! history that cannot be read counts as a full hour's worth of orders placed just now. A
+//! restart loads the certificate and meta first: a valid certificate is served at once and
+//! not ordered again before its renewal time. All file I/O of a task runs on the blocking
+//! pool.
 
 pub mod http;
 pub mod order;
 
 use super::certs::{unix_now, Parsed};
-use super::store::{HostMeta, Store};
+use super::store::{HostMeta, OrderHistory, Store};
 use super::Tls;
 use crate::config::AcmeSettings;
 use instant_acme::{Account, AccountCredentials, CertificateIdentifier, NewAccount};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+use tokio::sync::Notify;
 
 /// Longest single sleep of a host task before it looks at its schedule again.
 pub const RECHECK: Duration = Duration::from_secs(3600);
 /// Bound on account creation or loading (directory fetch included) and on an ARI query.
 const ACCOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs file I/O on the blocking pool, off the async workers.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("file task: {e}"))
+}
 
 /// The ACME side shared by every host task: settings, the HTTP client, the account.
 pub struct Acme {
@@ -63,7 +78,9 @@ impl Acme {
             return Ok(a.clone());
         }
         let builder = Account::builder_with_http(Box::new(self.http.clone()));
-        let account = match self.store.account(&self.directory) {
+        let (store, dir) = (self.store.clone(), self.directory.clone());
+        let stored = blocking(move || store.account(&dir)).await?;
+        let account = match stored {
             Some(json) => {
                 let creds: AccountCredentials = serde_json::from_str(&json)
                     .map_err(|e| format!("the stored ACME account cannot be read: {e}"))?;
@@ -94,7 +111,8 @@ impl Acme {
                 .map_err(|e| format!("creating an ACME account at {}: {e}", self.directory))?;
                 let json = serde_json::to_string(&creds)
                     .map_err(|e| format!("encode the ACME account: {e}"))?;
-                self.store.save_account(&self.directory, &json)?;
+                let (store, dir) = (self.store.clone(), self.directory.clone());
+                blocking(move || store.save_account(&dir, &json)).await??;
                 crate::log::info(
                     "ACME account created",
                     serde_json::json!({"directory": self.directory}),
@@ -106,15 +124,22 @@ impl Acme {
         Ok(account)
     }
 
-    /// Drops an account the CA no longer knows (a test CA restarted): the next order creates
-    /// a new one.
+    /// Drops an account the CA no longer knows (a test CA restarted, an account deactivated):
+    /// the next order creates a new one.
     pub async fn forget_account(&self) {
-        *self.account.lock().await = None;
-        self.store.forget_account(&self.directory);
+        let mut cached = self.account.lock().await;
+        *cached = None;
+        let (store, dir) = (self.store.clone(), self.directory.clone());
+        let _ = blocking(move || store.forget_account(&dir)).await;
+        crate::log::warn(
+            "the ACME CA does not know our account; creating a new one",
+            serde_json::json!({"directory": self.directory}),
+        );
     }
 
-    /// When to renew `cert`: inside ARI's suggested window when the CA offers one, else one
-    /// third of the lifetime before expiry.
+    /// When to renew `cert`: a random point inside ARI's suggested window when the CA offers
+    /// one (spreading renewals, as RFC 9773 asks), else one third of the lifetime before
+    /// expiry. Drawn once per certificate: the caller stores it.
     pub async fn renew_at(&self, cert: &Parsed) -> u64 {
         let third = cert.renew_at_third();
         let Some(leaf) = cert.key.cert.first() else {
@@ -130,7 +155,6 @@ impl Acme {
             Ok(Ok((info, _))) => {
                 let start = info.suggested_window.start.unix_timestamp().max(0) as u64;
                 let end = (info.suggested_window.end.unix_timestamp().max(0) as u64).max(start);
-                // A random point in the window spreads renewals, as RFC 9773 asks.
                 start + fastrand::u64(0..=(end - start))
             }
             _ => third,
@@ -154,43 +178,147 @@ pub fn cap_free_at(orders: &mut Vec<u64>, now: u64, per_hour: u32) -> u64 {
     orders.iter().min().map_or(now, |oldest| oldest + 3600)
 }
 
+/// Which host a task works for: its slot's id, project and host pattern.
+pub struct HostRef {
+    pub id: u64,
+    pub project: String,
+    pub host: String,
+}
+
+/// When a host's next order is due, and the next attempt to report (a failure's retry, or
+/// the hourly cap's end).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub due: u64,
+    pub next_attempt: Option<u64>,
+}
+
+/// Plans the next order at `now` (see the module docs). `renew_at`: the served
+/// certificate's renewal time (`None`: no certificate); `foreign`: the certificate came from
+/// another directory; `retry_now`: a deploy asked to skip the backoff; `cap_free`: when the
+/// hourly cap allows an order ([`cap_free_at`]).
+pub fn schedule(
+    now: u64,
+    renew_at: Option<u64>,
+    foreign: bool,
+    meta: &HostMeta,
+    retry_now: bool,
+    cap_free: u64,
+) -> Schedule {
+    let mut due = match renew_at {
+        Some(at) if !foreign => at,
+        _ => now,
+    };
+    let backing_off = meta.failures > 0 && !retry_now;
+    if let (true, Some(n)) = (backing_off, meta.next_attempt) {
+        due = due.max(n);
+    }
+    let next_attempt = (backing_off || cap_free > now).then_some(due.max(cap_free));
+    Schedule {
+        due: due.max(cap_free),
+        next_attempt: next_attempt.filter(|n| *n > now),
+    }
+}
+
+fn warn_unsaved(h: &HostRef, what: &str, e: String) {
+    crate::log::warn(
+        &format!("{what} not saved"),
+        serde_json::json!({"project": h.project, "host": h.host, "error": e}),
+    );
+}
+
 /// The life of one host's certificate (see the module docs). Ends when the host's slot is
 /// dropped (its handle aborts this task) or the proxy goes away.
-pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, id: u64, project: String, host: String) {
+pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<Notify>) {
     let store = acme.store.clone();
-    let mut meta = store.host_meta(&project, &host);
+    let cap = acme.settings.orders_per_hour;
+    let (s, project, host) = (store.clone(), h.project.clone(), h.host.clone());
+    let Ok((mut meta, history)) =
+        blocking(move || (s.host_meta(&project, &host), s.order_history(&host))).await
+    else {
+        return;
+    };
+    let mut history = history.unwrap_or_else(|e| {
+        // Not zero: the cap protects the CA's own per-name limit, which did not reset.
+        crate::log::warn(
+            "order history unreadable; counting the hourly cap as used",
+            serde_json::json!({"host": h.host, "error": e}),
+        );
+        OrderHistory {
+            orders: vec![unix_now(); cap.max(1) as usize],
+        }
+    });
+    let mut retry_now = false;
+    // The renewal time last logged, so a restored certificate's "kept until" is said once (the
+    // event that shows a restart decided not to order), not at every recheck.
+    let mut told: Option<u64> = None;
     loop {
-        let Some(served) = tls.upgrade().map(|t| t.served(&host, id)) else {
+        let Some(served) = tls.upgrade().map(|t| t.served(&h.host, h.id)) else {
             return;
         };
         let now = unix_now();
-        let mut due = now;
         let mut renew_at = None;
+        let mut foreign = false;
         if let Some(cert) = &served {
-            let at = acme.renew_at(cert).await;
+            let described = meta.sha256.as_deref() == Some(cert.sha256.as_str());
+            foreign = described
+                && meta
+                    .directory
+                    .as_deref()
+                    .is_some_and(|d| d != acme.directory);
+            let at = match meta.renew_at.filter(|_| described) {
+                Some(at) => at,
+                None => {
+                    let at = acme.renew_at(cert).await;
+                    meta.sha256 = Some(cert.sha256.clone());
+                    meta.renew_at = Some(at);
+                    let (s, m, p, host) = (
+                        store.clone(),
+                        meta.clone(),
+                        h.project.clone(),
+                        h.host.clone(),
+                    );
+                    if let Ok(Err(e)) = blocking(move || s.save_host_meta(&p, &host, &m)).await {
+                        warn_unsaved(&h, "certificate meta", e);
+                    }
+                    at
+                }
+            };
             renew_at = Some(at);
-            due = at;
         }
-        let failing = meta.failures > 0;
-        if let (true, Some(n)) = (failing, meta.next_attempt) {
-            due = due.max(n);
-        }
-        let capped = cap_free_at(&mut meta.orders, now, acme.settings.orders_per_hour);
-        let next_attempt = (failing || capped > now).then_some(due.max(capped));
-        due = due.max(capped);
+        let cap_free = cap_free_at(&mut history.orders, now, cap);
+        let plan = schedule(now, renew_at, foreign, &meta, retry_now, cap_free);
         if let Some(t) = tls.upgrade() {
-            t.report(&host, id, |s| {
-                *s.renew_at = renew_at;
-                *s.next_attempt = next_attempt.filter(|n| *n > now);
-                *s.last_error = meta.last_error.clone();
+            t.report(&h.host, h.id, |s| {
+                s.renew_at = renew_at;
+                s.next_attempt = plan.next_attempt;
+                s.last_error = meta.last_error.clone();
             });
         }
-        if due > now {
-            let wait = Duration::from_secs(due - now).min(RECHECK);
-            tokio::time::sleep(wait).await;
+        if plan.due > now {
+            if let Some(at) = renew_at.filter(|at| told != Some(*at)) {
+                told = Some(at);
+                crate::log::info(
+                    "certificate valid; kept until its renewal time",
+                    serde_json::json!({"project": h.project, "host": h.host, "renew_at": at}),
+                );
+            }
+            let wait = Duration::from_secs(plan.due - now).min(RECHECK);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = wake.notified() => retry_now = true,
+            }
             continue;
         }
-        match order::obtain(&acme, &tls, &project, &host, &mut meta).await {
+        retry_now = false;
+        let result = order::obtain(&acme, &tls, &h, &mut meta, &mut history).await;
+        // A deploy that asked for a retry while this order ran got it: this order.
+        tokio::select! {
+            biased;
+            _ = wake.notified() => {}
+            _ = std::future::ready(()) => {}
+        }
+        match result {
             Ok(issued) => {
                 let Some(t) = tls.upgrade() else { return };
                 let renew = acme.renew_at(&issued.cert).await;
@@ -203,22 +331,24 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, id: u64, project: String
                     not_after: Some(issued.cert.not_after),
                     renew_at: Some(renew),
                     challenge: Some(issued.challenge.to_string()),
-                    orders: std::mem::take(&mut meta.orders),
                     failures: 0,
                     last_error: None,
                     next_attempt: None,
                 };
-                if let Err(e) = store.save_host_meta(&project, &host, &meta) {
-                    crate::log::warn(
-                        "certificate meta not saved",
-                        serde_json::json!({"project": project, "host": host, "error": e}),
-                    );
+                let (s, m, p, host) = (
+                    store.clone(),
+                    meta.clone(),
+                    h.project.clone(),
+                    h.host.clone(),
+                );
+                if let Ok(Err(e)) = blocking(move || s.save_host_meta(&p, &host, &m)).await {
+                    warn_unsaved(&h, "certificate meta", e);
                 }
                 crate::log::info(
                     "certificate issued",
-                    serde_json::json!({"project": project, "host": host, "issuer": issued.cert.issuer, "not_after": issued.cert.not_after, "challenge": issued.challenge}),
+                    serde_json::json!({"project": h.project, "host": h.host, "issuer": issued.cert.issuer, "not_after": issued.cert.not_after, "challenge": issued.challenge}),
                 );
-                t.install(&host, id, issued.cert, renew);
+                t.install(&h.host, h.id, issued.cert, renew);
             }
             Err(reason) => {
                 if tls.upgrade().is_none() {
@@ -233,15 +363,18 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, id: u64, project: String
                 let now = unix_now();
                 meta.next_attempt = Some(now + wait.as_secs().max(1));
                 meta.last_error = Some(reason.clone());
-                if let Err(e) = store.save_host_meta(&project, &host, &meta) {
-                    crate::log::warn(
-                        "certificate meta not saved",
-                        serde_json::json!({"project": project, "host": host, "error": e}),
-                    );
+                let (s, m, p, host) = (
+                    store.clone(),
+                    meta.clone(),
+                    h.project.clone(),
+                    h.host.clone(),
+                );
+                if let Ok(Err(e)) = blocking(move || s.save_host_meta(&p, &host, &m)).await {
+                    warn_unsaved(&h, "certificate meta", e);
                 }
                 crate::log::warn(
                     "certificate order failed",
-                    serde_json::json!({"project": project, "host": host, "reason": reason, "retry_in_s": wait.as_secs()}),
+                    serde_json::json!({"project": h.project, "host": h.host, "reason": reason, "retry_in_s": wait.as_secs()}),
                 );
             }
         }
@@ -271,5 +404,46 @@ mod tests {
         );
         assert_eq!(cap_free_at(&mut orders, 3750, 3), 3750);
         assert_eq!(orders, vec![200, 300]);
+    }
+
+    #[test]
+    fn a_certificate_from_another_directory_is_due_now() {
+        let m = HostMeta::default();
+        assert_eq!(schedule(100, Some(500), false, &m, false, 100).due, 500);
+        assert_eq!(
+            schedule(100, Some(500), true, &m, false, 100).due,
+            100,
+            "renewed from the configured directory at once"
+        );
+        assert_eq!(schedule(100, None, false, &m, false, 100).due, 100);
+    }
+
+    #[test]
+    fn backoff_and_cap_hold_and_a_deploy_skips_only_the_backoff() {
+        let failing = HostMeta {
+            failures: 2,
+            next_attempt: Some(400),
+            ..HostMeta::default()
+        };
+        let s = schedule(100, None, false, &failing, false, 100);
+        assert_eq!(
+            s,
+            Schedule {
+                due: 400,
+                next_attempt: Some(400)
+            }
+        );
+        let s = schedule(100, None, false, &failing, true, 100);
+        assert_eq!(
+            s,
+            Schedule {
+                due: 100,
+                next_attempt: None
+            },
+            "retry at once"
+        );
+        let s = schedule(100, None, false, &failing, true, 3000);
+        assert_eq!(s.due, 3000, "never past the hourly cap");
+        assert_eq!(s.next_attempt, Some(3000));
     }
 }

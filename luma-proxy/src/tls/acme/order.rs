@@ -5,10 +5,10 @@
 //! the order ends, abort included). The certificate key is a fresh ECDSA P-256 key per order,
 //! generated here; the CA only ever sees the CSR.
 
-use super::{cap_free_at, Acme};
+use super::{blocking, cap_free_at, Acme, HostRef};
 use crate::tls::book::CertBook;
 use crate::tls::certs::{unix_now, Parsed};
-use crate::tls::store::HostMeta;
+use crate::tls::store::{HostMeta, OrderHistory};
 use crate::tls::Tls;
 use instant_acme::{
     Account, AuthorizationStatus, ChallengeType, Error, Identifier, NewOrder, Order, OrderStatus,
@@ -35,8 +35,25 @@ pub struct Issued {
 enum Failure {
     /// The CA could not validate the challenge: the other type may work.
     Challenge(String),
+    /// The CA does not know the account (it was deactivated, or a test CA restarted): make
+    /// a new one and order again.
+    AccountGone(String),
     /// Anything else (the CA unreachable, a refusal, a rate limit): back off.
     Other(String),
+}
+
+/// The ACME problem type (RFC 8555 section 6.7) of an account the CA does not know.
+const ACCOUNT_DOES_NOT_EXIST: &str = "urn:ietf:params:acme:error:accountDoesNotExist";
+
+/// Sorts a client error: an unknown account by its problem type (never by the words of its
+/// detail, which are the CA's own); the rest is a failure to back off from.
+fn failure(e: Error) -> Failure {
+    match &e {
+        Error::Api(p) if p.r#type.as_deref() == Some(ACCOUNT_DOES_NOT_EXIST) => {
+            Failure::AccountGone(words(p))
+        }
+        e => Failure::Other(error_words(e)),
+    }
 }
 
 fn name(c: &ChallengeType) -> &'static str {
@@ -58,15 +75,15 @@ fn error_words(e: &Error) -> String {
     }
 }
 
-/// Orders a certificate for `host`: the remembered (or HTTP-01) challenge first, the other at
-/// once if that one's validation fails and the hourly cap allows. Every order is recorded in
-/// `meta` (and saved) before the CA sees it.
+/// Orders a certificate for the host: the remembered (or HTTP-01) challenge first, the other
+/// at once if that one's validation fails. No order is placed past the hourly cap, and every
+/// order is recorded in `history` (and saved) before the CA sees it.
 pub async fn obtain(
     acme: &Acme,
     tls: &Weak<Tls>,
-    project: &str,
-    host: &str,
+    h: &HostRef,
     meta: &mut HostMeta,
+    history: &mut OrderHistory,
 ) -> Result<Issued, String> {
     let (book, metrics) = tls
         .upgrade()
@@ -82,39 +99,42 @@ pub async fn obtain(
         _ => ChallengeType::TlsAlpn01,
     };
     let mut reasons = Vec::new();
-    for (i, challenge) in [first, second].into_iter().enumerate() {
+    for challenge in [first, second] {
         let now = unix_now();
-        if i > 0 && cap_free_at(&mut meta.orders, now, acme.settings.orders_per_hour) > now {
+        if cap_free_at(&mut history.orders, now, acme.settings.orders_per_hour) > now {
             reasons.push(format!(
-                "no {} order: {} orders in the last hour",
+                "no {} order: {} orders in the last hour (--acme-orders-per-hour)",
                 name(&challenge),
-                meta.orders.len()
+                history.orders.len()
             ));
             break;
         }
-        meta.orders.push(now);
-        acme.store
-            .save_host_meta(project, host, meta)
+        history.orders.push(now);
+        let (store, host, saved) = (acme.store.clone(), h.host.clone(), history.clone());
+        blocking(move || store.save_order_history(&host, &saved))
+            .await
+            .and_then(|r| r)
             .map_err(|e| format!("the order was not placed: {e}"))?;
         crate::log::info(
             "certificate order placed",
-            serde_json::json!({"project": project, "host": host, "challenge": name(&challenge), "directory": acme.directory}),
+            serde_json::json!({"project": h.project, "host": h.host, "challenge": name(&challenge), "directory": acme.directory}),
         );
         let attempt =
-            tokio::time::timeout(ORDER_TIMEOUT, with_account(acme, &book, host, &challenge)).await;
+            tokio::time::timeout(ORDER_TIMEOUT, with_account(acme, &book, h, &challenge)).await;
         metrics.count_acme_order(matches!(attempt, Ok(Ok(_))));
         match attempt {
             Ok(Ok((chain, key))) => {
                 let cert = Parsed::from_pem(&chain, &key)
                     .map_err(|e| format!("the CA's certificate is unusable: {e}"))?;
-                acme.store.save_host_cert(project, host, &chain, &key)?;
+                let (store, p, host) = (acme.store.clone(), h.project.clone(), h.host.clone());
+                blocking(move || store.save_host_cert(&p, &host, &chain, &key)).await??;
                 return Ok(Issued {
                     cert,
                     challenge: name(&challenge),
                 });
             }
             Ok(Err(Failure::Challenge(r))) => reasons.push(format!("{}: {r}", name(&challenge))),
-            Ok(Err(Failure::Other(r))) => {
+            Ok(Err(Failure::Other(r) | Failure::AccountGone(r))) => {
                 reasons.push(r);
                 break;
             }
@@ -134,28 +154,32 @@ pub async fn obtain(
 async fn with_account(
     acme: &Acme,
     book: &Arc<CertBook>,
-    host: &str,
+    h: &HostRef,
     challenge: &ChallengeType,
 ) -> Result<(String, String), Failure> {
+    let mut gone = None;
     for retry in [false, true] {
         let account = acme.account().await.map_err(Failure::Other)?;
-        match place(&account, book, host, challenge).await {
-            Err(Failure::Other(r)) if !retry && r.contains("accountDoesNotExist") => {
+        match place(&account, book, h, challenge).await {
+            Err(Failure::AccountGone(r)) if !retry => {
                 acme.forget_account().await;
+                gone = Some(r);
             }
             r => return r,
         }
     }
-    Err(Failure::Other(
-        "the CA does not know the ACME account".into(),
-    ))
+    Err(Failure::Other(format!(
+        "the CA does not know the ACME account, even a new one: {}",
+        gone.unwrap_or_default()
+    )))
 }
 
 /// Takes a finished order's challenges out of the book, however the order ended.
 struct Answers {
     book: Arc<CertBook>,
     tokens: Vec<String>,
-    alpn_host: Option<String>,
+    /// The host and slot id of a TLS-ALPN-01 certificate put in the book.
+    alpn: Option<(String, u64)>,
 }
 
 impl Drop for Answers {
@@ -163,8 +187,8 @@ impl Drop for Answers {
         for t in &self.tokens {
             self.book.remove_token(t);
         }
-        if let Some(h) = &self.alpn_host {
-            self.book.remove_alpn_challenge(h);
+        if let Some((host, slot)) = &self.alpn {
+            self.book.remove_alpn_challenge(host, *slot);
         }
     }
 }
@@ -191,10 +215,11 @@ fn alpn_certificate(host: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, Stri
 async fn place(
     account: &Account,
     book: &Arc<CertBook>,
-    host: &str,
+    h: &HostRef,
     challenge: &ChallengeType,
 ) -> Result<(String, String), Failure> {
-    let other = |e: Error| Failure::Other(error_words(&e));
+    let host = h.host.as_str();
+    let other = failure;
     let ids = [Identifier::Dns(host.to_string())];
     let mut order = account
         .new_order(&NewOrder::new(&ids))
@@ -203,7 +228,7 @@ async fn place(
     let mut answers = Answers {
         book: book.clone(),
         tokens: Vec::new(),
-        alpn_host: None,
+        alpn: None,
     };
     {
         let mut auths = order.authorizations();
@@ -226,8 +251,8 @@ async fn place(
                 ChallengeType::TlsAlpn01 => {
                     let cert =
                         alpn_certificate(host, ka.digest().as_ref()).map_err(Failure::Other)?;
-                    book.add_alpn_challenge(host, cert);
-                    answers.alpn_host = Some(host.to_string());
+                    book.add_alpn_challenge(host, h.id, cert);
+                    answers.alpn = Some((host.to_string(), h.id));
                 }
                 _ => {
                     book.add_token(&c.token, host, ka.as_str());
@@ -244,7 +269,9 @@ async fn place(
     let failed = match order.poll_ready(&policy).await {
         Ok(OrderStatus::Ready) => None,
         Ok(status) => Some(format!("the order is {status:?}")),
-        Err(Error::Api(p)) => Some(words(&p)),
+        Err(Error::Api(p)) if p.r#type.as_deref() != Some(ACCOUNT_DOES_NOT_EXIST) => {
+            Some(words(&p))
+        }
         Err(Error::Timeout(_)) => {
             return Err(Failure::Other(format!(
                 "the CA did not validate {host} within {}s",
@@ -293,4 +320,34 @@ async fn challenge_errors(order: &mut Order) -> String {
         }
     }
     out.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(kind: &str, detail: &str) -> Error {
+        Error::Api(
+            serde_json::from_value(
+                serde_json::json!({"type": kind, "detail": detail, "status": 400}),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn an_unknown_account_is_known_by_its_problem_type() {
+        let gone = problem(ACCOUNT_DOES_NOT_EXIST, "unable to find account with ID 7");
+        assert!(matches!(failure(gone), Failure::AccountGone(r) if r.contains("ID 7")));
+        // The detail is the CA's prose: mentioning the type name there is no such problem.
+        let other = problem(
+            "urn:ietf:params:acme:error:malformed",
+            "accountDoesNotExist is not what happened",
+        );
+        assert!(matches!(failure(other), Failure::Other(_)));
+        assert!(matches!(
+            failure(Error::Other("connection refused".into())),
+            Failure::Other(_)
+        ));
+    }
 }
