@@ -190,17 +190,18 @@ pub fn no_public_certificate(host: &str) -> Option<String> {
 /// label under `parent`. A wildcard host pattern `*.parent` needs the same wildcard name (no
 /// single name covers every host a wildcard route matches). Case and a trailing dot are
 /// ignored on both sides. The one rule for the CLI's preflight and the proxy's gate and
-/// handshakes.
+/// handshakes; the proxy asks it on every HTTPS request, so it compares in place and never
+/// allocates.
 pub fn certificate_covers<S: AsRef<str>>(names: &[S], host: &str) -> bool {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let host = host.trim_end_matches('.');
     names.iter().any(|n| {
-        let n = n.as_ref().trim_end_matches('.').to_ascii_lowercase();
-        if n == host {
+        let n = n.as_ref().trim_end_matches('.');
+        if n.eq_ignore_ascii_case(host) {
             return true;
         }
         match (n.strip_prefix("*."), host.split_once('.')) {
             (Some(parent), Some((label, rest))) => {
-                !label.is_empty() && label != "*" && rest == parent
+                !label.is_empty() && label != "*" && rest.eq_ignore_ascii_case(parent)
             }
             _ => false,
         }
@@ -228,6 +229,15 @@ mod covers_tests {
         );
         assert!(!covers(&["*.shop.test"], "*.a.shop.test"));
         assert!(!covers::<&str>(&[], "shop.test"));
+        assert!(
+            covers(&["*.SHOP.test"], "a.shop.TEST"),
+            "case on both sides"
+        );
+        assert!(!covers(&["*.shop.test"], "a.shop.test.x"));
+        assert!(
+            !covers(&["*.shop.test"], "shop.test"),
+            "a wildcard is not its parent"
+        );
     }
 }
 

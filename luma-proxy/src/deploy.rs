@@ -3,8 +3,9 @@
 //! `deploy(route)`:
 //! 1. validate the route and refuse hosts that belong to another project (409, holder keeps them);
 //! 2. take the route's deploy lock (two deploys of one route never interleave); an identical
-//!    repeat of what is live answers at once with `already_live` and changes nothing, so a
-//!    caller that lost a reply can simply ask again;
+//!    repeat of what is live answers at once with `already_live` and changes no routing, so a
+//!    caller that lost a reply can simply ask again (the one thing it may change: a custom
+//!    certificate it carries that the proxy lost is stored again and served, see below);
 //! 3. resolve the new target in its project's network into fresh backends;
 //! 4. health-check every one of them on its own until all pass or the deploy timeout (30 s)
 //!    ends; if any fails, nothing changes and the error lists the reason per backend (422);
@@ -27,7 +28,9 @@
 //!   by the SNI book at once; custom certificates the table no longer names are deleted;
 //! - a deploy of a route (an identical repeat too: it is the user's way to say "try again",
 //!   e.g. after fixing DNS) makes its ACME hosts still waiting for a certificate order again
-//!   at once, past their backoff but never past the hourly cap.
+//!   at once, past their backoff but never past the hourly cap; likewise a custom certificate
+//!   sent with an identical repeat is stored (under the commit lock, 0600) if the proxy does
+//!   not hold it (lost from the state volume), and served at once.
 //!
 //! When the reply arrives, the old containers carry no proxy traffic and may be disconnected
 //! and stopped. `check` runs steps 3-4 alone; `remove` runs 5 and 6 with the route taken out.
@@ -150,6 +153,9 @@ impl Deployer {
         let _lock = self.router.lock(&key).await;
         if let Some(live) = self.router.get(&key).filter(|l| l.spec == spec) {
             if let Some(tls) = &self.tls {
+                if let Some(c) = &custom {
+                    self.restore_custom(tls, c)?;
+                }
                 tls.retry_pending(&spec);
             }
             return Ok(DeployOutcome {
@@ -196,6 +202,29 @@ impl Deployer {
             drain,
             already_live: false,
         })
+    }
+
+    /// An identical deploy's custom certificate, stored again if the proxy lost it. Under the
+    /// commit lock: the slots follow the table as it is, never a copy a commit made stale.
+    fn restore_custom(&self, tls: &Arc<Tls>, c: &CheckedCustom) -> Result<(), ApiError> {
+        let _c = self
+            .commit
+            .lock()
+            .map_err(|_| err(ErrorKind::Internal, "commit lock poisoned"))?;
+        match tls.restore_custom(c, &self.router.specs()) {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                crate::log::info(
+                    "custom certificate stored again",
+                    serde_json::json!({"project": c.project, "sha256": c.sha256}),
+                );
+                Ok(())
+            }
+            Err(e) => Err(err(
+                ErrorKind::NotSaved,
+                format!("the custom certificate could not be saved ({e}); the route is live and unchanged, still without it"),
+            )),
+        }
     }
 
     /// What is live for a route once no deploy or remove of it is running.

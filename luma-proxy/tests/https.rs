@@ -668,20 +668,26 @@ async fn a_restored_wildcard_overlap_never_lends_its_certificate_to_the_exact_ho
         hsts: false,
     });
     saved.push(exact);
+    // And one of beta's hosts without `tls` at all.
+    let mut plain = route("beta", "plain.shop.test", &[backend.addr]);
+    plain.app = "plain".into();
+    saved.push(plain);
     luma_proxy::state::StateStore::new(&dir.path())
         .save(&saved)
         .unwrap();
 
     let proxy = luma_proxy::Proxy::start(config(dir.path())).await.unwrap();
     assert!(
-        proxy.deployer.router.specs().len() == 2,
-        "both routes restored"
+        proxy.deployer.router.specs().len() == 3,
+        "every route restored"
     );
-    assert_eq!(
-        presented_leaf(proxy.https_addr, "a.shop.test").await,
-        None,
-        "alpha's wildcard certificate was presented for beta's host"
-    );
+    for host in ["a.shop.test", "plain.shop.test"] {
+        assert_eq!(
+            presented_leaf(proxy.https_addr, host).await,
+            None,
+            "alpha's wildcard certificate was presented for beta's host {host}"
+        );
+    }
     assert_eq!(
         presented_leaf(proxy.https_addr, "x.shop.test").await,
         Some(wild.sha256.clone())
@@ -815,5 +821,91 @@ async fn replaced_custom_certificates_are_deleted_and_a_missing_one_says_how_to_
         (get(proxy.http_addr, "shop.test", "/").await == (200, "app 0".to_string())).then_some(())
     })
     .await;
+    assert_eq!(presented_leaf(proxy.https_addr, "shop.test").await, None);
+
+    // Following the advice: the same deploy again, with the certificate. It changes no
+    // routing (already live), but the certificate is stored and served again.
+    let again = proxy
+        .deployer
+        .deploy(custom_req("shop", "shop.test", &[backend.addr], &new))
+        .await
+        .unwrap();
+    assert!(again.already_live, "an identical deploy");
+    assert!(custom.join(&new.sha256).join("key.pem").exists());
+    assert_eq!(
+        presented_leaf(proxy.https_addr, "shop.test").await,
+        Some(new.sha256.clone())
+    );
+    assert_eq!(status_of(&proxy, "shop.test").state, CertState::Issued);
+    let (status, _) = get(proxy.http_addr, "shop.test", "/").await;
+    assert_eq!(status, 308, "a usable certificate: redirected");
+    proxy.shutdown().await;
+
+    // Lost again; this time the next deploy differs (HSTS on): stored at its commit, and the
+    // host's slot, which held nothing, loads it.
+    std::fs::remove_dir_all(custom.join(&new.sha256)).unwrap();
+    let proxy = luma_proxy::Proxy::start(config(dir.path())).await.unwrap();
+    assert_eq!(status_of(&proxy, "shop.test").state, CertState::HttpOnly);
+    let mut changed = custom_req("shop", "shop.test", &[backend.addr], &new);
+    if let Some(t) = changed.route.tls.as_mut() {
+        t.hsts = true;
+    }
+    let outcome = proxy.deployer.deploy(changed).await.unwrap();
+    assert!(!outcome.already_live);
+    assert_eq!(
+        presented_leaf(proxy.https_addr, "shop.test").await,
+        Some(new.sha256.clone())
+    );
+    assert_eq!(status_of(&proxy, "shop.test").state, CertState::Issued);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_host_without_its_own_certificate_is_served_by_its_projects_wildcard() {
+    let dir = TempStateDir::new("tls-own-wildcard");
+    let proxy = luma_proxy::Proxy::start(config(dir.path())).await.unwrap();
+    let backend = TestBackend::start("127.0.0.1", "app").await;
+    let ca = TestCa::new("Luma Test CA");
+    let wild = ca.leaf(&["*.shop.test"]);
+    proxy
+        .deployer
+        .deploy(custom_req("shop", "*.shop.test", &[backend.addr], &wild))
+        .await
+        .unwrap();
+    // The same project's exact hosts: one without `tls` (ssl: false), one whose own ACME
+    // certificate is not there (ACME is off in these tests: HTTP only).
+    let mut plain = deploy_req(route("shop", "api.shop.test", &[backend.addr]));
+    plain.route.app = "api".into();
+    proxy.deployer.deploy(plain).await.unwrap();
+    let mut pending = tls_route(
+        "shop",
+        "pay.shop.test",
+        &[backend.addr],
+        CertificateSource::Acme,
+    );
+    pending.route.app = "pay".into();
+    proxy.deployer.deploy(pending).await.unwrap();
+
+    let roots = ca.pem();
+    for host in ["api.shop.test", "pay.shop.test"] {
+        assert_eq!(
+            presented_leaf(proxy.https_addr, host).await,
+            Some(wild.sha256.clone()),
+            "{host}"
+        );
+        let s = connect(proxy.https_addr, host, &roots, &[b"http/1.1"])
+            .await
+            .unwrap();
+        assert_eq!(
+            get_on(s, host, "/").await.unwrap(),
+            (200, "app 0".into()),
+            "{host}"
+        );
+    }
+    // The redirect agrees with what the handshake serves: pay's route asks for it.
+    let (status, _) = get(proxy.http_addr, "pay.shop.test", "/").await;
+    assert_eq!(status, 308);
+    let (status, _) = get(proxy.http_addr, "api.shop.test", "/").await;
+    assert_eq!(status, 200, "no tls: never redirected");
     proxy.shutdown().await;
 }

@@ -4,10 +4,12 @@
 //! certificate, built by [`super::Tls`] from the routes and the certificates it holds, so a
 //! host's certificate is served only for that host's SNI and only while the host belongs to
 //! the project the certificate was obtained for. Lookups follow the router's rule: a name that
-//! is the exact host of some route gets that host's own certificate or none (never a
-//! wildcard's: after a restore, another project's `*.parent` may overlap it), and only a name
-//! no route names exactly falls back to a one-level wildcard pattern. An unknown or missing
-//! SNI gets no certificate: rustls then fails the handshake with an alert (there is no default
+//! is the exact host of some route gets that host's own certificate; without one (no `tls`,
+//! or its certificate still pending) it falls back to the one-level wildcard `*.parent` only
+//! when that wildcard's certificate is of the exact host's own project (never another
+//! project's: after a restore, another project's `*.parent` may overlap it); a name no route
+//! names exactly falls back to the wildcard as usual. An unknown or missing SNI gets no
+//! certificate: rustls then fails the handshake with an alert (there is no default
 //! certificate to leak).
 //!
 //! A resumed session never asks the book (no certificate is sent), so the HTTPS listener asks
@@ -64,11 +66,15 @@ impl Entry {
     }
 }
 
+/// An exact route host: its route's project, and its own certificate if it has one.
+struct Exact {
+    project: Arc<str>,
+    own: Option<Entry>,
+}
+
 #[derive(Default)]
 struct Snapshot {
-    /// Exact route hosts; `None`: the host has a route but no certificate of its own (it
-    /// never falls back to a wildcard's).
-    exact: HashMap<String, Option<Entry>>,
+    exact: HashMap<String, Exact>,
     /// Keyed by the suffix after `*.`.
     wildcard: HashMap<String, Entry>,
 }
@@ -89,18 +95,19 @@ impl std::fmt::Debug for CertBook {
 }
 
 impl CertBook {
-    /// Replaces what is served with `hosts`: host pattern -> its certificate, or `None` for an
-    /// exact route host that has none (so it does not fall back to a wildcard).
-    pub fn publish(&self, hosts: impl IntoIterator<Item = (String, Option<Entry>)>) {
+    /// Replaces what is served with `hosts`: (host pattern, its route's project, its
+    /// certificate). Every exact host of every route is listed, with or without a
+    /// certificate, so that a wildcard certificate of another project is never served for it.
+    pub fn publish(&self, hosts: impl IntoIterator<Item = (String, Arc<str>, Option<Entry>)>) {
         let mut s = Snapshot::default();
-        for (h, e) in hosts {
+        for (h, project, e) in hosts {
             match (h.strip_prefix("*."), e) {
                 (Some(suffix), Some(e)) => {
                     s.wildcard.insert(suffix.to_string(), e);
                 }
                 (Some(_), None) => {}
-                (None, e) => {
-                    s.exact.insert(h, e);
+                (None, own) => {
+                    s.exact.insert(h, Exact { project, own });
                 }
             }
         }
@@ -110,11 +117,18 @@ impl CertBook {
     /// The certificate for a server name (lowercase, no trailing dot).
     pub fn lookup(&self, name: &str) -> Option<Entry> {
         let s = self.served.load();
-        if let Some(e) = s.exact.get(name) {
-            return e.clone();
+        let exact = s.exact.get(name);
+        if let Some(own) = exact.and_then(|x| x.own.as_ref()) {
+            return Some(own.clone());
         }
         let (_, parent) = name.split_once('.')?;
-        s.wildcard.get(parent).cloned()
+        let wildcard = s.wildcard.get(parent)?;
+        // An exact host without a certificate of its own borrows its own project's wildcard
+        // only.
+        match exact {
+            Some(x) if x.project != wildcard.project => None,
+            _ => Some(wildcard.clone()),
+        }
     }
 
     /// The certificate a finished handshake for `sni` may go on with: the one the book has
@@ -124,8 +138,9 @@ impl CertBook {
         self.lookup(&normalize(sni)).filter(|e| e.not_after > now)
     }
 
-    /// Whether plain HTTP for `host`, routed to `project`, may be redirected: the host's own
-    /// certificate (or its wildcard route's) is in that project and has not expired.
+    /// Whether plain HTTP for `host`, routed to `project`, may be redirected: what a handshake
+    /// for `host` would be served ([`CertBook::lookup`]: its own certificate, or its project's
+    /// wildcard) is in that project and has not expired.
     pub fn usable(&self, host: &str, project: &str, now: u64) -> bool {
         self.lookup(host)
             .is_some_and(|e| e.not_after > now && &*e.project == project)
@@ -204,15 +219,16 @@ mod tests {
     }
 
     #[test]
-    fn a_host_with_its_own_route_never_falls_back_to_a_wildcard() {
+    fn a_host_with_its_own_route_never_falls_back_to_another_projects_wildcard() {
         let book = CertBook::default();
         book.publish([
             (
                 "*.shop.test".into(),
+                "a".into(),
                 Some(entry("a", &["*.shop.test"], 100)),
             ),
             // Project b's exact host, no certificate of its own yet.
-            ("b.shop.test".into(), None),
+            ("b.shop.test".into(), "b".into(), None),
         ]);
         assert!(
             book.lookup("b.shop.test").is_none(),
@@ -230,6 +246,32 @@ mod tests {
         assert!(book.admit("X.shop.test.", 10).is_some());
         assert!(book.admit("x.shop.test", 100).is_none(), "expired");
         assert!(book.admit("b.shop.test", 10).is_none());
+    }
+
+    #[test]
+    fn an_exact_host_without_a_certificate_borrows_its_own_projects_wildcard() {
+        let book = CertBook::default();
+        let own = entry("a", &["own.shop.test"], 100);
+        book.publish([
+            (
+                "*.shop.test".into(),
+                "a".into(),
+                Some(entry("a", &["*.shop.test"], 100)),
+            ),
+            // Project a's exact hosts: no `tls`, or a certificate still pending.
+            ("api.shop.test".into(), "a".into(), None),
+            ("own.shop.test".into(), "a".into(), Some(own)),
+        ]);
+        let e = book.lookup("api.shop.test").expect("a's own wildcard");
+        assert_eq!(&*e.names, ["*.shop.test".to_string()]);
+        assert!(book.usable("api.shop.test", "a", 10), "redirect agrees");
+        assert!(!book.usable("api.shop.test", "a", 100), "expired");
+        assert!(book.admit("api.shop.test", 10).is_some());
+        assert_eq!(
+            &*book.lookup("own.shop.test").unwrap().names,
+            ["own.shop.test".to_string()],
+            "its own certificate first"
+        );
     }
 
     #[test]

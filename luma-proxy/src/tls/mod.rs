@@ -98,12 +98,13 @@ struct Slot {
     _task: Option<TaskHandle>,
 }
 
-/// The slots, and every exact host of every route (TLS or not).
+/// The slots, and every exact host of every route (TLS or not) with its project.
 #[derive(Default)]
 struct Table {
     slots: HashMap<String, Slot>,
-    /// A name some route has as its exact host never gets a wildcard route's certificate.
-    route_hosts: HashSet<String>,
+    /// A name some route has as its exact host gets a wildcard route's certificate only from
+    /// its own project (see `book`).
+    route_hosts: HashMap<String, String>,
 }
 
 /// A custom certificate that passed the deploy gate and came with the deploy (to be stored at
@@ -240,6 +241,31 @@ impl Tls {
             .save_custom_cert(&c.project, &c.sha256, &c.pem.chain_pem, &c.pem.key_pem)
     }
 
+    /// Whether the store holds `c` in a form that loads (a lost or damaged copy does not).
+    fn holds(&self, c: &CheckedCustom) -> bool {
+        self.store
+            .custom_cert(&c.project, &c.sha256)
+            .and_then(|(chain, key)| Parsed::from_pem(&chain, &key).ok())
+            .is_some_and(|p| p.sha256 == c.sha256)
+    }
+
+    /// For an identical repeat of a live deploy (which changes no routing) that carries its
+    /// custom certificate: if this proxy does not hold it (lost from the state volume, or
+    /// damaged), stores it and serves it, as the status of such a host advises. `specs`: the
+    /// routing table as now (the caller holds the commit lock). Returns whether it was stored.
+    pub fn restore_custom(
+        self: &Arc<Self>,
+        c: &CheckedCustom,
+        specs: &[RouteSpec],
+    ) -> Result<bool, String> {
+        if self.holds(c) {
+            return Ok(false);
+        }
+        self.store_custom(c)?;
+        self.sync(specs);
+        Ok(true)
+    }
+
     /// At commit, for a custom route deployed without its certificate: the certificate the
     /// gate found held must still be held (a commit in between may have deleted it).
     pub fn still_holds(&self, spec: &RouteSpec) -> Result<(), ApiError> {
@@ -268,9 +294,10 @@ impl Tls {
     }
 
     /// Makes the slots match `specs` (the routing table as now): new hosts get a slot (their
-    /// stored certificate loaded, an ACME task started), hosts gone or moved lose theirs, and
-    /// the book is republished. Called after every commit and once at start, before the
-    /// listeners accept.
+    /// stored certificate loaded, an ACME task started), hosts gone or moved lose theirs, a
+    /// custom host that served nothing while its certificate is now stored (sent again with a
+    /// deploy) is loaded again, and the book is republished. Called after every commit and
+    /// once at start, before the listeners accept.
     pub fn sync(self: &Arc<Self>, specs: &[RouteSpec]) {
         let mut want: HashMap<&str, (&str, Source)> = HashMap::new();
         for s in specs {
@@ -285,13 +312,14 @@ impl Tls {
         };
         table.route_hosts = specs
             .iter()
-            .flat_map(|s| s.hosts.iter())
-            .filter(|h| !h.starts_with("*."))
-            .cloned()
+            .flat_map(|s| s.hosts.iter().map(move |h| (h, &s.project)))
+            .filter(|(h, _)| !h.starts_with("*."))
+            .map(|(h, p)| (h.clone(), p.clone()))
             .collect();
         table.slots.retain(|h, slot| {
             want.get(h.as_str())
                 .is_some_and(|(p, src)| *p == slot.project && *src == slot.source)
+                && !self.custom_now_stored(slot)
         });
         for (host, (project, source)) in want {
             if !table.slots.contains_key(host) {
@@ -406,6 +434,16 @@ impl Tls {
         slot
     }
 
+    /// A custom slot that serves nothing although its certificate is stored now: rebuilt.
+    fn custom_now_stored(&self, slot: &Slot) -> bool {
+        match &slot.source {
+            Source::Custom(sha) => {
+                slot.served.is_none() && self.store.custom_cert(&slot.project, sha).is_some()
+            }
+            Source::Acme => false,
+        }
+    }
+
     /// Why an ACME host gets no certificate ordered, if so.
     fn http_only(&self, host: &str) -> Option<String> {
         if let Err(why) = &self.acme {
@@ -430,13 +468,13 @@ impl Tls {
                 project: s.project.as_str().into(),
                 names: p.names.clone().into(),
             });
-            (h.clone(), entry)
+            (h.clone(), s.project.as_str().into(), entry)
         });
         let without = table
             .route_hosts
             .iter()
-            .filter(|h| !table.slots.contains_key(*h))
-            .map(|h| (h.clone(), None));
+            .filter(|(h, _)| !table.slots.contains_key(*h))
+            .map(|(h, p)| (h.clone(), p.as_str().into(), None));
         self.book.publish(without.chain(own));
         self.metrics.set_certificate_expiry(
             table

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Files are 0600 and directories 0700, every file written atomically (temp file, fsync,
-//! rename, fsync of the directory), so a crash leaves the old file or the new one. A chain and
+//! rename, fsync of the directory), so a crash leaves the old file or the new one; a write
+//! that fails removes its temp file (it may hold key bytes). A chain and
 //! its key are two files: a crash between them leaves a pair whose key does not match, which a
 //! load refuses (see `certs`), so the worst case is one more order. Certificates live under
 //! their project's directory: a host that moves to another project never inherits the other
@@ -35,9 +36,14 @@ pub struct HostMeta {
     pub issuer: Option<String>,
     pub not_before: Option<u64>,
     pub not_after: Option<u64>,
-    /// When renewal is due for the certificate `sha256` (a point drawn once in ARI's window,
-    /// or one third of the lifetime left).
+    /// When renewal is due for the certificate `sha256` (a point drawn in ARI's window, or
+    /// one third of the lifetime left).
     pub renew_at: Option<u64>,
+    /// ARI's suggested window (start, end) that `renew_at` was drawn in: drawn again only
+    /// when the CA's window changes.
+    pub ari_window: Option<(u64, u64)>,
+    /// When to ask ARI again.
+    pub ari_next_check: Option<u64>,
     /// The challenge type that worked last (`http-01` or `tls-alpn-01`), tried first next time.
     pub challenge: Option<String>,
     /// Failed orders in a row: the backoff's exponent.
@@ -257,20 +263,27 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> Result<(), String> {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
     let ctx = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| ctx("create", e))?;
-    // A temp file left by a crash keeps its old mode; the rename publishes this one.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| ctx("chmod", e))?;
-    f.write_all(body).map_err(|e| ctx("write", e))?;
-    f.sync_all().map_err(|e| ctx("fsync", e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| ctx("rename", e))?;
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| ctx("create", e))?;
+        // A temp file left by a crash keeps its old mode; the rename publishes this one.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ctx("chmod", e))?;
+        f.write_all(body).map_err(|e| ctx("write", e))?;
+        f.sync_all().map_err(|e| ctx("fsync", e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| ctx("rename", e))
+    })();
+    if let Err(e) = written {
+        // The temp file may hold key bytes: it never stays behind a failed write.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
         crate::log::warn(
             "fsync of a certificate directory failed after a write",
@@ -346,6 +359,25 @@ mod tests {
         assert!(s.custom_cert("shop", "aa").is_some());
         assert!(s.custom_cert("shop", "bb").is_none());
         assert!(s.custom_cert("blog", "aa").is_none(), "per project");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file() {
+        let dir = std::env::temp_dir().join(format!("luma-store-{}", fastrand::u64(..)));
+        // A non-empty directory where the file should go: the rename fails.
+        let path = dir.join("key.pem");
+        std::fs::create_dir_all(path.join("inside")).unwrap();
+        let err = write_atomic(&path, b"SECRET KEY BYTES").unwrap_err();
+        assert!(err.contains("rename"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "key.pem")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

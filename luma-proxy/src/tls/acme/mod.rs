@@ -3,11 +3,15 @@
 //! A host's task ([`host_task`]) starts when its route is committed or restored and is aborted
 //! when the host leaves the route (see `tls::Tls::sync`). It loops:
 //! 1. decide when the next order is due ([`schedule`]): now without a certificate, or with one
-//!    from another ACME directory than the configured one; else at its renewal time (a point
-//!    drawn once in ARI's suggested window, RFC 9773, when the directory offers `renewalInfo`,
-//!    else one third of the lifetime before expiry; stored in the host's meta); never before
-//!    the backoff's next attempt (unless a new deploy of the route asked to retry at once);
-//!    never while the host has placed `orders_per_hour` orders in the last hour;
+//!    from another ACME directory than the configured one (compared normalized, see
+//!    [`same_directory`]); else at its renewal time ([`renewal`]: a point drawn in ARI's
+//!    suggested window, RFC 9773, when the directory offers `renewalInfo`, asked again every
+//!    [`ARI_RECHECK`] or the CA's longer Retry-After and drawn again only when the window
+//!    moved, as it does when the CA revokes; else one third of the lifetime before expiry;
+//!    stored in the host's meta); never before the backoff's next attempt (unless a new
+//!    deploy of the route asked to retry at once);
+//!    never while the host has placed `orders_per_hour` orders in the last hour (an order
+//!    recorded in the future, by a clock that was ahead, counts as placed now);
 //! 2. sleep until then (at most [`RECHECK`] at a time, so a clock jump is noticed), or until a
 //!    deploy of the route wakes it;
 //! 3. order (see [`order`]): HTTP-01 first, or the challenge type that worked last; if that
@@ -37,6 +41,11 @@ use tokio::sync::Notify;
 
 /// Longest single sleep of a host task before it looks at its schedule again.
 pub const RECHECK: Duration = Duration::from_secs(3600);
+/// How often a certificate's ARI window is asked again, unless the CA's Retry-After is longer.
+pub const ARI_RECHECK: Duration = Duration::from_secs(6 * 3600);
+/// The longest Retry-After honoured between ARI checks (RFC 9773 section 4.3.2 suggests
+/// treating longer ones as a day).
+pub const ARI_MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// Bound on account creation or loading (directory fetch included) and on an ARI query.
 const ACCOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -124,10 +133,15 @@ impl Acme {
         Ok(account)
     }
 
-    /// Drops an account the CA no longer knows (a test CA restarted, an account deactivated):
-    /// the next order creates a new one.
-    pub async fn forget_account(&self) {
+    /// Drops `failed`, an account the CA no longer knows (a test CA restarted, an account
+    /// deactivated): the next order creates a new one. Only if it is still the cached one:
+    /// host tasks that failed on the old account at the same time must not each drop the new
+    /// account another task just made (one lost account, one new account).
+    pub async fn forget_account(&self, failed: &Account) {
         let mut cached = self.account.lock().await;
+        if !is_current(cached.as_ref().map(Account::id), failed.id()) {
+            return;
+        }
         *cached = None;
         let (store, dir) = (self.store.clone(), self.directory.clone());
         let _ = blocking(move || store.forget_account(&dir)).await;
@@ -137,29 +151,135 @@ impl Acme {
         );
     }
 
-    /// When to renew `cert`: a random point inside ARI's suggested window when the CA offers
-    /// one (spreading renewals, as RFC 9773 asks), else one third of the lifetime before
-    /// expiry. Drawn once per certificate: the caller stores it.
-    pub async fn renew_at(&self, cert: &Parsed) -> u64 {
-        let third = cert.renew_at_third();
+    /// Asks the CA's ARI (RFC 9773) for `cert`'s suggested renewal window.
+    pub async fn ari(&self, cert: &Parsed) -> AriAnswer {
         let Some(leaf) = cert.key.cert.first() else {
-            return third;
+            return AriAnswer::Failed;
         };
         let Ok(id) = CertificateIdentifier::try_from(leaf) else {
-            return third;
+            return AriAnswer::Failed;
         };
         let Ok(account) = self.account().await else {
-            return third;
+            return AriAnswer::Failed;
         };
         match tokio::time::timeout(ACCOUNT_TIMEOUT, account.renewal_info(&id)).await {
-            Ok(Ok((info, _))) => {
-                let start = info.suggested_window.start.unix_timestamp().max(0) as u64;
-                let end = (info.suggested_window.end.unix_timestamp().max(0) as u64).max(start);
-                start + fastrand::u64(0..=(end - start))
-            }
-            _ => third,
+            Ok(Ok((info, retry_after))) => AriAnswer::Window {
+                start: info.suggested_window.start.unix_timestamp().max(0) as u64,
+                end: info.suggested_window.end.unix_timestamp().max(0) as u64,
+                retry_after,
+            },
+            Ok(Err(instant_acme::Error::Unsupported(_))) => AriAnswer::Unsupported,
+            _ => AriAnswer::Failed,
         }
     }
+}
+
+/// Whether `cached` (the account id in use) is the account `failed` that the CA did not know.
+fn is_current(cached: Option<&str>, failed: &str) -> bool {
+    cached == Some(failed)
+}
+
+/// A directory URL as compared: no surrounding space nor trailing `/`, scheme and host in
+/// lowercase, no default port. The path is kept as is (it is case sensitive).
+fn directory_key(url: &str) -> String {
+    let url = url.trim().trim_end_matches('/');
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut authority = authority.to_ascii_lowercase();
+    if scheme == "https" && authority.ends_with(":443") {
+        authority.truncate(authority.len() - 4);
+    }
+    format!("{scheme}://{authority}{path}")
+}
+
+/// Whether two directory URLs name the same directory: a cosmetic change of the setting (a
+/// trailing `/`, an upper-case host) must not make every certificate "from another directory"
+/// and order them all again.
+pub fn same_directory(a: &str, b: &str) -> bool {
+    directory_key(a) == directory_key(b)
+}
+
+/// What the CA's ARI said about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AriAnswer {
+    /// The directory offers no `renewalInfo`: one third of the lifetime left is the rule.
+    Unsupported,
+    /// No usable answer (the CA did not answer, or no account): keep what we have.
+    Failed,
+    /// The suggested window (Unix seconds), and the CA's Retry-After.
+    Window {
+        start: u64,
+        end: u64,
+        retry_after: Duration,
+    },
+}
+
+/// A certificate's renewal point, the ARI window it was drawn in, and when to ask ARI again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewal {
+    pub at: u64,
+    pub window: Option<(u64, u64)>,
+    pub next_check: u64,
+}
+
+/// Decides the renewal point of a certificate after asking ARI at `now`. `kept`: the point
+/// drawn before for this same certificate, with the window it was drawn in; `third`: one third
+/// of the lifetime before expiry. A point is drawn (`draw`, inclusive bounds) only when there
+/// was none or the window changed, so asking again does not move a renewal back and forth;
+/// without ARI the third rule holds; a failed ask keeps what was there. The next ask is
+/// [`ARI_RECHECK`] away, or the CA's Retry-After when longer (at most [`ARI_MAX_WAIT`]).
+pub fn renewal(
+    kept: Option<(u64, Option<(u64, u64)>)>,
+    third: u64,
+    answer: AriAnswer,
+    now: u64,
+    draw: impl FnOnce(u64, u64) -> u64,
+) -> Renewal {
+    let recheck = now.saturating_add(ARI_RECHECK.as_secs());
+    match answer {
+        AriAnswer::Window {
+            start,
+            end,
+            retry_after,
+        } => {
+            let window = (start, end.max(start));
+            let at = match kept {
+                Some((at, Some(w))) if w == window => at,
+                _ => draw(window.0, window.1),
+            };
+            let wait = retry_after.clamp(ARI_RECHECK, ARI_MAX_WAIT);
+            Renewal {
+                at,
+                window: Some(window),
+                next_check: now.saturating_add(wait.as_secs()),
+            }
+        }
+        AriAnswer::Unsupported => Renewal {
+            at: third,
+            window: None,
+            next_check: recheck,
+        },
+        AriAnswer::Failed => Renewal {
+            at: kept.map_or(third, |(at, _)| at),
+            window: kept.and_then(|(_, w)| w),
+            next_check: recheck,
+        },
+    }
+}
+
+/// Whether ARI is due again at `now` for a certificate whose point is `kept`: there is none
+/// yet, or its next check has come. A next check further away than [`ARI_MAX_WAIT`] was
+/// written by a clock that was ahead: it is due.
+pub fn ari_due(kept: bool, next_check: Option<u64>, now: u64) -> bool {
+    !kept || next_check.is_none_or(|t| t <= now || t > now.saturating_add(ARI_MAX_WAIT.as_secs()))
+}
+
+/// A point drawn uniformly in `start..=end`, spreading renewals as RFC 9773 asks.
+fn draw_in(start: u64, end: u64) -> u64 {
+    start.saturating_add(fastrand::u64(0..=end.saturating_sub(start)))
 }
 
 /// The wait after `failures` failed attempts in a row: `min`, doubling, capped at `max`.
@@ -169,13 +289,21 @@ pub fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
 }
 
 /// When the per-hour cap allows the next order (`now` when it does already). Also drops
-/// orders older than an hour from `orders`.
+/// orders older than an hour from `orders`, and records an order time in the future (a clock
+/// that was ahead, or a corrupt file) as `now`: it still counts for the hour, but never blocks
+/// the host for the skew on top, and no value can overflow.
 pub fn cap_free_at(orders: &mut Vec<u64>, now: u64, per_hour: u32) -> u64 {
-    orders.retain(|t| now.saturating_sub(*t) < 3600);
+    for t in orders.iter_mut() {
+        *t = (*t).min(now);
+    }
+    orders.retain(|t| now - *t < 3600);
     if (orders.len() as u64) < u64::from(per_hour.max(1)) {
         return now;
     }
-    orders.iter().min().map_or(now, |oldest| oldest + 3600)
+    orders
+        .iter()
+        .min()
+        .map_or(now, |oldest| oldest.saturating_add(3600))
 }
 
 /// Which host a task works for: its slot's id, project and host pattern.
@@ -248,6 +376,10 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
             orders: vec![unix_now(); cap.max(1) as usize],
         }
     });
+    // A next attempt further away than the longest backoff was written by a clock that was
+    // ahead: it must not hold the host back for the skew.
+    let latest = unix_now().saturating_add(acme.settings.retry_max.as_secs().max(1));
+    meta.next_attempt = meta.next_attempt.map(|n| n.min(latest));
     let mut retry_now = false;
     // The renewal time last logged, so a restored certificate's "kept until" is said once (the
     // event that shows a restart decided not to order), not at every recheck.
@@ -265,26 +397,29 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                 && meta
                     .directory
                     .as_deref()
-                    .is_some_and(|d| d != acme.directory);
-            let at = match meta.renew_at.filter(|_| described) {
-                Some(at) => at,
-                None => {
-                    let at = acme.renew_at(cert).await;
-                    meta.sha256 = Some(cert.sha256.clone());
-                    meta.renew_at = Some(at);
-                    let (s, m, p, host) = (
-                        store.clone(),
-                        meta.clone(),
-                        h.project.clone(),
-                        h.host.clone(),
-                    );
-                    if let Ok(Err(e)) = blocking(move || s.save_host_meta(&p, &host, &m)).await {
-                        warn_unsaved(&h, "certificate meta", e);
-                    }
-                    at
+                    .is_some_and(|d| !same_directory(d, &acme.directory));
+            let kept = meta
+                .renew_at
+                .filter(|_| described)
+                .map(|at| (at, meta.ari_window));
+            if ari_due(kept.is_some(), meta.ari_next_check, now) {
+                let answer = acme.ari(cert).await;
+                let r = renewal(kept, cert.renew_at_third(), answer, unix_now(), draw_in);
+                meta.sha256 = Some(cert.sha256.clone());
+                meta.renew_at = Some(r.at);
+                meta.ari_window = r.window;
+                meta.ari_next_check = Some(r.next_check);
+                let (s, m, p, host) = (
+                    store.clone(),
+                    meta.clone(),
+                    h.project.clone(),
+                    h.host.clone(),
+                );
+                if let Ok(Err(e)) = blocking(move || s.save_host_meta(&p, &host, &m)).await {
+                    warn_unsaved(&h, "certificate meta", e);
                 }
-            };
-            renew_at = Some(at);
+            }
+            renew_at = meta.renew_at;
         }
         let cap_free = cap_free_at(&mut history.orders, now, cap);
         let plan = schedule(now, renew_at, foreign, &meta, retry_now, cap_free);
@@ -321,7 +456,14 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
         match result {
             Ok(issued) => {
                 let Some(t) = tls.upgrade() else { return };
-                let renew = acme.renew_at(&issued.cert).await;
+                let answer = acme.ari(&issued.cert).await;
+                let renew = renewal(
+                    None,
+                    issued.cert.renew_at_third(),
+                    answer,
+                    unix_now(),
+                    draw_in,
+                );
                 meta = HostMeta {
                     source: "acme".into(),
                     directory: Some(acme.directory.clone()),
@@ -329,7 +471,9 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                     issuer: Some(issued.cert.issuer.clone()),
                     not_before: Some(issued.cert.not_before),
                     not_after: Some(issued.cert.not_after),
-                    renew_at: Some(renew),
+                    renew_at: Some(renew.at),
+                    ari_window: renew.window,
+                    ari_next_check: Some(renew.next_check),
                     challenge: Some(issued.challenge.to_string()),
                     failures: 0,
                     last_error: None,
@@ -348,7 +492,7 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                     "certificate issued",
                     serde_json::json!({"project": h.project, "host": h.host, "issuer": issued.cert.issuer, "not_after": issued.cert.not_after, "challenge": issued.challenge}),
                 );
-                t.install(&h.host, h.id, issued.cert, renew);
+                t.install(&h.host, h.id, issued.cert, renew.at);
             }
             Err(reason) => {
                 if tls.upgrade().is_none() {
@@ -361,7 +505,7 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                     acme.settings.retry_max,
                 );
                 let now = unix_now();
-                meta.next_attempt = Some(now + wait.as_secs().max(1));
+                meta.next_attempt = Some(now.saturating_add(wait.as_secs().max(1)));
                 meta.last_error = Some(reason.clone());
                 let (s, m, p, host) = (
                     store.clone(),
@@ -404,6 +548,101 @@ mod tests {
         );
         assert_eq!(cap_free_at(&mut orders, 3750, 3), 3750);
         assert_eq!(orders, vec![200, 300]);
+    }
+
+    #[test]
+    fn future_and_huge_order_times_never_block_past_an_hour_from_now() {
+        // A clock that was a day ahead recorded these: they count as placed now.
+        let mut orders = vec![100 + 86_400, 100 + 86_400];
+        assert_eq!(cap_free_at(&mut orders, 100, 2), 3700);
+        assert_eq!(orders, vec![100, 100], "clamped in the saved history too");
+        let mut orders = vec![u64::MAX; 3];
+        assert_eq!(cap_free_at(&mut orders, 100, 3), 3700, "no overflow");
+        let mut orders = vec![u64::MAX; 3];
+        assert_eq!(cap_free_at(&mut orders, u64::MAX, 3), u64::MAX);
+    }
+
+    #[test]
+    fn only_the_account_that_failed_is_forgotten() {
+        let old = "https://ca.test/acct/1";
+        assert!(is_current(Some(old), old));
+        // Another task already replaced it: the new account stays.
+        assert!(!is_current(Some("https://ca.test/acct/2"), old));
+        assert!(!is_current(None, old), "already forgotten");
+    }
+
+    #[test]
+    fn directories_are_compared_normalized() {
+        let d = "https://acme-v02.api.letsencrypt.org/directory";
+        for same in [
+            "https://acme-v02.api.letsencrypt.org/directory/",
+            "HTTPS://ACME-v02.api.LetsEncrypt.org/directory",
+            " https://acme-v02.api.letsencrypt.org:443/directory ",
+        ] {
+            assert!(same_directory(d, same), "{same}");
+        }
+        for other in [
+            "https://acme-staging-v02.api.letsencrypt.org/directory",
+            "https://acme-v02.api.letsencrypt.org/Directory",
+            "https://acme-v02.api.letsencrypt.org:14000/directory",
+            "https://pebble:14000/dir",
+        ] {
+            assert!(!same_directory(d, other), "{other}");
+        }
+    }
+
+    #[test]
+    fn ari_redraws_only_when_the_window_changes() {
+        let h = 3600;
+        let asked = |start, end, retry_s| AriAnswer::Window {
+            start,
+            end,
+            retry_after: Duration::from_secs(retry_s),
+        };
+        // First answer: drawn in the window; asked again in 6 h.
+        let r = renewal(None, 900, asked(500, 700, 60), 100, |a, b| (a + b) / 2);
+        assert_eq!(
+            r,
+            Renewal {
+                at: 600,
+                window: Some((500, 700)),
+                next_check: 100 + 6 * h
+            }
+        );
+        // Same window: the drawn point stays (never a second draw).
+        let kept = Some((r.at, r.window));
+        let again = renewal(kept, 900, asked(500, 700, 0), 200, |_, _| panic!("redrawn"));
+        assert_eq!(again.at, 600);
+        // The window moved (e.g. the CA revokes): drawn again inside the new one.
+        let moved = renewal(kept, 900, asked(150, 160, 0), 200, |a, _| a);
+        assert_eq!((moved.at, moved.window), (150, Some((150, 160))));
+        // A longer Retry-After is respected, up to a day.
+        assert_eq!(
+            renewal(kept, 900, asked(500, 700, 9 * h), 0, |a, _| a).next_check,
+            9 * h
+        );
+        assert_eq!(
+            renewal(kept, 900, asked(500, 700, 99 * h), 0, |a, _| a).next_check,
+            24 * h
+        );
+        // A failed ask keeps the point; no ARI at all: one third of the lifetime.
+        let failed = renewal(kept, 900, AriAnswer::Failed, 0, |_, _| panic!("redrawn"));
+        assert_eq!((failed.at, failed.window), (600, Some((500, 700))));
+        assert_eq!(renewal(None, 900, AriAnswer::Failed, 0, |a, _| a).at, 900);
+        let none = renewal(None, 900, AriAnswer::Unsupported, 0, |_, _| panic!("drawn"));
+        assert_eq!((none.at, none.window), (900, None));
+    }
+
+    #[test]
+    fn ari_is_asked_without_a_point_when_due_and_after_a_skewed_clock() {
+        assert!(ari_due(false, Some(1000), 100), "no point yet");
+        assert!(!ari_due(true, Some(1000), 100));
+        assert!(ari_due(true, Some(1000), 1000));
+        assert!(ari_due(true, None, 100), "a meta from before ARI rechecks");
+        assert!(
+            ari_due(true, Some(u64::MAX), 100),
+            "written by a clock far ahead"
+        );
     }
 
     #[test]

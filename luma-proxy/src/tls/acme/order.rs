@@ -150,7 +150,8 @@ pub async fn obtain(
     Err(reasons.join("; "))
 }
 
-/// One order, with the account; an account the CA no longer knows is replaced once.
+/// One order, with the account; an account the CA no longer knows is replaced once (by
+/// whichever task notices first: see `Acme::forget_account`).
 async fn with_account(
     acme: &Acme,
     book: &Arc<CertBook>,
@@ -162,7 +163,7 @@ async fn with_account(
         let account = acme.account().await.map_err(Failure::Other)?;
         match place(&account, book, h, challenge).await {
             Err(Failure::AccountGone(r)) if !retry => {
-                acme.forget_account().await;
+                acme.forget_account(&account).await;
                 gone = Some(r);
             }
             r => return r,
