@@ -355,6 +355,20 @@ fn warn_unsaved(h: &HostRef, what: &str, e: String) {
     );
 }
 
+/// Saves a host's meta off the runtime; a failure is logged (the certificate state in memory
+/// stays right, only a restart would see older meta).
+async fn save_meta(store: &Arc<Store>, h: &HostRef, meta: &HostMeta) {
+    let (s, m, p, host) = (
+        store.clone(),
+        meta.clone(),
+        h.project.clone(),
+        h.host.clone(),
+    );
+    if let Ok(Err(e)) = blocking(move || s.save_host_meta(&p, &host, &m)).await {
+        warn_unsaved(h, "certificate meta", e);
+    }
+}
+
 /// The life of one host's certificate (see the module docs). Ends when the host's slot is
 /// dropped (its handle aborts this task) or the proxy goes away.
 pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<Notify>) {
@@ -409,15 +423,7 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                 meta.renew_at = Some(r.at);
                 meta.ari_window = r.window;
                 meta.ari_next_check = Some(r.next_check);
-                let (s, m, p, host) = (
-                    store.clone(),
-                    meta.clone(),
-                    h.project.clone(),
-                    h.host.clone(),
-                );
-                if let Ok(Err(e)) = blocking(move || s.save_host_meta(&p, &host, &m)).await {
-                    warn_unsaved(&h, "certificate meta", e);
-                }
+                save_meta(&store, &h, &meta).await;
             }
             renew_at = meta.renew_at;
         }
@@ -479,15 +485,7 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                     last_error: None,
                     next_attempt: None,
                 };
-                let (s, m, p, host) = (
-                    store.clone(),
-                    meta.clone(),
-                    h.project.clone(),
-                    h.host.clone(),
-                );
-                if let Ok(Err(e)) = blocking(move || s.save_host_meta(&p, &host, &m)).await {
-                    warn_unsaved(&h, "certificate meta", e);
-                }
+                save_meta(&store, &h, &meta).await;
                 crate::log::info(
                     "certificate issued",
                     serde_json::json!({"project": h.project, "host": h.host, "issuer": issued.cert.issuer, "not_after": issued.cert.not_after, "challenge": issued.challenge}),
@@ -507,15 +505,7 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                 let now = unix_now();
                 meta.next_attempt = Some(now.saturating_add(wait.as_secs().max(1)));
                 meta.last_error = Some(reason.clone());
-                let (s, m, p, host) = (
-                    store.clone(),
-                    meta.clone(),
-                    h.project.clone(),
-                    h.host.clone(),
-                );
-                if let Ok(Err(e)) = blocking(move || s.save_host_meta(&p, &host, &m)).await {
-                    warn_unsaved(&h, "certificate meta", e);
-                }
+                save_meta(&store, &h, &meta).await;
                 crate::log::warn(
                     "certificate order failed",
                     serde_json::json!({"project": h.project, "host": h.host, "reason": reason, "retry_in_s": wait.as_secs()}),
