@@ -1104,12 +1104,7 @@ mod tests {
         let yml = |acme: &str| {
             format!("name: gmail\nproxy:\n  acme: {acme}\napps: {{web: {{image: x}}}}\n")
         };
-        let key = rcgen::KeyPair::generate().unwrap();
-        let root = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap()
-            .pem();
+        let root = crate::tls::test_root_pem();
         std::fs::write(dir.join("ca.pem"), &root).unwrap();
         let c = parse_in(&yml(
             "{directory: \"https://pebble:14000/dir\", email: ops@shop.test, ca_root: ca.pem}",
@@ -1155,6 +1150,8 @@ mod tests {
                 && e.contains("PEM file"),
             "{e}"
         );
+        // A private key is PEM but no certificate.
+        let key = rcgen::KeyPair::generate().unwrap();
         std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
         let e = parse_in(&yml("{ca_root: key.pem}")).unwrap_err();
         assert!(

@@ -892,12 +892,7 @@ mod tests {
     fn the_proxy_gets_acme_settings_and_the_public_https_port_in_its_env() {
         let dir = std::env::temp_dir().join(format!("luma-proxyenv-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let root = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap()
-            .pem();
+        let root = crate::tls::test_root_pem();
         std::fs::write(dir.join("root.pem"), &root).unwrap();
         let cfg = crate::config::Config::parse(
             "name: shop\nproxy: {acme: {directory: \"https://ca.test/dir\", email: a@shop.test}}\napps: {web: {image: x}}\n",

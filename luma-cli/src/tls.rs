@@ -438,6 +438,17 @@ pub fn report_line(s: &CertificateStatus) -> String {
     format!("{url}  {detail}")
 }
 
+/// A self-signed CA root as PEM, for tests that need a `ca_root` file.
+#[cfg(test)]
+pub(crate) fn test_root_pem() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

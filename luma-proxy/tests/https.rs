@@ -40,6 +40,14 @@ fn custom_req(project: &str, host: &str, addrs: &[SocketAddr], leaf: &Leaf) -> D
     req
 }
 
+/// Deploys a route through the deploy contract and panics if the gate refuses it.
+async fn install(
+    proxy: &luma_proxy::server::RunningProxy,
+    req: DeployRequest,
+) -> luma_api::DeployOutcome {
+    proxy.deployer.deploy(req).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_serves_each_projects_own_certificate_and_nothing_for_unknown_names() {
     let dir = TempStateDir::new("tls-sni");
@@ -47,16 +55,8 @@ async fn sni_serves_each_projects_own_certificate_and_nothing_for_unknown_names(
     let backend = TestBackend::start("127.0.0.1", "app").await;
     let ca = TestCa::new("Luma Test CA");
     let (a, b) = (ca.leaf(&["a.test"]), ca.leaf(&["b.test"]));
-    proxy
-        .deployer
-        .deploy(custom_req("alpha", "a.test", &[backend.addr], &a))
-        .await
-        .unwrap();
-    proxy
-        .deployer
-        .deploy(custom_req("beta", "b.test", &[backend.addr], &b))
-        .await
-        .unwrap();
+    install(&proxy, custom_req("alpha", "a.test", &[backend.addr], &a)).await;
+    install(&proxy, custom_req("beta", "b.test", &[backend.addr], &b)).await;
 
     let roots = ca.pem();
     let s = connect(proxy.https_addr, "a.test", &roots, &[b"http/1.1"])
@@ -262,11 +262,11 @@ async fn a_bad_custom_certificate_is_refused_with_its_reason_and_changes_nothing
     let backend = TestBackend::start("127.0.0.1", "app").await;
     let ca = TestCa::new("Luma Test CA");
     let good = ca.leaf(&["shop.test"]);
-    proxy
-        .deployer
-        .deploy(custom_req("shop", "shop.test", &[backend.addr], &good))
-        .await
-        .unwrap();
+    install(
+        &proxy,
+        custom_req("shop", "shop.test", &[backend.addr], &good),
+    )
+    .await;
     let key = RouteKey {
         project: "shop".into(),
         app: "web".into(),
@@ -495,11 +495,7 @@ async fn a_resumed_session_ends_once_its_host_left_the_route() {
     let backend = TestBackend::start("127.0.0.1", "app").await;
     let ca = TestCa::new("Luma Test CA");
     let a = ca.leaf(&["a.test"]);
-    proxy
-        .deployer
-        .deploy(custom_req("alpha", "a.test", &[backend.addr], &a))
-        .await
-        .unwrap();
+    install(&proxy, custom_req("alpha", "a.test", &[backend.addr], &a)).await;
     // One client, one session store: the second connection resumes the first's session.
     let client = client_config(&ca.pem(), &[b"http/1.1"]);
     let s = connect_with(client.clone(), proxy.https_addr, "a.test")
@@ -547,11 +543,11 @@ async fn a_resumed_session_ends_once_its_certificate_expired() {
     let backend = TestBackend::start("127.0.0.1", "app").await;
     let ca = TestCa::new("Luma Test CA");
     let leaf = ca.leaf_for(&["soon.test"], std::time::Duration::from_secs(3));
-    proxy
-        .deployer
-        .deploy(custom_req("alpha", "soon.test", &[backend.addr], &leaf))
-        .await
-        .unwrap();
+    install(
+        &proxy,
+        custom_req("alpha", "soon.test", &[backend.addr], &leaf),
+    )
+    .await;
     let client = client_config(&ca.pem(), &[b"http/1.1"]);
     let s = connect_with(client.clone(), proxy.https_addr, "soon.test")
         .await
@@ -585,23 +581,15 @@ async fn a_host_outside_the_connections_certificate_or_project_is_misdirected() 
     let backend = TestBackend::start("127.0.0.1", "app").await;
     let ca = TestCa::new("Luma Test CA");
     let (a, b) = (ca.leaf(&["a.test"]), ca.leaf(&["b.test"]));
-    proxy
-        .deployer
-        .deploy(custom_req("alpha", "a.test", &[backend.addr], &a))
-        .await
-        .unwrap();
-    proxy
-        .deployer
-        .deploy(custom_req("beta", "b.test", &[backend.addr], &b))
-        .await
-        .unwrap();
+    install(&proxy, custom_req("alpha", "a.test", &[backend.addr], &a)).await;
+    install(&proxy, custom_req("beta", "b.test", &[backend.addr], &b)).await;
     // One certificate for two hosts of project gamma, each on its own app.
     let both = ca.leaf(&["c1.test", "c2.test", "*.alpha-and-beta.test"]);
-    proxy
-        .deployer
-        .deploy(custom_req("gamma", "c1.test", &[backend.addr], &both))
-        .await
-        .unwrap();
+    install(
+        &proxy,
+        custom_req("gamma", "c1.test", &[backend.addr], &both),
+    )
+    .await;
     let mut api = custom_req("gamma", "c2.test", &[backend.addr], &both);
     api.route.app = "api".into();
     proxy.deployer.deploy(api).await.unwrap();
@@ -652,11 +640,11 @@ async fn a_restored_wildcard_overlap_never_lends_its_certificate_to_the_exact_ho
     let ca = TestCa::new("Luma Test CA");
     let wild = ca.leaf(&["*.shop.test"]);
     let proxy = luma_proxy::Proxy::start(config(dir.path())).await.unwrap();
-    proxy
-        .deployer
-        .deploy(custom_req("alpha", "*.shop.test", &[backend.addr], &wild))
-        .await
-        .unwrap();
+    install(
+        &proxy,
+        custom_req("alpha", "*.shop.test", &[backend.addr], &wild),
+    )
+    .await;
     let mut saved = proxy.deployer.router.specs();
     proxy.shutdown().await;
     // Project beta's exact host under alpha's wildcard, as a table saved before such overlaps
@@ -789,17 +777,17 @@ async fn replaced_custom_certificates_are_deleted_and_a_missing_one_says_how_to_
     let (old, new) = (ca.leaf(&["shop.test"]), ca.leaf(&["shop.test"]));
     let proxy = luma_proxy::Proxy::start(config(dir.path())).await.unwrap();
     let custom = dir.path().join("tls/projects/shop/custom");
-    proxy
-        .deployer
-        .deploy(custom_req("shop", "shop.test", &[backend.addr], &old))
-        .await
-        .unwrap();
+    install(
+        &proxy,
+        custom_req("shop", "shop.test", &[backend.addr], &old),
+    )
+    .await;
     assert!(custom.join(&old.sha256).join("key.pem").exists());
-    proxy
-        .deployer
-        .deploy(custom_req("shop", "shop.test", &[backend.addr], &new))
-        .await
-        .unwrap();
+    install(
+        &proxy,
+        custom_req("shop", "shop.test", &[backend.addr], &new),
+    )
+    .await;
     assert!(
         !custom.join(&old.sha256).exists(),
         "the replaced key stayed on disk"
@@ -825,11 +813,11 @@ async fn replaced_custom_certificates_are_deleted_and_a_missing_one_says_how_to_
 
     // Following the advice: the same deploy again, with the certificate. It changes no
     // routing (already live), but the certificate is stored and served again.
-    let again = proxy
-        .deployer
-        .deploy(custom_req("shop", "shop.test", &[backend.addr], &new))
-        .await
-        .unwrap();
+    let again = install(
+        &proxy,
+        custom_req("shop", "shop.test", &[backend.addr], &new),
+    )
+    .await;
     assert!(again.already_live, "an identical deploy");
     assert!(custom.join(&new.sha256).join("key.pem").exists());
     assert_eq!(
@@ -867,11 +855,11 @@ async fn an_exact_host_without_its_own_certificate_is_served_by_its_projects_wil
     let backend = TestBackend::start("127.0.0.1", "app").await;
     let ca = TestCa::new("Luma Test CA");
     let wild = ca.leaf(&["*.shop.test"]);
-    proxy
-        .deployer
-        .deploy(custom_req("shop", "*.shop.test", &[backend.addr], &wild))
-        .await
-        .unwrap();
+    install(
+        &proxy,
+        custom_req("shop", "*.shop.test", &[backend.addr], &wild),
+    )
+    .await;
     // The same project's exact hosts: one without `tls` (ssl: false), one whose own ACME
     // certificate is not there (ACME is off in these tests: HTTP only).
     let mut plain = deploy_req(route("shop", "api.shop.test", &[backend.addr]));

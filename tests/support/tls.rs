@@ -347,6 +347,29 @@ pub fn curl_https_as(
     if let Some(host) = host {
         cmd.arg("-H").arg(format!("Host: {host}"));
     }
+    let (status, rest) = curl_status(cmd, &url)?;
+    Ok((
+        status,
+        rest.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    ))
+}
+
+/// A plain-HTTP GET through curl (no redirects followed): (status, Location or "").
+pub fn curl_http_location(addr: &str, host: &str, path: &str) -> Result<(u16, String), String> {
+    let url = format!("http://{addr}{path}");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "-m", "10", "-o", "/dev/null", "-H"])
+        .arg(format!("Host: {host}"))
+        .args(["-w", "%{http_code} %{redirect_url}", &url]);
+    let (status, rest) = curl_status(cmd, &url)?;
+    Ok((status, rest.trim().to_string()))
+}
+
+/// Runs curl whose `-w` output starts with the status code: (status, the rest of the output).
+fn curl_status(mut cmd: std::process::Command, url: &str) -> Result<(u16, String), String> {
     let out = cmd
         .output()
         .map_err(|e| format!("cannot run curl (apt-get install curl): {e}"))?;
@@ -358,35 +381,10 @@ pub fn curl_https_as(
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let mut parts = text.split_whitespace();
-    let status = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("curl {url}: unexpected output {text:?}"))?;
-    Ok((status, parts.next().unwrap_or_default().to_string()))
-}
-
-/// A plain-HTTP GET through curl (no redirects followed): (status, Location or "").
-pub fn curl_http_location(addr: &str, host: &str, path: &str) -> Result<(u16, String), String> {
-    let url = format!("http://{addr}{path}");
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "-m", "10", "-o", "/dev/null", "-H"])
-        .arg(format!("Host: {host}"))
-        .args(["-w", "%{http_code} %{redirect_url}", &url])
-        .output()
-        .map_err(|e| format!("cannot run curl (apt-get install curl): {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "curl {url}: {} {}",
-            text,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let mut parts = text.splitn(2, ' ');
-    let status = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("curl {url}: unexpected output {text:?}"))?;
-    Ok((status, parts.next().unwrap_or_default().trim().to_string()))
+    let (status, rest) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+    let status = status
+        .trim()
+        .parse()
+        .map_err(|_| format!("curl {url}: unexpected output {text:?}"))?;
+    Ok((status, rest.to_string()))
 }

@@ -171,38 +171,10 @@ pub async fn https_get(
     let s = connect(addr, host, roots_pem, alpn).await?;
     let negotiated = s.get_ref().1.alpn_protocol().map(|a| a.to_vec());
     let peer = peer_sha256(&s);
-    let resp = if negotiated.as_deref() == Some(b"h2") {
-        let (mut tx, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let req = Request::get(format!("https://{host}{path}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        tx.send_request(req).await.map_err(|e| e.to_string())?
-    } else {
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let req = Request::get(path)
-            .header("host", host)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        tx.send_request(req).await.map_err(|e| e.to_string())?
-    };
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let (status, headers, body) = send_get(s, host, path).await?;
     Ok(HttpsReply {
         status,
-        body: String::from_utf8_lossy(&body).into_owned(),
+        body,
         headers,
         alpn: negotiated,
         peer_sha256: peer,
@@ -315,6 +287,17 @@ pub async fn get_on(
     host: &str,
     path: &str,
 ) -> Result<(u16, String), String> {
+    let (status, _, body) = send_get(s, host, path).await?;
+    Ok((status, body))
+}
+
+/// The one GET over an established TLS stream: h2 when negotiated (`host` as :authority),
+/// else HTTP/1.1 (`host` as Host). Returns status, headers and body.
+async fn send_get(
+    s: TlsStream<TcpStream>,
+    host: &str,
+    path: &str,
+) -> Result<(u16, hyper::HeaderMap, String), String> {
     let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
     let resp = if h2 {
         let (mut tx, conn) =
@@ -338,13 +321,14 @@ pub async fn get_on(
         tx.send_request(req).await.map_err(|e| e.to_string())?
     };
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let body = resp
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// A TLS connection made with a given client configuration (one whose session store keeps
