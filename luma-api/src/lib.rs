@@ -10,7 +10,8 @@
 //! - [`route`]: what a route is ([`route::RouteSpec`]), validated once at the door.
 //! - [`messages`]: each admin operation, its reply type, and [`ApiError`], which says whether
 //!   the world changed.
-//! - [`tls`]: a route's HTTPS settings and the certificate state the proxy reports.
+//! - [`tls`]: a route's HTTPS settings, the certificate state the proxy reports, and a
+//!   project's shared ACME account key.
 
 pub mod messages;
 pub mod names;

@@ -13,7 +13,10 @@
 //! client goes away, and repeating an identical deploy is a no-op that answers the same.
 
 use crate::route::{HealthSettings, RouteSpec};
-pub use crate::tls::{CertificatesReply, CertificatesRequest, CustomCertificate};
+pub use crate::tls::{
+    AcmeAccountKey, AcmeAccountReply, AcmeAccountRequest, CertificatesReply, CertificatesRequest,
+    CustomCertificate,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -40,6 +43,7 @@ pub enum Request {
     Route(RouteQuery),
     Status(StatusRequest),
     Certificates(CertificatesRequest),
+    AcmeAccount(AcmeAccountRequest),
 }
 
 impl Request {
@@ -56,6 +60,7 @@ impl Request {
             Request::Route(r) => mp(r),
             Request::Status(r) => mp(r),
             Request::Certificates(r) => mp(r),
+            Request::AcmeAccount(r) => mp(r),
         }
     }
 
@@ -68,6 +73,7 @@ impl Request {
             Request::Flush(r) => serde_json::to_value(r),
             Request::Route(r) => serde_json::to_value(r),
             Request::Certificates(r) => serde_json::to_value(r),
+            Request::AcmeAccount(r) => serde_json::to_value(r),
             Request::Routes(_) | Request::Status(_) => return None,
         };
         v.ok()
@@ -88,7 +94,8 @@ impl Request {
             Request::Flush(_)
             | Request::Routes(_)
             | Request::Status(_)
-            | Request::Certificates(_) => 0,
+            | Request::Certificates(_)
+            | Request::AcmeAccount(_) => 0,
         };
         Duration::from_millis(ms) + Duration::from_secs(15)
     }
@@ -117,6 +124,7 @@ operation!(RoutesRequest => RoutesReply, Routes, "GET", "/v1/routes");
 operation!(RouteQuery => RouteQueryReply, Route, "POST", "/v1/route");
 operation!(StatusRequest => StatusReply, Status, "GET", "/v1/status");
 operation!(CertificatesRequest => CertificatesReply, Certificates, "POST", "/v1/certificates");
+operation!(AcmeAccountRequest => AcmeAccountReply, AcmeAccount, "POST", "/v1/acme-account");
 
 /// Switch a route to a new target: gate, swap, save, drain (see luma-proxy's `deploy.rs`).
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
@@ -132,6 +140,12 @@ pub struct DeployRequest {
     /// expired before anything changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CustomCertificate>,
+    /// The project's shared ACME account key (see [`AcmeAccountKey`]): the proxy stores it for
+    /// the project and orders this project's certificates with its account from then on. Sent
+    /// by `luma` for an app with ACME on more than one server; absent (older callers too), the
+    /// proxy keeps what it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_account: Option<AcmeAccountKey>,
 }
 
 /// Health-check a target in its network, changing nothing.
@@ -429,6 +443,7 @@ mod tests {
             deploy_timeout_ms: Some(1000),
             drain_timeout_ms: None,
             certificate: None,
+            acme_account: None,
         }
     }
 
@@ -443,6 +458,47 @@ mod tests {
         let q: Request = RoutesRequest {}.into();
         assert_eq!(q.method_and_path(), ("GET", "/v1/routes"));
         assert!(q.body().is_none());
+    }
+
+    #[test]
+    fn the_acme_account_travels_with_a_deploy_and_is_never_printed() {
+        let key = AcmeAccountKey {
+            pkcs8_pem: "-----BEGIN PRIVATE KEY-----\nSECRETBYTES\n-----END PRIVATE KEY-----\n"
+                .into(),
+        };
+        let mut d = deploy();
+        // An older caller's deploy has no such field, and a deploy without a key sends none.
+        let old = serde_json::to_string(&d).unwrap();
+        assert!(!old.contains("acme_account"), "{old}");
+        assert_eq!(serde_json::from_str::<DeployRequest>(&old).unwrap(), d);
+        d.acme_account = Some(key.clone());
+        let r: Request = d.clone().into();
+        let text = serde_json::to_string(&r).unwrap();
+        let back: Request = serde_json::from_str(&text).unwrap();
+        assert!(matches!(&back, Request::Deploy(b) if *b == d));
+        for shown in [format!("{back:?}"), format!("{key:?}"), format!("{d:?}")] {
+            assert!(!shown.contains("SECRETBYTES"), "{shown}");
+        }
+
+        let q: Request = AcmeAccountRequest {
+            project: "shop".into(),
+        }
+        .into();
+        assert_eq!(q.method_and_path(), ("POST", "/v1/acme-account"));
+        let text = serde_json::to_string(&q).unwrap();
+        assert_eq!(text, r#"{"acme_account":{"project":"shop"}}"#);
+        let back: Request = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.body(), Some(serde_json::json!({"project": "shop"})));
+        let reply = AcmeAccountReply { key: Some(key) };
+        let text = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            serde_json::from_str::<AcmeAccountReply>(&text).unwrap(),
+            reply
+        );
+        assert_eq!(
+            serde_json::from_str::<AcmeAccountReply>("{}").unwrap(),
+            AcmeAccountReply { key: None }
+        );
     }
 
     #[test]

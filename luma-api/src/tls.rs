@@ -9,6 +9,12 @@
 //!   ([`CustomCertificate`], never printed) and used for exactly the hosts it covers.
 //!
 //! Until a host has a certificate it keeps serving HTTP and is not redirected.
+//!
+//! A project on several servers shares one ACME account ([`AcmeAccountKey`], sent with every
+//! deploy of its ACME routes): a CA's HTTP-01 validation may reach any of its servers, and
+//! every proxy of the project can answer any token for the project's hosts, since the answer
+//! depends only on the token and that account's key (see luma-proxy's `tls::account`).
+//! [`AcmeAccountRequest`] asks a proxy for the key it holds, so a new server gets the same.
 
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +71,38 @@ impl std::fmt::Debug for CustomCertificate {
             .field("key_pem", &format_args!("<redacted>"))
             .finish()
     }
+}
+
+/// A project's shared ACME account key: ECDSA P-256, PKCS#8, PEM (`-----BEGIN PRIVATE
+/// KEY-----`). Every proxy of the project orders with the account of this key and answers its
+/// HTTP-01 challenges. `Debug` never shows the key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeAccountKey {
+    pub pkcs8_pem: String,
+}
+
+impl std::fmt::Debug for AcmeAccountKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeAccountKey")
+            .field("pkcs8_pem", &format_args!("<redacted>"))
+            .finish()
+    }
+}
+
+/// The ACME account key a proxy holds for a project (sent with an earlier deploy), so that
+/// `luma` gives a new server of the project the key its other servers already use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeAccountRequest {
+    pub project: String,
+}
+
+/// `key`: none when this proxy holds no key for the project (it orders with its own account).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcmeAccountReply {
+    #[serde(default)]
+    pub key: Option<AcmeAccountKey>,
 }
 
 /// The certificate state of hosts: all hosts with HTTPS, or those of one project, or the

@@ -8,6 +8,7 @@
 //! | POST   | /v1/flush     | `FlushRequest`      | re-resolve a project's routes now        |
 //! | POST   | /v1/route     | `RouteQuery`        | one route, once no operation runs on it  |
 //! | POST   | /v1/certificates | `CertificatesRequest` | certificate state per host of routes with HTTPS |
+//! | POST   | /v1/acme-account | `AcmeAccountRequest` | the project's shared ACME account key, if held |
 //! | GET    | /v1/routes    |                     | routes with per-backend health           |
 //! | GET    | /v1/status    |                     | version, uptime, counts                  |
 //! | GET    | /metrics      |                     | OpenMetrics text (same as the metrics listener) |
@@ -245,6 +246,20 @@ async fn route(ctx: &AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 Ok(r) => match &d.tls {
                     Some(tls) => reply(Ok(tls.statuses(&d.router.specs(), &r))),
                     None => reply(Ok(luma_api::CertificatesReply::default())),
+                },
+                Err(resp) => resp,
+            }
+        }
+        // The key is a secret: it leaves only in this reply, to a caller holding the token on
+        // the loopback address (as `luma` does through `docker exec`), and is never logged.
+        (Method::POST, "/v1/acme-account") => {
+            match body::<luma_api::AcmeAccountRequest>(req).await {
+                Ok(r) => match &d.tls {
+                    Some(tls) => reply(
+                        tls.account_key(&r.project)
+                            .map(|key| luma_api::AcmeAccountReply { key }),
+                    ),
+                    None => reply(Ok(luma_api::AcmeAccountReply::default())),
                 },
                 Err(resp) => resp,
             }

@@ -26,6 +26,15 @@
 //!   (`Tls::sync`): ACME orders for hosts without a certificate start then, in the
 //!   background; hosts that left the table (a remove, a redeploy without them) are forgotten
 //!   by the SNI book at once; custom certificates the table no longer names are deleted;
+//! - step 1 also checks a project ACME account key sent with the deploy (`acme_account`: an
+//!   ECDSA P-256 PKCS#8 PEM key; a refusal, 400 `invalid`, names the field and never the
+//!   key); step 5 stores it for the project (0600) before the table is saved, and from then
+//!   on the project's orders use that key's account and its ACME hosts answer HTTP-01
+//!   statelessly (`tls::account`); an identical repeat stores it too (under the commit lock)
+//!   when the proxy holds another key or none, so a project moving to more servers reaches
+//!   the servers already live; a key that cannot be saved fails the deploy (500 `not_saved`)
+//!   with the route unchanged (a key saved before a table save that then fails stays: it is
+//!   the key `luma` sends again);
 //! - a deploy of a route (an identical repeat too: it is the user's way to say "try again",
 //!   e.g. after fixing DNS) makes its ACME hosts still waiting for a certificate order again
 //!   at once, past their backoff but never past the hourly cap; likewise a custom certificate
@@ -45,7 +54,7 @@ use crate::route::{RouteKey, RouteSpec, RouteTimeouts, Target};
 use crate::router::Router;
 use crate::service::Service;
 use crate::state::StateStore;
-use crate::tls::{CheckedCustom, Tls};
+use crate::tls::{CheckedAccount, CheckedCustom, Tls};
 use luma_api::{
     ApiError, CheckOutcome, CheckRequest, DeployOutcome, DeployRequest, DrainReport, ErrorKind,
     RemoveRequest, RouteQuery, RouteQueryReply, RouteState, DEFAULT_DEPLOY_TIMEOUT_MS,
@@ -100,19 +109,27 @@ impl Deployer {
         self
     }
 
-    /// Step 1 for HTTPS: a custom certificate is judged before anything changes. Returns the
-    /// certificate to store at commit, if one came with the deploy.
-    fn check_tls(
-        &self,
-        req: &DeployRequest,
-        spec: &RouteSpec,
-    ) -> Result<Option<CheckedCustom>, ApiError> {
+    /// Step 1 for HTTPS: a custom certificate and an ACME account key are judged before
+    /// anything changes. Returns what to store at commit, of what came with the deploy.
+    fn check_tls(&self, req: &DeployRequest, spec: &RouteSpec) -> Result<TlsSent, ApiError> {
         match &self.tls {
-            Some(tls) => tls.check_custom(spec, req.certificate.as_ref()),
-            None if spec.tls.is_none() && req.certificate.is_none() => Ok(None),
+            Some(tls) => Ok(TlsSent {
+                custom: tls.check_custom(spec, req.certificate.as_ref())?,
+                account: req
+                    .acme_account
+                    .as_ref()
+                    .map(|k| tls.check_account(&spec.project, k))
+                    .transpose()?,
+            }),
+            None if spec.tls.is_none()
+                && req.certificate.is_none()
+                && req.acme_account.is_none() =>
+            {
+                Ok(TlsSent::default())
+            }
             None => Err(err(
                 ErrorKind::Invalid,
-                "this proxy has no HTTPS listener: route.tls cannot be served",
+                "this proxy has no HTTPS listener: route.tls (or acme_account) cannot be served",
             )),
         }
     }
@@ -139,7 +156,7 @@ impl Deployer {
             .validate()
             .map_err(|e| err(ErrorKind::Invalid, e))?;
         self.check_target(&spec)?;
-        let custom = self.check_tls(&req, &spec)?;
+        let sent = self.check_tls(&req, &spec)?;
         if spec.hosts.is_empty() {
             return Err(err(
                 ErrorKind::Invalid,
@@ -153,7 +170,10 @@ impl Deployer {
         let _lock = self.router.lock(&key).await;
         if let Some(live) = self.router.get(&key).filter(|l| l.spec == spec) {
             if let Some(tls) = &self.tls {
-                if let Some(c) = &custom {
+                if let Some(a) = &sent.account {
+                    self.restore_account(tls, a)?;
+                }
+                if let Some(c) = &sent.custom {
                     self.restore_custom(tls, c)?;
                 }
                 tls.retry_pending(&spec);
@@ -173,7 +193,7 @@ impl Deployer {
             b.mark_up();
         }
         candidate.start(self.resolver.clone(), false);
-        let old = match self.commit(Change::Install(candidate.clone(), custom)) {
+        let old = match self.commit(Change::Install(candidate.clone(), sent)) {
             Ok(old) => old,
             Err(e) => {
                 candidate.stop();
@@ -227,6 +247,23 @@ impl Deployer {
         }
     }
 
+    /// An identical deploy's ACME account key, stored if the proxy holds another or none.
+    /// Under the commit lock, like [`Deployer::restore_custom`].
+    fn restore_account(&self, tls: &Arc<Tls>, a: &CheckedAccount) -> Result<(), ApiError> {
+        let _c = self
+            .commit
+            .lock()
+            .map_err(|_| err(ErrorKind::Internal, "commit lock poisoned"))?;
+        tls.restore_account(a, &self.router.specs())
+            .map(|_| ())
+            .map_err(|e| {
+                err(
+                    ErrorKind::NotSaved,
+                    format!("the ACME account key of project {:?} could not be saved ({e}); the route is live and unchanged", a.project),
+                )
+            })
+    }
+
     /// What is live for a route once no deploy or remove of it is running.
     pub async fn settled(&self, q: RouteQuery) -> Result<RouteQueryReply, ApiError> {
         let key = RouteKey {
@@ -275,17 +312,24 @@ impl Deployer {
         if let Change::Install(svc, _) = &change {
             next.push(svc.spec.clone());
         }
-        match (&change, &self.tls) {
-            (Change::Install(_, Some(custom)), Some(tls)) => {
-                tls.store_custom(custom).map_err(|e| {
+        if let (Change::Install(svc, sent), Some(tls)) = (&change, &self.tls) {
+            if let Some(a) = &sent.account {
+                tls.store_account(a).map_err(|e| {
+                    err(
+                        ErrorKind::NotSaved,
+                        format!("the ACME account key of project {:?} could not be saved ({e}); the route was not changed", a.project),
+                    )
+                })?;
+            }
+            match &sent.custom {
+                Some(custom) => tls.store_custom(custom).map_err(|e| {
                     err(
                         ErrorKind::NotSaved,
                         format!("the custom certificate could not be saved ({e}); the route was not changed"),
                     )
-                })?;
+                })?,
+                None => tls.still_holds(&svc.spec)?,
             }
-            (Change::Install(svc, None), Some(tls)) => tls.still_holds(&svc.spec)?,
-            _ => {}
         }
         next.sort_by_key(|s| s.key());
         if let Some(state) = &self.state {
@@ -481,9 +525,17 @@ impl Deployer {
 
 /// A change to the routing table, saved before it is applied.
 enum Change {
-    /// With the custom certificate that came with the deploy, stored before the table.
-    Install(Arc<Service>, Option<CheckedCustom>),
+    /// With what came with the deploy for HTTPS, stored before the table.
+    Install(Arc<Service>, TlsSent),
     Remove(RouteKey),
+}
+
+/// What a deploy sent for HTTPS, checked at the gate: a custom certificate, the project's
+/// ACME account key.
+#[derive(Debug, Default)]
+struct TlsSent {
+    custom: Option<CheckedCustom>,
+    account: Option<CheckedAccount>,
 }
 
 async fn drain_and_retire(old: &Service, drain_timeout_ms: Option<u64>) -> DrainReport {

@@ -353,6 +353,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                     tls: None,
                 },
                 certificate: None,
+                acme_account: None,
                 deploy_timeout_ms: Some(a.deploy_timeout.as_millis() as u64),
                 drain_timeout_ms: Some(a.drain_timeout.as_millis() as u64),
             };

@@ -474,3 +474,248 @@ async fn a_certificate_from_another_directory_is_replaced_at_once() {
     assert_ne!(m["sha256"], old.sha256.as_str());
     proxy.shutdown().await;
 }
+
+/// How many ACME accounts pebble holds now (it logs the count on every new account).
+fn pebble_accounts(pebble: &Pebble) -> usize {
+    let log = std::fs::read_to_string(pebble.dir.join("pebble.log")).unwrap();
+    log.lines()
+        .filter_map(|l| l.split("There are now ").nth(1))
+        .filter_map(|rest| rest.strip_suffix(" accounts in memory"))
+        .filter_map(|n| n.trim().parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+/// A deploy of an ACME route that carries the project's shared account key.
+fn shared_acme_req(
+    project: &str,
+    host: &str,
+    backend: SocketAddr,
+    key: Option<&str>,
+) -> luma_api::DeployRequest {
+    let mut r = route(project, host, &[backend]);
+    r.tls = Some(RouteTls {
+        certificate: CertificateSource::Acme,
+        redirect: true,
+        hsts: false,
+    });
+    let mut req = deploy_req(r);
+    req.acme_account = key.map(|k| luma_api::AcmeAccountKey {
+        pkcs8_pem: k.to_string(),
+    });
+    req
+}
+
+fn admin(proxy: &RunningProxy, dir: &Path) -> luma_proxy::client::AdminClient {
+    luma_proxy::client::AdminClient {
+        addr: proxy.admin_addr,
+        token: std::fs::read_to_string(dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string(),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_of_a_project_share_its_account_and_either_answers_its_challenges() {
+    require_pebble();
+    let (dir_a, dir_b) = (
+        TempStateDir::new("acme-shared-a"),
+        TempStateDir::new("acme-shared-b"),
+    );
+    // pebble validates HTTP-01 at proxy A's HTTP port only (both proxies are 127.0.0.1 in its
+    // DNS); its TLS-ALPN-01 port is closed, so no order can pass any other way.
+    let (port, a_http, closed) = (free_port(), free_port(), free_port());
+    let pebble = Pebble::start(port, a_http, closed, None).await;
+    let mut cfg_a = acme_config(dir_a.path(), &pebble.directory, &pebble.ca_pem);
+    cfg_a.http_addr = format!("127.0.0.1:{a_http}").parse().unwrap();
+    let cfg_b = acme_config(dir_b.path(), &pebble.directory, &pebble.ca_pem);
+    let a = luma_proxy::Proxy::start(cfg_a).await.unwrap();
+    let b = luma_proxy::Proxy::start(cfg_b.clone()).await.unwrap();
+    assert_ne!(b.http_addr.port(), a_http);
+    let backend = TestBackend::start("127.0.0.1", "app").await;
+    // The project's key, as luma generates it: ECDSA P-256, PKCS#8 PEM.
+    let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    let thumb = jwk_thumbprint(&key);
+
+    // A key that is not P-256 PKCS#8 is refused at the gate, naming the field, never the key.
+    let bad = "-----BEGIN PRIVATE KEY-----\nSECRETBYTES\n-----END PRIVATE KEY-----\n";
+    let e = b
+        .deployer
+        .deploy(shared_acme_req("bad", "bad.test", backend.addr, Some(bad)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, luma_api::ErrorKind::Invalid, "{e:?}");
+    assert!(e.error.contains("acme_account"), "{}", e.error);
+    assert!(!e.error.contains("SECRETBYTES"), "{}", e.error);
+    assert!(b.deployer.router.specs().is_empty(), "nothing changed");
+    assert!(!dir_b.path().join("tls/projects/bad").exists());
+
+    // Proxy A (the server the CA reaches) first, then B.
+    a.deployer
+        .deploy(shared_acme_req(
+            "multi",
+            "multi.test",
+            backend.addr,
+            Some(&key),
+        ))
+        .await
+        .unwrap();
+    issued(&a, "multi.test").await;
+    b.deployer
+        .deploy(shared_acme_req(
+            "multi",
+            "multi.test",
+            backend.addr,
+            Some(&key),
+        ))
+        .await
+        .unwrap();
+    // B's order was validated at A, which never saw B's token: answered statelessly.
+    let st = issued(&b, "multi.test").await;
+    assert!(st.last_error.is_none(), "{st:?}");
+    assert_eq!(
+        meta(&dir_b.path(), "multi", "multi.test")["challenge"],
+        "http-01"
+    );
+    let log = std::fs::read_to_string(pebble.dir.join("pebble.log")).unwrap();
+    let at_a = format!("http://multi.test:{a_http}/.well-known/acme-challenge/");
+    // (pebble validates each token from 3 perspectives, all at A's port.)
+    let tokens: std::collections::HashSet<&str> = log
+        .split(&at_a)
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert_eq!(tokens.len(), 2, "both orders validated at A:\n{log}");
+    // Both serve a certificate pebble issued, each its own.
+    let root = pebble.issuing_root().await;
+    let on_a = https_get(a.https_addr, "multi.test", "/", &root, true)
+        .await
+        .unwrap();
+    let on_b = https_get(b.https_addr, "multi.test", "/", &root, true)
+        .await
+        .unwrap();
+    assert_eq!((on_a.status, on_b.status), (200, 200));
+    assert_ne!(
+        on_a.peer_sha256, on_b.peer_sha256,
+        "each proxy orders its own"
+    );
+    // One account at pebble for both proxies: the project's; neither made one of its own.
+    assert_eq!(pebble_accounts(&pebble), 1);
+    assert!(!dir_a.path().join("tls/accounts").exists());
+    assert!(!dir_b.path().join("tls/accounts").exists());
+
+    // Any well-formed token, on either proxy, for the project's host: token.thumbprint.
+    let token = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
+    let path = format!("/.well-known/acme-challenge/{token}");
+    for p in [&a, &b] {
+        let (code, body) = get(p.http_addr, "multi.test", &path).await;
+        assert_eq!((code, body), (200, format!("{token}.{thumb}")));
+    }
+    // Not a token: routed as before (the app answers), never a key authorization.
+    let (_, body) = get(a.http_addr, "multi.test", "/.well-known/acme-challenge/a.b").await;
+    assert!(!body.contains(&thumb), "{body}");
+
+    // A project without the key keeps the proxy-wide account: a second account at pebble,
+    // stored by A; its host never answers with the shared thumbprint.
+    a.deployer
+        .deploy(shared_acme_req("solo", "solo.test", backend.addr, None))
+        .await
+        .unwrap();
+    issued(&a, "solo.test").await;
+    assert_eq!(pebble_accounts(&pebble), 2);
+    assert_eq!(
+        std::fs::read_dir(dir_a.path().join("tls/accounts"))
+            .unwrap()
+            .count(),
+        1
+    );
+    let (_, body) = get(a.http_addr, "solo.test", &path).await;
+    assert!(!body.contains(&thumb), "{body}");
+    let (code, _) = get(a.http_addr, "nobody.test", &path).await;
+    assert_eq!(code, 404, "an unknown host");
+
+    // The key is held per project, 0600, and handed out only to the admin API's callers.
+    use std::os::unix::fs::MetadataExt;
+    for d in [dir_a.path(), dir_b.path()] {
+        let f = d.join("tls/projects/multi/acme-account.pem");
+        assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
+    }
+    let held = admin(&a, &dir_a.path())
+        .op(&luma_api::AcmeAccountRequest {
+            project: "multi".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(jwk_thumbprint(&held.key.unwrap().pkcs8_pem), thumb);
+    let none = admin(&a, &dir_a.path())
+        .op(&luma_api::AcmeAccountRequest {
+            project: "solo".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(none.key, None);
+    // The same through `luma-proxy call`, as luma asks over `docker exec`.
+    let (admin_addr, state) = (a.admin_addr.to_string(), dir_a.path());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_luma-proxy"))
+            .args(["call", "--admin", &admin_addr, "--state-dir"])
+            .arg(&state)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(br#"{"acme_account":{"project":"multi"}}"#)
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let env: luma_api::Envelope<luma_api::AcmeAccountReply> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let reply: Result<_, _> = env.into();
+    assert_eq!(
+        jwk_thumbprint(&reply.unwrap().key.unwrap().pkcs8_pem),
+        thumb
+    );
+
+    // A route already live without a key gets its project's from an identical repeat that
+    // carries it (a project moving from one server to more), and answers with that key's
+    // thumbprint, not another project's.
+    let late = shared_acme_req("late", "late.test", backend.addr, None);
+    a.deployer.deploy(late.clone()).await.unwrap();
+    let (_, body) = get(a.http_addr, "late.test", &path).await;
+    assert!(!body.contains(&thumb), "{body}");
+    let late_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    let mut with_key = late;
+    with_key.acme_account = Some(luma_api::AcmeAccountKey {
+        pkcs8_pem: late_key.clone(),
+    });
+    assert!(a.deployer.deploy(with_key).await.unwrap().already_live);
+    let (code, body) = get(a.http_addr, "late.test", &path).await;
+    assert_eq!(
+        (code, body),
+        (200, format!("{token}.{}", jwk_thumbprint(&late_key)))
+    );
+    let (_, body) = get(a.http_addr, "multi.test", &path).await;
+    assert_eq!(body, format!("{token}.{thumb}"), "each project its own");
+
+    // A restart of B keeps the key: its certificate is served and tokens answered at once.
+    b.shutdown().await;
+    let b = luma_proxy::Proxy::start(cfg_b).await.unwrap();
+    let (code, body) = get(b.http_addr, "multi.test", &path).await;
+    assert_eq!((code, body), (200, format!("{token}.{thumb}")));
+    let again = https_get(b.https_addr, "multi.test", "/", &root, false)
+        .await
+        .unwrap();
+    assert_eq!(again.peer_sha256, on_b.peer_sha256);
+    b.shutdown().await;
+    a.shutdown().await;
+}

@@ -19,7 +19,10 @@
 //!
 //! Beside it, the ACME challenges in flight: TLS-ALPN-01 certificates (served only to a client
 //! that offers `acme-tls/1` alone, as validators do), tagged with the slot that ordered them,
-//! and HTTP-01 tokens (answered only for the host they were ordered for).
+//! and HTTP-01 tokens (answered only for the host they were ordered for). And the stateless
+//! HTTP-01 answers: the ACME hosts of projects with a shared account key, each with that
+//! key's thumbprint, so any well-formed token for such a host is answered whichever proxy of
+//! the project ordered it (see `account` for why that is safe).
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -86,6 +89,8 @@ pub struct CertBook {
     alpn: DashMap<String, (u64, Arc<CertifiedKey>)>,
     /// Token -> (host, key authorization) of an HTTP-01 order in flight.
     tokens: DashMap<String, (String, String)>,
+    /// Exact ACME host -> the thumbprint of its project's shared account key.
+    stateless: ArcSwap<HashMap<String, Arc<str>>>,
 }
 
 impl std::fmt::Debug for CertBook {
@@ -168,15 +173,29 @@ impl CertBook {
         self.tokens.remove(token);
     }
 
-    /// The key authorization for an HTTP-01 request: only for a token the proxy ordered, and
-    /// only when the request's host is the host it was ordered for.
-    pub fn http01(&self, token: &str, host: &str) -> Option<String> {
-        let t = self.tokens.get(token)?;
-        (t.0 == host).then(|| t.1.clone())
+    /// Replaces the hosts answered statelessly: (exact ACME host, its project's thumbprint).
+    pub fn publish_stateless(&self, hosts: HashMap<String, Arc<str>>) {
+        self.stateless.store(Arc::new(hosts));
     }
 
+    /// The key authorization for an HTTP-01 request (`host` normalized): a token the proxy
+    /// ordered, when the request's host is the host it was ordered for; else, for an ACME host
+    /// of a project with a shared account key, any well-formed token joined to that key's
+    /// thumbprint.
+    pub fn http01(&self, token: &str, host: &str) -> Option<String> {
+        if let Some(t) = self.tokens.get(token).filter(|t| t.0 == host) {
+            return Some(t.1.clone());
+        }
+        let stateless = self.stateless.load();
+        let thumbprint = stateless.get(host)?;
+        super::account::valid_token(token)
+            .then(|| super::account::key_authorization(token, thumbprint))
+    }
+
+    /// Whether any HTTP-01 request could be answered ([`CertBook::http01`]): a cheap check
+    /// before the lookup.
     pub fn has_tokens(&self) -> bool {
-        !self.tokens.is_empty()
+        !self.tokens.is_empty() || !self.stateless.load().is_empty()
     }
 }
 
@@ -285,6 +304,44 @@ mod tests {
         assert!(!e.serves("www.a.test", Some("b")));
         assert!(!e.serves("b.test", Some("a")));
         assert!(e.serves("a.test", None), "no route: 404, not 421");
+    }
+
+    #[test]
+    fn stateless_answers_only_for_the_projects_acme_hosts_and_good_tokens() {
+        let book = CertBook::default();
+        assert!(!book.has_tokens());
+        book.add_token("ordered", "b.test", "ordered.other-thumb");
+        book.publish_stateless(HashMap::from([
+            ("a.test".to_string(), Arc::from("thumb-a")),
+            ("a2.test".to_string(), Arc::from("thumb-a")),
+        ]));
+        assert!(book.has_tokens());
+        let tok = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0";
+        assert_eq!(
+            book.http01(tok, "a.test").as_deref(),
+            Some(format!("{tok}.thumb-a").as_str()),
+            "a token this proxy never ordered"
+        );
+        assert!(book.http01(tok, "a2.test").is_some());
+        // Another project's host, a host without ACME, an unknown host: as before.
+        assert_eq!(book.http01(tok, "b.test"), None);
+        assert_eq!(book.http01(tok, "c.test"), None);
+        assert_eq!(
+            book.http01("ordered", "b.test").as_deref(),
+            Some("ordered.other-thumb")
+        );
+        // A token ordered here for another host gets the stateless answer on a.test.
+        assert_eq!(
+            book.http01("ordered", "a.test").as_deref(),
+            Some("ordered.thumb-a")
+        );
+        for bad in ["", "a/b", "a.b", "../etc", &"x".repeat(129)] {
+            assert_eq!(book.http01(bad, "a.test"), None, "{bad}");
+        }
+        book.publish_stateless(HashMap::new());
+        book.remove_token("ordered");
+        assert!(!book.has_tokens());
+        assert_eq!(book.http01(tok, "a.test"), None);
     }
 
     #[test]

@@ -11,17 +11,26 @@
 //! - [`book`]: the SNI book rustls asks (lock-free), plus the ACME challenges in flight;
 //! - [`certs`]: parsing and checking a chain and key (custom certificates are judged here);
 //! - [`store`]: certificates, meta, order history and ACME accounts on disk (0600, atomic);
-//! - [`acme`]: one background task per ACME host: order, renew, back off.
+//! - [`acme`]: one background task per ACME host: order, renew, back off;
+//! - [`account`]: a project's shared ACME account key (sent with its deploys, so all its
+//!   servers order with one account) and the stateless HTTP-01 answers it allows.
 //!
 //! Custom certificates are checked at the deploy gate ([`Tls::check_custom`], before anything
 //! changes) and stored at commit ([`Tls::store_custom`], before the routing table is saved), so
 //! a restart that reads the table always finds them; once the table no longer names one, it is
 //! deleted ([`Tls::prune_custom`]).
 //!
+//! A project's account key is checked at the deploy gate ([`Tls::check_account`]) and stored
+//! at commit ([`Tls::store_account`], before the routing table is saved), or by an identical
+//! repeat ([`Tls::restore_account`]); after either, [`Tls::sync`] republishes the hosts
+//! answered statelessly. It is kept when the project's routes go (it is the project's
+//! identity at the CA, and `luma` asks for it with [`Tls::account_key`]).
+//!
 //! ACME being off (`--acme-directory off`), or unusable (a CA root the TLS library refuses),
 //! never stops the proxy and never drops a certificate: stored certificates that are still
 //! valid keep being served, nothing is ordered, and every ACME host says why in its status.
 
+pub mod account;
 pub mod acme;
 pub mod book;
 pub mod certs;
@@ -30,12 +39,13 @@ pub mod store;
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 use crate::resolve::Resolver;
+use account::{ProjectKey, ProjectKeys};
 use book::{CertBook, Entry};
 use certs::{unix_now, Parsed};
 use luma_api::route::RouteSpec;
 use luma_api::tls::{
-    CertState, CertificateSource, CertificateStatus, CertificatesReply, CertificatesRequest,
-    CustomCertificate,
+    AcmeAccountKey, CertState, CertificateSource, CertificateStatus, CertificatesReply,
+    CertificatesRequest, CustomCertificate,
 };
 use luma_api::{ApiError, ErrorKind};
 use std::collections::{HashMap, HashSet};
@@ -124,9 +134,19 @@ impl std::fmt::Debug for CheckedCustom {
     }
 }
 
+/// A project's ACME account key that passed the deploy gate (to be stored at commit).
+/// `Debug` never shows the key.
+#[derive(Debug)]
+pub struct CheckedAccount {
+    pub project: String,
+    key: Arc<ProjectKey>,
+}
+
 pub struct Tls {
     pub book: Arc<CertBook>,
     store: Arc<Store>,
+    /// The projects' shared ACME account keys.
+    keys: Arc<ProjectKeys>,
     /// The ACME side, or why there is none ([`ACME_OFF`], or a setup error).
     acme: Result<Arc<acme::Acme>, String>,
     /// ACME hosts under reserved names are HTTP only (a public CA refuses them).
@@ -142,13 +162,16 @@ impl Tls {
     /// certificate keep serving.
     pub fn new(cfg: &ProxyConfig, resolver: Arc<Resolver>, metrics: Arc<Metrics>) -> Arc<Tls> {
         let store = Arc::new(Store::new(&cfg.state_dir));
+        let keys = Arc::new(ProjectKeys::new(store.clone()));
         let acme = match &cfg.acme.directory {
             None => Err(ACME_OFF.to_string()),
             Some(directory) => {
                 match acme::http::AcmeHttp::new(resolver, cfg.acme.ca_roots_pem.as_deref()) {
-                    Ok(http) => acme::Acme::new(cfg.acme.clone(), http, store.clone())
-                        .map(Arc::new)
-                        .ok_or_else(|| ACME_OFF.to_string()),
+                    Ok(http) => {
+                        acme::Acme::new(cfg.acme.clone(), http, store.clone(), keys.clone())
+                            .map(Arc::new)
+                            .ok_or_else(|| ACME_OFF.to_string())
+                    }
                     Err(e) => {
                         let why = format!(
                             "{ACME_OFF}: {e}; fix the CA root (--acme-ca-root, or proxy.acme.ca_root in luma.yml) and restart the proxy"
@@ -165,6 +188,7 @@ impl Tls {
         Arc::new(Tls {
             book: Arc::new(CertBook::default()),
             store,
+            keys,
             acme,
             public_ca: cfg.acme.is_public_ca(),
             table: Mutex::new(Table::default()),
@@ -328,6 +352,92 @@ impl Tls {
             }
         }
         self.publish(&table);
+        self.publish_stateless(&table);
+    }
+
+    /// The exact ACME hosts of projects with a shared account key, answered statelessly
+    /// (see `account`). Wildcards are left out: HTTP-01 cannot issue them.
+    fn publish_stateless(&self, table: &Table) {
+        let mut thumbprints: HashMap<&str, Option<Arc<str>>> = HashMap::new();
+        let mut hosts = HashMap::new();
+        for (host, slot) in &table.slots {
+            if slot.source != Source::Acme || host.starts_with("*.") {
+                continue;
+            }
+            let thumbprint = thumbprints.entry(&slot.project).or_insert_with(|| {
+                match self.keys.get(&slot.project) {
+                    Ok(k) => k.map(|k| k.thumbprint.clone()),
+                    Err(e) => {
+                        crate::log::error(
+                            "a project's ACME account key cannot be read; its hosts answer only the tokens this proxy ordered",
+                            serde_json::json!({"project": slot.project, "error": e}),
+                        );
+                        None
+                    }
+                }
+            });
+            if let Some(t) = thumbprint {
+                hosts.insert(host.clone(), t.clone());
+            }
+        }
+        self.book.publish_stateless(hosts);
+    }
+
+    /// The deploy gate's check of an ACME account key sent with a deploy of `project`: an
+    /// ECDSA P-256 PKCS#8 PEM key. The refusal names the field, never the key's bytes.
+    pub fn check_account(
+        &self,
+        project: &str,
+        key: &AcmeAccountKey,
+    ) -> Result<CheckedAccount, ApiError> {
+        let key = ProjectKey::from_pem(&key.pkcs8_pem).map_err(|e| {
+            ApiError::new(
+                ErrorKind::Invalid,
+                format!("acme_account.pkcs8_pem refused: {e}"),
+            )
+        })?;
+        Ok(CheckedAccount {
+            project: project.to_string(),
+            key: Arc::new(key),
+        })
+    }
+
+    /// Stores a checked account key (0600, atomic) as its project's, unless it is already
+    /// the one held. Returns whether it changed.
+    pub fn store_account(&self, c: &CheckedAccount) -> Result<bool, String> {
+        self.keys.set(&c.project, &c.key)
+    }
+
+    /// For an identical repeat of a live deploy: stores the key if the proxy holds another
+    /// (or none), then republishes the stateless answers. `specs`: the routing table as now
+    /// (the caller holds the commit lock). Returns whether it was stored.
+    pub fn restore_account(
+        self: &Arc<Self>,
+        c: &CheckedAccount,
+        specs: &[RouteSpec],
+    ) -> Result<bool, String> {
+        let changed = self.store_account(c)?;
+        if changed {
+            self.sync(specs);
+        }
+        Ok(changed)
+    }
+
+    /// The ACME account key held for `project`, as sent with its deploys. A stored key that
+    /// no longer parses counts as none (logged); a file that cannot be read is an error
+    /// naming it.
+    pub fn account_key(&self, project: &str) -> Result<Option<AcmeAccountKey>, ApiError> {
+        luma_api::names::check_name("project", project)
+            .map_err(|e| ApiError::new(ErrorKind::Invalid, e))?;
+        self.keys
+            .get(project)
+            .map(|k| k.map(|k| k.to_api()))
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    format!("the ACME account key of project {project:?}: {e}"),
+                )
+            })
     }
 
     /// After a deploy of `spec` (an explicit user action, e.g. after fixing DNS): its ACME

@@ -4,6 +4,7 @@
 //! <state>/tls/                                  0700
 //!   accounts/<sha256 of directory URL>.json      ACME account (credentials, key included)
 //!   orders/<host>.json                           when orders were placed for a host
+//!   projects/<project>/acme-account.pem          the project's shared ACME account key
 //!   projects/<project>/hosts/<host>/             one ACME host
 //!     chain.pem  key.pem  meta.json
 //!   projects/<project>/custom/<sha256>/          one custom certificate
@@ -115,6 +116,25 @@ impl Store {
 
     pub fn forget_account(&self, directory: &str) {
         let _ = std::fs::remove_file(self.account_path(directory));
+    }
+
+    /// Where a project's shared ACME account key (PKCS#8 PEM) is kept.
+    pub fn account_key_path(&self, project: &str) -> Result<PathBuf, String> {
+        Ok(self
+            .root
+            .join("projects")
+            .join(component(project)?)
+            .join("acme-account.pem"))
+    }
+
+    /// The project's shared ACME account key, as PEM (none stored: `None`). `Err` names the
+    /// file, never its content.
+    pub fn account_key(&self, project: &str) -> Result<Option<String>, String> {
+        read_string(&self.account_key_path(project)?)
+    }
+
+    pub fn save_account_key(&self, project: &str, pem: &str) -> Result<(), String> {
+        write_atomic(&self.account_key_path(project)?, pem.as_bytes())
     }
 
     fn orders_path(&self, host: &str) -> Result<PathBuf, String> {

@@ -242,6 +242,7 @@ pub fn deploy_req(route: RouteSpec) -> DeployRequest {
         deploy_timeout_ms: Some(5_000),
         drain_timeout_ms: Some(10_000),
         certificate: None,
+        acme_account: None,
     }
 }
 

@@ -348,3 +348,45 @@ pub async fn connect_with(
     .map_err(|_| "handshake timed out".to_string())?
     .map_err(|e| e.to_string())
 }
+
+/// Unpadded base64url (RFC 4648 section 5), written here apart from the proxy's own.
+pub fn base64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = String::new();
+    for &b in bytes {
+        bits = (bits << 8) | u32::from(b);
+        n += 8;
+        while n >= 6 {
+            n -= 6;
+            out.push(A[((bits >> n) & 63) as usize] as char);
+        }
+    }
+    if n > 0 {
+        out.push(A[((bits << (6 - n)) & 63) as usize] as char);
+    }
+    out
+}
+
+/// The RFC 7638 thumbprint of a P-256 PKCS#8 PEM key's public JWK: what an HTTP-01 answer
+/// ends with for that account.
+pub fn jwk_thumbprint(pkcs8_pem: &str) -> String {
+    use ring::signature::KeyPair;
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(pkcs8_pem.as_bytes()).unwrap();
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        der.secret_pkcs8_der(),
+        &ring::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    let point = pair.public_key().as_ref();
+    // RFC 7638: the required members only, in lexical order, no whitespace.
+    let jwk = format!(
+        "{{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"{}\",\"y\":\"{}\"}}",
+        base64url(&point[1..33]),
+        base64url(&point[33..65])
+    );
+    let digest = ring::digest::digest(&ring::digest::SHA256, jwk.as_bytes());
+    base64url(digest.as_ref())
+}

@@ -26,15 +26,23 @@
 //! restart loads the certificate and meta first: a valid certificate is served at once and
 //! not ordered again before its renewal time. All file I/O of a task runs on the blocking
 //! pool.
+//!
+//! Accounts ([`Acme::account_for`]): a project with a shared account key (see `account`)
+//! orders with the account of that key, loaded (or created: newAccount with an existing key
+//! answers the existing account) once per process and key; every other project orders with
+//! the proxy-wide account, created once and stored per directory. A lost account (the CA no
+//! longer knows it) is dropped by the first task that sees it fail, and made again.
 
 pub mod http;
 pub mod order;
 
+use super::account::ProjectKeys;
 use super::certs::{unix_now, Parsed};
 use super::store::{HostMeta, OrderHistory, Store};
 use super::Tls;
 use crate::config::AcmeSettings;
 use instant_acme::{Account, AccountCredentials, CertificateIdentifier, NewAccount};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -64,11 +72,20 @@ pub struct Acme {
     pub directory: String,
     http: http::AcmeHttp,
     store: Arc<Store>,
+    /// The proxy-wide account, for projects without a shared key.
     account: tokio::sync::Mutex<Option<Account>>,
+    keys: Arc<ProjectKeys>,
+    /// Project -> the account of its shared key (its thumbprint tells a replaced key).
+    projects: tokio::sync::Mutex<HashMap<String, Account>>,
 }
 
 impl Acme {
-    pub fn new(settings: AcmeSettings, http: http::AcmeHttp, store: Arc<Store>) -> Option<Acme> {
+    pub fn new(
+        settings: AcmeSettings,
+        http: http::AcmeHttp,
+        store: Arc<Store>,
+        keys: Arc<ProjectKeys>,
+    ) -> Option<Acme> {
         let directory = settings.directory.clone()?;
         Some(Acme {
             settings,
@@ -76,7 +93,71 @@ impl Acme {
             http,
             store,
             account: tokio::sync::Mutex::new(None),
+            keys,
+            projects: tokio::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    fn contact(&self) -> Vec<String> {
+        self.settings
+            .email
+            .iter()
+            .map(|e| format!("mailto:{e}"))
+            .collect()
+    }
+
+    /// The account `project`'s orders use: the one of its shared key when it has one, else
+    /// the proxy-wide account ([`Acme::account`]).
+    pub async fn account_for(&self, project: &str) -> Result<Account, String> {
+        let (keys, p) = (self.keys.clone(), project.to_string());
+        let Some(key) = blocking(move || keys.get(&p)).await?? else {
+            return self.account().await;
+        };
+        let mut cached = self.projects.lock().await;
+        if let Some(a) = cached
+            .get(project)
+            .filter(|a| a.key_thumbprint() == &*key.thumbprint)
+        {
+            return Ok(a.clone());
+        }
+        let builder = Account::builder_with_http(Box::new(self.http.clone()));
+        let (account, _) = tokio::time::timeout(
+            ACCOUNT_TIMEOUT,
+            builder.create_from_key(key.acme_key()?, self.directory.clone()),
+        )
+        .await
+        .map_err(|_| format!("ACME directory {} did not answer", self.directory))?
+        .map_err(|e| {
+            format!(
+                "loading the ACME account of project {project}'s shared key at {}: {e}",
+                self.directory
+            )
+        })?;
+        // newAccount with a key sends no contact: set it, as the proxy-wide account has it.
+        // Best effort: the account works without one.
+        let contact = self.contact();
+        if !contact.is_empty() {
+            let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
+            let updated =
+                tokio::time::timeout(ACCOUNT_TIMEOUT, account.update_contacts(&contact)).await;
+            let failed = match updated {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("the CA did not answer".to_string()),
+            };
+            if let Some(e) = failed {
+                crate::log::warn(
+                    "the contact of a project's ACME account was not set",
+                    serde_json::json!({"project": project, "directory": self.directory, "error": e}),
+                );
+            }
+        }
+        crate::log::info(
+            "ACME account of a project's shared key ready",
+            serde_json::json!({"project": project, "directory": self.directory, "account": account.id(), "thumbprint": &*key.thumbprint}),
+        );
+        cached.insert(project.to_string(), account.clone());
+        Ok(account)
     }
 
     /// The account for the directory: cached, else loaded from the store, else created (and
@@ -99,12 +180,7 @@ impl Acme {
                     .map_err(|e| format!("ACME directory {}: {e}", self.directory))?
             }
             None => {
-                let contact: Vec<String> = self
-                    .settings
-                    .email
-                    .iter()
-                    .map(|e| format!("mailto:{e}"))
-                    .collect();
+                let contact = self.contact();
                 let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
                 let new = NewAccount {
                     contact: &contact,
@@ -138,6 +214,21 @@ impl Acme {
     /// host tasks that failed on the old account at the same time must not each drop the new
     /// account another task just made (one lost account, one new account).
     pub async fn forget_account(&self, failed: &Account) {
+        {
+            let mut projects = self.projects.lock().await;
+            if let Some(project) = projects
+                .iter()
+                .find(|(_, a)| a.id() == failed.id())
+                .map(|(p, _)| p.clone())
+            {
+                projects.remove(&project);
+                crate::log::warn(
+                    "the ACME CA does not know a project's account; loading it again from its key",
+                    serde_json::json!({"project": project, "directory": self.directory}),
+                );
+                return;
+            }
+        }
         let mut cached = self.account.lock().await;
         if !is_current(cached.as_ref().map(Account::id), failed.id()) {
             return;
@@ -151,15 +242,16 @@ impl Acme {
         );
     }
 
-    /// Asks the CA's ARI (RFC 9773) for `cert`'s suggested renewal window.
-    pub async fn ari(&self, cert: &Parsed) -> AriAnswer {
+    /// Asks the CA's ARI (RFC 9773) for `cert`'s suggested renewal window (with the account
+    /// of `project`'s orders, so a project with a shared key never makes a proxy-wide one).
+    pub async fn ari(&self, project: &str, cert: &Parsed) -> AriAnswer {
         let Some(leaf) = cert.key.cert.first() else {
             return AriAnswer::Failed;
         };
         let Ok(id) = CertificateIdentifier::try_from(leaf) else {
             return AriAnswer::Failed;
         };
-        let Ok(account) = self.account().await else {
+        let Ok(account) = self.account_for(project).await else {
             return AriAnswer::Failed;
         };
         match tokio::time::timeout(ACCOUNT_TIMEOUT, account.renewal_info(&id)).await {
@@ -417,7 +509,7 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                 .filter(|_| described)
                 .map(|at| (at, meta.ari_window));
             if ari_due(kept.is_some(), meta.ari_next_check, now) {
-                let answer = acme.ari(cert).await;
+                let answer = acme.ari(&h.project, cert).await;
                 let r = renewal(kept, cert.renew_at_third(), answer, unix_now(), draw_in);
                 meta.sha256 = Some(cert.sha256.clone());
                 meta.renew_at = Some(r.at);
@@ -462,7 +554,7 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
         match result {
             Ok(issued) => {
                 let Some(t) = tls.upgrade() else { return };
-                let answer = acme.ari(&issued.cert).await;
+                let answer = acme.ari(&h.project, &issued.cert).await;
                 let renew = renewal(
                     None,
                     issued.cert.renew_at_third(),

@@ -4,6 +4,11 @@
 //! go into the [`CertBook`] for the length of the order only (a guard takes them out however
 //! the order ends, abort included). The certificate key is a fresh ECDSA P-256 key per order,
 //! generated here; the CA only ever sees the CSR.
+//!
+//! For a project with a shared account key, every proxy of the project also answers this
+//! order's HTTP-01 token without knowing it (stateless, see `account`), so the CA may reach
+//! any of the project's servers. A TLS-ALPN-01 certificate exists only here: with several
+//! servers that order succeeds only if the CA's connection reaches this one.
 
 use super::{blocking, cap_free_at, Acme, HostRef};
 use crate::tls::book::CertBook;
@@ -150,7 +155,7 @@ pub async fn obtain(
     Err(reasons.join("; "))
 }
 
-/// One order, with the account; an account the CA no longer knows is replaced once (by
+/// One order, with the project's account (see `Acme::account_for`); an account the CA no longer knows is replaced once (by
 /// whichever task notices first: see `Acme::forget_account`).
 async fn with_account(
     acme: &Acme,
@@ -160,7 +165,7 @@ async fn with_account(
 ) -> Result<(String, String), Failure> {
     let mut gone = None;
     for retry in [false, true] {
-        let account = acme.account().await.map_err(Failure::Other)?;
+        let account = acme.account_for(&h.project).await.map_err(Failure::Other)?;
         match place(&account, book, h, challenge).await {
             Err(Failure::AccountGone(r)) if !retry => {
                 acme.forget_account(&account).await;
