@@ -110,7 +110,7 @@ fn seed_scenario_two_projects_with_web_deploy_side_by_side() {
         );
     }
     let status = lab.luma_ok(&ndir, &["status", "--json"]);
-    let v = body_json(&status);
+    let v = body_json(&status)["servers"][0].clone();
     assert_eq!(v["apps"][0]["replicas"].as_array().unwrap().len(), 2);
     assert!(
         v["apps"][0]["replicas"]
@@ -215,7 +215,7 @@ fn twenty_deploys_under_continuous_load_fail_no_request() {
     );
     assert!(ok.load(Ordering::Relaxed) > 1000);
     // Only the live release runs; two earlier ones are kept stopped for rollback.
-    let v = body_json(&lab.luma_ok(&dir, &["status", "--json"]));
+    let v = body_json(&lab.luma_ok(&dir, &["status", "--json"]))["servers"][0].clone();
     let replicas = v["apps"][0]["replicas"].as_array().unwrap();
     let running = replicas.iter().filter(|r| r["state"] == "running").count();
     assert_eq!(running, 2, "{v}");

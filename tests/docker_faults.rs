@@ -28,8 +28,12 @@ fn served(lab: &CliLab, host: &str) -> String {
     v["release"].as_str().expect("release").to_string()
 }
 
+/// The status of the project's one server (`local`).
 fn status_json(lab: &CliLab, dir: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&lab.luma_ok(dir, &["status", "--json"])).expect("status JSON")
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.luma_ok(dir, &["status", "--json"])).expect("status JSON");
+    assert_eq!(v["servers"][0]["server"], "local", "{v:#}");
+    v["servers"][0].clone()
 }
 
 /// (release, state) of every app container of a project.

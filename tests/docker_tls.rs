@@ -86,7 +86,8 @@ fn find_host<'a>(v: &'a Value, host: &str) -> Option<&'a Value> {
 fn status_of(lab: &CliLab, dir: &Path, host: &str) -> Value {
     let out = lab.luma_ok(dir, &["status", "--json"]);
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    find_host(&v, host)
+    let v = &v["servers"][0];
+    find_host(v, host)
         .cloned()
         .unwrap_or_else(|| panic!("`luma status --json` shows no certificate for {host}: {v}"))
 }

@@ -17,16 +17,94 @@ pub struct Config {
     pub proxy_image: Option<String>,
     /// `proxy.acme`: where the proxy orders certificates (each unset key: the proxy's default).
     pub acme: AcmeConfig,
-    pub registry: Option<String>,
+    /// `docker.registry`: images go through it (push once, pull on each server) instead of
+    /// being streamed from this machine's engine.
+    pub registry: Option<Registry>,
     pub apps: Vec<Entry>,
     pub services: Vec<Entry>,
 }
 
+/// `docker: {registry, username, password}`; `password` names a key in `.luma/secrets`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registry {
+    pub address: String,
+    pub username: Option<String>,
+    pub password_secret: Option<String>,
+}
+
+/// Top-level `ssh:`, for every server that is not `local`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ssh {
     pub username: Option<String>,
     pub port: Option<u16>,
     pub key_file: Option<String>,
+}
+
+/// The server name for this machine's own engine (`DOCKER_HOST` or the default socket).
+pub const LOCAL: &str = "local";
+
+/// A server in `server`/`servers`: `local`, or an ssh destination `[user@]host` (a host name,
+/// an IPv4 address, or a `Host` alias of the ssh config). Nothing that ssh could read as an
+/// option or that needs quoting.
+pub fn check_server(s: &str) -> Result<(), String> {
+    if s == LOCAL {
+        return Ok(());
+    }
+    let (user, host) = match s.split_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, s),
+    };
+    if let Some(u) = user {
+        check_ssh_word(u).map_err(|e| format!("{s:?} is not an ssh destination: the user {e}"))?;
+    }
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with(['-', '.'])
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if !ok {
+        return Err(format!(
+            "{s:?} is not a server: use `local`, or an ssh destination such as `deploy@203.0.113.7` or `app1.example.com` (a host name, IPv4 address or ssh config alias; the port goes in `ssh.port` or the ssh config)"
+        ));
+    }
+    Ok(())
+}
+
+/// A user name as ssh takes it: no option-like or shell-special text.
+fn check_ssh_word(u: &str) -> Result<(), String> {
+    if u.is_empty()
+        || u.len() > 64
+        || u.starts_with('-')
+        || !u
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        return Err(format!(
+            "{u:?} is not a user name (letters, digits, '.', '-', '_'; not starting with '-')"
+        ));
+    }
+    Ok(())
+}
+
+/// `docker.registry`: `HOST[:PORT]`, no scheme or path.
+fn check_registry(r: &str) -> Result<(), String> {
+    let (host, port) = match r.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (r, None),
+    };
+    let host_ok = !host.is_empty()
+        && !host.starts_with(['-', '.'])
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !host_ok || !port_ok {
+        return Err(format!(
+            "{r:?} is not a registry address: use HOST or HOST:PORT, e.g. `registry.example.com` or `127.0.0.1:5000` (no https:// or path)"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +142,15 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The servers this entry runs on, sorted; `local` when luma.yml names none.
+    pub fn servers(&self) -> Vec<String> {
+        if self.servers.is_empty() {
+            vec![LOCAL.to_string()]
+        } else {
+            self.servers.clone()
+        }
+    }
+
     /// The stop grace in whole seconds for the engine, rounded up (`500ms` waits 1 s, not 0).
     pub fn stop_grace_s(&self) -> i32 {
         self.stop_timeout
@@ -386,30 +473,61 @@ impl Config {
         check_name("project", &project).map_err(|e| cx.err("name", e))?;
         let ssh = match top.get("ssh") {
             Some(v) => {
-                let m = cx.map("ssh", v, &["username", "port", "key_file"])?;
+                let m = cx.map("ssh", v, &["user", "username", "port", "key", "key_file"])?;
+                // The original schema says `username`/`key_file`; `user`/`key` read as ssh's own.
+                let one_of = |a: &str, b: &str| -> Result<Option<String>, ConfigError> {
+                    match (m.get(a), m.get(b)) {
+                        (Some(_), Some(_)) => Err(cx.err(
+                            &format!("ssh.{a}"),
+                            format!("`{a}` and `{b}` mean the same; keep one"),
+                        )),
+                        (Some(v), None) => cx.string(&format!("ssh.{a}"), v).map(Some),
+                        (None, Some(v)) => cx.string(&format!("ssh.{b}"), v).map(Some),
+                        (None, None) => Ok(None),
+                    }
+                };
+                let username = one_of("user", "username")?;
+                if let Some(u) = &username {
+                    check_ssh_word(u).map_err(|e| cx.err("ssh.user", e))?;
+                }
                 Some(Ssh {
-                    username: m
-                        .get("username")
-                        .map(|v| cx.string("ssh.username", v))
-                        .transpose()?,
+                    username,
                     port: m
                         .get("port")
                         .map(|v| cx.uint("ssh.port", v, 1, 65535).map(|p| p as u16))
                         .transpose()?,
-                    key_file: m
-                        .get("key_file")
-                        .map(|v| cx.string("ssh.key_file", v))
-                        .transpose()?,
+                    key_file: one_of("key", "key_file")?,
                 })
             }
             None => None,
         };
         let registry = match top.get("docker") {
             Some(v) => {
-                let m = cx.map("docker", v, &["registry", "username"])?;
-                m.get("registry")
-                    .map(|v| cx.string("docker.registry", v))
-                    .transpose()?
+                let m = cx.map("docker", v, &["registry", "username", "password"])?;
+                let get = |k: &str| {
+                    m.get(k)
+                        .map(|v| cx.string(&format!("docker.{k}"), v))
+                        .transpose()
+                };
+                match get("registry")? {
+                    Some(address) => {
+                        check_registry(&address).map_err(|e| cx.err("docker.registry", e))?;
+                        Some(Registry {
+                            address,
+                            username: get("username")?,
+                            password_secret: get("password")?,
+                        })
+                    }
+                    None => {
+                        if m.contains_key("username") || m.contains_key("password") {
+                            return Err(cx.err(
+                                "docker.registry",
+                                "missing; `username` and `password` need `registry: HOST[:PORT]`",
+                            ));
+                        }
+                        None
+                    }
+                }
             }
             None => None,
         };
@@ -705,9 +823,11 @@ fn entry(
     if let Some(s) = m.get("servers") {
         servers.extend(cx.strings(&k("servers"), s)?);
     }
-    if servers.iter().any(|s| s != "local") {
-        return Err(cx.err(&k("server"), "deploying to remote servers over SSH is not available yet; remove `server` or use `server: local`"));
+    for s in &servers {
+        check_server(s).map_err(|e| cx.err(&k("servers"), e))?;
     }
+    servers.sort();
+    servers.dedup();
     let replicas = m
         .get("replicas")
         .map(|v| cx.uint(&k("replicas"), v, 1, 64))
@@ -944,6 +1064,58 @@ mod tests {
 
     fn parse(y: &str) -> Result<Config, String> {
         Config::parse(y, Path::new("/tmp/luma.yml")).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn servers_are_local_or_ssh_destinations() {
+        let c = parse(
+            "name: p\nssh: {user: deploy, port: 2222, key: ~/.ssh/id}\napps:\n  web:\n    image: x\n    servers: [app2.example.com, root@10.0.0.7, app2.example.com]\n  api:\n    image: x\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.apps[0].servers(),
+            vec!["app2.example.com", "root@10.0.0.7"]
+        );
+        assert_eq!(c.apps[1].servers(), vec![LOCAL]);
+        let ssh = c.ssh.unwrap();
+        assert_eq!(ssh.username.as_deref(), Some("deploy"));
+        assert_eq!(ssh.port, Some(2222));
+        assert_eq!(ssh.key_file.as_deref(), Some("~/.ssh/id"));
+        // The original schema's spellings too.
+        let c =
+            parse("name: p\nssh: {username: u, key_file: k}\napps:\n  web: {image: x}\n").unwrap();
+        assert_eq!(c.ssh.unwrap().username.as_deref(), Some("u"));
+        for bad in ["-oProxyCommand=x", "a b", "host:22", "u@", "@h", "h;rm"] {
+            let e = parse(&format!(
+                "name: p\napps:\n  web:\n    image: x\n    server: \"{bad}\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains("apps.web.servers") && e.contains("ssh destination"),
+                "{bad}: {e}"
+            );
+        }
+        let e =
+            parse("name: p\nssh: {user: a, username: b}\napps:\n  web: {image: x}\n").unwrap_err();
+        assert!(e.contains("keep one"), "{e}");
+    }
+
+    #[test]
+    fn registry_address_and_password_secret() {
+        let c = parse("name: p\ndocker: {registry: 127.0.0.1:5000, username: u, password: REG_PASS}\napps:\n  web: {image: x}\n").unwrap();
+        let r = c.registry.unwrap();
+        assert_eq!(r.address, "127.0.0.1:5000");
+        assert_eq!(r.password_secret.as_deref(), Some("REG_PASS"));
+        let e = parse(
+            "name: p\ndocker: {registry: https://r.example.com/x}\napps:\n  web: {image: x}\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("docker.registry") && e.contains("HOST:PORT"),
+            "{e}"
+        );
+        let e = parse("name: p\ndocker: {username: u}\napps:\n  web: {image: x}\n").unwrap_err();
+        assert!(e.contains("docker.registry"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,21 @@
 //! The Docker engine, through bollard. Every engine operation Luma performs goes through this
-//! type, so a transport (the local socket today, SSH next) slots in at [`Engine::connect`] and
-//! `--verbose` can show each operation.
+//! type, so the transport (the local socket, or a server over SSH) is chosen once at
+//! [`Engine::connect`] and `--verbose` can show each operation.
+//!
+//! ## Over SSH
+//! A server's engine is reached the way `docker -H ssh://...` does: `docker system dial-stdio`
+//! on the server carries the API over the ssh channel's stdin/stdout. We do not use bollard's
+//! own `ssh` feature for two reasons:
+//! - bollard 0.21.1 ignores the port in `ssh://user@host:port` (fixed upstream, unreleased),
+//!   and `ssh.port` is part of luma.yml;
+//! - it brings its own SSH client, so the user's agent, `~/.ssh/config` (aliases,
+//!   `ProxyJump`, `IdentityFile`) and known_hosts would not all apply.
+//!
+//! So bollard gets a custom transport: a hyper-util client whose connector runs `ssh -S <ctl>
+//! ... -- docker system dial-stdio` through the server's [`Master`] and uses that child's
+//! stdout/stdin as the connection. Each pooled HTTP connection is one ssh channel on the one
+//! TCP connection per server per run; the engine holds the master, so it lives as long as the
+//! engine. Everything above the transport is the same code for both.
 
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, EndpointSettings, ExecConfig,
@@ -12,21 +27,54 @@ use bollard::query_parameters::{
     LogsOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::ssh::{Master, SshTarget};
+use crate::transfer::RegistryAuth;
 
 /// How Luma reaches an engine.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Transport {
     /// `DOCKER_HOST`, or the default local socket.
     Local,
+    /// A server's engine over SSH (see the module docs).
+    Ssh(SshTarget),
 }
 
 pub struct Engine {
     docker: Docker,
     pub transport: Transport,
     pub verbose: bool,
+    /// The server's ssh connection; the engine's channels ride on it.
+    master: Option<Arc<Master>>,
 }
+
+/// What [`Engine::image_info`] tells about an image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInfo {
+    pub id: String,
+    /// The engine's size of the image (its layers, uncompressed), in bytes.
+    pub size: u64,
+    /// `repo@sha256:...` references it has in registries it was pushed to or pulled from.
+    pub repo_digests: Vec<String>,
+}
+
+/// Why a load failed: the engine refused the image (its message), or the connection (the
+/// stream) broke (the cause).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum LoadFailure {
+    Engine(String),
+    Connection(String),
+}
+
+/// Operations that stream a whole image (save, load) may take long before the engine sends
+/// the response head: a 20.10 engine writes the whole save to a temp dir before it answers,
+/// and answers a load only once it has read all of it. bollard's timeout (120 s) covers
+/// just that wait, so these get a long one; a dead connection still fails at once.
+const STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// What a new container looks like.
 #[derive(Default, Clone)]
@@ -38,7 +86,7 @@ pub struct ContainerSpec {
     pub cmd: Option<Vec<String>>,
     /// (network, aliases); the container is created attached to it.
     pub network: Option<(String, Vec<String>)>,
-    /// (host ip, host port, "port/proto").
+    /// (host ip, host port, "port/proto"); host port 0 means any free port.
     pub ports: Vec<(Option<String>, u16, String)>,
     pub binds: Vec<String>,
     pub restart_unless_stopped: bool,
@@ -88,21 +136,50 @@ fn is_conflict(e: &bollard::errors::Error) -> bool {
 }
 
 impl Engine {
-    /// Connects and negotiates the API version (engines differ).
+    /// Connects and negotiates the API version (engines differ; a server may run 20.10 with
+    /// API 1.41). For [`Transport::Ssh`] this first opens the server's ssh master, so an unknown
+    /// host key or a refused login fails here, with its own message.
     pub async fn connect(transport: Transport, verbose: bool) -> Result<Engine> {
-        let docker = match &transport {
-            Transport::Local => Docker::connect_with_local_defaults(),
-        }
-        .map_err(|e| format!("cannot connect to the Docker engine ({e}); is Docker running, and is DOCKER_HOST right?"))?;
-        let docker = docker
-            .negotiate_version()
-            .await
-            .map_err(|e| format!("the Docker engine does not answer ({e}); start it, or check DOCKER_HOST and your permission on the socket"))?;
+        let (docker, master) = match &transport {
+            Transport::Local => (
+                Docker::connect_with_local_defaults().map_err(|e| {
+                    format!("cannot connect to the Docker engine ({e}); is Docker running, and is DOCKER_HOST right?")
+                })?,
+                None,
+            ),
+            Transport::Ssh(target) => {
+                let master = Arc::new(Master::open(target).await?);
+                (dial_stdio::docker(&master, verbose)?, Some(master))
+            }
+        };
+        let docker = match docker.negotiate_version().await {
+            Ok(d) => d,
+            Err(e) => {
+                return Err(match &master {
+                    None => format!("the Docker engine does not answer ({e}); start it, or check DOCKER_HOST and your permission on the socket"),
+                    Some(m) => dial_stdio::diagnose(m, &e).await,
+                })
+            }
+        };
         Ok(Engine {
             docker,
             transport,
             verbose,
+            master,
         })
+    }
+
+    /// `local`, or the server as written in luma.yml.
+    pub fn server(&self) -> &str {
+        match &self.transport {
+            Transport::Local => "local",
+            Transport::Ssh(t) => &t.server,
+        }
+    }
+
+    /// The server's ssh connection (None for the local engine), to run other commands there.
+    pub fn master(&self) -> Option<&Master> {
+        self.master.as_deref()
     }
 
     fn trace(&self, what: impl std::fmt::Display) {
@@ -584,6 +661,186 @@ impl Engine {
         }
     }
 
+    /// ID, size and registry digests of an image, if it is on the engine.
+    pub async fn image_info(&self, image: &str) -> Result<Option<ImageInfo>> {
+        self.trace(format_args!("inspect image {image}"));
+        match self.docker.inspect_image(image).await {
+            Ok(i) => Ok(Some(ImageInfo {
+                id: i.id.unwrap_or_default(),
+                size: i.size.unwrap_or(0).max(0) as u64,
+                repo_digests: i.repo_digests.unwrap_or_default(),
+            })),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(format!("inspect image {image} on {}: {e}", self.server())),
+        }
+    }
+
+    /// Removes the name `image` (`repo:tag`) even when a container uses the image: the image
+    /// itself stays while anything needs it. For a tag that must not be used any more.
+    pub async fn untag_image(&self, image: &str) -> Result<()> {
+        self.trace(format_args!("untag {image}"));
+        match self
+            .docker
+            .remove_image(
+                image,
+                Some(bollard::query_parameters::RemoveImageOptions {
+                    force: true,
+                    noprune: true,
+                    ..Default::default()
+                }),
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_404(&e) => Ok(()),
+            Err(e) => Err(format!("remove the tag {image} on {}: {e}", self.server())),
+        }
+    }
+
+    /// The engine's `docker save` of one image, as a stream of tar bytes. Nothing is buffered
+    /// beyond what the connection holds.
+    pub fn export_image(
+        &self,
+        image: &str,
+    ) -> impl Stream<Item = std::result::Result<Bytes, String>> + Send + Unpin + 'static {
+        self.trace(format_args!("export image {image}"));
+        let what = format!("export {image} from {}", self.server());
+        self.docker
+            .clone()
+            .with_timeout(STREAM_TIMEOUT)
+            .export_image(image)
+            .map(move |r| r.map_err(|e| format!("{what}: {}", error_chain(&e))))
+    }
+
+    /// `docker load` from a stream of tar bytes: the request body is the stream itself (no temp
+    /// file, no copy in memory). An error in `stream` aborts the load; the engine then tags
+    /// nothing.
+    pub async fn load_image(
+        &self,
+        stream: impl Stream<Item = std::result::Result<Bytes, String>> + Send + 'static,
+    ) -> Result<()> {
+        self.load_image_detailed(stream).await.map_err(|f| match f {
+            LoadFailure::Engine(m) => m,
+            LoadFailure::Connection(m) => format!(
+                "the connection to the Docker engine on {} broke during docker load: {m}",
+                self.server()
+            ),
+        })
+    }
+
+    /// [`Engine::load_image`], saying whether the engine or the connection failed.
+    pub(crate) async fn load_image_detailed(
+        &self,
+        stream: impl Stream<Item = std::result::Result<Bytes, String>> + Send + 'static,
+    ) -> std::result::Result<(), LoadFailure> {
+        self.trace("load image (streamed)");
+        let server = self.server().to_string();
+        let mut s = self
+            .docker
+            .clone()
+            .with_timeout(STREAM_TIMEOUT)
+            .import_image_stream(
+                bollard::query_parameters::ImportImageOptions {
+                    quiet: true,
+                    ..Default::default()
+                },
+                stream,
+                None,
+            );
+        // The engine answers with JSON lines ("Loaded image: ..."), or an error line.
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(m) = info.error_detail.and_then(|d| d.message) {
+                        return Err(LoadFailure::Engine(format!(
+                            "docker load on {server} failed: {m}"
+                        )));
+                    }
+                    if let Some(line) = info.stream {
+                        self.trace(line.trim());
+                    }
+                }
+                Err(bollard::errors::Error::DockerStreamError { error }) => {
+                    return Err(LoadFailure::Engine(format!(
+                        "docker load on {server} failed: {error}"
+                    )))
+                }
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code,
+                    message,
+                }) => {
+                    return Err(LoadFailure::Engine(format!(
+                        "docker load on {server} failed ({status_code}): {message}"
+                    )))
+                }
+                Err(e) => return Err(LoadFailure::Connection(error_chain(&e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Tags `image` (a name or an ID) as `repo:tag`.
+    pub async fn tag_image(&self, image: &str, repo: &str, tag: &str) -> Result<()> {
+        self.trace(format_args!("tag {image} as {repo}:{tag}"));
+        self.docker
+            .tag_image(
+                image,
+                Some(bollard::query_parameters::TagImageOptions {
+                    repo: Some(repo.to_string()),
+                    tag: Some(tag.to_string()),
+                }),
+            )
+            .await
+            .map_err(|e| format!("tag {image} as {repo}:{tag} on {}: {e}", self.server()))
+    }
+
+    /// Pushes `name` (`registry/repo:tag`) to its registry.
+    pub async fn push_image(&self, name: &str, auth: Option<&RegistryAuth>) -> Result<()> {
+        self.trace(format_args!("push {name}"));
+        let (repo, tag) = split_reference(name);
+        let mut s = self.docker.push_image(
+            repo,
+            Some(bollard::query_parameters::PushImageOptions {
+                tag: Some(tag.to_string()),
+                ..Default::default()
+            }),
+            auth.map(RegistryAuth::credentials),
+        );
+        while let Some(item) = s.next().await {
+            let info = item.map_err(|e| {
+                format!("push {name} from {}: {}", self.server(), registry_error(&e))
+            })?;
+            if let Some(status) = info.status {
+                self.trace(format_args!("push {name}: {status}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pulls `name` (`registry/repo:tag` or `registry/repo@sha256:...`).
+    pub async fn pull_image(&self, name: &str, auth: Option<&RegistryAuth>) -> Result<()> {
+        self.trace(format_args!("pull {name}"));
+        let (repo, tag) = split_reference(name);
+        let mut s = self.docker.create_image(
+            Some(bollard::query_parameters::CreateImageOptions {
+                from_image: Some(repo.to_string()),
+                tag: Some(tag.to_string()),
+                ..Default::default()
+            }),
+            None,
+            auth.map(RegistryAuth::credentials),
+        );
+        while let Some(item) = s.next().await {
+            let info = item
+                .map_err(|e| format!("pull {name} on {}: {}", self.server(), registry_error(&e)))?;
+            if let Some(status) = info.status {
+                self.trace(format_args!("pull {name}: {status}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Images whose labels match every `key=value` given, as (id, repo:tag names).
     pub async fn images(&self, labels: &[(&str, &str)]) -> Result<Vec<(String, Vec<String>)>> {
         let filters: HashMap<String, Vec<String>> = HashMap::from([(
@@ -712,7 +969,12 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             .get_or_insert_with(Vec::new)
             .push(PortBinding {
                 host_ip: ip.clone(),
-                host_port: Some(host.to_string()),
+                // Port 0: any free host port (Docker picks one for an empty HostPort).
+                host_port: Some(if *host == 0 {
+                    String::new()
+                } else {
+                    host.to_string()
+                }),
             });
     }
     let networking = spec
@@ -779,4 +1041,327 @@ pub fn is_running(c: &ContainerSummary) -> bool {
         .as_ref()
         .map(|s| format!("{s:?}").to_lowercase().contains("running"))
         .unwrap_or(false)
+}
+
+/// `repo:tag` -> (repo, tag); `repo@sha256:...` -> (repo, digest); no tag -> `latest`. A
+/// registry's `host:port/` is part of the repo.
+pub fn split_reference(name: &str) -> (&str, &str) {
+    if let Some((repo, digest)) = name.split_once('@') {
+        return (repo, digest);
+    }
+    match name.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (name, "latest"),
+    }
+}
+
+/// An error with its sources: hyper's own messages ("client error (SendRequest)") say little
+/// until their cause ("broken pipe") is shown.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// A push or pull error, with the hint a registry's refusal needs. The password is never in
+/// it (it travels only in the X-Registry-Auth header).
+fn registry_error(e: &bollard::errors::Error) -> String {
+    let m = error_chain(e);
+    if m.contains("unauthorized") || m.contains("authentication required") || m.contains("denied") {
+        format!("{m} (check docker.username in luma.yml and the secret named by docker.password)")
+    } else {
+        m
+    }
+}
+
+/// The SSH transport: a hyper-util client over `docker system dial-stdio` channels.
+mod dial_stdio {
+    use super::{error_chain, Master};
+    use hyper::Uri;
+    use hyper_util::client::legacy::connect::{Connected, Connection};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::process::Stdio;
+    use std::sync::{Arc, Weak};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::process::{Child, ChildStdin, ChildStdout};
+    use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+    /// Channels open at once on one master. sshd allows 10 sessions per connection by
+    /// default (MaxSessions); beyond that a new channel would be refused, so a request waits
+    /// for a free one instead. Two are left for other commands through the master.
+    const MAX_CHANNELS: usize = 8;
+
+    /// bollard over `ssh ... docker system dial-stdio`.
+    pub(super) fn docker(master: &Arc<Master>, verbose: bool) -> Result<bollard::Docker, String> {
+        let connector = Connector {
+            master: Arc::downgrade(master),
+            channels: Arc::new(Semaphore::new(MAX_CHANNELS)),
+            verbose,
+        };
+        let server = master.target().server.clone();
+        let client = Arc::new(
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                // An idle channel is a process on each side: let them go after a while.
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_timer(TokioTimer::new())
+                .build(connector),
+        );
+        bollard::Docker::connect_with_custom_transport(
+            move |req: bollard::BollardRequest| {
+                let (client, server) = (client.clone(), server.clone());
+                async move {
+                    // hyper's own message ("client error (SendRequest)") hides the cause.
+                    client
+                        .request(req)
+                        .await
+                        .map_err(|e| bollard::errors::Error::IOError {
+                            err: std::io::Error::other(format!(
+                                "via ssh to {server}: {}",
+                                error_chain(&e)
+                            )),
+                        })
+                }
+            },
+            // The host is never resolved: every connection is a dial-stdio channel.
+            Some("http://docker"),
+            120,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| format!("set up the Docker client over ssh: {e}"))
+    }
+
+    /// Why the engine on a server does not answer: runs one `docker system dial-stdio` by
+    /// hand and shows what it says (docker missing, no permission on its socket, ...).
+    pub(super) async fn diagnose(master: &Master, e: &bollard::errors::Error) -> String {
+        let server = &master.target().server;
+        let mut cmd = master.command(&["docker", "system", "dial-stdio"]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let said = match tokio::time::timeout(Duration::from_secs(15), cmd.output()).await {
+            Ok(Ok(out)) if !out.status.success() => {
+                let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                format!(
+                    "`docker system dial-stdio` there failed ({}): {}",
+                    out.status,
+                    if err.is_empty() { "no message" } else { &err }
+                )
+            }
+            _ => error_chain(e),
+        };
+        format!(
+            "the Docker engine on {server} does not answer over ssh: {said}. Is Docker installed \
+             and running there, and may the ssh user use it (member of the docker group)?"
+        )
+    }
+
+    #[derive(Clone)]
+    struct Connector {
+        /// Weak: the engine owns the master, so it closes when the engine goes, even while
+        /// a connect still waits here for a free channel.
+        master: Weak<Master>,
+        channels: Arc<Semaphore>,
+        verbose: bool,
+    }
+
+    impl tower_service::Service<Uri> for Connector {
+        type Response = TokioIo<DialStdio>;
+        type Error = std::io::Error;
+        type Future =
+            Pin<Box<dyn Future<Output = Result<TokioIo<DialStdio>, std::io::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Uri) -> Self::Future {
+            let this = self.clone();
+            Box::pin(async move {
+                let permit = this
+                    .channels
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let master = match this.master.upgrade() {
+                    Some(m) if !m.is_closed() => m,
+                    Some(m) => {
+                        return Err(std::io::Error::other(format!(
+                            "the ssh connection to {} has closed",
+                            m.target().server
+                        )))
+                    }
+                    None => return Err(std::io::Error::other("the ssh connection has closed")),
+                };
+                let server = master.target().server.clone();
+                let mut cmd = master.command(&["docker", "system", "dial-stdio"]);
+                drop(master);
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let mut child = cmd
+                    .spawn()
+                    .map_err(|e| std::io::Error::other(format!("run ssh to {server}: {e}")))?;
+                let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                    return Err(std::io::Error::other("ssh without stdio pipes"));
+                };
+                // What ssh or the remote docker says goes to --verbose; a request that fails
+                // because of it fails on its own (the channel closes).
+                if let Some(mut err) = child.stderr.take() {
+                    let verbose = this.verbose;
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncBufReadExt;
+                        let mut lines = tokio::io::BufReader::new(&mut err).lines();
+                        while let Ok(Some(l)) = lines.next_line().await {
+                            if verbose {
+                                eprintln!("    ssh {server}: {l}");
+                            }
+                        }
+                    });
+                }
+                Ok(TokioIo::new(DialStdio {
+                    _child: child,
+                    stdin: Some(stdin),
+                    stdout,
+                    _permit: permit,
+                }))
+            })
+        }
+    }
+
+    /// One HTTP connection: the stdout/stdin of `ssh ... docker system dial-stdio`. Dropping
+    /// it kills that ssh (kill_on_drop), which closes the channel and ends the remote
+    /// process.
+    pub(super) struct DialStdio {
+        _child: Child,
+        /// None once shut down: closing the pipe is the half-close (EOF) the other side
+        /// sees; dial-stdio passes it on to the engine. An exec's or attach's stdin ends that
+        /// way. tokio's own shutdown of a pipe closes nothing.
+        stdin: Option<ChildStdin>,
+        stdout: ChildStdout,
+        _permit: OwnedSemaphorePermit,
+    }
+
+    impl DialStdio {
+        fn stdin(&mut self) -> std::io::Result<&mut ChildStdin> {
+            self.stdin.as_mut().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "write after shutdown")
+            })
+        }
+    }
+
+    impl Connection for DialStdio {
+        fn connected(&self) -> Connected {
+            Connected::new()
+        }
+    }
+
+    impl AsyncRead for DialStdio {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.stdout).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for DialStdio {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            match self.stdin() {
+                Ok(w) => Pin::new(w).poll_write(cx, buf),
+                Err(e) => Poll::Ready(Err(e)),
+            }
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            match self.stdin() {
+                Ok(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+                Err(e) => Poll::Ready(Err(e)),
+            }
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.stdin.as_ref().is_some_and(|w| w.is_write_vectored())
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            match self.stdin.as_mut() {
+                Some(w) => Pin::new(w).poll_flush(cx),
+                None => Poll::Ready(Ok(())),
+            }
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if let Some(w) = self.stdin.as_mut() {
+                std::task::ready!(Pin::new(w).poll_flush(cx))?;
+            }
+            self.stdin = None;
+            Poll::Ready(Ok(()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_references() {
+        assert_eq!(split_reference("web:1"), ("web", "1"));
+        assert_eq!(split_reference("web"), ("web", "latest"));
+        assert_eq!(
+            split_reference("127.0.0.1:5000/luma/web:abc"),
+            ("127.0.0.1:5000/luma/web", "abc")
+        );
+        assert_eq!(
+            split_reference("127.0.0.1:5000/luma/web"),
+            ("127.0.0.1:5000/luma/web", "latest")
+        );
+        assert_eq!(
+            split_reference("reg:5000/web@sha256:00ff"),
+            ("reg:5000/web", "sha256:00ff")
+        );
+    }
+
+    #[test]
+    fn port_zero_means_any_host_port() {
+        let body = create_body(&ContainerSpec {
+            ports: vec![
+                (Some("127.0.0.1".into()), 0, "80/tcp".into()),
+                (None, 8443, "443/tcp".into()),
+            ],
+            ..Default::default()
+        });
+        let b = body
+            .host_config
+            .and_then(|h| h.port_bindings)
+            .expect("bindings");
+        let port = |k: &str| b[k].as_ref().expect("binding")[0].host_port.clone();
+        assert_eq!(port("80/tcp").as_deref(), Some(""));
+        assert_eq!(port("443/tcp").as_deref(), Some("8443"));
+    }
 }

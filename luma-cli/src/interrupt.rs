@@ -11,7 +11,8 @@
 //! deterministically: `error` makes it fail as if the engine refused it; `pause` prints
 //! `failpoint NAME: paused` on stderr and waits for a signal, so a test can synchronize on that
 //! line and then send SIGINT or SIGKILL at exactly that point; `wait:PATH` goes on once PATH
-//! exists. Unset, they cost one env lookup.
+//! exists. `name@server` faults the step on that server only (a deploy to several servers runs
+//! each step on every server). Unset, they cost one env lookup.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -115,13 +116,19 @@ pub async fn unless_interrupted<T>(
 
 /// A named fault-injection point (see the module docs).
 pub async fn failpoint(name: &str) -> Result<(), String> {
+    failpoint_on(name, None).await
+}
+
+/// A named fault-injection point of a step on `server` (`name@server` or `name` match).
+pub async fn failpoint_on(name: &str, server: Option<&str>) -> Result<(), String> {
     let Ok(spec) = std::env::var("LUMA_FAILPOINTS") else {
         return Ok(());
     };
+    let on_server = server.map(|s| format!("{name}@{s}"));
     let action = spec
         .split(',')
         .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| k.trim() == name)
+        .find(|(k, _)| k.trim() == name || Some(k.trim()) == on_server.as_deref())
         .map(|(_, v)| v.trim().to_string());
     match action.as_deref() {
         Some("error") => Err(format!("failpoint {name}: injected failure")),

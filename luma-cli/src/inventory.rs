@@ -99,13 +99,23 @@ pub async fn departed(ctx: &Ctx<'_>) -> Result<Vec<String>, String> {
     let mut out: Vec<String> = known_apps(ctx, up)
         .await?
         .into_iter()
-        .filter(|a| ctx.cfg.apps.iter().all(|e| e.name != *a))
+        .filter(|a| {
+            ctx.cfg
+                .apps
+                .iter()
+                .all(|e| e.name != *a || !ctx.runs_here(e))
+        })
         .map(|a| format!("app {a}"))
         .collect();
     for c in containers(ctx).await? {
         if role(&c) == names::ROLE_SERVICE {
             if let Some(s) = engine::label(&c, names::LABEL_APP) {
-                if ctx.cfg.services.iter().all(|e| e.name != s) {
+                if ctx
+                    .cfg
+                    .services
+                    .iter()
+                    .all(|e| e.name != s || !ctx.runs_here(e))
+                {
                     out.push(format!("service {s}"));
                 }
             }
@@ -228,7 +238,7 @@ pub async fn prune(ctx: &Ctx<'_>, remove_departed: bool) -> Result<Vec<String>, 
     let lock = project::take_lock(ctx, "prune").await?;
     let result = async {
         start_proxy_if_stopped(ctx).await?;
-        for app in &ctx.cfg.apps {
+        for app in ctx.cfg.apps.iter().filter(|a| ctx.runs_here(a)) {
             stop_if_interrupted()?;
             let live = ctx
                 .ui
@@ -262,6 +272,8 @@ pub async fn prune(ctx: &Ctx<'_>, remove_departed: bool) -> Result<Vec<String>, 
 
 #[derive(Debug, Serialize)]
 pub struct ProjectStatus {
+    /// The server this is about (`local`, or as luma.yml names it).
+    pub server: String,
     pub project: String,
     pub network: String,
     /// Who holds the deploy lock, if anyone.
@@ -317,6 +329,7 @@ pub async fn status(ctx: &Ctx<'_>, selected: &[String]) -> Result<ProjectStatus,
         .cfg
         .apps
         .iter()
+        .filter(|a| ctx.runs_here(a))
         .filter(|a| selected.is_empty() || selected.contains(&a.name))
     {
         let route = routes.find(ctx.project(), &app.name);
@@ -371,7 +384,7 @@ pub async fn status(ctx: &Ctx<'_>, selected: &[String]) -> Result<ProjectStatus,
         });
     }
     let mut services = Vec::new();
-    for s in &ctx.cfg.services {
+    for s in ctx.cfg.services.iter().filter(|s| ctx.runs_here(s)) {
         let name = names::service_container(ctx.project(), &s.name);
         let st = ctx
             .engine
@@ -394,6 +407,7 @@ pub async fn status(ctx: &Ctx<'_>, selected: &[String]) -> Result<ProjectStatus,
     }
     let (certificates, certificates_error) = certificates(ctx, selected).await;
     Ok(ProjectStatus {
+        server: ctx.server.to_string(),
         project: ctx.project().into(),
         network: net,
         lock: lock::holder(ctx.engine, ctx.project()).await?,

@@ -2,10 +2,13 @@
 //!
 //! - [`config`]: `luma.yml`, validated with errors that name the file, key and fix;
 //! - [`names`]: every Docker name Luma creates (validators come from `luma-api`);
-//! - [`engine`]: the only way to Docker (bollard);
+//! - [`engine`]: the only way to Docker (bollard), on this machine or over SSH ([`ssh`]);
+//! - [`fleet`]: the servers of a project, the lock across them, images put on them
+//!   ([`transfer`]: streamed between engines, or through a registry);
 //! - [`proxyctl`]: the proxy's lifecycle, and the only way to its admin API (typed, `luma-api`);
 //! - [`project`]: what a release stands on: proxy, network, services, preflight checks;
-//! - [`release`]: a release as phases: prepare (reversible) -> switch -> settle;
+//! - [`release`]: a release as phases: prepare (reversible) -> switch -> settle, all or nothing
+//!   across servers;
 //! - [`inventory`]: what a project has on the engine by label: status, remove, prune;
 //! - [`tls`]: an app's HTTPS: custom certificates checked in preflight, certificate state;
 //! - [`lock`]: one deploy per project at a time; [`interrupt`]: signals and failpoints;
@@ -14,6 +17,7 @@
 pub mod buildctx;
 pub mod config;
 pub mod engine;
+pub mod fleet;
 pub mod interrupt;
 pub mod inventory;
 pub mod lock;
@@ -22,5 +26,7 @@ pub mod project;
 pub mod proxyctl;
 pub mod release;
 pub mod secrets;
+pub mod ssh;
 pub mod tls;
+pub mod transfer;
 pub mod ui;

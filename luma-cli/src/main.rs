@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use luma_cli::config::Config;
-use luma_cli::engine::{Engine, Transport};
+use luma_cli::fleet::{self, Fleet};
 use luma_cli::inventory;
 use luma_cli::project::{self, Ctx};
 use luma_cli::proxyctl::{self, ProxySettings};
@@ -33,6 +33,10 @@ struct Cli {
     /// Show every engine operation.
     #[arg(short, long, global = true)]
     verbose: bool,
+    /// Work on this server only (repeatable; default: every server of the apps concerned).
+    /// A server is `local` or an ssh destination, as written in luma.yml.
+    #[arg(long = "server", global = true, value_name = "SERVER")]
+    server: Vec<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -199,6 +203,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// The servers a command works on: those of the named apps (every server of the project when
+/// none are named), narrowed by `--server`.
+fn servers_for(cfg: &Config, apps: &[String], only: &[String]) -> Result<Vec<String>, String> {
+    let mut names = if apps.is_empty() {
+        fleet::all_servers(cfg)
+    } else {
+        let entries = apps
+            .iter()
+            .map(|a| cfg.app(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        fleet::server_names(entries)
+    };
+    if !only.is_empty() {
+        let all = fleet::all_servers(cfg);
+        if let Some(unknown) = only.iter().find(|s| !all.contains(s)) {
+            return Err(format!(
+                "--server {unknown}: not a server of {} (its servers: {})",
+                cfg.path.display(),
+                all.join(", ")
+            ));
+        }
+        names.retain(|n| only.contains(n));
+    }
+    Ok(names)
+}
+
 async fn run(cli: Cli) -> Result<(), ReleaseError> {
     let ui = Ui::new(cli.verbose, false);
     if let Cmd::Init = cli.cmd {
@@ -212,83 +242,144 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
         .unwrap_or_else(|| ".".into());
     let secrets = Secrets::load(&dir)?;
     let proxy = ProxySettings::resolve(&cfg)?;
-    let engine = Engine::connect(Transport::Local, cli.verbose).await?;
-    let mut ctx = Ctx {
-        engine: &engine,
-        cfg: &cfg,
-        secrets: &secrets,
-        proxy,
-        ui: &ui,
-        retain: 2,
+    let no_apps: Vec<String> = Vec::new();
+    // A deploy connects to every server of the project: setup runs on all of them.
+    let selected: &[String] = match &cli.cmd {
+        Cmd::Rollback { app, .. } | Cmd::Logs { app, .. } => std::slice::from_ref(app),
+        _ => &no_apps,
     };
+    let names = servers_for(&cfg, selected, &cli.server)?;
+    let fleet = Fleet::connect(&cfg, &names, &ui, cli.verbose).await?;
+    let retain = match &cli.cmd {
+        Cmd::Deploy { retain, .. } | Cmd::Prune { retain, .. } => *retain,
+        _ => 2,
+    };
+    let ctxs = fleet.ctxs(&cfg, &secrets, &proxy, retain);
+    let several = ctxs.len() > 1;
     let out: Result<(), ReleaseError> = match cli.cmd {
         Cmd::Init => unreachable!("handled above"),
-        Cmd::Setup => project::setup(&ctx).await.map_err(Into::into),
+        Cmd::Setup => setup(&fleet, &ctxs).await.map_err(Into::into),
         Cmd::Deploy {
             apps,
             force,
-            retain,
+            retain: _,
             cert_wait,
         } => {
-            ctx.retain = retain;
             let started = std::time::Instant::now();
-            release::deploy(&ctx, &apps, force, cert_wait)
+            release::deploy(&fleet, &ctxs, &apps, force, cert_wait)
                 .await
                 .map(|done| {
                     ui.info(format!(
-                        "✓ deployed {} in {:.1}s",
+                        "✓ deployed {} in {:.1}s{}",
                         cfg.project,
-                        started.elapsed().as_secs_f64()
+                        started.elapsed().as_secs_f64(),
+                        if several {
+                            format!(" to {}", names.join(", "))
+                        } else {
+                            String::new()
+                        }
                     ));
+                    let on = |server: &str| {
+                        if several {
+                            format!("[{server}] ")
+                        } else {
+                            String::new()
+                        }
+                    };
                     for u in done.urls {
                         let via = u.via.as_deref().unwrap_or("-");
                         match u.answered {
-                            Ok(code) => println!("{}  (via {via}, answered {code})", u.url),
-                            Err(why) => println!("{}  (not answering from here: {why})", u.url),
+                            Ok(code) => {
+                                println!("{}{}  (via {via}, answered {code})", on(&u.server), u.url)
+                            }
+                            Err(why) => println!(
+                                "{}{}  (not answering from here: {why})",
+                                on(&u.server),
+                                u.url
+                            ),
                         }
                     }
-                    for c in &done.certificates {
-                        println!("{}", luma_cli::tls::report_line(c));
+                    for (server, c) in &done.certificates {
+                        println!("{}{}", on(server), luma_cli::tls::report_line(c));
                     }
-                    if let Some(e) = done.certificates_error {
+                    for e in done.certificates_errors {
                         ui.info(format!(
                             "! could not ask the proxy about certificates ({e}); `luma status` shows them"
                         ));
                     }
                 })
         }
-        Cmd::Status { apps, json } => status(&ctx, &apps, json).await.map_err(Into::into),
-        Cmd::Rollback { app, release } => release::rollback(&ctx, &app, release.as_deref())
+        Cmd::Status { apps, json } => status(&ctxs, &apps, json).await.map_err(Into::into),
+        Cmd::Rollback { app, release } => release::rollback(&ctxs, &app, release.as_deref())
             .await
             .map(|r| ui.info(format!("✓ {app} is back on release {r}"))),
-        Cmd::Prune { yes, retain } => {
-            ctx.retain = retain;
-            prune(&ctx, yes).await.map_err(Into::into)
+        Cmd::Prune { yes, retain: _ } => {
+            let mut result = Ok(());
+            for ctx in &ctxs {
+                result = prune(ctx, yes).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            result.map_err(Into::into)
         }
         Cmd::Remove { apps, yes } => {
             let everything = apps.is_empty();
             let targets = apps;
             let what = if everything {
                 format!(
-                    "project {} (apps, services, routes and network; named volumes are kept)",
-                    cfg.project
+                    "project {} (apps, services, routes and network; named volumes are kept) on {}",
+                    cfg.project,
+                    names.join(", ")
                 )
             } else {
-                format!("app(s) {} of project {}", targets.join(", "), cfg.project)
+                format!(
+                    "app(s) {} of project {} on {}",
+                    targets.join(", "),
+                    cfg.project,
+                    names.join(", ")
+                )
             };
             if !yes && !confirm(&format!("Remove {what}?"))? {
                 return Err(ReleaseError::Failed(
                     "cancelled; nothing was removed".into(),
                 ));
             }
-            inventory::remove(&ctx, &targets, everything)
-                .await
-                .map_err(Into::into)
+            let mut result = Ok(());
+            for ctx in &ctxs {
+                if let Err(e) = inventory::remove(ctx, &targets, everything).await {
+                    result = Err(if several {
+                        format!("server {}: {e}", ctx.server)
+                    } else {
+                        e
+                    });
+                    break;
+                }
+            }
+            result.map_err(Into::into)
         }
-        Cmd::Logs { app, follow, tail } => logs(&ctx, &app, follow, tail).await.map_err(Into::into),
-        Cmd::Proxy { cmd } => proxy_cmd(&ctx, cmd).await.map_err(Into::into),
+        Cmd::Logs { app, follow, tail } => {
+            logs(&ctxs, &app, follow, tail).await.map_err(Into::into)
+        }
+        Cmd::Proxy { cmd } => proxy_cmd(&fleet, &ctxs, cmd).await.map_err(Into::into),
     };
     out.map_err(|e| e.map_messages(|m| secrets.redact(m)))
+}
+
+/// `luma setup`: the proxy image and the project's services' images on every server, then
+/// the proxy, network and services everywhere at once.
+async fn setup(fleet: &Fleet, ctxs: &[Ctx<'_>]) -> Result<(), String> {
+    fleet::deliver_proxy_image(fleet, ctxs).await?;
+    if let Some(first) = ctxs.first() {
+        for svc in &first.cfg.services {
+            let tag = format!(
+                "{}:latest",
+                luma_cli::names::image_repo(&first.cfg.project, &svc.name)
+            );
+            fleet::deliver(fleet, &release::servers_of(ctxs, svc), svc, &tag).await?;
+        }
+    }
+    fleet::on_all(ctxs, project::setup).await.map(|_| ())
 }
 
 async fn prune(ctx: &Ctx<'_>, yes: bool) -> Result<(), String> {
@@ -325,169 +416,292 @@ fn confirm(question: &str) -> Result<bool, String> {
     Ok(matches!(line.trim(), "y" | "Y" | "yes"))
 }
 
-async fn status(ctx: &Ctx<'_>, apps: &[String], json: bool) -> Result<(), String> {
-    let v = inventory::status(ctx, apps).await?;
+async fn status(ctxs: &[Ctx<'_>], apps: &[String], json: bool) -> Result<(), String> {
+    let views = fleet::on_all(ctxs, |c| inventory::status(c, apps)).await?;
+    let Some(first) = views.first() else {
+        return Ok(());
+    };
     if json {
+        let v = serde_json::json!({"project": first.project, "servers": views});
         println!(
             "{}",
             serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
         );
         return Ok(());
     }
-    println!("project {}  (network {})", v.project, v.network);
-    if let Some(l) = &v.lock {
-        println!("deploy lock: {}", l.describe());
-    }
-    for a in &v.apps {
-        if !a.consistent {
-            println!(
-                "\n! app {}: the proxy routes to release {} but the labels record {}; run `luma prune` to settle it",
-                a.app,
-                a.live_release.as_deref().unwrap_or("none"),
-                a.recorded_release.as_deref().unwrap_or("none")
-            );
+    println!("project {}  (network {})", first.project, first.network);
+    for v in &views {
+        if let Some(l) = &v.lock {
+            println!("deploy lock on {}: {}", v.server, l.describe());
         }
-        println!(
-            "\napp {}  live release: {}  hosts: {}",
-            a.app,
-            a.live_release.as_deref().unwrap_or("none"),
-            a.hosts.join(", ")
-        );
-        let rows: Vec<Vec<String>> = a
-            .replicas
+    }
+    let cfg = ctxs[0].cfg;
+    for app in cfg
+        .apps
+        .iter()
+        .filter(|a| apps.is_empty() || apps.contains(&a.name))
+    {
+        let on: Vec<(&str, &inventory::AppStatus)> = views
             .iter()
-            .map(|r| {
-                vec![
-                    r.container.clone(),
-                    r.release.clone(),
-                    r.state.clone(),
-                    r.ip.clone().unwrap_or_else(|| "-".into()),
-                    r.proxy_health.unwrap_or("-").into(),
-                ]
+            .filter_map(|v| {
+                Some((
+                    v.server.as_str(),
+                    v.apps.iter().find(|a| a.app == app.name)?,
+                ))
+            })
+            .collect();
+        let Some((_, any)) = on.first() else {
+            continue;
+        };
+        for (server, a) in &on {
+            if !a.consistent {
+                println!(
+                    "\n! app {} on {server}: the proxy routes to release {} but the labels record {}; run `luma prune` to settle it",
+                    a.app,
+                    a.live_release.as_deref().unwrap_or("none"),
+                    a.recorded_release.as_deref().unwrap_or("none")
+                );
+            }
+        }
+        let mut live: Vec<String> = on
+            .iter()
+            .map(|(_, a)| a.live_release.clone().unwrap_or_else(|| "none".into()))
+            .collect();
+        live.dedup();
+        let live = if live.len() == 1 {
+            live.remove(0)
+        } else {
+            on.iter()
+                .map(|(s, a)| format!("{s}: {}", a.live_release.as_deref().unwrap_or("none")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "\napp {}  live release: {live}  hosts: {}",
+            any.app,
+            any.hosts.join(", ")
+        );
+        let rows: Vec<Vec<String>> = on
+            .iter()
+            .flat_map(|(server, a)| {
+                a.replicas.iter().map(move |r| {
+                    vec![
+                        server.to_string(),
+                        r.container.clone(),
+                        r.release.clone(),
+                        r.state.clone(),
+                        r.ip.clone().unwrap_or_else(|| "-".into()),
+                        r.proxy_health.unwrap_or("-").into(),
+                    ]
+                })
             })
             .collect();
         println!(
             "{}",
             table(
-                &["CONTAINER", "RELEASE", "STATE", "IP", "PROXY HEALTH"],
+                &[
+                    "SERVER",
+                    "CONTAINER",
+                    "RELEASE",
+                    "STATE",
+                    "IP",
+                    "PROXY HEALTH"
+                ],
                 &rows
             )
         );
     }
-    let rows: Vec<Vec<String>> = v
-        .services
+    let rows: Vec<Vec<String>> = views
         .iter()
-        .map(|s| vec![s.service.clone(), s.container.clone(), s.state.clone()])
+        .flat_map(|v| {
+            v.services.iter().map(|s| {
+                vec![
+                    v.server.clone(),
+                    s.service.clone(),
+                    s.container.clone(),
+                    s.state.clone(),
+                ]
+            })
+        })
         .collect();
     if !rows.is_empty() {
-        println!("\n{}", table(&["SERVICE", "CONTAINER", "STATE"], &rows));
+        println!(
+            "\n{}",
+            table(&["SERVER", "SERVICE", "CONTAINER", "STATE"], &rows)
+        );
     }
-    let rows: Vec<Vec<String>> = v
-        .certificates
+    let date = |t: Option<u64>| t.map_or_else(|| "-".into(), luma_api::time::display);
+    let rows: Vec<Vec<String>> = views
         .iter()
-        .map(|c| {
-            let date = |t: Option<u64>| t.map_or_else(|| "-".into(), luma_api::time::display);
-            vec![
-                c.host.clone(),
-                c.state.as_str().into(),
-                c.issuer.clone().unwrap_or_else(|| "-".into()),
-                date(c.not_after),
-                c.last_error.clone().unwrap_or_else(|| "-".into()),
-            ]
+        .flat_map(|v| {
+            v.certificates.iter().map(|c| {
+                vec![
+                    v.server.clone(),
+                    c.host.clone(),
+                    c.state.as_str().into(),
+                    c.issuer.clone().unwrap_or_else(|| "-".into()),
+                    date(c.not_after),
+                    c.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
         })
         .collect();
     if !rows.is_empty() {
         println!(
             "\ncertificates\n{}",
-            table(&["HOST", "STATE", "ISSUER", "EXPIRES", "LAST ERROR"], &rows)
+            table(
+                &["SERVER", "HOST", "STATE", "ISSUER", "EXPIRES", "LAST ERROR"],
+                &rows
+            )
         );
     }
-    if let Some(e) = &v.certificates_error {
-        println!("\n! certificates: could not ask the proxy ({e})");
-    }
-    for d in &v.departed {
-        println!("\n! {d} is on the engine but not in luma.yml; `luma prune` removes it");
-    }
-    Ok(())
-}
-
-async fn logs(ctx: &Ctx<'_>, app: &str, follow: bool, tail: usize) -> Result<(), String> {
-    ctx.cfg.app(app)?;
-    let live = release::live_release(ctx, app).await.ok().flatten();
-    let releases = release::releases(ctx, app).await?;
-    let (_, cs) = releases
-        .iter()
-        .rev()
-        .find(|(r, _)| live.as_ref().is_none_or(|l| l == r))
-        .ok_or_else(|| format!("{app} has no containers; deploy it first"))?;
-    let tasks: Vec<_> = cs
-        .iter()
-        .map(|c| {
-            let name = luma_cli::engine::name_of(c);
-            let prefix = format!(
-                "[{}]",
-                luma_cli::engine::label(c, "luma.replica").unwrap_or("?")
+    for v in &views {
+        if let Some(e) = &v.certificates_error {
+            println!(
+                "\n! certificates on {}: could not ask the proxy ({e})",
+                v.server
             );
-            async move { ctx.engine.stream_logs(&name, &prefix, follow, tail).await }
-        })
-        .collect();
-    for r in futures_util::future::join_all(tasks).await {
-        r?;
+        }
+        for d in &v.departed {
+            println!(
+                "\n! {d} is on {} but not in luma.yml; `luma prune` removes it",
+                v.server
+            );
+        }
     }
     Ok(())
 }
 
-async fn proxy_cmd(ctx: &Ctx<'_>, cmd: ProxyCmd) -> Result<(), String> {
-    let p = &ctx.proxy;
+async fn logs(ctxs: &[Ctx<'_>], app: &str, follow: bool, tail: usize) -> Result<(), String> {
+    let several = ctxs.len() > 1;
+    let tasks = ctxs.iter().map(|ctx| async move {
+        ctx.cfg.app(app)?;
+        let live = release::live_release(ctx, app).await.ok().flatten();
+        let releases = release::releases(ctx, app).await?;
+        let (_, cs) = releases
+            .iter()
+            .rev()
+            .find(|(r, _)| live.as_ref().is_none_or(|l| l == r))
+            .ok_or_else(|| format!("{app} has no containers on {}; deploy it first", ctx.server))?;
+        let streams: Vec<_> = cs
+            .iter()
+            .map(|c| {
+                let name = luma_cli::engine::name_of(c);
+                let replica = luma_cli::engine::label(c, "luma.replica").unwrap_or("?");
+                let prefix = if several {
+                    format!("[{} {replica}]", ctx.server)
+                } else {
+                    format!("[{replica}]")
+                };
+                async move { ctx.engine.stream_logs(&name, &prefix, follow, tail).await }
+            })
+            .collect();
+        for r in futures_util::future::join_all(streams).await {
+            r?;
+        }
+        Ok::<_, String>(())
+    });
+    let mut errors = Vec::new();
+    for r in futures_util::future::join_all(tasks).await {
+        if let Err(e) = r {
+            errors.push(e);
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n"))
+    }
+}
+
+async fn proxy_cmd(fleet: &Fleet, ctxs: &[Ctx<'_>], cmd: ProxyCmd) -> Result<(), String> {
     match cmd {
         ProxyCmd::Status { json } => {
-            let c =
-                ctx.engine.inspect(&p.container).await?.ok_or_else(|| {
-                    format!("no proxy container {}; run `luma setup`", p.container)
-                })?;
-            let state = c
-                .state
-                .as_ref()
-                .and_then(|s| s.status)
-                .map(|s| format!("{s:?}").to_lowercase())
-                .unwrap_or_default();
-            let image = c
-                .config
-                .as_ref()
-                .and_then(|c| c.image.clone())
-                .unwrap_or_default();
-            let inner = proxyctl::ask(ctx.engine, p, luma_api::StatusRequest {})
-                .await
-                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
-                .unwrap_or_else(|e| serde_json::json!({"error": e}));
-            let v = serde_json::json!({"container": p.container, "image": image, "state": state, "proxy": inner});
+            let views = fleet::on_all(ctxs, proxy_status).await?;
             if json {
+                let v = if views.len() == 1 {
+                    views[0].clone()
+                } else {
+                    serde_json::Value::Array(views)
+                };
                 println!("{v:#}");
             } else {
-                println!("container {}  image {image}  state {state}", p.container);
-                let rows: Vec<Vec<String>> = inner
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| vec![k.clone(), v.to_string()])
-                    .collect();
-                println!("{}", table(&["KEY", "VALUE"], &rows));
+                for v in views {
+                    println!(
+                        "server {}  container {}  image {}  state {}",
+                        v["server"].as_str().unwrap_or("?"),
+                        v["container"].as_str().unwrap_or("?"),
+                        v["image"].as_str().unwrap_or("?"),
+                        v["state"].as_str().unwrap_or("?")
+                    );
+                    let rows: Vec<Vec<String>> = v["proxy"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| vec![k.clone(), v.to_string()])
+                        .collect();
+                    println!("{}\n", table(&["KEY", "VALUE"], &rows));
+                }
             }
             Ok(())
         }
         ProxyCmd::Logs { follow, tail } => {
-            ctx.engine.stream_logs(&p.container, "", follow, tail).await
+            let several = ctxs.len() > 1;
+            fleet::on_all(ctxs, |c| async move {
+                let prefix = if several {
+                    format!("[{}]", c.server)
+                } else {
+                    String::new()
+                };
+                c.engine
+                    .stream_logs(&c.proxy.container, &prefix, follow, tail)
+                    .await
+            })
+            .await
+            .map(|_| ())
         }
-        ProxyCmd::Restart => {
-            ctx.ui
-                .step(format!("restart {}", p.container), async {
-                    ctx.engine.restart(&p.container).await?;
-                    proxyctl::wait_ready(ctx.engine, p).await
-                })
-                .await
+        ProxyCmd::Restart => fleet::on_all(ctxs, |c| async move {
+            c.ui.step(format!("restart {}", c.proxy.container), async {
+                c.engine.restart(&c.proxy.container).await?;
+                proxyctl::wait_ready(c.engine, &c.proxy).await
+            })
+            .await
+        })
+        .await
+        .map(|_| ()),
+        ProxyCmd::Update => {
+            fleet::deliver_proxy_image(fleet, ctxs).await?;
+            fleet::on_all(ctxs, update_proxy).await.map(|_| ())
         }
-        ProxyCmd::Update => update_proxy(ctx).await,
     }
+}
+
+/// One server's proxy: its container and the proxy's own status, as JSON.
+async fn proxy_status(ctx: &Ctx<'_>) -> Result<serde_json::Value, String> {
+    let p = &ctx.proxy;
+    let c = ctx
+        .engine
+        .inspect(&p.container)
+        .await?
+        .ok_or_else(|| format!("no proxy container {}; run `luma setup`", p.container))?;
+    let state = c
+        .state
+        .as_ref()
+        .and_then(|s| s.status)
+        .map(|s| format!("{s:?}").to_lowercase())
+        .unwrap_or_default();
+    let image = c
+        .config
+        .as_ref()
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default();
+    let inner = proxyctl::ask(ctx.engine, p, luma_api::StatusRequest {})
+        .await
+        .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| serde_json::json!({"error": e}));
+    Ok(
+        serde_json::json!({"server": ctx.server, "container": p.container, "image": image, "state": state, "proxy": inner}),
+    )
 }
 
 /// Replaces the proxy container, keeping the state volume and every network.

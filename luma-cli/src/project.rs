@@ -15,7 +15,10 @@ use crate::secrets::Secrets;
 use crate::ui::Ui;
 use std::collections::HashMap;
 
+/// One project on one server: everything a step on that server needs.
 pub struct Ctx<'a> {
+    /// The server as luma.yml names it (`local`, or an ssh destination).
+    pub server: &'a str,
     pub engine: &'a Engine,
     pub cfg: &'a Config,
     pub secrets: &'a Secrets,
@@ -23,6 +26,12 @@ pub struct Ctx<'a> {
     pub ui: &'a Ui,
     /// Previous releases kept stopped for rollback.
     pub retain: usize,
+    /// Images were put on this server before the release (built on this machine, then
+    /// streamed or pulled), so a release uses its tag instead of building here.
+    pub delivered: bool,
+    /// The project's shared ACME account key, when an app of it is on several servers.
+    /// Set once setup ran, before the first switch (see `crate::tls::share_acme_account`).
+    pub acme_account: std::sync::OnceLock<luma_api::tls::AcmeAccountKey>,
 }
 
 impl Ctx<'_> {
@@ -38,6 +47,14 @@ impl Ctx<'_> {
             .parent()
             .map(|p| p.to_path_buf())
             .unwrap_or_else(|| ".".into())
+    }
+    /// Whether `e` runs on this server.
+    pub fn runs_here(&self, e: &Entry) -> bool {
+        e.servers().iter().any(|s| s == self.server)
+    }
+    /// A fault-injection point of a step on this server (see [`crate::interrupt`]).
+    pub async fn failpoint(&self, name: &str) -> Result<(), String> {
+        crate::interrupt::failpoint_on(name, Some(self.server)).await
     }
     /// `<luma.yml>: <what>: <message>`, for errors about one entry.
     pub fn err(&self, what: &str, msg: impl std::fmt::Display) -> String {
@@ -99,7 +116,7 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
         proxyctl::attach(ctx.engine, &ctx.proxy, &net).await
     })
     .await?;
-    for svc in &ctx.cfg.services {
+    for svc in ctx.cfg.services.iter().filter(|s| ctx.runs_here(s)) {
         if crate::interrupt::requested() {
             return Err(crate::interrupt::INTERRUPTED.into());
         }
@@ -115,9 +132,11 @@ pub async fn preflight(ctx: &Ctx<'_>, selected: &[&Entry]) -> Result<(), String>
         deploy_tls(ctx, e)?;
     }
     proxyctl::ensure_image(ctx.engine, &ctx.proxy).await?;
-    for e in selected.iter().copied().chain(ctx.cfg.services.iter()) {
+    let services = ctx.cfg.services.iter().filter(|s| ctx.runs_here(s));
+    for e in selected.iter().copied().chain(services) {
         env_of(ctx, e, "preflight")?;
-        if let ImageSource::Image(i) = &e.source {
+        // A delivered image is checked on this machine's engine, where it comes from.
+        if let (ImageSource::Image(i), false) = (&e.source, ctx.delivered) {
             if !ctx.engine.image_exists(i).await? {
                 return Err(missing_image(ctx, e, i));
             }
@@ -151,7 +170,8 @@ fn missing_image(ctx: &Ctx<'_>, e: &Entry, image: &str) -> String {
 /// Finds host-port clashes before anything changes, naming the container that holds the port.
 async fn preflight_ports(ctx: &Ctx<'_>) -> Result<(), String> {
     let mut wanted: Vec<(u16, String)> = Vec::new();
-    for e in ctx.cfg.services.iter().chain(ctx.cfg.apps.iter()) {
+    let entries = ctx.cfg.services.iter().chain(ctx.cfg.apps.iter());
+    for e in entries.filter(|e| ctx.runs_here(e)) {
         for p in &e.ports {
             let (_, host, _) = crate::config::parse_port(p)?;
             wanted.push((host, e.name.clone()));
@@ -253,6 +273,20 @@ pub fn env_of(ctx: &Ctx<'_>, e: &Entry, release: &str) -> Result<Vec<String>, St
 /// The image an entry runs: the given one (which must be on the engine), or one built on the
 /// engine and tagged `tag`. Returns the image and whether this call built it.
 pub async fn image_for(ctx: &Ctx<'_>, e: &Entry, tag: &str) -> Result<(String, bool), String> {
+    if ctx.delivered {
+        // Built on this machine and put here before the release (see `crate::fleet`).
+        let (image, ours) = match &e.source {
+            ImageSource::Image(i) => (i.clone(), false),
+            ImageSource::Build(_) => (tag.to_string(), true),
+        };
+        if !ctx.engine.image_exists(&image).await? {
+            return Err(format!(
+                "image {image} was not delivered to server {}",
+                ctx.server
+            ));
+        }
+        return Ok((image, ours));
+    }
     match &e.source {
         ImageSource::Image(i) => {
             if ctx.engine.image_exists(i).await? {

@@ -191,8 +191,9 @@ impl ProxySettings {
     }
 
     /// The published HTTPS port when it is not 443, which the proxy's redirects must name.
+    /// (Port 0, any free port, is unknown until the proxy runs: redirects then name none.)
     pub fn https_public_port(&self) -> Option<u16> {
-        (self.https.1 != 443).then_some(self.https.1)
+        (self.https.1 != 443 && self.https.1 != 0).then_some(self.https.1)
     }
 }
 
@@ -517,8 +518,9 @@ pub async fn drift(engine: &Engine, s: &ProxySettings) -> Result<Vec<String>, St
             })
             .collect();
         let want_ip = ip.clone().unwrap_or_default();
+        // Port 0 asks for any free port, so any port the engine picked matches.
         let same = have.iter().any(|(hip, hport)| {
-            *hport == port.to_string()
+            (*port == 0 || *hport == port.to_string())
                 && (hip == &want_ip || (want_ip.is_empty() && hip == "0.0.0.0"))
         });
         if !same {
@@ -629,8 +631,8 @@ impl Scheme {
     }
 }
 
-/// Where the running proxy really answers `scheme` on this host (from its live port
-/// bindings), e.g. `http://127.0.0.1:8080`.
+/// Where the running proxy really answers `scheme` (from its live port bindings), e.g.
+/// `http://127.0.0.1:8080`; on a remote server bound to every address, the server's host.
 pub async fn published(
     engine: &Engine,
     s: &ProxySettings,
@@ -647,7 +649,11 @@ pub async fn published(
     Ok(ports.into_iter().find_map(|b| {
         let port = b.host_port?;
         let ip = match b.host_ip.as_deref() {
-            None | Some("") | Some("0.0.0.0") => "localhost".to_string(),
+            // Every address of the server: this machine's, or the server's ssh host.
+            None | Some("") | Some("0.0.0.0") => match engine.server() {
+                crate::config::LOCAL => "localhost".to_string(),
+                server => server.rsplit('@').next().unwrap_or(server).to_string(),
+            },
             Some(ip) if ip.contains(':') => return None,
             Some(ip) => ip.to_string(),
         };
@@ -804,7 +810,7 @@ pub async fn check_ports_free(engine: &Engine, ports: &[u16], except: &str) -> R
         }
         for p in c.ports.iter().flatten() {
             if let Some(public) = p.public_port {
-                if ports.contains(&public) {
+                if public != 0 && ports.contains(&public) {
                     return Err(format!(
                         "host port {public} is already published by container {name}; stop it, or pick another port"
                     ));

@@ -9,6 +9,11 @@
 //!
 //! After a deploy, [`wait_for_certificates`] asks the proxy until every host is issued or HTTP
 //! only, or the wait ends; a certificate still pending is reported, not a failure.
+//!
+//! An app with ACME hosts on several servers gets one ACME account key for the project, shared
+//! by the proxies of all its servers ([`share_acme_account`]): the CA's HTTP-01 request may
+//! reach any of them, and each answers any of the project's challenges with the account's key
+//! authorization, also when it renews alone, long after luma has exited.
 
 use crate::config::{ProxyRoute, Ssl};
 use crate::project::Ctx;
@@ -19,6 +24,82 @@ use luma_api::tls::{
     RouteTls,
 };
 use std::time::Duration;
+
+/// Gives every server the project's shared ACME account key when an app with ACME hosts runs
+/// on more than one server: the key a server's proxy already has (the first in server order),
+/// or a new ECDSA P-256 key. Each later switch sends it with the route. Run after setup (the
+/// proxies answer).
+pub async fn share_acme_account(
+    ctxs: &[Ctx<'_>],
+    apps: &[&crate::config::Entry],
+) -> Result<(), String> {
+    let needed = apps.iter().any(|a| {
+        a.proxy.as_ref().is_some_and(|p| p.ssl == Ssl::Acme)
+            && ctxs.iter().filter(|c| c.runs_here(a)).count() > 1
+    });
+    if !needed {
+        return Ok(());
+    }
+    let mut key = None;
+    for c in ctxs {
+        let req = luma_api::tls::AcmeAccountRequest {
+            project: c.project().to_string(),
+        };
+        let reply = proxyctl::ask(c.engine, &c.proxy, req).await.map_err(|e| {
+            format!(
+                "server {}: ask the proxy for the project's ACME account: {e}",
+                c.server
+            )
+        })?;
+        if let Some(k) = reply.key {
+            key = Some(k);
+            break;
+        }
+    }
+    let key = match key {
+        Some(k) => k,
+        None => new_account_key()?,
+    };
+    for c in ctxs {
+        let _ = c.acme_account.set(key.clone());
+    }
+    Ok(())
+}
+
+/// A new ECDSA P-256 ACME account key, as PKCS#8 PEM.
+fn new_account_key() -> Result<luma_api::tls::AcmeAccountKey, String> {
+    let der = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &ring::rand::SystemRandom::new(),
+    )
+    .map_err(|_| "could not generate an ACME account key".to_string())?;
+    Ok(luma_api::tls::AcmeAccountKey {
+        pkcs8_pem: pem("PRIVATE KEY", der.as_ref()),
+    })
+}
+
+/// PEM text of `der` (RFC 7468: base64 in 64-character lines).
+fn pem(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | *b as u32) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
 
 /// What a deploy sends for an app's HTTPS: the route's settings and, for a custom
 /// certificate, the PEMs.
@@ -452,6 +533,24 @@ pub(crate) fn test_root_pem() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_is_base64_in_lines() {
+        assert_eq!(
+            pem("X", b"Man"),
+            "-----BEGIN X-----\nTWFu\n-----END X-----\n"
+        );
+        assert_eq!(
+            pem("X", b"Ma"),
+            "-----BEGIN X-----\nTWE=\n-----END X-----\n"
+        );
+        assert_eq!(pem("X", b"M"), "-----BEGIN X-----\nTQ==\n-----END X-----\n");
+        let long = pem("K", &[0u8; 60]);
+        assert!(long.lines().all(|l| l.len() <= 64));
+        assert_eq!(long.lines().count(), 4);
+        let key = new_account_key().unwrap();
+        assert!(key.pkcs8_pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+    }
     use rcgen::{CertificateParams, DnType, KeyPair};
 
     const DAY: u64 = 86_400;

@@ -1,5 +1,8 @@
 //! What users see: a step line per phase with a mark and a duration, a spinner on a terminal,
 //! plain lines otherwise. Steps go to stderr so `--json` output on stdout stays clean.
+//!
+//! Work on several servers runs in parallel, so each server's lines carry its name
+//! ([`Ui::for_server`]) and no spinner (two spinners would overwrite each other).
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
@@ -12,6 +15,8 @@ pub struct Ui {
     pub tty: bool,
     pub verbose: bool,
     pub quiet: bool,
+    /// `[server] `, or empty for work on one server.
+    prefix: String,
 }
 
 impl Ui {
@@ -20,6 +25,16 @@ impl Ui {
             tty: std::io::stderr().is_terminal(),
             verbose,
             quiet,
+            prefix: String::new(),
+        }
+    }
+
+    /// The same settings, each line marked with `server` (for work that runs on several
+    /// servers at once).
+    pub fn for_server(&self, server: &str) -> Ui {
+        Ui {
+            prefix: format!("[{server}] "),
+            ..self.clone()
         }
     }
 
@@ -32,19 +47,21 @@ impl Ui {
         let title = title.into();
         let started = Instant::now();
         let done = Arc::new(AtomicBool::new(false));
-        let spinner = (self.tty && !self.quiet && !self.verbose).then(|| {
-            let (done, title) = (done.clone(), title.clone());
-            tokio::spawn(async move {
-                const FRAMES: [&str; 10] = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"];
-                let mut i = 0;
-                while !done.load(Ordering::Relaxed) {
-                    eprint!("\r\x1b[2K  {} {title}", FRAMES[i % FRAMES.len()]);
-                    let _ = std::io::stderr().flush();
-                    i += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            })
-        });
+        let title = format!("{}{title}", self.prefix);
+        let spinner =
+            (self.tty && !self.quiet && !self.verbose && self.prefix.is_empty()).then(|| {
+                let (done, title) = (done.clone(), title.clone());
+                tokio::spawn(async move {
+                    const FRAMES: [&str; 10] = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"];
+                    let mut i = 0;
+                    while !done.load(Ordering::Relaxed) {
+                        eprint!("\r\x1b[2K  {} {title}", FRAMES[i % FRAMES.len()]);
+                        let _ = std::io::stderr().flush();
+                        i += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                })
+            });
         if !self.tty && !self.quiet {
             eprintln!("  … {title}");
         }
@@ -66,14 +83,26 @@ impl Ui {
 
     pub fn info(&self, msg: impl std::fmt::Display) {
         if !self.quiet {
-            eprintln!("{msg}");
+            if self.prefix.is_empty() {
+                eprintln!("{msg}");
+            } else {
+                for line in msg.to_string().lines() {
+                    eprintln!("{}{line}", self.prefix);
+                }
+            }
         }
+    }
+
+    /// Whether [`Ui::progress`] shows anything: a terminal, and work on one server (lines of
+    /// several servers at once would overwrite each other; callers print plain lines then).
+    pub fn replaces_lines(&self) -> bool {
+        self.tty && !self.quiet && self.prefix.is_empty()
     }
 
     /// A progress line that replaces itself, on a terminal only (the lines before and after
     /// it say what happened, so a log loses nothing).
     pub fn progress(&self, msg: impl std::fmt::Display) {
-        if self.tty && !self.quiet {
+        if self.tty && !self.quiet && self.prefix.is_empty() {
             eprint!("\r\x1b[2K  {msg}");
             let _ = std::io::stderr().flush();
         }
@@ -81,14 +110,14 @@ impl Ui {
 
     /// Clears the progress line.
     pub fn progress_done(&self) {
-        if self.tty && !self.quiet {
+        if self.tty && !self.quiet && self.prefix.is_empty() {
             eprint!("\r\x1b[2K");
         }
     }
 
     pub fn detail(&self, msg: impl std::fmt::Display) {
         if self.verbose {
-            eprintln!("    {msg}");
+            eprintln!("    {}{msg}", self.prefix);
         }
     }
 }

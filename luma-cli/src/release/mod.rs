@@ -27,7 +27,26 @@
 //! the old release still answers too, so abandoning it stays safe until the old release is
 //! retired in settle.
 //!
-//! `rollback` is the same path for the containers of a retained release.
+//! **Several servers.** An app on N servers is released all or nothing, and one server is the
+//! N = 1 case of the same path ([`everywhere`]):
+//!
+//! ```text
+//!  deliver the image   prepare on every server at once   every one passed?   switch server by
+//!  to every server ──> (each fully reversible)       ──> no: abandon all ──> server, in order
+//!                                                        (nothing switched)  then settle all
+//! ```
+//!
+//! - If any server fails to prepare, no server switches and every server's new containers are
+//!   removed; the error names each server that failed and why.
+//! - If a switch fails after others succeeded, the servers already switched are put back on
+//!   the release they served before, through the same phases (that release is still running,
+//!   as settling had not started, and passes the health gate again); the report says what
+//!   happened on each server. A server that had no earlier release keeps the new one.
+//! - The project's lock is held on every server for the whole run, taken in server order
+//!   ([`crate::fleet::Locks`]).
+//!
+//! `rollback` is the same path for the containers of a retained release (retained on every
+//! server of the app).
 //!
 //! After every app of a deploy is settled and the lock is released, the deploy asks the proxy
 //! for the certificates of its HTTPS hosts, waiting a bounded time (`--cert-wait`) for them
@@ -43,10 +62,12 @@ pub use settle::{settle_app, Switched};
 
 use crate::config::Entry;
 use crate::engine;
+use crate::fleet::{self, Fleet, Locks};
 use crate::names;
 use crate::project::{self, Ctx};
 use crate::proxyctl;
 use bollard::models::ContainerSummary;
+use futures_util::future::join_all;
 use luma_api::tls::{CertState, CertificateStatus};
 use std::time::Duration;
 
@@ -191,103 +212,317 @@ pub async fn recorded_release(ctx: &Ctx<'_>, app: &str) -> Result<Option<String>
 /// A URL the proxy serves for an app, and whether it answered from here.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AppUrl {
+    pub server: String,
     pub url: String,
     pub via: Option<String>,
     pub answered: Result<u16, String>,
 }
 
 /// What a successful deploy serves: its URLs (https for hosts with a certificate) and the
-/// certificate state of its HTTPS hosts.
+/// certificate state of its HTTPS hosts, per server.
 #[derive(Debug, Default)]
 pub struct Deployed {
     pub urls: Vec<AppUrl>,
-    pub certificates: Vec<CertificateStatus>,
-    /// Why the proxy could not be asked about certificates (the deploy still succeeded).
-    pub certificates_error: Option<String>,
+    pub certificates: Vec<(String, CertificateStatus)>,
+    /// Servers whose proxy could not be asked about certificates (the deploy still succeeded).
+    pub certificates_errors: Vec<String>,
 }
 
-/// Deploys the selected apps (all when empty), then waits up to `cert_wait` for the
-/// certificates of their HTTPS hosts.
+/// The contexts of the servers `e` runs on, in lock order.
+pub fn servers_of<'c, 'a>(ctxs: &'c [Ctx<'a>], e: &Entry) -> Vec<&'c Ctx<'a>> {
+    ctxs.iter().filter(|c| c.runs_here(e)).collect()
+}
+
+/// Deploys the selected apps (all when empty) to their servers, then waits up to `cert_wait`
+/// for the certificates of their HTTPS hosts.
 pub async fn deploy(
-    ctx: &Ctx<'_>,
+    fleet: &Fleet,
+    ctxs: &[Ctx<'_>],
     selected: &[String],
     force: bool,
     cert_wait: Duration,
 ) -> Result<Deployed, ReleaseError> {
+    let Some(first) = ctxs.first() else {
+        return Err(ReleaseError::Failed("no server to deploy to".into()));
+    };
+    let cfg = first.cfg;
     let apps: Vec<&Entry> = if selected.is_empty() {
-        ctx.cfg.apps.iter().collect()
+        cfg.apps.iter().collect()
     } else {
         selected
             .iter()
-            .map(|s| ctx.cfg.app(s))
+            .map(|s| cfg.app(s))
             .collect::<Result<_, _>>()?
     };
-    let base = id::release_id(&ctx.dir(), force)?;
-    // Everything that can be checked is checked before anything changes.
-    project::preflight(ctx, &apps).await?;
+    let base = id::release_id(&first.dir(), force)?;
+    // Everything that can be checked is checked before anything changes, on every server.
+    fleet::on_all(ctxs, |c| {
+        let here: Vec<&Entry> = apps.iter().copied().filter(|a| c.runs_here(a)).collect();
+        async move { project::preflight(c, &here).await }
+    })
+    .await?;
+    // The lock container runs the proxy image, so remote servers get it first.
+    fleet::deliver_proxy_image(fleet, ctxs).await?;
     for app in &apps {
-        next_release(ctx, app, &base).await?;
+        next_release(&servers_of(ctxs, app), app, &base).await?;
     }
-    for gone in crate::inventory::departed(ctx).await? {
-        ctx.ui.info(format!(
-            "! {gone} is on the engine but no longer in {}; `luma prune` removes it",
-            ctx.cfg.path.display()
-        ));
+    for c in ctxs {
+        for gone in crate::inventory::departed(c).await? {
+            c.ui.info(format!(
+                "! {gone} is on the engine but no longer in {}; `luma prune` removes it",
+                cfg.path.display()
+            ));
+        }
     }
-    // The lock comes first: two deploys of one project must not even race on setup.
-    let lock = project::take_lock(ctx, "deploy").await?;
+    // The locks come first: two deploys of one project must not even race on setup.
+    let locks = Locks::take(ctxs, "deploy").await?;
     let mut released = Vec::new();
     let result = async {
         // Setup is idempotent infrastructure: it is never cut mid-step (a service between
         // stop and start), a signal is looked at once it is done.
-        project::setup(ctx).await?;
+        for svc in &cfg.services {
+            let tag = format!(
+                "{}:latest",
+                names::image_repo(cfg.project.as_str(), &svc.name)
+            );
+            fleet::deliver(fleet, &servers_of(ctxs, svc), svc, &tag).await?;
+        }
+        fleet::on_all(ctxs, project::setup).await?;
+        crate::tls::share_acme_account(ctxs, &apps).await?;
         for app in &apps {
             if crate::interrupt::requested() {
                 return Err(ReleaseError::Failed(crate::interrupt::INTERRUPTED.into()));
             }
-            let release = next_release(ctx, app, &base).await?;
-            ctx.ui.info(format!(
-                "▶ {}/{} release {release}",
-                ctx.project(),
-                app.name
+            let here = servers_of(ctxs, app);
+            let release = next_release(&here, app, &base).await?;
+            first.ui.info(format!(
+                "▶ {}/{} release {release}{}",
+                cfg.project,
+                app.name,
+                on_servers(&here)
             ));
-            let prepared = Prepared::new_release(ctx, app, &release).await?;
-            if let Err(e) = lock.verify(ctx.engine).await {
-                return Err(prepared.abandon(e).await);
-            }
-            prepared.switch().await?.settle().await?;
+            let tag = fleet::release_tag(&cfg.project, &app.name, &release);
+            fleet::deliver(fleet, &here, app, &tag).await.map_err(|e| {
+                ReleaseError::NothingChanged(format!(
+                    "{e}\nNo server was switched; every server keeps serving its previous release."
+                ))
+            })?;
+            everywhere(&here, app, &release, &locks, |c| {
+                Prepared::new_release(c, app, &release)
+            })
+            .await?;
             released.push(format!("{} {release}", app.name));
         }
         Ok::<_, ReleaseError>(())
     }
     .await;
-    lock.release(ctx.engine).await;
+    locks.release().await;
     crate::interrupt::settling(false);
     result.map_err(|e| e.after(&released))?;
-    let https_hosts: Vec<String> = apps
-        .iter()
-        .filter_map(|a| a.proxy.as_ref())
-        .filter(|p| p.ssl != crate::config::Ssl::Off)
-        .flat_map(|p| p.hosts.iter().cloned())
-        .collect();
     let mut out = Deployed::default();
-    if !https_hosts.is_empty() {
-        match crate::tls::wait_for_certificates(ctx, &https_hosts, cert_wait).await {
-            Ok(c) => out.certificates = c,
-            Err(e) => out.certificates_error = Some(e),
+    for c in ctxs {
+        let https_hosts: Vec<String> = apps
+            .iter()
+            .filter(|a| c.runs_here(a))
+            .filter_map(|a| a.proxy.as_ref())
+            .filter(|p| p.ssl != crate::config::Ssl::Off)
+            .flat_map(|p| p.hosts.iter().cloned())
+            .collect();
+        let mut certificates = Vec::new();
+        if !https_hosts.is_empty() {
+            match crate::tls::wait_for_certificates(c, &https_hosts, cert_wait).await {
+                Ok(v) => certificates = v,
+                Err(e) => out
+                    .certificates_errors
+                    .push(format!("server {}: {e}", c.server)),
+            }
         }
+        let here: Vec<&Entry> = apps.iter().copied().filter(|a| c.runs_here(a)).collect();
+        out.urls.extend(urls(c, &here, &certificates).await);
+        out.certificates
+            .extend(certificates.into_iter().map(|s| (c.server.to_string(), s)));
     }
-    out.urls = urls(ctx, &apps, &out.certificates).await;
     Ok(out)
 }
 
-/// The next release id of an app (unique among its releases), checked before anything
-/// changes: its alias fits one DNS label, and host ports allow a second release.
-async fn next_release(ctx: &Ctx<'_>, app: &Entry, base: &str) -> Result<String, String> {
-    let existing = releases(ctx, &app.name).await?;
-    refuse_host_port_redeploy(ctx, app, &existing)?;
-    let taken: Vec<&str> = existing.iter().map(|(r, _)| r.as_str()).collect();
+/// ` on a, b` for output about several servers; empty for one.
+fn on_servers(here: &[&Ctx<'_>]) -> String {
+    if here.len() < 2 {
+        return String::new();
+    }
+    let names: Vec<&str> = here.iter().map(|c| c.server).collect();
+    format!(" on {}", names.join(", "))
+}
+
+/// One release of `app` on every server of `here`, all or nothing (see the module docs):
+/// prepare on every server at once; only if every one passed, switch every one in server
+/// order; if a switch fails, put the servers already switched back on their previous release
+/// through the same health gate; then settle every server.
+async fn everywhere<'c, 'a, F, Fut>(
+    here: &[&'c Ctx<'a>],
+    app: &Entry,
+    release: &str,
+    locks: &Locks<'_, '_>,
+    prepare: F,
+) -> Result<(), ReleaseError>
+where
+    F: Fn(&'c Ctx<'a>) -> Fut,
+    Fut: std::future::Future<Output = Result<Prepared<'c, 'a>, ReleaseError>>,
+{
+    let several = here.len() > 1;
+    // Phase 1, on every server at once.
+    let outcomes = join_all(here.iter().map(|c| prepare(c))).await;
+    let mut prepared = Vec::new();
+    let mut failed = Vec::new();
+    for (c, o) in here.iter().zip(outcomes) {
+        match o {
+            Ok(p) => prepared.push(p),
+            Err(e) => failed.push(format!("server {}: {e}", c.server)),
+        }
+    }
+    if !failed.is_empty() {
+        if !several {
+            // One server: its own error says it all.
+            return Err(ReleaseError::NothingChanged(
+                failed
+                    .remove(0)
+                    .split_once(": ")
+                    .map(|(_, e)| e.to_string())
+                    .unwrap_or_default(),
+            ));
+        }
+        let why = format!("release {release} of {} failed on another server", app.name);
+        join_all(prepared.into_iter().map(|p| p.abandon(why.clone()))).await;
+        return Err(ReleaseError::NothingChanged(format!(
+            "release {release} of {} did not pass on every server, so no server was switched and its new containers were removed everywhere:\n{}\nEvery server keeps serving its previous release.",
+            app.name,
+            failed.join("\n")
+        )));
+    }
+    if let Err(e) = locks.verify().await {
+        join_all(prepared.into_iter().map(|p| p.abandon(e.clone()))).await;
+        return Err(ReleaseError::NothingChanged(format!(
+            "{e}\nNo server was switched; every server keeps serving its previous release."
+        )));
+    }
+    // What each server serves now, to put it back if a later server cannot switch.
+    let mut before = Vec::new();
+    for c in here {
+        before.push(live_release(c, &app.name).await.ok().flatten());
+    }
+    // Phase 2: the point of no return, server by server.
+    let mut switched = Vec::new();
+    let mut rest = prepared.into_iter().zip(before.iter());
+    while let Some((p, prev)) = rest.next() {
+        let server = p.server().to_string();
+        match p.switch().await {
+            Ok(s) => switched.push((s, prev.clone())),
+            Err(e) if !several => return Err(e),
+            Err(e) => {
+                let why = format!("server {server} could not switch");
+                for (p, _) in rest {
+                    let _ = p.abandon(why.clone()).await;
+                }
+                let report = put_back(switched, app).await;
+                return Err(ReleaseError::NothingChanged(format!(
+                    "release {release} of {} could not switch on server {server}: {e}\n{report}",
+                    app.name
+                )));
+            }
+        }
+    }
+    // Settle every server; each one's failure is named.
+    let settled = join_all(switched.into_iter().map(|(s, _)| async move {
+        let server = s.server().to_string();
+        s.settle().await.map_err(|e| (server, e))
+    }))
+    .await;
+    for r in settled {
+        if let Err((server, e)) = r {
+            return Err(if several {
+                e.map_messages(|m| format!("server {server}: {m}"))
+            } else {
+                e
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Puts servers that switched back on the release they served before, through the same
+/// phases (health gate first), and says what happened on each.
+async fn put_back(switched: Vec<(Switched<'_, '_>, Option<String>)>, app: &Entry) -> String {
+    if switched.is_empty() {
+        return "No server had switched; every server keeps serving its previous release.".into();
+    }
+    let mut lines = Vec::new();
+    for (s, prev) in switched {
+        let ctx = s.ctx();
+        let server = ctx.server.to_string();
+        let new = s.release().to_string();
+        let Some(prev) = prev else {
+            // First release on this server: nothing to go back to, so it keeps the new one.
+            let settled = s.settle().await;
+            lines.push(format!(
+                "server {server} had no earlier release of {} and keeps serving {new}{}",
+                app.name,
+                settled
+                    .err()
+                    .map(|e| format!(" (settling: {e})"))
+                    .unwrap_or_default()
+            ));
+            continue;
+        };
+        // The new release stays live here until the old one, still running (settling never
+        // ran), passes the gate again; settling the way back then retires the new one.
+        drop(s);
+        let back = async {
+            let containers: Vec<String> = releases(ctx, &app.name)
+                .await?
+                .into_iter()
+                .find(|(r, _)| *r == prev)
+                .map(|(_, cs)| cs.iter().map(engine::name_of).collect())
+                .ok_or_else(|| format!("release {prev} is gone"))?;
+            let p = Prepared::retained(ctx, app, &prev, containers)
+                .await
+                .map_err(|e| e.to_string())?;
+            p.switch()
+                .await
+                .map_err(|e| e.to_string())?
+                .settle()
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        lines.push(match back {
+            Ok(()) => format!("server {server} was put back on release {prev}"),
+            Err(e) => format!(
+                "server {server} could NOT be put back on release {prev} and serves {new}: {e}; run `luma rollback {} {prev}`",
+                app.name
+            ),
+        });
+    }
+    format!(
+        "The servers that had switched were put back:\n{}",
+        lines.join("\n")
+    )
+}
+
+/// The next release id of an app (unique among its releases on all its servers), checked
+/// before anything changes: its alias fits one DNS label, and host ports allow a second
+/// release.
+async fn next_release(here: &[&Ctx<'_>], app: &Entry, base: &str) -> Result<String, String> {
+    let mut taken: Vec<String> = Vec::new();
+    for ctx in here {
+        let existing = releases(ctx, &app.name).await?;
+        refuse_host_port_redeploy(ctx, app, &existing)?;
+        taken.extend(existing.into_iter().map(|(r, _)| r));
+    }
+    let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
     let release = id::unique(base, &taken);
+    let Some(ctx) = here.first() else {
+        return Err(format!("app {} runs on no server", app.name));
+    };
     names::release_alias(&app.name, &release)
         .map_err(|e| ctx.err(&format!("apps.{}", app.name), e))?;
     Ok(release)
@@ -347,6 +582,7 @@ async fn urls(ctx: &Ctx<'_>, apps: &[&Entry], certificates: &[CertificateStatus]
                 )),
             };
             out.push(AppUrl {
+                server: ctx.server.to_string(),
                 url: format!("{scheme}://{h}"),
                 via: base.clone(),
                 answered,
@@ -356,59 +592,95 @@ async fn urls(ctx: &Ctx<'_>, apps: &[&Entry], certificates: &[CertificateStatus]
     out
 }
 
-/// Brings a retained release back through the same phases.
+/// Brings a retained release back through the same phases, on every server of the app at
+/// once and all or nothing, like a deploy. The release must be retained on every server.
 pub async fn rollback(
-    ctx: &Ctx<'_>,
+    ctxs: &[Ctx<'_>],
     app_name: &str,
     to: Option<&str>,
 ) -> Result<String, ReleaseError> {
-    let app = ctx.cfg.app(app_name)?.clone();
-    let lock = project::take_lock(ctx, "rollback").await?;
+    let Some(first) = ctxs.first() else {
+        return Err(ReleaseError::Failed("no server".into()));
+    };
+    let app = first.cfg.app(app_name)?.clone();
+    let here = servers_of(ctxs, &app);
+    let locks = Locks::take(ctxs, "rollback").await?;
     let result = async {
-        let live = live_release(ctx, app_name).await?;
-        let all = releases(ctx, app_name).await?;
-        // An app without a route has no proxy record, and every running release of it gets
-        // `<app>` traffic: only stopped releases are candidates.
-        let candidates: Vec<&(String, Vec<_>)> = all
-            .iter()
-            .filter(|(r, cs)| match app.proxy {
-                Some(_) => Some(r) != live.as_ref(),
-                None => !cs.iter().any(engine::is_running),
-            })
-            .collect();
-        let retained = || {
-            candidates
-                .iter()
-                .map(|(r, _)| r.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let (release, containers) = match to {
-            Some(r) => candidates
-                .iter()
-                .find(|(x, _)| x == r)
-                .copied()
-                .ok_or_else(|| {
-                    format!(
-                        "release {r:?} of {app_name} is not retained; retained: {}",
-                        retained()
-                    )
-                })?,
-            None => candidates
-                .last()
-                .copied()
-                .ok_or_else(|| format!("no earlier release of {app_name} is retained"))?,
-        };
-        let names: Vec<String> = containers.iter().map(engine::name_of).collect();
-        let prepared = Prepared::retained(ctx, &app, release, names).await?;
-        if let Err(e) = lock.verify(ctx.engine).await {
-            return Err(prepared.abandon(e).await);
+        // Per server: the releases that could come back, oldest first, with their containers.
+        let mut per_server = Vec::new();
+        for ctx in &here {
+            let live = live_release(ctx, app_name).await?;
+            let candidates: Vec<(String, Vec<String>)> = releases(ctx, app_name)
+                .await?
+                .into_iter()
+                // An app without a route has no proxy record, and every running release of
+                // it gets `<app>` traffic: only stopped releases are candidates.
+                .filter(|(r, cs)| match app.proxy {
+                    Some(_) => Some(r) != live.as_ref(),
+                    None => !cs.iter().any(engine::is_running),
+                })
+                .map(|(r, cs)| (r, cs.iter().map(engine::name_of).collect()))
+                .collect();
+            per_server.push((ctx.server, candidates));
         }
-        prepared.switch().await?.settle().await?;
-        Ok::<_, ReleaseError>(release.clone())
+        let everywhere_retained = |r: &str| {
+            per_server
+                .iter()
+                .all(|(_, cs)| cs.iter().any(|(x, _)| x == r))
+        };
+        let retained = per_server
+            .first()
+            .map(|(_, cs)| {
+                cs.iter()
+                    .map(|(r, _)| r.as_str())
+                    .filter(|r| everywhere_retained(r))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let release: String =
+            match to {
+                Some(r) if everywhere_retained(r) => r.to_string(),
+                Some(r) => {
+                    let missing: Vec<&str> = per_server
+                        .iter()
+                        .filter(|(_, cs)| cs.iter().all(|(x, _)| x != r))
+                        .map(|(s, _)| *s)
+                        .collect();
+                    return Err(ReleaseError::Failed(format!(
+                    "release {r:?} of {app_name} is not retained on {}; retained everywhere: {}",
+                    missing.join(", "),
+                    if retained.is_empty() { "none" } else { &retained }
+                )));
+                }
+                None => per_server
+                    .first()
+                    .and_then(|(_, cs)| {
+                        cs.iter()
+                            .rev()
+                            .map(|(r, _)| r.clone())
+                            .find(|r| everywhere_retained(r))
+                    })
+                    .ok_or_else(|| {
+                        format!("no earlier release of {app_name} is retained on every server")
+                    })?,
+            };
+        let containers_on = |server: &str| -> Vec<String> {
+            per_server
+                .iter()
+                .find(|(s, _)| *s == server)
+                .and_then(|(_, cs)| cs.iter().find(|(r, _)| *r == release))
+                .map(|(_, names)| names.clone())
+                .unwrap_or_default()
+        };
+        everywhere(&here, &app, &release, &locks, |c| {
+            Prepared::retained(c, &app, &release, containers_on(c.server))
+        })
+        .await?;
+        Ok::<_, ReleaseError>(release)
     }
     .await;
-    lock.release(ctx.engine).await;
+    locks.release().await;
     crate::interrupt::settling(false);
     result
 }

@@ -4,7 +4,7 @@
 use super::settle::Switched;
 use super::ReleaseError;
 use crate::config::Entry;
-use crate::interrupt::{failpoint, unless_interrupted};
+use crate::interrupt::unless_interrupted;
 use crate::names;
 use crate::project::{self, Ctx};
 use crate::proxyctl;
@@ -101,6 +101,11 @@ impl<'c, 'a> Prepared<'c, 'a> {
         }
     }
 
+    /// The server this release is on.
+    pub fn server(&self) -> &str {
+        self.ctx.server
+    }
+
     async fn bring_up_new(&mut self) -> Result<(), String> {
         let ctx = self.ctx;
         let tag = format!(
@@ -114,7 +119,7 @@ impl<'c, 'a> Prepared<'c, 'a> {
                 built_image: Some(image.clone()),
             };
         }
-        failpoint("prepare.image").await?;
+        ctx.failpoint("prepare.image").await?;
         let env = project::env_of(ctx, &self.app, &self.release)?;
         let app = &self.app;
         let (containers, release, alias) = (&mut self.containers, &self.release, &self.alias);
@@ -154,7 +159,7 @@ impl<'c, 'a> Prepared<'c, 'a> {
                 }),
             )
             .await?;
-        failpoint("prepare.started").await?;
+        ctx.failpoint("prepare.started").await?;
         self.check_and_realias().await
     }
 
@@ -217,7 +222,7 @@ impl<'c, 'a> Prepared<'c, 'a> {
                     .await?;
             }
         }
-        failpoint("prepare.checked").await?;
+        ctx.failpoint("prepare.checked").await?;
         let net = ctx.network();
         ctx.ui
             .step(
@@ -237,7 +242,7 @@ impl<'c, 'a> Prepared<'c, 'a> {
                 }),
             )
             .await?;
-        failpoint("prepare.realiased").await
+        ctx.failpoint("prepare.realiased").await
     }
 
     fn health(&self) -> HealthSettings {
@@ -254,7 +259,7 @@ impl<'c, 'a> Prepared<'c, 'a> {
     /// settled by asking the proxy what is live. A signal during the call waits for its answer.
     pub async fn switch(self) -> Result<Switched<'c, 'a>, ReleaseError> {
         let ctx = self.ctx;
-        if let Err(e) = failpoint("switch.before").await {
+        if let Err(e) = ctx.failpoint("switch.before").await {
             return Err(self.abandon(e).await);
         }
         // The last moment a signal can still undo everything.
@@ -286,6 +291,7 @@ impl<'c, 'a> Prepared<'c, 'a> {
                 deploy_timeout_ms: Some(self.app.health.deadline.as_millis() as u64),
                 drain_timeout_ms: Some(30_000),
                 certificate: tls.certificate,
+                acme_account: ctx.acme_account.get().cloned(),
             };
             crate::interrupt::switching(true);
             let outcome = ctx

@@ -4,7 +4,6 @@
 use super::ReleaseError;
 use crate::config::Entry;
 use crate::engine::{self, ContainerSpec};
-use crate::interrupt::failpoint;
 use crate::names;
 use crate::project::{self, Ctx};
 
@@ -25,6 +24,16 @@ impl<'c, 'a> Switched<'c, 'a> {
         Switched { ctx, app, release }
     }
 
+    pub fn ctx(&self) -> &'c Ctx<'a> {
+        self.ctx
+    }
+    pub fn server(&self) -> &str {
+        self.ctx.server
+    }
+    pub fn release(&self) -> &str {
+        &self.release
+    }
+
     /// Records, retires, prunes. Signals wait for it; a failure names what is left.
     pub async fn settle(self) -> Result<(), ReleaseError> {
         let unsettled = |error: String, left: &[&'static str]| ReleaseError::Unsettled {
@@ -33,7 +42,8 @@ impl<'c, 'a> Switched<'c, 'a> {
             error,
             left: left.to_vec(),
         };
-        let step = |name: &'static str| async move { failpoint(name).await };
+        let ctx = self.ctx;
+        let step = |name: &'static str| async move { ctx.failpoint(name).await };
         async {
             step("settle.record").await?;
             record_live(self.ctx, &self.app.name, &self.release).await
