@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit, in-process loopback, and the Docker integration tests against the real
 # engine. Builds the images first (FROM scratch, no registry). Docker missing is a failure.
+# The SSH tests get two more engines behind real sshd and a registry (tests/servers/up.sh),
+# started before `cargo test` and removed on exit; if they do not start, the run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
@@ -14,7 +16,25 @@ docker/pebble/image.sh >/dev/null
 # The Docker CLI tests run the `luma` binary itself.
 cargo build --workspace --locked
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+topology=$(mktemp -d)
+# Removes the servers whatever happens; something left behind fails the run.
+cleanup() {
+  local status=$?
+  rm -f "$log"
+  if ! tests/servers/down.sh "$topology"; then
+    echo "tests/run.sh: tests/servers/down.sh could not remove the test servers (see above)" >&2
+    ((status)) || status=1
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+if ! tests/servers/up.sh "$topology"; then
+  echo "tests/run.sh: the test servers (tests/servers/up.sh) did not start; the SSH tests need them." >&2
+  exit 1
+fi
+# shellcheck disable=SC1091
+. "$topology/env"
 set +e
 cargo test --workspace --locked "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

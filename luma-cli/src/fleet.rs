@@ -37,6 +37,8 @@ pub struct Fleet {
     /// engine when it is one), connected when first needed.
     builder: tokio::sync::OnceCell<Engine>,
     verbose: bool,
+    /// For lines about the whole project (a server's own lines carry its name).
+    pub ui: Ui,
 }
 
 /// The servers of `entries`, sorted, `local` for entries that name none.
@@ -102,6 +104,7 @@ impl Fleet {
             servers,
             builder: tokio::sync::OnceCell::new(),
             verbose,
+            ui: ui.clone(),
         })
     }
 
@@ -233,7 +236,7 @@ pub async fn deliver(fleet: &Fleet, ctxs: &[&Ctx<'_>], e: &Entry, tag: &str) -> 
         cfg: first.cfg,
         secrets: first.secrets,
         proxy: first.proxy.clone(),
-        ui: first.ui,
+        ui: &fleet.ui,
         retain: first.retain,
         delivered: false,
         acme_account: Default::default(),
@@ -255,7 +258,7 @@ pub async fn deliver(fleet: &Fleet, ctxs: &[&Ctx<'_>], e: &Entry, tag: &str) -> 
     let registry = registry_auth(first.cfg, first.secrets)?;
     let results = match &registry {
         Some(reg) => {
-            let pushed = transfer::push(builder, &image, reg, first.ui).await?;
+            let pushed = transfer::push(builder, &image, reg, &fleet.ui).await?;
             let image = &image;
             join_all(remote.iter().map(|c| {
                 let pushed = pushed.clone();

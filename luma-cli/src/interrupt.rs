@@ -125,11 +125,15 @@ pub async fn failpoint_on(name: &str, server: Option<&str>) -> Result<(), String
         return Ok(());
     };
     let on_server = server.map(|s| format!("{name}@{s}"));
-    let action = spec
+    // The point as it was named (`name@server` or `name`), for the lines a test waits for.
+    let Some((name, action)) = spec
         .split(',')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| k.trim() == name || Some(k.trim()) == on_server.as_deref())
-        .map(|(_, v)| v.trim().to_string());
+        .map(|(k, v)| (k.trim().to_string(), Some(v.trim().to_string())))
+    else {
+        return Ok(());
+    };
     match action.as_deref() {
         Some("error") => Err(format!("failpoint {name}: injected failure")),
         Some("pause") => {

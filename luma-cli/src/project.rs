@@ -131,7 +131,10 @@ pub async fn preflight(ctx: &Ctx<'_>, selected: &[&Entry]) -> Result<(), String>
     for e in selected {
         deploy_tls(ctx, e)?;
     }
-    proxyctl::ensure_image(ctx.engine, &ctx.proxy).await?;
+    // A remote server gets the proxy image from this machine (`fleet::deliver_proxy_image`).
+    if !ctx.delivered {
+        proxyctl::ensure_image(ctx.engine, &ctx.proxy).await?;
+    }
     let services = ctx.cfg.services.iter().filter(|s| ctx.runs_here(s));
     for e in selected.iter().copied().chain(services) {
         env_of(ctx, e, "preflight")?;

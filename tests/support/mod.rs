@@ -7,6 +7,7 @@
 //! CA and HTTPS client.
 
 pub mod pebble;
+pub mod servers;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -295,7 +295,7 @@ pub async fn deploy(
             }
             let here = servers_of(ctxs, app);
             let release = next_release(&here, app, &base).await?;
-            first.ui.info(format!(
+            fleet.ui.info(format!(
                 "▶ {}/{} release {release}{}",
                 cfg.project,
                 app.name,
