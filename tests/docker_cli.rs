@@ -427,7 +427,8 @@ fn routes_survive_proxy_restart_and_update() {
     let out = lab.luma_ok(&dir, &["proxy", "update"]);
     let _ = out;
     assert!(serve().is_some(), "routes lost by `luma proxy update`");
-    let st = body_json(&lab.luma_ok(&dir, &["proxy", "status", "--json"]));
+    let st = body_json(&lab.luma_ok(&dir, &["proxy", "status", "--json"]))["servers"][0].clone();
+    assert_eq!(st["server"], "local");
     assert_eq!(st["state"], "running");
     assert_eq!(st["proxy"]["routes"], 1, "{st}");
 }

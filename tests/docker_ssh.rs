@@ -33,7 +33,8 @@ impl Lab {
         }
     }
 
-    /// A project (Dockerfile FROM the demo image) whose `web` runs on `servers` under `host`.
+    /// A project (Dockerfile FROM the demo image) whose `web` runs on `servers` under `host`,
+    /// HTTP only.
     fn project(
         &self,
         name: &str,
@@ -41,8 +42,20 @@ impl Lab {
         host: &str,
         extra: &str,
     ) -> (std::path::PathBuf, String) {
+        self.project_ssl(name, servers, host, "false", extra)
+    }
+
+    /// [`Lab::project`] with `ssl: SSL`.
+    fn project_ssl(
+        &self,
+        name: &str,
+        servers: &[&str],
+        host: &str,
+        ssl: &str,
+        extra: &str,
+    ) -> (std::path::PathBuf, String) {
         let yaml = format!(
-            "apps:\n  web:\n    build: {{context: .}}\n    servers: [{}]\n    health_check: {{path: /up, interval: 200ms, deadline: 20s}}\n    proxy: {{hosts: [{host}], app_port: 3000, ssl: false}}\n{extra}",
+            "apps:\n  web:\n    build: {{context: .}}\n    servers: [{}]\n    health_check: {{path: /up, interval: 200ms, deadline: 20s}}\n    proxy: {{hosts: [{host}], app_port: 3000, ssl: {ssl}}}\n{extra}",
             servers.join(", ")
         );
         let (dir, project) = self.cli.project(name, &yaml);
@@ -424,9 +437,10 @@ fn ssh_killed_during_transfer_leaves_old_release_serving() {
         &all,
         &format!("{S1}: sending"),
     );
+    // This run's own connection only (other tests use the same server at the same time).
     assert!(
-        lab.servers.kill_ssh_sessions(S1),
-        "no ssh session to kill:\n{seen}"
+        kill_ssh_master_of(child.id(), S1),
+        "no ssh connection of luma to {S1}:\n{seen}"
     );
     let (code, stderr) = finish(child);
     assert_eq!(code, Some(1), "{stderr}");
@@ -588,6 +602,18 @@ fn registry_pushes_once_and_each_server_pulls() {
             && !r.stdout.contains(&lab.servers.registry_password),
         "the registry password was printed"
     );
+    // Each server keeps only the release's tag, no reference into the registry (which would
+    // keep the image after the release is pruned).
+    for s in [S1, S2] {
+        let repos = lab
+            .servers
+            .docker_on(s, &["images", "--format", "{{.Repository}}"])
+            .unwrap();
+        assert!(
+            !repos.contains(&lab.servers.registry),
+            "{s} kept a registry reference:\n{repos}"
+        );
+    }
     // Registry copies tagged on this machine are removed with the project.
     for i in lab.cli_images_under(&lab.servers.registry) {
         let _ = luma_integration_tests::docker(&["rmi", "-f", &i]);
@@ -611,4 +637,101 @@ impl Lab {
         }
         out
     }
+}
+
+/// The project's ACME account key as a server's proxy holds it (`luma-proxy call`), if any.
+fn acme_account_on(lab: &Lab, server: &str, project: &str) -> Value {
+    use std::io::Write;
+    let mut child = std::process::Command::new("docker")
+        .args(["-H", lab.servers.docker_host(server)])
+        .args(["exec", "-i", &lab.cli.proxy, "luma-proxy", "call"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("docker exec");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!(r#"{{"acme_account":{{"project":"{project}"}}}}"#).as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "{server}: {e}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    v["ok"]["key"].clone()
+}
+
+/// An app with ACME hosts on two servers: both proxies get the same project account key (so
+/// either answers the other's HTTP-01 challenges, see luma-proxy/tests/acme_pebble.rs); an
+/// app on one server sends none.
+#[test]
+fn acme_app_on_two_servers_shares_one_account_key() {
+    let lab = Lab::new("ssh-acme");
+    let host = format!("s.{}.test", lab.cli.prefix);
+    let (dir, project) = lab.project_ssl("s", &[S1, S2], &host, "true", "");
+    let acme_off = [("LUMA_ACME_DIRECTORY", "off")];
+    let r = lab.run(&dir, &["deploy", "--force", "--cert-wait", "0"], &acme_off);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let k1 = acme_account_on(&lab, S1, &project);
+    let k2 = acme_account_on(&lab, S2, &project);
+    assert!(
+        k1["pkcs8_pem"]
+            .as_str()
+            .is_some_and(|k| k.contains("PRIVATE KEY")),
+        "{k1}"
+    );
+    assert_eq!(k1, k2, "the two servers hold different account keys");
+    assert!(!r.stderr.contains("PRIVATE KEY") && !r.stdout.contains("PRIVATE KEY"));
+    // A redeploy keeps the key the servers have.
+    let r = lab.run(&dir, &["deploy", "--force", "--cert-wait", "0"], &acme_off);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(acme_account_on(&lab, S1, &project), k1);
+    let host_one = format!("o.{}.test", lab.cli.prefix);
+    let (one_dir, one) = lab.project_ssl("o", &[S1], &host_one, "true", "");
+    let r = lab.run(
+        &one_dir,
+        &["deploy", "--force", "--cert-wait", "0"],
+        &acme_off,
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(acme_account_on(&lab, S1, &one).is_null());
+}
+
+/// Kills the ssh ControlMaster that the luma process `pid` holds to `server` (its one
+/// multiplexed connection there), as a dropped network would. True if there was one.
+fn kill_ssh_master_of(pid: u32, server: &str) -> bool {
+    // Children of any thread of luma: tokio spawns from its worker threads.
+    let mut pids: Vec<String> = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let more = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            pids.extend(more.split_whitespace().map(str::to_string));
+        }
+    }
+    pids.sort();
+    pids.dedup();
+    let mut killed = false;
+    for child in pids {
+        let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_master = args.first().is_some_and(|a| a.ends_with("ssh"))
+            && args.iter().any(|a| a == "ControlMaster=yes")
+            && args.iter().any(|a| a == server);
+        if is_master {
+            killed |= std::process::Command::new("kill")
+                .args(["-KILL", &child])
+                .status()
+                .is_ok_and(|s| s.success());
+        }
+    }
+    killed
 }

@@ -16,6 +16,13 @@
 //! stdout/stdin as the connection. Each pooled HTTP connection is one ssh channel on the one
 //! TCP connection per server per run; the engine holds the master, so it lives as long as the
 //! engine. Everything above the transport is the same code for both.
+//!
+//! sshd allows 10 channels per connection by default (MaxSessions), so Luma opens at most 8
+//! at once per server, and a request waits for a free one. A wait must always end: a stream
+//! that holds its channel until Luma ends it (`logs -f`, the deploy lock's stdin attach) takes
+//! one of 6 places for such streams first, and fails at once, saying so, when they are all
+//! taken. The other 2 channels are then always freed by requests that end on their own, and a
+//! wait longer than 10 s says what it waits for.
 
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, EndpointSettings, ExecConfig,
@@ -50,6 +57,8 @@ pub struct Engine {
     pub verbose: bool,
     /// The server's ssh connection; the engine's channels ride on it.
     master: Option<Arc<Master>>,
+    /// How many of them are open and held (see the module docs); None for the local engine.
+    channels: Option<Arc<dial_stdio::Channels>>,
 }
 
 /// What [`Engine::image_info`] tells about an image.
@@ -111,6 +120,8 @@ pub struct BuildSpec {
 /// keeps the connection open; dropping it closes it.
 pub struct StdinHold {
     _input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    /// Its place among the held channels (over ssh); given back after the connection closed.
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 pub type Result<T> = std::result::Result<T, String>;
@@ -140,16 +151,18 @@ impl Engine {
     /// API 1.41). For [`Transport::Ssh`] this first opens the server's ssh master, so an unknown
     /// host key or a refused login fails here, with its own message.
     pub async fn connect(transport: Transport, verbose: bool) -> Result<Engine> {
-        let (docker, master) = match &transport {
+        let (docker, master, channels) = match &transport {
             Transport::Local => (
                 Docker::connect_with_local_defaults().map_err(|e| {
                     format!("cannot connect to the Docker engine ({e}); is Docker running, and is DOCKER_HOST right?")
                 })?,
                 None,
+                None,
             ),
             Transport::Ssh(target) => {
                 let master = Arc::new(Master::open(target).await?);
-                (dial_stdio::docker(&master, verbose)?, Some(master))
+                let (docker, channels) = dial_stdio::docker(&master, verbose)?;
+                (docker, Some(master), Some(channels))
             }
         };
         let docker = match docker.negotiate_version().await {
@@ -166,6 +179,7 @@ impl Engine {
             transport,
             verbose,
             master,
+            channels,
         })
     }
 
@@ -180,6 +194,13 @@ impl Engine {
     /// The server's ssh connection (None for the local engine), to run other commands there.
     pub fn master(&self) -> Option<&Master> {
         self.master.as_deref()
+    }
+
+    /// Takes a place for a stream that holds its channel until Luma ends it (over ssh; the
+    /// local engine has no limit). Err at once when all such places are taken, instead of a
+    /// wait that would never end.
+    fn hold_channel(&self, what: &str) -> Result<Option<tokio::sync::OwnedSemaphorePermit>> {
+        self.channels.as_ref().map(|c| c.hold(what)).transpose()
     }
 
     fn trace(&self, what: impl std::fmt::Display) {
@@ -419,6 +440,7 @@ impl Engine {
     /// `StdinOnce` the daemon then closes the container's stdin.
     pub async fn attach_stdin(&self, id: &str) -> Result<StdinHold> {
         self.trace(format_args!("attach to the stdin of {id}"));
+        let held = self.hold_channel(&format!("the attach to the stdin of container {id}"))?;
         let r = self
             .docker
             .attach_container(
@@ -433,7 +455,10 @@ impl Engine {
             .map_err(|e| format!("attach to container {id}: {e}"))?;
         // The read half is not needed: the shared connection lives while the write half does.
         drop(r.output);
-        Ok(StdinHold { _input: r.input })
+        Ok(StdinHold {
+            _input: r.input,
+            _held: held,
+        })
     }
 
     /// Force-removes one container by ID (never by name: a name may already belong to a
@@ -632,6 +657,12 @@ impl Engine {
         follow: bool,
         tail: usize,
     ) -> Result<()> {
+        // Following holds a channel until Luma ends it.
+        let _held = if follow {
+            self.hold_channel(&format!("following the logs of {name}"))?
+        } else {
+            None
+        };
         let mut s = self.docker.logs(
             name,
             Some(LogsOptions {
@@ -1091,30 +1122,53 @@ mod dial_stdio {
     use std::future::Future;
     use std::pin::Pin;
     use std::process::Stdio;
-    use std::sync::{Arc, Weak};
+    use std::sync::{Arc, Mutex, Weak};
     use std::task::{Context, Poll};
     use std::time::Duration;
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
     use tokio::process::{Child, ChildStdin, ChildStdout};
     use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+    use tokio::time::Instant;
 
-    /// Channels open at once on one master. sshd allows 10 sessions per connection by
-    /// default (MaxSessions); beyond that a new channel would be refused, so a request waits
-    /// for a free one instead. Two are left for other commands through the master.
-    const MAX_CHANNELS: usize = 8;
+    /// sshd's default MaxSessions: channels it allows on one connection.
+    const SSHD_MAX_SESSIONS: usize = 10;
+    /// Channels open at once on one master. Beyond sshd's limit a new channel would be
+    /// refused, so a request waits for a free one instead. Two are left for other commands
+    /// through the master.
+    const MAX_CHANNELS: usize = SSHD_MAX_SESSIONS - 2;
+    /// Of those, how many streams that hold their channel until Luma ends them may have at
+    /// once. The rest always turn over, so a wait for a channel always ends.
+    const MAX_HELD: usize = MAX_CHANNELS - 2;
+    // Held streams never take every channel, and Luma never takes all of sshd's.
+    const _: () = assert!(MAX_HELD < MAX_CHANNELS && MAX_CHANNELS < SSHD_MAX_SESSIONS);
+    /// Idle channels kept for reuse; the others close once their request is done. An idle
+    /// one goes to a waiting request before any new channel is opened, and closes after
+    /// [`IDLE_TIMEOUT`] anyway.
+    const MAX_IDLE: usize = MAX_CHANNELS / 2;
+    const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// A request that waited this long for a channel says so (and again every
+    /// [`NOTICE_EVERY`] per server, not once per request).
+    const NOTICE_AFTER: Duration = Duration::from_secs(10);
+    const NOTICE_EVERY: Duration = Duration::from_secs(60);
 
-    /// bollard over `ssh ... docker system dial-stdio`.
-    pub(super) fn docker(master: &Arc<Master>, verbose: bool) -> Result<bollard::Docker, String> {
+    /// bollard over `ssh ... docker system dial-stdio`, and the server's channel budget.
+    pub(super) fn docker(
+        master: &Arc<Master>,
+        verbose: bool,
+    ) -> Result<(bollard::Docker, Arc<Channels>), String> {
+        let server = master.target().server.clone();
+        let channels = Arc::new(Channels::new(&server, NOTICE_AFTER, NOTICE_EVERY));
         let connector = Connector {
             master: Arc::downgrade(master),
-            channels: Arc::new(Semaphore::new(MAX_CHANNELS)),
+            channels: channels.clone(),
             verbose,
         };
-        let server = master.target().server.clone();
         let client = Arc::new(
             hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                // An idle channel is a process on each side: let them go after a while.
-                .pool_idle_timeout(Duration::from_secs(30))
+                // An idle channel is a process on each side, and holds one of the server's
+                // channels: keep few, and let them go after a while.
+                .pool_max_idle_per_host(MAX_IDLE)
+                .pool_idle_timeout(IDLE_TIMEOUT)
                 .pool_timer(TokioTimer::new())
                 .build(connector),
         );
@@ -1139,7 +1193,91 @@ mod dial_stdio {
             120,
             bollard::API_DEFAULT_VERSION,
         )
+        .map(|docker| (docker, channels))
         .map_err(|e| format!("set up the Docker client over ssh: {e}"))
+    }
+
+    /// One server's channel budget: [`MAX_CHANNELS`] open at once, of which at most
+    /// [`MAX_HELD`] held by streams that end only when Luma ends them.
+    pub(super) struct Channels {
+        server: String,
+        open: Arc<Semaphore>,
+        held: Arc<Semaphore>,
+        notice_after: Duration,
+        notice_every: Duration,
+        last_notice: Mutex<Option<Instant>>,
+    }
+
+    impl Channels {
+        pub(super) fn new(server: &str, notice_after: Duration, notice_every: Duration) -> Self {
+            Channels {
+                server: server.to_string(),
+                open: Arc::new(Semaphore::new(MAX_CHANNELS)),
+                held: Arc::new(Semaphore::new(MAX_HELD)),
+                notice_after,
+                notice_every,
+                last_notice: Mutex::new(None),
+            }
+        }
+
+        /// A place for one open channel, once one is free (first come, first served). Every
+        /// wait ends: at least `MAX_CHANNELS - MAX_HELD` channels belong to requests that end
+        /// on their own. A long wait is never silent: `notice` gets why.
+        pub(super) async fn open(
+            &self,
+            notice: impl Fn(&str),
+        ) -> Result<OwnedSemaphorePermit, std::io::Error> {
+            let wait = self.open.clone().acquire_owned();
+            tokio::pin!(wait);
+            loop {
+                // Polling the same acquire again keeps its place in the queue.
+                match tokio::time::timeout(self.notice_after, &mut wait).await {
+                    Ok(permit) => return permit.map_err(std::io::Error::other),
+                    Err(_) => {
+                        let mut last = self.last_notice.lock().unwrap_or_else(|p| p.into_inner());
+                        if notice_due(*last, Instant::now(), self.notice_every) {
+                            *last = Some(Instant::now());
+                            notice(&self.busy());
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Why a request waits.
+        fn busy(&self) -> String {
+            let held = MAX_HELD - self.held.available_permits();
+            format!(
+                "  … {server}: waiting for a free ssh channel: all {MAX_CHANNELS} that luma \
+                 opens at once on its one connection to {server} are busy ({held} held by log \
+                 streams or the deploy lock, the others by requests that end on their own); \
+                 sshd allows {SSHD_MAX_SESSIONS} per connection by default (MaxSessions)",
+                server = self.server
+            )
+        }
+
+        /// Takes a place for a stream that holds its channel until Luma ends it, or says why
+        /// there is none: waiting would never end.
+        pub(super) fn hold(&self, what: &str) -> Result<OwnedSemaphorePermit, String> {
+            self.held.clone().try_acquire_owned().map_err(|_| {
+                format!(
+                    "{what} on {server} would hold an ssh channel for as long as it runs, and \
+                     {MAX_HELD} such streams are open there already: luma opens at most \
+                     {MAX_CHANNELS} channels at once on its one ssh connection to a server \
+                     (sshd allows {SSHD_MAX_SESSIONS} per connection by default, MaxSessions) \
+                     and keeps {} for its other requests. End another stream first; `luma logs \
+                     -f` follows at most {MAX_HELD} containers per server (without -f it shows \
+                     the last lines of all of them)",
+                    MAX_CHANNELS - MAX_HELD,
+                    server = self.server
+                )
+            })
+        }
+    }
+
+    /// Whether a wait notice is due: the first, then one per `every`.
+    fn notice_due(last: Option<Instant>, now: Instant, every: Duration) -> bool {
+        last.is_none_or(|t| now.saturating_duration_since(t) >= every)
     }
 
     /// Why the engine on a server does not answer: runs one `docker system dial-stdio` by
@@ -1150,7 +1288,8 @@ mod dial_stdio {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let said = match tokio::time::timeout(Duration::from_secs(15), cmd.output()).await {
+        let run = async { crate::ssh::spawn_tied(cmd).await?.wait_with_output().await };
+        let said = match tokio::time::timeout(Duration::from_secs(15), run).await {
             Ok(Ok(out)) if !out.status.success() => {
                 let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
                 format!(
@@ -1172,7 +1311,7 @@ mod dial_stdio {
         /// Weak: the engine owns the master, so it closes when the engine goes, even while
         /// a connect still waits here for a free channel.
         master: Weak<Master>,
-        channels: Arc<Semaphore>,
+        channels: Arc<Channels>,
         verbose: bool,
     }
 
@@ -1189,12 +1328,7 @@ mod dial_stdio {
         fn call(&mut self, _: Uri) -> Self::Future {
             let this = self.clone();
             Box::pin(async move {
-                let permit = this
-                    .channels
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(std::io::Error::other)?;
+                let permit = this.channels.open(|m| eprintln!("{m}")).await?;
                 let master = match this.master.upgrade() {
                     Some(m) if !m.is_closed() => m,
                     Some(m) => {
@@ -1211,8 +1345,8 @@ mod dial_stdio {
                 cmd.stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped());
-                let mut child = cmd
-                    .spawn()
+                let mut child = crate::ssh::spawn_tied(cmd)
+                    .await
                     .map_err(|e| std::io::Error::other(format!("run ssh to {server}: {e}")))?;
                 let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
                     return Err(std::io::Error::other("ssh without stdio pipes"));
@@ -1321,6 +1455,79 @@ mod dial_stdio {
             }
             self.stdin = None;
             Poll::Ready(Ok(()))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn held_streams_never_take_every_channel() {
+            let c = Channels::new("web1", NOTICE_AFTER, NOTICE_EVERY);
+            let held: Vec<_> = (0..MAX_HELD)
+                .map(|_| c.hold("following the logs of web-1").expect("a place"))
+                .collect();
+            let e = c
+                .hold("following the logs of web-7")
+                .expect_err("one stream too many");
+            assert!(e.starts_with("following the logs of web-7 on web1 "), "{e}");
+            assert!(e.contains("6 such streams are open there already"), "{e}");
+            assert!(e.contains("MaxSessions"), "{e}");
+            assert!(e.contains("follows at most 6 containers per server"), "{e}");
+            drop(held);
+            assert!(c.hold("following the logs of web-7").is_ok());
+        }
+
+        #[tokio::test]
+        async fn a_long_wait_for_a_channel_says_why_and_ends_when_one_is_free() {
+            let c = Arc::new(Channels::new(
+                "web1",
+                Duration::from_millis(20),
+                Duration::from_secs(3600),
+            ));
+            let _held = c.hold("following the logs of web-1").expect("a place");
+            let mut busy: Vec<_> = (0..MAX_CHANNELS)
+                .map(|_| c.open.clone().try_acquire_owned().expect("a free channel"))
+                .collect();
+            let (tx, mut said) = tokio::sync::mpsc::unbounded_channel();
+            let waiter = tokio::spawn({
+                let c = c.clone();
+                async move {
+                    c.open(move |m| {
+                        let _ = tx.send(m.to_string());
+                    })
+                    .await
+                    .map(drop)
+                }
+            });
+            let notice = tokio::time::timeout(Duration::from_secs(10), said.recv())
+                .await
+                .expect("a notice while waiting")
+                .expect("the waiter still runs");
+            assert!(
+                notice.starts_with("  … web1: waiting for a free ssh channel"),
+                "{notice}"
+            );
+            assert!(notice.contains("all 8 that luma opens"), "{notice}");
+            assert!(notice.contains("(1 held by log streams"), "{notice}");
+            assert!(notice.contains("MaxSessions"), "{notice}");
+            assert!(!waiter.is_finished());
+            busy.pop();
+            let opened = tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .expect("the wait ends once a channel is free")
+                .expect("join");
+            assert!(opened.is_ok(), "{opened:?}");
+        }
+
+        #[test]
+        fn wait_notices_are_rate_limited_per_server() {
+            let t = Instant::now();
+            let every = Duration::from_secs(60);
+            assert!(notice_due(None, t, every));
+            assert!(!notice_due(Some(t), t + Duration::from_secs(59), every));
+            assert!(notice_due(Some(t), t + every, every));
         }
     }
 }

@@ -63,6 +63,22 @@ impl Fleet {
         ui: &Ui,
         verbose: bool,
     ) -> Result<Fleet, String> {
+        let (fleet, errors) = Self::connect_reachable(cfg, names, ui, verbose).await;
+        if errors.is_empty() {
+            Ok(fleet)
+        } else {
+            Err(format!("{}\nNothing was changed.", errors.join("\n")))
+        }
+    }
+
+    /// Connects to every server that answers; the others are returned as errors, each named
+    /// by server (for commands that only look, like `status`).
+    pub async fn connect_reachable(
+        cfg: &Config,
+        names: &[String],
+        ui: &Ui,
+        verbose: bool,
+    ) -> (Fleet, Vec<String>) {
         let several = names.len() > 1;
         let connected = join_all(names.iter().map(|name| async move {
             let transport = if name == LOCAL {
@@ -97,15 +113,13 @@ impl Fleet {
                 Err(e) => errors.push(e),
             }
         }
-        if !errors.is_empty() {
-            return Err(format!("{}\nNothing was changed.", errors.join("\n")));
-        }
-        Ok(Fleet {
+        let fleet = Fleet {
             servers,
             builder: tokio::sync::OnceCell::new(),
             verbose,
             ui: ui.clone(),
-        })
+        };
+        (fleet, errors)
     }
 
     /// One [`Ctx`] per server, in lock order.
@@ -275,19 +289,34 @@ pub async fn deliver(fleet: &Fleet, ctxs: &[&Ctx<'_>], e: &Entry, tag: &str) -> 
             .await
         }
     };
-    let failed: Vec<String> = remote
-        .iter()
-        .zip(results)
-        .filter_map(|(c, r)| r.err().map(|e| format!("server {}: {e}", c.server)))
-        .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "image {image} did not reach every server:\n{}",
-            failed.join("\n")
-        ))
+    let mut failed = Vec::new();
+    let mut reached = Vec::new();
+    for (c, r) in remote.iter().zip(results) {
+        match r {
+            Ok(_) => reached.push(c),
+            Err(e) => failed.push(format!("server {}: {e}", c.server)),
+        }
     }
+    if failed.is_empty() {
+        return Ok(());
+    }
+    // A release's own image is not left on the servers it did reach (a user's `image:` is
+    // theirs, and a service's `:latest` may be what its running container was made from).
+    let is_app = first.cfg.apps.iter().any(|a| a.name == e.name);
+    if let (ImageSource::Build(_), true) = (&e.source, is_app) {
+        for c in reached {
+            if let Err(err) = c.engine.remove_image(&image).await {
+                failed.push(format!(
+                    "server {}: removing {image} again failed: {err}",
+                    c.server
+                ));
+            }
+        }
+    }
+    Err(format!(
+        "image {image} did not reach every server:\n{}",
+        failed.join("\n")
+    ))
 }
 
 /// Puts the proxy image on every remote server that lacks it: from this machine's engine when

@@ -41,6 +41,12 @@ pub fn settling(on: bool) {
     PHASE.store(if on { SETTLE } else { PREPARE }, Ordering::SeqCst);
 }
 
+/// Whether a switch has happened in this run and its settling has not ended: from here a
+/// signal waits (on several servers, the remaining servers still switch, or are put back).
+pub fn past_no_return() -> bool {
+    matches!(PHASE.load(Ordering::SeqCst), SWITCH | SETTLE)
+}
+
 /// What an interrupted step returns.
 pub const INTERRUPTED: &str = "interrupted by a signal";
 
@@ -101,10 +107,15 @@ pub async fn wait() {
     }
 }
 
-/// Runs a reversible step unless a signal arrives first (or has already arrived).
+/// Runs a reversible step unless a signal arrives first (or has already arrived). Past the
+/// point of no return (putting a server back after another could not switch) the step always
+/// runs to its end.
 pub async fn unless_interrupted<T>(
     work: impl std::future::Future<Output = Result<T, String>>,
 ) -> Result<T, String> {
+    if past_no_return() {
+        return work.await;
+    }
     if requested() {
         return Err(INTERRUPTED.into());
     }

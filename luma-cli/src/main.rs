@@ -73,12 +73,19 @@ enum Cmd {
     /// .luma/secrets instead; it is checked (valid now, covers every host, key matches) before
     /// anything changes.
     ///
+    /// Servers: an app with `servers: [a, b]` is released on all of them or on none. The image
+    /// is built here and streamed to each server over SSH (or pulled from `docker.registry`),
+    /// the new release is started and health-checked on every server at once, and only if every
+    /// one passed does any server switch. If a switch fails after others succeeded, those are
+    /// put back on their previous release.
+    ///
     /// Exit status: 0 done (also with certificates pending); 1 nothing changed (the old release
     /// keeps serving); 2 the new release is live but settling stopped (`luma prune` finishes
-    /// it); 3 unknown (see `luma status`).
+    /// it); 3 unknown (see `luma status`); 4 servers were left on different releases (the
+    /// message says which; `luma status` shows them).
     ///
     /// Examples: `luma deploy`, `luma deploy web`, `luma -c examples/basic/luma.yml deploy`,
-    /// `luma deploy --cert-wait 0`.
+    /// `luma deploy --cert-wait 0`, `LUMA_SSH_CONFIG=./ssh_config luma deploy`.
     Deploy {
         /// Apps to deploy (default: every app in luma.yml).
         apps: Vec<String>,
@@ -249,7 +256,18 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
         _ => &no_apps,
     };
     let names = servers_for(&cfg, selected, &cli.server)?;
-    let fleet = Fleet::connect(&cfg, &names, &ui, cli.verbose).await?;
+    if let Cmd::Deploy { apps, .. } = &cli.cmd {
+        refuse_split_release(&cfg, apps, &names)?;
+    }
+    // Looking needs no server to be reachable: status shows the ones that are not.
+    let (fleet, unreachable) = if let Cmd::Status { .. } = &cli.cmd {
+        Fleet::connect_reachable(&cfg, &names, &ui, cli.verbose).await
+    } else {
+        (
+            Fleet::connect(&cfg, &names, &ui, cli.verbose).await?,
+            Vec::new(),
+        )
+    };
     let retain = match &cli.cmd {
         Cmd::Deploy { retain, .. } | Cmd::Prune { retain, .. } => *retain,
         _ => 2,
@@ -309,20 +327,15 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
                     }
                 })
         }
-        Cmd::Status { apps, json } => status(&ctxs, &apps, json).await.map_err(Into::into),
+        Cmd::Status { apps, json } => status(&ctxs, &apps, json, &unreachable)
+            .await
+            .map_err(Into::into),
         Cmd::Rollback { app, release } => release::rollback(&ctxs, &app, release.as_deref())
             .await
             .map(|r| ui.info(format!("✓ {app} is back on release {r}"))),
-        Cmd::Prune { yes, retain: _ } => {
-            let mut result = Ok(());
-            for ctx in &ctxs {
-                result = prune(ctx, yes).await;
-                if result.is_err() {
-                    break;
-                }
-            }
-            result.map_err(Into::into)
-        }
+        Cmd::Prune { yes, retain: _ } => on_each(&ctxs, |ctx| prune(ctx, yes))
+            .await
+            .map_err(Into::into),
         Cmd::Remove { apps, yes } => {
             let everything = apps.is_empty();
             let targets = apps;
@@ -345,18 +358,9 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
                     "cancelled; nothing was removed".into(),
                 ));
             }
-            let mut result = Ok(());
-            for ctx in &ctxs {
-                if let Err(e) = inventory::remove(ctx, &targets, everything).await {
-                    result = Err(if several {
-                        format!("server {}: {e}", ctx.server)
-                    } else {
-                        e
-                    });
-                    break;
-                }
-            }
-            result.map_err(Into::into)
+            on_each(&ctxs, |ctx| inventory::remove(ctx, &targets, everything))
+                .await
+                .map_err(Into::into)
         }
         Cmd::Logs { app, follow, tail } => {
             logs(&ctxs, &app, follow, tail).await.map_err(Into::into)
@@ -364,6 +368,59 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
         Cmd::Proxy { cmd } => proxy_cmd(&fleet, &ctxs, cmd).await.map_err(Into::into),
     };
     out.map_err(|e| e.map_messages(|m| secrets.redact(m)))
+}
+
+/// Runs `f` on every server, one after the other (removing and settling change things that a
+/// reader of the output must be able to follow), going on past a failing server; with several
+/// servers the error says what happened on each.
+async fn on_each<'c, 'a, F, Fut>(ctxs: &'c [Ctx<'a>], f: F) -> Result<(), String>
+where
+    F: Fn(&'c Ctx<'a>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut report = Vec::new();
+    let mut failed = false;
+    for ctx in ctxs {
+        match f(ctx).await {
+            Ok(()) => report.push(format!("server {}: done", ctx.server)),
+            Err(e) => {
+                failed = true;
+                report.push(format!("server {}: failed: {e}", ctx.server));
+            }
+        }
+    }
+    match (failed, ctxs.len()) {
+        (false, _) => Ok(()),
+        (true, 1) => Err(report
+            .remove(0)
+            .split_once(": failed: ")
+            .map(|(_, e)| e.to_string())
+            .unwrap_or_default()),
+        (true, _) => Err(report.join("\n")),
+    }
+}
+
+/// A deploy narrowed by `--server` must not release an app on some of its servers only: that
+/// would split it across releases. (`rollback --server` may, to repair one server.)
+fn refuse_split_release(cfg: &Config, apps: &[String], names: &[String]) -> Result<(), String> {
+    let entries: Vec<&luma_cli::config::Entry> = if apps.is_empty() {
+        cfg.apps.iter().collect()
+    } else {
+        apps.iter().map(|a| cfg.app(a)).collect::<Result<_, _>>()?
+    };
+    for e in entries {
+        let servers = e.servers();
+        let here = servers.iter().filter(|s| names.contains(s)).count();
+        if here != 0 && here != servers.len() {
+            return Err(format!(
+                "--server would release {} on some of its servers only (it runs on {}); name all of them, or change `servers` in {}",
+                e.name,
+                servers.join(", "),
+                cfg.path.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `luma setup`: the proxy image and the project's services' images on every server, then
@@ -416,13 +473,18 @@ fn confirm(question: &str) -> Result<bool, String> {
     Ok(matches!(line.trim(), "y" | "Y" | "yes"))
 }
 
-async fn status(ctxs: &[Ctx<'_>], apps: &[String], json: bool) -> Result<(), String> {
+async fn status(
+    ctxs: &[Ctx<'_>],
+    apps: &[String],
+    json: bool,
+    unreachable: &[String],
+) -> Result<(), String> {
     let views = fleet::on_all(ctxs, |c| inventory::status(c, apps)).await?;
     let Some(first) = views.first() else {
-        return Ok(());
+        return Err(unreachable.join("\n"));
     };
     if json {
-        let v = serde_json::json!({"project": first.project, "servers": views});
+        let v = serde_json::json!({"project": first.project, "servers": views, "unreachable": unreachable});
         println!(
             "{}",
             serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
@@ -430,6 +492,9 @@ async fn status(ctxs: &[Ctx<'_>], apps: &[String], json: bool) -> Result<(), Str
         return Ok(());
     }
     println!("project {}  (network {})", first.project, first.network);
+    for e in unreachable {
+        println!("! {e}");
+    }
     for v in &views {
         if let Some(l) = &v.lock {
             println!("deploy lock on {}: {}", v.server, l.describe());
@@ -596,22 +661,12 @@ async fn logs(ctxs: &[Ctx<'_>], app: &str, follow: bool, tail: usize) -> Result<
                 async move { ctx.engine.stream_logs(&name, &prefix, follow, tail).await }
             })
             .collect();
-        for r in futures_util::future::join_all(streams).await {
-            r?;
-        }
-        Ok::<_, String>(())
+        // With `-f` the streams never end, so the first error ends the command at once.
+        futures_util::future::try_join_all(streams)
+            .await
+            .map(|_| ())
     });
-    let mut errors = Vec::new();
-    for r in futures_util::future::join_all(tasks).await {
-        if let Err(e) = r {
-            errors.push(e);
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("\n"))
-    }
+    futures_util::future::try_join_all(tasks).await.map(|_| ())
 }
 
 async fn proxy_cmd(fleet: &Fleet, ctxs: &[Ctx<'_>], cmd: ProxyCmd) -> Result<(), String> {
@@ -619,12 +674,7 @@ async fn proxy_cmd(fleet: &Fleet, ctxs: &[Ctx<'_>], cmd: ProxyCmd) -> Result<(),
         ProxyCmd::Status { json } => {
             let views = fleet::on_all(ctxs, proxy_status).await?;
             if json {
-                let v = if views.len() == 1 {
-                    views[0].clone()
-                } else {
-                    serde_json::Value::Array(views)
-                };
-                println!("{v:#}");
+                println!("{:#}", serde_json::json!({ "servers": views }));
             } else {
                 for v in views {
                     println!(
@@ -660,18 +710,27 @@ async fn proxy_cmd(fleet: &Fleet, ctxs: &[Ctx<'_>], cmd: ProxyCmd) -> Result<(),
             .await
             .map(|_| ())
         }
-        ProxyCmd::Restart => fleet::on_all(ctxs, |c| async move {
-            c.ui.step(format!("restart {}", c.proxy.container), async {
-                c.engine.restart(&c.proxy.container).await?;
-                proxyctl::wait_ready(c.engine, &c.proxy).await
-            })
-            .await
-        })
-        .await
-        .map(|_| ()),
+        // One server at a time, each ready before the next: an app on several servers keeps
+        // serving from the others.
+        ProxyCmd::Restart => {
+            for c in ctxs {
+                c.ui.step(format!("restart {}", c.proxy.container), async {
+                    c.engine.restart(&c.proxy.container).await?;
+                    proxyctl::wait_ready(c.engine, &c.proxy).await
+                })
+                .await
+                .map_err(|e| format!("server {}: {e}", c.server))?;
+            }
+            Ok(())
+        }
         ProxyCmd::Update => {
             fleet::deliver_proxy_image(fleet, ctxs).await?;
-            fleet::on_all(ctxs, update_proxy).await.map(|_| ())
+            for c in ctxs {
+                update_proxy(c)
+                    .await
+                    .map_err(|e| format!("server {}: {e}", c.server))?;
+            }
+            Ok(())
         }
     }
 }

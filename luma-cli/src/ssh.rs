@@ -8,8 +8,12 @@
 //! Why a ControlMaster: every Docker API connection is one `docker system dial-stdio` on the
 //! server. Each new `ssh` would be a TCP handshake, a key exchange and an authentication. So one
 //! master per server does that once, and every later `ssh -S <socket>` is only a new channel on
-//! that connection. The master runs as our child (`-N`, `ControlPersist=no`), so it cannot
-//! outlive the run. Its socket lives in a private 0700 directory under `/tmp` with a short name,
+//! that connection. The master runs as our child (`-N`, `ControlPersist=no`) and ends with the
+//! run. On an ordinary exit, dropping the [`Master`] closes it. When luma ends without running
+//! Drop (SIGKILL, or `std::process::exit` on a second Ctrl-C), the kernel sends the master, and
+//! every channel's `ssh`, SIGTERM (Linux's parent-death signal, see [`spawn_tied`]); ssh then
+//! closes the connection and removes its socket. Only the empty directory stays, and a later
+//! run sweeps it. Its socket lives in a private 0700 directory under `/tmp` with a short name,
 //! because a Unix socket path has a limit of about 100 bytes and other users must not reach
 //! it.
 //!
@@ -238,6 +242,107 @@ pub fn shell_quote(w: &str) -> String {
     }
 }
 
+/// Starts `cmd` (an `ssh`) so that it ends when luma does, however luma ends.
+///
+/// Drop kills our ssh processes on every ordinary exit (`kill_on_drop`, [`Master`]'s Drop). It
+/// cannot when luma is SIGKILLed or leaves through `std::process::exit` (a second Ctrl-C), since
+/// nothing runs then: a master would keep its connection to the server, and its socket. So the
+/// child asks the kernel, between fork and exec, for SIGTERM when its parent dies
+/// (PR_SET_PDEATHSIG; ssh answers SIGTERM by closing its connection and removing its socket).
+///
+/// The "parent" there is the thread that forked, not the process: the signal comes when that
+/// thread exits. The callers run on tokio's threads: the main thread (in `block_on`) and the
+/// runtime's workers. But tokio runs its workers on its blocking pool, and a worker thread can
+/// end while luma runs: after a `block_in_place` hands its core to a new thread, the old one
+/// idles out. Nothing in luma calls that today, and nothing should have to know. So every tied
+/// child is forked on one thread of our own that is never joined and lives as long as the
+/// process: the signal comes when luma ends, never earlier.
+///
+/// Not on other systems than Linux: there the child is started the same way, but untied.
+pub async fn spawn_tied(
+    mut cmd: tokio::process::Command,
+) -> std::io::Result<tokio::process::Child> {
+    #[cfg(target_os = "linux")]
+    {
+        let luma = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec, and makes only two
+        // async-signal-safe system calls; it allocates nothing (a raw OS error is no
+        // allocation) and touches no lock.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                ) == -1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // luma may have died between the fork and the prctl: no signal comes then,
+                // and the child has a new parent already. Do not start.
+                if libc::getppid() as u32 != luma {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let req = SpawnRequest {
+        cmd,
+        runtime: tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?,
+        reply,
+    };
+    let thread_gone = || std::io::Error::other("luma's thread that starts ssh has stopped");
+    spawner()?.send(req).map_err(|_| thread_gone())?;
+    answer.await.map_err(|_| thread_gone())?
+}
+
+/// What [`spawn_tied`] hands to the spawner thread.
+struct SpawnRequest {
+    cmd: tokio::process::Command,
+    /// The caller's runtime: the child is registered with its reactor, as if spawned there.
+    runtime: tokio::runtime::Handle,
+    reply: tokio::sync::oneshot::Sender<std::io::Result<tokio::process::Child>>,
+}
+
+/// The thread that forks every tied child (see [`spawn_tied`]), started on first use. Its
+/// sender sits in a static, never dropped, so the thread never ends before the process.
+fn spawner() -> std::io::Result<&'static std::sync::mpsc::Sender<SpawnRequest>> {
+    static SPAWNER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<SpawnRequest>>> =
+        std::sync::OnceLock::new();
+    SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+            std::thread::Builder::new()
+                .name("luma-ssh-spawn".into())
+                .spawn(move || {
+                    for req in rx {
+                        // The caller gave up (its future was dropped): start nothing.
+                        if req.reply.is_closed() {
+                            continue;
+                        }
+                        let _in = req.runtime.enter();
+                        let mut cmd = req.cmd;
+                        // A panic must not end this thread: that would signal every child.
+                        let spawned =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd.spawn()))
+                                .unwrap_or_else(|_| {
+                                    Err(std::io::Error::other("starting the process panicked"))
+                                });
+                        // A caller that has gone since drops the child here, which kills it.
+                        let _ = req.reply.send(spawned);
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+        .ok_or_else(|| std::io::Error::other("cannot start a thread to run ssh from"))
+}
+
 /// The one multiplexed connection per server per run (OpenSSH ControlMaster, socket in a
 /// private 0700 temp dir with a short path). Dropping it closes the master and removes the dir.
 pub struct Master {
@@ -268,19 +373,18 @@ impl Master {
         target.check()?;
         let dir = PrivateDir::create()?;
         let ctl = dir.path.join("c");
-        let mut child = tokio::process::Command::new("ssh")
-            .args(target.master_args(&ctl))
+        let mut cmd = tokio::process::Command::new("ssh");
+        cmd.args(target.master_args(&ctl))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot run `ssh` to reach {} ({e}); install OpenSSH's client",
-                    target.server
-                )
-            })?;
+            .kill_on_drop(true);
+        let mut child = spawn_tied(cmd).await.map_err(|e| {
+            format!(
+                "cannot run `ssh` to reach {} ({e}); install OpenSSH's client",
+                target.server
+            )
+        })?;
         // Drained all along: a master that fills its stderr pipe would block.
         let stderr = Arc::new(Mutex::new(Vec::<u8>::new()));
         let drained = child.stderr.take().map(|mut pipe| {
@@ -347,7 +451,8 @@ impl Master {
     /// `ssh -S <ctl> ... <dest> -- <remote...>` through the master (no new TCP connection: if
     /// the master is gone, the command fails with ssh's exit status 255). Each remote word is
     /// shell-quoted, so `remote` is an argv. The process is killed when the returned command's
-    /// child is dropped; stdio is the caller's to set.
+    /// child is dropped; stdio is the caller's to set. Start it with [`spawn_tied`], so it ends
+    /// with luma even when Drop never runs.
     pub fn command(&self, remote: &[&str]) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("ssh");
         c.args(self.target.mux_args(&self.ctl, remote))
@@ -1243,5 +1348,152 @@ mod tests {
             .expect_err("changed key accepted");
         assert!(e.contains("has CHANGED") && e.contains("refuses"), "{e}");
         assert_eq!(logins(&sshd.log()), 2, "{}", sshd.log());
+    }
+
+    /// The "luma" of [`a_master_ends_with_luma_even_when_luma_is_killed`], run by it as a
+    /// separate process (does nothing otherwise). Opens a master from a thread that ends at
+    /// once, checks that the master outlives that thread, says where it is, and waits to be
+    /// killed.
+    #[test]
+    #[ignore = "a helper process of a_master_ends_with_luma_even_when_luma_is_killed"]
+    fn killed_luma_helper() {
+        let Some(config) = std::env::var_os("LUMA_TEST_KILLED_CONFIG") else {
+            return;
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let target = SshTarget::with_config("ok", None, Some(PathBuf::from(config)));
+        let handle = rt.handle().clone();
+        // The kernel's parent of a forked process is the forking thread: this one ends here,
+        // and the master must not end with it.
+        let m = std::thread::spawn(move || handle.block_on(Master::open(&target)))
+            .join()
+            .expect("thread")
+            .expect("open");
+        rt.block_on(async {
+            let out = m
+                .command(&["true"])
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .expect("run");
+            assert!(
+                out.status.success(),
+                "the master ended with its thread: {out:?}"
+            );
+        });
+        let pid = m
+            .child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("master pid");
+        println!("master up {pid} {}", m.ctl.display());
+        // Killed long before this ends.
+        std::thread::sleep(Duration::from_secs(120));
+    }
+
+    #[tokio::test]
+    async fn a_master_ends_with_luma_even_when_luma_is_killed() {
+        use std::io::BufRead;
+        /// Kills what is left if an assert fails: the helper, and a master that outlived it.
+        struct Cleanup {
+            luma: std::process::Child,
+            master: Option<(i32, PathBuf)>,
+        }
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = self.luma.kill();
+                let _ = self.luma.wait();
+                if let Some((pid, ctl)) = self.master.take() {
+                    // Still listening: it is ours and alive.
+                    if ctl.exists() {
+                        // SAFETY: a plain kill(2) of our own grandchild.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                    if let Some(dir) = ctl.parent() {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                }
+            }
+        }
+
+        let sshd = Sshd::start();
+        let said = sshd.dir.path.join("helper.err");
+        let err = std::fs::File::create(&said).expect("helper.err");
+        let luma = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "ssh::tests::killed_luma_helper",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("LUMA_TEST_KILLED_CONFIG", sshd.dir.path.join("ssh_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .expect("run the helper");
+        let mut run = Cleanup { luma, master: None };
+        let out = run.luma.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let up = loop {
+            let Ok(l) = lines.recv_timeout(Duration::from_secs(30)) else {
+                panic!(
+                    "the helper did not say its master is up: {}\nsshd: {}",
+                    std::fs::read_to_string(&said).unwrap_or_default(),
+                    sshd.log()
+                );
+            };
+            // After libtest's own "test NAME ... " on the same line.
+            if let Some((_, rest)) = l.split_once("master up ") {
+                break rest.to_string();
+            }
+        };
+        let (pid, ctl) = up.split_once(' ').expect("pid and socket");
+        let ctl = PathBuf::from(ctl);
+        run.master = Some((pid.parse().expect("pid"), ctl.clone()));
+        assert!(ctl.exists(), "{}", ctl.display());
+        let gone = |log: &str| {
+            [
+                "Disconnected from",
+                "Received disconnect",
+                "Connection closed by",
+            ]
+            .iter()
+            .any(|w| log.contains(w))
+        };
+        assert_eq!(sshd.log().matches("Accepted publickey").count(), 1);
+        assert!(!gone(&sshd.log()), "{}", sshd.log());
+
+        // SIGKILL: no Drop runs in the helper. The kernel sends its master SIGTERM; ssh says
+        // goodbye to the server and removes its socket.
+        run.luma.kill().expect("kill the helper");
+        run.luma.wait().expect("wait for the helper");
+        let until = Instant::now() + Duration::from_secs(10);
+        while ctl.exists() || !gone(&sshd.log()) {
+            assert!(
+                Instant::now() < until,
+                "the master outlived luma: socket there: {}; sshd: {}",
+                ctl.exists(),
+                sshd.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Only the empty directory is left (a later run sweeps it).
+        let dir = ctl.parent().expect("dir").to_path_buf();
+        std::fs::remove_dir(&dir).expect("the socket's directory is left empty");
     }
 }

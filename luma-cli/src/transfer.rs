@@ -8,10 +8,13 @@
 //! server already has under that tag with that ID is skipped.
 //!
 //! A load is all or nothing for the tag: the engine tags the image only after it has read all of
-//! it. So an interrupted stream leaves no tag. We still check, and remove the tag if it points
-//! at another image (an older build), so a deploy cannot start from it. After a load, the
-//! server's ID for the tag must equal the builder's. A mismatch (the tag moved on the builder
-//! during the transfer) removes the tag there and fails.
+//! it. So an interrupted stream leaves no tag, and a tag that points at another image after a
+//! failed load is the one the server had before (a service's `:latest`, a user's
+//! `postgres:16`): it is never removed, and the error says where it still points. After a load
+//! that succeeded, the server's ID for the tag must equal the builder's. A mismatch (the tag
+//! moved on the builder during the transfer, so the load moved it on the server to what the
+//! export carried) fails, and removes the tag there unless it still points at the image it
+//! had before the transfer (then the load did not move it).
 //!
 //! With `docker.registry` ([`push`] once, [`pull`] per server), the pull is by the manifest
 //! digest the push produced, so each server gets exactly the pushed content.
@@ -75,10 +78,11 @@ impl RegistryAuth {
 
 /// Puts `image` (a tag on `from`) on `to` with the same image ID. Skips when `to` already has
 /// that ID under that tag. Streams `from`'s export into `to`'s load (no temp file, bounded
-/// memory), printing progress per server (bytes, rate, ETA) via Ui. Verifies the loaded ID; an
-/// interrupted or mismatched load leaves no tag a deploy would use (removes the tag if it
-/// points elsewhere), and the Err says what broke ("the ssh connection to SERVER closed after
-/// 12.0 of 256.0 MB").
+/// memory), printing progress per server (bytes, rate, ETA) via Ui. Verifies the loaded ID. An
+/// interrupted load tags nothing and removes nothing (a tag there is the server's own, from
+/// before); a load that moved the tag to another image than the builder's removes it. The Err
+/// says what broke ("the ssh connection to SERVER closed after 12.0 of 256.0 MB") and where the
+/// tag points.
 pub async fn send(from: &Engine, to: &Engine, image: &str, ui: &Ui) -> Result<Delivered, String> {
     let server = to.server();
     let src = from.image_info(image).await?.ok_or_else(|| {
@@ -87,7 +91,9 @@ pub async fn send(from: &Engine, to: &Engine, image: &str, ui: &Ui) -> Result<De
             from.server()
         )
     })?;
-    if to.image_id(image).await?.as_deref() == Some(src.id.as_str()) {
+    // What the tag on the server points at before this transfer: never removed by it.
+    let before = to.image_id(image).await?;
+    if before.as_deref() == Some(src.id.as_str()) {
         ui.info(format!("  ✓ {server}: {image} already there"));
         return Ok(Delivered::AlreadyThere);
     }
@@ -167,17 +173,9 @@ pub async fn send(from: &Engine, to: &Engine, image: &str, ui: &Ui) -> Result<De
                     elapsed,
                 });
             }
-            Ok(None) => format!("nothing was tagged {image} on {server}"),
-            Ok(Some(other)) => match to.untag_image(image).await {
-                Ok(()) => format!(
-                    "the tag {image} on {server}, which pointed at another image ({}), was removed",
-                    short_id(&other)
-                ),
-                Err(e) => format!(
-                    "{image} on {server} still points at another image ({}) and removing that tag failed: {e}",
-                    short_id(&other)
-                ),
-            },
+            // A failed load tags nothing: whatever the tag points at is not this transfer's to
+            // remove.
+            Ok(now) => failed_load_tag(image, server, before.as_deref(), now.as_deref()),
             Err(e) => format!(
                 "Luma could not check the tag on {server} ({e}); a load tags an image only once \
                  it has all of it, so this transfer tagged nothing there"
@@ -195,9 +193,18 @@ pub async fn send(from: &Engine, to: &Engine, image: &str, ui: &Ui) -> Result<De
             })
         }
         Some(other) => {
-            let cleanup = match to.untag_image(image).await {
-                Ok(()) => format!("the tag was removed on {server}"),
-                Err(e) => format!("removing the tag on {server} failed too: {e}"),
+            // Removed only when this load moved it; where it still points at the image it had
+            // before, that is the server's own.
+            let cleanup = if before.as_deref() == Some(other.as_str()) {
+                format!(
+                    "the tag on {server} still points at the image it had before, so it was left \
+                     as it is"
+                )
+            } else {
+                match to.untag_image(image).await {
+                    Ok(()) => format!("the tag was removed on {server}"),
+                    Err(e) => format!("removing the tag on {server} failed too: {e}"),
+                }
             };
             Err(format!(
                 "after sending {image} to {server}, it is {} there but {} on {}: did {image} \
@@ -213,6 +220,27 @@ pub async fn send(from: &Engine, to: &Engine, image: &str, ui: &Ui) -> Result<De
              not carry that tag",
             from.server()
         )),
+    }
+}
+
+/// Where the tag stands after a failed load (`before`: what it pointed at before the transfer,
+/// `now`: after). The load tagged nothing, so nothing is removed; this only says so.
+fn failed_load_tag(image: &str, server: &str, before: Option<&str>, now: Option<&str>) -> String {
+    match now {
+        None => format!("nothing was tagged {image} on {server}"),
+        Some(id) if before == Some(id) => format!(
+            "nothing was tagged {image} on {server} (the tag still points at the image it had \
+             before, {})",
+            short_id(id)
+        ),
+        // Something else changed it meanwhile, or the load did finish (the answer was lost)
+        // with what the export carried after the tag moved on the builder. Which one cannot be
+        // told, so it is not ours to remove.
+        Some(id) => format!(
+            "the tag {image} on {server} now points at {}, which is neither the image it had \
+             before nor the one sent; it was left as it is",
+            short_id(id)
+        ),
     }
 }
 
@@ -292,6 +320,13 @@ pub async fn pull(
                 short_id(&pulled)
             ));
         }
+    }
+    // Only the release's own tag stays: a leftover `<registry>/<repo>@sha256` reference would
+    // keep the image on the server after Luma prunes that release.
+    if let Err(e) = to.untag_image(remote_ref).await {
+        ui.info(format!(
+            "  ! {server}: could not remove the reference {remote_ref} ({e}); `docker rmi` it there"
+        ));
     }
     let elapsed = started.elapsed();
     ui.info(format!(
@@ -518,6 +553,25 @@ mod tests {
             "reg:5000/acme/app:2"
         );
         assert_eq!(registry_name("reg:5000", "acme/app"), "reg:5000/acme/app");
+    }
+
+    #[test]
+    fn a_failed_load_reports_the_tag_and_never_claims_it() {
+        let (old, new) = ("sha256:0123456789abcdef", "sha256:fedcba9876543210");
+        assert_eq!(
+            failed_load_tag("web:1", "s1", None, None),
+            "nothing was tagged web:1 on s1"
+        );
+        assert_eq!(
+            failed_load_tag("postgres:16", "s1", Some(old), Some(old)),
+            "nothing was tagged postgres:16 on s1 (the tag still points at the image it had \
+             before, 0123456789ab)"
+        );
+        assert_eq!(
+            failed_load_tag("web:1", "s1", Some(old), Some(new)),
+            "the tag web:1 on s1 now points at fedcba987654, which is neither the image it had \
+             before nor the one sent; it was left as it is"
+        );
     }
 
     #[test]

@@ -37,9 +37,14 @@ if [[ -n $run ]]; then
   fi
 fi
 if [[ -n ${dir:-} && -d $dir ]]; then
-  # up.sh stopped before registering, or the runtime dir was already gone.
-  lt_unmount_under "$dir"
-  rm -rf --one-file-system "$dir"
+  # up.sh stopped before registering, or the runtime dir was already gone. Only a directory
+  # up.sh wrote to (its log is the first thing it makes) is removed: a mistyped DIR is not.
+  if [[ -e $dir/up.log || -e $dir/rundir ]]; then
+    lt_unmount_under "$dir"
+    rm -rf --one-file-system "$dir"
+  else
+    echo "down.sh: $dir holds no topology of up.sh (no up.log); left as it is" >&2
+  fi
 fi
 lt_sweep_stale
 exec 9>&-

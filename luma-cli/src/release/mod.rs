@@ -88,17 +88,21 @@ pub enum ReleaseError {
     },
     /// Whether the proxy switched could not be learned; nothing was removed.
     Unknown(String),
+    /// Servers of one app serve different releases: a switch failed after others succeeded
+    /// and not every switched server could be put back. The message says which serves what.
+    Split(String),
 }
 
 impl ReleaseError {
     /// Exit status for scripts, about the app the run stopped at (apps released before it in
     /// the same run are live, and the message names them): 1 nothing changed, 2 live but
-    /// unsettled, 3 unknown.
+    /// unsettled, 3 unknown, 4 servers left on different releases.
     pub fn exit_code(&self) -> u8 {
         match self {
             ReleaseError::NothingChanged(_) | ReleaseError::Failed(_) => 1,
             ReleaseError::Unsettled { .. } => 2,
             ReleaseError::Unknown(_) => 3,
+            ReleaseError::Split(_) => 4,
         }
     }
 }
@@ -128,6 +132,7 @@ impl ReleaseError {
             ReleaseError::NothingChanged(m) => ReleaseError::NothingChanged(f(&m)),
             ReleaseError::Failed(m) => ReleaseError::Failed(f(&m)),
             ReleaseError::Unknown(m) => ReleaseError::Unknown(f(&m)),
+            ReleaseError::Split(m) => ReleaseError::Split(f(&m)),
             ReleaseError::Unsettled {
                 app,
                 release,
@@ -157,7 +162,7 @@ impl std::fmt::Display for ReleaseError {
                 "release {release} of {app} is live and serving, but settling stopped: {error}\nLeft to do: {}.\nFinish it with `luma prune`.",
                 left.join("; ")
             ),
-            ReleaseError::Unknown(e) => write!(f, "{e}"),
+            ReleaseError::Unknown(e) | ReleaseError::Split(e) => write!(f, "{e}"),
         }
     }
 }
@@ -369,7 +374,14 @@ where
     F: Fn(&'c Ctx<'a>) -> Fut,
     Fut: std::future::Future<Output = Result<Prepared<'c, 'a>, ReleaseError>>,
 {
-    let several = here.len() > 1;
+    if let [one] = here {
+        // One server: the phases as they are, its own errors saying it all.
+        let p = prepare(one).await?;
+        if let Err(e) = locks.verify().await {
+            return Err(p.abandon(e).await);
+        }
+        return p.switch().await?.settle().await;
+    }
     // Phase 1, on every server at once.
     let outcomes = join_all(here.iter().map(|c| prepare(c))).await;
     let mut prepared = Vec::new();
@@ -380,54 +392,86 @@ where
             Err(e) => failed.push(format!("server {}: {e}", c.server)),
         }
     }
+    let abandon_all = |prepared: Vec<Prepared<'c, 'a>>, why: String| async move {
+        let undone = join_all(prepared.into_iter().map(|p| {
+            let server = p.server().to_string();
+            let why = why.clone();
+            async move { (server, p.abandon(why).await.to_string()) }
+        }))
+        .await;
+        // `abandon` says when undoing failed; only those are worth repeating.
+        undone
+            .into_iter()
+            .filter(|(_, m)| m.contains("undoing failed"))
+            .map(|(server, m)| format!("server {server}: {}", m.lines().last().unwrap_or("")))
+            .collect::<Vec<_>>()
+    };
     if !failed.is_empty() {
-        if !several {
-            // One server: its own error says it all.
-            return Err(ReleaseError::NothingChanged(
-                failed
-                    .remove(0)
-                    .split_once(": ")
-                    .map(|(_, e)| e.to_string())
-                    .unwrap_or_default(),
-            ));
-        }
         let why = format!("release {release} of {} failed on another server", app.name);
-        join_all(prepared.into_iter().map(|p| p.abandon(why.clone()))).await;
+        let leftovers = abandon_all(prepared, why).await;
         return Err(ReleaseError::NothingChanged(format!(
-            "release {release} of {} did not pass on every server, so no server was switched and its new containers were removed everywhere:\n{}\nEvery server keeps serving its previous release.",
+            "release {release} of {} did not pass on every server, so no server was switched:\n{}\n{}Every server keeps serving its previous release.",
             app.name,
-            failed.join("\n")
+            failed.join("\n"),
+            removed_everywhere(&leftovers),
         )));
     }
-    if let Err(e) = locks.verify().await {
-        join_all(prepared.into_iter().map(|p| p.abandon(e.clone()))).await;
-        return Err(ReleaseError::NothingChanged(format!(
-            "{e}\nNo server was switched; every server keeps serving its previous release."
-        )));
-    }
-    // What each server serves now, to put it back if a later server cannot switch.
+    // What each server serves now, to put it back if a later server cannot switch. Without
+    // that knowledge no server may switch.
     let mut before = Vec::new();
     for c in here {
-        before.push(live_release(c, &app.name).await.ok().flatten());
+        match live_release(c, &app.name).await {
+            Ok(r) => before.push(r),
+            Err(e) => {
+                let e = format!("server {}: cannot learn the live release: {e}", c.server);
+                let leftovers = abandon_all(prepared, e.clone()).await;
+                return Err(ReleaseError::NothingChanged(format!(
+                    "{e}\nNo server was switched. {}Every server keeps serving its previous release.",
+                    removed_everywhere(&leftovers)
+                )));
+            }
+        }
     }
-    // Phase 2: the point of no return, server by server.
+    if let Err(e) = locks.verify().await {
+        let leftovers = abandon_all(prepared, e.clone()).await;
+        return Err(ReleaseError::NothingChanged(format!(
+            "{e}\nNo server was switched. {}Every server keeps serving its previous release.",
+            removed_everywhere(&leftovers)
+        )));
+    }
+    // Phase 2: the point of no return, server by server. Once the first has switched, a
+    // signal no longer undoes the others (see `Prepared::switch`).
     let mut switched = Vec::new();
     let mut rest = prepared.into_iter().zip(before.iter());
     while let Some((p, prev)) = rest.next() {
         let server = p.server().to_string();
         match p.switch().await {
             Ok(s) => switched.push((s, prev.clone())),
-            Err(e) if !several => return Err(e),
             Err(e) => {
+                // Past the point of no return for the servers that switched: what follows
+                // runs to its end whatever signal arrives.
+                crate::interrupt::settling(true);
                 let why = format!("server {server} could not switch");
-                for (p, _) in rest {
-                    let _ = p.abandon(why.clone()).await;
-                }
-                let report = put_back(switched, app).await;
-                return Err(ReleaseError::NothingChanged(format!(
+                let leftovers = abandon_all(rest.map(|(p, _)| p).collect(), why).await;
+                let (report, all_back) = put_back(switched, app).await;
+                crate::interrupt::settling(false);
+                let mut msg = format!(
                     "release {release} of {} could not switch on server {server}: {e}\n{report}",
                     app.name
-                )));
+                );
+                if !leftovers.is_empty() {
+                    msg.push_str(&format!("\nUndoing failed on: {}", leftovers.join("; ")));
+                }
+                return Err(match (&e, all_back) {
+                    (ReleaseError::Unknown(_), _) => ReleaseError::Unknown(format!(
+                        "{msg}\nWhether server {server} switched is unknown: `luma status` shows what each server serves."
+                    )),
+                    (_, true) => ReleaseError::NothingChanged(msg),
+                    (_, false) => ReleaseError::Split(format!(
+                        "{msg}\nThe servers now serve different releases of {}; `luma status` shows which.",
+                        app.name
+                    )),
+                });
             }
         }
     }
@@ -437,25 +481,64 @@ where
         s.settle().await.map_err(|e| (server, e))
     }))
     .await;
-    for r in settled {
-        if let Err((server, e)) = r {
-            return Err(if several {
-                e.map_messages(|m| format!("server {server}: {m}"))
+    let failures: Vec<(String, ReleaseError)> =
+        settled.into_iter().filter_map(Result::err).collect();
+    match failures.len() {
+        0 => Ok(()),
+        1 => {
+            let (server, e) = failures.into_iter().next().expect("one failure");
+            Err(e.map_messages(|m| format!("server {server}: {m}")))
+        }
+        _ => {
+            let lines: Vec<String> = failures
+                .iter()
+                .map(|(server, e)| format!("server {server}: {e}"))
+                .collect();
+            let code_2 = failures
+                .iter()
+                .all(|(_, e)| matches!(e, ReleaseError::Unsettled { .. }));
+            let msg = lines.join("\n");
+            Err(if code_2 {
+                ReleaseError::Unsettled {
+                    app: app.name.clone(),
+                    release: release.to_string(),
+                    error: msg,
+                    left: vec!["settle every server listed above"],
+                }
             } else {
-                e
-            });
+                ReleaseError::Unknown(msg)
+            })
         }
     }
-    Ok(())
+}
+
+/// "The new containers were removed everywhere." unless undoing failed somewhere (then the
+/// servers and what is left).
+fn removed_everywhere(leftovers: &[String]) -> String {
+    if leftovers.is_empty() {
+        "The new containers were removed everywhere. ".to_string()
+    } else {
+        format!(
+            "Undoing failed on: {}. `luma prune` removes what is left. ",
+            leftovers.join("; ")
+        )
+    }
 }
 
 /// Puts servers that switched back on the release they served before, through the same
-/// phases (health gate first), and says what happened on each.
-async fn put_back(switched: Vec<(Switched<'_, '_>, Option<String>)>, app: &Entry) -> String {
+/// phases (health gate first), and says what happened on each; true when every one is back.
+async fn put_back(
+    switched: Vec<(Switched<'_, '_>, Option<String>)>,
+    app: &Entry,
+) -> (String, bool) {
     if switched.is_empty() {
-        return "No server had switched; every server keeps serving its previous release.".into();
+        return (
+            "No server had switched; every server keeps serving its previous release.".into(),
+            true,
+        );
     }
     let mut lines = Vec::new();
+    let mut all_back = true;
     for (s, prev) in switched {
         let ctx = s.ctx();
         let server = ctx.server.to_string();
@@ -463,6 +546,7 @@ async fn put_back(switched: Vec<(Switched<'_, '_>, Option<String>)>, app: &Entry
         let Some(prev) = prev else {
             // First release on this server: nothing to go back to, so it keeps the new one.
             let settled = s.settle().await;
+            all_back = false;
             lines.push(format!(
                 "server {server} had no earlier release of {} and keeps serving {new}{}",
                 app.name,
@@ -496,15 +580,21 @@ async fn put_back(switched: Vec<(Switched<'_, '_>, Option<String>)>, app: &Entry
         .await;
         lines.push(match back {
             Ok(()) => format!("server {server} was put back on release {prev}"),
-            Err(e) => format!(
-                "server {server} could NOT be put back on release {prev} and serves {new}: {e}; run `luma rollback {} {prev}`",
-                app.name
-            ),
+            Err(e) => {
+                all_back = false;
+                format!(
+                    "server {server} could NOT be put back on release {prev} and serves {new}: {e}; run `luma rollback --server {server} {} {prev}`",
+                    app.name
+                )
+            }
         });
     }
-    format!(
-        "The servers that had switched were put back:\n{}",
-        lines.join("\n")
+    (
+        format!(
+            "The servers that had switched were put back:\n{}",
+            lines.join("\n")
+        ),
+        all_back,
     )
 }
 

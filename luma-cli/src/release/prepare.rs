@@ -262,8 +262,9 @@ impl<'c, 'a> Prepared<'c, 'a> {
         if let Err(e) = ctx.failpoint("switch.before").await {
             return Err(self.abandon(e).await);
         }
-        // The last moment a signal can still undo everything.
-        if crate::interrupt::requested() {
+        // The last moment a signal can still undo everything (on several servers: until the
+        // first one switched; the others then follow).
+        if crate::interrupt::requested() && !crate::interrupt::past_no_return() {
             return Err(self.abandon(crate::interrupt::INTERRUPTED.into()).await);
         }
         if let Some(route) = &self.app.proxy {
