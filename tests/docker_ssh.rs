@@ -284,6 +284,34 @@ fn two_projects_on_two_servers_route_by_host_transfer_once_and_roll_back() {
             "{s}"
         );
     }
+
+    // Logs and the proxy, across both servers.
+    let logs = lab.ok(&dir_a, &["logs", "web", "--tail", "5"]).stdout;
+    for s in [S1, S2] {
+        assert!(
+            logs.contains(&format!("[{s} 1]")),
+            "no log lines of {s}:\n{logs}"
+        );
+    }
+    let proxies: Value =
+        serde_json::from_str(&lab.ok(&dir_a, &["proxy", "status", "--json"]).stdout).unwrap();
+    let shown: Vec<&str> = proxies["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["server"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(shown, vec![S1, S2], "{proxies:#}");
+    // Removing project B takes it off both servers and leaves A serving.
+    lab.ok(&dir_b, &["remove", "--yes"]);
+    for s in [S1, S2] {
+        assert!(
+            lab.containers(s, &project_b, "luma.project").is_empty(),
+            "{s}"
+        );
+        assert_eq!(lab.ask(s, &host_b).0, 404, "{s} still routes {host_b}");
+        assert_eq!(lab.ask(s, &host_a).0, 200, "{s}");
+    }
 }
 
 /// A replica that fails its health check on one server: no server switches, the new release's
