@@ -41,10 +41,19 @@ pub fn settling(on: bool) {
     PHASE.store(if on { SETTLE } else { PREPARE }, Ordering::SeqCst);
 }
 
-/// Whether a switch has happened in this run and its settling has not ended: from here a
-/// signal waits (on several servers, the remaining servers still switch, or are put back).
+/// Marks the span where servers of a release are undone or put back after another server
+/// could not switch: it runs to its end whatever signal arrives. Kept apart from the phase,
+/// which each server's own switch and settle set and reset.
+pub fn putting_back(on: bool) {
+    PUTTING_BACK.store(on, Ordering::SeqCst);
+}
+static PUTTING_BACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a switch has happened in this run and its settling has not ended, or servers are
+/// being put back: from here a signal waits (on several servers, the remaining servers still
+/// switch, or are put back).
 pub fn past_no_return() -> bool {
-    matches!(PHASE.load(Ordering::SeqCst), SWITCH | SETTLE)
+    PUTTING_BACK.load(Ordering::SeqCst) || matches!(PHASE.load(Ordering::SeqCst), SWITCH | SETTLE)
 }
 
 /// What an interrupted step returns.

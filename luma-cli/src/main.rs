@@ -381,6 +381,16 @@ where
     let mut report = Vec::new();
     let mut failed = false;
     for ctx in ctxs {
+        // A signal stops between servers; the rest are left as they are, and said so.
+        if luma_cli::interrupt::requested() {
+            failed = true;
+            report.push(format!(
+                "server {}: not touched ({})",
+                ctx.server,
+                luma_cli::interrupt::INTERRUPTED
+            ));
+            continue;
+        }
         match f(ctx).await {
             Ok(()) => report.push(format!("server {}: done", ctx.server)),
             Err(e) => {
@@ -393,8 +403,8 @@ where
         (false, _) => Ok(()),
         (true, 1) => Err(report
             .remove(0)
-            .split_once(": failed: ")
-            .map(|(_, e)| e.to_string())
+            .split_once(": ")
+            .map(|(_, e)| e.trim_start_matches("failed: ").to_string())
             .unwrap_or_default()),
         (true, _) => Err(report.join("\n")),
     }
@@ -479,7 +489,29 @@ async fn status(
     json: bool,
     unreachable: &[String],
 ) -> Result<(), String> {
-    let views = fleet::on_all(ctxs, |c| inventory::status(c, apps)).await?;
+    // Every server that answers is shown; the others are named, and the exit status says
+    // that the picture is incomplete.
+    let results =
+        futures_util::future::join_all(ctxs.iter().map(|c| inventory::status(c, apps))).await;
+    let mut views = Vec::new();
+    let mut missing: Vec<String> = unreachable.to_vec();
+    for (c, r) in ctxs.iter().zip(results) {
+        match r {
+            Ok(v) => views.push(v),
+            Err(e) => missing.push(format!("server {}: {e}", c.server)),
+        }
+    }
+    let unreachable = &missing;
+    let incomplete = || -> Result<(), String> {
+        if unreachable.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the status of {} server(s) could not be read (above)",
+                unreachable.len()
+            ))
+        }
+    };
     let Some(first) = views.first() else {
         return Err(unreachable.join("\n"));
     };
@@ -489,7 +521,7 @@ async fn status(
             "{}",
             serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
         );
-        return Ok(());
+        return incomplete();
     }
     println!("project {}  (network {})", first.project, first.network);
     for e in unreachable {
@@ -634,7 +666,7 @@ async fn status(
             );
         }
     }
-    Ok(())
+    incomplete()
 }
 
 async fn logs(ctxs: &[Ctx<'_>], app: &str, follow: bool, tail: usize) -> Result<(), String> {
@@ -665,6 +697,13 @@ async fn logs(ctxs: &[Ctx<'_>], app: &str, follow: bool, tail: usize) -> Result<
         futures_util::future::try_join_all(streams)
             .await
             .map(|_| ())
+            .map_err(|e| {
+                if several {
+                    format!("server {}: {e}", ctx.server)
+                } else {
+                    e
+                }
+            })
     });
     futures_util::future::try_join_all(tasks).await.map(|_| ())
 }
@@ -697,7 +736,8 @@ async fn proxy_cmd(fleet: &Fleet, ctxs: &[Ctx<'_>], cmd: ProxyCmd) -> Result<(),
         }
         ProxyCmd::Logs { follow, tail } => {
             let several = ctxs.len() > 1;
-            fleet::on_all(ctxs, |c| async move {
+            // With `-f` the streams never end, so the first error ends the command at once.
+            futures_util::future::try_join_all(ctxs.iter().map(|c| async move {
                 let prefix = if several {
                     format!("[{}]", c.server)
                 } else {
@@ -706,7 +746,14 @@ async fn proxy_cmd(fleet: &Fleet, ctxs: &[Ctx<'_>], cmd: ProxyCmd) -> Result<(),
                 c.engine
                     .stream_logs(&c.proxy.container, &prefix, follow, tail)
                     .await
-            })
+                    .map_err(|e| {
+                        if several {
+                            format!("server {}: {e}", c.server)
+                        } else {
+                            e
+                        }
+                    })
+            }))
             .await
             .map(|_| ())
         }

@@ -265,8 +265,11 @@ pub async fn push(
     let started = Instant::now();
     let pushed = from.push_image(&remote, Some(reg)).await;
     let info = from.image_info(&remote).await;
-    // The extra name was only for the push; `image` keeps the image.
-    let _ = from.remove_image(&remote).await;
+    // The extra name was only for the push; `image` keeps the image. (An image already named
+    // under the registry is its own name: it stays.)
+    if remote != image {
+        let _ = from.untag_image(&remote).await;
+    }
     pushed?;
     let digest = info?.and_then(|i| {
         let prefix = format!("{repo}@");
@@ -323,7 +326,18 @@ pub async fn pull(
     }
     // Only the release's own tag stays: a leftover `<registry>/<repo>@sha256` reference would
     // keep the image on the server after Luma prunes that release.
-    if let Err(e) = to.untag_image(remote_ref).await {
+    // (Only a digest reference: a tag is the image's own name when it already names the
+    // registry, and must stay.)
+    let by_digest = remote_ref.contains('@') && remote_ref != image;
+    if let Err(e) = async {
+        if by_digest {
+            to.untag_image(remote_ref).await
+        } else {
+            Ok(())
+        }
+    }
+    .await
+    {
         ui.info(format!(
             "  ! {server}: could not remove the reference {remote_ref} ({e}); `docker rmi` it there"
         ));

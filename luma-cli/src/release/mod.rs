@@ -252,7 +252,11 @@ pub async fn deploy(
     };
     let cfg = first.cfg;
     let apps: Vec<&Entry> = if selected.is_empty() {
-        cfg.apps.iter().collect()
+        // Every app on the servers of this run (`--server` may narrow them).
+        cfg.apps
+            .iter()
+            .filter(|a| ctxs.iter().any(|c| c.runs_here(a)))
+            .collect()
     } else {
         selected
             .iter()
@@ -450,10 +454,11 @@ where
             Err(e) => {
                 // Past the point of no return for the servers that switched: what follows
                 // runs to its end whatever signal arrives.
-                crate::interrupt::settling(true);
+                crate::interrupt::putting_back(true);
                 let why = format!("server {server} could not switch");
                 let leftovers = abandon_all(rest.map(|(p, _)| p).collect(), why).await;
-                let (report, all_back) = put_back(switched, app).await;
+                let (report, outcome) = put_back(switched, app).await;
+                crate::interrupt::putting_back(false);
                 crate::interrupt::settling(false);
                 let mut msg = format!(
                     "release {release} of {} could not switch on server {server}: {e}\n{report}",
@@ -462,12 +467,15 @@ where
                 if !leftovers.is_empty() {
                     msg.push_str(&format!("\nUndoing failed on: {}", leftovers.join("; ")));
                 }
-                return Err(match (&e, all_back) {
+                return Err(match (&e, outcome) {
                     (ReleaseError::Unknown(_), _) => ReleaseError::Unknown(format!(
                         "{msg}\nWhether server {server} switched is unknown: `luma status` shows what each server serves."
                     )),
-                    (_, true) => ReleaseError::NothingChanged(msg),
-                    (_, false) => ReleaseError::Split(format!(
+                    (_, PutBack::Unknown) => ReleaseError::Unknown(format!(
+                        "{msg}\n`luma status` shows what each server serves."
+                    )),
+                    (_, PutBack::All) => ReleaseError::NothingChanged(msg),
+                    (_, PutBack::Split) => ReleaseError::Split(format!(
                         "{msg}\nThe servers now serve different releases of {}; `luma status` shows which.",
                         app.name
                     )),
@@ -525,20 +533,31 @@ fn removed_everywhere(leftovers: &[String]) -> String {
     }
 }
 
+/// How putting one server back ended, when it did not simply end.
+enum Back {
+    /// The proxy serves the previous release again; settling it stopped.
+    Unsettled(String),
+    /// Whether the proxy switched back could not be learned.
+    Unknown(String),
+    /// The server still serves the new release.
+    Stayed(String),
+}
+
 /// Puts servers that switched back on the release they served before, through the same
 /// phases (health gate first), and says what happened on each; true when every one is back.
 async fn put_back(
     switched: Vec<(Switched<'_, '_>, Option<String>)>,
     app: &Entry,
-) -> (String, bool) {
+) -> (String, PutBack) {
     if switched.is_empty() {
         return (
             "No server had switched; every server keeps serving its previous release.".into(),
-            true,
+            PutBack::All,
         );
     }
     let mut lines = Vec::new();
     let mut all_back = true;
+    let mut unknown = false;
     for (s, prev) in switched {
         let ctx = s.ctx();
         let server = ctx.server.to_string();
@@ -560,27 +579,43 @@ async fn put_back(
         // The new release stays live here until the old one, still running (settling never
         // ran), passes the gate again; settling the way back then retires the new one.
         drop(s);
+        // Back through the gate and the switch; settling the way back is bookkeeping, and
+        // its failure does not make the server serve the new release again.
         let back = async {
             let containers: Vec<String> = releases(ctx, &app.name)
-                .await?
+                .await
+                .map_err(Back::Stayed)?
                 .into_iter()
                 .find(|(r, _)| *r == prev)
                 .map(|(_, cs)| cs.iter().map(engine::name_of).collect())
-                .ok_or_else(|| format!("release {prev} is gone"))?;
+                .ok_or_else(|| Back::Stayed(format!("release {prev} is gone")))?;
             let p = Prepared::retained(ctx, app, &prev, containers)
                 .await
-                .map_err(|e| e.to_string())?;
-            p.switch()
-                .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| Back::Stayed(e.to_string()))?;
+            let switched_back = match p.switch().await {
+                Ok(s) => s,
+                Err(e @ ReleaseError::Unknown(_)) => return Err(Back::Unknown(e.to_string())),
+                Err(e) => return Err(Back::Stayed(e.to_string())),
+            };
+            switched_back
                 .settle()
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| Back::Unsettled(e.to_string()))
         }
         .await;
         lines.push(match back {
             Ok(()) => format!("server {server} was put back on release {prev}"),
-            Err(e) => {
+            Err(Back::Unsettled(e)) => format!(
+                "server {server} was put back on release {prev}, but settling stopped ({e}); `luma prune` finishes it"
+            ),
+            Err(Back::Unknown(e)) => {
+                all_back = false;
+                unknown = true;
+                format!(
+                    "server {server}: whether it went back to release {prev} is unknown ({e}); `luma status` shows what it serves"
+                )
+            }
+            Err(Back::Stayed(e)) => {
                 all_back = false;
                 format!(
                     "server {server} could NOT be put back on release {prev} and serves {new}: {e}; run `luma rollback --server {server} {} {prev}`",
@@ -589,13 +624,26 @@ async fn put_back(
             }
         });
     }
-    (
-        format!(
-            "The servers that had switched were put back:\n{}",
-            lines.join("\n")
-        ),
-        all_back,
-    )
+    let report = format!(
+        "The servers that had switched were put back:\n{}",
+        lines.join("\n")
+    );
+    let outcome = match (all_back, unknown) {
+        (true, _) => PutBack::All,
+        (false, true) => PutBack::Unknown,
+        (false, false) => PutBack::Split,
+    };
+    (report, outcome)
+}
+
+/// Where putting servers back left the app.
+enum PutBack {
+    /// Every server serves the previous release again.
+    All,
+    /// Some server serves the new release.
+    Split,
+    /// What some server serves is unknown.
+    Unknown,
 }
 
 /// The next release id of an app (unique among its releases on all its servers), checked
