@@ -763,3 +763,39 @@ fn kill_ssh_master_of(pid: u32, server: &str) -> bool {
     }
     killed
 }
+
+/// Ctrl-C while the new release is being prepared on two servers (paused on s2): both servers
+/// undo it, neither switches, and the old release keeps serving on both.
+#[test]
+fn ctrl_c_while_preparing_on_two_servers_undoes_both() {
+    let lab = Lab::new("ssh-sigint");
+    let host = format!("i.{}.test", lab.cli.prefix);
+    let (dir, project) = lab.project("i", &[S1, S2], &host, "");
+    let old = release_of(&lab.ok(&dir, &["deploy", "--force"]));
+    let spec = format!("prepare.started@{S2}=pause");
+    let env = lab.env();
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.push(("LUMA_FAILPOINTS", &spec));
+    let (child, _) = lab.cli.luma_until(
+        &dir,
+        &["deploy", "--force"],
+        &all,
+        &format!("failpoint prepare.started@{S2}: paused"),
+    );
+    let (code, stderr) = luma_integration_tests::signal_and_wait(child, "INT");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("interrupted") && stderr.contains("no server was switched"),
+        "{stderr}"
+    );
+    for s in [S1, S2] {
+        let left: Vec<String> = lab
+            .containers(s, &project, "luma.role=app")
+            .into_iter()
+            .filter(|c| !c.contains(&old))
+            .collect();
+        assert!(left.is_empty(), "{s} kept new containers {left:?}");
+        let (code, _, release) = lab.ask(s, &host);
+        assert_eq!((code, release.as_str()), (200, old.as_str()), "{s}");
+    }
+}

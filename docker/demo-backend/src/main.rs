@@ -191,10 +191,14 @@ fn serve(stream: TcpStream, id: &Identity) -> std::io::Result<()> {
             id.release,
             if close { "connection: close\r\n" } else { "" }
         );
-        out.write_all(head.as_bytes())?;
+        // One write for head and body: a replica killed mid-response (the tests kill replicas
+        // under load) then either sent the whole response or none of it, never a head whose
+        // body is cut, which no proxy could retry.
+        let mut response = head.into_bytes();
         if method != "HEAD" {
-            out.write_all(&body)?;
+            response.extend_from_slice(&body);
         }
+        out.write_all(&response)?;
         if close {
             return Ok(());
         }
