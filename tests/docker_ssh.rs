@@ -145,6 +145,41 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Runs luma with the lab's environment plus `extra` until it prints `marker`.
+    fn until(
+        &self,
+        dir: &Path,
+        args: &[&str],
+        extra: &[(&str, &str)],
+        marker: &str,
+    ) -> (luma_integration_tests::LumaChild, String) {
+        let env = self.env();
+        let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.extend_from_slice(extra);
+        self.cli.luma_until(dir, args, &all, marker)
+    }
+
+    /// On both servers: no app container of `project` but those of release `old`, and `host`
+    /// answered by release `old`.
+    fn assert_only(&self, project: &str, host: &str, old: &str) {
+        for s in [S1, S2] {
+            let left: Vec<String> = self
+                .containers(s, project, "luma.role=app")
+                .into_iter()
+                .filter(|c| !c.contains(old))
+                .collect();
+            assert!(left.is_empty(), "{s} kept new containers {left:?}");
+            let (code, _, release) = self.ask(s, host);
+            assert_eq!(
+                (code, release.as_str()),
+                (200, old),
+                "{s} must serve the old release"
+            );
+        }
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         // The proxies first: a network cannot be removed while a proxy is attached to it.
@@ -328,13 +363,10 @@ fn health_failure_on_one_server_switches_none_and_leaves_nothing() {
     let gate = std::env::temp_dir().join(format!("{}-gate", lab.cli.prefix));
     let _ = std::fs::remove_file(&gate);
     let spec = format!("prepare.started@{S2}=wait:{}", gate.display());
-    let env = lab.env();
-    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    all.push(("LUMA_FAILPOINTS", &spec));
-    let (child, seen) = lab.cli.luma_until(
+    let (child, seen) = lab.until(
         &dir,
         &["deploy", "--force"],
-        &all,
+        &[("LUMA_FAILPOINTS", &spec)],
         &format!("failpoint prepare.started@{S2}: waiting"),
     );
     let new: Vec<String> = lab
@@ -378,20 +410,7 @@ fn health_failure_on_one_server_switches_none_and_leaves_nothing() {
         stderr.contains(&format!("server {S2}")) && stderr.contains("no server was switched"),
         "{stderr}"
     );
-    for s in [S1, S2] {
-        let left: Vec<String> = lab
-            .containers(s, &project, "luma.role=app")
-            .into_iter()
-            .filter(|c| !c.contains(&old))
-            .collect();
-        assert!(left.is_empty(), "{s} kept new containers {left:?}");
-        let (code, _, release) = lab.ask(s, &host);
-        assert_eq!(
-            (code, release.as_str()),
-            (200, old.as_str()),
-            "{s} must serve the old release"
-        );
-    }
+    lab.assert_only(&project, &host, &old);
 }
 
 /// A switch that fails on the second server after the first switched: the first is put back
@@ -457,14 +476,7 @@ fn ssh_killed_during_transfer_leaves_old_release_serving() {
         format!("{dockerfile}COPY big.bin /big.bin\n"),
     )
     .unwrap();
-    let env = lab.env();
-    let all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (child, seen) = lab.cli.luma_until(
-        &dir,
-        &["deploy", "--force"],
-        &all,
-        &format!("{S1}: sending"),
-    );
+    let (child, seen) = lab.until(&dir, &["deploy", "--force"], &[], &format!("{S1}: sending"));
     // This run's own connection only (other tests use the same server at the same time).
     assert!(
         kill_ssh_master_of(child.id(), S1),
@@ -773,13 +785,10 @@ fn ctrl_c_while_preparing_on_two_servers_undoes_both() {
     let (dir, project) = lab.project("i", &[S1, S2], &host, "");
     let old = release_of(&lab.ok(&dir, &["deploy", "--force"]));
     let spec = format!("prepare.started@{S2}=pause");
-    let env = lab.env();
-    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    all.push(("LUMA_FAILPOINTS", &spec));
-    let (child, _) = lab.cli.luma_until(
+    let (child, _) = lab.until(
         &dir,
         &["deploy", "--force"],
-        &all,
+        &[("LUMA_FAILPOINTS", &spec)],
         &format!("failpoint prepare.started@{S2}: paused"),
     );
     let (code, stderr) = luma_integration_tests::signal_and_wait(child, "INT");
@@ -788,14 +797,5 @@ fn ctrl_c_while_preparing_on_two_servers_undoes_both() {
         stderr.contains("interrupted") && stderr.contains("no server was switched"),
         "{stderr}"
     );
-    for s in [S1, S2] {
-        let left: Vec<String> = lab
-            .containers(s, &project, "luma.role=app")
-            .into_iter()
-            .filter(|c| !c.contains(&old))
-            .collect();
-        assert!(left.is_empty(), "{s} kept new containers {left:?}");
-        let (code, _, release) = lab.ask(s, &host);
-        assert_eq!((code, release.as_str()), (200, old.as_str()), "{s}");
-    }
+    lab.assert_only(&project, &host, &old);
 }

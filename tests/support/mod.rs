@@ -26,7 +26,17 @@ pub fn demo_image() -> String {
 
 /// Runs `docker ARGS`, returning trimmed stdout or an error with stderr.
 pub fn docker(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("docker")
+    docker_at(None, args)
+}
+
+/// Runs `docker [-H HOST] ARGS` against the main engine or another one (`unix://...`),
+/// returning trimmed stdout or an error with stderr.
+pub fn docker_at(host: Option<&str>, args: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new("docker");
+    if let Some(h) = host {
+        cmd.arg("-H").arg(h);
+    }
+    let out = cmd
         .args(args)
         .output()
         .map_err(|e| format!("cannot run docker: {e}"))?;
@@ -34,7 +44,8 @@ pub fn docker(args: &[&str]) -> Result<String, String> {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
         Err(format!(
-            "docker {}: {}",
+            "docker {}{}: {}",
+            host.map(|h| format!("-H {h} ")).unwrap_or_default(),
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))

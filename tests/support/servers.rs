@@ -118,21 +118,8 @@ impl Servers {
 
     /// `docker -H <server's engine> ARGS`: trimmed stdout, or an error with stderr.
     pub fn docker_on(&self, server: &str, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("docker")
-            .arg("-H")
-            .arg(self.docker_host(server))
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run docker: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(format!(
-                "docker on {server}: {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        crate::docker_at(Some(self.docker_host(server)), args)
+            .map_err(|e| format!("on {server}: {e}"))
     }
 
     /// Copies `image` from the main engine to a server (`docker save | docker load`), for tests
