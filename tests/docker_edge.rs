@@ -4,7 +4,6 @@
 
 use luma_integration_tests::*;
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn app_yaml(host: &str) -> String {
@@ -123,27 +122,7 @@ fn forwarded_headers_as_the_app_sees_them_in_edge_and_trusted_mode() {
 
 /// `docker exec -i <proxy> luma-proxy call` with one request on stdin: the reply envelope.
 fn call(proxy: &str, request: serde_json::Value) -> serde_json::Value {
-    let mut child = Command::new("docker")
-        .args(["exec", "-i", proxy, "luma-proxy", "call"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("docker exec");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|_| {
-        panic!(
-            "unreadable reply to {request}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    luma_integration_tests::proxy_call(None, proxy, &request)
 }
 
 /// The live routes without their health counters.

@@ -681,30 +681,13 @@ impl Lab {
 
 /// The project's ACME account key as a server's proxy holds it (`luma-proxy call`), if any.
 fn acme_account_on(lab: &Lab, server: &str, project: &str) -> Value {
-    use std::io::Write;
-    let mut child = std::process::Command::new("docker")
-        .args(["-H", lab.servers.docker_host(server)])
-        .args(["exec", "-i", &lab.cli.proxy, "luma-proxy", "call"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("docker exec");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!(r#"{{"acme_account":{{"project":"{project}"}}}}"#).as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
-        panic!(
-            "{server}: {e}: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    v["ok"]["key"].clone()
+    let request = serde_json::json!({"acme_account": {"project": project}});
+    luma_integration_tests::proxy_call(
+        Some(lab.servers.docker_host(server)),
+        &lab.cli.proxy,
+        &request,
+    )["ok"]["key"]
+        .clone()
 }
 
 /// An app with ACME hosts on two servers: both proxies get the same project account key (so

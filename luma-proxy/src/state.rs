@@ -75,31 +75,7 @@ impl StateStore {
         .map_err(|e| format!("encode routes: {e}"))?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(format!(".{ROUTES_FILE}.tmp"));
-        let ctx = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| ctx("create", e))?;
-        // A temp file left by a crash keeps its old mode; the rename publishes this one.
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| ctx("chmod", e))?;
-        f.write_all(&body).map_err(|e| ctx("write", e))?;
-        f.sync_all().map_err(|e| ctx("fsync", e))?;
-        drop(f);
-        std::fs::rename(&tmp, &self.path).map_err(|e| ctx("rename", e))?;
-        // Past the rename the new table is what a restart reads, so the save has happened:
-        // a failed directory fsync only leaves it less durable against power loss, and
-        // reporting "not saved" now would make the caller undo a change that is on disk.
-        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-            crate::log::warn(
-                "fsync of the state dir failed after the routes were saved",
-                serde_json::json!({"dir": dir.display().to_string(), "error": e.to_string()}),
-            );
-        }
-        Ok(())
+        crate::util::write_private_atomic(&self.path, &tmp, &body, "the routes")
     }
 
     fn refuse_saves(&self, why: String) {

@@ -1,4 +1,7 @@
-//! Small parsing helpers shared by the CLI flags and the admin API.
+//! Small helpers shared across the proxy: parsing for the CLI flags and the admin API, and the
+//! one private atomic file write that the route table and the certificate store both use.
+
+use std::path::Path;
 
 /// Parses a human duration (one definition, shared with the CLI).
 pub use luma_api::parse_duration;
@@ -19,6 +22,50 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         "MiB" | "M" => Ok(n * 1024 * 1024),
         _ => Err(format!("invalid size {s:?}: unit must be KiB or MiB")),
     }
+}
+
+/// Writes `body` to `path` through `tmp` (same directory): create with mode 0600 (also when a
+/// crash left `tmp` with another mode), write, fsync, rename over `path`, fsync the directory.
+/// A crash leaves the old file or the new one, never a torn one; `tmp` never stays behind a
+/// failed write (it may hold key bytes). Past the rename the write has happened: a failed
+/// directory fsync only leaves it less durable against power loss, so it is logged (`what`
+/// names the file for that line), not returned, and no caller undoes a change that is on disk.
+pub fn write_private_atomic(
+    path: &Path,
+    tmp: &Path,
+    body: &[u8],
+    what: &str,
+) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let ctx = |step: &str, e: std::io::Error| format!("{step} {}: {e}", tmp.display());
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(tmp)
+            .map_err(|e| ctx("create", e))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ctx("chmod", e))?;
+        f.write_all(body).map_err(|e| ctx("write", e))?;
+        f.sync_all().map_err(|e| ctx("fsync", e))?;
+        drop(f);
+        std::fs::rename(tmp, path).map_err(|e| ctx("rename", e))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(tmp);
+        return Err(e);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        crate::log::warn(
+            &format!("fsync of the directory failed after writing {what}"),
+            serde_json::json!({"dir": dir.display().to_string(), "error": e.to_string()}),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -29,6 +29,40 @@ pub fn docker(args: &[&str]) -> Result<String, String> {
     docker_at(None, args)
 }
 
+/// `docker [-H HOST] exec -i <proxy> luma-proxy call` with one request on stdin: the reply
+/// envelope (`{"ok": ...}` or `{"error": ...}`).
+pub fn proxy_call(
+    host: Option<&str>,
+    proxy: &str,
+    request: &serde_json::Value,
+) -> serde_json::Value {
+    let mut cmd = Command::new("docker");
+    if let Some(h) = host {
+        cmd.arg("-H").arg(h);
+    }
+    let mut child = cmd
+        .args(["exec", "-i", proxy, "luma-proxy", "call"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("docker exec");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("write the request");
+    let out = child.wait_with_output().expect("docker exec");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|_| {
+        panic!(
+            "unreadable reply to {request}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// Runs `docker [-H HOST] ARGS` against the main engine or another one (`unix://...`),
 /// returning trimmed stdout or an error with stderr.
 pub fn docker_at(host: Option<&str>, args: &[&str]) -> Result<String, String> {

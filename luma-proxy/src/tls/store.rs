@@ -21,8 +21,7 @@
 //! CA's limit per name, so moving a host to another project must not reset it.
 
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// What the proxy remembers about one ACME host between restarts.
@@ -282,35 +281,7 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> Result<(), String> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-    let ctx = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| ctx("create", e))?;
-        // A temp file left by a crash keeps its old mode; the rename publishes this one.
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| ctx("chmod", e))?;
-        f.write_all(body).map_err(|e| ctx("write", e))?;
-        f.sync_all().map_err(|e| ctx("fsync", e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| ctx("rename", e))
-    })();
-    if let Err(e) = written {
-        // The temp file may hold key bytes: it never stays behind a failed write.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-        crate::log::warn(
-            "fsync of a certificate directory failed after a write",
-            serde_json::json!({"dir": dir.display().to_string(), "error": e.to_string()}),
-        );
-    }
-    Ok(())
+    crate::util::write_private_atomic(path, &tmp, body, "a certificate file")
 }
 
 #[cfg(test)]
