@@ -72,6 +72,7 @@ impl Lab {
             // Two proxies share this machine's ports: each takes any free one.
             ("LUMA_HTTP_PORT", "127.0.0.1:0".into()),
             ("LUMA_HTTPS_PORT", "127.0.0.1:0".into()),
+            ("LUMA_NETWORK_POOL", self.servers.network_pool.clone()),
         ]
     }
 

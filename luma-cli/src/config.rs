@@ -22,6 +22,10 @@ pub struct Config {
     pub registry: Option<Registry>,
     pub apps: Vec<Entry>,
     pub services: Vec<Entry>,
+    /// `network: {pool, subnet_size}`: where new project networks get their subnet (see
+    /// [`crate::netpool`]); [`Config::load`] applies `LUMA_NETWORK_POOL` /
+    /// `LUMA_NETWORK_SUBNET_SIZE` over it.
+    pub network: crate::netpool::Pool,
 }
 
 /// `docker: {registry, username, password}`; `password` names a key in `.luma/secrets`.
@@ -448,7 +452,13 @@ impl Config {
                 "{file}: cannot read it ({e}); run `luma init` to create one, or pass -c PATH"
             ))
         })?;
-        Config::parse(&text, path)
+        let mut cfg = Config::parse(&text, path)?;
+        // The environment wins: the pool is a property of the servers, not of the project.
+        cfg.network = cfg
+            .network
+            .with_env(|var| std::env::var(var).ok())
+            .map_err(ConfigError)?;
+        Ok(cfg)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -459,7 +469,9 @@ impl Config {
         let top = cx.map(
             "",
             &doc,
-            &["name", "ssh", "docker", "proxy", "apps", "services"],
+            &[
+                "name", "ssh", "docker", "proxy", "network", "apps", "services",
+            ],
         )?;
         let project = match top.get("name") {
             Some(v) => cx.string("name", v)?,
@@ -555,6 +567,10 @@ impl Config {
             }
             None => (None, AcmeConfig::default()),
         };
+        let network = match top.get("network") {
+            Some(v) => network(&cx, v)?,
+            None => crate::netpool::Pool::default_pool(),
+        };
         let apps = entries(&cx, "apps", top.get("apps"), &base, true)?;
         let services = entries(&cx, "services", top.get("services"), &base, false)?;
         let mut seen = std::collections::BTreeSet::new();
@@ -594,6 +610,7 @@ impl Config {
             registry,
             apps,
             services,
+            network,
         })
     }
 
@@ -644,6 +661,56 @@ fn acme(cx: &Ctx, v: &Value, base: &Path) -> Result<AcmeConfig, ConfigError> {
         email,
         ca_root,
     })
+}
+
+/// Top-level `network: {pool, subnet_size}`, each unset key at its default. The file's own
+/// values must fit together (the environment is checked over them in [`Config::load`]).
+fn network(cx: &Ctx, v: &Value) -> Result<crate::netpool::Pool, ConfigError> {
+    use crate::netpool::{Cidr, Pool};
+    let m = cx.map("network", v, &["pool", "subnet_size"])?;
+    let mut pool = Pool::default_pool();
+    if let Some(v) = m.get("pool") {
+        let range = match v {
+            Value::String(s) => Cidr::parse(s.trim())
+                .and_then(|r| Pool::check_range(&r).map(|()| r))
+                .map_err(|e| cx.err("network.pool", e))?,
+            _ => {
+                return Err(cx.err(
+                    "network.pool",
+                    format!(
+                        "expected an IPv4 network such as {}, found {}",
+                        crate::netpool::DEFAULT_POOL,
+                        show(v)
+                    ),
+                ))
+            }
+        };
+        pool.range = range;
+        pool.range_from = format!("network.pool in {}", cx.file);
+    }
+    if let Some(v) = m.get("subnet_size") {
+        pool.subnet_size = v
+            .as_u64()
+            .filter(|n| *n <= 32)
+            .map(|n| n as u8)
+            .ok_or_else(|| {
+                cx.err(
+                    "network.subnet_size",
+                    format!(
+                        "expected the prefix length of each project's subnet as a whole number, e.g. `subnet_size: 24` for /24 subnets, found {}",
+                        show(v)
+                    ),
+                )
+            })?;
+        pool.size_from = format!("network.subnet_size in {}", cx.file);
+    }
+    let key = if m.contains_key("subnet_size") {
+        "network.subnet_size"
+    } else {
+        "network.pool"
+    };
+    Pool::check_size(&pool.range, pool.subnet_size).map_err(|e| cx.err(key, e))?;
+    Ok(pool)
 }
 
 /// `apps.<name>.proxy.ssl`: `true`, `false`, or `{certificate: SECRET, private_key: SECRET}`.
@@ -1339,6 +1406,154 @@ mod tests {
             .unwrap_err()
             .contains("proxy.acme.ca_root"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn with_network(network: &str) -> Result<Config, String> {
+        parse(&format!("name: p\n{network}apps: {{web: {{image: x}}}}\n"))
+    }
+
+    #[test]
+    fn the_network_pool_has_a_default_and_can_be_set() {
+        let p = with_network("").unwrap().network;
+        assert_eq!(
+            (p.range.to_string(), p.subnet_size),
+            ("10.210.0.0/16".to_string(), 24)
+        );
+        assert_eq!(
+            (p.range_from.as_str(), p.size_from.as_str()),
+            ("the default", "the default")
+        );
+        assert_eq!(p.subnets(), 256);
+        let p = with_network("network:\n  pool: 10.240.0.0/12\n  subnet_size: 26\n")
+            .unwrap()
+            .network;
+        assert_eq!(
+            (p.range.to_string(), p.subnet_size),
+            ("10.240.0.0/12".into(), 26)
+        );
+        assert_eq!(p.range_from, "network.pool in /tmp/luma.yml");
+        assert_eq!(p.size_from, "network.subnet_size in /tmp/luma.yml");
+        assert_eq!(p.subnets(), 1 << 14);
+        // One key alone: the other stays at its default.
+        let p = with_network("network: {subnet_size: 28}\n")
+            .unwrap()
+            .network;
+        assert_eq!(
+            (p.range.to_string(), p.subnet_size),
+            ("10.210.0.0/16".into(), 28)
+        );
+    }
+
+    #[test]
+    fn bad_network_settings_name_the_key_and_the_fix() {
+        for (network, says) in [
+            (
+                "network: {pool: 10.210.0.0}\n",
+                "/tmp/luma.yml: network.pool: \"10.210.0.0\" is not an IPv4 network: no /PREFIX; write an IPv4 network as ADDRESS/PREFIX, e.g. 10.210.0.0/16",
+            ),
+            (
+                "network: {pool: 10.210.3.0/16}\n",
+                "/tmp/luma.yml: network.pool: \"10.210.3.0/16\": 10.210.3.0/16 has host bits set; the network of that range is 10.210.0.0/16",
+            ),
+            ("network: {pool: \"fd00::/8\"}\n", "network.pool: \"fd00::/8\" is IPv6"),
+            ("network: {pool: 10.0.0.0/7}\n", "network.pool: 10.0.0.0/7 is larger than a /8"),
+            ("network: {pool: 127.1.0.0/16}\n", "network.pool: 127.1.0.0/16 overlaps 127.0.0.0/8 (loopback addresses)"),
+            ("network: {pool: [10.210.0.0/16]}\n", "network.pool: expected an IPv4 network such as 10.210.0.0/16, found"),
+            ("network: {subnet_size: /24}\n", "network.subnet_size: expected the prefix length of each project's subnet as a whole number, e.g. `subnet_size: 24`"),
+            ("network: {subnet_size: 29}\n", "network.subnet_size: /29 is too small for a project network (at most /28"),
+            ("network: {pool: 10.210.0.0/16, subnet_size: 16}\n", "network.subnet_size: a /16 subnet is not smaller than the pool 10.210.0.0/16"),
+            // The file's pool against the default subnet size: the pool is what to change.
+            ("network: {pool: 10.210.0.0/24}\n", "network.pool: a /24 subnet is not smaller than the pool 10.210.0.0/24"),
+            ("network: {pools: 10.210.0.0/16}\n", "/tmp/luma.yml: network.pools: unknown key; did you mean `pool`?"),
+            ("network: {subnetsize: 24}\n", "network.subnetsize: unknown key; did you mean `subnet_size`?"),
+            ("network: 10.210.0.0/16\n", "network: expected a map of keys, found a string"),
+        ] {
+            let e = with_network(network).unwrap_err();
+            assert!(e.contains(says), "{network}: {e}");
+            assert!(e.starts_with("/tmp/luma.yml: network"), "{network}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_file_and_is_checked_too() {
+        let file = with_network("network: {pool: 10.240.0.0/16, subnet_size: 26}\n")
+            .unwrap()
+            .network;
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        // Nothing set (or set empty): the file's.
+        assert_eq!(file.clone().with_env(env(&[])).unwrap(), file);
+        assert_eq!(
+            file.clone()
+                .with_env(env(&[
+                    ("LUMA_NETWORK_POOL", " "),
+                    ("LUMA_NETWORK_SUBNET_SIZE", "")
+                ]))
+                .unwrap(),
+            file
+        );
+        let p = file
+            .clone()
+            .with_env(env(&[("LUMA_NETWORK_POOL", "10.250.0.0/20")]))
+            .unwrap();
+        assert_eq!(
+            (p.range.to_string(), p.subnet_size),
+            ("10.250.0.0/20".into(), 26)
+        );
+        assert_eq!(
+            (p.range_from.as_str(), p.size_from.as_str()),
+            ("LUMA_NETWORK_POOL", "network.subnet_size in /tmp/luma.yml")
+        );
+        let p = file
+            .clone()
+            .with_env(env(&[
+                ("LUMA_NETWORK_POOL", "10.250.0.0/20"),
+                ("LUMA_NETWORK_SUBNET_SIZE", "24"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            (p.subnet_size, p.size_from.as_str()),
+            (24, "LUMA_NETWORK_SUBNET_SIZE")
+        );
+        let e = file
+            .clone()
+            .with_env(env(&[("LUMA_NETWORK_POOL", "10.250.0.1/20")]))
+            .unwrap_err();
+        assert!(
+            e.starts_with("LUMA_NETWORK_POOL: \"10.250.0.1/20\": ") && e.contains("10.250.0.0/20"),
+            "{e}"
+        );
+        let e = file
+            .clone()
+            .with_env(env(&[("LUMA_NETWORK_SUBNET_SIZE", "/24")]))
+            .unwrap_err();
+        assert!(
+            e.contains("LUMA_NETWORK_SUBNET_SIZE=\"/24\": expected")
+                && e.contains("LUMA_NETWORK_SUBNET_SIZE=24"),
+            "{e}"
+        );
+        // Together with the file they must fit, and the message says where each came from.
+        let e = file
+            .clone()
+            .with_env(env(&[("LUMA_NETWORK_POOL", "10.250.0.0/27")]))
+            .unwrap_err();
+        assert!(
+            e.starts_with("LUMA_NETWORK_POOL: a /26 subnet is not smaller than the pool 10.250.0.0/27")
+                && e.ends_with("(the pool 10.250.0.0/27 is from LUMA_NETWORK_POOL, the subnet size /26 from network.subnet_size in /tmp/luma.yml)"),
+            "{e}"
+        );
+        let e = file
+            .with_env(env(&[("LUMA_NETWORK_SUBNET_SIZE", "12")]))
+            .unwrap_err();
+        assert!(
+            e.starts_with("LUMA_NETWORK_SUBNET_SIZE: a /12 subnet is not smaller"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,8 +26,9 @@
 
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, EndpointSettings, ExecConfig,
-    HostConfig, NetworkConnectRequest, NetworkCreateRequest, NetworkDisconnectRequest,
-    NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
+    HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
+    NetworkDisconnectRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     AttachContainerOptions, BuildImageOptions, CreateContainerOptions, ListContainersOptions,
@@ -69,6 +70,18 @@ pub struct ImageInfo {
     pub size: u64,
     /// `repo@sha256:...` references it has in registries it was pushed to or pulled from.
     pub repo_digests: Vec<String>,
+}
+
+/// What [`Engine::create_network`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetworkCreated {
+    /// Created: its ID, and its bridge's interface on the host.
+    Created { id: String, bridge: String },
+    /// A network of that name exists already (made by another run in between); this call
+    /// left nothing behind.
+    Exists,
+    /// The engine refused the subnet: it overlaps one of its networks (its message).
+    Overlaps(String),
 }
 
 /// Why a load failed: the engine refused the image (its message), or the connection (the
@@ -284,7 +297,9 @@ impl Engine {
         }
     }
 
-    pub async fn network_exists(&self, name: &str) -> Result<bool> {
+    /// The IPv4 subnets of the network called `name` (none for a network without one), or
+    /// None when there is no such network.
+    pub async fn network_subnets(&self, name: &str) -> Result<Option<Vec<String>>> {
         self.trace(format_args!("inspect network {name}"));
         match self
             .docker
@@ -294,24 +309,104 @@ impl Engine {
             )
             .await
         {
-            Ok(n) => Ok(n.name.as_deref() == Some(name)),
-            Err(e) if is_404(&e) => Ok(false),
-            Err(e) => Err(format!("inspect network {name}: {e}")),
+            // The engine also finds a network by a prefix of its ID: only the name counts.
+            Ok(n) if n.name.as_deref() == Some(name) => Ok(Some(ipv4_subnets(n.ipam.as_ref()))),
+            Ok(_) => Ok(None),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(format!("inspect network {name} on {}: {e}", self.server())),
         }
     }
 
-    pub async fn create_network(&self, name: &str, labels: HashMap<String, String>) -> Result<()> {
-        self.trace(format_args!("create network {name}"));
-        self.docker
+    /// Every network on the engine, whatever its driver, with its IPv4 subnets: (name,
+    /// subnet) pairs.
+    pub async fn network_subnets_in_use(&self) -> Result<Vec<(String, String)>> {
+        self.trace("list networks");
+        let list = self
+            .docker
+            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+            .await
+            .map_err(|e| format!("list networks on {}: {e}", self.server()))?;
+        Ok(list
+            .into_iter()
+            .flat_map(|n| {
+                let name = n.name.clone().or(n.id.clone()).unwrap_or_default();
+                ipv4_subnets(n.ipam.as_ref())
+                    .into_iter()
+                    .map(move |s| (name.clone(), s))
+            })
+            .collect())
+    }
+
+    /// The IPv4 routing table of the engine's host, as the kernel shows it in
+    /// `/proc/net/route`: this machine's for the local engine (it runs here), the server's,
+    /// read through its ssh connection, for a server.
+    pub async fn host_routes(&self) -> Result<String> {
+        const TABLE: &str = "/proc/net/route";
+        self.trace(format_args!("read {TABLE}"));
+        match &self.master {
+            None => tokio::fs::read_to_string(TABLE)
+                .await
+                .map_err(|e| format!("cannot read {TABLE} on this machine ({e})")),
+            Some(m) => {
+                m.output(&["cat", TABLE], std::time::Duration::from_secs(15))
+                    .await
+            }
+        }
+    }
+
+    /// Creates a bridge network with the given labels, and the subnet when one is given
+    /// (else the engine picks one from its default pools). Says when the engine refused the
+    /// subnet because it overlaps one of its networks, and when a network of that name
+    /// exists already: an engine before API 1.44 creates a second one of the same name, so
+    /// this one is removed again then.
+    pub async fn create_network(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+        subnet: Option<&str>,
+    ) -> Result<NetworkCreated> {
+        self.trace(format_args!(
+            "create network {name}{}",
+            subnet
+                .map(|s| format!(" with subnet {s}"))
+                .unwrap_or_default()
+        ));
+        let ipam = subnet.map(|s| Ipam {
+            config: Some(vec![IpamConfig {
+                subnet: Some(s.to_string()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        match self
+            .docker
             .create_network(NetworkCreateRequest {
                 name: name.to_string(),
                 driver: Some("bridge".into()),
                 labels: Some(labels),
+                ipam,
                 ..Default::default()
             })
             .await
-            .map(|_| ())
-            .map_err(|e| format!("create network {name}: {e}"))
+        {
+            Ok(r) if r.warning.contains("already exists") => {
+                self.remove_network(&r.id).await?;
+                Ok(NetworkCreated::Exists)
+            }
+            Ok(r) => Ok(NetworkCreated::Created {
+                // The bridge driver names its interface so unless told otherwise.
+                bridge: format!("br-{}", r.id.get(..12).unwrap_or(&r.id)),
+                id: r.id,
+            }),
+            Err(e) if is_conflict(&e) => Ok(NetworkCreated::Exists),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 403,
+                message,
+            }) if message.to_ascii_lowercase().contains("overlap") => {
+                Ok(NetworkCreated::Overlaps(message))
+            }
+            Err(e) => Err(format!("create network {name} on {}: {e}", self.server())),
+        }
     }
 
     pub async fn remove_network(&self, name: &str) -> Result<()> {
@@ -1041,6 +1136,16 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         networking_config: networking,
         ..Default::default()
     }
+}
+
+/// The IPv4 subnets of a network's IPAM config (IPv6 ones are left out).
+fn ipv4_subnets(ipam: Option<&Ipam>) -> Vec<String> {
+    ipam.and_then(|i| i.config.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.subnet.clone())
+        .filter(|s| !s.contains(':'))
+        .collect()
 }
 
 /// The IPv4 address of a container on a network, if attached.

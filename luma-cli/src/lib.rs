@@ -7,6 +7,8 @@
 //!   ([`transfer`]: streamed between engines, or through a registry);
 //! - [`proxyctl`]: the proxy's lifecycle, and the only way to its admin API (typed, `luma-api`);
 //! - [`project`]: what a release stands on: proxy, network, services, preflight checks;
+//! - [`netpool`]: the subnet of each new project network, from Luma's pool, clear of the
+//!   engine's networks and the host's routes;
 //! - [`release`]: a release as phases: prepare (reversible) -> switch -> settle, all or nothing
 //!   across servers;
 //! - [`inventory`]: what a project has on the engine by label: status, remove, prune;
@@ -22,6 +24,7 @@ pub mod interrupt;
 pub mod inventory;
 pub mod lock;
 pub mod names;
+pub mod netpool;
 pub mod project;
 pub mod proxyctl;
 pub mod release;

@@ -915,6 +915,10 @@ apps:
 #     directory: https://acme-v02.api.letsencrypt.org/directory  # a private CA's URL, or `off`
 #     ca_root: ca.pem     # PEM root the directory's HTTPS is signed by (private or test CA)
 
+# network:                # where project networks get their subnets (one per project)
+#   pool: 10.210.0.0/16   # default; env LUMA_NETWORK_POOL (and LUMA_NETWORK_SUBNET_SIZE)
+#   subnet_size: 24       # a /24 per project: 256 projects per server
+
 # services:               # databases and friends; reachable from apps as <name>:<port>
 #   db:
 #     image: postgres:16

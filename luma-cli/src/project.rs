@@ -107,14 +107,32 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
         ui.info(format!("! {d}"));
     }
     let net = ctx.network();
-    ui.step(format!("network {net}"), async {
-        if !ctx.engine.network_exists(&net).await? {
-            ctx.engine
-                .create_network(&net, labels(ctx.project(), "network", &[]))
+    // A network that exists is used as it is, whatever its subnet (an older luma took it from
+    // Docker's default pools): recreating it would cut off every container on it.
+    let subnets = match ctx.engine.network_subnets(&net).await? {
+        Some(subnets) => subnets,
+        None => {
+            let (subnets, warning) = ui
+                .step(
+                    format!("create network {net} in pool {}", ctx.cfg.network.range),
+                    create_network(ctx, &net),
+                )
                 .await?;
+            if let Some(w) = warning {
+                ui.info(format!("! {w}"));
+            }
+            subnets
         }
-        proxyctl::attach(ctx.engine, &ctx.proxy, &net).await
-    })
+    };
+    let shown = if subnets.is_empty() {
+        "no IPv4 subnet".to_string()
+    } else {
+        subnets.join(", ")
+    };
+    ui.step(
+        format!("network {net} ({shown})"),
+        proxyctl::attach(ctx.engine, &ctx.proxy, &net),
+    )
     .await?;
     for svc in ctx.cfg.services.iter().filter(|s| ctx.runs_here(s)) {
         if crate::interrupt::requested() {
@@ -123,6 +141,114 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
         ensure_service(ctx, svc).await?;
     }
     Ok(())
+}
+
+/// How many subnets in a row a new network may lose to other creators (other luma runs, or
+/// other engines on the same host) before luma gives up.
+const NETWORK_ATTEMPTS: usize = 8;
+
+/// Creates the project network `net` with the first subnet of the pool that no network of
+/// the engine and no route of its host overlaps (see [`crate::netpool`]). Returns its
+/// subnets, and a warning when the host's routes could not be read (the subnet is then
+/// checked against the engine's networks only).
+///
+/// Two creators may pick the same subnet at once. The engine refuses the second when both
+/// are its own networks ("Pool overlaps"). It does not know another engine on the same
+/// host, so after creating, the host's routes are read again: a route to the subnet on
+/// another interface than the new bridge means someone else has it too, and the new network
+/// is removed. Whoever reads second yields (both yield when both read second), and every
+/// retry waits a random moment first, so they pull apart.
+async fn create_network(ctx: &Ctx<'_>, net: &str) -> Result<(Vec<String>, Option<String>), String> {
+    use crate::engine::NetworkCreated;
+    use crate::netpool::{Cidr, Holder};
+    let pool = &ctx.cfg.network;
+    let mut lost: Vec<Cidr> = Vec::new();
+    let mut warning = None;
+    for attempt in 0..NETWORK_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(retry_pause()).await;
+        }
+        let mut taken: Vec<_> = ctx
+            .engine
+            .network_subnets_in_use()
+            .await?
+            .into_iter()
+            .filter_map(|(name, subnet)| {
+                Some(crate::netpool::Taken {
+                    net: Cidr::from_engine(&subnet)?,
+                    by: Holder::Network(name),
+                })
+            })
+            .collect();
+        let routes = host_routes(ctx).await;
+        match &routes {
+            Ok(r) => taken.extend(r.iter().cloned()),
+            Err(e) => {
+                warning = Some(format!(
+                    "{e}; the subnet of network {net} is checked against the engine's networks \
+                     only, not against the host's routes"
+                ))
+            }
+        }
+        let Some(subnet) = pool.first_free(&taken, &lost) else {
+            return Err(crate::netpool::exhausted(ctx.server, net, pool, &taken));
+        };
+        let labels = labels(ctx.project(), "network", &[]);
+        let subnet_text = subnet.to_string();
+        match ctx
+            .engine
+            .create_network(net, labels, Some(&subnet_text))
+            .await?
+        {
+            NetworkCreated::Created { id, bridge } => {
+                let ours = Holder::Route(bridge);
+                let shared = match (&routes, host_routes(ctx).await) {
+                    (Ok(_), Ok(now)) => now
+                        .into_iter()
+                        .any(|r| r.net.overlaps(&subnet) && r.by != ours),
+                    _ => false,
+                };
+                if !shared {
+                    return Ok((vec![subnet_text], warning));
+                }
+                ctx.engine.remove_network(&id).await?;
+                lost.push(subnet);
+            }
+            // Another run made this project's network in between: use it.
+            NetworkCreated::Exists => {
+                let subnets = ctx.engine.network_subnets(net).await?.ok_or_else(|| {
+                    format!(
+                        "network {net} on {} was there a moment ago and is gone now; run it again",
+                        ctx.server
+                    )
+                })?;
+                return Ok((subnets, warning));
+            }
+            NetworkCreated::Overlaps(_) => lost.push(subnet),
+        }
+    }
+    Err(format!(
+        "server {}: could not create network {net}: {NETWORK_ATTEMPTS} free subnets of the pool \
+         {} in a row were taken by others while luma created it (other luma runs, or other \
+         engines on the same host, creating networks at the same time); run it again",
+        ctx.server, pool.range
+    ))
+}
+
+/// The routes of the engine's host, the default route left out.
+async fn host_routes(ctx: &Ctx<'_>) -> Result<Vec<crate::netpool::Taken>, String> {
+    let table = ctx.engine.host_routes().await?;
+    crate::netpool::parse_routes(&table)
+        .map_err(|e| format!("cannot read the routes of server {}: {e}", ctx.server))
+}
+
+/// 50 to 250 ms, different in every call and process: creators that collided retry apart.
+fn retry_pause() -> std::time::Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // std's RandomState is randomly keyed per instance.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    std::time::Duration::from_millis(50 + h.finish() % 200)
 }
 
 /// Read-only checks: images that must already exist, secrets, custom certificates (they parse,

@@ -460,6 +460,37 @@ impl Master {
         c
     }
 
+    /// Runs `remote` (an argv, see [`Master::command`]) on the server through the master with
+    /// no input, and returns what it wrote to stdout. Err says why not: its exit status and
+    /// what it wrote to stderr, or that it took longer than `limit` (it is killed then).
+    pub async fn output(&self, remote: &[&str], limit: Duration) -> Result<String, String> {
+        let mut cmd = self.command(remote);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (server, what) = (&self.target.server, remote.join(" "));
+        // Dropping the future at the timeout drops the child, which kills it (kill_on_drop).
+        let run = async { spawn_tied(cmd).await?.wait_with_output().await };
+        match tokio::time::timeout(limit, run).await {
+            Err(_) => Err(format!(
+                "`{what}` on {server} did not finish within {}s",
+                limit.as_secs_f64()
+            )),
+            Ok(Err(e)) => Err(format!("cannot run ssh to {server} ({e})")),
+            Ok(Ok(out)) if out.status.success() => {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+            Ok(Ok(out)) => {
+                let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                Err(format!(
+                    "`{what}` on {server} failed ({}): {}",
+                    out.status,
+                    if err.is_empty() { "no message" } else { &err }
+                ))
+            }
+        }
+    }
+
     pub fn target(&self) -> &SshTarget {
         &self.target
     }
@@ -1348,6 +1379,47 @@ mod tests {
             .expect_err("changed key accepted");
         assert!(e.contains("has CHANGED") && e.contains("refuses"), "{e}");
         assert_eq!(logins(&sshd.log()), 2, "{}", sshd.log());
+    }
+
+    #[tokio::test]
+    async fn a_command_through_the_master_gives_its_output_its_error_or_a_timeout() {
+        let sshd = Sshd::start();
+        let m = Master::open(&sshd.target("ok")).await.expect("open");
+        let limit = Duration::from_secs(20);
+        // The server here is this machine: its routing table is the one luma reads locally.
+        let remote = m.output(&["cat", "/proc/net/route"], limit).await;
+        let local = std::fs::read_to_string("/proc/net/route").expect("local table");
+        assert_eq!(
+            crate::netpool::parse_routes(&remote.expect("cat")),
+            crate::netpool::parse_routes(&local)
+        );
+        let e = m
+            .output(
+                &["sh", "-c", "echo out; echo 'no such table' >&2; exit 3"],
+                limit,
+            )
+            .await
+            .expect_err("exit 3");
+        assert!(
+            e.starts_with("`sh -c echo out; echo 'no such table' >&2; exit 3` on ok failed (exit status: 3): no such table"),
+            "{e}"
+        );
+        let started = Instant::now();
+        let e = m
+            .output(&["sleep", "30"], Duration::from_millis(300))
+            .await
+            .expect_err("timeout");
+        assert_eq!(e, "`sleep 30` on ok did not finish within 0.3s");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // Nothing was left holding the connection: it still carries commands.
+        assert_eq!(
+            m.output(&["echo", "still"], limit).await.as_deref(),
+            Ok("still\n")
+        );
     }
 
     /// The "luma" of [`a_master_ends_with_luma_even_when_luma_is_killed`], run by it as a

@@ -35,6 +35,9 @@ pub struct Servers {
     /// that reach a server without the ssh_config (`ssh: {port, key}` in luma.yml).
     pub ssh_key: PathBuf,
     pub known_hosts: PathBuf,
+    /// Both engines' address pools (`LUMA_TEST_NETWORK_POOL`): give it to luma as
+    /// `LUMA_NETWORK_POOL`, since only these addresses pass the host's FORWARD chain.
+    pub network_pool: String,
     docker_hosts: HashMap<String, String>,
     sshd_pids: HashMap<String, u32>,
     ssh_ports: HashMap<String, u16>,
@@ -95,6 +98,7 @@ impl Servers {
             registry_password: var("LUMA_TEST_REGISTRY_PASSWORD"),
             ssh_key: PathBuf::from(var("LUMA_TEST_SSH_KEY")),
             known_hosts: PathBuf::from(var("LUMA_TEST_KNOWN_HOSTS")),
+            network_pool: var("LUMA_TEST_NETWORK_POOL"),
             docker_hosts,
             sshd_pids,
             ssh_ports,

@@ -1,0 +1,222 @@
+//! Project networks from Luma's address pool, against the real engine and this host's real
+//! routing table: a new project network gets the first subnet of the pool that no Docker
+//! network and no host route overlaps, and serves through the proxy; a pool with nothing
+//! free fails the deploy with the setting to change; a network that exists already (made
+//! without a pool subnet, as older luma did) is used as it is.
+//!
+//! The pool is a /26 under 10.240-10.249 that this host uses nowhere (checked when it is
+//! chosen, starting from this process's ID), so parallel runs and other tests never meet it.
+//! One scenario, one proxy: each deploy costs seconds. It adds a blackhole route for part of
+//! the pool (root, like tests/servers/up.sh) and removes it at the end, also on failure.
+
+use luma_cli::netpool::{parse_routes, Cidr};
+use luma_integration_tests::*;
+use std::net::Ipv4Addr;
+
+/// What the test makes besides luma's own objects, undone on drop (also when it fails).
+#[derive(Default)]
+struct Extras {
+    networks: Vec<String>,
+    routes: Vec<String>,
+}
+
+impl Drop for Extras {
+    fn drop(&mut self) {
+        for n in &self.networks {
+            let _ = docker(&["network", "rm", n]);
+        }
+        for r in &self.routes {
+            let _ = std::process::Command::new("ip")
+                .args(["route", "del", "blackhole", r])
+                .status();
+        }
+    }
+}
+
+/// Every range in use on this host: its routes and every Docker network's IPv4 subnets.
+fn in_use() -> Vec<Cidr> {
+    let table = std::fs::read_to_string("/proc/net/route").expect("/proc/net/route");
+    let mut used: Vec<Cidr> = parse_routes(&table)
+        .expect("the routing table")
+        .into_iter()
+        .map(|t| t.net)
+        .collect();
+    let ids = docker(&["network", "ls", "-q"]).expect("docker network ls");
+    for id in ids.lines() {
+        // A network may go between the list and the inspect: it then uses nothing.
+        if let Ok(subnets) = docker(&[
+            "network",
+            "inspect",
+            "--format",
+            "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
+            id,
+        ]) {
+            used.extend(subnets.split_whitespace().filter_map(Cidr::from_engine));
+        }
+    }
+    used
+}
+
+/// A /26 in 10.240.0.0-10.249.255.255 that nothing on this host overlaps, the search starting
+/// at a place derived from this process's ID.
+fn free_pool() -> Cidr {
+    let used = in_use();
+    let slots = 10 * 256 * 4;
+    let start = std::process::id() as usize % slots;
+    (0..slots)
+        .map(|i| (start + i) % slots)
+        .map(|s| {
+            let addr = Ipv4Addr::new(
+                10,
+                240 + (s / 1024) as u8,
+                (s / 4 % 256) as u8,
+                (s % 4 * 64) as u8,
+            );
+            Cidr::new(addr, 26).expect("a /26")
+        })
+        .find(|c| !used.iter().any(|u| u.overlaps(c)))
+        .expect("no free /26 in 10.240.0.0-10.249.255.255 on this host")
+}
+
+/// The `i`th /28 of a /26 pool.
+fn sub28(pool: &Cidr, i: u8) -> String {
+    let [a, b, c, d] = pool.addr().octets();
+    format!("{}/28", Ipv4Addr::new(a, b, c, d + 16 * i))
+}
+
+fn app(host: &str, network: &str) -> String {
+    format!(
+        "{network}apps:\n  web:\n    image: {}\n    health_check: {{path: /up, interval: 200ms}}\n    proxy: {{hosts: [{host}], app_port: 3000, ssl: false}}\n",
+        demo_image()
+    )
+}
+
+fn subnets_of(network: &str) -> String {
+    docker(&[
+        "network",
+        "inspect",
+        "--format",
+        "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+        network,
+    ])
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn project_of(lab: &CliLab, host: &str) -> (u16, String) {
+    let (status, body) = Http::new(&lab.http_addr())
+        .get(host, "/")
+        .unwrap_or_else(|e| panic!("{host}: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    (
+        status,
+        v["project"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn project_networks_come_from_the_pool_skip_what_is_taken_and_say_when_it_is_full() {
+    let lab = CliLab::new("netpool");
+    let mut extras = Extras::default();
+    // Four /28s: the 1st taken by a network made here, the 3rd and 4th by a host route. Only
+    // the 2nd is free.
+    let pool = free_pool();
+    let taken_net = format!("{}-taken", lab.prefix);
+    extras.networks.push(taken_net.clone());
+    docker(&[
+        "network",
+        "create",
+        "--label",
+        "luma.test=1",
+        "--subnet",
+        &sub28(&pool, 0),
+        &taken_net,
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    let [a, b, c, d] = pool.addr().octets();
+    let route = format!("{}/27", Ipv4Addr::new(a, b, c, d + 32));
+    extras.routes.push(route.clone());
+    let added = std::process::Command::new("ip")
+        .args(["route", "add", "blackhole", &route])
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        added.status.success(),
+        "ip route add blackhole {route} (this test runs as root): {}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+
+    // The pool from luma.yml: the free /28 is taken, and serves.
+    let shop_host = format!("shop.{}.test", lab.prefix);
+    let (shop_dir, shop) = lab.project(
+        "shop",
+        &app(
+            &shop_host,
+            &format!("network:\n  pool: {pool}\n  subnet_size: 28\n"),
+        ),
+    );
+    let (ok, out, err) = lab.luma(&shop_dir, &["deploy"]);
+    assert!(ok, "deploy shop:\n{out}\n{err}");
+    let free = sub28(&pool, 1);
+    assert_eq!(subnets_of(&format!("{shop}-network")), free);
+    assert!(
+        err.contains(&format!("create network {shop}-network in pool {pool}"))
+            && err.contains(&format!("network {shop}-network ({free})")),
+        "the step shows the pool and the subnet:\n{err}"
+    );
+    assert_eq!(project_of(&lab, &shop_host), (200, shop.clone()));
+
+    // The same pool from the environment (it wins over the file's roomy one): nothing is free,
+    // and the error says what takes it and what to set.
+    let roomy = "network: {pool: 10.0.0.0/8}\n";
+    let blog_host = format!("blog.{}.test", lab.prefix);
+    let (blog_dir, blog) = lab.project("blog", &app(&blog_host, roomy));
+    let full_pool = pool.to_string();
+    let full = [
+        ("LUMA_NETWORK_POOL", full_pool.as_str()),
+        ("LUMA_NETWORK_SUBNET_SIZE", "28"),
+    ];
+    let run = lab.luma_run(&blog_dir, &["deploy"], &full);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    let e = run.stderr;
+    for want in [
+        format!("server local: no free subnet for network {blog}-network: the pool {pool} (LUMA_NETWORK_POOL) has 4 subnets of /28 (LUMA_NETWORK_SUBNET_SIZE)"),
+        format!("Docker networks {taken_net} ({}), {shop}-network ({free})", sub28(&pool, 0)),
+        format!("host routes {route} dev *"),
+        "Set `network.pool` in luma.yml (or LUMA_NETWORK_POOL) to a larger or different range".to_string(),
+        "e.g.\n  network:\n    pool: ".to_string(),
+    ] {
+        assert!(e.contains(&want), "the error does not say {want:?}:\n{e}");
+    }
+    assert!(
+        docker(&["network", "inspect", &format!("{blog}-network")]).is_err(),
+        "a network was created from a full pool"
+    );
+    assert!(project_containers(&blog, &[]).is_empty());
+
+    // A network made without a pool subnet (Docker's default pools, as older luma did) is
+    // used as it is, even with the full pool: never recreated.
+    let old_host = format!("old.{}.test", lab.prefix);
+    let (old_dir, old) = lab.project("old", &app(&old_host, ""));
+    let old_net = format!("{old}-network");
+    let id = docker(&["network", "create", &old_net]).unwrap_or_else(|e| panic!("{e}"));
+    let old_subnet = subnets_of(&old_net);
+    assert!(
+        !Cidr::from_engine(&old_subnet).is_some_and(|s| s.overlaps(&pool)),
+        "{old_subnet}"
+    );
+    let run = lab.luma_run(&old_dir, &["deploy"], &full);
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("network {old_net} ({old_subnet})"))
+            && !run.stderr.contains("create network"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        docker(&["network", "inspect", "--format", "{{.Id}}", &old_net]).unwrap(),
+        id
+    );
+    assert_eq!(project_of(&lab, &old_host), (200, old));
+    assert_eq!(project_of(&lab, &shop_host), (200, shop));
+}
