@@ -50,7 +50,7 @@ use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
@@ -85,6 +85,9 @@ pub struct Backend {
     requests: AtomicU64,
     /// Flips to true when the backend is retired; open tunnels end then.
     retired: watch::Sender<bool>,
+    /// The owning route's refresh, woken by a failure here (set by the service; see
+    /// [`Backend::report_failure`]).
+    kick: OnceLock<Arc<crate::service::Kick>>,
 }
 
 /// One upstream connection: its sender, and the task that runs it.
@@ -168,6 +171,7 @@ impl Backend {
             last_error: Mutex::new(None),
             requests: AtomicU64::new(0),
             retired: watch::channel(false).0,
+            kick: OnceLock::new(),
         })
     }
 
@@ -226,12 +230,29 @@ impl Backend {
         false
     }
 
-    /// Passive check: a failed connect takes the backend out of rotation at once.
+    /// Passive check: a failed connect takes the backend out of rotation at once, and asks its
+    /// route to re-resolve (rate-limited there: see `service`).
     pub fn mark_down(&self, why: String) {
         self.healthy.store(false, Ordering::Relaxed);
         self.consecutive_ok.store(0, Ordering::Relaxed);
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(why);
+        }
+        self.report_failure();
+    }
+
+    /// Ties the backend to its route's refresh; a backend belongs to one route, so only the
+    /// first call counts.
+    pub fn set_kick(&self, kick: &Arc<crate::service::Kick>) {
+        let _ = self.kick.set(kick.clone());
+    }
+
+    /// A failed connect or a failed check took this backend down: its address may be gone or
+    /// changed, so the route re-resolves now ([`crate::service::Kick::failure`], at most once a
+    /// second per route). No-op for a backend no started route owns.
+    pub fn report_failure(&self) {
+        if let Some(k) = self.kick.get() {
+            k.failure();
         }
     }
 

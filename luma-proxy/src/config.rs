@@ -26,6 +26,9 @@ pub struct ProxyConfig {
     pub dns: SocketAddr,
     /// The name the proxy asks for to find its own interface on a network.
     pub self_name: String,
+    /// Background re-resolve pace of every route, ±25% (events re-resolve at once; see
+    /// `service`). At least [`crate::resolve::MIN_REFRESH_EVERY`].
+    pub refresh_every: Duration,
     pub access_log: bool,
     pub max_connections: usize,
     /// Time a client has to send a request head (slowloris guard). hyper starts this timer
@@ -65,6 +68,7 @@ impl Default for ProxyConfig {
             token_file: None,
             dns: ([127, 0, 0, 11], 53).into(),
             self_name: crate::resolve::default_self_name(),
+            refresh_every: crate::resolve::DEFAULT_REFRESH_EVERY,
             access_log: true,
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(15),
@@ -224,6 +228,18 @@ impl MetricsListen {
     }
 }
 
+/// `--refresh-every`: a duration of at least [`crate::resolve::MIN_REFRESH_EVERY`].
+pub fn parse_refresh_every(s: &str) -> Result<Duration, String> {
+    let d = crate::util::parse_duration(s)?;
+    let min = crate::resolve::MIN_REFRESH_EVERY;
+    if d < min {
+        return Err(format!(
+            "--refresh-every {s:?} is below {min:?}: routes re-resolve at once on deploys, flushes and failures, so the background pace only catches changes made by hand; use e.g. 30s"
+        ));
+    }
+    Ok(d)
+}
+
 /// `NAME=VALUE` for `--metrics-label`; the value may be anything, it is escaped on output.
 pub fn parse_metrics_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
@@ -259,6 +275,15 @@ mod tests {
             Ok(("server".into(), "a=\"b\"".into()))
         );
         assert!(parse_metrics_label("1x=a").is_err());
+    }
+
+    #[test]
+    fn refresh_every_parses_with_a_floor() {
+        assert_eq!(parse_refresh_every("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_refresh_every("1s"), Ok(Duration::from_secs(1)));
+        let e = parse_refresh_every("500ms").unwrap_err();
+        assert!(e.contains("--refresh-every"), "{e}");
+        assert!(parse_refresh_every("soon").is_err());
     }
 
     #[test]

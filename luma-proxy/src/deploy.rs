@@ -208,7 +208,8 @@ impl Deployer {
             "route switched",
             serde_json::json!({"route": key.to_string(), "target": candidate.spec.target, "hosts": candidate.spec.hosts}),
         );
-        // The project's containers changed: its other routes re-resolve now, not in a second.
+        // The project's containers changed: its other routes re-resolve now, not at their next
+        // background round (see `service`).
         self.flush(&key.project);
         let previous_target = old.as_ref().map(|o| o.spec.target.clone());
         let drain = match old {
@@ -408,7 +409,9 @@ impl Deployer {
         Ok(drain_and_retire(&old, req.drain_timeout_ms).await)
     }
 
-    /// Re-resolves every route of a project now (after its containers changed).
+    /// Re-resolves every route of a project now (after its containers changed), learning the
+    /// proxy's interface on their networks again too: the proxy may have been disconnected and
+    /// connected again (see `resolve`).
     pub fn flush(&self, project: &str) -> usize {
         self.resolver.flush();
         let mut n = 0;
@@ -418,6 +421,7 @@ impl Deployer {
             .iter()
             .filter(|s| s.spec.project == project)
         {
+            self.resolver.forget_interface(&svc.spec.network);
             svc.kick();
             n += 1;
         }
@@ -492,6 +496,9 @@ impl Deployer {
 
     /// Steps 3 and 4 of the contract: resolve and check every backend of a new target.
     async fn gate(&self, spec: RouteSpec, timeout: Duration) -> Result<Arc<Service>, ApiError> {
+        // A deploy often follows a change of the network itself (created again, the proxy
+        // connected again): learn the proxy's interface afresh, one query per deploy.
+        self.resolver.forget_interface(&spec.network);
         let svc = Service::resolve(spec, &self.resolver)
             .await
             .map_err(|e| err(ErrorKind::Unresolved, e))?;

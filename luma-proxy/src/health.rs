@@ -3,7 +3,9 @@
 //!
 //! Active checks run on an interval for every backend, including a route's only one, so a
 //! route whose single replica recovers comes back by itself. Passive checks happen on the
-//! request path: a failed connect marks the backend down at once (see `proxy`).
+//! request path: a failed connect marks the backend down at once (see `proxy`). Either way, a
+//! backend that goes down asks its route to re-resolve now (`Backend::report_failure`): its
+//! container may be gone or have a new address (see `service`).
 //! [`gate`] is the deploy-time check: every backend must pass before a route may switch.
 
 use crate::backend::Backend;
@@ -35,14 +37,14 @@ pub async fn check_round(backends: &[Arc<Backend>], settings: &HealthSettings, h
             let result = b.probe(&s.path, &host, s.timeout()).await;
             let failed = result.as_ref().err().cloned();
             if b.record_check(result, s.healthy_threshold, s.unhealthy_threshold) {
+                let up = b.is_healthy();
                 crate::log::info(
-                    if b.is_healthy() {
-                        "backend up"
-                    } else {
-                        "backend down"
-                    },
+                    if up { "backend up" } else { "backend down" },
                     serde_json::json!({"backend": b.addr.to_string(), "error": failed}),
                 );
+                if !up {
+                    b.report_failure();
+                }
             }
         });
     }

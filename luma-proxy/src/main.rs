@@ -128,6 +128,11 @@ struct ServeArgs {
     /// Name the proxy resolves to find its own interface on each network (default: hostname).
     #[arg(long, env = "LUMA_PROXY_SELF_NAME")]
     self_name: Option<String>,
+    /// Background re-resolve pace of each route (±25% jitter, at least 1s). Deploys, flushes,
+    /// failed connects and failed health checks re-resolve at once; this only catches
+    /// containers changed by hand without `luma-proxy flush`.
+    #[arg(long, env = "LUMA_PROXY_REFRESH_EVERY", default_value = "30s", value_parser = luma_proxy::config::parse_refresh_every)]
+    refresh_every: Duration,
     /// Turn off the JSON access log on stdout.
     #[arg(long, env = "LUMA_PROXY_NO_ACCESS_LOG")]
     no_access_log: bool,
@@ -630,6 +635,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         self_name: a
             .self_name
             .unwrap_or_else(luma_proxy::resolve::default_self_name),
+        refresh_every: a.refresh_every,
         access_log: !a.no_access_log,
         max_connections: a.max_connections,
         header_read_timeout: a.header_read_timeout,

@@ -145,6 +145,12 @@ impl Metrics {
             "Requests moved to another backend",
             m.retries.clone(),
         );
+        // Process-wide, kept by `resolve` (the server has one resolver).
+        registry.register(
+            "luma_proxy_dns_queries",
+            "DNS look-ups sent to Docker's DNS: route aliases, the proxy's own name per network, outside names",
+            crate::resolve::DNS_QUERIES.clone(),
+        );
         registry.register(
             "luma_proxy_connections_open",
             "Client connections holding a slot of the global limit, upgraded tunnels included",

@@ -110,7 +110,9 @@ impl Proxy {
         };
 
         let router = Arc::new(Router::new());
-        let resolver = Arc::new(Resolver::new(cfg.dns, cfg.self_name.clone())?);
+        let resolver = Arc::new(
+            Resolver::new(cfg.dns, cfg.self_name.clone())?.refreshing_every(cfg.refresh_every),
+        );
         let state = Arc::new(StateStore::new(&cfg.state_dir));
         let metrics = Arc::new(Metrics::new(router.clone(), &cfg.metrics_labels)?);
         // Never fails on ACME settings (ACME is then off, with the reason in every status).

@@ -1,9 +1,47 @@
 //! A deployed route and its lifecycle: resolve -> (gate) -> start -> serve -> stop -> drain ->
 //! retire.
 //!
-//! While started, one background task keeps the backend set fresh (re-resolving at least once a
-//! second and whenever it is kicked by a flush) and runs the active health checks. Requests
-//! never wait on any of this: they read the balancer's current snapshot.
+//! While started, two background tasks keep the route fresh: one re-resolves its alias, one runs
+//! the active health checks. Requests never wait on either: they read the balancer's current
+//! snapshot.
+//!
+//! # When a route re-resolves
+//!
+//! One proxy serves hundreds of routes, each in its own network, so resolving is driven by
+//! events and otherwise slow (a re-resolve per route per second was 400 DNS queries a second at
+//! 200 routes, idle; it is now about 7). A re-resolve is one DNS query (`resolve` caches the
+//! proxy's interface per network). A route re-resolves:
+//! - at once on a deploy of any route of its project and on a flush (`Deployer::flush`,
+//!   `luma-proxy flush --project P`): the project's containers changed. A restored route
+//!   resolves at once when it starts (nothing is known yet);
+//! - at once on a failure: a failed connect on the request path ([`Backend::mark_down`]) or an
+//!   active check that takes a backend down. At most one such [`Kick::failure`] per
+//!   [`FAILURE_KICK_GAP`] per route, so a dead backend under load costs a query a second, not
+//!   one per request. It also re-learns the proxy's interface on the network (a stale one makes
+//!   every connect fail);
+//! - in the background every `--refresh-every` (default 30 s, at least 1 s), with ±25% jitter
+//!   drawn per route and per round, so routes started together spread out (200 routes: ~7
+//!   queries a second);
+//! - sooner while the route is degraded (the last resolve failed, or a backend is down or
+//!   there is none): after 1 s, doubling up to [`DEGRADED_RETRY_MAX`]. A failure's own
+//!   re-resolve can come before Docker's DNS forgets a dead container (a refused connect is
+//!   seen at once, the endpoint goes a moment later), and a route whose containers come back (a
+//!   reboot, a proxy attached late, Docker's DNS back) must serve again within seconds. A route
+//!   with a backend down costs a query every 5 s until the set is healthy again.
+//!
+//! So for a replica set changed outside a deploy (the contract; it was "within a second"):
+//! - a replica that dies leaves rotation at its first failed connect or when its checks fail,
+//!   and leaves the set at the first re-resolve after Docker's DNS forgot it (the failure's
+//!   own, or a degraded retry: seconds). Requests meanwhile go to the others (a failed connect
+//!   is retried on another backend, see `proxy`);
+//! - a replica that comes back on a new address is found the same way;
+//! - a replica added to a live alias (say `docker run --network-alias web` by hand) is found at
+//!   the next flush or deploy of the project, or by the next background round (at most 1.25 x
+//!   `--refresh-every`). Flush after changing containers by hand.
+//!
+//! Active checks keep the route's own interval (the user's setting), but each route's first
+//! probe is at a random point of its first interval, so routes started together (a restart with
+//! 200 routes restores them in one go) do not probe in lockstep. A restored route probes at once.
 //!
 //! # Why a drain cannot miss a request
 //!
@@ -39,14 +77,121 @@ use crate::balancer::LoadBalancer;
 use crate::health::{self, BackendReport};
 use crate::resolve::{Resolution, Resolver};
 use crate::route::{RouteSpec, Target};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 
-/// How often the backend set is re-resolved in the background.
-pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// The background pace varies by this fraction either way, per route and per round.
+pub const JITTER: f64 = 0.25;
+/// Shortest gap between two failure kicks of one route (the pace every route had before).
+pub const FAILURE_KICK_GAP: Duration = Duration::from_secs(1);
+/// First retry of a degraded route; it doubles up to [`DEGRADED_RETRY_MAX`].
+pub const DEGRADED_RETRY_MIN: Duration = Duration::from_secs(1);
+pub const DEGRADED_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// `d` scaled by a factor in `[1 - JITTER, 1 + JITTER)`; `r` is a uniform draw from `[0, 1)`.
+pub fn jittered(d: Duration, r: f64) -> Duration {
+    d.mul_f64(1.0 - JITTER + 2.0 * JITTER * r.clamp(0.0, 1.0))
+}
+
+/// When a route's first active check runs after a deploy: a point of its first interval
+/// (`r` uniform in `[0, 1)`), so routes started together do not probe in lockstep.
+pub fn first_probe_after(interval: Duration, r: f64) -> Duration {
+    interval.mul_f64(r.clamp(0.0, 1.0))
+}
+
+/// The background pace of one route (module doc): `every` with jitter while it is well, a
+/// doubling retry from [`DEGRADED_RETRY_MIN`] while it is degraded. Its own generator (fastrand,
+/// already a dependency; seeded per instance from the thread's) gives each route its own draws.
+pub struct Schedule {
+    every: Duration,
+    retry: Duration,
+    rng: fastrand::Rng,
+}
+
+impl Schedule {
+    pub fn new(every: Duration, rng: fastrand::Rng) -> Schedule {
+        Schedule {
+            every,
+            retry: DEGRADED_RETRY_MIN,
+            rng,
+        }
+    }
+
+    /// The wait before the next round, after a round that left the route `well` or not.
+    pub fn after(&mut self, well: bool) -> Duration {
+        let base = if well {
+            self.retry = DEGRADED_RETRY_MIN;
+            self.every
+        } else {
+            let cap = DEGRADED_RETRY_MAX.min(self.every);
+            let wait = self.retry.min(cap);
+            self.retry = (wait * 2).min(cap);
+            wait
+        };
+        jittered(base, self.rng.f64())
+    }
+}
+
+/// Wakes a route's refresh task before its background round (module doc). The route's backends
+/// hold it, so a failure seen on the request path or by a health check reaches the route that
+/// owns the backend without either of them knowing the service.
+pub struct Kick {
+    notify: Notify,
+    /// Set by a failure: that re-resolve learns the proxy's interface again.
+    verify: AtomicBool,
+    /// When the last failure kick was let through: milliseconds since `origin`, plus one (0:
+    /// never).
+    last_failure: AtomicU64,
+    origin: std::time::Instant,
+}
+
+impl Kick {
+    fn new() -> Kick {
+        Kick {
+            notify: Notify::new(),
+            verify: AtomicBool::new(false),
+            last_failure: AtomicU64::new(0),
+            origin: std::time::Instant::now(),
+        }
+    }
+
+    /// A deploy or a flush: re-resolve now.
+    pub fn now(&self) {
+        self.notify.notify_one();
+    }
+
+    /// A failure on one of the route's backends: re-resolve now, re-learning the interface,
+    /// unless a failure kick was let through less than [`FAILURE_KICK_GAP`] ago. Returns
+    /// whether this one was. No lock: one atomic load in the common (limited) case.
+    pub fn failure(&self) -> bool {
+        let now_ms = self.origin.elapsed().as_millis() as u64 + 1;
+        if !self.admit(now_ms) {
+            return false;
+        }
+        self.verify.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+        true
+    }
+
+    /// The rate limit, with the clock passed in so it can be tested.
+    fn admit(&self, now_ms: u64) -> bool {
+        let last = self.last_failure.load(Ordering::Relaxed);
+        if last != 0 && now_ms.saturating_sub(last) < FAILURE_KICK_GAP.as_millis() as u64 {
+            return false;
+        }
+        // Of many threads failing at once, one wins.
+        self.last_failure
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    fn take_verify(&self) -> bool {
+        self.verify.swap(false, Ordering::SeqCst)
+    }
+}
 
 pub struct Service {
     pub spec: RouteSpec,
@@ -57,7 +202,7 @@ pub struct Service {
     stop: watch::Sender<bool>,
     /// Set by [`Service::stop`]: no new request may start here (see the module docs).
     stopped: AtomicBool,
-    kick: Notify,
+    kick: Arc<Kick>,
 }
 
 impl std::fmt::Debug for Service {
@@ -76,6 +221,10 @@ impl Service {
             Target::Name { name, .. } => name.clone(),
             Target::Literal(a) => a.first().map(|a| a.to_string()).unwrap_or_default(),
         };
+        let kick = Arc::new(Kick::new());
+        for b in &backends {
+            b.set_kick(&kick);
+        }
         Arc::new(Service {
             spec,
             target,
@@ -83,7 +232,7 @@ impl Service {
             probe_host,
             stop: watch::channel(false).0,
             stopped: AtomicBool::new(false),
-            kick: Notify::new(),
+            kick,
         })
     }
 
@@ -117,23 +266,37 @@ impl Service {
     }
 
     /// Starts the background refresh and health checks, as two tasks so a slow DNS answer
-    /// never delays a health check. `check_now` probes right away (used on restore, where
-    /// nothing has been checked yet).
+    /// never delays a health check (module doc). `check_now` (used on restore, where nothing
+    /// has been resolved nor checked yet) resolves and probes right away; a deployed route was
+    /// just resolved and checked by its gate.
     pub fn start(self: &Arc<Self>, resolver: Arc<Resolver>, check_now: bool) {
-        let svc = self.clone();
-        let mut stop = self.stop.subscribe();
-        tokio::spawn(async move {
-            let mut refresh = tokio::time::interval(REFRESH_EVERY);
-            refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut last_error: Option<String> = None;
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    _ = refresh.tick() => svc.refresh(&resolver, &mut last_error).await,
-                    _ = svc.kick.notified() => svc.refresh(&resolver, &mut last_error).await,
+        // A literal target has nothing to resolve.
+        if !matches!(self.target, Target::Literal(_)) {
+            let svc = self.clone();
+            let mut stop = self.stop.subscribe();
+            tokio::spawn(async move {
+                let mut schedule = Schedule::new(resolver.refresh_every(), fastrand::Rng::new());
+                let mut next = Instant::now();
+                if !check_now {
+                    next += schedule.after(true);
                 }
-            }
-        });
+                let mut last_error: Option<String> = None;
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tokio::time::sleep_until(next) => {}
+                        _ = svc.kick.notify.notified() => {}
+                    }
+                    if svc.kick.take_verify() {
+                        resolver.forget_interface(&svc.spec.network);
+                    }
+                    let resolved = svc.refresh(&resolver, &mut last_error).await;
+                    let set = svc.balancer.backends();
+                    let well = resolved && !set.is_empty() && set.iter().all(|b| b.is_healthy());
+                    next = Instant::now() + schedule.after(well);
+                }
+            });
+        }
         let svc = self.clone();
         let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
@@ -141,7 +304,7 @@ impl Service {
             let first = if check_now {
                 Instant::now()
             } else {
-                Instant::now() + every
+                Instant::now() + first_probe_after(every, fastrand::f64())
             };
             let mut health = tokio::time::interval_at(first, every);
             health.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -159,7 +322,7 @@ impl Service {
 
     /// Asks the refresh task to re-resolve now (after a flush or a deploy elsewhere).
     pub fn kick(&self) {
-        self.kick.notify_one();
+        self.kick.now();
     }
 
     /// Marks the service stopped, so no new request starts on it (a request that already looked
@@ -200,9 +363,10 @@ impl Service {
         }
     }
 
-    async fn refresh(&self, resolver: &Resolver, last_error: &mut Option<String>) {
+    /// One re-resolve; returns whether it got an answer.
+    async fn refresh(&self, resolver: &Resolver, last_error: &mut Option<String>) -> bool {
         if matches!(self.target, Target::Literal(_)) {
-            return;
+            return true;
         }
         match resolver.resolve(&self.target, &self.spec.network).await {
             Ok(res) => {
@@ -214,12 +378,13 @@ impl Service {
                 }
                 // A draining service keeps the backend set its drain is counting.
                 if self.is_stopped() {
-                    return;
+                    return true;
                 }
                 let added = self.apply(res);
                 if !added.is_empty() {
                     health::check_round(&added, &self.spec.health, &self.probe_host).await;
                 }
+                true
             }
             Err(e) => {
                 // Keep the last known set: a DNS hiccup must not empty a healthy route.
@@ -230,6 +395,7 @@ impl Service {
                     );
                     *last_error = Some(e);
                 }
+                false
             }
         }
     }
@@ -255,6 +421,7 @@ impl Service {
                 Some(b) => next.push(b.clone()),
                 None => {
                     let b = Backend::new(*addr, res.device.clone(), &self.spec.timeouts);
+                    b.set_kick(&self.kick);
                     added.push(b.clone());
                     next.push(b);
                 }
@@ -272,5 +439,135 @@ impl Service {
         );
         self.balancer.replace(next);
         added
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_a_quarter_either_way() {
+        let every = Duration::from_secs(30);
+        assert_eq!(jittered(every, 0.0), Duration::from_millis(22_500));
+        assert_eq!(jittered(every, 0.5), every);
+        assert!(jittered(every, 0.999_999) < Duration::from_millis(37_500));
+        // Out-of-range draws are clamped, never a zero or runaway wait.
+        assert_eq!(jittered(every, -3.0), Duration::from_millis(22_500));
+        assert_eq!(jittered(every, 7.0), Duration::from_millis(37_500));
+        let mut rng = fastrand::Rng::with_seed(7);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(every, rng.f64())).collect();
+        let (lo, hi) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(*lo >= Duration::from_millis(22_500) && *hi < Duration::from_millis(37_500));
+        // 200 routes spread over most of the window, not bunched.
+        assert!(*hi - *lo > Duration::from_secs(12), "{lo:?}..{hi:?}");
+    }
+
+    #[test]
+    fn the_first_probe_is_somewhere_in_the_first_interval() {
+        let every = Duration::from_secs(1);
+        assert_eq!(first_probe_after(every, 0.0), Duration::ZERO);
+        assert!(first_probe_after(every, 0.999_999) < every);
+        assert_eq!(first_probe_after(every, 2.0), every);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let firsts: Vec<Duration> = (0..200)
+            .map(|_| first_probe_after(every, rng.f64()))
+            .collect();
+        assert!(firsts.iter().all(|d| *d < every));
+        let early = firsts.iter().filter(|d| **d < every / 2).count();
+        assert!(
+            (60..=140).contains(&early),
+            "{early} of 200 in the first half"
+        );
+    }
+
+    #[test]
+    fn a_degraded_route_retries_soon_and_backs_off_to_the_cap() {
+        let mut s = Schedule::new(Duration::from_secs(30), fastrand::Rng::with_seed(1));
+        let within = |d: Duration, base: u64| {
+            let base = Duration::from_secs(base);
+            d >= base.mul_f64(0.75) && d < base.mul_f64(1.25)
+        };
+        assert!(within(s.after(true), 30));
+        for base in [1, 2, 4, 5, 5] {
+            let d = s.after(false);
+            assert!(within(d, base), "{d:?} for {base}s");
+        }
+        // Well again: back to the slow pace, and a later failure starts over at 1 s.
+        assert!(within(s.after(true), 30));
+        assert!(within(s.after(false), 1));
+        // A background pace below the cap caps the retries too.
+        let mut s = Schedule::new(Duration::from_secs(2), fastrand::Rng::with_seed(1));
+        for base in [1, 2, 2] {
+            assert!(within(s.after(false), base));
+        }
+    }
+
+    #[test]
+    fn failure_kicks_are_rate_limited() {
+        let k = Kick::new();
+        let gap = FAILURE_KICK_GAP.as_millis() as u64;
+        assert!(k.admit(1));
+        assert!(!k.admit(2));
+        assert!(!k.admit(gap));
+        assert!(k.admit(gap + 1));
+        assert!(!k.admit(gap + 2));
+        assert!(k.admit(5 * gap));
+    }
+
+    #[tokio::test]
+    async fn a_failure_wakes_the_refresh_once_and_asks_for_a_fresh_interface() {
+        let k = Kick::new();
+        assert!(k.failure());
+        // A burst of failures (a dead backend under load) is one wake-up, not one each.
+        for _ in 0..1000 {
+            assert!(!k.failure());
+        }
+        tokio::time::timeout(Duration::from_secs(5), k.notify.notified())
+            .await
+            .expect("the failure did not wake the refresh");
+        assert!(k.take_verify());
+        assert!(!k.take_verify());
+        // No permit left behind by the burst.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), k.notify.notified())
+                .await
+                .is_err()
+        );
+        // A deploy or flush wakes it without a fresh interface.
+        k.now();
+        k.notify.notified().await;
+        assert!(!k.take_verify());
+    }
+
+    #[test]
+    fn backends_of_a_service_report_failures_to_it() {
+        let spec = RouteSpec {
+            project: "p".into(),
+            app: "web".into(),
+            hosts: vec!["p.test".into()],
+            target: "web:80".into(),
+            network: "p-net".into(),
+            health: Default::default(),
+            timeouts: Default::default(),
+            limits: Default::default(),
+            tls: None,
+        };
+        let b = Backend::new("127.0.0.1:1".parse().unwrap(), None, &spec.timeouts);
+        let svc = Service::with_backends(spec, vec![b.clone()]);
+        b.mark_down("connect: refused".into());
+        assert!(svc.kick.take_verify(), "mark_down did not kick its route");
+        // A backend added by a re-resolve is tied too.
+        let added = svc.apply(Resolution {
+            addrs: vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
+            device: None,
+        });
+        assert_eq!(added.len(), 1);
+        svc.kick.last_failure.store(0, Ordering::Relaxed);
+        added[0].report_failure();
+        assert!(svc.kick.take_verify());
     }
 }
