@@ -1,15 +1,17 @@
 //! Project networks from Luma's address pool, against the real engine and this host's real
 //! routing table: a new project network gets the first subnet of the pool that no Docker
 //! network and no host route overlaps, and serves through the proxy; a pool with nothing
-//! free fails the deploy with the setting to change; a network that exists already (made
-//! without a pool subnet, as older luma did) is used as it is.
+//! free fails the deploy naming the setting to change where it is set; a network that exists
+//! already (made without a pool subnet, as older luma did) is used as it is. And the engine
+//! side of the repair of two networks of one name (Docker before API 1.44 makes them).
 //!
 //! The pool is a /26 under 10.240-10.249 that this host uses nowhere (checked when it is
 //! chosen, starting from this process's ID), so parallel runs and other tests never meet it.
 //! One scenario, one proxy: each deploy costs seconds. It adds a blackhole route for part of
 //! the pool (root, like tests/servers/up.sh) and removes it at the end, also on failure.
 
-use luma_cli::netpool::{parse_routes, Cidr};
+use luma_cli::engine::{Engine, Transport};
+use luma_cli::netpool::{keeper, parse_routes, Cidr};
 use luma_integration_tests::*;
 use std::net::Ipv4Addr;
 
@@ -182,11 +184,23 @@ fn project_networks_come_from_the_pool_skip_what_is_taken_and_say_when_it_is_ful
         format!("server local: no free subnet for network {blog}-network: the pool {pool} (LUMA_NETWORK_POOL) has 4 subnets of /28 (LUMA_NETWORK_SUBNET_SIZE)"),
         format!("Docker networks {taken_net} ({}), {shop}-network ({free})", sub28(&pool, 0)),
         format!("host routes {route} dev *"),
-        "Set `network.pool` in luma.yml (or LUMA_NETWORK_POOL) to a larger or different range".to_string(),
-        "e.g.\n  network:\n    pool: ".to_string(),
+        // The pool is set in the environment, so that is what to change: the file's
+        // `network.pool` is overridden.
+        format!(
+            "Set LUMA_NETWORK_POOL (it is set in the environment, which wins over `network.pool` \
+             in {}) to a larger range or another one, inside 10.0.0.0/8, 172.16.0.0/12 or \
+             192.168.0.0/16, that server local does not use",
+            blog_dir.join("luma.yml").display()
+        ),
     ] {
         assert!(e.contains(&want), "the error does not say {want:?}:\n{e}");
     }
+    // Subnets are at their smallest (/28): no advice to shrink them; and no concrete range,
+    // which might itself be taken.
+    assert!(
+        !e.contains("smaller subnet") && !e.contains("pool: "),
+        "{e}"
+    );
     assert!(
         docker(&["network", "inspect", &format!("{blog}-network")]).is_err(),
         "a network was created from a full pool"
@@ -219,4 +233,83 @@ fn project_networks_come_from_the_pool_skip_what_is_taken_and_say_when_it_is_ful
     );
     assert_eq!(project_of(&lab, &old_host), (200, old));
     assert_eq!(project_of(&lab, &shop_host), (200, shop));
+}
+
+/// `POST /networks/create` straight to the engine, without the CLI's duplicate check (what a
+/// second luma run does through bollard): the created network's ID, or the engine's refusal.
+fn create_unchecked(name: &str) -> Result<String, String> {
+    let socket = std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
+        .unwrap_or_else(|| "/var/run/docker.sock".into());
+    let body = serde_json::json!({"Name": name, "Labels": {"luma.test": "1"}}).to_string();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--unix-socket",
+            &socket,
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args(["-d", &body, "http://localhost/networks/create"])
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    match reply["Id"].as_str() {
+        Some(id) => Ok(id.to_string()),
+        None => Err(reply.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn networks_of_one_name_are_found_by_their_whole_name_and_the_first_made_stays() {
+    let lab = Lab::new("netdup");
+    let mut extras = Extras::default();
+    let name = format!("{}-network", lab.prefix);
+    // Names that contain it, which the engine's name filter also matches.
+    for other in [format!("{name}-more"), format!("x{name}")] {
+        let id = create_unchecked(&other).unwrap_or_else(|e| panic!("{other}: {e}"));
+        extras.networks.push(id);
+    }
+    let first = create_unchecked(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    extras.networks.push(first.clone());
+    // An engine before API 1.44 makes a second one (with a warning); a newer one refuses.
+    let second = create_unchecked(&name);
+    if let Ok(id) = &second {
+        extras.networks.push(id.clone());
+    }
+    let engine = Engine::connect(Transport::Local, false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let all = engine
+        .networks_named(&name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ids: Vec<&str> = all.iter().map(|n| n.id.as_str()).collect();
+    let mut want = vec![first.as_str()];
+    want.extend(second.as_deref().ok());
+    let mut sorted = ids.clone();
+    sorted.sort();
+    want.sort();
+    assert_eq!(sorted, want, "{all:?}");
+    assert!(all.iter().all(|n| n.subnets.len() == 1), "{all:?}");
+    // The engine's Created times order them: the first made stays, whichever the list shows
+    // first.
+    let order: Vec<(&str, &str)> = all
+        .iter()
+        .map(|n| (n.id.as_str(), n.created.as_str()))
+        .collect();
+    let kept = keeper(&order).map(|i| order[i].0);
+    assert_eq!(kept, Some(first.as_str()), "{all:?}");
+    let reversed: Vec<(&str, &str)> = order.iter().rev().copied().collect();
+    assert_eq!(
+        keeper(&reversed).map(|i| reversed[i].0),
+        Some(first.as_str())
+    );
 }

@@ -1458,6 +1458,7 @@ mod tests {
             ("network: {pool: \"fd00::/8\"}\n", "network.pool: \"fd00::/8\" is IPv6"),
             ("network: {pool: 10.0.0.0/7}\n", "network.pool: 10.0.0.0/7 is larger than a /8"),
             ("network: {pool: 127.1.0.0/16}\n", "network.pool: 127.1.0.0/16 overlaps 127.0.0.0/8 (loopback addresses)"),
+            ("network: {pool: 8.8.0.0/16}\n", "network.pool: 8.8.0.0/16 is not a private range: project networks would hide the public addresses in it from the containers; use a range inside 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, such as 10.210.0.0/16"),
             ("network: {pool: [10.210.0.0/16]}\n", "network.pool: expected an IPv4 network such as 10.210.0.0/16, found"),
             ("network: {subnet_size: /24}\n", "network.subnet_size: expected the prefix length of each project's subnet as a whole number, e.g. `subnet_size: 24`"),
             ("network: {subnet_size: 29}\n", "network.subnet_size: /29 is too small for a project network (at most /28"),

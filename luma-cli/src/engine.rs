@@ -84,6 +84,16 @@ pub enum NetworkCreated {
     Overlaps(String),
 }
 
+/// A network as [`Engine::networks_named`] lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedNetwork {
+    pub id: String,
+    /// When the engine made it, as it writes it (RFC 3339 with nanoseconds).
+    pub created: String,
+    /// Its IPv4 subnets.
+    pub subnets: Vec<String>,
+}
+
 /// Why a load failed: the engine refused the image (its message), or the connection (the
 /// stream) broke (the cause).
 #[derive(Debug, Clone, PartialEq)]
@@ -333,6 +343,31 @@ impl Engine {
                 ipv4_subnets(n.ipam.as_ref())
                     .into_iter()
                     .map(move |s| (name.clone(), s))
+            })
+            .collect())
+    }
+
+    /// Every network called exactly `name`: one, or several on an engine before API 1.44,
+    /// which creates a second network of a name when two creates of it meet.
+    pub async fn networks_named(&self, name: &str) -> Result<Vec<NamedNetwork>> {
+        self.trace(format_args!("list networks named {name}"));
+        let filters = HashMap::from([("name".to_string(), vec![name.to_string()])]);
+        let list = self
+            .docker
+            .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(|e| format!("list networks named {name} on {}: {e}", self.server()))?;
+        Ok(list
+            .into_iter()
+            // The engine's name filter matches parts of names too (`shop` finds
+            // `shop-network` and `myshop`): only the whole name counts.
+            .filter(|n| n.name.as_deref() == Some(name))
+            .map(|n| NamedNetwork {
+                subnets: ipv4_subnets(n.ipam.as_ref()),
+                id: n.id.unwrap_or_default(),
+                created: n.created.unwrap_or_default(),
             })
             .collect())
     }

@@ -434,19 +434,28 @@ fn refuse_split_release(cfg: &Config, apps: &[String], names: &[String]) -> Resu
 }
 
 /// `luma setup`: the proxy image and the project's services' images on every server, then
-/// the proxy, network and services everywhere at once.
+/// the proxy, network and services everywhere at once, under the project's lock like a
+/// deploy's setup (two setups, or a setup and a deploy, would race on the network and the
+/// services).
 async fn setup(fleet: &Fleet, ctxs: &[Ctx<'_>]) -> Result<(), String> {
+    // The lock container runs the proxy image, so remote servers get it first.
     fleet::deliver_proxy_image(fleet, ctxs).await?;
-    if let Some(first) = ctxs.first() {
-        for svc in &first.cfg.services {
-            let tag = format!(
-                "{}:latest",
-                luma_cli::names::image_repo(&first.cfg.project, &svc.name)
-            );
-            fleet::deliver(fleet, &release::servers_of(ctxs, svc), svc, &tag).await?;
+    let locks = fleet::Locks::take(ctxs, "setup").await?;
+    let result = async {
+        if let Some(first) = ctxs.first() {
+            for svc in &first.cfg.services {
+                let tag = format!(
+                    "{}:latest",
+                    luma_cli::names::image_repo(&first.cfg.project, &svc.name)
+                );
+                fleet::deliver(fleet, &release::servers_of(ctxs, svc), svc, &tag).await?;
+            }
         }
+        fleet::on_all(ctxs, project::setup).await.map(|_| ())
     }
-    fleet::on_all(ctxs, project::setup).await.map(|_| ())
+    .await;
+    locks.release().await;
+    result
 }
 
 async fn prune(ctx: &Ctx<'_>, yes: bool) -> Result<(), String> {

@@ -11,11 +11,16 @@
 //!
 //! Docker does not check an explicit subnet against the host's routes, so a subnet is only
 //! taken when it overlaps none of the engine's networks (any driver) and none of the host's
-//! routes except the default one. The routes also cover other engines on the same host (their
+//! routes except default ones. The routes also cover other engines on the same host (their
 //! bridges are host routes) and LANs and VPNs the host reaches.
 //!
+//! Known limit: only the kernel's main routing table is read (`/proc/net/route`). A VPN that
+//! routes through a policy-routing table of its own (WireGuard's `wg-quick` with a default
+//! route, Tailscale) is not seen; set the pool clear of its ranges by hand.
+//!
 //! Everything here is pure: the engine side (listing networks, reading routes, creating the
-//! network and retrying when another run took the subnet first) is in `project.rs`.
+//! network and retrying when another run took the subnet first, removing a duplicate of the
+//! same name) is in `project.rs`.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -113,6 +118,11 @@ impl Cidr {
         self.addr | !mask(self.prefix)
     }
 
+    /// Whether every address of `other` is in this one.
+    pub fn contains(&self, other: &Cidr) -> bool {
+        self.first() <= other.first() && other.last() <= self.last()
+    }
+
     /// Whether the two share any address.
     pub fn overlaps(&self, other: &Cidr) -> bool {
         self.first() <= other.last() && other.first() <= self.last()
@@ -143,6 +153,16 @@ const SPECIAL: [(&str, &str); 5] = [
     ("240.0.0.0/4", "reserved"),
 ];
 
+/// The ranges a pool must lie in: the private ones (RFC 1918) and the shared address space
+/// of carrier-grade NAT (RFC 6598). Addresses outside belong to hosts on the internet, which
+/// the containers of a project would no longer reach (`8.8.0.0/16` for `10.8.0.0/16`).
+const PRIVATE: [&str; 4] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+];
+
 /// The pool project networks come from, and where each of its settings came from (for
 /// messages).
 #[derive(Clone, Debug, PartialEq)]
@@ -171,8 +191,9 @@ impl Pool {
         }
     }
 
-    /// Checks a range for `pool`: one /8 at most, two /28s at least, clear of loopback, link-local, multicast and
-    /// reserved addresses. The message says what is wrong and how to fix it.
+    /// Checks a range for `pool`: one /8 at most, two /28s at least, inside a private range
+    /// ([`PRIVATE`]). The message says what is wrong and how to fix it; the caller names the
+    /// key or variable.
     pub fn check_range(range: &Cidr) -> Result<(), String> {
         if range.prefix < MIN_POOL_PREFIX {
             return Err(format!(
@@ -196,6 +217,15 @@ impl Pool {
                      {DEFAULT_POOL}"
                 ));
             }
+        }
+        let inside = |p: &&str| Cidr::parse(p).is_ok_and(|p| p.contains(range));
+        if !PRIVATE.iter().any(inside) {
+            return Err(format!(
+                "{range} is not a private range: project networks would hide the public \
+                 addresses in it from the containers; use a range inside {}, such as \
+                 {DEFAULT_POOL}",
+                PRIVATE.join(", ")
+            ));
         }
         Ok(())
     }
@@ -332,9 +362,12 @@ impl fmt::Display for Taken {
     }
 }
 
-/// The routes in `/proc/net/route` (the kernel's main IPv4 table): each destination with its
-/// interface. The default route (mask 0) is left out: it overlaps everything and claims
-/// nothing.
+/// The routes in `/proc/net/route` (the kernel's main IPv4 table; tables of policy routing
+/// are not in it): each destination with its interface. Default routes are left out: they
+/// overlap everything and claim nothing. That is the /0, and every route shorter than
+/// /[`MIN_POOL_PREFIX`]: OpenVPN's `redirect-gateway def1` sends everything through the tunnel
+/// with the two halves `0.0.0.0/1` and `128.0.0.0/1` (more specific than the /0 they replace,
+/// so they win), and no real network is larger than a /8.
 ///
 /// The kernel prints each address as the 32-bit number it holds in network byte order, in
 /// hex: on a little-endian machine 10.210.3.0 is `0003D20A`. Which order a file is in shows in
@@ -387,7 +420,8 @@ pub fn parse_routes(text: &str) -> Result<Vec<Taken>, String> {
             ));
         }
         let prefix = m.leading_ones() as u8;
-        if prefix == 0 {
+        // A default route, whole or split (see above): it would make every pool look full.
+        if prefix < MIN_POOL_PREFIX {
             continue;
         }
         routes.push(Taken {
@@ -410,36 +444,18 @@ fn some_of(items: &[&Taken], n: usize) -> String {
     s.join(", ")
 }
 
-/// A range to suggest when the pool is exhausted: at least a /16, in 10.0.0.0/8, free of
-/// everything in `taken`, the first after the pool (or after the default pool when the pool
-/// is elsewhere). None when 10.0.0.0/8 has none.
-fn suggestion(pool: &Pool, taken: &[Taken]) -> Option<Cidr> {
-    let ten = Cidr::parse("10.0.0.0/8").ok()?;
-    let prefix = pool.range.prefix.min(16);
-    if prefix <= ten.prefix {
-        return None;
-    }
-    let blocks = Pool {
-        range: ten,
-        subnet_size: prefix,
-        range_from: String::new(),
-        size_from: String::new(),
-    };
-    let near = if ten.overlaps(&pool.range) {
-        pool.range
-    } else {
-        Cidr::parse(DEFAULT_POOL).ok()?
-    };
-    let after = (near.last() as u64 + 1 - ten.first() as u64) >> (32 - prefix);
-    let not_the_pool = [pool.range];
-    blocks
-        .free_from(taken, &not_the_pool, after)
-        .or_else(|| blocks.free_from(taken, &not_the_pool, 0))
-}
-
 /// Why no subnet of `pool` is free on `server` for `network`, and what to do: which Docker
-/// networks and host routes take the pool, and the setting to change, with an example.
-pub fn exhausted(server: &str, network: &str, pool: &Pool, taken: &[Taken]) -> String {
+/// networks and host routes take the pool, and the settings to change where they are really
+/// set (`config` is the path of the project's luma.yml). No concrete range is suggested: one
+/// free on this server may be another server's LAN, or a VPN's that the main routing table
+/// does not show.
+pub fn exhausted(
+    server: &str,
+    network: &str,
+    pool: &Pool,
+    taken: &[Taken],
+    config: &str,
+) -> String {
     let mut inside: Vec<&Taken> = taken
         .iter()
         .filter(|t| t.net.overlaps(&pool.range))
@@ -463,16 +479,40 @@ pub fn exhausted(server: &str, network: &str, pool: &Pool, taken: &[Taken]) -> S
     if !routes.is_empty() {
         why.push(format!("host routes {}", some_of(&routes, 5)));
     }
-    let subnets = pool.subnets();
-    let example = match suggestion(pool, taken) {
-        Some(c) => format!("{c}   # free on {server} now"),
-        None => "10.211.0.0/16".into(),
+    // The environment wins over the file: advice to edit the file would change nothing then.
+    let pool_knob = if pool.range_from == POOL_ENV {
+        format!(
+            "{POOL_ENV} (it is set in the environment, which wins over `network.pool` in {config})"
+        )
+    } else {
+        format!("`network.pool` in {config}")
     };
+    let which = if pool.range.prefix > MIN_POOL_PREFIX {
+        "a larger range or another one"
+    } else {
+        "another range"
+    };
+    let size_knob = if pool.size_from == SUBNET_SIZE_ENV {
+        SUBNET_SIZE_ENV.to_string()
+    } else {
+        format!("`network.subnet_size` in {config}")
+    };
+    let smaller = if pool.subnet_size < MAX_SUBNET_SIZE {
+        format!(
+            "; or give each project a smaller subnet with {size_knob} (now {}, at most \
+             {MAX_SUBNET_SIZE})",
+            pool.subnet_size
+        )
+    } else {
+        String::new()
+    };
+    let subnets = pool.subnets();
     format!(
         "server {server}: no free subnet for network {network}: the pool {range} ({range_from}) \
          has {subnets} subnet{s} of /{size} ({size_from}), and every one overlaps {why}. Set \
-         `network.pool` in luma.yml (or {POOL_ENV}) to a larger or different range that is \
-         free on {server}, e.g.\n  network:\n    pool: {example}",
+         {pool_knob} to {which}, inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16, that \
+         server {server} does not use (no Docker network, route, LAN or VPN of it in \
+         there){smaller}",
         range = pool.range,
         range_from = pool.range_from,
         s = if subnets == 1 { "" } else { "s" },
@@ -484,6 +524,68 @@ pub fn exhausted(server: &str, network: &str, pool: &Pool, taken: &[Taken]) -> S
             why.join("; ")
         },
     )
+}
+
+/// Which of several networks of one name stays (an engine before API 1.44 creates a second
+/// network of a name that exists when two creates meet): the first made, by the engine's
+/// `Created`, the lowest ID among equals. Every creator reads the same list, so they agree on
+/// it, and each one that did not make it removes its own. `nets` are (ID, `Created` as the
+/// engine writes it); one that does not read as a time comes after every one that does.
+pub fn keeper(nets: &[(&str, &str)]) -> Option<usize> {
+    (0..nets.len()).min_by_key(|&i| {
+        let (id, created) = nets[i];
+        let at = rfc3339_nanos(created);
+        (at.is_none(), at, id)
+    })
+}
+
+/// Nanoseconds since 1970 of an RFC 3339 time as Docker writes it (Go's RFC3339Nano:
+/// `2024-05-01T12:34:56.123456789+02:00`, or `Z`, trailing zeros of the fraction left out):
+/// compared as text, `.1Z` would come after `.12Z`.
+fn rfc3339_nanos(s: &str) -> Option<i128> {
+    let num = |t: &str| -> Option<i128> {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse().ok())
+            .flatten()
+    };
+    let (date, time) = s.trim().split_once(['T', 't'])?;
+    let mut d = date.splitn(3, '-');
+    let (y, mo, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    let (clock, offset) = match time.find(['Z', 'z', '+', '-']) {
+        Some(i) => time.split_at(i),
+        None => return None,
+    };
+    let offset_s = match offset {
+        "Z" | "z" => 0,
+        o => {
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            let (h, m) = o[1..].split_once(':')?;
+            sign * (num(h)? * 3600 + num(m)? * 60)
+        }
+    };
+    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut t = hms.splitn(3, ':');
+    let (h, mi, sec) = (num(t.next()?)?, num(t.next()?)?, num(t.next()?)?);
+    let nanos = if frac.is_empty() {
+        0
+    } else if frac.len() <= 9 {
+        num(frac)? * 10i128.pow(9 - frac.len() as u32)
+    } else {
+        return None;
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days since 1970-01-01 of a date in the proleptic Gregorian calendar (H. Hinnant's
+    // days_from_civil).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((mo + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    let secs = days * 86400 + h * 3600 + mi * 60 + sec - offset_s;
+    Some(secs * 1_000_000_000 + nanos)
 }
 
 #[cfg(test)]
@@ -563,6 +665,44 @@ mod tests {
         );
         let e = Pool::check_range(&c("224.1.0.0/16")).unwrap_err();
         assert!(e.contains("multicast"), "{e}");
+        // Only private ranges: a typo for 10.8.0.0/16 would hide a piece of the internet.
+        for ok in [
+            "172.16.0.0/12",
+            "172.31.0.0/16",
+            "192.168.0.0/16",
+            "192.168.200.0/24",
+            "100.64.0.0/10",
+            "100.127.0.0/16",
+        ] {
+            assert_eq!(Pool::check_range(&c(ok)), Ok(()), "{ok}");
+        }
+        for public in [
+            "8.8.0.0/16",
+            "11.0.0.0/8",
+            "172.32.0.0/16",
+            "172.0.0.0/11",
+            "192.169.0.0/16",
+            "192.160.0.0/12",
+            "100.128.0.0/16",
+            "100.0.0.0/9",
+        ] {
+            let e = Pool::check_range(&c(public)).unwrap_err();
+            assert_eq!(
+                e,
+                format!(
+                    "{public} is not a private range: project networks would hide the public \
+                     addresses in it from the containers; use a range inside 10.0.0.0/8, \
+                     172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, such as 10.210.0.0/16"
+                )
+            );
+        }
+        let e = Pool::default_pool()
+            .with_env(|v| (v == POOL_ENV).then(|| "8.8.0.0/16".to_string()))
+            .unwrap_err();
+        assert!(
+            e.starts_with("LUMA_NETWORK_POOL: 8.8.0.0/16 is not a private range"),
+            "{e}"
+        );
         assert!(Pool::check_size(&c("10.210.0.0/16"), 24).is_ok());
         assert!(Pool::check_size(&c("10.210.0.0/27"), 28).is_ok());
         let e = Pool::check_size(&c("10.210.0.0/16"), 29).unwrap_err();
@@ -674,6 +814,31 @@ docker0\tAC110000\t00000000\t0001\t0\t0\t0\tFFFF0000\t0\t0\t0
             .map(|r| r.to_string())
             .collect();
         assert_eq!(shown, ["172.17.0.0/16 dev docker0"]);
+        // OpenVPN's redirect-gateway def1: two half-default routes over the /0, and the
+        // server's own address through the old gateway. The halves are default routes, not
+        // networks: the pool stays free.
+        let vpn = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT
+eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+tun0\t00000000\t0100080A\t0003\t0\t0\t0\t00000080\t0\t0\t0
+tun0\t00000080\t0100080A\t0003\t0\t0\t0\t00000080\t0\t0\t0
+tun0\t0000080A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
+eth0\t0A7100CB\t010200C0\t0007\t0\t0\t0\tFFFFFFFF\t0\t0\t0
+";
+        let routes = parse_routes(vpn).unwrap();
+        let shown: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(shown, ["10.8.0.0/16 dev tun0", "203.0.113.10/32 dev eth0"]);
+        assert_eq!(
+            pool("10.210.0.0/16", 24).first_free(&routes, &[]),
+            Some(c("10.210.0.0/24"))
+        );
+        // A /7 is a default route too; a /8 is a network (a VPN's whole 10.0.0.0/8).
+        let wide = "Iface\tDestination\tMask\nvpn0\t0000000A\t000000FE\nvpn1\t0000000A\t000000FF\n";
+        let shown: Vec<String> = parse_routes(wide)
+            .unwrap()
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(shown, ["10.0.0.0/8 dev vpn1"]);
         // Only a header: no routes. Garbage: an error that says where.
         assert_eq!(parse_routes(ROUTES.lines().next().unwrap()).unwrap(), []);
         let e = parse_routes("Iface\tDestination\tMask\neth0\tzz\t00FFFFFF\n").unwrap_err();
@@ -683,7 +848,7 @@ docker0\tAC110000\t00000000\t0001\t0\t0\t0\tFFFF0000\t0\t0\t0
     }
 
     #[test]
-    fn an_exhausted_pool_says_what_takes_it_and_what_to_set() {
+    fn an_exhausted_pool_says_what_takes_it_and_where_to_change_it() {
         let p = pool("10.250.7.0/27", 28);
         let taken = vec![
             net("shop-network", "10.250.7.16/28"),
@@ -700,41 +865,130 @@ docker0\tAC110000\t00000000\t0001\t0\t0\t0\tFFFF0000\t0\t0\t0
             },
         ];
         assert_eq!(p.first_free(&taken, &[]), None);
-        let e = exhausted("app1.example.com", "blog-network", &p, &taken);
-        assert!(
-            e.starts_with(
-                "server app1.example.com: no free subnet for network blog-network: the pool \
-                 10.250.7.0/27 (network.pool in luma.yml) has 2 subnets of /28 (the default), \
-                 and every one overlaps Docker networks mine (10.250.7.0/28), shop-network \
-                 (10.250.7.16/28); host routes 10.250.7.16/30 dev wg0. Set `network.pool` in \
-                 luma.yml (or LUMA_NETWORK_POOL) to a larger or different range"
-            ),
-            "{e}"
+        let e = exhausted(
+            "app1.example.com",
+            "blog-network",
+            &p,
+            &taken,
+            "/srv/blog/luma.yml",
         );
-        assert!(!e.contains("bridge") && !e.contains("br-"), "{e}");
-        // The example is a range that is free there, at least a /16.
-        assert!(
-            e.ends_with(
-                "e.g.\n  network:\n    pool: 10.251.0.0/16   # free on app1.example.com now"
-            ),
-            "{e}"
+        assert_eq!(
+            e,
+            "server app1.example.com: no free subnet for network blog-network: the pool \
+             10.250.7.0/27 (network.pool in luma.yml) has 2 subnets of /28 (the default), and \
+             every one overlaps Docker networks mine (10.250.7.0/28), shop-network \
+             (10.250.7.16/28); host routes 10.250.7.16/30 dev wg0. Set `network.pool` in \
+             /srv/blog/luma.yml to a larger range or another one, inside 10.0.0.0/8, \
+             172.16.0.0/12 or 192.168.0.0/16, that server app1.example.com does not use (no \
+             Docker network, route, LAN or VPN of it in there)"
         );
-        // Many networks: the first few, and how many more.
+        // Many networks: the first few, and how many more. The subnet size is the other knob
+        // while the subnets can be smaller; nothing names a concrete range that may be taken.
         let many: Vec<Taken> = (0..=255)
             .map(|i| net(&format!("p{i}-network"), &format!("10.210.{i}.0/24")))
             .collect();
-        let e = exhausted("local", "x-network", &pool("10.210.0.0/16", 24), &many);
-        assert!(e.contains("has 256 subnets of /24"), "{e}");
+        let e = exhausted(
+            "local",
+            "x-network",
+            &Pool::default_pool(),
+            &many,
+            "luma.yml",
+        );
+        assert!(
+            e.contains("the pool 10.210.0.0/16 (the default) has 256 subnets of /24 (the default)"),
+            "{e}"
+        );
         assert!(
             e.contains("p4-network (10.210.4.0/24), and 251 more"),
             "{e}"
         );
         assert!(
-            e.contains("pool: 10.211.0.0/16   # free on local now"),
+            e.ends_with(
+                "Set `network.pool` in luma.yml to a larger range or another one, inside \
+                 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16, that server local does not use (no \
+                 Docker network, route, LAN or VPN of it in there); or give each project a \
+                 smaller subnet with `network.subnet_size` in luma.yml (now 24, at most 28)"
+            ),
             "{e}"
         );
-        // A pool outside 10.0.0.0/8: the example starts after the default pool.
-        let e = exhausted("local", "x-network", &pool("192.168.77.0/24", 28), &[]);
-        assert!(e.contains("pool: 10.211.0.0/16   # free"), "{e}");
+        assert!(!e.contains("10.211"), "{e}");
+        // Set in the environment: the variables are what to change (the file would change
+        // nothing); a /8 cannot be larger.
+        let env = Pool {
+            range: c("10.0.0.0/8"),
+            subnet_size: 20,
+            range_from: POOL_ENV.into(),
+            size_from: SUBNET_SIZE_ENV.into(),
+        };
+        let e = exhausted(
+            "s1",
+            "x-network",
+            &env,
+            &[net("all", "10.0.0.0/8")],
+            "/p/luma.yml",
+        );
+        assert!(
+            e.ends_with(
+                "Set LUMA_NETWORK_POOL (it is set in the environment, which wins over \
+                 `network.pool` in /p/luma.yml) to another range, inside 10.0.0.0/8, \
+                 172.16.0.0/12 or 192.168.0.0/16, that server s1 does not use (no Docker \
+                 network, route, LAN or VPN of it in there); or give each project a smaller \
+                 subnet with LUMA_NETWORK_SUBNET_SIZE (now 20, at most 28)"
+            ),
+            "{e}"
+        );
+        // The pool from the environment, the size from the file: each named where it is set.
+        let mixed = Pool {
+            size_from: "network.subnet_size in /p/luma.yml".into(),
+            ..env
+        };
+        let e = exhausted("s1", "x-network", &mixed, &[], "/p/luma.yml");
+        assert!(
+            e.contains("Set LUMA_NETWORK_POOL (it is set")
+                && e.contains("with `network.subnet_size` in /p/luma.yml (now 20"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_first_made_of_networks_of_one_name_stays() {
+        assert_eq!(rfc3339_nanos("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            rfc3339_nanos("2024-05-01T12:34:56.5Z"),
+            Some(1_714_566_896_500_000_000)
+        );
+        // Another zone, the same moment.
+        assert_eq!(
+            rfc3339_nanos("2024-05-01T14:34:56.5+02:00"),
+            rfc3339_nanos("2024-05-01T12:34:56.500000000Z")
+        );
+        assert_eq!(
+            rfc3339_nanos("2024-02-29T23:00:00-01:00"),
+            rfc3339_nanos("2024-03-01T00:00:00Z")
+        );
+        for bad in [
+            "",
+            "2024-05-01",
+            "2024-05-01T12:34:56",
+            "2024-13-01T00:00:00Z",
+            "x",
+        ] {
+            assert_eq!(rfc3339_nanos(bad), None, "{bad}");
+        }
+        // Go leaves the fraction's trailing zeros out: .1 is before .12, unlike as text.
+        let nets = [
+            ("bbb", "2024-05-01T12:00:00.12Z"),
+            ("ccc", "2024-05-01T12:00:00.1Z"),
+        ];
+        assert_eq!(keeper(&nets), Some(1));
+        // The same moment: the lowest ID. Unreadable times come last.
+        let nets = [
+            ("ccc", "garbage"),
+            ("bbb", "2024-05-01T12:00:00Z"),
+            ("aaa", "2024-05-01T14:00:00+02:00"),
+        ];
+        assert_eq!(keeper(&nets), Some(2));
+        assert_eq!(keeper(&[("z", "garbage"), ("y", "")]), Some(1));
+        assert_eq!(keeper(&[]), None);
     }
 }

@@ -157,13 +157,18 @@ const NETWORK_ATTEMPTS: usize = 8;
 /// host, so after creating, the host's routes are read again: a route to the subnet on
 /// another interface than the new bridge means someone else has it too, and the new network
 /// is removed. Whoever reads second yields (both yield when both read second), and every
-/// retry waits a random moment first, so they pull apart.
+/// retry waits a random moment first, so they pull apart. An engine before API 1.44 also
+/// lets two creates of one name both succeed (with different subnets): see
+/// [`one_network_of_the_name`].
 async fn create_network(ctx: &Ctx<'_>, net: &str) -> Result<(Vec<String>, Option<String>), String> {
     use crate::engine::NetworkCreated;
     use crate::netpool::{Cidr, Holder};
     let pool = &ctx.cfg.network;
     let mut lost: Vec<Cidr> = Vec::new();
     let mut warning = None;
+    // Why the last subnet was lost: shown when luma gives up, so a refusal that is not a
+    // race (the engine's own message) can be told from one.
+    let mut last_loss = String::new();
     for attempt in 0..NETWORK_ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(retry_pause()).await;
@@ -191,7 +196,13 @@ async fn create_network(ctx: &Ctx<'_>, net: &str) -> Result<(Vec<String>, Option
             }
         }
         let Some(subnet) = pool.first_free(&taken, &lost) else {
-            return Err(crate::netpool::exhausted(ctx.server, net, pool, &taken));
+            return Err(crate::netpool::exhausted(
+                ctx.server,
+                net,
+                pool,
+                &taken,
+                &ctx.cfg.path.display().to_string(),
+            ));
         };
         let labels = labels(ctx.project(), "network", &[]);
         let subnet_text = subnet.to_string();
@@ -205,13 +216,16 @@ async fn create_network(ctx: &Ctx<'_>, net: &str) -> Result<(Vec<String>, Option
                 let shared = match (&routes, host_routes(ctx).await) {
                     (Ok(_), Ok(now)) => now
                         .into_iter()
-                        .any(|r| r.net.overlaps(&subnet) && r.by != ours),
-                    _ => false,
+                        .find(|r| r.net.overlaps(&subnet) && r.by != ours),
+                    _ => None,
                 };
-                if !shared {
-                    return Ok((vec![subnet_text], warning));
-                }
+                let Some(other) = shared else {
+                    let subnets = one_network_of_the_name(ctx, net, &id, vec![subnet_text]).await?;
+                    return Ok((subnets, warning));
+                };
                 ctx.engine.remove_network(&id).await?;
+                last_loss =
+                    format!("the host routes {subnet} also through another interface: {other}");
                 lost.push(subnet);
             }
             // Another run made this project's network in between: use it.
@@ -224,18 +238,53 @@ async fn create_network(ctx: &Ctx<'_>, net: &str) -> Result<(Vec<String>, Option
                 })?;
                 return Ok((subnets, warning));
             }
-            NetworkCreated::Overlaps(_) => lost.push(subnet),
+            NetworkCreated::Overlaps(message) => {
+                last_loss = format!("the engine refused {subnet}: {message}");
+                lost.push(subnet);
+            }
         }
     }
     Err(format!(
         "server {}: could not create network {net}: {NETWORK_ATTEMPTS} free subnets of the pool \
          {} in a row were taken by others while luma created it (other luma runs, or other \
-         engines on the same host, creating networks at the same time); run it again",
+         engines on the same host, creating networks at the same time); run it again. The \
+         last one: {last_loss}",
         ctx.server, pool.range
     ))
 }
 
-/// The routes of the engine's host, the default route left out.
+/// Makes sure one network is called `net` after this run created one (ID `id`, with
+/// `subnets`), and returns the subnets of the one that stays.
+///
+/// An engine before API 1.44 (Docker 20.10 is 1.41) checks the name only before it creates,
+/// so two creates of one name at the same moment both succeed, with different subnets from
+/// the pool. Each creator lists the networks of the name afterwards: the first made stays
+/// ([`crate::netpool::keeper`]), and a creator whose network is not that one removes its own
+/// and uses the first. A creator that lists while the other network is still being made does
+/// not see it yet; `deploy` and `setup` hold the project's lock around this, so two luma runs
+/// of a project do not create its network at once, and this is the repair for what the lock
+/// does not cover (an older luma, `docker network create` by hand).
+async fn one_network_of_the_name(
+    ctx: &Ctx<'_>,
+    net: &str,
+    id: &str,
+    subnets: Vec<String>,
+) -> Result<Vec<String>, String> {
+    let all = ctx.engine.networks_named(net).await?;
+    let order: Vec<(&str, &str)> = all
+        .iter()
+        .map(|n| (n.id.as_str(), n.created.as_str()))
+        .collect();
+    match crate::netpool::keeper(&order).map(|i| &all[i]) {
+        Some(first) if all.len() > 1 && first.id != id => {
+            ctx.engine.remove_network(id).await?;
+            Ok(first.subnets.clone())
+        }
+        _ => Ok(subnets),
+    }
+}
+
+/// The routes of the engine's host, default routes left out (see [`crate::netpool::parse_routes`]).
 async fn host_routes(ctx: &Ctx<'_>) -> Result<Vec<crate::netpool::Taken>, String> {
     let table = ctx.engine.host_routes().await?;
     crate::netpool::parse_routes(&table)

@@ -306,9 +306,12 @@ say "registry 127.0.0.1:$reg_port (pid $pid, user $reg_user)"
   printf 'export LUMA_TEST_SSH_KEY=%q\n' "$DIR/client_key"
   printf 'export LUMA_TEST_KNOWN_HOSTS=%q\n' "$DIR/known_hosts"
   printf 'export LUMA_TEST_SERVERS=%q\n' "luma-s1 luma-s2"
-  # Both engines' address pools (one /15): luma's project networks must come from them, because
-  # only they are let through the host's FORWARD chain (the DOCKER-USER rules above).
-  printf 'export LUMA_TEST_NETWORK_POOL=%q\n' "10.$((150 + 2 * slot)).0.0/15"
+  # Luma's pool: the upper half of the first engine's address pool. Only addresses inside an
+  # engine's /16 are let through the host's FORWARD chain (the DOCKER-USER rules above accept
+  # source and destination both inside one), on either engine's bridges; and the engines
+  # hand out their own /24s from the bottom of their /16s, so none of them is one luma hands
+  # out too.
+  printf 'export LUMA_TEST_NETWORK_POOL=%q\n' "10.$((150 + 2 * slot)).128.0/17"
   for srv in "${LT_SERVERS[@]}"; do
     printf 'export LUMA_TEST_DOCKER_HOST_luma_%s=%q\n' "$srv" "unix://$RUN/$srv/docker.sock"
     printf 'export LUMA_TEST_SSHD_PID_luma_%s=%q\n' "$srv" "${sshd_pid[$srv]}"

@@ -35,8 +35,10 @@ pub struct Servers {
     /// that reach a server without the ssh_config (`ssh: {port, key}` in luma.yml).
     pub ssh_key: PathBuf,
     pub known_hosts: PathBuf,
-    /// Both engines' address pools (`LUMA_TEST_NETWORK_POOL`): give it to luma as
-    /// `LUMA_NETWORK_POOL`, since only these addresses pass the host's FORWARD chain.
+    /// Luma's pool on these servers (`LUMA_TEST_NETWORK_POOL`): the upper half of the first
+    /// engine's address pool, clear of the /24s the engines hand out themselves from the
+    /// bottom. Give it to luma as `LUMA_NETWORK_POOL`, since only addresses inside an
+    /// engine's pool pass the host's FORWARD chain.
     pub network_pool: String,
     docker_hosts: HashMap<String, String>,
     sshd_pids: HashMap<String, u32>,
