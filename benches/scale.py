@@ -7,19 +7,37 @@ Measures:
   * at 1, 50 and N projects deployed (smoke: 1 and N), after a short settle: the proxy's RSS
     (VmRSS of the container's main process), its idle CPU (utime+stime over an idle window, as
     % of one core), the DNS queries it sent per second over the same window (the counter
-    `luma_proxy_dns_queries_total` from `luma-proxy metrics`; "n/a" when the proxy has no such
-    metric) and the number of networks the proxy is on;
+    `luma_proxy_dns_queries_total` from `luma-proxy metrics`) and the number of networks the
+    proxy is on;
   * at 1 and at N projects: requests per second through project 1's host (luma-loadgen closed
     loop) and p99 at a fixed rate (half of the 1-project saturation rate, open loop), with the
     same connections, duration and repeats (median of 3) both times, and their ratios.
 Every deploy must succeed and its host answer 200 within 60 s (polled, no fixed wait), and at the
-end every project's host must answer 200 with its own project's body, or the run fails; with
---smoke a failed request under load fails it too. Progress is printed per deploy.
+end every project's host must answer 200 with its own project's body, or the run fails. Every
+load run must get only 2xx answers: one non-2xx answer, socket error or timeout reported by
+luma-loadgen fails the run (its req/s counts every request, so a proxy answering 502 fast would
+otherwise look fast). The proxy must count its DNS queries (`luma_proxy_dns_queries_total`),
+and at k projects idle it may send at most k / (0.75 x 30 s) + 1 queries/s (each route
+re-resolves in the background every 30 s +-25%; +1 for the odd event-driven look-up), or the
+run fails. Progress is printed per deploy.
 
 Everything it creates is named `<prefix>-...` (default prefix `lumascale<pid>`): the projects
-`<prefix>-pNNN`, the proxy `<prefix>-proxy` on its own free 127.0.0.1 ports, and its state
-volume. All of it is removed at the end, also on failure, Ctrl-C or SIGTERM; nothing else is
-touched. Must run as root on the engine's host (it reads /proc/<pid> of the proxy).
+`<prefix>-pNNN` (their containers, lock containers `luma-lock_<prefix>-pNNN`, networks
+`<prefix>-pNNN-network`), the proxy `<prefix>-proxy` on its own free 127.0.0.1 ports, and its
+state volume `<prefix>-proxy-state`. The run refuses to start when anything with that prefix
+exists already. At the end, also on failure, Ctrl-C or SIGTERM, it removes exactly the objects
+whose name starts with `<prefix>-` (or `luma-lock_<prefix>-`) or that luma labelled
+`luma.project=<prefix>-pNNN`; nothing else is touched. A signal never cuts the clean-up short:
+the first one stops the run (a running `luma` gets SIGINT and 30 s to undo its step, then it
+is killed), later ones are ignored. Must run as root on the engine's host (it reads
+/proc/<pid> of the proxy).
+
+Networks: each project takes one subnet of luma's network pool, by default a /24 of
+10.210.0.0/16, which holds 256 project networks for the whole engine (other luma projects on it
+included). So --projects above 250 needs a larger pool: with neither LUMA_NETWORK_POOL nor
+LUMA_NETWORK_SUBNET_SIZE set, the run sets LUMA_NETWORK_SUBNET_SIZE for luma to the largest
+subnet that fits (/25 up to 500 projects, /26 up to 1000, ... /28 up to 4000, all in the same
+pool); if you set them yourself, they must hold --projects networks.
 
 Usage: benches/scale.py [--projects 200] [--out docs/scale.md]   (benches/scale.sh builds first)
        benches/scale.py --smoke [--bin-dir target/debug]          (CI: 4 projects, writes nothing)
@@ -38,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -51,8 +70,49 @@ class Failed(Exception):
     """A deploy, request or check failed: the message says which and why."""
 
 
+class Stop:
+    """The signals received. The handler only records them and never raises: an exception
+    thrown from a handler can land anywhere, also inside the clean-up or between a child's
+    start and its being waited for. The run checks the record at safe points instead (after
+    every child, in every wait), and once `cleaning` is set nothing acts on it any more."""
+
+    signal = None
+    repeated = False
+    cleaning = False
+
+
+STOP = Stop()
+
+
 def on_signal(signum, _frame):
-    raise Interrupted(f"interrupted by signal {signal.Signals(signum).name}")
+    name = signal.Signals(signum).name
+    if STOP.signal is None:
+        STOP.signal = name
+    elif not STOP.repeated:
+        STOP.repeated = True
+        # os.write, not print: a handler that prints while the run is printing would hit the
+        # buffered stream re-entrantly (RuntimeError), an exception out of the handler.
+        try:
+            os.write(2, f"scale: {name} again: still stopping; the clean-up runs to its end\n".encode())
+        except OSError:
+            pass
+
+
+def check_stop():
+    """Raises Interrupted once a signal has arrived, until the clean-up has begun."""
+    if STOP.signal is not None and not STOP.cleaning:
+        raise Interrupted(f"interrupted by {STOP.signal}")
+
+
+def pause(seconds):
+    """Sleeps, but returns early (raising Interrupted) within 0.2 s of a signal."""
+    end = time.monotonic() + seconds
+    while True:
+        check_stop()
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(0.2, left))
 
 
 def log(msg, err=False):
@@ -68,26 +128,54 @@ def log(msg, err=False):
             pass
 
 
+def kill_group(p):
+    """SIGKILL to the child's process group (its own session, see `run`)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# How long a child gets after SIGINT to undo its step (luma removes what its release created).
+GRACE = 30
+
+
 def run(cmd, timeout, env=None, check=True):
     """Runs `cmd` in its own session (a terminal's Ctrl-C reaches only this harness), returning
-    (code, stdout, stderr). On an interrupt the child gets SIGINT and up to 30 s to undo what
-    it was doing (luma does), then it is killed."""
+    (code, stdout, stderr). On a signal (outside the clean-up) the child gets SIGINT and GRACE
+    seconds to undo what it was doing, then it is killed, and Interrupted is raised. A child
+    that outlives `timeout` is killed and Failed raised (also with check=False: the caller of a
+    clean-up step catches it). Whatever happens, no child outlives this call."""
+    check_stop()  # a signal before the start: do not start it at all
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
     try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        raise Failed(f"`{' '.join(cmd)}` took more than {timeout} s; killed it.\n{out}{err}")
-    except BaseException:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
-        raise
+        deadline = time.monotonic() + timeout
+        asked = None  # when the child got SIGINT
+        while True:
+            try:
+                # Short slices so a signal is acted on within 0.2 s.
+                out, err = p.communicate(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                now = time.monotonic()
+                if asked is None and STOP.signal is not None and not STOP.cleaning:
+                    p.send_signal(signal.SIGINT)
+                    asked = now
+                elif asked is not None and now - asked > GRACE:
+                    log(f"scale: `{os.path.basename(cmd[0])}` still running {GRACE} s after SIGINT; killing it",
+                        err=True)
+                    kill_group(p)
+                    asked = float("inf")  # killed: just collect what it wrote
+                elif now > deadline:
+                    kill_group(p)
+                    out, err = p.communicate()
+                    raise Failed(f"`{' '.join(cmd)}` took more than {timeout:g} s; killed it.\n{out}{err}")
+    finally:
+        if p.poll() is None:
+            kill_group(p)
+            p.wait()
+    check_stop()  # a child stopped by the signal failed because of it: report the signal
     if check and p.returncode != 0:
         raise Failed(f"`{' '.join(cmd)}` failed (exit {p.returncode}):\n{out}{err}")
     return p.returncode, out, err
@@ -144,7 +232,12 @@ def wait_answers(port, host, project, bound):
             return time.monotonic() - start
         if time.monotonic() - start > bound:
             raise Failed(f"{host} did not answer 200 from {project} within {bound} s; last answer: {what}")
-        time.sleep(0.1)
+        pause(0.1)
+
+
+# The label luma puts on every container, network, volume and image of a project
+# (luma-cli/src/names.rs LABEL_PROJECT); the proxy and its volume have only `luma.role`.
+LABEL_PROJECT = "luma.project"
 
 
 class Lab:
@@ -159,7 +252,8 @@ class Lab:
         self.width = max(3, len(str(a.projects)))
         self.env = dict(os.environ, LUMA_PROXY_NAME=self.proxy,
                         LUMA_PROXY_IMAGE=os.environ.get("LUMA_PROXY_IMAGE", "luma-proxy:dev"),
-                        LUMA_HTTP_PORT=f"127.0.0.1:{self.http}", LUMA_HTTPS_PORT=f"127.0.0.1:{self.https}")
+                        LUMA_HTTP_PORT=f"127.0.0.1:{self.http}", LUMA_HTTPS_PORT=f"127.0.0.1:{self.https}",
+                        **a.net_env)
         self.proxy_pid = None
 
     def project(self, i):
@@ -206,51 +300,119 @@ class Lab:
         return set(json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", self.proxy)))
 
     def dns_queries(self):
-        """Sum of the DNS query counter over its series (`luma_proxy_dns_queries_total`, or
-        `luma_dns_queries_total`), or None when the proxy has no such metric."""
+        """The proxy's DNS query counter (`luma_proxy_dns_queries_total`, summed over its
+        series). A proxy without it fails the run: the idle DNS rate is one of the figures."""
         text = docker("exec", self.proxy, "luma-proxy", "metrics")
         vals = [float(m.group(1))
-                for m in re.finditer(r"^luma(?:_proxy)?_dns_queries_total(?:\{[^}]*\})? (\S+)", text, re.M)]
-        return sum(vals) if vals else None
+                for m in re.finditer(r"^luma_proxy_dns_queries_total(?:\{[^}]*\})? (\S+)$", text, re.M)]
+        if not vals:
+            raise Failed(f"`docker exec {self.proxy} luma-proxy metrics` has no luma_proxy_dns_queries_total, "
+                         f"so the idle DNS rate cannot be measured: the image {self.env['LUMA_PROXY_IMAGE']} "
+                         "predates the DNS counter; rebuild it (docker/build-images.sh dev) or set "
+                         "LUMA_PROXY_IMAGE to a current one")
+        return sum(vals)
+
+    def mine(self, name, project_label):
+        """Whether a Docker object belongs to this run: luma labelled it with one of this run's
+        projects, or its name starts with `<prefix>-` (or is a lock container `luma-lock_<prefix>-`).
+        An exact start, never a substring: with prefix `web`, `shop-web-1` is not ours. The
+        prefix was checked unused before the run (`preflight`), so these are all this run's."""
+        if project_label and project_label in self.projects:
+            return True
+        return name.startswith((f"{self.prefix}-", f"luma-lock_{self.prefix}-"))
+
+    @property
+    def projects(self):
+        return {self.project(i) for i in range(1, self.a.projects + 1)}
+
+    def owned(self):
+        """This run's objects by kind, {kind: [names]}; a listing that fails raises Failed."""
+        label = f'{{{{.Label "{LABEL_PROJECT}"}}}}'
+
+        def rows(*args):
+            return [line.split("|", 1) for line in docker(*args, timeout=120).splitlines() if line.strip()]
+
+        found = {
+            "containers": [n for n, l in rows("ps", "-a", "--format", "{{.Names}}|" + label) if self.mine(n, l)],
+            "networks": [n for n, l in rows("network", "ls", "--format", "{{.Name}}|" + label) if self.mine(n, l)],
+            # `docker images --format` has no labels; images luma builds are named
+            # `<project>_<app>` (names.rs image_repo), so the name decides.
+            "images": [n for n, _ in rows("images", "--format", "{{.Repository}}:{{.Tag}}|") if self.mine(n, "")],
+            "volumes": [n for n, l in rows("volume", "ls", "--format", "{{.Name}}|" + label) if self.mine(n, l)],
+        }
+        return {k: sorted(set(v)) for k, v in found.items() if v}
 
     def sweep(self):
-        """Removes every object named after the prefix: the proxy first (a network cannot go
-        while it is attached), then containers (apps, locks, markers), networks, images and
-        volumes. Returns what could not be removed."""
-        tag = f"{self.prefix}-"
-        docker("rm", "-f", "-v", self.proxy, check=False)
-        for ids, rm in [
-            (lambda: docker("ps", "-aq", "--filter", f"name={tag}", check=False), ["rm", "-f", "-v"]),
-            (lambda: docker("network", "ls", "-q", "--filter", f"name={tag}", check=False), ["network", "rm"]),
-            (lambda: docker("images", "-q", "--filter", f"reference={tag}*", check=False), ["rmi", "-f"]),
-            (lambda: docker("volume", "ls", "-q", "--filter", f"name={tag}", check=False), ["volume", "rm", "-f"]),
-        ]:
-            found = sorted(set(ids().split()))
-            for k in range(0, len(found), 50):
-                docker(*rm, *found[k:k + 50], timeout=300, check=False)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        left = {
-            "containers": docker("ps", "-a", "--format", "{{.Names}}", "--filter", f"name={tag}", check=False),
-            "networks": docker("network", "ls", "--format", "{{.Name}}", "--filter", f"name={tag}", check=False),
-            "images": docker("images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference={tag}*",
-                             check=False),
-            "volumes": docker("volume", "ls", "--format", "{{.Name}}", "--filter", f"name={tag}", check=False),
-        }
-        return {k: v.split() for k, v in left.items() if v.strip()}
+        """Removes this run's objects (`owned`): the proxy first (a network cannot go while it
+        is attached), then containers (apps, locks, markers), networks, images and volumes.
+        Every step catches its own errors, so one slow or failing `docker rm` does not leave the
+        rest in place. Returns (what is left, the errors met)."""
+        errors = []
+
+        def step(what, fn):
+            try:
+                return fn()
+            except Exception as e:  # Failed, OSError (docker missing), anything: note it, go on
+                errors.append(f"{what}: {e}")
+                return None
+
+        step(f"removing the proxy {self.proxy}",
+             lambda: docker("rm", "-f", "-v", self.proxy, timeout=120, check=False))
+        found = step("listing this run's objects", self.owned) or {}
+        for kind, rm in [("containers", ["rm", "-f", "-v"]), ("networks", ["network", "rm"]),
+                         ("images", ["rmi", "-f"]), ("volumes", ["volume", "rm", "-f"])]:
+            names = found.get(kind, [])
+            for k in range(0, len(names), 50):
+                batch = names[k:k + 50]
+                step(f"removing {kind} {batch[0]}..{batch[-1]}", lambda: docker(*rm, *batch, timeout=300))
+        step(f"removing {self.tmp}", lambda: shutil.rmtree(self.tmp))
+        left = step("listing what is left", self.owned)
+        if left is None:
+            left = {"unknown": ["the listing failed, see the errors"]}
+        return left, errors
 
 
-def idle_sample(lab, a):
-    """After `settle` seconds, one idle window: CPU % of one core, DNS queries/s, RSS."""
-    time.sleep(a.settle)
+def preflight(lab):
+    """Refuses a prefix that anything on the engine already uses: the clean-up removes every
+    object named `<prefix>-...`, which must therefore all be this run's."""
+    found = lab.owned()
+    if found:
+        shown = "; ".join(f"{k}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}" for k, v in found.items())
+        raise Failed(f"objects with the prefix {lab.prefix!r} exist already ({shown}); another run uses it, or an "
+                     "earlier one left them. Pick another --prefix, or remove them once you know they are not "
+                     "someone else's")
+
+
+# The proxy's default background re-resolve pace (luma-proxy --refresh-every, 30 s) and its
+# jitter (+-25%): at idle each route re-resolves at most once per 0.75 x 30 s.
+REFRESH_EVERY_S = 30
+REFRESH_JITTER = 0.25
+
+
+def dns_bound(k):
+    """The most DNS queries/s k idle routes may cost: each at its fastest background pace,
+    plus 1/s for event-driven look-ups (a health check's failure kick, the proxy's own name)."""
+    return k / ((1 - REFRESH_JITTER) * REFRESH_EVERY_S) + 1
+
+
+def idle_sample(lab, a, k):
+    """After `settle` seconds, one idle window at k projects: CPU % of one core, DNS
+    queries/s, RSS. More DNS queries/s than `dns_bound(k)` fails the run: the proxy has gone
+    back to re-resolving in a storm (or a route is stuck degraded, retrying every few s)."""
+    pause(a.settle)
     pid = lab.pid()
     d0, t_d0 = lab.dns_queries(), time.monotonic()
     c0, t0 = cpu_ticks(pid), time.monotonic()
-    time.sleep(a.window)
+    pause(a.window)
     c1, t1 = cpu_ticks(pid), time.monotonic()
     d1, t_d1 = lab.dns_queries(), time.monotonic()
     status = open(f"/proc/{pid}/status").read()
     rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
-    dns = None if d0 is None or d1 is None else (d1 - d0) / (t_d1 - t_d0)
+    dns = (d1 - d0) / (t_d1 - t_d0)
+    if dns > dns_bound(k):
+        raise Failed(f"at {k} idle projects the proxy {lab.proxy} sent {dns:.2f} DNS queries/s ({d1 - d0:g} over "
+                     f"{t_d1 - t_d0:.1f} s), more than the {dns_bound(k):.2f} its {REFRESH_EVERY_S} s "
+                     f"+-{REFRESH_JITTER:.0%} background pace allows; see `docker logs {lab.proxy}`")
     return {"cpu_pct": (c1 - c0) / CLK_TCK / (t1 - t0) * 100, "dns_qps": dns, "rss_mib": rss}
 
 
@@ -260,11 +422,24 @@ def cpu_ticks(pid):
     return int(rest[11]) + int(rest[12])
 
 
-def loadgen(a, port, host, rate, seconds):
-    out = run([a.loadgen, "--addr", f"127.0.0.1:{port}", "--host", host, "--connections", str(a.connections),
-               "--rate", str(rate), "--duration", str(seconds)], seconds + 60)[1]
-    r = json.loads(out)
-    r["failed"] = r["non_2xx"] + r["socket_errors"] + r["timeouts"]
+def loadgen(lab, a, rate, seconds):
+    """One luma-loadgen run; Failed unless every request it sent got a 2xx answer. Its req/s
+    counts every request, failed ones too, so a run with failures measures the wrong thing."""
+    host = lab.host(1)
+    cmd = [a.loadgen, "--addr", f"127.0.0.1:{lab.http}", "--host", host, "--connections", str(a.connections),
+           "--rate", str(rate), "--duration", str(seconds)]
+    out = run(cmd, seconds + 60)[1]
+    try:
+        r = json.loads(out)
+        sent, ok = int(r["sent"]), int(r["ok"])
+        bad = {k: int(r[k]) for k in ("non_2xx", "socket_errors", "timeouts")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise Failed(f"`{' '.join(cmd)}` printed no summary with sent, ok, non_2xx, socket_errors and timeouts "
+                     f"({e!r}): {out[:300]!r}")
+    if sent == 0 or ok != sent or any(bad.values()):
+        raise Failed(f"through {host} at {'saturation' if rate == 0 else f'{rate} req/s'}: {ok} of {sent} requests "
+                     f"got a 2xx answer ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
+                     f"see `docker logs {lab.proxy}`")
     return r
 
 
@@ -272,18 +447,58 @@ def load_sample(lab, a, rate):
     """Through project 1's host: the median of `repeats` saturation runs (closed loop, req/s),
     then the median p50 and p99 of `repeats` runs at `rate` (open loop; None: half the
     saturation rate just measured)."""
-    host = lab.host(1)
     # Other work on this machine skews the figures: the load average before the runs says so.
     busy = os.getloadavg()[0]
-    loadgen(a, lab.http, host, 0, 1)  # warm-up: pooled connections open, caches hot
-    sat = [loadgen(a, lab.http, host, 0, a.load_seconds) for _ in range(a.repeats)]
+    loadgen(lab, a, 0, 1)  # warm-up: pooled connections open, caches hot
+    sat = [loadgen(lab, a, 0, a.load_seconds) for _ in range(a.repeats)]
     rps = statistics.median(r["rps"] for r in sat)
     rate = rate or max(1, int(rps / 2))
-    fixed = [loadgen(a, lab.http, host, rate, a.load_seconds) for _ in range(a.repeats)]
+    fixed = [loadgen(lab, a, rate, a.load_seconds) for _ in range(a.repeats)]
     runs = sat + fixed
     return {"rps": rps, "rate": rate, "p50_us": statistics.median(r["p50_us"] for r in fixed),
-            "p99_us": statistics.median(r["p99_us"] for r in fixed), "failed": sum(r["failed"] for r in runs),
-            "requests": sum(r["sent"] for r in runs), "loadavg": busy}
+            "p99_us": statistics.median(r["p99_us"] for r in fixed), "requests": sum(r["sent"] for r in runs),
+            "loadavg": busy}
+
+
+# luma's default network pool (luma-cli/src/netpool.rs): 10.210.0.0/16 in /24s, 256 networks
+# for the whole engine. Above this many projects the run needs room (see `network_env`);
+# the margin leaves a few subnets to other luma projects on the engine.
+POOL_PREFIX, SUBNET_SIZE, MAX_SUBNET_SIZE = 16, 24, 28
+DEFAULT_POOL_ROOM = 250
+
+
+def network_env(projects):
+    """The network pool settings this run adds to luma's environment. Up to 250 projects: none
+    (the default pool). More, with neither LUMA_NETWORK_POOL nor LUMA_NETWORK_SUBNET_SIZE set:
+    smaller subnets of the same pool (the largest that fits: /26 is 1024 networks of 61
+    containers, where a project here needs 3: its replica, the next release's, the proxy), since that pool is the one luma already checks clear
+    of the host's routes. Set by the user: checked to hold the projects (ValueError if not)."""
+    pool, size = os.environ.get("LUMA_NETWORK_POOL"), os.environ.get("LUMA_NETWORK_SUBNET_SIZE")
+    if pool is None and size is None:
+        if projects <= DEFAULT_POOL_ROOM:
+            return {}
+        for s in range(SUBNET_SIZE + 1, MAX_SUBNET_SIZE + 1):
+            # The same share of headroom as 250 of 256.
+            if 2 ** (s - POOL_PREFIX) * DEFAULT_POOL_ROOM // 2 ** (SUBNET_SIZE - POOL_PREFIX) >= projects:
+                return {"LUMA_NETWORK_SUBNET_SIZE": str(s)}
+        raise ValueError(f"--projects {projects}: more project networks than luma's default pool 10.210.0.0/16 "
+                         f"holds even in /{MAX_SUBNET_SIZE}s; set LUMA_NETWORK_POOL to a larger pool (e.g. a /12)")
+    m = re.fullmatch(r"[0-9.]+/(\d+)", pool or "10.210.0.0/16")
+    try:
+        room = 2 ** (int(size or SUBNET_SIZE) - int(m.group(1)))
+    except (AttributeError, ValueError):
+        return {}  # luma itself rejects a malformed setting, with the fix
+    if projects > room:
+        raise ValueError(f"--projects {projects}: LUMA_NETWORK_POOL={pool or '(default 10.210.0.0/16)'} with "
+                         f"LUMA_NETWORK_SUBNET_SIZE={size or SUBNET_SIZE} holds only {room} project networks; "
+                         "set a larger pool or a smaller subnet (a larger size)")
+    return {}
+
+
+def pool_note(a):
+    if not a.net_env:
+        return ""
+    return " (project networks from " + ", ".join(f"{k}={v}" for k, v in a.net_env.items()) + ")"
 
 
 def first_line(cmd):
@@ -316,10 +531,6 @@ def versions(lab, a):
     }
 
 
-def fmt_dns(v):
-    return "n/a" if v is None else f"{v:.1f}"
-
-
 def report(lab, a, deploys, idle, nets, load, vers, total_s):
     n = a.projects
     med = statistics.median(deploys)
@@ -336,7 +547,7 @@ def report(lab, a, deploys, idle, nets, load, vers, total_s):
         f"commit {vers['commit']}.",
         f"- Setup: {n} projects, each one app of 1 replica (`{a.image}`, health check `/up` every 1 s, the default), "
         "each with its own host and network, deployed one after another with `luma deploy` to one engine "
-        f"with one luma-proxy. Whole run: {total_s / 60:.1f} min.",
+        f"with one luma-proxy{pool_note(a)}. Whole run: {total_s / 60:.1f} min.",
         "",
         "## Deploys",
         "",
@@ -358,7 +569,7 @@ def report(lab, a, deploys, idle, nets, load, vers, total_s):
     for k in sorted(idle):
         s = idle[k]
         lines.append(f"| {k} | {nets[k][0]} ({nets[k][1]}) | {s['rss_mib']:.1f} MiB | {s['cpu_pct']:.2f} % | "
-                     f"{fmt_dns(s['dns_qps'])} |")
+                     f"{s['dns_qps']:.2f} |")
     lines += [
         "",
         f"Measured {a.settle:g} s after the last deploy, over a {a.window:g} s window with no traffic. "
@@ -366,16 +577,17 @@ def report(lab, a, deploys, idle, nets, load, vers, total_s):
         "networks in brackets. RSS: `VmRSS` of the proxy's main process. Idle CPU: its utime+stime over the "
         "window, in % of one core; this is the cost of health checks (one per replica per second) and of "
         "re-resolving routes in the background. DNS queries/s: the increase of `luma_proxy_dns_queries_total` "
-        "(`luma-proxy metrics`; DNS look-ups the proxy sent to Docker's DNS) over the window, divided by it; n/a when the proxy has no such metric.",
+        "(`luma-proxy metrics`; DNS look-ups the proxy sent to Docker's DNS) over the window, divided by it; the run fails above k / (0.75 x 30 s) + 1 at k projects (each route "
+        "re-resolves in the background every 30 s +-25%).",
         "",
         "## Requests through one host",
         "",
-        f"| projects deployed | req/s | p99 at {p1['rate']:,} req/s | p50 at {p1['rate']:,} req/s | failed requests "
+        f"| projects deployed | req/s | p99 at {p1['rate']:,} req/s | p50 at {p1['rate']:,} req/s | requests (all 2xx) "
         "| load average before |",
         "|---:|---:|---:|---:|---:|---:|",
-        f"| 1 | {p1['rps']:,.0f} | {p1['p99_us'] / 1000:.2f} ms | {p1['p50_us'] / 1000:.2f} ms | {p1['failed']} "
+        f"| 1 | {p1['rps']:,.0f} | {p1['p99_us'] / 1000:.2f} ms | {p1['p50_us'] / 1000:.2f} ms | {p1['requests']:,} "
         f"| {p1['loadavg']:.2f} |",
-        f"| {n} | {pn['rps']:,.0f} | {pn['p99_us'] / 1000:.2f} ms | {pn['p50_us'] / 1000:.2f} ms | {pn['failed']} "
+        f"| {n} | {pn['rps']:,.0f} | {pn['p99_us'] / 1000:.2f} ms | {pn['p50_us'] / 1000:.2f} ms | {pn['requests']:,} "
         f"| {pn['loadavg']:.2f} |",
         f"| {n} / 1 | {pn['rps'] / p1['rps']:.2f}x | {pn['p99_us'] / max(p1['p99_us'], 1):.2f}x | "
         f"{pn['p50_us'] / max(p1['p50_us'], 1):.2f}x | | |",
@@ -396,11 +608,63 @@ def report(lab, a, deploys, idle, nets, load, vers, total_s):
     return "\n".join(lines)
 
 
+def scale(lab, a, at):
+    """The run: deploys, samples, load runs, the final check; raises Failed or Interrupted."""
+    started = time.monotonic()
+    deploys, idle, nets, load = [], {}, {}, {}
+    for i in range(1, a.projects + 1):
+        t = time.monotonic()
+        lab.luma(i, "deploy", timeout=a.deploy_timeout)
+        took = time.monotonic() - t
+        deploys.append(took)
+        # `luma deploy` returns once the host is switched; the poll proves it from outside.
+        ready = wait_answers(lab.http, lab.host(i), lab.project(i), 60)
+        on = lab.networks()
+        total, mine = len(on), sum(1 for n in on if n.startswith(f"{lab.prefix}-"))
+        net = f"{lab.project(i)}-network"
+        if net not in on or mine != i:
+            raise Failed(f"after {i} deploys the proxy {lab.proxy} is on {mine} of this run's project networks, "
+                         f"expected {i} with {net}: {sorted(on)}")
+        nets[i] = (total, mine)
+        log(f"[{i:{len(str(a.projects))}d}/{a.projects}] {lab.project(i)} deployed in {took:.2f} s, "
+            f"answered after {ready:.2f} s more; proxy on {total} networks; "
+            f"elapsed {time.monotonic() - started:.0f} s")
+        if i in at:
+            idle[i] = idle_sample(lab, a, i)
+            s = idle[i]
+            log(f"    idle at {i}: RSS {s['rss_mib']:.1f} MiB, CPU {s['cpu_pct']:.2f} % of a core, "
+                f"DNS {s['dns_qps']:.2f} queries/s over {a.window:g} s (at most {dns_bound(i):.2f})")
+        if i in (1, a.projects):
+            load[i] = load_sample(lab, a, load[1]["rate"] if i > 1 else None)
+            r = load[i]
+            log(f"    load at {i}: {r['rps']:,.0f} req/s; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; "
+                f"all {r['requests']:,} requests 2xx")
+    bad = []
+    for i in range(1, a.projects + 1):
+        check_stop()
+        good, what = answers_as(lab.http, lab.host(i), lab.project(i))
+        if not good:
+            bad.append(f"{lab.host(i)}: {what}")
+    if bad:
+        raise Failed(f"{len(bad)} of {a.projects} hosts did not answer 200 from their project:\n  " + "\n  ".join(bad))
+    log(f"all {a.projects} hosts answer 200 from their own project")
+    check_stop()  # an interrupted run writes no results
+    text = report(lab, a, deploys, idle, nets, load, versions(lab, a), time.monotonic() - started)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(text)
+    log(text)
+    if a.out:
+        log(f"scale: wrote {a.out}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--projects", type=int, help="projects to deploy (default 200; 4 with --smoke)")
+    ap.add_argument("--projects", type=int,
+                    help="projects to deploy (default 200; 4 with --smoke); above 250 see Networks above")
     ap.add_argument("--smoke", action="store_true",
-                    help="CI mode: few projects, short windows, every failed request fails the run, writes no docs")
+                    help="CI mode: few projects, short windows, writes no docs")
     ap.add_argument("--window", type=float, help="idle window in seconds (default 20; 3 with --smoke)")
     ap.add_argument("--settle", type=float, help="seconds between a deploy and its idle window (default 5; 1 with --smoke)")
     ap.add_argument("--load-seconds", type=float, help="seconds per load run (default 10; 2 with --smoke)")
@@ -424,8 +688,16 @@ def main():
         a.out = os.path.join(ROOT, "docs", "scale.md")
     if a.projects < 1:
         ap.error("--projects must be at least 1")
-    if a.prefix and not re.fullmatch(r"[a-z][a-z0-9]{2,20}", a.prefix):
-        ap.error("--prefix: 3-21 lowercase letters and digits, starting with a letter")
+    # The clean-up removes everything whose name starts with `<prefix>-`: a short or common
+    # word (`web`, `shop`) could be someone's project, so only long ones (and preflight checks
+    # that nothing uses it yet).
+    if a.prefix and not re.fullmatch(r"[a-z][a-z0-9]{5,20}", a.prefix):
+        ap.error("--prefix: 6-21 lowercase letters and digits, starting with a letter, unused on the engine "
+                 "(e.g. lumascale42)")
+    try:
+        a.net_env = network_env(a.projects)
+    except ValueError as e:
+        ap.error(str(e))
     at = {1, a.projects} | ({50} if not smoke else set())
     if a.at:
         try:
@@ -440,74 +712,47 @@ def main():
             sys.exit(f"scale: {b} is missing: build it (`cargo build --release -p luma-cli -p luma-benches`, "
                      "or benches/scale.sh), or point --bin-dir at it")
 
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
+    # Handlers first: from here on a signal is recorded, and acted on at the next safe point.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     lab = Lab(a)
-    log(f"scale: {a.projects} projects, prefix {lab.prefix}, proxy {lab.proxy} on 127.0.0.1:{lab.http}; "
-        f"idle samples at {sorted(at)}")
-    started = time.monotonic()
-    ok, code = False, 1
     try:
-        deploys, idle, nets, load = [], {}, {}, {}
-        for i in range(1, a.projects + 1):
-            t = time.monotonic()
-            lab.luma(i, "deploy", timeout=a.deploy_timeout)
-            took = time.monotonic() - t
-            deploys.append(took)
-            # `luma deploy` returns once the host is switched; the poll proves it from outside.
-            ready = wait_answers(lab.http, lab.host(i), lab.project(i), 60)
-            on = lab.networks()
-            total, mine = len(on), sum(1 for n in on if n.startswith(f"{lab.prefix}-"))
-            net = f"{lab.project(i)}-network"
-            if net not in on or mine != i:
-                raise Failed(f"after {i} deploys the proxy {lab.proxy} is on {mine} of this run's project networks, "
-                             f"expected {i} with {net}: {sorted(on)}")
-            nets[i] = (total, mine)
-            log(f"[{i:{len(str(a.projects))}d}/{a.projects}] {lab.project(i)} deployed in {took:.2f} s, "
-                f"answered after {ready:.2f} s more; proxy on {total} networks; "
-                f"elapsed {time.monotonic() - started:.0f} s")
-            if i in at:
-                idle[i] = idle_sample(lab, a)
-                s = idle[i]
-                log(f"    idle at {i}: RSS {s['rss_mib']:.1f} MiB, CPU {s['cpu_pct']:.2f} % of a core, "
-                    f"DNS {fmt_dns(s['dns_qps'])} queries/s over {a.window:g} s")
-            if i in (1, a.projects):
-                load[i] = load_sample(lab, a, load[1]["rate"] if i > 1 else None)
-                r = load[i]
-                log(f"    load at {i}: {r['rps']:,.0f} req/s; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; "
-                    f"{r['failed']} failed of {r['requests']:,}")
-                if smoke and r["failed"]:
-                    raise Failed(f"{r['failed']} requests through {lab.host(1)} failed at {i} projects")
-        bad = []
-        for i in range(1, a.projects + 1):
-            good, what = answers_as(lab.http, lab.host(i), lab.project(i))
-            if not good:
-                bad.append(f"{lab.host(i)}: {what}")
-        if bad:
-            raise Failed(f"{len(bad)} of {a.projects} hosts did not answer 200 from their project:\n  " + "\n  ".join(bad))
-        log(f"all {a.projects} hosts answer 200 from their own project")
-        text = report(lab, a, deploys, idle, nets, load, versions(lab, a), time.monotonic() - started)
-        if a.out:
-            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-            with open(a.out, "w") as f:
-                f.write(text)
-        log(text)
-        if a.out:
-            log(f"scale: wrote {a.out}")
-        ok = True
+        preflight(lab)
+    except (Failed, Interrupted) as e:
+        shutil.rmtree(lab.tmp, ignore_errors=True)
+        log(f"scale: {e}", err=True)
+        sys.exit(130 if isinstance(e, Interrupted) else 2)
+    log(f"scale: {a.projects} projects, prefix {lab.prefix}, proxy {lab.proxy} on 127.0.0.1:{lab.http}; "
+        f"idle samples at {sorted(at)}"
+        + "".join(f"; {k}={v}" for k, v in a.net_env.items()))
+    code = 1
+    try:
+        scale(lab, a, at)
+        code = 0
     except (Failed, Interrupted) as e:
         log(f"scale: FAILED: {e}", err=True)
         code = 130 if isinstance(e, Interrupted) else 1
+    except Exception:  # a bug in this script: report it, and clean up all the same
+        log(f"scale: FAILED with an error in the harness:\n{traceback.format_exc()}", err=True)
     finally:
-        # A second Ctrl-C must not cut the clean-up short.
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        log(f"scale: removing everything named {lab.prefix}-*")
-        left = lab.sweep()
+        # First thing: nothing acts on signals any more (the handler never raises, and `run`
+        # no longer interrupts its child), so the clean-up cannot be cut short.
+        STOP.cleaning = True
+        log(f"scale: removing this run's objects ({lab.prefix}-*, luma-lock_{lab.prefix}-*, "
+            f"{LABEL_PROJECT}={lab.prefix}-p*)")
+        left, errors = lab.sweep()
+        for e in errors:
+            log(f"scale: clean-up error: {e}", err=True)
         if left:
             log(f"scale: FAILED to remove: {left}", err=True)
-            ok = False
-    sys.exit(0 if ok else code)
+            code = code or 1
+        else:
+            log(f"scale: nothing of {lab.prefix} is left")
+        # Python restores the default handlers while exiting: a signal then would kill it and
+        # replace the exit code, so the last ones are ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
