@@ -228,13 +228,22 @@ impl MetricsListen {
     }
 }
 
-/// `--refresh-every`: a duration of at least [`crate::resolve::MIN_REFRESH_EVERY`].
+/// `--refresh-every`: a duration from [`crate::resolve::MIN_REFRESH_EVERY`] to
+/// [`crate::resolve::MAX_REFRESH_EVERY`].
 pub fn parse_refresh_every(s: &str) -> Result<Duration, String> {
     let d = crate::util::parse_duration(s)?;
-    let min = crate::resolve::MIN_REFRESH_EVERY;
+    let (min, max) = (
+        crate::resolve::MIN_REFRESH_EVERY,
+        crate::resolve::MAX_REFRESH_EVERY,
+    );
     if d < min {
         return Err(format!(
             "--refresh-every {s:?} is below {min:?}: routes re-resolve at once on deploys, flushes and failures, so the background pace only catches changes made by hand; use e.g. 30s"
+        ));
+    }
+    if d > max {
+        return Err(format!(
+            "--refresh-every {s:?} is above {max:?}: the background round is what finds containers changed by hand without `luma-proxy flush`; use at most 60m (e.g. 30s, the default, or 10m)"
         ));
     }
     Ok(d)
@@ -278,11 +287,20 @@ mod tests {
     }
 
     #[test]
-    fn refresh_every_parses_with_a_floor() {
+    fn refresh_every_parses_with_a_floor_and_a_ceiling() {
         assert_eq!(parse_refresh_every("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_refresh_every("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_refresh_every("3600s"), Ok(Duration::from_secs(3600)));
         let e = parse_refresh_every("500ms").unwrap_err();
         assert!(e.contains("--refresh-every"), "{e}");
+        // Above an hour (a huge value once overflowed the refresh tasks' deadlines).
+        for huge in ["3601s", "61m", "18446744073709551615s"] {
+            let e = parse_refresh_every(huge).unwrap_err();
+            assert!(
+                e.contains("--refresh-every") && e.contains("at most 60m"),
+                "{e}"
+            );
+        }
         assert!(parse_refresh_every("soon").is_err());
     }
 

@@ -188,7 +188,14 @@ impl Deployer {
         }
         let deploy_timeout =
             Duration::from_millis(req.deploy_timeout_ms.unwrap_or(DEFAULT_DEPLOY_TIMEOUT_MS));
-        let candidate = self.gate(spec, deploy_timeout).await?;
+        let candidate = match self.gate(spec, deploy_timeout).await {
+            Ok(svc) => svc,
+            Err(e) => {
+                // Nothing installed: keep no interface for a network without routes.
+                self.prune_interfaces();
+                return Err(e);
+            }
+        };
         for b in candidate.balancer.backends().iter() {
             b.mark_up();
         }
@@ -209,8 +216,8 @@ impl Deployer {
             serde_json::json!({"route": key.to_string(), "target": candidate.spec.target, "hosts": candidate.spec.hosts}),
         );
         // The project's containers changed: its other routes re-resolve now, not at their next
-        // background round (see `service`).
-        self.flush(&key.project);
+        // background round (see `service`). Not this one: its gate resolved it a moment ago.
+        self.kick_project(&key.project, Some(&candidate));
         let previous_target = old.as_ref().map(|o| o.spec.target.clone());
         let drain = match old {
             Some(old) => Some(drain_and_retire(&old, req.drain_timeout_ms).await),
@@ -357,6 +364,9 @@ impl Deployer {
             tls.sync(&now);
             tls.prune_custom(&now);
         }
+        if applied.is_ok() {
+            self.prune_interfaces();
+        }
         // Ownership was checked under this lock, so only a poisoned table lock gets here; the
         // file then holds a change that did not happen: put the table back, and say "unknown".
         applied.map_err(|e| {
@@ -384,7 +394,11 @@ impl Deployer {
         .map_err(|e| err(ErrorKind::Invalid, e))?;
         self.check_target(&spec)?;
         let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(DEFAULT_DEPLOY_TIMEOUT_MS));
-        let svc = self.gate(spec, timeout).await?;
+        let svc = self.gate(spec, timeout).await;
+        // A check installs nothing: the interface its gate learnt stays only if a live route
+        // uses the network.
+        self.prune_interfaces();
+        let svc = svc?;
         svc.retire();
         Ok(CheckOutcome {
             healthy: true,
@@ -409,10 +423,15 @@ impl Deployer {
         Ok(drain_and_retire(&old, req.drain_timeout_ms).await)
     }
 
-    /// Re-resolves every route of a project now (after its containers changed), learning the
-    /// proxy's interface on their networks again too: the proxy may have been disconnected and
-    /// connected again (see `resolve`).
+    /// Re-resolves every route of a project now (after its containers changed). The proxy's
+    /// cached interfaces stay: each re-resolve checks its network's entry against the local
+    /// interfaces and learns it again if the proxy was disconnected meanwhile (see `resolve`).
     pub fn flush(&self, project: &str) -> usize {
+        self.kick_project(project, None)
+    }
+
+    /// Kicks every route of `project` but `except` (the route a deploy just installed).
+    fn kick_project(&self, project: &str, except: Option<&Arc<Service>>) -> usize {
         self.resolver.flush();
         let mut n = 0;
         for svc in self
@@ -420,12 +439,23 @@ impl Deployer {
             .services()
             .iter()
             .filter(|s| s.spec.project == project)
+            .filter(|s| !except.is_some_and(|e| Arc::ptr_eq(e, s)))
         {
-            self.resolver.forget_interface(&svc.spec.network);
             svc.kick();
             n += 1;
         }
         n
+    }
+
+    /// Keeps the resolver's interface cache to the networks of live routes: a network whose
+    /// last route was removed (or moved, or only ever checked or gated) leaves it, so a later
+    /// route there learns the interface afresh (see `resolve`). A gate running meanwhile on
+    /// such a network may see its entry go; its route then learns it once more.
+    fn prune_interfaces(&self) {
+        let live: std::collections::HashSet<String> =
+            self.router.specs().into_iter().map(|s| s.network).collect();
+        self.resolver
+            .retain_interfaces(|network| live.contains(network));
     }
 
     /// Installs saved routes without the deploy gate; their backends are checked right away
@@ -497,7 +527,9 @@ impl Deployer {
     /// Steps 3 and 4 of the contract: resolve and check every backend of a new target.
     async fn gate(&self, spec: RouteSpec, timeout: Duration) -> Result<Arc<Service>, ApiError> {
         // A deploy often follows a change of the network itself (created again, the proxy
-        // connected again): learn the proxy's interface afresh, one query per deploy.
+        // connected again): learn the proxy's interface afresh, one query per deploy, rather
+        // than lean on the cache's checks (see `resolve`). The project's other routes use the
+        // fresh entry.
         self.resolver.forget_interface(&spec.network);
         let svc = Service::resolve(spec, &self.resolver)
             .await

@@ -128,7 +128,7 @@ struct ServeArgs {
     /// Name the proxy resolves to find its own interface on each network (default: hostname).
     #[arg(long, env = "LUMA_PROXY_SELF_NAME")]
     self_name: Option<String>,
-    /// Background re-resolve pace of each route (±25% jitter, at least 1s). Deploys, flushes,
+    /// Background re-resolve pace of each route (±25% jitter, 1s to 60m). Deploys, flushes,
     /// failed connects and failed health checks re-resolve at once; this only catches
     /// containers changed by hand without `luma-proxy flush`.
     #[arg(long, env = "LUMA_PROXY_REFRESH_EVERY", default_value = "30s", value_parser = luma_proxy::config::parse_refresh_every)]

@@ -10,24 +10,29 @@
 //! One proxy serves hundreds of routes, each in its own network, so resolving is driven by
 //! events and otherwise slow (a re-resolve per route per second was 400 DNS queries a second at
 //! 200 routes, idle; it is now about 7). A re-resolve is one DNS query (`resolve` caches the
-//! proxy's interface per network). A route re-resolves:
-//! - at once on a deploy of any route of its project and on a flush (`Deployer::flush`,
-//!   `luma-proxy flush --project P`): the project's containers changed. A restored route
-//!   resolves at once when it starts (nothing is known yet);
+//! proxy's interface per network and checks on every use, with one small sysfs read, that it
+//! is still there). A route re-resolves:
+//! - at once on a deploy of any other route of its project and on a flush (`Deployer::flush`,
+//!   `luma-proxy flush --project P`): the project's containers changed. The deployed route
+//!   itself was resolved by its gate a moment before, and a restored route resolves at once
+//!   when it starts (nothing is known yet);
 //! - at once on a failure: a failed connect on the request path ([`Backend::mark_down`]) or an
 //!   active check that takes a backend down. At most one such [`Kick::failure`] per
 //!   [`FAILURE_KICK_GAP`] per route, so a dead backend under load costs a query a second, not
-//!   one per request. It also re-learns the proxy's interface on the network (a stale one makes
-//!   every connect fail);
+//!   one per request. It also asks for the proxy's own name on the network again (one query
+//!   more, rate-limited with the kick): a failure is the sign that something there changed,
+//!   and that query is what ties an interface to its network;
 //! - in the background every `--refresh-every` (default 30 s, at least 1 s), with ±25% jitter
 //!   drawn per route and per round, so routes started together spread out (200 routes: ~7
 //!   queries a second);
 //! - sooner while the route is degraded (the last resolve failed, or a backend is down or
 //!   there is none): after 1 s, doubling up to [`DEGRADED_RETRY_MAX`]. A failure's own
-//!   re-resolve can come before Docker's DNS forgets a dead container (a refused connect is
-//!   seen at once, the endpoint goes a moment later), and a route whose containers come back (a
-//!   reboot, a proxy attached late, Docker's DNS back) must serve again within seconds. A route
-//!   with a backend down costs a query every 5 s until the set is healthy again.
+//!   re-resolve can come before Docker's DNS forgets a dead container (its endpoint goes a
+//!   moment after the container, which may be before its first connect fails), and a route
+//!   whose containers come back (a reboot, an app scaled up from 0, a proxy attached late,
+//!   Docker's DNS back) must serve again within seconds. A route with a backend down, or with
+//!   an empty answer (its app stopped), costs one query every 5 s until the set is healthy
+//!   again: an empty answer keeps the cached interface (see `resolve`).
 //!
 //! So for a replica set changed outside a deploy (the contract; it was "within a second"):
 //! - a replica that dies leaves rotation at its first failed connect or when its checks fail,
@@ -92,14 +97,39 @@ pub const DEGRADED_RETRY_MIN: Duration = Duration::from_secs(1);
 pub const DEGRADED_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// `d` scaled by a factor in `[1 - JITTER, 1 + JITTER)`; `r` is a uniform draw from `[0, 1)`.
+/// Never panics: `r` outside `[0, 1]` is clamped (NaN counts as 0.5), and a product beyond
+/// `Duration::MAX` saturates there (`Duration::mul_f64` panics on both).
 pub fn jittered(d: Duration, r: f64) -> Duration {
-    d.mul_f64(1.0 - JITTER + 2.0 * JITTER * r.clamp(0.0, 1.0))
+    scaled(d, 1.0 - JITTER + 2.0 * JITTER * unit(r))
 }
 
 /// When a route's first active check runs after a deploy: a point of its first interval
 /// (`r` uniform in `[0, 1)`), so routes started together do not probe in lockstep.
 pub fn first_probe_after(interval: Duration, r: f64) -> Duration {
-    interval.mul_f64(r.clamp(0.0, 1.0))
+    scaled(interval, unit(r))
+}
+
+/// `r` clamped to `[0, 1]`, NaN to the middle.
+fn unit(r: f64) -> f64 {
+    if r.is_nan() {
+        0.5
+    } else {
+        r.clamp(0.0, 1.0)
+    }
+}
+
+/// `d * f` for a finite `f >= 0`, saturating at `Duration::MAX`.
+fn scaled(d: Duration, f: f64) -> Duration {
+    Duration::try_from_secs_f64(d.as_secs_f64() * f).unwrap_or(Duration::MAX)
+}
+
+/// `Instant::now() + d`, saturating a day ahead of now rather than overflowing `Instant`
+/// (the paces are bounded, so this is belt and braces for the refresh and health tasks).
+fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(now)
 }
 
 /// The background pace of one route (module doc): `every` with jitter while it is well, a
@@ -276,10 +306,11 @@ impl Service {
             let mut stop = self.stop.subscribe();
             tokio::spawn(async move {
                 let mut schedule = Schedule::new(resolver.refresh_every(), fastrand::Rng::new());
-                let mut next = Instant::now();
-                if !check_now {
-                    next += schedule.after(true);
-                }
+                let mut next = if check_now {
+                    Instant::now()
+                } else {
+                    deadline_after(schedule.after(true))
+                };
                 let mut last_error: Option<String> = None;
                 loop {
                     tokio::select! {
@@ -293,7 +324,7 @@ impl Service {
                     let resolved = svc.refresh(&resolver, &mut last_error).await;
                     let set = svc.balancer.backends();
                     let well = resolved && !set.is_empty() && set.iter().all(|b| b.is_healthy());
-                    next = Instant::now() + schedule.after(well);
+                    next = deadline_after(schedule.after(well));
                 }
             });
         }
@@ -304,7 +335,7 @@ impl Service {
             let first = if check_now {
                 Instant::now()
             } else {
-                Instant::now() + first_probe_after(every, fastrand::f64())
+                deadline_after(first_probe_after(every, fastrand::f64()))
             };
             let mut health = tokio::time::interval_at(first, every);
             health.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -461,6 +492,31 @@ mod tests {
         assert!(*lo >= Duration::from_millis(22_500) && *hi < Duration::from_millis(37_500));
         // 200 routes spread over most of the window, not bunched.
         assert!(*hi - *lo > Duration::from_secs(12), "{lo:?}..{hi:?}");
+    }
+
+    #[test]
+    fn jitter_saturates_instead_of_panicking() {
+        assert_eq!(jittered(Duration::MAX, 0.0), Duration::MAX.mul_f64(0.75));
+        assert_eq!(jittered(Duration::MAX, 1.0), Duration::MAX);
+        assert_eq!(jittered(Duration::MAX, f64::INFINITY), Duration::MAX);
+        assert_eq!(
+            jittered(Duration::from_secs(8), f64::NAN),
+            Duration::from_secs(8)
+        );
+        assert_eq!(jittered(Duration::ZERO, 1.0), Duration::ZERO);
+        assert_eq!(first_probe_after(Duration::MAX, 1.0), Duration::MAX);
+        assert!(first_probe_after(Duration::MAX, f64::NAN) > Duration::MAX / 3);
+        assert_eq!(
+            first_probe_after(Duration::from_secs(4), f64::NEG_INFINITY),
+            Duration::ZERO
+        );
+        // Neither does a deadline that far out.
+        let far = deadline_after(Duration::MAX);
+        assert!(far > Instant::now() + Duration::from_secs(3600));
+        let mut s = Schedule::new(Duration::MAX, fastrand::Rng::with_seed(1));
+        assert!(s.after(true) >= Duration::MAX.mul_f64(0.75));
+        let retry = s.after(false);
+        assert!(retry >= DEGRADED_RETRY_MIN.mul_f64(0.75) && retry < DEGRADED_RETRY_MIN * 2);
     }
 
     #[test]
