@@ -1,12 +1,15 @@
 //! Criterion micro-benchmarks of luma-proxy's per-request work: route lookup among 10,000
-//! hosts (exact and wildcard), header rewriting, and backend selection.
+//! hosts (exact and wildcard), header rewriting (request and response), the per-connection
+//! peer address, and backend selection.
 //!
-//! Run: `cargo bench -p luma-benches`. Numbers are reported, never asserted.
+//! Run: `cargo bench -p luma-benches`. Numbers are reported, never asserted. Instruction counts
+//! of the whole request path, which these steps are part of, come from `benches/profile.py`
+//! (`docs/profile.md`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use luma_proxy::backend::Backend;
 use luma_proxy::balancer::LoadBalancer;
-use luma_proxy::headers::prepare_upstream;
+use luma_proxy::headers::{prepare_upstream, strip_hop_by_hop, Peer};
 use luma_proxy::route::{RouteSpec, RouteTimeouts};
 use luma_proxy::router::Router;
 use luma_proxy::service::Service;
@@ -61,7 +64,9 @@ fn route_lookup(c: &mut Criterion) {
 }
 
 fn header_rewrite(c: &mut Criterion) {
-    let req = hyper::Request::get("/api/items?page=2")
+    // A browser's head, with `Connection: keep-alive` (the path that reads Connection's
+    // tokens), and a load generator's, Host alone (wrk and luma-loadgen send that).
+    let browser = hyper::Request::get("/api/items?page=2")
         .header("host", "shop.example.com")
         .header(
             "user-agent",
@@ -72,15 +77,53 @@ fn header_rewrite(c: &mut Criterion) {
         .header("cookie", "session=abcdef0123456789; theme=dark")
         .header("connection", "keep-alive")
         .body(())
-        .expect("request");
-    let (parts, _) = req.into_parts();
-    let ip = "203.0.113.9".parse().expect("ip");
-    c.bench_function("prepare_upstream_headers", |b| {
+        .expect("request")
+        .into_parts()
+        .0;
+    let minimal = hyper::Request::get("/")
+        .header("host", "127.0.0.1:18101")
+        .body(())
+        .expect("request")
+        .into_parts()
+        .0;
+    // Made once per connection, at accept (its address is written out then).
+    let peer = Peer::new("203.0.113.9:50312".parse().expect("addr"));
+    let mut g = c.benchmark_group("prepare_upstream_headers");
+    for (name, parts) in [("browser_head", &browser), ("host_only_head", &minimal)] {
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || parts.clone(),
+                |mut p| {
+                    prepare_upstream(&mut p, &peer, "http", &Default::default(), false);
+                    p
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+    // What the proxy no longer does per request: writing the peer's address out.
+    let addr: std::net::SocketAddr = "203.0.113.9:50312".parse().expect("addr");
+    c.bench_function("peer_address_per_connection", |b| {
+        b.iter(|| Peer::new(black_box(addr)))
+    });
+    // A backend's response head, as `proxy::respond` strips it.
+    let response = hyper::Response::builder()
+        .header("content-type", "text/html; charset=utf-8")
+        .header("content-length", "1024")
+        .header("date", "Fri, 27 Nov 2026 10:00:00 GMT")
+        .header("cache-control", "no-store")
+        .body(())
+        .expect("response")
+        .into_parts()
+        .0
+        .headers;
+    c.bench_function("strip_hop_by_hop_response", |b| {
         b.iter_batched(
-            || parts.clone(),
-            |mut p| {
-                prepare_upstream(&mut p, ip, "http", &Default::default(), false);
-                p
+            || response.clone(),
+            |mut h| {
+                strip_hop_by_hop(&mut h, false);
+                h
             },
             criterion::BatchSize::SmallInput,
         )

@@ -256,17 +256,20 @@ enum Late {
 /// Waits for `send` under the response timeout, which runs from the end of the request body
 /// (from the start without one). While a body uploads, the clock restarts on every chunk, so a
 /// slow upload is not cut, but one that stalls is. The timer is re-armed lazily, when it fires.
+///
+/// `send` comes pinned by the caller: a future moved in by value and pinned here would take its
+/// room twice in this one's state (the argument's slot and the pinned local), and every byte of
+/// a request's future state is copied at each await level (see docs/profile.md).
 async fn within_response_timeout<F: std::future::Future>(
-    send: F,
+    mut send: Pin<&mut F>,
     clock: Option<&UploadClock>,
     timeout: Duration,
 ) -> Result<F::Output, Late> {
-    let mut send = std::pin::pin!(send);
     let mut sleep = std::pin::pin!(tokio::time::sleep(timeout));
     loop {
         tokio::select! {
             biased;
-            r = &mut send => return Ok(r),
+            r = send.as_mut() => return Ok(r),
             _ = &mut sleep => {}
         }
         let Some(clock) = clock else {
@@ -465,9 +468,12 @@ fn tls_answer(
 ) -> Option<Response<ResponseBody>> {
     let certs = ctx.certs.as_ref()?;
     let path = req.uri().path();
-    let host = headers::request_host(req.uri(), req.headers())
-        .map(crate::router::normalize_request_host)?;
+    // Only a challenge or a redirect needs the host: most requests are neither, and skip it.
+    let host = || {
+        headers::request_host(req.uri(), req.headers()).map(crate::router::normalize_request_host)
+    };
     if let Some(token) = path.strip_prefix(ACME_CHALLENGE_PATH) {
+        let host = host()?;
         if certs.has_tokens() {
             if let Some(answer) = certs.http01(token, &host) {
                 let mut r = Response::new(ResponseBody::local(answer));
@@ -485,7 +491,11 @@ fn tls_answer(
     }
     let service = service?;
     let tls = service.spec.tls.as_ref()?;
-    if !tls.redirect || !certs.usable(&host, &service.spec.project, luma_api::time::unix_now()) {
+    if !tls.redirect {
+        return None;
+    }
+    let host = host()?;
+    if !certs.usable(&host, &service.spec.project, luma_api::time::unix_now()) {
         return None;
     }
     let port = match ctx.https_public_port {
@@ -562,16 +572,20 @@ fn lookup(ctx: &ProxyCtx, req: &Request<Incoming>) -> Option<Arc<Service>> {
 pub async fn handle(
     ctx: Arc<ProxyCtx>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: headers::Peer,
     cert: Option<&Entry>,
 ) -> Response<ResponseBody> {
-    let started = Instant::now();
-    // Only the access log needs owned copies of the request line.
+    // Only the access log needs the clock and owned copies of the request line.
     let log = ctx.access_log.then(|| {
         let host = headers::request_host(req.uri(), req.headers())
             .unwrap_or("")
             .to_owned();
-        (host, req.method().clone(), req.uri().path().to_owned())
+        (
+            Instant::now(),
+            host,
+            req.method().clone(),
+            req.uri().path().to_owned(),
+        )
     });
     let mut service = None;
     let (resp, backend) = match admit(&req) {
@@ -582,7 +596,7 @@ pub async fn handle(
                 .or_else(|| tls_answer(&ctx, &req, service.as_ref()))
             {
                 Some(answer) => (answer, None),
-                None => route(&ctx, &mut service, req, peer).await,
+                None => route(&ctx, &mut service, req, &peer).await,
             }
         }
     };
@@ -600,7 +614,7 @@ pub async fn handle(
     // Local answers are the ones with a local body (a 101's empty one is no error code).
     let local = matches!(resp.body(), ResponseBody::Local(_));
     ctx.metrics.count_response(resp.status(), local);
-    if let Some((host, method, path)) = log {
+    if let Some((started, host, method, path)) = log {
         crate::log::access(&crate::log::AccessLine {
             host: &host,
             method: method.as_str(),
@@ -649,7 +663,7 @@ async fn route(
     ctx: &ProxyCtx,
     service: &mut Option<Arc<Service>>,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: &headers::Peer,
 ) -> (Response<ResponseBody>, Option<SocketAddr>) {
     if let Some(svc) = service.as_ref() {
         let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
@@ -731,6 +745,43 @@ fn closing(mut r: Response<ResponseBody>) -> Response<ResponseBody> {
     r
 }
 
+/// A copy of a request head as it went upstream, for the one replay a GET, HEAD or OPTIONS
+/// without a body may get (the module doc's retry rules): hyper keeps no request it has
+/// written. The headers are kept as a list, not a `HeaderMap` clone: no index table to
+/// allocate and copy for a copy that is almost always dropped unused.
+struct Replay {
+    method: Method,
+    uri: hyper::Uri,
+    headers: Vec<(hyper::header::HeaderName, HeaderValue)>,
+}
+
+impl Replay {
+    fn of(parts: &hyper::http::request::Parts) -> Replay {
+        Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// The same head again, without a body; repeated names keep their order.
+    fn request(self) -> Request<Upload> {
+        let mut r = Request::new(Upload::empty());
+        *r.method_mut() = self.method;
+        *r.uri_mut() = self.uri;
+        let headers = r.headers_mut();
+        headers.reserve(self.headers.len());
+        for (k, v) in self.headers {
+            headers.append(k, v);
+        }
+        r
+    }
+}
+
 fn is_replayable(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
@@ -741,7 +792,7 @@ async fn forward(
     ctx: &ProxyCtx,
     svc: &Arc<Service>,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: &headers::Peer,
     may_reroute: bool,
 ) -> Forwarded {
     // A declared length above the cap is refused before anything goes upstream.
@@ -770,7 +821,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     headers::prepare_upstream(
         &mut parts,
-        peer.ip(),
+        peer,
         ctx.scheme.as_str(),
         &ctx.trusted_proxies,
         upgrade,
@@ -779,14 +830,8 @@ async fn forward(
     // is not empty.
     let body = UpstreamBody::client(body, &mut parts.extensions);
     // Keep what a replay needs only when a replay is allowed.
-    let mut replay =
-        (is_replayable(&parts.method) && body.is_end_stream() && !upgrade).then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
+    let mut replay = (is_replayable(&parts.method) && body.is_end_stream() && !upgrade)
+        .then(|| Replay::of(&parts));
     let version = parts.version;
     // A request that cannot be replayed only goes on a connection proven alive (`backend`).
     let mut reuse = if replay.is_some() {
@@ -799,8 +844,10 @@ async fn forward(
     let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
     let mut backend = first;
     for attempt in 0..2 {
-        let sent =
-            within_response_timeout(backend.send(req, reuse), clock.as_deref(), timeout).await;
+        let sent = {
+            let send = std::pin::pin!(backend.send(req, reuse));
+            within_response_timeout(send, clock.as_deref(), timeout).await
+        };
         let retry_req = match sent {
             Err(Late::Upload { client: true }) => {
                 return Forwarded::Done(
@@ -854,14 +901,10 @@ async fn forward(
                 return Forwarded::Done(bad_body(), Some(backend.addr))
             }
             Ok(Err(SendError::Sent(_))) => match replay.take() {
-                Some((method, uri, headers)) => {
+                Some(replay) => {
                     // The connection died under it: the replay takes no chances either.
                     reuse = Reuse::Recent;
-                    let mut r = Request::new(Upload::empty());
-                    *r.method_mut() = method;
-                    *r.uri_mut() = uri;
-                    *r.headers_mut() = headers;
-                    r
+                    replay.request()
                 }
                 None => {
                     return Forwarded::Done(
@@ -935,5 +978,61 @@ async fn tunnel(
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
         _ = retired.wait_for(|r| *r) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, F: std::future::Future>(_: impl FnOnce(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    type SendFuture = Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+    /// A request's future state is copied whole at each await level and into hyper's slot for
+    /// it (for HTTP/2, into a task per stream), so its size is a cost per request
+    /// (`docs/profile.md`). The budget is for a debug build; it was 5,808 bytes before the
+    /// response timeout stopped holding a second copy of the upstream send.
+    #[test]
+    fn request_futures_stay_small() {
+        let handle = future_size(
+            |(c, r, p, e): (
+                Arc<ProxyCtx>,
+                Request<Incoming>,
+                headers::Peer,
+                Option<&'static Entry>,
+            )| handle(c, r, p, e),
+        );
+        let forward = future_size(
+            |(c, s, r, p, m): (
+                &'static ProxyCtx,
+                &'static Arc<Service>,
+                Request<Incoming>,
+                &'static headers::Peer,
+                bool,
+            )| forward(c, s, r, p, m),
+        );
+        let send =
+            future_size(|(b, r, u): (&'static Arc<Backend>, Request<Upload>, Reuse)| b.send(r, u));
+        let within = future_size(
+            |(s, c, t): (
+                Pin<&'static mut SendFuture>,
+                Option<&'static UploadClock>,
+                Duration,
+            )| within_response_timeout(s, c, t),
+        );
+        eprintln!("future sizes: handle {handle}, forward {forward}, backend send {send}, response timeout {within}");
+        // The timeout holds a pinned reference to the send, not the send itself.
+        assert!(
+            within < 512,
+            "within_response_timeout's future is {within} bytes"
+        );
+        assert!(
+            handle <= 5 * 1024,
+            "proxy::handle's future is {handle} bytes"
+        );
     }
 }

@@ -32,11 +32,15 @@ use crate::tls::Tls;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -360,6 +364,183 @@ impl Live {
     }
 }
 
+/// A one-way switch that many connections wait on, cheap to poll: a poll reads one atomic
+/// flag. A waiter's waker is registered once (again only if it changes), and flipping the
+/// switch wakes every registered one.
+///
+/// It replaces `watch` channels on the per-request path: hyper-util's `GracefulShutdown`
+/// polls a `watch` channel's `changed()` on every wake of every connection, and so did each
+/// connection's end signal (about 630 instructions per request each, `docs/profile.md`).
+#[derive(Default)]
+struct Switch {
+    on: AtomicBool,
+    next_id: AtomicU64,
+    /// The waker of every waiter, by id.
+    wakers: Mutex<HashMap<u64, Waker>>,
+}
+
+impl Switch {
+    fn flip(&self) {
+        // The flag first, then the wakers: a waiter registers its waker and then reads the
+        // flag, so it either sees the flag or is woken here (the lock orders the two).
+        self.on.store(true, Ordering::SeqCst);
+        // A poisoned lock still holds every waker: wake them all (nothing panics under it today).
+        let wakers: Vec<Waker> = self
+            .wakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+/// One waiter of a [`Switch`]; as a future, it resolves once the switch is flipped.
+struct SwitchWait {
+    switch: Arc<Switch>,
+    id: u64,
+    /// The waker registered for this waiter (None: not registered).
+    waker: Option<Waker>,
+}
+
+impl SwitchWait {
+    fn new(switch: &Arc<Switch>) -> SwitchWait {
+        SwitchWait {
+            switch: switch.clone(),
+            id: switch.next_id.fetch_add(1, Ordering::Relaxed),
+            waker: None,
+        }
+    }
+
+    /// True once the switch is flipped; otherwise makes sure `waker` is woken by the flip.
+    fn is_on(&mut self, waker: &Waker) -> bool {
+        if self.switch.on.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            return false;
+        }
+        self.switch
+            .wakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(self.id, waker.clone());
+        self.waker = Some(waker.clone());
+        // Registered before this read: a flip that set the flag earlier is seen now.
+        self.switch.on.load(Ordering::SeqCst)
+    }
+}
+
+impl Future for SwitchWait {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.get_mut().is_on(cx.waker()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for SwitchWait {
+    fn drop(&mut self) {
+        if self.waker.is_some() {
+            self.switch
+                .wakers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.id);
+        }
+    }
+}
+
+/// Graceful shutdown of one listener's HTTP connections: on [`Drain::shutdown`], every
+/// connection is told to finish its current requests and close (HTTP/1.1 after the response,
+/// HTTP/2 with a GOAWAY), and the call returns once all of them are gone. What hyper-util's
+/// `GracefulShutdown` does, on a [`Switch`].
+#[derive(Default)]
+struct Drain {
+    switch: Arc<Switch>,
+    /// Tickets not yet dropped: accepted connections (a TLS one from before its handshake).
+    open: AtomicUsize,
+    /// Wakes the shutdown when the last ticket drops.
+    empty: Notify,
+}
+
+impl Drain {
+    /// Taken at accept: the shutdown waits for it to drop.
+    fn ticket(self: &Arc<Self>) -> Ticket {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Ticket {
+            drain: self.clone(),
+            wait: SwitchWait::new(&self.switch),
+        }
+    }
+
+    /// Tells every connection to finish and waits until every ticket has dropped.
+    async fn shutdown(&self) {
+        self.switch.flip();
+        loop {
+            let notified = self.empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One connection's place in its listener's [`Drain`].
+struct Ticket {
+    drain: Arc<Drain>,
+    wait: SwitchWait,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.drain.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drain.empty.notify_waiters();
+        }
+    }
+}
+
+/// A connection served under a [`Drain`]: told to shut down gracefully once the drain begins.
+struct Drained<C> {
+    /// Boxed once per connection, so this wrapper needs no pin projection.
+    conn: Pin<Box<C>>,
+    ticket: Ticket,
+    told: bool,
+}
+
+impl<C: GracefulConnection> Drained<C> {
+    fn new(conn: C, ticket: Ticket) -> Drained<C> {
+        Drained {
+            conn: Box::pin(conn),
+            ticket,
+            told: false,
+        }
+    }
+}
+
+impl<C: GracefulConnection> Future for Drained<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = self.get_mut();
+        if !this.told && this.ticket.wait.is_on(cx.waker()) {
+            this.told = true;
+            this.conn.as_mut().graceful_shutdown();
+        }
+        this.conn.as_mut().poll(cx)
+    }
+}
+
 /// What a connection holds while it is alive: its slot of the global limit, its place in the
 /// open-connections gauge and in its worker's count. Owned by the connection's I/O, so an
 /// upgraded connection keeps all three until the tunnel drops the socket.
@@ -411,11 +592,11 @@ async fn serve_listener(
     tls: Option<TlsListen>,
 ) {
     let builder = Arc::new(builder(&cfg));
-    let graceful = GracefulShutdown::new();
+    let drain = Arc::new(Drain::default());
     let live = Arc::new(Live::default());
     // Fired once in-flight requests are done (or the shutdown timeout passed): every
     // connection still open, tunnels included, fails its next read or write.
-    let (end_tx, end_rx) = watch::channel(false);
+    let end = Arc::new(Switch::default());
     let mut backoff = crate::admin::Backoff::new(
         crate::admin::ACCEPT_BACKOFF_MIN,
         crate::admin::ACCEPT_BACKOFF_MAX,
@@ -450,33 +631,27 @@ async fn serve_listener(
         };
         let _ = stream.set_nodelay(true);
         let slot = Slot::new(permit, ctx.metrics.clone(), live.clone());
-        let mut end = end_rx.clone();
         let io = ConnIo::new(stream, cfg.first_byte_timeout, cfg.idle_timeout)
-            .with_end(Box::pin(async move {
-                let _ = end.wait_for(|e| *e).await;
-            }))
+            .with_end(Box::pin(SwitchWait::new(&end)))
             .with_slot(Box::new(slot));
+        // The peer's address is written out once per connection, not per request.
+        let peer = crate::headers::Peer::new(peer);
         let Some(tls) = &tls else {
             let c = ctx.clone();
             let svc = service_fn(move |req| {
-                let c = c.clone();
+                let (c, peer) = (c.clone(), peer.clone());
                 async move { Ok::<_, Infallible>(proxy::handle(c, req, peer, None).await) }
             });
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), svc)
                 .into_owned();
-            let conn = graceful.watch(conn);
+            let conn = Drained::new(conn, drain.ticket());
             tokio::spawn(async move {
                 let _ = conn.await;
             });
             continue;
         };
-        let (tls, builder, watcher, c) = (
-            tls.clone(),
-            builder.clone(),
-            graceful.watcher(),
-            ctx.clone(),
-        );
+        let (tls, builder, ticket, c) = (tls.clone(), builder.clone(), drain.ticket(), ctx.clone());
         tokio::spawn(async move {
             let stream =
                 match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(io)).await {
@@ -502,13 +677,13 @@ async fn serve_listener(
                 return;
             };
             let svc = service_fn(move |req| {
-                let (c, cert) = (c.clone(), cert.clone());
+                let (c, cert, peer) = (c.clone(), cert.clone(), peer.clone());
                 async move { Ok::<_, Infallible>(proxy::handle(c, req, peer, Some(&cert)).await) }
             });
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();
-            let _ = watcher.watch(conn).await;
+            let _ = Drained::new(conn, ticket).await;
         });
     }
     drop(listener);
@@ -516,7 +691,7 @@ async fn serve_listener(
         "shutting down: draining connections",
         serde_json::json!({"worker": crate::workers::index(), "open": live.open.load(Ordering::Relaxed), "open_all_workers": ctx.metrics.connections_open()}),
     );
-    let drained = tokio::time::timeout(cfg.shutdown_timeout, graceful.shutdown())
+    let drained = tokio::time::timeout(cfg.shutdown_timeout, drain.shutdown())
         .await
         .is_ok();
     let left = live.open.load(Ordering::Relaxed);
@@ -531,7 +706,7 @@ async fn serve_listener(
             serde_json::json!({"worker": crate::workers::index(), "open": left}),
         );
     }
-    let _ = end_tx.send(true);
+    end.flip();
     if tokio::time::timeout(END_WAIT, live.wait_empty())
         .await
         .is_err()

@@ -3,7 +3,8 @@
 //! Open loop at a fixed rate (`--rate`), so latency is measured from when a request was due,
 //! not from when a stalled connection got round to it (no coordinated omission), or closed
 //! loop as fast as possible (`--rate 0`). Only 127.0.0.1 targets are accepted. It stops by
-//! itself after `--duration`.
+//! itself after `--duration`, or, with `--requests N`, once N requests have been sent (spread
+//! evenly over the connections): an exact count, for per-request instruction profiles.
 //!
 //! Prints one JSON summary. With `--records FILE` it also writes one line per request:
 //! `due_unix_ms latency_us outcome release`, where outcome is the status code, `err` or `timeout`
@@ -28,6 +29,8 @@ struct Args {
     method: String,
     close: bool,
     records: Option<String>,
+    /// Stop after this many requests in all (None: only the duration bounds the run).
+    requests: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -41,6 +44,7 @@ fn parse_args() -> Result<Args, String> {
         method: "GET".into(),
         close: false,
         records: None,
+        requests: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -55,8 +59,9 @@ fn parse_args() -> Result<Args, String> {
             "--method" => a.method = v()?,
             "--close" => a.close = true,
             "--records" => a.records = Some(v()?),
+            "--requests" => a.requests = Some(v()?.parse().map_err(|e| format!("--requests: {e}"))?),
             "-h" | "--help" => {
-                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE]".into())
+                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE] [--requests N]".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -94,6 +99,11 @@ async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
         .map(|i| i.mul_f64(id as f64 / a.connections as f64))
         .unwrap_or_default();
     let mut k: u32 = 0;
+    // This connection's share of `--requests`: the first `rem` connections take one more.
+    let quota = a.requests.map(|n| {
+        let c = a.connections as u64;
+        n / c + u64::from((id as u64) < n % c)
+    });
     let body: &'static [u8] = if a.method == "POST" {
         b"order=1&qty=2"
     } else {
@@ -104,7 +114,7 @@ async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
             Some(i) => start + offset + i * k,
             None => Instant::now(),
         };
-        if due >= start + a.duration {
+        if due >= start + a.duration || quota.is_some_and(|q| u64::from(k) >= q) {
             break;
         }
         k += 1;
