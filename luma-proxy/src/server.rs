@@ -350,17 +350,23 @@ struct Live {
     empty: Notify,
 }
 
+/// Waits until `count` is zero, woken by `zeroed` (notified by whoever drops it to zero). The
+/// wait is armed before the count is read, so a drop to zero in between is never missed.
+async fn wait_zero(count: &AtomicUsize, zeroed: &Notify) {
+    loop {
+        let notified = zeroed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        notified.await;
+    }
+}
+
 impl Live {
     async fn wait_empty(&self) {
-        loop {
-            let notified = self.empty.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.open.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        wait_zero(&self.open, &self.empty).await;
     }
 }
 
@@ -484,15 +490,7 @@ impl Drain {
     /// Tells every connection to finish and waits until every ticket has dropped.
     async fn shutdown(&self) {
         self.switch.flip();
-        loop {
-            let notified = self.empty.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.open.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        wait_zero(&self.open, &self.empty).await;
     }
 }
 
