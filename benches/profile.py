@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from compare import wait_port  # benches/compare.py, beside this file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 BACKEND = 19100
@@ -45,20 +47,6 @@ def render(template, values):
     for k, v in values.items():
         text = text.replace("{" + k + "}", str(v))
     return text
-
-
-def wait_port(port, proc, timeout=120.0):
-    import socket
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited ({proc.returncode}) before listening on 127.0.0.1:{port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def command(name, tmp, luma):
@@ -88,7 +76,7 @@ def start(name, tmp, luma, wrap, env=None):
     log = open(os.path.join(tmp, f"{name}.log"), "w")
     proc = subprocess.Popen(wrap + cmd, stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ, **(env or {})))
     try:
-        wait_port(PORTS[name], proc)
+        wait_port(PORTS[name], timeout=120.0, proc=proc)
         if name == "luma-proxy":
             subprocess.run([luma, "deploy", "--admin", f"127.0.0.1:{ADMIN}", "--state-dir", os.path.join(tmp, "state"),
                             "--host", "127.0.0.1", "--project", "bench", "--target", f"127.0.0.1:{BACKEND}"],
@@ -223,7 +211,7 @@ def main():
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     try:
-        wait_port(BACKEND, backend)
+        wait_port(BACKEND, timeout=120.0, proc=backend)
         for name in a.contenders.split(","):
             d = tempfile.mkdtemp(dir=tmp)
             if a.syscalls:

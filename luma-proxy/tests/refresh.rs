@@ -486,15 +486,20 @@ async fn idle_routes_send_one_query_per_route_per_round() {
     proxy.shutdown().await;
 }
 
+/// A port free on 127.0.0.2, for replicas of one alias that share a port (.2 and .3).
+fn free_port_on_127_0_0_2() -> u16 {
+    std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_connect_re_resolves_the_route_at_once() {
     let dns = FakeDns::start().await;
     // The replicas of an alias share a port: a free one on .2, used on .3 too.
-    let port = std::net::TcpListener::bind("127.0.0.2:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port_on_127_0_0_2();
     let old = Replica::start(SocketAddr::from(([127, 0, 0, 2], port)), "old").await;
     dns.set("test.shop-network.", &["127.0.0.1"]);
     dns.set("web.shop-network.", &["127.0.0.2"]);
@@ -558,11 +563,7 @@ async fn a_failed_connect_re_resolves_the_route_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_replica_leaves_the_set_once_docker_forgets_it() {
     let dns = FakeDns::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.2:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port_on_127_0_0_2();
     let dying = Replica::start(SocketAddr::from(([127, 0, 0, 2], port)), "dying").await;
     let _other = Replica::start(SocketAddr::from(([127, 0, 0, 3], port)), "other").await;
     dns.set("test.pair-network.", &["127.0.0.1"]);
