@@ -43,6 +43,9 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     /// A new connection that sends no byte for this long is closed (capped at `idle_timeout`).
     pub first_byte_timeout: Duration,
+    /// A plain HTTP/1.1 keep-alive connection that starts no request for this long releases
+    /// hyper's state while it waits (`park`); zero never parks.
+    pub park_after: Duration,
     /// Where the metrics listener (`GET /metrics`, no token) listens; see [`MetricsListen`].
     pub metrics: MetricsListen,
     /// Constant labels added to every metric (`--metrics-label name=value`).
@@ -76,6 +79,7 @@ impl Default for ProxyConfig {
             max_header_bytes: 64 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             first_byte_timeout: Duration::from_secs(10),
+            park_after: crate::park::PARK_AFTER,
             metrics: MetricsListen::Network {
                 network: DEFAULT_METRICS_NETWORK.into(),
                 port: DEFAULT_METRICS_PORT,

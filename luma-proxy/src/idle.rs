@@ -15,12 +15,19 @@
 //! - **End.** When its worker shuts down and in-flight requests are done, every read and write
 //!   fails, which ends tunnels (and anything left past the shutdown timeout).
 //!
+//! - **Parking** (plain HTTP/1.1, `park`): bytes read ahead come back to the wrapper
+//!   ([`ConnIo::unread`]) and are read first; while hyper finishes for a park, its shutdown of
+//!   the socket is skipped; a parked connection waits for its next byte in
+//!   [`ConnIo::poll_parked`], under the same timeouts and end signal.
+//!
 //! The timer is re-armed lazily: reads and writes only store a timestamp, and the sleep is
 //! reset when it fires early, so the hot path pays for a clock read, not a timer update.
 
+use bytes::{Buf, Bytes};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -41,6 +48,21 @@ pub struct ConnIo<T> {
     sleep: Pin<Box<Sleep>>,
     end: Option<EndSignal>,
     ended: bool,
+    /// Bytes read ahead and given back: read before the socket.
+    unread: Bytes,
+    /// The connection's activity, when it may park: its shutdown is skipped while parking.
+    parking: Option<Arc<crate::park::Activity>>,
+}
+
+/// A socket that can say when it has bytes to read, without reading them.
+pub trait ReadReady {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
 }
 
 impl<T> ConnIo<T> {
@@ -57,7 +79,21 @@ impl<T> ConnIo<T> {
             sleep: Box::pin(tokio::time::sleep_until(now + first)),
             end: None,
             ended: false,
+            unread: Bytes::new(),
+            parking: None,
         }
+    }
+
+    /// Gives back bytes read ahead: the next reads return them first.
+    pub fn unread(&mut self, bytes: Bytes) {
+        debug_assert!(self.unread.is_empty());
+        self.unread = bytes;
+    }
+
+    /// While `activity` is parking, a shutdown of this I/O is skipped (hyper shuts the socket
+    /// down when it finishes; a parked connection keeps it open).
+    pub fn hold_open_while_parking(&mut self, activity: Arc<crate::park::Activity>) {
+        self.parking = Some(activity);
     }
 
     /// Every read and write fails once `end` resolves.
@@ -106,6 +142,24 @@ impl<T> ConnIo<T> {
         self.ended
     }
 
+    /// Ready(Ok) once the socket has bytes to read (or an end of stream); Ready(Err) when the
+    /// connection must end meanwhile (its timeout or the end signal).
+    pub fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    where
+        T: ReadReady,
+    {
+        if self.poll_end(cx) {
+            return Poll::Ready(Err(ended()));
+        }
+        if !self.unread.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.poll_read_ready(cx) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => self.poll_expired(cx).map(Err),
+        }
+    }
+
     /// What a pending write, flush or shutdown returns: still pending, or the timeout error once
     /// no byte has moved either way for the whole timeout (the peer stopped reading).
     fn pending_write<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
@@ -132,6 +186,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
         let this = self.get_mut();
         if this.poll_end(cx) {
             return Poll::Ready(Err(ended()));
+        }
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread[..n]);
+            this.unread.advance(n);
+            if this.unread.is_empty() {
+                // An empty view still holds the buffer it came from (hyper's, perhaps).
+                this.unread = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
@@ -201,6 +265,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.parking.as_ref().is_some_and(|a| a.is_parking()) {
+            return Poll::Ready(Ok(()));
+        }
         match Pin::new(&mut this.inner).poll_shutdown(cx) {
             Poll::Pending => this.pending_write(cx),
             r => r,

@@ -23,6 +23,8 @@ pub mod health;
 pub mod idle;
 pub mod log;
 pub mod metrics;
+pub mod park;
+pub mod pipe;
 pub mod proxy;
 pub mod resolve;
 pub mod route;

@@ -54,6 +54,7 @@ pub struct Metrics {
     connect_errors: Counter,
     retries: Counter,
     connections_open: Gauge,
+    connections_parked: Gauge,
     connections_total: Counter,
     connections_refused: Counter,
     acme_issued: Counter,
@@ -114,6 +115,7 @@ impl Metrics {
             connect_errors: Counter::default(),
             retries: Counter::default(),
             connections_open: Gauge::default(),
+            connections_parked: Gauge::default(),
             connections_total: Counter::default(),
             connections_refused: Counter::default(),
             acme_issued,
@@ -157,6 +159,11 @@ impl Metrics {
             m.connections_open.clone(),
         );
         registry.register(
+            "luma_proxy_connections_parked",
+            "Idle HTTP/1.1 keep-alive connections holding only their socket (hyper's state released)",
+            m.connections_parked.clone(),
+        );
+        registry.register(
             "luma_proxy_connections",
             "Client connections accepted",
             m.connections_total.clone(),
@@ -195,6 +202,15 @@ impl Metrics {
     }
     pub fn connection_closed(&self) {
         self.connections_open.dec();
+    }
+    pub fn connection_parked(&self) {
+        self.connections_parked.inc();
+    }
+    pub fn connection_unparked(&self) {
+        self.connections_parked.dec();
+    }
+    pub fn connections_parked(&self) -> u64 {
+        self.connections_parked.get().max(0) as u64
     }
     pub fn connection_refused(&self) {
         self.connections_refused.inc();

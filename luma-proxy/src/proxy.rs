@@ -128,6 +128,8 @@ pub struct Upload {
     /// Bytes the cap still allows.
     left: u64,
     clock: Option<Arc<UploadClock>>,
+    /// Told when the client's body has been read to its end (a parked connection's rule).
+    watch: Option<crate::park::BodyWatch>,
 }
 
 impl Upload {
@@ -136,6 +138,18 @@ impl Upload {
             body,
             left: cap,
             clock,
+            watch: None,
+        }
+    }
+
+    fn watched_by(mut self, watch: Option<crate::park::BodyWatch>) -> Upload {
+        self.watch = watch;
+        self
+    }
+
+    fn read_to_end(&self) {
+        if let Some(w) = &self.watch {
+            w.ended();
         }
     }
 
@@ -169,8 +183,12 @@ impl Body for Upload {
                     }
                     this.left -= n;
                 }
+                let end = this.body.is_end_stream();
                 if let Some(c) = &this.clock {
-                    c.progress(this.body.is_end_stream());
+                    c.progress(end);
+                }
+                if end {
+                    this.read_to_end();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -179,6 +197,7 @@ impl Body for Upload {
                 if let Some(c) = &this.clock {
                     c.progress(true);
                 }
+                this.read_to_end();
                 Poll::Ready(None)
             }
         }
@@ -829,6 +848,7 @@ async fn forward(
     // With the frame `read_first_chunk` may have read first: a body that is all in that frame
     // is not empty.
     let body = UpstreamBody::client(body, &mut parts.extensions);
+    let watch = parts.extensions.remove::<crate::park::BodyWatch>();
     // Keep what a replay needs only when a replay is allowed.
     let mut replay = (is_replayable(&parts.method) && body.is_end_stream() && !upgrade)
         .then(|| Replay::of(&parts));
@@ -840,7 +860,10 @@ async fn forward(
         Reuse::Recent
     };
     let clock = (!body.is_end_stream()).then(|| Arc::new(UploadClock::new()));
-    let mut req = Request::from_parts(parts, Upload::new(body, cap, clock.clone()));
+    let mut req = Request::from_parts(
+        parts,
+        Upload::new(body, cap, clock.clone()).watched_by(watch),
+    );
     let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
     let mut backend = first;
     for attempt in 0..2 {
@@ -976,7 +999,7 @@ async fn tunnel(
     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
     let mut retired = backend.retired();
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
+        _ = crate::pipe::both_ways(&mut c, &mut u) => {}
         _ = retired.wait_for(|r| *r) => {}
     }
 }

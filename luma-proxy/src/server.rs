@@ -342,6 +342,27 @@ fn builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The plain listener's servers, one per protocol (`park` picks the protocol itself), with
+/// [`builder`]'s settings.
+fn plain_http(cfg: &ProxyConfig) -> crate::park::Http {
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(cfg.max_header_bytes as u32)
+        .keep_alive_interval(None);
+    crate::park::Http {
+        h1,
+        h2,
+        park_after: cfg.park_after,
+        keep_alive: cfg.header_read_timeout,
+    }
+}
+
 /// The connections of one worker: how many are alive (tunnels included) and a wake-up when the
 /// last one goes.
 #[derive(Default)]
@@ -495,9 +516,16 @@ impl Drain {
 }
 
 /// One connection's place in its listener's [`Drain`].
-struct Ticket {
+pub(crate) struct Ticket {
     drain: Arc<Drain>,
     wait: SwitchWait,
+}
+
+impl Ticket {
+    /// True once the listener drains (and makes sure `waker` is woken when it starts).
+    pub(crate) fn draining(&mut self, waker: &Waker) -> bool {
+        self.wait.is_on(waker)
+    }
 }
 
 impl Drop for Ticket {
@@ -509,7 +537,7 @@ impl Drop for Ticket {
 }
 
 /// A connection served under a [`Drain`]: told to shut down gracefully once the drain begins.
-struct Drained<C> {
+pub(crate) struct Drained<C> {
     /// Boxed once per connection, so this wrapper needs no pin projection.
     conn: Pin<Box<C>>,
     ticket: Ticket,
@@ -517,7 +545,7 @@ struct Drained<C> {
 }
 
 impl<C: GracefulConnection> Drained<C> {
-    fn new(conn: C, ticket: Ticket) -> Drained<C> {
+    pub(crate) fn new(conn: C, ticket: Ticket) -> Drained<C> {
         Drained {
             conn: Box::pin(conn),
             ticket,
@@ -531,7 +559,7 @@ impl<C: GracefulConnection> Future for Drained<C> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let this = self.get_mut();
-        if !this.told && this.ticket.wait.is_on(cx.waker()) {
+        if !this.told && this.ticket.draining(cx.waker()) {
             this.told = true;
             this.conn.as_mut().graceful_shutdown();
         }
@@ -590,6 +618,7 @@ async fn serve_listener(
     tls: Option<TlsListen>,
 ) {
     let builder = Arc::new(builder(&cfg));
+    let plain = Arc::new(plain_http(&cfg));
     let drain = Arc::new(Drain::default());
     let live = Arc::new(Live::default());
     // Fired once in-flight requests are done (or the shutdown timeout passed): every
@@ -635,18 +664,13 @@ async fn serve_listener(
         // The peer's address is written out once per connection, not per request.
         let peer = crate::headers::Peer::new(peer);
         let Some(tls) = &tls else {
-            let c = ctx.clone();
-            let svc = service_fn(move |req| {
-                let (c, peer) = (c.clone(), peer.clone());
-                async move { Ok::<_, Infallible>(proxy::handle(c, req, peer, None).await) }
-            });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), svc)
-                .into_owned();
-            let conn = Drained::new(conn, drain.ticket());
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            tokio::spawn(crate::park::serve(
+                io,
+                ctx.clone(),
+                peer,
+                plain.clone(),
+                drain.ticket(),
+            ));
             continue;
         };
         let (tls, builder, ticket, c) = (tls.clone(), builder.clone(), drain.ticket(), ctx.clone());
