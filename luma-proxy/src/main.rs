@@ -15,6 +15,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// mimalloc rather than glibc's malloc, for memory that goes back: it keeps each size class in
+/// its own pages and returns a page to the kernel once its blocks are free, so a burst of
+/// connections (8 KiB read buffers next to small long-lived blocks) is given back when it ends;
+/// glibc's heap keeps the holes between long-lived blocks. It also costs fewer instructions
+/// per request (`docs/profile.md`). Its arenas are committed on demand (`.cargo/config.toml`
+/// says why) and each serving thread collects every 2 s (`workers::set_upkeep`). The figures
+/// are in `docs/idle-memory.md`.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Project-scoped reverse proxy for Luma.
 ///
 /// One luma-proxy serves every project on a server. Each project has its own Docker network;
@@ -662,6 +673,12 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         })
         .max(1);
     luma_proxy::workers::set_count(workers);
+    // Each serving thread's freed pages go back to the kernel within seconds, idle or not.
+    #[cfg(feature = "mimalloc")]
+    luma_proxy::workers::set_upkeep(|| {
+        // SAFETY: mi_collect only reads and releases the calling thread's own heap state.
+        unsafe { libmimalloc_sys::mi_collect(false) }
+    });
     let mut running = luma_proxy::Proxy::start(cfg).await?;
     running.add_workers(workers - 1)?;
     wait_for_signal().await;

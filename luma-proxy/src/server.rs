@@ -619,6 +619,10 @@ async fn serve_listener(
 ) {
     let builder = Arc::new(builder(&cfg));
     let plain = Arc::new(plain_http(&cfg));
+    if tls.is_none() {
+        // One per worker thread (each has exactly one plain listener).
+        tokio::spawn(crate::workers::upkeep(shutdown.clone()));
+    }
     let drain = Arc::new(Drain::default());
     let live = Arc::new(Live::default());
     // Fired once in-flight requests are done (or the shutdown timeout passed): every

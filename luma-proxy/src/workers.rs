@@ -6,6 +6,8 @@
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 /// How many serving threads the process runs (pools are sized by it).
 static WORKERS: AtomicUsize = AtomicUsize::new(1);
@@ -53,4 +55,30 @@ pub fn reuseport_std_listener(addr: SocketAddr) -> std::io::Result<std::net::Tcp
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+/// What each serving thread runs every [`UPKEEP_EVERY`]: the binary's allocator hands back the
+/// pages its thread has freed (`main.rs`). An allocator returns memory only when the thread
+/// calls into it, and a thread whose burst of connections has just ended may call it rarely.
+static UPKEEP: OnceLock<fn()> = OnceLock::new();
+
+/// Often enough that a burst's memory is back within seconds, rarely enough to cost nothing.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// Installs the per-thread upkeep (once; later calls are ignored).
+pub fn set_upkeep(f: fn()) {
+    let _ = UPKEEP.set(f);
+}
+
+/// Runs the upkeep on the current worker's thread until `shutdown` says so.
+pub(crate) async fn upkeep(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Some(f) = UPKEEP.get().copied() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(UPKEEP_EVERY) => f(),
+        }
+    }
 }
