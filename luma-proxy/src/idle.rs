@@ -54,14 +54,19 @@ pub struct ConnIo<T> {
     parking: Option<Arc<crate::park::Activity>>,
 }
 
-/// A socket that can say when it has bytes to read, without reading them.
+/// A socket that can wait for bytes without a buffer, then read what came.
 pub trait ReadReady {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Reads without waiting: WouldBlock (and readiness cleared) when nothing came.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
 }
 
 impl ReadReady for tokio::net::TcpStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        tokio::net::TcpStream::try_read(self, buf)
     }
 }
 
@@ -85,9 +90,17 @@ impl<T> ConnIo<T> {
     }
 
     /// Gives back bytes read ahead: the next reads return them first.
+    /// Bytes given back earlier and not yet read came after `bytes` on the wire (a hyper
+    /// connection reads them only after what it had buffered), so they stay behind them.
     pub fn unread(&mut self, bytes: Bytes) {
-        debug_assert!(self.unread.is_empty());
-        self.unread = bytes;
+        if self.unread.is_empty() {
+            self.unread = bytes;
+        } else if !bytes.is_empty() {
+            let mut both = Vec::with_capacity(bytes.len() + self.unread.len());
+            both.extend_from_slice(&bytes);
+            both.extend_from_slice(&self.unread);
+            self.unread = both.into();
+        }
     }
 
     /// While `activity` is parking, a shutdown of this I/O is skipped (hyper shuts the socket
@@ -142,8 +155,9 @@ impl<T> ConnIo<T> {
         self.ended
     }
 
-    /// Ready(Ok) once the socket has bytes to read (or an end of stream); Ready(Err) when the
-    /// connection must end meanwhile (its timeout or the end signal).
+    /// Ready(Ok) once the next bytes have come (they are read first, from [`ConnIo::unread`]);
+    /// Ready(Err) at the end of stream, or when the connection must end meanwhile (its timeout
+    /// or the end signal).
     pub fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>
     where
         T: ReadReady,
@@ -154,9 +168,25 @@ impl<T> ConnIo<T> {
         if !self.unread.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        match self.inner.poll_read_ready(cx) {
-            Poll::Ready(r) => Poll::Ready(r),
-            Poll::Pending => self.poll_expired(cx).map(Err),
+        loop {
+            match self.inner.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return self.poll_expired(cx).map(Err),
+            }
+            // Readiness can be stale: only bytes (or the end) wake the connection. A stale one
+            // is cleared by the WouldBlock, and the loop waits again.
+            let mut first = [0u8; 2048];
+            match self.inner.try_read(&mut first) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => {
+                    self.last = Instant::now();
+                    self.unread = Bytes::copy_from_slice(&first[..n]);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
     }
 
@@ -334,6 +364,23 @@ mod tests {
         io.write_all(&[0u8; 1024]).await.unwrap();
         assert!(t.elapsed() > Duration::from_secs(120), "{:?}", t.elapsed());
         slow_reader.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bytes_given_back_twice_are_read_in_wire_order() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut io = ConnIo::new(a, Duration::from_secs(10), Duration::from_secs(120));
+        b.write_all(b"4").await.unwrap();
+        // Given back by a first hyper connection, then (partly read) by a second one.
+        io.unread(Bytes::from_static(b"23"));
+        io.unread(Bytes::from_static(b"1"));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8];
+        while got.len() < 4 {
+            let n = io.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"1234");
     }
 
     #[tokio::test]

@@ -26,6 +26,10 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_arena_eager_commit` in mimalloc.h's `mi_option_e` (the Rust bindings lack it).
+#[cfg(feature = "mimalloc")]
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
 /// Project-scoped reverse proxy for Luma.
 ///
 /// One luma-proxy serves every project on a server. Each project has its own Docker network;
@@ -675,10 +679,20 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     luma_proxy::workers::set_count(workers);
     // Each serving thread's freed pages go back to the kernel within seconds, idle or not.
     #[cfg(feature = "mimalloc")]
-    luma_proxy::workers::set_upkeep(|| {
-        // SAFETY: mi_collect only reads and releases the calling thread's own heap state.
-        unsafe { libmimalloc_sys::mi_collect(false) }
-    });
+    {
+        luma_proxy::workers::set_upkeep(|| {
+            // SAFETY: mi_collect may be called from any thread at any time: it collects the
+            // caller's heap and purges expired arena memory under mimalloc's own locks.
+            unsafe { libmimalloc_sys::mi_collect(false) }
+        });
+        // SAFETY: reading an option is thread-safe.
+        if unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_ARENA_EAGER_COMMIT) } != 0 {
+            luma_proxy::log::warn(
+                "mimalloc commits its arenas eagerly (built without the define in .cargo/config.toml?): memory freed after a burst of connections will not lower RSS",
+                serde_json::json!({}),
+            );
+        }
+    }
     let mut running = luma_proxy::Proxy::start(cfg).await?;
     running.add_workers(workers - 1)?;
     wait_for_signal().await;

@@ -31,9 +31,10 @@ use crate::proxy::{self, ProxyCtx, ResponseBody};
 use crate::server::{Drained, Ticket};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{CONNECTION, UPGRADE};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::Request;
+use hyper::{Method, Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -73,7 +74,9 @@ pub struct Activity {
     /// Requests started (high 32 bits, wrapping) and things in flight (low 32 bits), in one word
     /// so that a request's start is one atomic operation.
     state: AtomicU64,
-    /// A request body was dropped before its end: the connection never parks again.
+    /// Set for good when parking could lose or misplace bytes: a request body dropped before its
+    /// end, or an exchange after which hyper closes the connection (HTTP/1.0, `Connection:
+    /// close` either way, an upgrade or CONNECT, answered or not).
     unclean: AtomicBool,
     /// Set while hyper is being told to finish for parking: the I/O then skips the socket's
     /// shutdown ([`ConnIo`]), so the socket stays open for the connection's next request.
@@ -92,6 +95,10 @@ impl Activity {
     fn begin(self: &Arc<Self>) -> InFlight {
         self.state.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
+    }
+
+    fn never_park(&self) {
+        self.unclean.store(true, Ordering::Release);
     }
 
     /// True while the socket must not be shut down (hyper finishing for a park).
@@ -169,6 +176,22 @@ impl Body for Counted {
     }
 }
 
+/// One parked connection in `luma_proxy_connections_parked`, for as long as it lives.
+struct Parked<'a>(&'a crate::metrics::Metrics);
+
+impl Parked<'_> {
+    fn new(metrics: &crate::metrics::Metrics) -> Parked<'_> {
+        metrics.connection_parked();
+        Parked(metrics)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.connection_unparked();
+    }
+}
+
 /// Serves one plain-HTTP connection until it closes.
 pub(crate) async fn serve(
     mut io: ConnIo<TcpStream>,
@@ -196,15 +219,24 @@ pub(crate) async fn serve(
         let (activity, ctx) = (activity.clone(), ctx.clone());
         service_fn(move |mut req: Request<Incoming>| {
             let in_flight = activity.begin_request();
+            if !keeps_alive(&req) {
+                // hyper closes after this exchange; the socket must not be kept instead.
+                activity.never_park();
+            }
             if !req.body().is_end_stream() {
                 req.extensions_mut().insert(BodyWatch(Arc::new(Watch {
                     ended: AtomicBool::new(false),
                     _in_flight: activity.begin(),
                 })));
             }
-            let (c, peer) = (ctx.clone(), peer.clone());
+            let (c, peer, activity) = (ctx.clone(), peer.clone(), activity.clone());
             async move {
                 let resp = proxy::handle(c, req, peer, None).await;
+                if resp.headers().contains_key(CONNECTION) {
+                    // Only the proxy's own closing answers carry it (upstream ones lose it
+                    // with the other hop-by-hop headers): hyper closes after them.
+                    activity.never_park();
+                }
                 Ok::<_, Infallible>(resp.map(|body| Counted {
                     body,
                     _in_flight: in_flight,
@@ -229,6 +261,7 @@ pub(crate) async fn serve(
         timer.as_mut().reset(Instant::now() + park_after);
         let mut told = false;
         let mut parking = false;
+        let mut quiet_before = false;
         let finished = poll_fn(|cx| loop {
             if !told && ticket.draining(cx.waker()) {
                 told = true;
@@ -244,7 +277,10 @@ pub(crate) async fn serve(
             if started != seen {
                 may_park = true;
             }
-            if may_park && clean && in_flight == 0 && started == seen {
+            // Quiet for a whole period: no request started, and nothing in flight at either end.
+            let quiet = started == seen && in_flight == 0;
+            let was_quiet = std::mem::replace(&mut quiet_before, quiet);
+            if may_park && clean && quiet && was_quiet {
                 // hyper is between messages: it closes at once (no byte is lost: the last
                 // response was flushed, or hyper flushes it before finishing).
                 parking = true;
@@ -274,7 +310,7 @@ pub(crate) async fn serve(
             continue;
         }
         drop(read_buf);
-        ctx.metrics.connection_parked();
+        let _parked = Parked::new(&ctx.metrics);
         let wait = poll_fn(|cx| {
             if ticket.draining(cx.waker()) {
                 return Poll::Ready(false);
@@ -282,12 +318,25 @@ pub(crate) async fn serve(
             io.poll_parked(cx).map(|r| r.is_ok())
         });
         let woke = tokio::time::timeout(http.keep_alive, wait).await;
-        ctx.metrics.connection_unparked();
         if woke != Ok(true) {
             // Drained, ended, past the keep-alive limit, timed out or failed while idle.
             return;
         }
     }
+}
+
+/// True when hyper keeps the connection open after this request, as far as the request says:
+/// HTTP/1.1, no `close` token, no upgrade or CONNECT (hyper keeps an upgrade pending even when it
+/// is refused, and then hands the socket to it instead of back).
+fn keeps_alive(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.method() != Method::CONNECT
+        && !req.headers().contains_key(UPGRADE)
+        && !req.headers().get_all(CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        })
 }
 
 /// Reads a connection's first bytes, up to the length of HTTP/2's preface, and puts them back:

@@ -4,13 +4,15 @@
 //! both for the tunnel's life, 16 KiB for a WebSocket that mostly waits. Here each direction
 //! reads into a buffer on the stack and writes it on at once; only bytes the writer cannot take
 //! yet are copied to the heap, and that copy is freed as soon as it is written. An idle tunnel
-//! holds its two sockets and nothing else.
+//! holds its two sockets and nothing else. As in tokio's copy, written bytes are flushed before
+//! a direction waits on its reader.
 //!
 //! A direction ends at its reader's end of stream, after shutting its writer down (so a
 //! half-close passes through); the copy ends when both have, or at the first error.
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,10 +25,13 @@ const CHUNK: usize = 16 * 1024;
 struct Flow {
     /// Read but not yet written (None while idle).
     backlog: Option<Backlog>,
-    /// The reader ended and the writer has been shut down.
-    done: bool,
+    /// Written but not yet flushed: a writer may keep bytes back (a TLS stream does, when the
+    /// socket is full) until flushed, so a flush is owed before waiting on the reader.
+    unflushed: bool,
     /// The reader ended; the writer's shutdown is pending.
     closing: bool,
+    /// The reader ended and the writer has been shut down.
+    done: bool,
 }
 
 struct Backlog {
@@ -46,24 +51,33 @@ impl Flow {
             }
             if let Some(b) = &mut self.backlog {
                 while b.at < b.bytes.len() {
-                    match Pin::new(&mut *w).poll_write(cx, &b.bytes[b.at..]) {
-                        Poll::Ready(Ok(0)) => return Poll::Ready(Err(write_zero())),
-                        Poll::Ready(Ok(n)) => b.at += n,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => return Poll::Pending,
+                    let n = std::task::ready!(Pin::new(&mut *w).poll_write(cx, &b.bytes[b.at..]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(write_zero()));
                     }
+                    b.at += n;
+                    self.unflushed = true;
                 }
                 self.backlog = None;
-                std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
             }
             if self.closing {
                 std::task::ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
                 self.done = true;
                 continue;
             }
-            let mut stack = [0u8; CHUNK];
-            let mut buf = ReadBuf::new(&mut stack);
-            std::task::ready!(Pin::new(&mut *r).poll_read(cx, &mut buf))?;
+            let mut stack = [MaybeUninit::<u8>::uninit(); CHUNK];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            match Pin::new(&mut *r).poll_read(cx, &mut buf) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Nothing more to read for now: what was written goes out before the wait.
+                    if self.unflushed {
+                        std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
             let got = buf.filled();
             if got.is_empty() {
                 self.closing = true;
@@ -74,7 +88,10 @@ impl Flow {
             while at < got.len() {
                 match Pin::new(&mut *w).poll_write(cx, &got[at..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(write_zero())),
-                    Poll::Ready(Ok(n)) => at += n,
+                    Poll::Ready(Ok(n)) => {
+                        at += n;
+                        self.unflushed = true;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => break,
                 }
@@ -87,7 +104,6 @@ impl Flow {
                 // Pending on the write: woken when the writer can take more.
                 return Poll::Pending;
             }
-            std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
         }
     }
 }
@@ -181,6 +197,77 @@ mod tests {
         let mut got = [0u8; 4];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping");
+    }
+
+    /// Keeps written bytes until flushed, and the first flush of each batch is Pending (as a
+    /// TLS stream whose socket is full), then passes them on.
+    struct HoldsUntilFlushed {
+        inner: tokio::io::DuplexStream,
+        held: Vec<u8>,
+        refused: bool,
+    }
+
+    impl AsyncRead for HoldsUntilFlushed {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for HoldsUntilFlushed {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if !self.refused {
+                self.refused = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let this = &mut *self;
+            while !this.held.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &this.held))?;
+                this.held.drain(..n);
+            }
+            this.refused = false;
+            Pin::new(&mut this.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_a_writer_holds_until_flushed_are_flushed_before_waiting() {
+        let (mut client, mut a) = tokio::io::duplex(1 << 16);
+        let (b, mut server) = tokio::io::duplex(1 << 16);
+        let mut b = HoldsUntilFlushed {
+            inner: b,
+            held: Vec::new(),
+            refused: false,
+        };
+        let pipe = tokio::spawn(async move { both_ways(&mut a, &mut b).await });
+        // One message, then silence: nothing else would ever wake the flow.
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            server.read_exact(&mut got),
+        )
+        .await
+        .expect("the message was held back in the writer")
+        .unwrap();
+        assert_eq!(&got, b"ping");
+        pipe.abort();
+        drop(client);
     }
 
     fn futures_waker() -> std::task::Waker {

@@ -125,7 +125,6 @@ async fn an_idle_connection_parks_and_serves_every_kind_of_next_request_on_the_s
     )
     .await;
     assert!(status.starts_with("HTTP/1.1 101"), "{status}");
-    assert_eq!(lab.parked(), 0);
     s.write_all(b"ping").await.unwrap();
     let mut echo = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut echo))
@@ -200,6 +199,65 @@ async fn a_connection_whose_body_was_left_unread_is_served_but_never_parks() {
         // hyper closed it: nothing could park.
         Ok(None) | Err(_) => assert_eq!(lab.parked(), 0),
     }
+    drop(s);
+    lab.proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn exchanges_after_which_hyper_closes_are_closed_not_parked() {
+    let lab = lab("park-close", Duration::from_secs(30)).await;
+    for (what, raw) in [
+        ("HTTP/1.0", "GET / HTTP/1.0\r\nHost: shop.test\r\n\r\n"),
+        (
+            "Connection: close",
+            "GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: keep-alive, close\r\n\r\n",
+        ),
+    ] {
+        let mut s = TcpStream::connect(lab.proxy.http_addr).await.unwrap();
+        s.write_all(raw.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not closed after the answer"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.ends_with("b1 0"), "{what}: {text}");
+        assert_eq!(lab.parked(), 0, "{what}");
+    }
+
+    // A refused upgrade: hyper keeps the upgrade pending, so the connection never parks (it
+    // would hand the socket to the dead upgrade); it goes on serving.
+    let mut s = TcpStream::connect(lab.proxy.http_addr).await.unwrap();
+    let mut buf = Vec::new();
+    let (status, _) = ask(
+        &mut s,
+        &mut buf,
+        "GET /ws HTTP/1.1\r\nHost: nobody.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+    assert_eq!(ask(&mut s, &mut buf, GET).await.1, "b1 0");
+    tokio::time::sleep(PARK_AFTER * 6).await;
+    assert_eq!(lab.parked(), 0, "parked after a refused upgrade");
+    assert_eq!(ask(&mut s, &mut buf, GET).await.1, "b1 0");
+
+    // HTTP/2 connections keep their state (HPACK tables): they never park.
+    let stream = TcpStream::connect(lab.proxy.http_addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let h2 = tokio::spawn(conn);
+    let req = hyper::Request::get("http://shop.test/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(tx.send_request(req).await.unwrap().status(), 200);
+    tokio::time::sleep(PARK_AFTER * 6).await;
+    assert_eq!(lab.parked(), 0, "an HTTP/2 connection parked");
+    drop(tx);
+    h2.abort();
     drop(s);
     lab.proxy.shutdown().await;
 }
