@@ -155,6 +155,13 @@ impl<T> ConnIo<T> {
         self.ended
     }
 
+    /// Tells a parkable connection's activity whether the last write or flush finished.
+    fn write_done(&self, finished: bool) {
+        if let Some(a) = &self.parking {
+            a.write_blocked(!finished);
+        }
+    }
+
     /// Ready(Ok) once the next bytes have come (they are read first, from [`ConnIo::unread`]);
     /// Ready(Err) at the end of stream, or when the connection must end meanwhile (its timeout
     /// or the end signal).
@@ -193,6 +200,7 @@ impl<T> ConnIo<T> {
     /// What a pending write, flush or shutdown returns: still pending, or the timeout error once
     /// no byte has moved either way for the whole timeout (the peer stopped reading).
     fn pending_write<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        self.write_done(false);
         match self.poll_expired(cx) {
             Poll::Ready(e) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
@@ -260,6 +268,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
                 if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
                     this.last = Instant::now();
                 }
+                this.write_done(true);
                 r
             }
         }
@@ -279,6 +288,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
                 if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
                     this.last = Instant::now();
                 }
+                this.write_done(true);
                 r
             }
         }
@@ -290,7 +300,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_flush(cx) {
             Poll::Pending => this.pending_write(cx),
-            r => r,
+            r => {
+                this.write_done(true);
+                r
+            }
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

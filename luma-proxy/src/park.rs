@@ -13,8 +13,9 @@
 //!
 //! **When hyper is between messages.** [`Activity`] counts what is in flight on the connection:
 //! requests in the handler, response bodies not yet finished, request bodies not yet read to
-//! their end. At zero, every request has been read whole and every response written whole, so
-//! hyper is idle. A request body dropped before its end is left to hyper, which drains it or
+//! their end. At zero, with the socket's last write finished, every request has been read whole
+//! and every response written and sent whole, so hyper is idle; had it meant to close after the
+//! last exchange, it would have by then. A request body dropped before its end is left to hyper, which drains it or
 //! closes the connection; such a connection never parks again, since the next request could
 //! otherwise start in the middle of the old body. Bytes of a next request that hyper had
 //! already read (a head cut in two) come back with the socket and are read first; the
@@ -31,10 +32,10 @@ use crate::proxy::{self, ProxyCtx, ResponseBody};
 use crate::server::{Drained, Ticket};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{CONNECTION, UPGRADE};
+
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::{Method, Request, Version};
+use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -75,9 +76,11 @@ pub struct Activity {
     /// so that a request's start is one atomic operation.
     state: AtomicU64,
     /// Set for good when parking could lose or misplace bytes: a request body dropped before its
-    /// end, or an exchange after which hyper closes the connection (HTTP/1.0, `Connection:
-    /// close` either way, an upgrade or CONNECT, answered or not).
+    /// end, or an upgrade or CONNECT (answered or not).
     unclean: AtomicBool,
+    /// The socket's last write or flush could not finish (set by [`ConnIo`]): hyper may hold
+    /// unsent bytes, and may mean to close once they are out, so the connection does not park.
+    write_blocked: AtomicBool,
     /// Set while hyper is being told to finish for parking: the I/O then skips the socket's
     /// shutdown ([`ConnIo`]), so the socket stays open for the connection's next request.
     parking: AtomicBool,
@@ -99,6 +102,13 @@ impl Activity {
 
     fn never_park(&self) {
         self.unclean.store(true, Ordering::Release);
+    }
+
+    /// Called by the I/O on every write or flush that finishes or not.
+    pub fn write_blocked(&self, blocked: bool) {
+        if self.write_blocked.load(Ordering::Relaxed) != blocked {
+            self.write_blocked.store(blocked, Ordering::Release);
+        }
     }
 
     /// True while the socket must not be shut down (hyper finishing for a park).
@@ -219,8 +229,13 @@ pub(crate) async fn serve(
         let (activity, ctx) = (activity.clone(), ctx.clone());
         service_fn(move |mut req: Request<Incoming>| {
             let in_flight = activity.begin_request();
-            if !keeps_alive(&req) {
-                // hyper closes after this exchange; the socket must not be kept instead.
+            if req
+                .extensions()
+                .get::<hyper::upgrade::OnUpgrade>()
+                .is_some()
+            {
+                // An upgrade or CONNECT: hyper keeps the upgrade pending even when it is
+                // refused, and would hand the socket to it instead of back.
                 activity.never_park();
             }
             if !req.body().is_end_stream() {
@@ -229,14 +244,9 @@ pub(crate) async fn serve(
                     _in_flight: activity.begin(),
                 })));
             }
-            let (c, peer, activity) = (ctx.clone(), peer.clone(), activity.clone());
+            let (c, peer) = (ctx.clone(), peer.clone());
             async move {
                 let resp = proxy::handle(c, req, peer, None).await;
-                if resp.headers().contains_key(CONNECTION) {
-                    // Only the proxy's own closing answers carry it (upstream ones lose it
-                    // with the other hop-by-hop headers): hyper closes after them.
-                    activity.never_park();
-                }
                 Ok::<_, Infallible>(resp.map(|body| Counted {
                     body,
                     _in_flight: in_flight,
@@ -262,6 +272,8 @@ pub(crate) async fn serve(
         let mut told = false;
         let mut parking = false;
         let mut quiet_before = false;
+        // Whether the timer has this task's waker since its last reset.
+        let mut armed = false;
         let finished = poll_fn(|cx| loop {
             if !told && ticket.draining(cx.waker()) {
                 told = true;
@@ -270,7 +282,18 @@ pub(crate) async fn serve(
             if let Poll::Ready(r) = Pin::new(&mut *conn).poll(cx) {
                 return Poll::Ready(r.is_ok());
             }
-            if told || parking || park_after.is_zero() || timer.as_mut().poll(cx).is_pending() {
+            if told || parking || park_after.is_zero() {
+                return Poll::Pending;
+            }
+            // The timer is polled once per period, to give it this task's waker (its firing
+            // uses it up); on other wakes a look at its state is enough, as polling it on every
+            // wake of a busy connection cost ~250 instructions per request (callgrind).
+            if !armed {
+                armed = true;
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            } else if !timer.is_elapsed() {
                 return Poll::Pending;
             }
             let (started, in_flight, clean) = activity.snapshot();
@@ -280,9 +303,12 @@ pub(crate) async fn serve(
             // Quiet for a whole period: no request started, and nothing in flight at either end.
             let quiet = started == seen && in_flight == 0;
             let was_quiet = std::mem::replace(&mut quiet_before, quiet);
-            if may_park && clean && quiet && was_quiet {
-                // hyper is between messages: it closes at once (no byte is lost: the last
-                // response was flushed, or hyper flushes it before finishing).
+            // With every byte written out, hyper is between messages and means to go on: an
+            // exchange after which it closes (HTTP/1.0, `Connection: close` either way) has
+            // already ended the connection by now.
+            let flushed = !activity.write_blocked.load(Ordering::Acquire);
+            if may_park && clean && quiet && was_quiet && flushed {
+                // hyper is idle: it finishes at once, without a byte to send.
                 parking = true;
                 activity.parking.store(true, Ordering::Release);
                 Pin::new(&mut *conn).graceful_shutdown();
@@ -290,6 +316,7 @@ pub(crate) async fn serve(
             }
             seen = started;
             timer.as_mut().reset(Instant::now() + park_after);
+            armed = false;
         })
         .await;
         activity.parking.store(false, Ordering::Release);
@@ -323,20 +350,6 @@ pub(crate) async fn serve(
             return;
         }
     }
-}
-
-/// True when hyper keeps the connection open after this request, as far as the request says:
-/// HTTP/1.1, no `close` token, no upgrade or CONNECT (hyper keeps an upgrade pending even when it
-/// is refused, and then hands the socket to it instead of back).
-fn keeps_alive(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.method() != Method::CONNECT
-        && !req.headers().contains_key(UPGRADE)
-        && !req.headers().get_all(CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        })
 }
 
 /// Reads a connection's first bytes, up to the length of HTTP/2's preface, and puts them back:
