@@ -46,13 +46,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 BACKEND = 18100
-PORTS = {"luma-proxy": 18101, "nginx": 18102, "haproxy": 18103, "caddy": 18104}
+PORTS = {"luma-proxy": 18101, "nginx": 18102, "haproxy": 18103, "caddy": 18104, "luma-base": 18105}
 TLS_PORTS = {"luma-proxy": 18111, "nginx": 18112, "haproxy": 18113}
 # h2c with prior knowledge: luma-proxy serves it on its HTTP listener; nginx 1.22 and HAProxy need
 # a listener of their own for it.
-H2C_PORTS = {"luma-proxy": PORTS["luma-proxy"], "nginx": 18122, "haproxy": 18123}
-H2C_NAMES = ["luma-proxy", "nginx", "haproxy"]
+H2C_PORTS = {"luma-proxy": PORTS["luma-proxy"], "nginx": 18122, "haproxy": 18123, "luma-base": PORTS["luma-base"]}
+H2C_NAMES = ["luma-base", "luma-proxy", "nginx", "haproxy"]
 ADMIN = 18191
+# `--baseline BINARY`: another luma-proxy build (an earlier commit's) run as contender "luma-base"
+# beside the current one, so a change is measured before and after in one run. HTTP only.
+BASELINE = None
 CLK = os.sysconf("SC_CLK_TCK")
 # The TLS contenders: the three the issue compares. Caddy is left out of HTTPS: it is at half of
 # nginx's rate already over plain HTTP, and every contender adds minutes to the run.
@@ -143,13 +146,16 @@ class Contender:
             fmt.update(cert=kit.cert, key=kit.key, crt=kit.combined,
                        access_log=f"{self.handshake_log} handshake" if self.handshake_log else "off")
         env = dict(os.environ)
-        if self.name == "luma-proxy":
+        if self.name in ("luma-proxy", "luma-base"):
+            binary, admin = self.luma()
             state = os.path.join(tmp, "luma-state")
-            cmd = [f"{REL}/luma-proxy", "serve", "--http", f"127.0.0.1:{PORTS['luma-proxy']}", "--admin", f"127.0.0.1:{ADMIN}",
+            cmd = [binary, "serve", "--http", f"127.0.0.1:{PORTS[self.name]}", "--admin", f"127.0.0.1:{admin}",
                    "--state-dir", state, "--no-access-log", "--workers", str(n),
                    # The bench backend is a loopback ip:port, not an alias in a project network.
                    "--allow-literal-targets"]
-            if luma_has_https():
+            if self.name == "luma-base":
+                cmd += ["--https", "127.0.0.1:0", "--acme-directory", "off"]
+            elif luma_has_https():
                 # Always on loopback (the default is 0.0.0.0:8443), also in the HTTP runs, where it
                 # stays idle. Bench routes have custom certificates or none: no CA is ever asked.
                 cmd += ["--https", f"127.0.0.1:{TLS_PORTS['luma-proxy']}"]
@@ -179,13 +185,19 @@ class Contender:
             wait_port(port, proc=self.proc)
             if self.name == "luma-proxy" and kit:
                 luma_deploy_tls(state, kit)
-            elif self.name == "luma-proxy":
-                subprocess.run([f"{REL}/luma-proxy", "deploy", "--admin", f"127.0.0.1:{ADMIN}", "--state-dir", state,
+            elif self.name in ("luma-proxy", "luma-base"):
+                subprocess.run([binary, "deploy", "--admin", f"127.0.0.1:{admin}", "--state-dir", state,
                                 "--host", "127.0.0.1", "--project", "bench", "--target", f"127.0.0.1:{BACKEND}"],
                                check=True, stdout=subprocess.DEVNULL, timeout=60)
         except (RuntimeError, subprocess.SubprocessError) as e:
             self.stop()  # never leave a half-started contender holding the ports
             raise RuntimeError(f"{self.name} ({' '.join(cmd[:2])}): {e}\n{self.log_tail()}") from e
+
+    def luma(self):
+        """(binary, admin port) of a luma-proxy contender."""
+        if self.name == "luma-base":
+            return BASELINE, ADMIN + 1
+        return f"{REL}/luma-proxy", ADMIN
 
     def log_tail(self):
         try:
@@ -309,6 +321,14 @@ def wrk(port, seconds, kit=None, close=False):
     return rps, reqs, errors + non2xx
 
 
+def spoke(out, proto):
+    """True if h2load reports `proto` as its application protocol. Its threads print at once, so
+    other progress lines can land inside that line ("Application protocol: Warm-up phase is over
+    for thread #h2c"): the protocol is looked for among the words that follow."""
+    after = out.split("Application protocol:", 1)
+    return len(after) == 2 and proto in re.findall(r"[\w/.]+", after[1][:300])
+
+
 def h2load(port, seconds, kit):
     """h2load over TLS with ALPN h2: (req/s, requests, errors)."""
     threads = 2
@@ -318,8 +338,7 @@ def h2load(port, seconds, kit):
                          capture_output=True, text=True, check=True).stdout
     m = re.search(r"finished in [^,]+, ([\d.]+) req/s", out)
     counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
-    proto = re.search(r"Application protocol: (\S+)", out)
-    if not m or not counts or not proto or proto.group(1) != "h2":
+    if not m or not counts or not spoke(out, "h2"):
         raise RuntimeError(f"h2load against port {port} did not run over h2:\n{out[-1500:]}")
     succeeded, failed, errored, timeout = (int(counts.group(i)) for i in (4, 5, 6, 7))
     status_errors = sum(int(x) for x in re.findall(r"(\d+) [45]xx", out))
@@ -332,8 +351,7 @@ def h2c(port, seconds):
                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
     m = re.search(r"finished in [^,]+, ([\d.]+) req/s", out)
     counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
-    proto = re.search(r"Application protocol: (\S+)", out)
-    if not m or not counts or not proto or proto.group(1) != "h2c":
+    if not m or not counts or not spoke(out, "h2c"):
         raise RuntimeError(f"h2load against port {port} did not run over h2c:\n{out[-1500:]}")
     succeeded, failed, errored, timeout = (int(counts.group(i)) for i in (4, 5, 6, 7))
     status_errors = sum(int(x) for x in re.findall(r"(\d+) [45]xx", out))
@@ -525,9 +543,13 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    ap.add_argument("--baseline", metavar="BINARY", help="also run this luma-proxy build, as 'luma-base' (HTTP only)")
     a = ap.parse_args()
+    global BASELINE
+    BASELINE = os.path.abspath(a.baseline) if a.baseline else None
     seconds, repeats, worker_counts = (1, 1, [1]) if a.smoke else (a.seconds, a.repeats, [1, 2])
-    names = ["direct", "luma-proxy", "nginx", "haproxy"] + (["caddy"] if shutil.which("caddy") else [])
+    names = (["direct"] + (["luma-base"] if BASELINE else []) + ["luma-proxy", "nginx", "haproxy"]
+             + (["caddy"] if shutil.which("caddy") else []))
     tls_names = list(TLS_NAMES)
     if a.contenders:
         keep = set(a.contenders.split(",")) | {"nginx"} | ({"direct"} if a.only != "tls" else set())
@@ -573,6 +595,11 @@ def write(a, http, tls, worker_counts, names, seconds, repeats):
         "X-Forwarded-For/-Proto/-Host and X-Request-Id added, upstream keep-alive pool. Configs with reasons: `benches/peers/`.",
         "- CPU: user+system seconds of all the contender's processes per 1,000 requests in the saturation runs "
         "(the load generator shares the 2 cores, so absolute numbers are lower than on a dedicated client). RSS: peak (VmHWM), summed over processes.",
+    ]
+    if BASELINE:
+        lines.append(f"- luma-base: `{version([BASELINE, '--version'])}` from `{BASELINE}`, an earlier build run beside luma-proxy "
+                     "(`--baseline`), so the two are compared in one run.")
+    lines += [
         "",
     ]
     if http:
