@@ -17,6 +17,10 @@ docker/pebble/image.sh >/dev/null
 cargo build --workspace --locked
 # Scale smoke: 4 projects behind one proxy, each host answers 200, all removed (about 30 s).
 python3 benches/scale.py --smoke --bin-dir target/debug
+# Idle-memory smoke: 200 idle HTTP/1.1, h2c and WebSocket connections through luma-proxy, nginx
+# and HAProxy; fails on a connection that failed or was closed early, never on a figure (~20 s).
+cargo build --release --locked -p luma-proxy -p luma-demo-backend -p luma-benches
+python3 benches/idle.py --smoke
 log=$(mktemp)
 topology=$(mktemp -d)
 # Removes the servers whatever happens; something left behind fails the run.
