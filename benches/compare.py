@@ -119,16 +119,22 @@ def cpu_seconds(pids):
     return total / CLK
 
 
-def peak_rss_mib(pids):
+def status_kib(pids, field):
+    """A /proc/PID/status memory field (VmRSS, VmHWM) in KiB, summed over `pids`; a process that
+    is gone counts 0."""
     kib = 0
     for p in pids:
         try:
             with open(f"/proc/{p}/status") as f:
-                m = re.search(r"VmHWM:\s+(\d+)", f.read())
+                m = re.search(rf"{field}:\s+(\d+)", f.read())
             kib += int(m.group(1)) if m else 0
         except OSError:
             pass
-    return kib / 1024
+    return kib
+
+
+def peak_rss_mib(pids):
+    return status_kib(pids, "VmHWM") / 1024
 
 
 class Contender:

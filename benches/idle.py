@@ -111,15 +111,7 @@ def cleanup():
 
 
 def rss_kib(pids):
-    kib = 0
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/status") as f:
-                m = re.search(r"VmRSS:\s+(\d+)", f.read())
-            kib += int(m.group(1)) if m else 0
-        except OSError:
-            pass
-    return kib
+    return compare.status_kib(pids, "VmRSS")
 
 
 def fd_count(pids):

@@ -39,6 +39,15 @@ async fn lab(tag: &str, keep_alive: Duration) -> Lab {
 }
 
 impl Lab {
+    /// A connection that has made one request and is now parked, and its read buffer.
+    async fn parked_connection(&self) -> (TcpStream, Vec<u8>) {
+        let mut s = TcpStream::connect(self.proxy.http_addr).await.unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(ask(&mut s, &mut buf, GET).await.1, "b1 0");
+        self.until_parked(1).await;
+        (s, buf)
+    }
+
     fn parked(&self) -> u64 {
         self.proxy.metrics.connections_parked()
     }
@@ -93,10 +102,7 @@ const GET: &str = "GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n";
 #[tokio::test]
 async fn an_idle_connection_parks_and_serves_every_kind_of_next_request_on_the_same_socket() {
     let lab = lab("park-serve", Duration::from_secs(30)).await;
-    let mut s = TcpStream::connect(lab.proxy.http_addr).await.unwrap();
-    let mut buf = Vec::new();
-    assert_eq!(ask(&mut s, &mut buf, GET).await.1, "b1 0");
-    lab.until_parked(1).await;
+    let (mut s, mut buf) = lab.parked_connection().await;
 
     // Woken by its next request, on the same socket.
     assert_eq!(ask(&mut s, &mut buf, GET).await.1, "b1 0");
@@ -142,10 +148,7 @@ async fn an_idle_connection_parks_and_serves_every_kind_of_next_request_on_the_s
 #[tokio::test]
 async fn a_head_cut_in_two_across_a_park_is_served_whole() {
     let lab = lab("park-half-head", Duration::from_secs(30)).await;
-    let mut s = TcpStream::connect(lab.proxy.http_addr).await.unwrap();
-    let mut buf = Vec::new();
-    assert_eq!(ask(&mut s, &mut buf, GET).await.1, "b1 0");
-    lab.until_parked(1).await;
+    let (mut s, mut buf) = lab.parked_connection().await;
     s.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
     lab.until_parked(0).await;
     // Several park periods with half a head in hyper's buffer: the park finds it, gives it
@@ -265,10 +268,7 @@ async fn exchanges_after_which_hyper_closes_are_closed_not_parked() {
 #[tokio::test]
 async fn a_parked_connection_closes_at_the_keep_alive_limit_and_at_shutdown() {
     let lab = lab("park-limit", Duration::from_millis(300)).await;
-    let mut s = TcpStream::connect(lab.proxy.http_addr).await.unwrap();
-    let mut buf = Vec::new();
-    assert_eq!(ask(&mut s, &mut buf, GET).await.1, "b1 0");
-    lab.until_parked(1).await;
+    let (mut s, _) = lab.parked_connection().await;
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
         .await
@@ -278,9 +278,7 @@ async fn a_parked_connection_closes_at_the_keep_alive_limit_and_at_shutdown() {
     lab.until_parked(0).await;
 
     // Shutdown: a parked connection is idle, so it closes at once.
-    let mut s = TcpStream::connect(lab.proxy.http_addr).await.unwrap();
-    assert_eq!(ask(&mut s, &mut buf, GET).await.1, "b1 0");
-    lab.until_parked(1).await;
+    let (mut s, _) = lab.parked_connection().await;
     let t = Instant::now();
     let shutdown = tokio::spawn(lab.proxy.shutdown());
     let mut rest = Vec::new();
