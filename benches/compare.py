@@ -335,6 +335,17 @@ def spoke(out, proto):
     return len(after) == 2 and proto in re.findall(r"[\w/.]+", after[1][:300])
 
 
+def h2load_result(out, port, proto):
+    """(req/s, requests, errors) from h2load's output; fails unless it spoke `proto`."""
+    m = re.search(r"finished in [^,]+, ([\d.]+) req/s", out)
+    counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if not m or not counts or not spoke(out, proto):
+        raise RuntimeError(f"h2load against port {port} did not run over {proto}:\n{out[-1500:]}")
+    succeeded, failed, errored, timeout = (int(counts.group(i)) for i in (4, 5, 6, 7))
+    status_errors = sum(int(x) for x in re.findall(r"(\d+) [45]xx", out))
+    return float(m.group(1)), succeeded, failed + errored + timeout + status_errors
+
+
 def h2load(port, seconds, kit):
     """h2load over TLS with ALPN h2: (req/s, requests, errors)."""
     threads = 2
@@ -342,26 +353,14 @@ def h2load(port, seconds, kit):
                           f"--tls13-ciphers={TLS13_SUITE}", f"--groups={TLS_GROUP}", "--npn-list=h2",
                           f"--connect-to=127.0.0.1:{port}", f"https://{TLS_HOST}:{port}/"],
                          capture_output=True, text=True, check=True).stdout
-    m = re.search(r"finished in [^,]+, ([\d.]+) req/s", out)
-    counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
-    if not m or not counts or not spoke(out, "h2"):
-        raise RuntimeError(f"h2load against port {port} did not run over h2:\n{out[-1500:]}")
-    succeeded, failed, errored, timeout = (int(counts.group(i)) for i in (4, 5, 6, 7))
-    status_errors = sum(int(x) for x in re.findall(r"(\d+) [45]xx", out))
-    return float(m.group(1)), succeeded, failed + errored + timeout + status_errors
+    return h2load_result(out, port, "h2")
 
 
 def h2c(port, seconds):
     """h2load over cleartext HTTP/2 with prior knowledge: (req/s, requests, errors)."""
     out = subprocess.run(["h2load", "-t", "2", "-c", str(H2_CONNECTIONS), "-m", str(H2_STREAMS), "-D", str(seconds),
                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"finished in [^,]+, ([\d.]+) req/s", out)
-    counts = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
-    if not m or not counts or not spoke(out, "h2c"):
-        raise RuntimeError(f"h2load against port {port} did not run over h2c:\n{out[-1500:]}")
-    succeeded, failed, errored, timeout = (int(counts.group(i)) for i in (4, 5, 6, 7))
-    status_errors = sum(int(x) for x in re.findall(r"(\d+) [45]xx", out))
-    return float(m.group(1)), succeeded, failed + errored + timeout + status_errors
+    return h2load_result(out, port, "h2c")
 
 
 def tls_probe(port, kit):

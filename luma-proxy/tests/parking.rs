@@ -99,6 +99,11 @@ async fn ask(s: &mut TcpStream, buf: &mut Vec<u8>, raw: &str) -> (String, String
 
 const GET: &str = "GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n";
 
+/// A WebSocket upgrade request for `host`.
+fn upgrade(host: &str) -> String {
+    format!("GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+}
+
 #[tokio::test]
 async fn an_idle_connection_parks_and_serves_every_kind_of_next_request_on_the_same_socket() {
     let lab = lab("park-serve", Duration::from_secs(30)).await;
@@ -124,12 +129,7 @@ async fn an_idle_connection_parks_and_serves_every_kind_of_next_request_on_the_s
     lab.until_parked(1).await;
 
     // An upgrade after a park: the tunnel gets the socket.
-    let (status, _) = ask(
-        &mut s,
-        &mut buf,
-        "GET /ws HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .await;
+    let (status, _) = ask(&mut s, &mut buf, &upgrade("shop.test")).await;
     assert!(status.starts_with("HTTP/1.1 101"), "{status}");
     s.write_all(b"ping").await.unwrap();
     let mut echo = [0u8; 4];
@@ -232,12 +232,7 @@ async fn exchanges_after_which_hyper_closes_are_closed_not_parked() {
     // would hand the socket to the dead upgrade); it goes on serving.
     let mut s = TcpStream::connect(lab.proxy.http_addr).await.unwrap();
     let mut buf = Vec::new();
-    let (status, _) = ask(
-        &mut s,
-        &mut buf,
-        "GET /ws HTTP/1.1\r\nHost: nobody.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .await;
+    let (status, _) = ask(&mut s, &mut buf, &upgrade("nobody.test")).await;
     assert!(status.starts_with("HTTP/1.1 404"), "{status}");
     assert_eq!(ask(&mut s, &mut buf, GET).await.1, "b1 0");
     tokio::time::sleep(PARK_AFTER * 6).await;
