@@ -17,6 +17,8 @@ tag="lumabench-dt-$$"
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export LUMA_PROXY_NAME="$tag-proxy" LUMA_HTTP_PORT="127.0.0.1:$port" LUMA_HTTPS_PORT="127.0.0.1:0"
+# The host's firewall outlives this bench: luma's fast-path rule (luma-cli/src/hostpath.rs) stays off.
+export LUMA_HOST_FAST_PATH=off
 cleanup() {
   docker rm -f -v "$LUMA_PROXY_NAME" >/dev/null 2>&1 || true
   docker ps -aq --filter "label=luma.project=$tag" | xargs -r docker rm -f -v >/dev/null

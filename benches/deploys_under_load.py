@@ -64,8 +64,10 @@ def now_ms():
 
 
 def luma_runs(a, tmp):
+    # The host's firewall outlives this bench: luma's fast-path rule (luma-cli/src/hostpath.rs)
+    # stays off.
     env = dict(os.environ, LUMA_PROXY_NAME="luma-bench-proxy", LUMA_HTTP_PORT=f"127.0.0.1:{HTTP}",
-               LUMA_HTTPS_PORT=f"127.0.0.1:{HTTPS}")
+               LUMA_HTTPS_PORT=f"127.0.0.1:{HTTPS}", LUMA_HOST_FAST_PATH="off")
     proj = os.path.join(tmp, "bench")
     os.makedirs(proj)
     open(os.path.join(proj, "luma.yml"), "w").write(

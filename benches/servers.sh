@@ -29,6 +29,8 @@ fi
 export LUMA_SSH_CONFIG=$LUMA_TEST_SSH_CONFIG
 export LUMA_HTTP_PORT=127.0.0.1:0
 export LUMA_HTTPS_PORT=127.0.0.1:0
+# The host's firewall outlives this bench: luma's fast-path rule (luma-cli/src/hostpath.rs) stays off.
+export LUMA_HOST_FAST_PATH=off
 
 cleanup() {
   local status=$?

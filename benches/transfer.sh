@@ -104,6 +104,8 @@ apps:
       ssl: false
 YAML
 export LUMA_PROXY_NAME="$tag-proxy" LUMA_HTTP_PORT=127.0.0.1:0 LUMA_HTTPS_PORT=127.0.0.1:0
+# The host's firewall outlives this bench: luma's fast-path rule (luma-cli/src/hostpath.rs) stays off.
+export LUMA_HOST_FAST_PATH=off
 
 # Leaves the servers without the image (and without the app using it), so the next run sends it.
 forget_image() {

@@ -20,6 +20,8 @@ use std::net::Ipv4Addr;
 struct Extras {
     networks: Vec<String>,
     routes: Vec<String>,
+    /// Rules of DOCKER-USER, as the arguments after the chain name.
+    rules: Vec<Vec<String>>,
 }
 
 impl Drop for Extras {
@@ -31,6 +33,17 @@ impl Drop for Extras {
             let _ = std::process::Command::new("ip")
                 .args(["route", "del", "blackhole", r])
                 .status();
+        }
+        for r in &self.rules {
+            while iptables(
+                &[
+                    &["-D", "DOCKER-USER"],
+                    &r.iter().map(String::as_str).collect::<Vec<_>>()[..],
+                ]
+                .concat(),
+            )
+            .is_ok()
+            {}
         }
     }
 }
@@ -60,11 +73,12 @@ fn in_use() -> Vec<Cidr> {
 }
 
 /// A /26 in 10.240.0.0-10.249.255.255 that nothing on this host overlaps, the search starting
-/// at a place derived from this process's ID.
-fn free_pool() -> Cidr {
+/// at a place derived from this process's ID and `test` (tests of this file run at once, and
+/// each needs a pool of its own).
+fn free_pool(test: usize) -> Cidr {
     let used = in_use();
     let slots = 10 * 256 * 4;
-    let start = std::process::id() as usize % slots;
+    let start = (std::process::id() as usize + test * slots / 2) % slots;
     (0..slots)
         .map(|i| (start + i) % slots)
         .map(|s| {
@@ -121,7 +135,7 @@ fn project_networks_come_from_the_pool_skip_what_is_taken_and_say_when_it_is_ful
     let mut extras = Extras::default();
     // Four /28s: the 1st taken by a network made here, the 3rd and 4th by a host route. Only
     // the 2nd is free.
-    let pool = free_pool();
+    let pool = free_pool(0);
     let taken_net = format!("{}-taken", lab.prefix);
     extras.networks.push(taken_net.clone());
     docker(&[
@@ -311,5 +325,138 @@ async fn networks_of_one_name_are_found_by_their_whole_name_and_the_first_made_s
     assert_eq!(
         keeper(&reversed).map(|i| reversed[i].0),
         Some(first.as_str())
+    );
+}
+
+/// `iptables -w 5 ARGS` on this host (the tests run as root): stdout, or why it failed.
+fn iptables(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("iptables")
+        .args(["-w", "5"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("run iptables: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "iptables {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The lines of `iptables -v -S DOCKER-USER` (each with `-c PACKETS BYTES`).
+fn docker_user() -> Vec<String> {
+    iptables(&["-v", "-S", "DOCKER-USER"])
+        .unwrap_or_else(|e| panic!("{e}"))
+        .lines()
+        .filter(|l| l.starts_with("-A DOCKER-USER "))
+        .map(String::from)
+        .collect()
+}
+
+/// The packets the rule with this comment has matched, per line of it in DOCKER-USER.
+fn fast_path_packets(comment: &str) -> Vec<u64> {
+    docker_user()
+        .iter()
+        .filter(|l| l.contains(&format!("\"{comment}\"")))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "-c").expect("-c in -v -S");
+            words[at + 1].parse().expect("a packet count")
+        })
+        .collect()
+}
+
+#[test]
+fn the_host_fast_path_carries_established_traffic_inside_the_pool_and_only_that() {
+    let lab = CliLab::new("fastpath");
+    let mut extras = Extras::default();
+    let pool = free_pool(1);
+    let rule = luma_cli::hostpath::rule(&pool);
+    // Removed at the end even if the test fails; this pool is this test's alone.
+    extras.rules.push(rule.clone());
+    let comment = format!("luma fast path {pool}");
+    let host = format!("fast.{}.test", lab.prefix);
+    let (dir, project) = lab.project(
+        "fast",
+        &app(
+            &host,
+            &format!("network:\n  pool: {pool}\n  subnet_size: 28\n"),
+        ),
+    );
+    let on = [("LUMA_HOST_FAST_PATH", "on")];
+
+    let run = lab.luma_run(&dir, &["deploy"], &on);
+    assert_eq!(run.code, Some(0), "deploy:\n{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "host fast path for pool {pool}: established traffic"
+        )),
+        "the deploy says it added the rule:\n{}",
+        run.stderr
+    );
+    // Exactly the rule, once, before Docker's final RETURN (after it, it would never be
+    // reached), so rules an operator put in DOCKER-USER before it still come first.
+    assert_eq!(fast_path_packets(&comment).len(), 1, "{:?}", docker_user());
+    let lines = docker_user();
+    let ours = lines.iter().position(|l| l.contains(&comment)).unwrap();
+    if let Some(ret) = lines.iter().position(|l| l.ends_with("-j RETURN")) {
+        assert!(
+            ours < ret,
+            "the rule comes before the final RETURN: {lines:?}"
+        );
+    }
+    let check: Vec<&str> = ["-C", "DOCKER-USER"]
+        .into_iter()
+        .chain(rule.iter().map(String::as_str))
+        .collect();
+    iptables(&check).unwrap_or_else(|e| panic!("the rule luma_cli::hostpath::rule gives: {e}"));
+
+    // Requests through the proxy to the app travel established connections between two
+    // addresses of the pool: the rule sees their packets.
+    let before: u64 = fast_path_packets(&comment).iter().sum();
+    for _ in 0..20 {
+        assert_eq!(project_of(&lab, &host), (200, project.clone()));
+    }
+    let after: u64 = fast_path_packets(&comment).iter().sum();
+    assert!(
+        after >= before + 20,
+        "20 requests through the proxy: the rule matched {} packets",
+        after - before
+    );
+
+    // Setup again: the rule is there, so nothing is added and nothing is said.
+    let again = lab.luma_run(&dir, &["setup"], &on);
+    assert_eq!(
+        again.code,
+        Some(0),
+        "setup:\n{}\n{}",
+        again.stdout,
+        again.stderr
+    );
+    assert!(!again.stderr.contains("host fast path"), "{}", again.stderr);
+    assert_eq!(fast_path_packets(&comment).len(), 1, "{:?}", docker_user());
+
+    // Off: a deploy neither adds it nor needs it.
+    iptables(&[&["-D", "DOCKER-USER"], &check[2..]].concat()).unwrap_or_else(|e| panic!("{e}"));
+    let off = lab.luma_run(&dir, &["setup"], &[("LUMA_HOST_FAST_PATH", "off")]);
+    assert_eq!(off.code, Some(0), "setup:\n{}\n{}", off.stdout, off.stderr);
+    assert!(
+        fast_path_packets(&comment).is_empty(),
+        "{:?}",
+        docker_user()
+    );
+    assert_eq!(project_of(&lab, &host), (200, project.clone()));
+
+    // A value that is neither on nor off stops luma before it does anything, naming the fix.
+    let bad = lab.luma_run(&dir, &["setup"], &[("LUMA_HOST_FAST_PATH", "maybe")]);
+    assert_ne!(bad.code, Some(0));
+    assert!(
+        bad.stderr
+            .contains("LUMA_HOST_FAST_PATH=\"maybe\": expected `on` or `off`"),
+        "{}",
+        bad.stderr
     );
 }

@@ -26,6 +26,9 @@ pub struct Config {
     /// [`crate::netpool`]); [`Config::load`] applies `LUMA_NETWORK_POOL` /
     /// `LUMA_NETWORK_SUBNET_SIZE` over it.
     pub network: crate::netpool::Pool,
+    /// Whether deploys keep the host's firewall fast path for the pool ([`crate::hostpath`]);
+    /// only `LUMA_HOST_FAST_PATH` sets it, [`Config::load`] reads it.
+    pub host_fast_path: bool,
 }
 
 /// `docker: {registry, username, password}`; `password` names a key in `.luma/secrets`.
@@ -458,6 +461,8 @@ impl Config {
             .network
             .with_env(|var| std::env::var(var).ok())
             .map_err(ConfigError)?;
+        cfg.host_fast_path =
+            crate::hostpath::enabled(|var| std::env::var(var).ok()).map_err(ConfigError)?;
         Ok(cfg)
     }
 
@@ -611,6 +616,7 @@ impl Config {
             apps,
             services,
             network,
+            host_fast_path: true,
         })
     }
 

@@ -389,6 +389,42 @@ impl Engine {
         }
     }
 
+    /// Runs `argv` on the engine's host and returns its stdout: here for the local engine (it
+    /// runs here), through the server's ssh connection for a server. Err says why not: its exit
+    /// status and stderr, or that it took longer than `limit` (it is killed then).
+    pub async fn host_output(&self, argv: &[&str], limit: std::time::Duration) -> Result<String> {
+        self.trace(format_args!("run {} on the host", argv.join(" ")));
+        if let Some(m) = &self.master {
+            return m.output(argv, limit).await;
+        }
+        let (what, server) = (argv.join(" "), self.server());
+        let Some((program, args)) = argv.split_first() else {
+            return Err("no command to run on the host".into());
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        match tokio::time::timeout(limit, cmd.output()).await {
+            Err(_) => Err(format!(
+                "`{what}` on {server} did not finish within {}s",
+                limit.as_secs_f64()
+            )),
+            Ok(Err(e)) => Err(format!("cannot run `{what}` on {server} ({e})")),
+            Ok(Ok(out)) if out.status.success() => {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+            Ok(Ok(out)) => {
+                let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                Err(format!(
+                    "`{what}` on {server} failed ({}): {}",
+                    out.status,
+                    if err.is_empty() { "no message" } else { &err }
+                ))
+            }
+        }
+    }
+
     /// Creates a bridge network with the given labels, and the subnet when one is given
     /// (else the engine picks one from its default pools). Says when the engine refused the
     /// subnet because it overlaps one of its networks, and when a network of that name

@@ -8,7 +8,8 @@
 //! - [`proxyctl`]: the proxy's lifecycle, and the only way to its admin API (typed, `luma-api`);
 //! - [`project`]: what a release stands on: proxy, network, services, preflight checks;
 //! - [`netpool`]: the subnet of each new project network, from Luma's pool, clear of the
-//!   engine's networks and the host's routes;
+//!   engine's networks and the host's routes; [`hostpath`]: the firewall rule that lets
+//!   established traffic inside the pool skip Docker's per-network rules;
 //! - [`release`]: a release as phases: prepare (reversible) -> switch -> settle, all or nothing
 //!   across servers;
 //! - [`inventory`]: what a project has on the engine by label: status, remove, prune;
@@ -20,6 +21,7 @@ pub mod buildctx;
 pub mod config;
 pub mod engine;
 pub mod fleet;
+pub mod hostpath;
 pub mod interrupt;
 pub mod inventory;
 pub mod lock;

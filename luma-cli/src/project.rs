@@ -134,6 +134,9 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
         proxyctl::attach(ctx.engine, &ctx.proxy, &net),
     )
     .await?;
+    if ctx.cfg.host_fast_path {
+        host_fast_path(ctx).await;
+    }
     for svc in ctx.cfg.services.iter().filter(|s| ctx.runs_here(s)) {
         if crate::interrupt::requested() {
             return Err(crate::interrupt::INTERRUPTED.into());
@@ -141,6 +144,27 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
         ensure_service(ctx, svc).await?;
     }
     Ok(())
+}
+
+/// Keeps the host's firewall fast path for the pool ([`crate::hostpath`]): said when added,
+/// and when it cannot be, with why and what to do; silent when it is there.
+async fn host_fast_path(ctx: &Ctx<'_>) {
+    use crate::hostpath::{ensure, Outcome, ENV};
+    let ui = ctx.ui;
+    let pool = &ctx.cfg.network.range;
+    match ensure(ctx.engine, pool).await {
+        Outcome::Present => {}
+        Outcome::Added => ui.info(format!(
+            "host fast path for pool {pool}: established traffic inside it now skips Docker's \
+             per-network firewall rules (a rule in DOCKER-USER)"
+        )),
+        Outcome::Unavailable(why) => ui.info(format!(
+            "! no host fast path for pool {pool} on {}: {why}. Requests between the proxy and \
+             apps are slower as the server's Docker networks grow (docs/scale.md); deploy as \
+             root (or with sudo without a password) to add it, or set {ENV}=off",
+            ctx.server
+        )),
+    }
 }
 
 /// How many subnets in a row a new network may lose to other creators (other luma runs, or
