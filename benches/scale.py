@@ -10,8 +10,16 @@ Measures:
     `luma_proxy_dns_queries_total` from `luma-proxy metrics`) and the number of networks the
     proxy is on;
   * at 1 and at N projects: requests per second through project 1's host (luma-loadgen closed
-    loop) and p99 at a fixed rate (half of the 1-project saturation rate, open loop), with the
-    same connections, duration and repeats (median of 3) both times, and their ratios.
+    loop), the proxy's CPU time per request over those runs, and p99 at a fixed rate (half of
+    the 1-project saturation rate, open loop), with the same connections, duration and repeats
+    (median of 3) both times, and their ratios; and the rules in the host's FORWARD and
+    DOCKER-ISOLATION-STAGE-1 chains at both points;
+  * luma's host fast path (a DOCKER-USER rule per network pool that accepts the pool's
+    established traffic before the per-network rules): whether the rule was there before the run
+    (`preflight`), and, when this run's luma added it, one more load sample at N with the rule
+    deleted (same fixed rate), after which the rule is put back where luma inserts it. A rule
+    that was there before the run is not this run's and is never touched; `--no-fast-path` runs
+    luma with LUMA_HOST_FAST_PATH=off (no comparison); --smoke skips the comparison.
 Every deploy must succeed and its host answer 200 within 60 s (polled, no fixed wait), and at the
 end every project's host must answer 200 with its own project's body, or the run fails. Every
 load run must get only 2xx answers: one non-2xx answer, socket error or timeout reported by
@@ -27,10 +35,11 @@ Everything it creates is named `<prefix>-...` (default prefix `lumascale<pid>`):
 state volume `<prefix>-proxy-state`. The run refuses to start when anything with that prefix
 exists already. At the end, also on failure, Ctrl-C or SIGTERM, it removes exactly the objects
 whose name starts with `<prefix>-` (or `luma-lock_<prefix>-`) or that luma labelled
-`luma.project=<prefix>-pNNN`; nothing else is touched. A signal never cuts the clean-up short:
-the first one stops the run (a running `luma` gets SIGINT and 30 s to undo its step, then it
-is killed), later ones are ignored. Must run as root on the engine's host (it reads
-/proc/<pid> of the proxy).
+`luma.project=<prefix>-pNNN`, and luma's fast-path rule for its pool when this run's luma
+added it (absent before the run, present at the end); nothing else is touched. A signal never
+cuts the clean-up short: the first one stops the run (a running `luma` gets SIGINT and 30 s to
+undo its step, then it is killed), later ones are ignored. Must run as root on the engine's
+host (it reads /proc/<pid> of the proxy and the host's iptables).
 
 Networks: each project takes one subnet of luma's network pool, by default a /24 of
 10.210.0.0/16, which holds 256 project networks for the whole engine (other luma projects on it
@@ -40,9 +49,11 @@ subnet that fits (/25 up to 500 projects, /26 up to 1000, ... /28 up to 4000, al
 pool); if you set them yourself, they must hold --projects networks.
 
 Usage: benches/scale.py [--projects 200] [--out docs/scale.md]   (benches/scale.sh builds first)
+       benches/scale.py --no-fast-path ...                        (luma with LUMA_HOST_FAST_PATH=off)
        benches/scale.py --smoke [--bin-dir target/debug]          (CI: 4 projects, writes nothing)
 """
 import argparse
+import gzip
 import http.client
 import json
 import os
@@ -235,6 +246,79 @@ def wait_answers(port, host, project, bound):
         pause(0.1)
 
 
+# luma's default network pool (luma-cli/src/netpool.rs DEFAULT_POOL); LUMA_NETWORK_POOL replaces it.
+DEFAULT_POOL = "10.210.0.0/16"
+# The chain Docker leaves to its users; FORWARD jumps to it before Docker's own rules.
+USER_CHAIN = "DOCKER-USER"
+# luma's switch for the fast path and the values that turn it off (luma-cli/src/hostpath.rs).
+FAST_PATH_ENV, FAST_PATH_OFF = "LUMA_HOST_FAST_PATH", ("off", "0", "false")
+# The host chains that grow with every Docker network, counted at 1 and at N projects.
+HOST_CHAINS = ("FORWARD", "DOCKER-ISOLATION-STAGE-1")
+
+
+def fast_path_spec(pool):
+    """luma's host fast-path rule for `pool` after `DOCKER-USER`, exactly as luma writes it: the
+    same words are what `iptables -C` and `-D` match. It accepts the pool's established traffic
+    before the host's per-network FORWARD rules see it."""
+    return ["-s", pool, "-d", pool, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
+            "-m", "comment", "--comment", f"luma fast path {pool}", "-j", "ACCEPT"]
+
+
+def iptables(*args, check=True):
+    """`iptables -w 5 ARGS` (waits up to 5 s for the xtables lock): (code, stdout, stderr).
+    A missing iptables is Failed too, so callers that can do without it catch one thing."""
+    try:
+        return run(["iptables", "-w", "5", *args], 30, check=check)
+    except OSError as e:
+        raise Failed(f"cannot run iptables ({e}): install it, or run the harness on the Docker engine's host")
+
+
+def chain_rules(chain):
+    """The rules of `chain` as `iptables -S` prints them (`-A CHAIN ...`, in order). Failed when
+    the chain is missing: `iptables -C` answers 1 for a missing chain as for a missing rule, so a
+    check needs this first."""
+    code, out, err = iptables("-S", chain, check=False)
+    if code != 0:
+        raise Failed(f"`iptables -S {chain}` failed (exit {code}): {(err or out).strip()[:200]}; the chain "
+                     "exists only while Docker manages the host's iptables")
+    return [line for line in out.splitlines() if line.startswith("-A ")]
+
+
+def host_rules():
+    """{chain: number of rules, or why it is unknown} for HOST_CHAINS. Never fails the run: the
+    counts explain the figures, they are not checked."""
+    counts = {}
+    for chain in HOST_CHAINS:
+        try:
+            counts[chain] = len(chain_rules(chain))
+        except Failed as e:
+            counts[chain] = str(e)
+    return counts
+
+
+def bridge_nf():
+    """net.bridge.bridge-nf-call-iptables on this host: "1" when packets crossing a bridge (those
+    between the proxy and a replica) go through the iptables chains."""
+    try:
+        return open("/proc/sys/net/bridge/bridge-nf-call-iptables").read().strip()
+    except OSError:
+        return "absent (br_netfilter not loaded)"
+
+
+def kernel_option(name):
+    """`y`/`m`, `not set`, or `unknown`: a build option of the running kernel."""
+    try:
+        text = open(f"/boot/config-{platform.release()}").read()
+    except OSError:
+        try:
+            with gzip.open("/proc/config.gz", "rt") as f:
+                text = f.read()
+        except OSError:
+            return "unknown"
+    m = re.search(rf"^{name}=(\S+)", text, re.M)
+    return m.group(1) if m else "not set"
+
+
 # The label luma puts on every container, network, volume and image of a project
 # (luma-cli/src/names.rs LABEL_PROJECT); the proxy and its volume have only `luma.role`.
 LABEL_PROJECT = "luma.project"
@@ -254,6 +338,14 @@ class Lab:
                         LUMA_PROXY_IMAGE=os.environ.get("LUMA_PROXY_IMAGE", "luma-proxy:dev"),
                         LUMA_HTTP_PORT=f"127.0.0.1:{self.http}", LUMA_HTTPS_PORT=f"127.0.0.1:{self.https}",
                         **a.net_env)
+        if a.no_fast_path:
+            self.env[FAST_PATH_ENV] = "off"
+        # luma's host fast path for this run's pool: `on` unless luma runs with it off; `before`
+        # True/False from `preflight` (None: could not tell, `reason` says why); `state` at N
+        # projects (`fast_path_ab`): made (by this run's luma), pre-existing, absent, unavailable.
+        self.fast_path = {"pool": self.env.get("LUMA_NETWORK_POOL", "").strip() or DEFAULT_POOL,
+                          "on": self.env.get(FAST_PATH_ENV, "").strip() not in FAST_PATH_OFF,
+                          "before": None, "reason": None, "state": None}
         self.proxy_pid = None
 
     def project(self, i):
@@ -312,6 +404,40 @@ class Lab:
                          "LUMA_PROXY_IMAGE to a current one")
         return sum(vals)
 
+    def fast_path_present(self):
+        """Whether luma's fast-path rule for this run's pool is in DOCKER-USER (`iptables -C`:
+        exit 0 yes, 1 no); Failed when that cannot be told."""
+        chain_rules(USER_CHAIN)  # a missing chain: Failed here, not a misleading "no"
+        code, out, err = iptables("-C", USER_CHAIN, *fast_path_spec(self.fast_path["pool"]), check=False)
+        if code not in (0, 1):
+            raise Failed(f"`iptables -C {USER_CHAIN}` for luma's fast-path rule failed (exit {code}): "
+                         f"{(err or out).strip()[:200]}")
+        return code == 0
+
+    def remove_fast_path(self):
+        """Deletes luma's fast-path rule for this run's pool, every copy (one left would keep
+        the fast path on); nothing when it is absent. Only for a rule this run's luma added."""
+        spec = fast_path_spec(self.fast_path["pool"])
+        for _ in range(10):
+            if not self.fast_path_present():
+                return
+            iptables("-D", USER_CHAIN, *spec)
+        raise Failed(f"luma's fast-path rule for {self.fast_path['pool']} is still in {USER_CHAIN} after 10 "
+                     f"deletions; see `iptables -S {USER_CHAIN}`")
+
+    def restore_fast_path(self):
+        """Puts luma's fast-path rule back as luma inserts it: just before the final `-j RETURN`
+        of DOCKER-USER, or at its end when it has none."""
+        rules = chain_rules(USER_CHAIN)
+        spec = fast_path_spec(self.fast_path["pool"])
+        if rules and rules[-1].split() == ["-A", USER_CHAIN, "-j", "RETURN"]:
+            iptables("-I", USER_CHAIN, str(len(rules)), *spec)
+        else:
+            iptables("-A", USER_CHAIN, *spec)
+        if not self.fast_path_present():
+            raise Failed(f"luma's fast-path rule for {self.fast_path['pool']} is not in {USER_CHAIN} after "
+                         f"putting it back; see `iptables -S {USER_CHAIN}`")
+
     def mine(self, name, project_label):
         """Whether a Docker object belongs to this run: luma labelled it with one of this run's
         projects, or its name starts with `<prefix>-` (or is a lock container `luma-lock_<prefix>-`).
@@ -344,9 +470,11 @@ class Lab:
 
     def sweep(self):
         """Removes this run's objects (`owned`): the proxy first (a network cannot go while it
-        is attached), then containers (apps, locks, markers), networks, images and volumes.
-        Every step catches its own errors, so one slow or failing `docker rm` does not leave the
-        rest in place. Returns (what is left, the errors met)."""
+        is attached), then containers (apps, locks, markers), networks, images and volumes, then
+        luma's fast-path rule if this run's luma added it (absent before the run, present now; a
+        rule that was there before is someone else's). Every step catches its own errors, so one
+        slow or failing `docker rm` does not leave the rest in place. Returns (what is left, the
+        errors met)."""
         errors = []
 
         def step(what, fn):
@@ -365,6 +493,9 @@ class Lab:
             for k in range(0, len(names), 50):
                 batch = names[k:k + 50]
                 step(f"removing {kind} {batch[0]}..{batch[-1]}", lambda: docker(*rm, *batch, timeout=300))
+        if self.fast_path["before"] is False:
+            step(f"removing luma's fast-path rule for {self.fast_path['pool']} from {USER_CHAIN}",
+                 self.remove_fast_path)
         step(f"removing {self.tmp}", lambda: shutil.rmtree(self.tmp))
         left = step("listing what is left", self.owned)
         if left is None:
@@ -374,13 +505,33 @@ class Lab:
 
 def preflight(lab):
     """Refuses a prefix that anything on the engine already uses: the clean-up removes every
-    object named `<prefix>-...`, which must therefore all be this run's."""
+    object named `<prefix>-...`, which must therefore all be this run's. Then records whether
+    luma's fast-path rule for the pool is there before the run: only a rule that was not can be
+    this run's, to compare without and to remove at the end. No iptables or no DOCKER-USER: the
+    run goes on with the fast path "unavailable" (reason recorded)."""
     found = lab.owned()
     if found:
         shown = "; ".join(f"{k}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}" for k, v in found.items())
         raise Failed(f"objects with the prefix {lab.prefix!r} exist already ({shown}); another run uses it, or an "
                      "earlier one left them. Pick another --prefix, or remove them once you know they are not "
                      "someone else's")
+    try:
+        lab.fast_path["before"] = lab.fast_path_present()
+    except Failed as e:
+        lab.fast_path["reason"] = str(e)
+
+
+def fast_path_before(lab):
+    """The start line's words on the fast-path rule."""
+    fp = lab.fast_path
+    what = {True: "present before the run (not this run's; left alone)", False: "absent before the run",
+            None: f"unavailable ({fp['reason']})"}[fp["before"]]
+    return f"fast-path rule for {fp['pool']} {what}" + ("" if fp["on"] else f"; {fast_path_setting(lab)}")
+
+
+def fast_path_setting(lab):
+    """How luma's environment set the fast path, e.g. `LUMA_HOST_FAST_PATH=off`."""
+    return f"{FAST_PATH_ENV}={lab.env.get(FAST_PATH_ENV, '')}"
 
 
 # The proxy's default background re-resolve pace (luma-proxy --refresh-every, 30 s) and its
@@ -418,7 +569,11 @@ def idle_sample(lab, a, k):
 
 def cpu_ticks(pid):
     # Fields after the parenthesised command name: state is field 3, utime 14 and stime 15.
-    rest = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    try:
+        rest = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError as e:
+        raise Failed(f"cannot read /proc/{pid}/stat ({e}): the proxy's process is gone (it exited or "
+                     "restarted); see `docker logs` of the proxy")
     return int(rest[11]) + int(rest[12])
 
 
@@ -444,20 +599,28 @@ def loadgen(lab, a, rate, seconds):
 
 
 def load_sample(lab, a, rate):
-    """Through project 1's host: the median of `repeats` saturation runs (closed loop, req/s),
+    """Through project 1's host: the median of `repeats` saturation runs (closed loop, req/s,
+    and the proxy's CPU microseconds per request sent: its utime+stime read around each run),
     then the median p50 and p99 of `repeats` runs at `rate` (open loop; None: half the
     saturation rate just measured)."""
     # Other work on this machine skews the figures: the load average before the runs says so.
     busy = os.getloadavg()[0]
+    pid = lab.pid()
     loadgen(lab, a, 0, 1)  # warm-up: pooled connections open, caches hot
-    sat = [loadgen(lab, a, 0, a.load_seconds) for _ in range(a.repeats)]
+    sat, cpu_us = [], []
+    for _ in range(a.repeats):
+        c0 = cpu_ticks(pid)
+        r = loadgen(lab, a, 0, a.load_seconds)
+        cpu_us.append((cpu_ticks(pid) - c0) / CLK_TCK / r["sent"] * 1e6)
+        sat.append(r)
+    lab.pid()  # the same proxy process throughout, or the CPU figures are of two
     rps = statistics.median(r["rps"] for r in sat)
     rate = rate or max(1, int(rps / 2))
     fixed = [loadgen(lab, a, rate, a.load_seconds) for _ in range(a.repeats)]
     runs = sat + fixed
     return {"rps": rps, "rate": rate, "p50_us": statistics.median(r["p50_us"] for r in fixed),
             "p99_us": statistics.median(r["p99_us"] for r in fixed), "requests": sum(r["sent"] for r in runs),
-            "loadavg": busy}
+            "cpu_us": statistics.median(cpu_us), "loadavg": busy}
 
 
 # luma's default network pool (luma-cli/src/netpool.rs): 10.210.0.0/16 in /24s, 256 networks
@@ -531,11 +694,74 @@ def versions(lab, a):
     }
 
 
-def report(lab, a, deploys, idle, nets, load, vers, total_s):
+def load_row(label, r):
+    """A row of the requests table."""
+    return (f"| {label} | {r['rps']:,.0f} | {r['p99_us'] / 1000:.2f} ms | {r['p50_us'] / 1000:.2f} ms | "
+            f"{r['cpu_us']:.1f} µs | {r['requests']:,} | {r['loadavg']:.2f} |")
+
+
+def ratio_row(label, r, base):
+    """The requests table's ratios of `r` to `base`."""
+    def x(key, floor=0):
+        return f"{r[key] / max(base[key], floor):.2f}x" if max(base[key], floor) > 0 else "-"
+    return f"| {label} | {x('rps')} | {x('p99_us', 1)} | {x('p50_us', 1)} | {x('cpu_us')} | | |"
+
+
+def background_us(idle, k, r):
+    """The proxy's idle CPU at k projects spread over the requests of load sample `r`, in µs
+    per request: the part of its CPU per request that is not the requests'."""
+    return idle[k]["cpu_pct"] / 100 / r["rps"] * 1e6 if k in idle and r["rps"] else float("nan")
+
+
+def host_rules_note(rules, n):
+    """The sentences on the host's FORWARD and DOCKER-ISOLATION-STAGE-1 chains."""
+    def count(k, chain):
+        v = rules[k][chain]
+        return f"{v}" if isinstance(v, int) else f"unknown ({v})"
+    chains = "; ".join(f"{chain}: {count(1, chain)} at 1 project, {count(n, chain)} at {n}" for chain in HOST_CHAINS)
+    return (f"Rules in the host's iptables chains just before the load runs (`iptables -w 5 -S CHAIN`, the `-A` "
+            f"lines): {chains}. A packet between the proxy and a replica crosses its project network's bridge; with "
+            f"`net.bridge.bridge-nf-call-iptables` at 1 (here: {bridge_nf()}) the host's FORWARD chain sees it, and "
+            "its rules, with the chains they jump to, are matched one after another until one decides.")
+
+
+def fast_path_note(lab, a, off):
+    """The sentences on luma's host fast path in this run: on, made by the run, pre-existing,
+    or unavailable, and whether the load sample without it was taken."""
+    fp, n = lab.fast_path, a.projects
+    pool = f"`{fp['pool']}`"
+    text = [f"luma's host fast path is one rule in {USER_CHAIN} (processed before Docker's own rules) that accepts "
+            f"established traffic within its network pool {pool} before the per-network rules see it."]
+    if not fp["on"]:
+        text.append(f"luma ran with {fast_path_setting(lab)}" + (" (`--no-fast-path`)." if a.no_fast_path else "."))
+    state = fp["state"]
+    if state == "unavailable":
+        text.append(f"Whether the rule was there could not be checked ({fp['reason']}); it was neither "
+                    "compared nor removed.")
+    elif state == "pre-existing":
+        text.append("The rule was there before this run, so it is not this run's: it was left in place, and the "
+                    "load sample without it was skipped.")
+    elif state == "absent":
+        text.append(f"The fast path was {'off' if not fp['on'] else 'not set up: luma did not add the rule'}; no "
+                    f"rule for {pool} was in {USER_CHAIN} at {n} projects.")
+    else:  # made
+        text.append("This run's luma added the rule (it was absent before the run); the clean-up removes it.")
+        if off:
+            text.append(f"The row \"{n}, without the fast path\" repeats the {n}-project load sample right after "
+                        "it, at the same fixed rate, with the rule deleted; then the rule was put back where luma "
+                        f"inserts it (before the final `-j RETURN` of {USER_CHAIN}, or at its end).")
+        elif a.smoke:
+            text.append("The load sample without it is skipped with --smoke.")
+        else:
+            text.append("No load sample without it was taken (luma ran with the fast path off).")
+    return " ".join(text)
+
+
+def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
     n = a.projects
     med = statistics.median(deploys)
     worst = max(range(n), key=lambda k: deploys[k])
-    p1, pn = load[1], load[n]
+    p1, pn, off = load[1], load[n], load.get("no_fast_path")
     lines = [
         "# Scale: many projects behind one proxy",
         "",
@@ -582,24 +808,38 @@ def report(lab, a, deploys, idle, nets, load, vers, total_s):
         "",
         "## Requests through one host",
         "",
-        f"| projects deployed | req/s | p99 at {p1['rate']:,} req/s | p50 at {p1['rate']:,} req/s | requests (all 2xx) "
-        "| load average before |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| 1 | {p1['rps']:,.0f} | {p1['p99_us'] / 1000:.2f} ms | {p1['p50_us'] / 1000:.2f} ms | {p1['requests']:,} "
-        f"| {p1['loadavg']:.2f} |",
-        f"| {n} | {pn['rps']:,.0f} | {pn['p99_us'] / 1000:.2f} ms | {pn['p50_us'] / 1000:.2f} ms | {pn['requests']:,} "
-        f"| {pn['loadavg']:.2f} |",
-        f"| {n} / 1 | {pn['rps'] / p1['rps']:.2f}x | {pn['p99_us'] / max(p1['p99_us'], 1):.2f}x | "
-        f"{pn['p50_us'] / max(p1['p50_us'], 1):.2f}x | | |",
+        f"| projects deployed | req/s | p99 at {p1['rate']:,} req/s | p50 at {p1['rate']:,} req/s "
+        "| proxy CPU per request | requests (all 2xx) | load average before |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        load_row("1", p1),
+        load_row(f"{n}", pn),
+        *([load_row(f"{n}, without the fast path", off)] if off else []),
+        ratio_row(f"{n} / 1", pn, p1),
+        *([ratio_row(f"{n}, without the fast path / 1", off, p1)] if off else []),
         "",
-        f"Both through project 1's host `{lab.host(1)}` on the proxy's published port (127.0.0.1), "
+        f"All through project 1's host `{lab.host(1)}` on the proxy's published port (127.0.0.1), "
         f"{a.connections} keep-alive connections. req/s: `luma-loadgen --rate 0` (closed loop, as fast as "
         f"possible) for {a.load_seconds:g} s, after a 1 s warm-up, median of {a.repeats}. p99 and p50: "
         f"`luma-loadgen --rate {p1['rate']}` (open loop, latency counted from when each request was due) for "
         f"{a.load_seconds:g} s, median of {a.repeats}; the rate is half the 1-project saturation rate and the "
-        "same both times. The goal is both ratios "
+        "same every time. The goal is the req/s and p99 ratios "
         "within 10%. The load generator, the proxy and the one demo replica share this machine's cores; the "
         "1-minute load average just before each measurement shows whether anything else was running.",
+        "",
+        "Proxy CPU per request: the proxy process's user+system time (utime+stime of its main process in "
+        "`/proc/<pid>/stat`, all its threads) over each saturation run, divided by the requests that run sent; "
+        f"median of {a.repeats}. The system time includes the kernel's work on the packets the proxy sends, such "
+        "as the host's FORWARD rules they pass on their way to the replica, when that work runs in the proxy's "
+        "context (a kernel built with CONFIG_IRQ_TIME_ACCOUNTING counts softirq time apart instead; this one: "
+        f"{kernel_option('CONFIG_IRQ_TIME_ACCOUNTING')}). Unlike req/s, which also moves with the load generator "
+        "and the replica on the same cores, it is what shows the per-request cost in the proxy. It also holds the "
+        "proxy's background work during the runs (health checks, re-resolves): at the idle CPU above, about "
+        f"{background_us(idle, 1, p1):.1f} µs per request at 1 project and {background_us(idle, n, pn):.1f} µs "
+        f"at {n}.",
+        "",
+        "## The host's forwarding rules",
+        "",
+        host_rules_note(rules, n) + " " + fast_path_note(lab, a, off),
         "",
         f"At the end all {n} hosts answered 200 from their own project. Reproduce: `benches/scale.sh"
         f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`.",
@@ -608,10 +848,39 @@ def report(lab, a, deploys, idle, nets, load, vers, total_s):
     return "\n".join(lines)
 
 
+def fast_path_ab(lab, a, load):
+    """At N projects, right after the load sample: records what became of luma's fast-path
+    rule (lab.fast_path["state"]) and, when this run's luma added it with the fast path on,
+    takes one more load sample with the rule deleted (load["no_fast_path"], the same fixed
+    rate), then puts the rule back where luma inserts it, so the final check and the clean-up
+    see the normal state. A failure in between leaves the rule deleted, as before the run, which
+    is what the clean-up restores anyway. A rule there before the run is someone else's: never
+    touched. --smoke skips the extra sample to stay short."""
+    fp = lab.fast_path
+    if fp["before"] is None:
+        fp["state"] = "unavailable"
+    elif fp["before"]:
+        fp["state"] = "pre-existing"
+    else:
+        fp["state"] = "made" if lab.fast_path_present() else "absent"
+    skip = ("this run's luma did not add the rule" if fp["state"] != "made" else
+            fast_path_setting(lab) if not fp["on"] else "--smoke" if a.smoke else None)
+    if skip:
+        log(f"    fast path at {a.projects}: {fp['state']}; no load sample without it ({skip})")
+        return
+    lab.remove_fast_path()
+    log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} for one load sample without it")
+    r = load["no_fast_path"] = load_sample(lab, a, load[1]["rate"])
+    lab.restore_fast_path()
+    log(f"    load at {a.projects} without the fast path: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs "
+        f"per request; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; all {r['requests']:,} requests 2xx; "
+        "rule put back")
+
+
 def scale(lab, a, at):
     """The run: deploys, samples, load runs, the final check; raises Failed or Interrupted."""
     started = time.monotonic()
-    deploys, idle, nets, load = [], {}, {}, {}
+    deploys, idle, nets, load, rules = [], {}, {}, {}, {}
     for i in range(1, a.projects + 1):
         t = time.monotonic()
         lab.luma(i, "deploy", timeout=a.deploy_timeout)
@@ -635,10 +904,14 @@ def scale(lab, a, at):
             log(f"    idle at {i}: RSS {s['rss_mib']:.1f} MiB, CPU {s['cpu_pct']:.2f} % of a core, "
                 f"DNS {s['dns_qps']:.2f} queries/s over {a.window:g} s (at most {dns_bound(i):.2f})")
         if i in (1, a.projects):
+            rules[i] = host_rules()
             load[i] = load_sample(lab, a, load[1]["rate"] if i > 1 else None)
             r = load[i]
-            log(f"    load at {i}: {r['rps']:,.0f} req/s; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; "
-                f"all {r['requests']:,} requests 2xx")
+            log(f"    load at {i}: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs per request; "
+                f"p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; all {r['requests']:,} requests 2xx; "
+                "host rules " + ", ".join(f"{c} {v if isinstance(v, int) else '?'}" for c, v in rules[i].items()))
+        if i == a.projects:
+            fast_path_ab(lab, a, load)
     bad = []
     for i in range(1, a.projects + 1):
         check_stop()
@@ -649,7 +922,7 @@ def scale(lab, a, at):
         raise Failed(f"{len(bad)} of {a.projects} hosts did not answer 200 from their project:\n  " + "\n  ".join(bad))
     log(f"all {a.projects} hosts answer 200 from their own project")
     check_stop()  # an interrupted run writes no results
-    text = report(lab, a, deploys, idle, nets, load, versions(lab, a), time.monotonic() - started)
+    text = report(lab, a, deploys, idle, nets, load, rules, versions(lab, a), time.monotonic() - started)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
@@ -676,6 +949,8 @@ def main():
     ap.add_argument("--image", default=os.environ.get("LUMA_DEMO_IMAGE", "luma-demo:dev"))
     ap.add_argument("--prefix", help="name prefix of every object (default lumascale<pid>); must be unique")
     ap.add_argument("--deploy-timeout", type=float, default=300)
+    ap.add_argument("--no-fast-path", action="store_true",
+                    help="run luma with LUMA_HOST_FAST_PATH=off (no DOCKER-USER rule; no comparison without it)")
     ap.add_argument("--out", help="results file (default docs/scale.md; none with --smoke)")
     a = ap.parse_args()
     smoke = a.smoke
@@ -723,7 +998,7 @@ def main():
         log(f"scale: {e}", err=True)
         sys.exit(130 if isinstance(e, Interrupted) else 2)
     log(f"scale: {a.projects} projects, prefix {lab.prefix}, proxy {lab.proxy} on 127.0.0.1:{lab.http}; "
-        f"idle samples at {sorted(at)}"
+        f"idle samples at {sorted(at)}; {fast_path_before(lab)}"
         + "".join(f"; {k}={v}" for k, v in a.net_env.items()))
     code = 1
     try:
@@ -738,8 +1013,10 @@ def main():
         # First thing: nothing acts on signals any more (the handler never raises, and `run`
         # no longer interrupts its child), so the clean-up cannot be cut short.
         STOP.cleaning = True
+        fast = (f", and luma's fast-path rule for {lab.fast_path['pool']} in {USER_CHAIN} if this run's luma "
+                "added it" if lab.fast_path["before"] is False else "")
         log(f"scale: removing this run's objects ({lab.prefix}-*, luma-lock_{lab.prefix}-*, "
-            f"{LABEL_PROJECT}={lab.prefix}-p*)")
+            f"{LABEL_PROJECT}={lab.prefix}-p*){fast}")
         left, errors = lab.sweep()
         for e in errors:
             log(f"scale: clean-up error: {e}", err=True)
