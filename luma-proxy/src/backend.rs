@@ -27,7 +27,9 @@
 //!   gets the same guarantee by sending a session's first request on its own connection and
 //!   leaving later ones to the client's own retry; this proxy cannot count on its clients to
 //!   retry, so it asks for recent proof of life instead.
-//! - Health probes never use the pool (see [`Backend::probe`]).
+//! - Health checks never use the pool. The active checks keep one connection of their own
+//!   (see [`Backend::check`]), reused by the same rule; the deploy gate's probes open a fresh
+//!   one each (see [`Backend::probe`]).
 //!
 //! Every upstream socket is opened by [`connect`]: pinned to the project's network interface
 //! (`SO_BINDTODEVICE`; binding the source IP does not pick the interface when subnets overlap),
@@ -81,6 +83,9 @@ pub struct Backend {
     healthy: AtomicBool,
     consecutive_ok: AtomicU32,
     consecutive_fail: AtomicU32,
+    /// Active checks that failed, ever (the tests' witness that a kept connection going stale
+    /// never counts against a healthy backend).
+    failed_checks: AtomicU64,
     last_error: Mutex<Option<String>>,
     requests: AtomicU64,
     /// Flips to true when the backend is retired; open tunnels end then.
@@ -88,7 +93,16 @@ pub struct Backend {
     /// The owning route's refresh, woken by a failure here (set by the service; see
     /// [`Backend::report_failure`]).
     kick: OnceLock<Arc<crate::service::Kick>>,
+    /// The connection the active checks left open, and when its last answer's head came.
+    checker: Arc<Mutex<Option<KeptCheck>>>,
 }
+
+/// A health check's connection kept for the next check, and when its last answer's head came.
+type KeptCheck = (http1::SendRequest<Empty<Bytes>>, Instant);
+
+/// The most of a health answer's body read to keep its connection; a longer one is dropped
+/// with its connection, and the next check opens a fresh one.
+const CHECK_BODY_LIMIT: usize = 64 * 1024;
 
 /// One upstream connection: its sender, and the task that runs it.
 struct Upstream {
@@ -168,10 +182,12 @@ impl Backend {
             healthy: AtomicBool::new(false),
             consecutive_ok: AtomicU32::new(0),
             consecutive_fail: AtomicU32::new(0),
+            failed_checks: AtomicU64::new(0),
             last_error: Mutex::new(None),
             requests: AtomicU64::new(0),
             retired: watch::channel(false).0,
             kick: OnceLock::new(),
+            checker: Arc::default(),
         })
     }
 
@@ -203,6 +219,11 @@ impl Backend {
         }
     }
 
+    /// How many checks of this backend have failed since it was created.
+    pub fn failed_checks(&self) -> u64 {
+        self.failed_checks.load(Ordering::Relaxed)
+    }
+
     /// Records an active or passive check result; returns true if the health state changed.
     pub fn record_check(&self, result: Result<(), String>, up_after: u32, down_after: u32) -> bool {
         match result {
@@ -217,6 +238,7 @@ impl Backend {
                 }
             }
             Err(msg) => {
+                self.failed_checks.fetch_add(1, Ordering::Relaxed);
                 self.consecutive_ok.store(0, Ordering::Relaxed);
                 let fails = self.consecutive_fail.fetch_add(1, Ordering::Relaxed) + 1;
                 if let Ok(mut e) = self.last_error.lock() {
@@ -411,40 +433,128 @@ impl Backend {
         Ok(Upstream { sender, task })
     }
 
-    /// One health probe on a fresh connection, so a stale pooled socket never hides a result.
+    /// One health probe on a fresh connection, closed after it: what the deploy gate asks of a
+    /// new release (it must accept connections, not merely answer on one).
     pub async fn probe(&self, path: &str, host: &str, timeout: Duration) -> Result<(), String> {
         self.expire_idle();
         let fut = async {
-            let stream = connect(self.addr, self.device.as_deref(), self.connect_timeout)
-                .await
-                .map_err(|e| format!("connect {}: {e}", self.addr))?;
-            let (mut sender, conn) = http1::Builder::new()
-                .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            let req = Request::get(path)
-                .header(hyper::header::HOST, host)
-                .header(hyper::header::USER_AGENT, "luma-proxy-health")
-                .header(hyper::header::CONNECTION, "close")
-                .body(Empty::new())
-                .map_err(|e| format!("bad health path {path:?}: {e}"))?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| format!("GET {path}: {e}"))?;
-            if resp.status().is_success() {
-                Ok(())
-            } else {
-                Err(format!("GET {path} answered {}", resp.status()))
+            let sender = self.check_connection().await?;
+            match self.ask(sender, path, host, false).await {
+                Ok(verdict) => verdict,
+                Err(e) => Err(e),
             }
         };
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("GET {path} timed out after {timeout:?}")),
+        with_timeout(path, timeout, fut).await
+    }
+
+    /// One active health check. It asks on the connection the last check left open when that
+    /// answered within `timeouts.pool_idle_ms` (the pool's rule, module doc), so a check costs
+    /// one exchange, not a connection: at 200 routes, 200 connects a second were most of the
+    /// proxy's idle CPU, each first packet walking all of the host's per-network firewall rules.
+    /// The kept connection is only a shortcut, never a verdict: if it gives no answer (the
+    /// backend closed it, or restarted), the check is made again on a fresh connection, so a
+    /// stale socket cannot fail a healthy backend.
+    pub async fn check(&self, path: &str, host: &str, timeout: Duration) -> Result<(), String> {
+        self.expire_idle();
+        let kept = self
+            .checker
+            .lock()
+            .ok()
+            .and_then(|mut k| k.take())
+            .filter(|(sender, at)| at.elapsed() < self.pool_idle && !sender.is_closed());
+        let fut = async {
+            if let Some((sender, _)) = kept {
+                if let Ok(verdict) = self.ask(sender, path, host, true).await {
+                    return verdict;
+                }
+            }
+            let sender = self.check_connection().await?;
+            match self.ask(sender, path, host, true).await {
+                Ok(verdict) => verdict,
+                Err(e) => Err(e),
+            }
+        };
+        with_timeout(path, timeout, fut).await
+    }
+
+    /// A fresh connection for a health check, its task spawned.
+    async fn check_connection(&self) -> Result<http1::SendRequest<Empty<Bytes>>, String> {
+        let stream = connect(self.addr, self.device.as_deref(), self.connect_timeout)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// `GET path` on `sender`. Err: no answer came (the connection was closed or failed
+    /// before a response head). Ok: the verdict on the answer. With `keep`, an answer read to
+    /// its end on a connection the backend keeps open leaves it for the next check.
+    async fn ask(
+        &self,
+        mut sender: http1::SendRequest<Empty<Bytes>>,
+        path: &str,
+        host: &str,
+        keep: bool,
+    ) -> Result<Result<(), String>, String> {
+        use http_body_util::BodyExt;
+        let mut req = Request::get(path)
+            .header(hyper::header::HOST, host)
+            .header(hyper::header::USER_AGENT, "luma-proxy-health");
+        if !keep {
+            req = req.header(hyper::header::CONNECTION, "close");
         }
+        let req = match req.body(Empty::new()) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(format!("bad health path {path:?}: {e}"))),
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let head_at = Instant::now();
+        let status = resp.status();
+        let verdict = if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("GET {path} answered {status}"))
+        };
+        if keep {
+            // Only a body read to its end leaves the connection ready for the next request.
+            // The head is the verdict, as on a closed connection; the body is read apart, so
+            // a slow or endless one never times a check out.
+            let (body, slot) = (resp.into_body(), self.checker.clone());
+            tokio::spawn(async move {
+                let body = http_body_util::Limited::new(body, CHECK_BODY_LIMIT);
+                if body.collect().await.is_ok() && !sender.is_closed() {
+                    if let Ok(mut k) = slot.lock() {
+                        *k = Some((sender, head_at));
+                    }
+                }
+            });
+        }
+        Ok(verdict)
+    }
+}
+
+/// `check` bounded by the health check's timeout.
+async fn with_timeout(
+    path: &str,
+    timeout: Duration,
+    check: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, check).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("GET {path} timed out after {timeout:?}")),
     }
 }
 

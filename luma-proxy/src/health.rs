@@ -34,7 +34,7 @@ pub async fn check_round(backends: &[Arc<Backend>], settings: &HealthSettings, h
     for b in backends {
         let (b, s, host) = (b.clone(), settings.clone(), host.to_string());
         set.spawn(async move {
-            let result = b.probe(&s.path, &host, s.timeout()).await;
+            let result = b.check(&s.path, &host, s.timeout()).await;
             let failed = result.as_ref().err().cloned();
             if b.record_check(result, s.healthy_threshold, s.unhealthy_threshold) {
                 let up = b.is_healthy();

@@ -648,3 +648,67 @@ async fn an_upload_the_backend_stopped_reading_is_504_and_closes() {
     assert!(sent < total, "the whole body went through");
     proxy.shutdown().await;
 }
+
+/// Polls `done` every 10 ms until it holds; panics with `what` after a minute (a hang, not a
+/// bound on how fast it should be).
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < give_up, "still waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_ask_on_one_kept_connection() {
+    let proxy = start_proxy("kept-check").await;
+    let b = TestBackend::start("127.0.0.2", "b").await;
+    let mut r = route("shop", "shop.test", &[b.addr]);
+    r.health.interval_ms = 50;
+    proxy.deployer.deploy(deploy_req(r)).await.unwrap();
+    // The gate's probes (a fresh connection each) are over once the deploy returns.
+    let (checks, opened) = (
+        || b.checks.load(Ordering::Relaxed),
+        || b.connections.load(Ordering::Relaxed),
+    );
+    let (checks0, opened0) = (checks(), opened());
+    until("30 active checks", || checks() >= checks0 + 30).await;
+    let new = opened() - opened0;
+    assert!(
+        new <= 2,
+        "{} checks opened {new} connections; a kept one should serve them all",
+        checks() - checks0
+    );
+    let svc = proxy.deployer.router.lookup("shop.test").unwrap();
+    let backend = svc.balancer.backends()[0].clone();
+    assert_eq!(backend.failed_checks(), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_check_connection_the_backend_closed_never_fails_a_check() {
+    let proxy = start_proxy("kept-check-closed").await;
+    // The backend closes a connection idle for 45 ms, after a FIN delay of 5 ms in which a
+    // request gets a reset, and the checks come every 50 ms: each check finds its kept
+    // connection closing, closed or reset, with the timer's jitter across that window.
+    let b = IdleClosingBackend::start("127.0.0.3", Duration::from_millis(45), FIN_DELAY).await;
+    let mut r = route("shop", "shop.test", &[b.addr]);
+    r.health.interval_ms = 50;
+    proxy.deployer.deploy(deploy_req(r)).await.unwrap();
+    let closes = || b.idle_closes.load(Ordering::Relaxed);
+    let closes0 = closes();
+    until("30 kept connections closed by the backend", || {
+        closes() >= closes0 + 30
+    })
+    .await;
+    let svc = proxy.deployer.router.lookup("shop.test").unwrap();
+    let backend = svc.balancer.backends()[0].clone();
+    assert_eq!(
+        backend.failed_checks(),
+        0,
+        "a check failed: {:?}",
+        backend.last_error()
+    );
+    assert!(backend.is_healthy());
+    proxy.shutdown().await;
+}

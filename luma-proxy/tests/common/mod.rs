@@ -61,6 +61,8 @@ pub struct TestBackend {
     pub hits: Arc<AtomicU64>,
     /// TCP connections accepted (to check that the proxy pools them).
     pub connections: Arc<AtomicU64>,
+    /// Health checks answered (`/up`, not in `hits`).
+    pub checks: Arc<AtomicU64>,
     pub healthy: Arc<AtomicBool>,
     tasks: Arc<std::sync::Mutex<JoinSet<()>>>,
 }
@@ -71,24 +73,30 @@ impl TestBackend {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
+        let checks = Arc::new(AtomicU64::new(0));
         let healthy = Arc::new(AtomicBool::new(true));
         let tasks = Arc::new(std::sync::Mutex::new(JoinSet::new()));
-        let (h, ok, n, t, conns) = (
+        let (h, ok, n, t, conns, ups) = (
             hits.clone(),
             healthy.clone(),
             name.to_string(),
             tasks.clone(),
             connections.clone(),
+            checks.clone(),
         );
         tasks.lock().unwrap().spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 conns.fetch_add(1, Ordering::Relaxed);
-                let (h, ok, n) = (h.clone(), ok.clone(), n.clone());
+                let (h, ok, n, ups) = (h.clone(), ok.clone(), n.clone(), ups.clone());
                 t.lock().unwrap().spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let (h, ok, n) = (h.clone(), ok.clone(), n.clone());
-                        async move { Ok::<_, std::convert::Infallible>(answer(req, &h, &ok, &n).await) }
+                        let (h, ok, n, ups) = (h.clone(), ok.clone(), n.clone(), ups.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(answer(req, &h, &ok, &n, &ups).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -102,6 +110,7 @@ impl TestBackend {
             name: name.into(),
             hits,
             connections,
+            checks,
             healthy,
             tasks,
         }
@@ -118,10 +127,12 @@ async fn answer(
     hits: &AtomicU64,
     healthy: &AtomicBool,
     name: &str,
+    checks: &AtomicU64,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     if path == "/up" {
+        checks.fetch_add(1, Ordering::Relaxed);
         let s = if healthy.load(Ordering::Relaxed) {
             StatusCode::OK
         } else {
