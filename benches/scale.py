@@ -553,9 +553,9 @@ def idle_sample(lab, a, k):
     pause(a.settle)
     pid = lab.pid()
     d0, t_d0 = lab.dns_queries(), time.monotonic()
-    c0, t0 = cpu_ticks(pid), time.monotonic()
+    c0, t0, h0 = cpu_ticks(pid), time.monotonic(), host_busy_ticks()
     pause(a.window)
-    c1, t1 = cpu_ticks(pid), time.monotonic()
+    c1, t1, h1 = cpu_ticks(pid), time.monotonic(), host_busy_ticks()
     d1, t_d1 = lab.dns_queries(), time.monotonic()
     status = open(f"/proc/{pid}/status").read()
     rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
@@ -564,7 +564,16 @@ def idle_sample(lab, a, k):
         raise Failed(f"at {k} idle projects the proxy {lab.proxy} sent {dns:.2f} DNS queries/s ({d1 - d0:g} over "
                      f"{t_d1 - t_d0:.1f} s), more than the {dns_bound(k):.2f} its {REFRESH_EVERY_S} s "
                      f"+-{REFRESH_JITTER:.0%} background pace allows; see `docker logs {lab.proxy}`")
-    return {"cpu_pct": (c1 - c0) / CLK_TCK / (t1 - t0) * 100, "dns_qps": dns, "rss_mib": rss}
+    return {"cpu_pct": (c1 - c0) / CLK_TCK / (t1 - t0) * 100, "dns_qps": dns, "rss_mib": rss,
+            "host_pct": (h1 - h0) / CLK_TCK / (t1 - t0) * 100}
+
+
+def host_busy_ticks():
+    """The whole machine's busy time (every CPU, `/proc/stat`: all but idle and iowait), in
+    clock ticks: what the replicas, their containerd shims and the engine cost at idle beside
+    the proxy."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]
 
 
 def cpu_ticks(pid):
@@ -789,13 +798,13 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         "",
         "## The proxy at idle",
         "",
-        "| projects deployed | proxy networks (project networks) | RSS | idle CPU | DNS queries/s |",
-        "|---:|---:|---:|---:|---:|",
+        "| projects deployed | proxy networks (project networks) | RSS | idle CPU | DNS queries/s | whole machine's idle CPU |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for k in sorted(idle):
         s = idle[k]
         lines.append(f"| {k} | {nets[k][0]} ({nets[k][1]}) | {s['rss_mib']:.1f} MiB | {s['cpu_pct']:.2f} % | "
-                     f"{s['dns_qps']:.2f} |")
+                     f"{s['dns_qps']:.2f} | {s['host_pct']:.1f} % |")
     lines += [
         "",
         f"Measured {a.settle:g} s after the last deploy, over a {a.window:g} s window with no traffic. "
@@ -804,7 +813,9 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         "window, in % of one core; this is the cost of health checks (one per replica per second) and of "
         "re-resolving routes in the background. DNS queries/s: the increase of `luma_proxy_dns_queries_total` "
         "(`luma-proxy metrics`; DNS look-ups the proxy sent to Docker's DNS) over the window, divided by it; the run fails above k / (0.75 x 30 s) + 1 at k projects (each route "
-        "re-resolves in the background every 30 s +-25%).",
+        "re-resolves in the background every 30 s +-25%). Whole machine's idle CPU: the busy time of all "
+        "CPUs (`/proc/stat`) over the same window, in % of one core: the proxy, the replicas answering its "
+        "health checks, their containerd shims, the engine and anything else running.",
         "",
         "## Requests through one host",
         "",
