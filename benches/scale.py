@@ -260,8 +260,8 @@ def fast_path_spec(pool):
     """luma's host fast-path rule for `pool` after `DOCKER-USER`, exactly as luma writes it: the
     same words are what `iptables -C` and `-D` match. It accepts the pool's established traffic
     before the host's per-network FORWARD rules see it."""
-    return ["-s", pool, "-d", pool, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
-            "-m", "comment", "--comment", f"luma fast path {pool}", "-j", "ACCEPT"]
+    return ["-s", pool, "-d", pool, "-m", "physdev", "--physdev-is-bridged", "-m", "conntrack", "--ctstate",
+            "RELATED,ESTABLISHED", "-m", "comment", "--comment", f"luma fast path {pool}", "-j", "ACCEPT"]
 
 
 def iptables(*args, check=True):
@@ -428,6 +428,9 @@ class Lab:
     def restore_fast_path(self):
         """Puts luma's fast-path rule back as luma inserts it: just before the final `-j RETURN`
         of DOCKER-USER, or at its end when it has none."""
+        if self.fast_path_present():
+            raise Failed(f"luma's fast-path rule for {self.fast_path['pool']} came back in {USER_CHAIN} during "
+                         "the load sample without it (another luma deployed?): that sample is not one without it")
         rules = chain_rules(USER_CHAIN)
         spec = fast_path_spec(self.fast_path["pool"])
         if rules and rules[-1].split() == ["-A", USER_CHAIN, "-j", "RETURN"]:
@@ -493,7 +496,10 @@ class Lab:
             for k in range(0, len(names), 50):
                 batch = names[k:k + 50]
                 step(f"removing {kind} {batch[0]}..{batch[-1]}", lambda: docker(*rm, *batch, timeout=300))
-        if self.fast_path["before"] is False:
+        # Only a rule this run's luma added with the fast path on (absent before the run); the
+        # rule belongs to the pool, so other luma projects on this host lose it until their next
+        # deploy: the host is left as the run found it.
+        if self.fast_path["before"] is False and self.fast_path["on"]:
             step(f"removing luma's fast-path rule for {self.fast_path['pool']} from {USER_CHAIN}",
                  self.remove_fast_path)
         step(f"removing {self.tmp}", lambda: shutil.rmtree(self.tmp))

@@ -370,7 +370,7 @@ fn fast_path_packets(comment: &str) -> Vec<u64> {
 }
 
 #[test]
-fn the_host_fast_path_carries_established_traffic_inside_the_pool_and_only_that() {
+fn the_host_fast_path_carries_established_traffic_inside_the_pool() {
     let lab = CliLab::new("fastpath");
     let mut extras = Extras::default();
     let pool = free_pool(1);

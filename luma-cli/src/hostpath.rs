@@ -11,20 +11,29 @@
 //! The rule goes into `DOCKER-USER`, the chain Docker keeps for its users and never rewrites:
 //!
 //! ```text
-//! -s POOL -d POOL -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "luma fast path POOL" -j ACCEPT
+//! -s POOL -d POOL -m physdev --physdev-is-bridged -m conntrack --ctstate RELATED,ESTABLISHED
+//!   -m comment --comment "luma fast path POOL" -j ACCEPT
 //! ```
 //!
-//! It gives the verdict Docker's own rules give. A connection is ESTABLISHED only once its
-//! first packet was accepted, and that first packet still walks all of Docker's rules,
-//! including the isolation between networks, so no project reaches another through it. It is
-//! inserted before the chain's final `RETURN`, so the operator's own rules there still come
-//! first.
+//! It gives the verdict Docker's own rules give, for the traffic it matches:
+//! - only packets bridged inside one bridge, that is between two containers of one network.
+//!   Docker accepts those whatever their state (its rule `-i br -o br -j ACCEPT`). A packet
+//!   from one network to another is routed, not bridged, so it never matches and still meets
+//!   Docker's isolation, which drops it in any conntrack state (an ICMP error or a spoofed
+//!   UDP packet can look RELATED or ESTABLISHED to a flow of another network);
+//! - only packets of connections already accepted: the first packet of each still walks all
+//!   of Docker's rules.
 //!
-//! Every deploy and setup makes sure it is there (a reboot empties `DOCKER-USER`); that is one
-//! `iptables -S` and one `-C` on the host. It needs root on the host, or sudo without a
-//! password. When it cannot be added the deploy goes on and says why: it is only speed.
-//! `LUMA_HOST_FAST_PATH=off` turns it off (the environment, like the pool: it belongs to the
-//! servers).
+//! It is inserted before the chain's final `RETURN`, so the operator's own rules there still
+//! come first.
+//!
+//! Every deploy and setup makes sure it is there (a reboot empties `DOCKER-USER`): one
+//! `iptables -S` on the host, and an insert when the rule is missing. It needs root on the host:
+//! luma runs `iptables` as the user it deploys as, and does not try sudo (a refused sudo is
+//! logged and mailed to the server's admin on every deploy). When it cannot be added the
+//! deploy goes on and says why: it is only speed. `LUMA_HOST_FAST_PATH=off` turns it off (the
+//! environment, like the pool: it belongs to the servers). A rule stays when its pool is no
+//! longer used; it matches nothing then.
 
 use crate::engine::Engine;
 use crate::netpool::Cidr;
@@ -40,9 +49,9 @@ const CHAIN: &str = "DOCKER-USER";
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// Whether the fast path is on, from `LUMA_HOST_FAST_PATH` (`var` looks a variable up):
-/// unset, empty, `on`, `1`, `true` are on; `off`, `0`, `false` are off.
+/// unset, empty, `on`, `1`, `true` are on; `off`, `0`, `false` are off, in any case.
 pub fn enabled(var: impl Fn(&str) -> Option<String>) -> Result<bool, String> {
-    match var(ENV).as_deref().map(str::trim) {
+    match var(ENV).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
         None | Some("" | "on" | "1" | "true") => Ok(true),
         Some("off" | "0" | "false") => Ok(false),
         Some(other) => Err(format!(
@@ -60,6 +69,9 @@ pub fn rule(pool: &Cidr) -> Vec<String> {
         &pool,
         "-d",
         &pool,
+        "-m",
+        "physdev",
+        "--physdev-is-bridged",
         "-m",
         "conntrack",
         "--ctstate",
@@ -106,58 +118,37 @@ pub enum Outcome {
     Unavailable(String),
 }
 
+/// Whether `listing` (`iptables -S DOCKER-USER`) holds the rule for `pool`, known by its
+/// comment, which is luma's alone. A listing, not `iptables -C`: `-C` fails alike for a rule
+/// that is missing and for a lock it could not get, and the second must not add a duplicate.
+pub fn listed(listing: &str, pool: &Cidr) -> bool {
+    let comment = format!("--comment \"luma fast path {pool}\"");
+    listing
+        .lines()
+        .any(|l| l.starts_with(&format!("-A {CHAIN} ")) && l.contains(&comment))
+}
+
 /// Makes sure the host of `engine` has the fast-path rule for `pool`. Never fails the deploy:
 /// a host without it is slower, not broken.
 pub async fn ensure(engine: &Engine, pool: &Cidr) -> Outcome {
-    let ipt = Iptables { engine };
-    let listing = match ipt.run(&["-S", CHAIN]).await {
+    let listing = match iptables(engine, &["-S".into(), CHAIN.into()]).await {
         Ok(l) => l,
         Err(e) => return Outcome::Unavailable(e),
     };
-    let mut check = vec!["-C".to_string(), CHAIN.into()];
-    check.extend(rule(pool));
-    if ipt.run_owned(&check).await.is_ok() {
+    if listed(&listing, pool) {
         return Outcome::Present;
     }
-    match ipt.run_owned(&insert_args(&listing, pool)).await {
+    match iptables(engine, &insert_args(&listing, pool)).await {
         Ok(_) => Outcome::Added,
         Err(e) => Outcome::Unavailable(e),
     }
 }
 
-/// `iptables` on the engine's host: as the user luma runs as there, then through `sudo -n`
-/// when that user may not.
-struct Iptables<'a> {
-    engine: &'a Engine,
-}
-
-impl Iptables<'_> {
-    async fn run(&self, args: &[&str]) -> Result<String, String> {
-        let mut argv = vec!["iptables", "-w", "5"];
-        argv.extend_from_slice(args);
-        match self.engine.host_output(&argv, LIMIT).await {
-            Ok(out) => Ok(out),
-            Err(e) if not_permitted(&e) => {
-                let mut sudo = vec!["sudo", "-n"];
-                sudo.extend_from_slice(&argv);
-                self.engine
-                    .host_output(&sudo, LIMIT)
-                    .await
-                    .map_err(|s| format!("{e}; with sudo: {s}"))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn run_owned(&self, args: &[String]) -> Result<String, String> {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.run(&args).await
-    }
-}
-
-fn not_permitted(err: &str) -> bool {
-    let e = err.to_ascii_lowercase();
-    e.contains("permission denied") || e.contains("must be root")
+/// `iptables -w 5 ARGS` on the engine's host, as the user luma runs as there.
+async fn iptables(engine: &Engine, args: &[String]) -> Result<String, String> {
+    let mut argv = vec!["iptables", "-w", "5"];
+    argv.extend(args.iter().map(String::as_str));
+    engine.host_output(&argv, LIMIT).await
 }
 
 #[cfg(test)]
@@ -169,12 +160,26 @@ mod tests {
     }
 
     #[test]
-    fn the_rule_is_scoped_to_the_pool_and_established_flows() {
+    fn the_rule_is_scoped_to_the_pool_one_bridge_and_established_flows() {
         assert_eq!(
             rule(&pool()).join(" "),
-            "-s 10.210.0.0/16 -d 10.210.0.0/16 -m conntrack --ctstate RELATED,ESTABLISHED \
-             -m comment --comment luma fast path 10.210.0.0/16 -j ACCEPT"
+            "-s 10.210.0.0/16 -d 10.210.0.0/16 -m physdev --physdev-is-bridged -m conntrack \
+             --ctstate RELATED,ESTABLISHED -m comment --comment luma fast path 10.210.0.0/16 \
+             -j ACCEPT"
         );
+    }
+
+    #[test]
+    fn the_rule_is_known_by_its_comment_in_the_listing() {
+        let with = "-N DOCKER-USER\n-A DOCKER-USER -s 10.210.0.0/16 -d 10.210.0.0/16 -m physdev \
+                    --physdev-is-bridged -m conntrack --ctstate RELATED,ESTABLISHED -m comment \
+                    --comment \"luma fast path 10.210.0.0/16\" -j ACCEPT\n-A DOCKER-USER -j RETURN\n";
+        assert!(listed(with, &pool()));
+        assert!(!listed(with, &Cidr::parse("10.211.0.0/16").unwrap()));
+        assert!(!listed(
+            "-N DOCKER-USER\n-A DOCKER-USER -j RETURN\n",
+            &pool()
+        ));
     }
 
     #[test]
@@ -206,21 +211,11 @@ mod tests {
         assert_eq!(enabled(env(Some(""))), Ok(true));
         assert_eq!(enabled(env(Some("off"))), Ok(false));
         assert_eq!(enabled(env(Some(" 0 "))), Ok(false));
+        assert_eq!(enabled(env(Some("OFF"))), Ok(false));
         let e = enabled(env(Some("no"))).unwrap_err();
         assert!(
             e.starts_with("LUMA_HOST_FAST_PATH=\"no\": expected `on` or `off`"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn a_refusal_for_lack_of_rights_is_told_from_other_failures() {
-        assert!(not_permitted(
-            "`iptables -w 5 -S DOCKER-USER` on local failed (exit status: 4): iptables v1.8.9 \
-             (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)"
-        ));
-        assert!(!not_permitted(
-            "`iptables -w 5 -S DOCKER-USER` on local failed (exit status: 1): iptables: No chain/target/match by that name."
-        ));
     }
 }

@@ -161,7 +161,7 @@ async fn host_fast_path(ctx: &Ctx<'_>) {
         Outcome::Unavailable(why) => ui.info(format!(
             "! no host fast path for pool {pool} on {}: {why}. Requests between the proxy and \
              apps are slower as the server's Docker networks grow (docs/scale.md); deploy as \
-             root (or with sudo without a password) to add it, or set {ENV}=off",
+             root once to add it, or set {ENV}=off to stop this note",
             ctx.server
         )),
     }

@@ -83,8 +83,8 @@ pub struct Backend {
     healthy: AtomicBool,
     consecutive_ok: AtomicU32,
     consecutive_fail: AtomicU32,
-    /// Active checks that failed, ever (the tests' witness that a kept connection going stale
-    /// never counts against a healthy backend).
+    /// Checks that failed, active and the deploy gate's (the tests' witness that a kept
+    /// connection going stale never counts against a healthy backend).
     failed_checks: AtomicU64,
     last_error: Mutex<Option<String>>,
     requests: AtomicU64,
@@ -93,12 +93,26 @@ pub struct Backend {
     /// The owning route's refresh, woken by a failure here (set by the service; see
     /// [`Backend::report_failure`]).
     kick: OnceLock<Arc<crate::service::Kick>>,
-    /// The connection the active checks left open, and when its last answer's head came.
-    checker: Arc<Mutex<Option<KeptCheck>>>,
+    /// The connection the active checks left open (see [`Backend::check`]).
+    checker: Arc<Mutex<CheckerSlot>>,
 }
 
-/// A health check's connection kept for the next check, and when its last answer's head came.
-type KeptCheck = (http1::SendRequest<Empty<Bytes>>, Instant);
+/// Where a health check's connection waits for the next check.
+#[derive(Default)]
+struct CheckerSlot {
+    /// The connection, and when its last answer's head came.
+    kept: Option<(http1::SendRequest<Empty<Bytes>>, Instant)>,
+    /// Set when the backend is retired: nothing is kept any more (a check that finishes
+    /// reading its answer afterwards closes its connection).
+    closed: bool,
+}
+
+impl CheckerSlot {
+    fn lock(slot: &Mutex<CheckerSlot>) -> std::sync::MutexGuard<'_, CheckerSlot> {
+        slot.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// The most of a health answer's body read to keep its connection; a longer one is dropped
 /// with its connection, and the next check opens a fresh one.
@@ -219,7 +233,8 @@ impl Backend {
         }
     }
 
-    /// How many checks of this backend have failed since it was created.
+    /// How many checks of this backend have failed since it was created (active checks and
+    /// the deploy gate's probes).
     pub fn failed_checks(&self) -> u64 {
         self.failed_checks.load(Ordering::Relaxed)
     }
@@ -257,6 +272,9 @@ impl Backend {
     pub fn mark_down(&self, why: String) {
         self.healthy.store(false, Ordering::Relaxed);
         self.consecutive_ok.store(0, Ordering::Relaxed);
+        // Back up only through a fresh connection: the kept one proves answers on a connection,
+        // not that new ones are accepted, which is what just failed.
+        CheckerSlot::lock(&self.checker).kept = None;
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(why);
         }
@@ -294,6 +312,9 @@ impl Backend {
                 idle.clear();
             }
         }
+        let mut checker = CheckerSlot::lock(&self.checker);
+        checker.kept = None;
+        checker.closed = true;
     }
 
     pub fn retired(&self) -> watch::Receiver<bool> {
@@ -439,40 +460,40 @@ impl Backend {
         self.expire_idle();
         let fut = async {
             let sender = self.check_connection().await?;
-            match self.ask(sender, path, host, false).await {
-                Ok(verdict) => verdict,
-                Err(e) => Err(e),
-            }
+            self.ask(sender, path, host, false).await?
         };
         with_timeout(path, timeout, fut).await
     }
 
-    /// One active health check. It asks on the connection the last check left open when that
-    /// answered within `timeouts.pool_idle_ms` (the pool's rule, module doc), so a check costs
-    /// one exchange, not a connection: at 200 routes, 200 connects a second were most of the
-    /// proxy's idle CPU, each first packet walking all of the host's per-network firewall rules.
-    /// The kept connection is only a shortcut, never a verdict: if it gives no answer (the
-    /// backend closed it, or restarted), the check is made again on a fresh connection, so a
-    /// stale socket cannot fail a healthy backend.
+    /// One active health check. While the backend is healthy, it asks on the connection the
+    /// last check left open when that answered within `timeouts.pool_idle_ms` (the pool's rule,
+    /// module doc), so a check costs one exchange, not a connection: at 200 routes, 200
+    /// connects a second were most of the proxy's idle CPU, each first packet walking all of
+    /// the host's per-network firewall rules.
+    ///
+    /// The kept connection is only a shortcut, never a verdict against the backend: if it gives
+    /// no answer within half the timeout (the backend closed it, restarted, or a busy worker
+    /// holds it), the check is made again on a fresh connection, so a stale socket cannot fail
+    /// a healthy backend. A backend that is down comes back up only through fresh connections
+    /// (it may answer on an old one and refuse new ones).
     pub async fn check(&self, path: &str, host: &str, timeout: Duration) -> Result<(), String> {
         self.expire_idle();
-        let kept = self
-            .checker
-            .lock()
-            .ok()
-            .and_then(|mut k| k.take())
-            .filter(|(sender, at)| at.elapsed() < self.pool_idle && !sender.is_closed());
+        let keep = !self.pool_idle.is_zero();
+        let kept = CheckerSlot::lock(&self.checker)
+            .kept
+            .take()
+            .filter(|(sender, at)| {
+                self.is_healthy() && at.elapsed() < self.pool_idle && !sender.is_closed()
+            });
         let fut = async {
             if let Some((sender, _)) = kept {
-                if let Ok(verdict) = self.ask(sender, path, host, true).await {
+                let first = tokio::time::timeout(timeout / 2, self.ask(sender, path, host, keep));
+                if let Ok(Ok(verdict)) = first.await {
                     return verdict;
                 }
             }
             let sender = self.check_connection().await?;
-            match self.ask(sender, path, host, true).await {
-                Ok(verdict) => verdict,
-                Err(e) => Err(e),
-            }
+            self.ask(sender, path, host, keep).await?
         };
         with_timeout(path, timeout, fut).await
     }
@@ -494,7 +515,8 @@ impl Backend {
 
     /// `GET path` on `sender`. Err: no answer came (the connection was closed or failed
     /// before a response head). Ok: the verdict on the answer. With `keep`, an answer read to
-    /// its end on a connection the backend keeps open leaves it for the next check.
+    /// its end within `pool_idle` on a connection the backend keeps open leaves it for the next
+    /// check; without, the request says `Connection: close`.
     async fn ask(
         &self,
         mut sender: http1::SendRequest<Empty<Bytes>>,
@@ -532,12 +554,16 @@ impl Backend {
             // Only a body read to its end leaves the connection ready for the next request.
             // The head is the verdict, as on a closed connection; the body is read apart, so
             // a slow or endless one never times a check out.
-            let (body, slot) = (resp.into_body(), self.checker.clone());
+            // Past `pool_idle` the connection could not be reused anyway: the read stops there
+            // and the connection closes, so no task or socket outlives it.
+            let (body, slot, limit) = (resp.into_body(), self.checker.clone(), self.pool_idle);
             tokio::spawn(async move {
                 let body = http_body_util::Limited::new(body, CHECK_BODY_LIMIT);
-                if body.collect().await.is_ok() && !sender.is_closed() {
-                    if let Ok(mut k) = slot.lock() {
-                        *k = Some((sender, head_at));
+                let read = tokio::time::timeout(limit, body.collect()).await;
+                if matches!(read, Ok(Ok(_))) && !sender.is_closed() {
+                    let mut slot = CheckerSlot::lock(&slot);
+                    if !slot.closed {
+                        slot.kept = Some((sender, head_at));
                     }
                 }
             });

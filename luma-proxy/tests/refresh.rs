@@ -700,7 +700,7 @@ async fn a_health_check_that_takes_a_backend_down_re_resolves_at_once() {
     assert_eq!(dns.asked("web.sick-network."), 1);
     let alias0 = dns.asked("web.sick-network.");
     // Healthy probes ask nothing of DNS.
-    let probes = || backend.connections.load(Ordering::Relaxed);
+    let probes = || backend.checks.load(Ordering::Relaxed);
     let probed = probes();
     assert!(until(Duration::from_secs(5), || probes() >= probed + 3).await);
     assert_eq!(dns.asked("web.sick-network."), alias0);
