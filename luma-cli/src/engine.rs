@@ -411,17 +411,7 @@ impl Engine {
                 limit.as_secs_f64()
             )),
             Ok(Err(e)) => Err(format!("cannot run `{what}` on {server} ({e})")),
-            Ok(Ok(out)) if out.status.success() => {
-                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-            }
-            Ok(Ok(out)) => {
-                let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-                Err(format!(
-                    "`{what}` on {server} failed ({}): {}",
-                    out.status,
-                    if err.is_empty() { "no message" } else { &err }
-                ))
-            }
+            Ok(Ok(out)) => crate::ssh::finished(&what, server, out),
         }
     }
 

@@ -225,6 +225,20 @@ fn push_opt(a: &mut Vec<OsString>, o: &str) {
     a.push(o.into());
 }
 
+/// A command that ran to its end: its stdout, or why it failed (its exit status and stderr).
+/// `what` is the command as shown, `server` where it ran.
+pub fn finished(what: &str, server: &str, out: std::process::Output) -> Result<String, String> {
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    Err(format!(
+        "`{what}` on {server} failed ({}): {}",
+        out.status,
+        if err.is_empty() { "no message" } else { &err }
+    ))
+}
+
 /// Quotes a word for a POSIX shell (unchanged when it needs no quoting).
 pub fn shell_quote(w: &str) -> String {
     let safe = !w.is_empty()
@@ -477,17 +491,7 @@ impl Master {
                 limit.as_secs_f64()
             )),
             Ok(Err(e)) => Err(format!("cannot run ssh to {server} ({e})")),
-            Ok(Ok(out)) if out.status.success() => {
-                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-            }
-            Ok(Ok(out)) => {
-                let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-                Err(format!(
-                    "`{what}` on {server} failed ({}): {}",
-                    out.status,
-                    if err.is_empty() { "no message" } else { &err }
-                ))
-            }
+            Ok(Ok(out)) => finished(&what, server, out),
         }
     }
 
