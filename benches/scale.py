@@ -362,7 +362,7 @@ class Lab:
         path = os.path.join(d, "luma.yml")
         with open(path, "w") as f:
             f.write(f"name: {self.project(i)}\napps:\n  web:\n    image: {self.a.image}\n    replicas: 1\n"
-                    f"    health_check: {{path: /up}}\n"
+                    f"    health_check: {{path: /up{', interval: ' + self.a.check_interval if self.a.check_interval else ''}}}\n"
                     f"    proxy: {{hosts: [{self.host(i)}], app_port: 3000, ssl: false}}\n")
         return path
 
@@ -786,7 +786,7 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         f"- Machine: {machine()}; Docker engine {vers['docker']}.",
         f"- Versions: {vers['luma']}, {vers['proxy']} (image `{lab.env['LUMA_PROXY_IMAGE']}` {vers['proxy_image']}), "
         f"commit {vers['commit']}.",
-        f"- Setup: {n} projects, each one app of 1 replica (`{a.image}`, health check `/up` every 1 s, the default), "
+        f"- Setup: {n} projects, each one app of 1 replica (`{a.image}`, health check `/up` every {a.check_interval + ' (`--check-interval`)' if a.check_interval else '1 s, the default'}), "
         "each with its own host and network, deployed one after another with `luma deploy` to one engine "
         f"with one luma-proxy{pool_note(a)}. Whole run: {total_s / 60:.1f} min.",
         "",
@@ -960,6 +960,8 @@ def main():
     ap.add_argument("--load-seconds", type=float, help="seconds per load run (default 10; 2 with --smoke)")
     ap.add_argument("--repeats", type=int, help="load runs of each kind, median taken (default 3; 1 with --smoke)")
     ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--check-interval", help="every app's health_check.interval (e.g. 10s; default: luma's, 1s): "
+                    "to see what the checks cost at N projects")
     ap.add_argument("--at", help="comma-separated project counts to sample at idle (default 1,50,N; 1,N with --smoke)")
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"),
                     help="where luma and luma-loadgen are (default target/release)")
