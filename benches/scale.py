@@ -592,11 +592,12 @@ def cpu_ticks(pid):
     return int(rest[11]) + int(rest[12])
 
 
-def loadgen(lab, a, rate, seconds):
-    """One luma-loadgen run; Failed unless every request it sent got a 2xx answer. Its req/s
-    counts every request, failed ones too, so a run with failures measures the wrong thing."""
+def loadgen(lab, a, rate, seconds, port=None):
+    """One luma-loadgen run (through the proxy, or to `port` on 127.0.0.1); Failed unless every
+    request it sent got a 2xx answer. Its req/s counts every request, failed ones too, so a run
+    with failures measures the wrong thing."""
     host = lab.host(1)
-    cmd = [a.loadgen, "--addr", f"127.0.0.1:{lab.http}", "--host", host, "--connections", str(a.connections),
+    cmd = [a.loadgen, "--addr", f"127.0.0.1:{port or lab.http}", "--host", host, "--connections", str(a.connections),
            "--rate", str(rate), "--duration", str(seconds)]
     out = run(cmd, seconds + 60)[1]
     try:
@@ -613,6 +614,33 @@ def loadgen(lab, a, rate, seconds):
     return r
 
 
+def reference_rps(lab, a):
+    """This machine's speed just now: req/s of the same closed-loop load against a native
+    luma-demo-backend on 127.0.0.1 (no proxy, no container), median of `repeats` runs of half
+    the load length. The 1- and N-project samples are minutes apart, and this machine's speed
+    drifts by tens of percent in that time (a VM's neighbours), so each sample carries its own
+    reference and the report also gives req/s over it."""
+    port = free_ports(1)[0]
+    env = dict(os.environ, PORT=str(port), BIND="127.0.0.1")
+    proc = subprocess.Popen([a.demo_backend], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise Failed(f"the reference backend {a.demo_backend} did not listen on 127.0.0.1:{port}")
+                time.sleep(0.05)
+        seconds = max(1.0, a.load_seconds / 2)
+        return statistics.median(loadgen(lab, a, 0, seconds, port)["rps"] for _ in range(a.repeats))
+    finally:
+        kill_group(proc)
+        proc.wait()
+
+
 def load_sample(lab, a, rate):
     """Through project 1's host: the median of `repeats` saturation runs (closed loop, req/s,
     and the proxy's CPU microseconds per request sent: its utime+stime read around each run),
@@ -621,6 +649,7 @@ def load_sample(lab, a, rate):
     # Other work on this machine skews the figures: the load average before the runs says so.
     busy = os.getloadavg()[0]
     pid = lab.pid()
+    ref = reference_rps(lab, a)
     loadgen(lab, a, 0, 1)  # warm-up: pooled connections open, caches hot
     sat, cpu_us = [], []
     for _ in range(a.repeats):
@@ -635,7 +664,7 @@ def load_sample(lab, a, rate):
     runs = sat + fixed
     return {"rps": rps, "rate": rate, "p50_us": statistics.median(r["p50_us"] for r in fixed),
             "p99_us": statistics.median(r["p99_us"] for r in fixed), "requests": sum(r["sent"] for r in runs),
-            "cpu_us": statistics.median(cpu_us), "loadavg": busy}
+            "cpu_us": statistics.median(cpu_us), "loadavg": busy, "ref_rps": ref, "rel": rps / ref}
 
 
 # luma's default network pool (luma-cli/src/netpool.rs): 10.210.0.0/16 in /24s, 256 networks
@@ -711,15 +740,16 @@ def versions(lab, a):
 
 def load_row(label, r):
     """A row of the requests table."""
-    return (f"| {label} | {r['rps']:,.0f} | {r['p99_us'] / 1000:.2f} ms | {r['p50_us'] / 1000:.2f} ms | "
-            f"{r['cpu_us']:.1f} µs | {r['requests']:,} | {r['loadavg']:.2f} |")
+    return (f"| {label} | {r['rps']:,.0f} | {r['ref_rps']:,.0f} | {r['rel']:.3f} | {r['p99_us'] / 1000:.2f} ms | "
+            f"{r['p50_us'] / 1000:.2f} ms | {r['cpu_us']:.1f} µs | {r['requests']:,} | {r['loadavg']:.2f} |")
 
 
 def ratio_row(label, r, base):
     """The requests table's ratios of `r` to `base`."""
     def x(key, floor=0):
         return f"{r[key] / max(base[key], floor):.2f}x" if max(base[key], floor) > 0 else "-"
-    return f"| {label} | {x('rps')} | {x('p99_us', 1)} | {x('p50_us', 1)} | {x('cpu_us')} | | |"
+    return (f"| {label} | {x('rps')} | {x('ref_rps')} | {x('rel')} | {x('p99_us', 1)} | {x('p50_us', 1)} | "
+            f"{x('cpu_us')} | | |")
 
 
 def background_us(idle, k, r):
@@ -825,9 +855,9 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         "",
         "## Requests through one host",
         "",
-        f"| projects deployed | req/s | p99 at {p1['rate']:,} req/s | p50 at {p1['rate']:,} req/s "
-        "| proxy CPU per request | requests (all 2xx) | load average before |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| projects deployed | req/s | machine reference req/s | req/s over reference | p99 at {p1['rate']:,} req/s "
+        f"| p50 at {p1['rate']:,} req/s | proxy CPU per request | requests (all 2xx) | load average before |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         load_row("1", p1),
         load_row(f"{n}", pn),
         *([load_row(f"{n}, without the fast path", off)] if off else []),
@@ -840,7 +870,10 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         f"`luma-loadgen --rate {p1['rate']}` (open loop, latency counted from when each request was due) for "
         f"{a.load_seconds:g} s, median of {a.repeats}; the rate is half the 1-project saturation rate and the "
         "same every time. The goal is the req/s and p99 ratios "
-        "within 10%. The load generator, the proxy and the one demo replica share this machine's cores; the "
+        "within 10%. Machine reference: the same closed-loop load against a native luma-demo-backend on "
+        "127.0.0.1, no proxy and no container, just before each sample (median of "
+        f"{a.repeats} runs of {max(1.0, a.load_seconds / 2):g} s): this machine's speed drifts by tens of percent "
+        "between samples minutes apart, so req/s over it is the figure to compare across rows. The load generator, the proxy and the one demo replica share this machine's cores; the "
         "1-minute load average just before each measurement shows whether anything else was running.",
         "",
         "Proxy CPU per request: the proxy process's user+system time (utime+stime of its main process in "
@@ -1001,9 +1034,11 @@ def main():
     at = {k for k in at if 1 <= k <= a.projects}
     a.luma = os.path.join(a.bin_dir, "luma")
     a.loadgen = os.path.join(a.bin_dir, "luma-loadgen")
-    for b in (a.luma, a.loadgen):
+    a.demo_backend = os.path.join(a.bin_dir, "luma-demo-backend")
+    for b in (a.luma, a.loadgen, a.demo_backend):
         if not os.access(b, os.X_OK):
-            sys.exit(f"scale: {b} is missing: build it (`cargo build --release -p luma-cli -p luma-benches`, "
+            sys.exit(f"scale: {b} is missing: build it (`cargo build --release -p luma-cli -p luma-benches "
+                     "-p luma-demo-backend`, "
                      "or benches/scale.sh), or point --bin-dir at it")
 
     # Handlers first: from here on a signal is recorded, and acted on at the next safe point.
