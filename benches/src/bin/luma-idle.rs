@@ -248,17 +248,7 @@ async fn open_all(a: Arc<Args>) -> (Vec<Conn>, Tally) {
             (conns, t)
         });
     }
-    let (mut all, mut tally) = (Vec::with_capacity(a.count), Tally::default());
-    while let Some(r) = set.join_next().await {
-        match r {
-            Ok((c, t)) => {
-                all.extend(c);
-                tally.merge(t);
-            }
-            Err(e) => tally.add(Err(format!("open task failed: {e}"))),
-        }
-    }
-    (all, tally)
+    gather(set, a.count, "open").await
 }
 
 async fn open_one(a: &Args, i: usize) -> Result<Conn, String> {
@@ -395,14 +385,24 @@ async fn verify_all(a: Arc<Args>, conns: Vec<Conn>) -> (Vec<Conn>, Tally) {
             (chunk, t)
         });
     }
-    let (mut all, mut tally) = (Vec::with_capacity(n), Tally::default());
+    gather(set, n, "verify").await
+}
+
+/// The connections and tallies of the tasks in `set`, joined; a task that failed (`what` names
+/// the step) counts as a failure.
+async fn gather(
+    mut set: JoinSet<(Vec<Conn>, Tally)>,
+    capacity: usize,
+    what: &str,
+) -> (Vec<Conn>, Tally) {
+    let (mut all, mut tally) = (Vec::with_capacity(capacity), Tally::default());
     while let Some(r) = set.join_next().await {
         match r {
             Ok((c, t)) => {
                 all.extend(c);
                 tally.merge(t);
             }
-            Err(e) => tally.add(Err(format!("verify task failed: {e}"))),
+            Err(e) => tally.add(Err(format!("{what} task failed: {e}"))),
         }
     }
     (all, tally)
