@@ -766,13 +766,17 @@ def ratio_row(label, r, base):
 
 
 def p99_noise_note(p1, pn):
-    """Whether the p99 ratio is larger than what repeating the same sample gives."""
+    """Whether the p99 ratio is larger than what repeating the same sample gives (nothing to say
+    with one run per sample)."""
+    if min(len(p1["p99_runs"]), len(pn["p99_runs"])) < 2:
+        return "With one fixed-rate run per sample there is no spread to compare."
     spread = max(max(r["p99_runs"]) / max(min(r["p99_runs"]), 1) for r in (p1, pn))
     lo, hi = p99_spread(pn, p1)
-    within = lo <= 1.1 and hi >= 0.9
-    return (f"In this run the same sample repeated gave p99s up to {spread:.2f}x apart, and the p99 ratio's range "
-            f"({lo:.2f}–{hi:.2f}x) {'includes' if within else 'does not include'} 1.0 ± 10%"
-            + (": the difference between the rows is within what repeating a row gives." if within else "."))
+    verdict = ("it holds 1.0, so the difference between the rows is within what repeating a row gives"
+               if lo <= 1 <= hi else
+               f"it {'overlaps' if lo <= 1.1 and hi >= 0.9 else 'lies outside'} 0.90–1.10x")
+    return (f"In this run the same sample repeated gave p99s up to {spread:.2f}x apart; the range of the p99 "
+            f"ratio those runs allow is {lo:.2f}–{hi:.2f}x: {verdict}.")
 
 
 def background_us(idle, k, r):

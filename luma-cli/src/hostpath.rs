@@ -4,10 +4,10 @@
 //! Why: Docker puts about five rules into the host's FORWARD chains for every bridge network,
 //! and with `br_netfilter` (which Docker turns on) the kernel walks them for every packet
 //! between two containers of one network: the proxy and its backends. At 200 project networks
-//! that is about 1,000 rules per packet. Measured (`benches/scale.sh`, docs/scale.md): at 200
-//! projects, taking this rule out cut the requests through one host to 0.49-0.76x of one
-//! project's and raised the proxy's CPU per request 1.6-2.3x; with it, both stayed within
-//! about 10% of one project's. 200 bare networks the proxy was not even on did the same.
+//! that is about 1,000 rules per packet. Measured (`benches/scale.sh`, docs/scale.md, five runs
+//! on two machines): at 200 projects, taking this rule out cut the requests through one host to
+//! 0.49-0.98x of one project's and raised the proxy's CPU per request 1.2-2.3x; with it, they
+//! were 0.97-1.23x and 0.85-1.10x. 200 bare networks the proxy was not even on did the same.
 //!
 //! The rule goes into `DOCKER-USER`, the chain Docker keeps for its users and never rewrites:
 //!
