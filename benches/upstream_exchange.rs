@@ -1,17 +1,16 @@
 //! What one upstream exchange costs the proxy's worker thread: hyper's HTTP/1.1 client, as
 //! luma-proxy uses it (`luma_proxy::backend`: a kept-alive connection whose task is spawned
 //! on the same single-threaded runtime, `try_send_request`, the response body read frame by
-//! frame), against the least an HTTP/1.1 exchange can do on the same socket (write the head,
-//! read until `httparse` has the response head, build the `HeaderMap` the server side needs,
-//! read the `Content-Length` body), with no task in between.
+//! frame), against an exchange done inline, in the request's own task, with luma-proxy's own
+//! codec (`luma_proxy::h1`: encode the head, parse the answer's head, decode the body).
 //!
-//! The second is not a client: it knows only `Content-Length` bodies and no errors. It is the
-//! floor a replacement of hyper's client could reach, measured so that the decision rests on
-//! a number (docs/profile.md), not on a guess.
+//! The second is not a client yet: it has no pool, timeouts or retries. It is what a client
+//! built on the codec would cost at least, measured so that replacing hyper's client rests on a
+//! number (docs/profile.md), not on a guess.
 //!
 //! The figure is CPU time of the client's thread per exchange (`/proc/thread-self/schedstat`,
 //! kernel time included), not wall time: the backend answers from its own thread, and waiting
-//! for it is not the proxy's cost. hyper's side runs first, then the floor: compare runs, not
+//! for it is not the proxy's cost. hyper's side runs first, then the codec: compare runs, not
 //! one pair.
 //!
 //! Run: `cargo bench -p luma-benches --bench upstream_exchange`; instruction counts: `main`.
@@ -19,9 +18,9 @@
 use bytes::{Buf, Bytes, BytesMut};
 use criterion::{criterion_group, Criterion};
 use http_body_util::{BodyExt, Empty};
-use hyper::header::{HeaderName, HeaderValue};
-use hyper::{HeaderMap, Request};
+use hyper::Request;
 use hyper_util::rt::TokioIo;
+use luma_proxy::h1;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -158,69 +157,39 @@ fn hyper_client(c: &mut Criterion, addr: std::net::SocketAddr) {
     });
 }
 
-/// Writes `req`'s head as HTTP/1.1 into `out`.
-fn encode(req: &Request<Empty<Bytes>>, out: &mut Vec<u8>) {
-    out.clear();
-    out.extend_from_slice(req.method().as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(req.uri().path().as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (k, v) in req.headers() {
-        out.extend_from_slice(k.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
+/// One exchange without a connection task, through luma-proxy's own codec (`luma_proxy::h1`):
+/// encode the head, write it, parse the answer's head (values sliced from the read buffer),
+/// decode the body. No pool, no timeouts, no retry: the rest of a client is left out.
+async fn inline_exchange(s: &mut TcpStream, head: &mut Vec<u8>, buf: &mut BytesMut) -> usize {
+    let (parts, _) = request().into_parts();
+    h1::encode_request_head(&parts, head);
+    s.write_all(head).await.expect("write");
+    let answer = loop {
+        if let Some(answer) = h1::parse_response_head(buf, &parts.method).expect("head") {
+            break answer;
+        }
+        read_more(s, buf).await;
+    };
+    std::hint::black_box(&answer.headers);
+    let mut body = h1::Decoder::new(answer.framing);
+    let mut got = 0;
+    loop {
+        match body.decode(buf).expect("body") {
+            h1::Decoded::Data(d) => got += d.len(),
+            h1::Decoded::NeedMore => read_more(s, buf).await,
+            h1::Decoded::Trailers(_) | h1::Decoded::Done => break,
+        }
     }
-    out.extend_from_slice(b"\r\n");
+    assert!(answer.keep_alive && buf.is_empty());
+    got
 }
 
-/// One exchange without a connection task: the least an HTTP/1.1 client must do.
-async fn inline_exchange(s: &mut TcpStream, head: &mut Vec<u8>, buf: &mut BytesMut) -> usize {
-    encode(&request(), head);
-    s.write_all(head).await.expect("write");
-    let (headers, length) = loop {
-        let mut parsed = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut parsed);
-        if let httparse::Status::Complete(n) = resp.parse(buf).expect("parse") {
-            // Values stay in the read buffer, as hyper's do: the head is frozen and sliced.
-            let base = buf.as_ptr() as usize;
-            let mut at = [(0usize, 0usize, 0usize, 0usize); 64];
-            let count = resp.headers.len();
-            for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
-                let name = h.name.as_ptr() as usize - base;
-                let value = h.value.as_ptr() as usize - base;
-                *slot = (name, h.name.len(), value, h.value.len());
-            }
-            let answer = buf.split_to(n).freeze();
-            let mut map = HeaderMap::with_capacity(count);
-            let mut length = 0;
-            for &(name, name_len, value, value_len) in &at[..count] {
-                let name = HeaderName::from_bytes(&answer[name..name + name_len]).expect("name");
-                let value = answer.slice(value..value + value_len);
-                if name == hyper::header::CONTENT_LENGTH {
-                    length = std::str::from_utf8(&value)
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .expect("length");
-                }
-                map.append(name, HeaderValue::from_maybe_shared(value).expect("value"));
-            }
-            break (map, length);
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(8192);
-        }
-        let n = s.read_buf(buf).await.expect("read");
-        assert!(n > 0, "backend closed");
-    };
-    std::hint::black_box(&headers);
-    while buf.len() < length {
-        buf.reserve(length - buf.len());
-        let n = s.read_buf(buf).await.expect("read");
-        assert!(n > 0, "backend closed");
+async fn read_more(s: &mut TcpStream, buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(8192);
     }
-    let body = buf.split_to(length).freeze();
-    body.len()
+    let n = s.read_buf(buf).await.expect("read");
+    assert!(n > 0, "backend closed");
 }
 
 fn inline_h1(c: &mut Criterion, addr: std::net::SocketAddr) {
@@ -232,7 +201,7 @@ fn inline_h1(c: &mut Criterion, addr: std::net::SocketAddr) {
     });
     let mut head = Vec::with_capacity(512);
     let mut buf = BytesMut::with_capacity(8192);
-    c.bench_function("upstream_exchange/inline_floor", |b| {
+    c.bench_function("upstream_exchange/inline_codec", |b| {
         b.iter_custom(|iters| {
             let start = thread_cpu();
             rt.block_on(inline_exchanges(&mut s, &mut head, &mut buf, iters));

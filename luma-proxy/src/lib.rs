@@ -18,6 +18,7 @@ pub mod balancer;
 pub mod client;
 pub mod config;
 pub mod deploy;
+pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod idle;

@@ -1,0 +1,673 @@
+//! The HTTP/1.1 upstream codec: a request head out, a response head and its body's framing in.
+//!
+//! Why: hyper's client puts a connection task and a channel each way between a request and its
+//! socket, and that costs more per request than the whole gap between luma-proxy and nginx
+//! (docs/profile.md, "The upstream exchange"). An exchange done inline, in the request's own
+//! task, needs only this codec; the connection and its pool stay the backend's job.
+//!
+//! This module is pure logic over byte buffers, so every rule below has a unit test:
+//! - **Head.** `httparse` with hyper's limits (100 headers; the caller bounds the head's bytes).
+//!   Interim answers (1xx other than 101) are consumed and skipped, as hyper's client does.
+//!   Header values stay in the read buffer: the head is frozen and sliced, not copied.
+//! - **Framing** (RFC 9112 section 6.3), in this order: no body for a HEAD request, 1xx, 204
+//!   and 304; chunked when `Transfer-Encoding` ends in `chunked`; read until close for any
+//!   other `Transfer-Encoding`; `Content-Length` when every value agrees (anything else is an
+//!   error, not a guess: a disagreement is how responses are smuggled); otherwise until close.
+//! - **Keep-alive.** HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with
+//!   `Connection: keep-alive`; never after a body read until close, nor when both
+//!   `Transfer-Encoding` and `Content-Length` came.
+//! - **Chunks.** Size lines of at most 16 hex digits with extensions ignored, CRLF strictly,
+//!   trailers read (bounded) and handed over.
+//!
+//! Not wired into the request path yet: `benches/upstream_exchange.rs` measures it against
+//! hyper's client (docs/profile.md, where the client still to be built on it is described).
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use hyper::http::request::Parts;
+use hyper::{HeaderMap, Method, StatusCode, Version};
+
+/// Most header lines in a response head or its trailers (hyper's limit too).
+pub const MAX_HEADERS: usize = 100;
+/// Most bytes of a chunk-size line, extensions included.
+const MAX_SIZE_LINE: usize = 1024;
+/// Most bytes of a chunked body's trailers.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Writes the request head: method, path and query, HTTP/1.1, the headers as they are.
+pub fn encode_request_head(parts: &Parts, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response's body ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// A final response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The connection may carry another request once the body has been read.
+    pub keep_alive: bool,
+}
+
+/// Why a response (head or body) cannot be used; the connection is closed after any of them.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Malformed {
+    Head(String),
+    TooManyHeaders,
+    ContentLength,
+    Chunk(&'static str),
+    /// The connection closed before the body's end.
+    Truncated,
+}
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Malformed::Head(e) => write!(f, "malformed response head: {e}"),
+            Malformed::TooManyHeaders => write!(f, "more than {MAX_HEADERS} response headers"),
+            Malformed::ContentLength => write!(f, "invalid or conflicting Content-Length"),
+            Malformed::Chunk(e) => write!(f, "malformed chunked body: {e}"),
+            Malformed::Truncated => write!(f, "the connection closed before the body ended"),
+        }
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+/// Parses the final response head at the start of `buf`, consuming it (and any interim 1xx
+/// heads before it). `None`: more bytes are needed.
+pub fn parse_response_head(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<ResponseHead>, Malformed> {
+    loop {
+        // Left uninitialized: httparse writes the ones it returns (zeroing 100 entries per
+        // response cost more than parsing them).
+        let mut parsed = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let config = httparse::ParserConfig::default();
+        let len = match config.parse_response_with_uninit_headers(&mut resp, buf, &mut parsed) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(Malformed::TooManyHeaders),
+            Err(e) => return Err(Malformed::Head(e.to_string())),
+        };
+        let code = resp.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| Malformed::Head(format!("status {code}")))?;
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each name and value lies in the head, so they can be sliced once it is frozen
+        // (u32: a head is bounded far below 4 GiB by the caller).
+        let base = buf.as_ptr() as usize;
+        let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let count = resp.headers.len();
+        let offset = |p: *const u8| (p as usize - base) as u32;
+        for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
+            let (name, value) = (offset(h.name.as_ptr()), offset(h.value.as_ptr()));
+            *slot = (name, h.name.len() as u32, value, h.value.len() as u32);
+        }
+        let head = buf.split_to(len).freeze();
+        // 101 would switch protocols; the codec never asks for that (no Upgrade is sent).
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            continue;
+        }
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name, name_len, value, value_len) in &at[..count] {
+            let (name, value) = (name as usize, value as usize);
+            let (name_len, value_len) = (name_len as usize, value_len as usize);
+            let name = HeaderName::from_bytes(&head[name..name + name_len])
+                .map_err(|_| Malformed::Head("invalid header name".into()))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
+                .map_err(|_| Malformed::Head(format!("invalid value of {name}")))?;
+            headers.append(name, value);
+        }
+        let (framing, framed_safely) = framing(method, status, &headers)?;
+        // A 101 was never asked for (no Upgrade is sent): whatever follows it is not HTTP/1.1.
+        let keep_alive = framed_safely
+            && framing != Framing::UntilClose
+            && status != StatusCode::SWITCHING_PROTOCOLS
+            && keeps_alive(version, &headers);
+        return Ok(Some(ResponseHead {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// The body's framing, and false when the head framed it in a way the connection should not
+/// outlive (both Transfer-Encoding and Content-Length).
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<(Framing, bool), Malformed> {
+    if method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Empty, true));
+    }
+    let has_length = headers.contains_key(CONTENT_LENGTH);
+    if headers.contains_key(TRANSFER_ENCODING) {
+        // The last coding of the last line decides.
+        let last = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim);
+        let framing = if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        };
+        return Ok((framing, !has_length));
+    }
+    if !has_length {
+        return Ok((Framing::UntilClose, true));
+    }
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value
+            .to_str()
+            .map_err(|_| Malformed::ContentLength)?
+            .split(',')
+        {
+            let part = part.trim();
+            if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Malformed::ContentLength);
+            }
+            let n: u64 = part.parse().map_err(|_| Malformed::ContentLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Malformed::ContentLength);
+            }
+            length = Some(n);
+        }
+    }
+    match length {
+        Some(0) => Ok((Framing::Empty, true)),
+        Some(n) => Ok((Framing::Length(n), true)),
+        None => Err(Malformed::ContentLength),
+    }
+}
+
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut close = false;
+    let mut keep = false;
+    for value in headers.get_all(CONNECTION) {
+        for token in value.to_str().unwrap_or("").split(',') {
+            let token = token.trim();
+            close |= token.eq_ignore_ascii_case("close");
+            keep |= token.eq_ignore_ascii_case("keep-alive");
+        }
+    }
+    !close && (version == Version::HTTP_11 || keep)
+}
+
+/// What the body decoder got from the buffered bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// A chunked body's trailers; the body has ended.
+    Trailers(HeaderMap),
+    /// Nothing yet: read more bytes into the buffer.
+    NeedMore,
+    /// The body has ended (the bytes after it, if any, stay in the buffer).
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    UntilClose,
+    SizeLine,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// Takes a response body out of the connection's read buffer, frame by frame.
+#[derive(Debug)]
+pub struct Decoder {
+    state: State,
+}
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Decoder {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::SizeLine,
+            Framing::UntilClose => State::UntilClose,
+        };
+        Decoder { state }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// The next frame from `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Malformed> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::Done),
+                State::Length(_) | State::Data(_) if buf.is_empty() => {
+                    return Ok(Decoded::NeedMore);
+                }
+                State::Length(left) => {
+                    let n = take(buf.len(), left);
+                    let rest = left - n as u64;
+                    self.state = if rest == 0 {
+                        State::Done
+                    } else {
+                        State::Length(rest)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                State::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                State::Data(left) => {
+                    let n = take(buf.len(), left);
+                    let rest = left - n as u64;
+                    self.state = if rest == 0 {
+                        State::DataEnd
+                    } else {
+                        State::Data(rest)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                State::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(Malformed::Chunk("no CRLF after chunk data"));
+                    }
+                    buf.advance(2);
+                    self.state = State::SizeLine;
+                }
+                State::SizeLine => {
+                    let Some(end) = find_crlf(buf, MAX_SIZE_LINE)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    self.state = if size == 0 {
+                        State::Trailers
+                    } else {
+                        State::Data(size)
+                    };
+                }
+                State::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        self.state = State::Done;
+                        return Ok(Decoded::Done);
+                    }
+                    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let (len, count) = match httparse::parse_headers(buf, &mut parsed) {
+                        Ok(httparse::Status::Complete((len, h))) => (len, h.len()),
+                        Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILERS => {
+                            return Err(Malformed::Chunk("trailers too long"))
+                        }
+                        Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                        Err(_) => return Err(Malformed::Chunk("malformed trailers")),
+                    };
+                    let mut trailers = HeaderMap::with_capacity(count);
+                    for h in &parsed[..count] {
+                        let name = HeaderName::from_bytes(h.name.as_bytes())
+                            .map_err(|_| Malformed::Chunk("invalid trailer name"))?;
+                        let value = HeaderValue::from_bytes(h.value)
+                            .map_err(|_| Malformed::Chunk("invalid trailer value"))?;
+                        trailers.append(name, value);
+                    }
+                    buf.advance(len);
+                    self.state = State::Done;
+                    return Ok(Decoded::Trailers(trailers));
+                }
+            }
+        }
+    }
+
+    /// The connection reached its end: fine only for a body read until close, or one that had
+    /// already ended.
+    pub fn eof(&mut self) -> Result<(), Malformed> {
+        match self.state {
+            State::UntilClose | State::Done => {
+                self.state = State::Done;
+                Ok(())
+            }
+            _ => Err(Malformed::Truncated),
+        }
+    }
+}
+
+fn take(available: usize, left: u64) -> usize {
+    usize::try_from(left).map_or(available, |l| l.min(available))
+}
+
+/// Where the CRLF ending a line is, within `max` bytes.
+fn find_crlf(buf: &[u8], max: usize) -> Result<Option<usize>, Malformed> {
+    match buf.iter().take(max).position(|&b| b == b'\n') {
+        Some(0) => Err(Malformed::Chunk("bare LF")),
+        Some(i) if buf[i - 1] != b'\r' => Err(Malformed::Chunk("bare LF")),
+        Some(i) => Ok(Some(i - 1)),
+        None if buf.len() >= max => Err(Malformed::Chunk("chunk-size line too long")),
+        None => Ok(None),
+    }
+}
+
+/// The hex size at the start of a chunk-size line (extensions after `;` are ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, Malformed> {
+    let digits = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits == 0 || digits > 16 {
+        return Err(Malformed::Chunk("invalid chunk size"));
+    }
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty() || {
+        let trimmed = rest.iter().position(|b| !matches!(b, b' ' | b'\t'));
+        trimmed.is_some_and(|i| rest[i] == b';')
+    };
+    if !rest_ok {
+        return Err(Malformed::Chunk("invalid chunk size"));
+    }
+    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| Malformed::Chunk("invalid"))?;
+    u64::from_str_radix(hex, 16).map_err(|_| Malformed::Chunk("invalid chunk size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str, method: &Method) -> Result<Option<ResponseHead>, Malformed> {
+        let mut buf = BytesMut::from(text.as_bytes());
+        parse_response_head(&mut buf, method)
+    }
+
+    fn get(text: &str) -> ResponseHead {
+        head(text, &Method::GET).expect("parses").expect("complete")
+    }
+
+    #[test]
+    fn encodes_method_target_and_headers() {
+        let req = hyper::Request::get("http://a.test/x?y=1")
+            .header("host", "a.test")
+            .header("x-forwarded-for", "10.0.0.9")
+            .body(())
+            .unwrap();
+        let (parts, _) = req.into_parts();
+        let mut out = Vec::new();
+        encode_request_head(&parts, &mut out);
+        assert_eq!(
+            out,
+            b"GET /x?y=1 HTTP/1.1\r\nhost: a.test\r\nx-forwarded-for: 10.0.0.9\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_partial_head_asks_for_more_and_keeps_the_bytes() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+        assert!(parse_response_head(&mut buf, &Method::GET)
+            .unwrap()
+            .is_none());
+        assert_eq!(buf.len(), 27);
+    }
+
+    #[test]
+    fn content_length_frames_and_leaves_the_body_in_the_buffer() {
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: b\r\n\r\nhello"[..]);
+        let h = parse_response_head(&mut buf, &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(h.keep_alive);
+        assert_eq!(h.headers["x-a"], "b");
+        assert_eq!(&buf[..], b"hello");
+    }
+
+    #[test]
+    fn interim_answers_are_skipped() {
+        let h = get("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(h.status, StatusCode::NO_CONTENT);
+        assert_eq!(h.framing, Framing::Empty);
+        assert!(!h.headers.contains_key("link"));
+    }
+
+    #[test]
+    fn no_body_for_head_204_and_304_whatever_the_length_says() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        assert!(h.keep_alive);
+        assert_eq!(
+            get("HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n").framing,
+            Framing::Empty
+        );
+    }
+
+    #[test]
+    fn chunked_wins_over_length_and_then_the_connection_is_not_reused() {
+        let h =
+            get("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n");
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.keep_alive);
+        let h = get("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn a_coding_other_than_chunked_last_reads_until_close() {
+        let h = get("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n");
+        assert_eq!(h.framing, Framing::UntilClose);
+        assert!(!h.keep_alive);
+    }
+
+    #[test]
+    fn no_length_reads_until_close() {
+        let h = get("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(h.framing, Framing::UntilClose);
+        assert!(!h.keep_alive);
+    }
+
+    #[test]
+    fn lengths_must_agree_and_be_digits() {
+        assert_eq!(
+            get("HTTP/1.1 200 OK\r\ncontent-length: 4, 4\r\ncontent-length: 4\r\n\r\n").framing,
+            Framing::Length(4)
+        );
+        for bad in [
+            "4, 5",
+            "+4",
+            "-1",
+            "0x10",
+            "",
+            "4 4",
+            "99999999999999999999",
+        ] {
+            let text = format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n");
+            assert_eq!(
+                head(&text, &Method::GET).unwrap_err(),
+                Malformed::ContentLength,
+                "{bad:?}"
+            );
+        }
+        let two = "HTTP/1.1 200 OK\r\ncontent-length: 4\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(
+            head(two, &Method::GET).unwrap_err(),
+            Malformed::ContentLength
+        );
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection() {
+        assert!(
+            !get("HTTP/1.1 200 OK\r\nconnection: Close\r\ncontent-length: 0\r\n\r\n").keep_alive
+        );
+        assert!(!get("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n").keep_alive);
+        let h = get("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n");
+        assert!(h.keep_alive);
+        assert_eq!(h.version, Version::HTTP_10);
+    }
+
+    #[test]
+    fn bad_heads_are_errors() {
+        assert!(matches!(
+            head("HTTP/1.1 200 OK\r\nbad header\r\n\r\n", &Method::GET),
+            Err(Malformed::Head(_))
+        ));
+        assert!(matches!(
+            head("HTTP/1.1 2000 OK\r\n\r\n", &Method::GET),
+            Err(Malformed::Head(_))
+        ));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert_eq!(
+            head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n"), &Method::GET).unwrap_err(),
+            Malformed::TooManyHeaders
+        );
+    }
+
+    /// Feeds `wire` to a decoder `step` bytes at a time; returns the data and the trailers.
+    fn decode_all(
+        framing: Framing,
+        wire: &[u8],
+        step: usize,
+    ) -> (Vec<u8>, Option<HeaderMap>, BytesMut) {
+        let mut d = Decoder::new(framing);
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        let mut fed = 0;
+        loop {
+            match d.decode(&mut buf).expect("decodes") {
+                Decoded::Data(b) => data.extend_from_slice(&b),
+                Decoded::Trailers(t) => trailers = Some(t),
+                Decoded::Done => return (data, trailers, buf),
+                Decoded::NeedMore => {
+                    assert!(fed < wire.len(), "ran out of input");
+                    let end = (fed + step).min(wire.len());
+                    buf.extend_from_slice(&wire[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_reads() {
+        let wire = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-sum: 12\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, 64] {
+            let (data, trailers, rest) = decode_all(Framing::Chunked, wire, step);
+            assert_eq!(data, b"hello, world", "step {step}");
+            assert_eq!(trailers.expect("trailers")["x-sum"], "12");
+            // What follows the body is the next response's: it stays (when it was read).
+            assert!(b"NEXT".starts_with(&rest), "step {step}");
+        }
+        let (data, trailers, _) = decode_all(Framing::Chunked, b"3\r\nabc\r\n0\r\n\r\n", 1);
+        assert_eq!(data, b"abc");
+        assert!(trailers.is_none());
+    }
+
+    #[test]
+    fn length_bodies_stop_at_their_length() {
+        let (data, _, rest) = decode_all(Framing::Length(5), b"helloHTTP", 64);
+        assert_eq!(data, b"hello");
+        assert_eq!(&rest[..], b"HTTP");
+    }
+
+    #[test]
+    fn bad_chunks_are_errors() {
+        for wire in [
+            &b"z\r\n"[..],
+            b"5\nhello",
+            b"12345678901234567\r\n",
+            b"5\r\nhelloXX",
+            b"5 x\r\n",
+        ] {
+            let mut d = Decoder::new(Framing::Chunked);
+            let mut buf = BytesMut::from(wire);
+            let mut result = Ok(Decoded::NeedMore);
+            for _ in 0..4 {
+                result = d.decode(&mut buf);
+                if !matches!(result, Ok(Decoded::Data(_))) {
+                    break;
+                }
+            }
+            assert!(
+                result.is_err(),
+                "{:?} gave {result:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        let mut d = Decoder::new(Framing::Chunked);
+        let mut buf = BytesMut::from(&[b'1'; MAX_SIZE_LINE][..]);
+        assert!(d.decode(&mut buf).is_err(), "an endless size line");
+    }
+
+    #[test]
+    fn the_end_of_the_connection_ends_only_a_body_read_until_close() {
+        let mut d = Decoder::new(Framing::UntilClose);
+        let mut buf = BytesMut::from(&b"all of it"[..]);
+        assert_eq!(
+            d.decode(&mut buf).unwrap(),
+            Decoded::Data(Bytes::from_static(b"all of it"))
+        );
+        assert_eq!(d.decode(&mut buf).unwrap(), Decoded::NeedMore);
+        assert_eq!(d.eof(), Ok(()));
+        assert!(d.is_done());
+        assert_eq!(
+            Decoder::new(Framing::Length(3)).eof(),
+            Err(Malformed::Truncated)
+        );
+        assert_eq!(
+            Decoder::new(Framing::Chunked).eof(),
+            Err(Malformed::Truncated)
+        );
+        assert_eq!(Decoder::new(Framing::Empty).eof(), Ok(()));
+    }
+}
