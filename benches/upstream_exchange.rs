@@ -165,7 +165,8 @@ async fn inline_exchange(s: &mut TcpStream, head: &mut Vec<u8>, buf: &mut BytesM
     h1::encode_request_head(&parts, head);
     s.write_all(head).await.expect("write");
     let answer = loop {
-        if let Some(answer) = h1::parse_response_head(buf, &parts.method).expect("head") {
+        if let Some(answer) = h1::parse_response_head(buf, &parts.method, 64 * 1024).expect("head")
+        {
             break answer;
         }
         read_more(s, buf).await;

@@ -27,6 +27,9 @@
 //!   gets the same guarantee by sending a session's first request on its own connection and
 //!   leaving later ones to the client's own retry; this proxy cannot count on its clients to
 //!   retry, so it asks for recent proof of life instead.
+//! - GET, HEAD and OPTIONS without a body or upgrade are sent by the inline client
+//!   (`inline`), which keeps its own sockets by this same rule; everything else goes through
+//!   hyper's client and the pool here.
 //! - Health checks never use the pool. The active checks keep one connection of their own
 //!   (see [`Backend::check`]), reused by the same rule; the deploy gate's probes open a fresh
 //!   one each (see [`Backend::probe`]).
@@ -95,6 +98,8 @@ pub struct Backend {
     kick: OnceLock<Arc<crate::service::Kick>>,
     /// The connection the active checks left open (see [`Backend::check`]).
     checker: Arc<Mutex<CheckerSlot>>,
+    /// Idle sockets of the inline client (`inline`), by the same reuse rule.
+    inline: crate::inline::Pool,
 }
 
 /// Where a health check's connection waits for the next check.
@@ -202,6 +207,7 @@ impl Backend {
             retired: watch::channel(false).0,
             kick: OnceLock::new(),
             checker: Arc::default(),
+            inline: crate::inline::Pool::new(),
         })
     }
 
@@ -312,6 +318,7 @@ impl Backend {
                 idle.clear();
             }
         }
+        self.inline.clear();
         let mut checker = CheckerSlot::lock(&self.checker);
         checker.kept = None;
         checker.closed = true;
@@ -438,6 +445,22 @@ impl Backend {
                 expire(&mut idle, now, self.pool_idle);
             }
         }
+        self.inline.expire(self.pool_idle);
+    }
+
+    /// An idle socket of the inline client that `reuse` allows (see the module doc).
+    pub fn inline_checkout(&self, reuse: Reuse) -> Option<(crate::inline::Conn, Duration)> {
+        let max_idle = match reuse {
+            Reuse::Any => self.pool_idle,
+            Reuse::Recent => self.safe_reuse,
+        };
+        self.inline.checkout(max_idle, self.pool_idle)
+    }
+
+    /// Takes back an inline socket whose answer was read to its end (not once retired).
+    pub fn inline_checkin(&self, r: crate::inline::Reusable) {
+        self.inline
+            .checkin(r.conn, r.head_at, self.pool_idle, || self.is_retired());
     }
 
     async fn open(&self) -> std::io::Result<Upstream> {

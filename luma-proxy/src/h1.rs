@@ -11,16 +11,18 @@
 //!   Header values stay in the read buffer: the head is frozen and sliced, not copied.
 //! - **Framing** (RFC 9112 section 6.3), in this order: no body for a HEAD request, 1xx, 204
 //!   and 304; chunked when `Transfer-Encoding` ends in `chunked`; read until close for any
-//!   other `Transfer-Encoding`; `Content-Length` when every value agrees (anything else is an
-//!   error, not a guess: a disagreement is how responses are smuggled); otherwise until close.
+//!   other `Transfer-Encoding`; `Content-Length` when every value agrees; otherwise until
+//!   close. Where two parsers could read two different messages, the answer is refused, not
+//!   guessed at: lengths that disagree, both `Transfer-Encoding` and `Content-Length`,
+//!   `Transfer-Encoding` in HTTP/1.0, and a 101 nobody asked for.
 //! - **Keep-alive.** HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with
-//!   `Connection: keep-alive`; never after a body read until close, nor when both
-//!   `Transfer-Encoding` and `Content-Length` came.
-//! - **Chunks.** Size lines of at most 16 hex digits with extensions ignored, CRLF strictly,
-//!   trailers read (bounded) and handed over.
+//!   `Connection: keep-alive`; never after a body read until close.
+//! - **Chunks.** Size lines of at most 16 hex digits, extensions ignored but bounded per body,
+//!   CRLF strictly and no other control byte; trailers bounded, CRLF strictly, and stripped of
+//!   the fields that frame or route a message before they are handed over.
 //!
-//! Not wired into the request path yet: `benches/upstream_exchange.rs` measures it against
-//! hyper's client (docs/profile.md, where the client still to be built on it is described).
+//! The inline client (`inline`) runs on it; `benches/upstream_exchange.rs` measures it against
+//! hyper's client (docs/profile.md).
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -33,6 +35,11 @@ pub const MAX_HEADERS: usize = 100;
 const MAX_SIZE_LINE: usize = 1024;
 /// Most bytes of a chunked body's trailers.
 const MAX_TRAILERS: usize = 16 * 1024;
+/// Most bytes of all of a chunked body's size lines beyond their digits' worth (hyper allows
+/// extensions as much).
+const MAX_SIZE_LINES: usize = 16 * 1024;
+/// Most bytes of a response head the codec takes, whatever a caller asks.
+const MAX_HEAD: usize = 1024 * 1024;
 
 /// Writes the request head: method, path and query, HTTP/1.1, the headers as they are.
 pub fn encode_request_head(parts: &Parts, out: &mut Vec<u8>) {
@@ -101,7 +108,10 @@ impl std::error::Error for Malformed {}
 pub fn parse_response_head(
     buf: &mut BytesMut,
     method: &Method,
+    max_head: usize,
 ) -> Result<Option<ResponseHead>, Malformed> {
+    // u32 offsets below: a head is bounded far below 4 GiB.
+    let max_head = max_head.min(MAX_HEAD);
     loop {
         // Left uninitialized: httparse writes the ones it returns (zeroing 100 entries per
         // response cost more than parsing them).
@@ -109,7 +119,13 @@ pub fn parse_response_head(
         let mut resp = httparse::Response::new(&mut []);
         let config = httparse::ParserConfig::default();
         let len = match config.parse_response_with_uninit_headers(&mut resp, buf, &mut parsed) {
+            Ok(httparse::Status::Complete(len)) if len > max_head => {
+                return Err(Malformed::Head("response head too large".into()))
+            }
             Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > max_head => {
+                return Err(Malformed::Head("response head too large".into()))
+            }
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => return Err(Malformed::TooManyHeaders),
             Err(e) => return Err(Malformed::Head(e.to_string())),
@@ -147,12 +163,14 @@ pub fn parse_response_head(
                 .map_err(|_| Malformed::Head(format!("invalid value of {name}")))?;
             headers.append(name, value);
         }
-        let (framing, framed_safely) = framing(method, status, &headers)?;
         // A 101 was never asked for (no Upgrade is sent): whatever follows it is not HTTP/1.1.
-        let keep_alive = framed_safely
-            && framing != Framing::UntilClose
-            && status != StatusCode::SWITCHING_PROTOCOLS
-            && keeps_alive(version, &headers);
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Malformed::Head(
+                "101 Switching Protocols, not asked for".into(),
+            ));
+        }
+        let framing = framing(method, status, version, &headers)?;
+        let keep_alive = framing != Framing::UntilClose && keeps_alive(version, &headers);
         return Ok(Some(ResponseHead {
             status,
             version,
@@ -168,17 +186,28 @@ pub fn parse_response_head(
 fn framing(
     method: &Method,
     status: StatusCode,
+    version: Version,
     headers: &HeaderMap,
-) -> Result<(Framing, bool), Malformed> {
+) -> Result<Framing, Malformed> {
     if method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return Ok((Framing::Empty, true));
+        return Ok(Framing::Empty);
     }
     let has_length = headers.contains_key(CONTENT_LENGTH);
     if headers.contains_key(TRANSFER_ENCODING) {
+        // Both framings, or chunks from HTTP/1.0: two parsers could read two different
+        // messages here (how responses are smuggled). Refused, as nginx and hyper refuse them.
+        if has_length {
+            return Err(Malformed::Head(
+                "both Transfer-Encoding and Content-Length".into(),
+            ));
+        }
+        if version == Version::HTTP_10 {
+            return Err(Malformed::Head("Transfer-Encoding in HTTP/1.0".into()));
+        }
         // The last coding of the last line decides.
         let last = headers
             .get_all(TRANSFER_ENCODING)
@@ -187,15 +216,14 @@ fn framing(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
             .map(str::trim);
-        let framing = if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+        return Ok(if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
             Framing::Chunked
         } else {
             Framing::UntilClose
-        };
-        return Ok((framing, !has_length));
+        });
     }
     if !has_length {
-        return Ok((Framing::UntilClose, true));
+        return Ok(Framing::UntilClose);
     }
     let mut length = None;
     for value in headers.get_all(CONTENT_LENGTH) {
@@ -216,8 +244,8 @@ fn framing(
         }
     }
     match length {
-        Some(0) => Ok((Framing::Empty, true)),
-        Some(n) => Ok((Framing::Length(n), true)),
+        Some(0) => Ok(Framing::Empty),
+        Some(n) => Ok(Framing::Length(n)),
         None => Err(Malformed::ContentLength),
     }
 }
@@ -225,11 +253,12 @@ fn framing(
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     let mut close = false;
     let mut keep = false;
+    // Bytes, not text: a value with one non-ASCII byte must not hide its `close`.
     for value in headers.get_all(CONNECTION) {
-        for token in value.to_str().unwrap_or("").split(',') {
-            let token = token.trim();
-            close |= token.eq_ignore_ascii_case("close");
-            keep |= token.eq_ignore_ascii_case("keep-alive");
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep |= token.eq_ignore_ascii_case(b"keep-alive");
         }
     }
     !close && (version == Version::HTTP_11 || keep)
@@ -262,6 +291,9 @@ enum State {
 #[derive(Debug)]
 pub struct Decoder {
     state: State,
+    /// Size-line bytes a chunked body may still spend (extensions could otherwise cost a
+    /// thousand bytes of work per byte of data).
+    size_lines_left: usize,
 }
 
 impl Decoder {
@@ -272,11 +304,23 @@ impl Decoder {
             Framing::Chunked => State::SizeLine,
             Framing::UntilClose => State::UntilClose,
         };
-        Decoder { state }
+        Decoder {
+            state,
+            size_lines_left: MAX_SIZE_LINES,
+        }
     }
 
     pub fn is_done(&self) -> bool {
         self.state == State::Done
+    }
+
+    /// Body bytes still to come, when the framing says (a length, or the end).
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
     }
 
     /// The next frame from `buf`.
@@ -328,6 +372,12 @@ impl Decoder {
                         return Ok(Decoded::NeedMore);
                     };
                     let size = chunk_size(&buf[..end])?;
+                    // A size line's own digits are free: data in 1-byte chunks is legal.
+                    let spent = (end + 2).saturating_sub(20);
+                    self.size_lines_left = self
+                        .size_lines_left
+                        .checked_sub(spent)
+                        .ok_or(Malformed::Chunk("chunk extensions too long"))?;
                     buf.advance(end + 2);
                     self.state = if size == 0 {
                         State::Trailers
@@ -343,6 +393,9 @@ impl Decoder {
                     }
                     let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     let (len, count) = match httparse::parse_headers(buf, &mut parsed) {
+                        Ok(httparse::Status::Complete((len, _))) if len > MAX_TRAILERS => {
+                            return Err(Malformed::Chunk("trailers too long"))
+                        }
                         Ok(httparse::Status::Complete((len, h))) => (len, h.len()),
                         Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILERS => {
                             return Err(Malformed::Chunk("trailers too long"))
@@ -350,13 +403,19 @@ impl Decoder {
                         Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
                         Err(_) => return Err(Malformed::Chunk("malformed trailers")),
                     };
+                    if bare_lf(&buf[..len]) {
+                        return Err(Malformed::Chunk("bare LF in trailers"));
+                    }
                     let mut trailers = HeaderMap::with_capacity(count);
                     for h in &parsed[..count] {
                         let name = HeaderName::from_bytes(h.name.as_bytes())
                             .map_err(|_| Malformed::Chunk("invalid trailer name"))?;
                         let value = HeaderValue::from_bytes(h.value)
                             .map_err(|_| Malformed::Chunk("invalid trailer value"))?;
-                        trailers.append(name, value);
+                        // Fields that frame or route a message never come from a trailer.
+                        if !FORBIDDEN_TRAILERS.contains(&name) {
+                            trailers.append(name, value);
+                        }
                     }
                     buf.advance(len);
                     self.state = State::Done;
@@ -377,6 +436,25 @@ impl Decoder {
             _ => Err(Malformed::Truncated),
         }
     }
+}
+
+/// Dropped from trailers (RFC 9110 section 6.5.1: framing, routing, connection control).
+const FORBIDDEN_TRAILERS: [HeaderName; 7] = [
+    CONTENT_LENGTH,
+    TRANSFER_ENCODING,
+    CONNECTION,
+    hyper::header::HOST,
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    hyper::header::CONTENT_TYPE,
+];
+
+/// An LF without the CR before it.
+fn bare_lf(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
 }
 
 fn take(available: usize, left: u64) -> usize {
@@ -403,16 +481,20 @@ fn chunk_size(line: &[u8]) -> Result<u64, Malformed> {
     if digits == 0 || digits > 16 {
         return Err(Malformed::Chunk("invalid chunk size"));
     }
+    // After the digits: blanks, then nothing or `;` and extensions. No CR or other control
+    // byte anywhere (a CR without its LF is where two parsers part ways).
     let rest = &line[digits..];
-    let rest_ok = rest.is_empty() || {
-        let trimmed = rest.iter().position(|b| !matches!(b, b' ' | b'\t'));
-        trimmed.is_some_and(|i| rest[i] == b';')
-    };
-    if !rest_ok {
+    if rest.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
+        return Err(Malformed::Chunk("control byte in chunk-size line"));
+    }
+    let after_blanks = rest.iter().position(|b| !matches!(b, b' ' | b'\t'));
+    if after_blanks.is_some_and(|i| rest[i] != b';') {
         return Err(Malformed::Chunk("invalid chunk size"));
     }
-    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| Malformed::Chunk("invalid"))?;
-    u64::from_str_radix(hex, 16).map_err(|_| Malformed::Chunk("invalid chunk size"))
+    let size = line[..digits].iter().fold(0u64, |n, &d| {
+        (n << 4) | u64::from((d as char).to_digit(16).unwrap_or(0))
+    });
+    Ok(size)
 }
 
 #[cfg(test)]
@@ -421,7 +503,7 @@ mod tests {
 
     fn head(text: &str, method: &Method) -> Result<Option<ResponseHead>, Malformed> {
         let mut buf = BytesMut::from(text.as_bytes());
-        parse_response_head(&mut buf, method)
+        parse_response_head(&mut buf, method, MAX_HEAD)
     }
 
     fn get(text: &str) -> ResponseHead {
@@ -447,7 +529,7 @@ mod tests {
     #[test]
     fn a_partial_head_asks_for_more_and_keeps_the_bytes() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
-        assert!(parse_response_head(&mut buf, &Method::GET)
+        assert!(parse_response_head(&mut buf, &Method::GET, MAX_HEAD)
             .unwrap()
             .is_none());
         assert_eq!(buf.len(), 27);
@@ -457,7 +539,7 @@ mod tests {
     fn content_length_frames_and_leaves_the_body_in_the_buffer() {
         let mut buf =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: b\r\n\r\nhello"[..]);
-        let h = parse_response_head(&mut buf, &Method::GET)
+        let h = parse_response_head(&mut buf, &Method::GET, MAX_HEAD)
             .unwrap()
             .unwrap();
         assert_eq!(h.status, StatusCode::OK);
@@ -485,21 +567,53 @@ mod tests {
         .unwrap();
         assert_eq!(h.framing, Framing::Empty);
         assert!(h.keep_alive);
-        assert_eq!(
-            get("HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n").framing,
-            Framing::Empty
-        );
+        for status in ["204 No Content", "304 Not Modified"] {
+            let h = get(&format!("HTTP/1.1 {status}\r\ncontent-length: 10\r\n\r\n"));
+            assert_eq!(h.framing, Framing::Empty, "{status}");
+            assert!(h.keep_alive);
+        }
     }
 
     #[test]
-    fn chunked_wins_over_length_and_then_the_connection_is_not_reused() {
-        let h =
-            get("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n");
-        assert_eq!(h.framing, Framing::Chunked);
-        assert!(!h.keep_alive);
+    fn ambiguous_framing_is_refused() {
+        for text in [
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(text, &Method::GET), Err(Malformed::Head(_))),
+                "{text:?}"
+            );
+        }
         let h = get("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
         assert_eq!(h.framing, Framing::Chunked);
         assert!(h.keep_alive);
+        // The last line's last coding decides.
+        let h =
+            get("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n");
+        assert_eq!(h.framing, Framing::UntilClose);
+    }
+
+    #[test]
+    fn empty_header_values_are_sliced_right() {
+        let h = get("HTTP/1.1 200 OK\r\nx-e:\r\nx-f: \r\nx-g: g\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(h.headers["x-e"], "");
+        assert_eq!(h.headers["x-f"], "");
+        assert_eq!(h.headers["x-g"], "g");
+    }
+
+    #[test]
+    fn a_close_among_unreadable_bytes_still_closes() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nconnection: close, \xff\r\ncontent-length: 0\r\n\r\n"[..],
+        );
+        let h = parse_response_head(&mut buf, &Method::GET, MAX_HEAD)
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let two = "HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        assert!(!get(two).keep_alive);
     }
 
     #[test]
@@ -573,12 +687,13 @@ mod tests {
         );
     }
 
-    /// Feeds `wire` to a decoder `step` bytes at a time; returns the data and the trailers.
+    /// Feeds `wire` to a decoder `step` bytes at a time; returns the data, the trailers, and
+    /// the bytes after the body (those left in the buffer, then those never fed).
     fn decode_all(
         framing: Framing,
         wire: &[u8],
         step: usize,
-    ) -> (Vec<u8>, Option<HeaderMap>, BytesMut) {
+    ) -> (Vec<u8>, Option<HeaderMap>, Vec<u8>) {
         let mut d = Decoder::new(framing);
         let mut buf = BytesMut::new();
         let (mut data, mut trailers) = (Vec::new(), None);
@@ -587,7 +702,7 @@ mod tests {
             match d.decode(&mut buf).expect("decodes") {
                 Decoded::Data(b) => data.extend_from_slice(&b),
                 Decoded::Trailers(t) => trailers = Some(t),
-                Decoded::Done => return (data, trailers, buf),
+                Decoded::Done => return (data, trailers, [&buf[..], &wire[fed..]].concat()),
                 Decoded::NeedMore => {
                     assert!(fed < wire.len(), "ran out of input");
                     let end = (fed + step).min(wire.len());
@@ -606,18 +721,57 @@ mod tests {
             assert_eq!(data, b"hello, world", "step {step}");
             assert_eq!(trailers.expect("trailers")["x-sum"], "12");
             // What follows the body is the next response's: it stays (when it was read).
-            assert!(b"NEXT".starts_with(&rest), "step {step}");
+            assert_eq!(rest, b"NEXT", "step {step}");
         }
         let (data, trailers, _) = decode_all(Framing::Chunked, b"3\r\nabc\r\n0\r\n\r\n", 1);
         assert_eq!(data, b"abc");
         assert!(trailers.is_none());
     }
 
+    /// Random bodies in random chunk sizes (some with extensions and trailers), fed in random
+    /// read sizes: what comes out is what went in, and the next response's bytes stay.
+    #[test]
+    fn random_chunked_bodies_round_trip() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..300 {
+            let body: Vec<u8> = (0..rng.usize(0..3000)).map(|_| rng.u8(..)).collect();
+            let mut wire = Vec::new();
+            let mut rest = &body[..];
+            while !rest.is_empty() {
+                let n = rng.usize(1..=rest.len().min(700));
+                let ext = if rng.bool() { ";a=b" } else { "" };
+                let hex = if rng.bool() {
+                    format!("{n:x}")
+                } else {
+                    format!("{n:X}")
+                };
+                wire.extend_from_slice(format!("{hex}{ext}\r\n").as_bytes());
+                wire.extend_from_slice(&rest[..n]);
+                wire.extend_from_slice(b"\r\n");
+                rest = &rest[n..];
+            }
+            let trailer = rng.bool();
+            wire.extend_from_slice(if trailer {
+                b"0\r\nx-t: 1\r\n\r\n"
+            } else {
+                b"0\r\n\r\n"
+            });
+            wire.extend_from_slice(b"HTTP/1.1");
+            let step = rng.usize(1..200);
+            let (data, trailers, left) = decode_all(Framing::Chunked, &wire, step);
+            assert_eq!(data, body, "step {step}");
+            assert_eq!(trailers.is_some(), trailer);
+            assert_eq!(left, b"HTTP/1.1");
+        }
+    }
+
     #[test]
     fn length_bodies_stop_at_their_length() {
-        let (data, _, rest) = decode_all(Framing::Length(5), b"helloHTTP", 64);
-        assert_eq!(data, b"hello");
-        assert_eq!(&rest[..], b"HTTP");
+        for step in [1, 3, 64] {
+            let (data, _, rest) = decode_all(Framing::Length(5), b"helloHTTP", step);
+            assert_eq!(data, b"hello");
+            assert_eq!(rest, b"HTTP");
+        }
     }
 
     #[test]
@@ -628,6 +782,8 @@ mod tests {
             b"12345678901234567\r\n",
             b"5\r\nhelloXX",
             b"5 x\r\n",
+            b"5;a\rX\r\nhello\r\n",
+            b"0\r\nx: y\n\n",
         ] {
             let mut d = Decoder::new(Framing::Chunked);
             let mut buf = BytesMut::from(wire);
@@ -647,6 +803,62 @@ mod tests {
         let mut d = Decoder::new(Framing::Chunked);
         let mut buf = BytesMut::from(&[b'1'; MAX_SIZE_LINE][..]);
         assert!(d.decode(&mut buf).is_err(), "an endless size line");
+        // Just under the bound is a size line like any other.
+        let mut line = b"1;".to_vec();
+        line.resize(MAX_SIZE_LINE - 2, b'x');
+        line.extend_from_slice(b"\r\nA\r\n0\r\n\r\n");
+        let (data, _, _) = decode_all(Framing::Chunked, &line, 64);
+        assert_eq!(data, b"A");
+        // Blanks before the end of a size line are fine.
+        let (data, _, _) = decode_all(Framing::Chunked, b"1 \r\nB\r\n0\r\n\r\n", 64);
+        assert_eq!(data, b"B");
+    }
+
+    #[test]
+    fn extensions_are_bounded_per_body() {
+        let mut wire = Vec::new();
+        for _ in 0..40 {
+            wire.extend_from_slice(b"1;");
+            wire.extend_from_slice(&[b'e'; 500]);
+            wire.extend_from_slice(b"\r\nA\r\n");
+        }
+        let mut d = Decoder::new(Framing::Chunked);
+        let mut buf = BytesMut::from(&wire[..]);
+        let err = loop {
+            match d.decode(&mut buf) {
+                Ok(Decoded::Data(_)) => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(err, Err(Malformed::Chunk("chunk extensions too long")));
+        // Plain 1-byte chunks spend nothing of it.
+        let mut wire: Vec<u8> = (0..20_000).flat_map(|_| b"1\r\nA\r\n".to_vec()).collect();
+        wire.extend_from_slice(b"0\r\n\r\n");
+        let (data, _, _) = decode_all(Framing::Chunked, &wire, 4096);
+        assert_eq!(data.len(), 20_000);
+    }
+
+    #[test]
+    fn trailers_are_bounded_and_cleaned() {
+        let (_, trailers, _) = decode_all(
+            Framing::Chunked,
+            b"0\r\ncontent-length: 9\r\nhost: evil\r\nx-sum: 1\r\n\r\n",
+            64,
+        );
+        let trailers = trailers.expect("trailers");
+        assert_eq!(trailers.len(), 1);
+        assert_eq!(trailers["x-sum"], "1");
+        let mut wire = b"0\r\n".to_vec();
+        for i in 0..40 {
+            wire.extend_from_slice(format!("x-{i}: {}\r\n", "v".repeat(500)).as_bytes());
+        }
+        wire.extend_from_slice(b"\r\n");
+        let mut d = Decoder::new(Framing::Chunked);
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(
+            d.decode(&mut buf),
+            Err(Malformed::Chunk("trailers too long"))
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod idle;
+pub mod inline;
 pub mod log;
 pub mod metrics;
 pub mod park;

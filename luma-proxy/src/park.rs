@@ -170,12 +170,12 @@ pub struct Counted {
 
 impl Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = proxy::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, proxy::BoxError>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {

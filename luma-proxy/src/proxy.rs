@@ -107,7 +107,7 @@ impl Body for UpstreamBody {
 /// A body error as hyper's client gets it. A client body error is passed on as the
 /// `hyper::Error` itself (what `headers::is_client_body_error` looks for), the cap as
 /// [`BodyTooLarge`].
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The request body went past its route's `limits.max_body_bytes`.
 #[derive(Debug)]
@@ -348,6 +348,12 @@ pub enum ResponseBody {
         upload: Option<Arc<UploadClock>>,
         guard: Option<InflightGuard>,
     },
+    /// An answer read by the inline client (`inline`): its socket goes back to the pool from
+    /// here once the body has ended.
+    Inline {
+        body: crate::inline::InlineBody,
+        guard: Option<InflightGuard>,
+    },
     Local(Option<Bytes>),
 }
 
@@ -390,20 +396,39 @@ impl ResponseBody {
             }
             guard.take();
         }
+        if let ResponseBody::Inline { body, guard } = self {
+            if let (Some(r), Some(g)) = (body.take_reusable(), guard.as_ref()) {
+                g.backend().inline_checkin(r);
+            }
+            guard.take();
+        }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         match this {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Inline { body, guard } => {
+                let polled = body.poll_frame(cx);
+                match &polled {
+                    // As below: the last frame of a length-delimited body may be the last poll.
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => this.finish(),
+                    Poll::Ready(None) => this.finish(),
+                    Poll::Ready(Some(Err(_))) => {
+                        guard.take();
+                    }
+                    Poll::Pending | Poll::Ready(Some(Ok(_))) => {}
+                }
+                polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
+            }
             ResponseBody::Upstream {
                 body, conn, guard, ..
             } => {
@@ -420,7 +445,7 @@ impl Body for ResponseBody {
                     }
                     _ => {}
                 }
-                polled
+                polled.map(|f| f.map(|r| r.map_err(BoxError::from)))
             }
         }
     }
@@ -428,6 +453,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Local(b) => b.is_none(),
             ResponseBody::Upstream { body, .. } => body.is_end_stream(),
+            ResponseBody::Inline { body, .. } => body.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
@@ -435,6 +461,7 @@ impl Body for ResponseBody {
             ResponseBody::Local(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ResponseBody::Local(None) => SizeHint::with_exact(0),
             ResponseBody::Upstream { body, .. } => body.size_hint(),
+            ResponseBody::Inline { body, .. } => body.size_hint(),
         }
     }
 }
@@ -852,6 +879,15 @@ async fn forward(
     // Keep what a replay needs only when a replay is allowed.
     let mut replay = (is_replayable(&parts.method) && body.is_end_stream() && !upgrade)
         .then(|| Replay::of(&parts));
+    if replay.is_some() && frames_no_body(&parts.headers) {
+        // No body, no upgrade, replayable: the inline client's (see `inline`). The body was
+        // read to its end (a chunked one may have been, by `read_first_chunk`).
+        if let Some(w) = watch {
+            w.ended();
+        }
+        drop(body);
+        return forward_inline(ctx, svc, parts, first, guard).await;
+    }
     let version = parts.version;
     // A request that cannot be replayed only goes on a connection proven alive (`backend`).
     let mut reuse = if replay.is_some() {
@@ -952,6 +988,99 @@ async fn forward(
                 guard = next.begin();
                 backend = next;
                 req = retry_req;
+            }
+            None => break,
+        }
+    }
+    drop(guard);
+    Forwarded::Done(
+        local_response(StatusCode::BAD_GATEWAY, "502 upstream unreachable\n"),
+        Some(backend.addr),
+    )
+}
+
+/// True when the head frames no body: the inline client writes heads as they are, and a
+/// `Content-Length` above 0 would make the backend read the next request as this one's body.
+fn frames_no_body(headers: &hyper::HeaderMap) -> bool {
+    !headers.contains_key(hyper::header::TRANSFER_ENCODING)
+        && headers
+            .get_all(hyper::header::CONTENT_LENGTH)
+            .iter()
+            .all(|v| v.as_bytes() == b"0")
+}
+
+/// [`forward`] for a request the inline client takes: the same attempts (one more on the next
+/// backend after a failure), the same response timeout and the same local answers.
+async fn forward_inline(
+    ctx: &ProxyCtx,
+    svc: &Arc<Service>,
+    parts: hyper::http::request::Parts,
+    mut backend: Arc<Backend>,
+    mut guard: InflightGuard,
+) -> Forwarded {
+    let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
+    // The replay (after a failure that was not already a rewrite) takes a new socket.
+    let mut reuse = Some(Reuse::Any);
+    for attempt in 0..2 {
+        let sent = {
+            let send = std::pin::pin!(crate::inline::exchange(&backend, &parts, reuse));
+            within_response_timeout(send, None, timeout).await
+        };
+        match sent {
+            Ok(Ok(answer)) => {
+                let addr = backend.addr;
+                let (head, body) = crate::inline::InlineBody::new(answer);
+                let mut resp = Response::new(ResponseBody::Inline {
+                    body,
+                    guard: Some(guard),
+                });
+                *resp.status_mut() = head.status;
+                *resp.version_mut() = head.version;
+                *resp.headers_mut() = head.headers;
+                headers::strip_hop_by_hop(resp.headers_mut(), false);
+                // An answer without a body may never be polled: its socket goes back now.
+                if resp.body().is_end_stream() {
+                    resp.body_mut().finish();
+                }
+                return Forwarded::Done(resp, Some(addr));
+            }
+            // No clock: only the answer can be late.
+            Err(_) => {
+                return Forwarded::Done(
+                    local_response(StatusCode::GATEWAY_TIMEOUT, "504 upstream timed out\n"),
+                    Some(backend.addr),
+                )
+            }
+            Ok(Err(crate::inline::Failed::Connect(e))) => {
+                backend.mark_down(format!("connect: {e}"));
+                ctx.metrics.count_connect_error();
+            }
+            Ok(Err(crate::inline::Failed::Sent { rewritten, why })) => {
+                crate::log::info(
+                    "upstream answer failed",
+                    serde_json::json!({"backend": backend.addr.to_string(), "error": why}),
+                );
+                if attempt == 1 || rewritten {
+                    return Forwarded::Done(
+                        local_response(
+                            StatusCode::BAD_GATEWAY,
+                            "502 upstream closed the connection or answered malformed\n",
+                        ),
+                        Some(backend.addr),
+                    );
+                }
+                reuse = None;
+            }
+        }
+        if attempt == 1 {
+            break;
+        }
+        ctx.metrics.count_retry();
+        match svc.balancer.pick(Some(&backend)) {
+            Some(next) => {
+                // Counted before the previous one lets go (see `forward`).
+                guard = next.begin();
+                backend = next;
             }
             None => break,
         }
