@@ -100,6 +100,8 @@ pub struct Backend {
     checker: Arc<Mutex<CheckerSlot>>,
     /// Idle sockets of the inline client (`inline`), by the same reuse rule.
     inline: crate::inline::Pool,
+    /// Requests the inline client wrote to this backend (rewrites included).
+    inline_writes: AtomicU64,
 }
 
 /// Where a health check's connection waits for the next check.
@@ -208,6 +210,7 @@ impl Backend {
             kick: OnceLock::new(),
             checker: Arc::default(),
             inline: crate::inline::Pool::new(),
+            inline_writes: AtomicU64::new(0),
         })
     }
 
@@ -455,6 +458,15 @@ impl Backend {
             Reuse::Recent => self.safe_reuse,
         };
         self.inline.checkout(max_idle, self.pool_idle)
+    }
+
+    pub fn count_inline_write(&self) {
+        self.inline_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests the inline client wrote here (the tests' witness that it served them).
+    pub fn inline_writes(&self) -> u64 {
+        self.inline_writes.load(Ordering::Relaxed)
     }
 
     /// Takes back an inline socket whose answer was read to its end (not once retired).

@@ -31,7 +31,6 @@ use hyper::body::Frame;
 use hyper::http::request::Parts;
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -58,14 +57,9 @@ pub struct Conn {
     head: Vec<u8>,
     /// The serving thread whose runtime drives the socket: it is pooled only there.
     worker: usize,
-}
-
-/// Requests the inline client has written (the tests' witness that it is the one serving).
-static EXCHANGES: AtomicU64 = AtomicU64::new(0);
-
-/// How many requests the inline client has written in this process.
-pub fn exchanges() -> u64 {
-    EXCHANGES.load(Ordering::Relaxed)
+    /// A big head went through the buffer: its allocation is replaced before pooling (the
+    /// view's `capacity()` can be small while it keeps the whole allocation).
+    grew: bool,
 }
 
 impl Conn {
@@ -75,6 +69,7 @@ impl Conn {
             buf: BytesMut::with_capacity(8192),
             head: Vec::with_capacity(512),
             worker: crate::workers::index(),
+            grew: false,
         }
     }
 
@@ -158,8 +153,12 @@ impl Pool {
         {
             return;
         }
-        if conn.buf.capacity() > KEEP_BUFFER {
+        if conn.grew {
             conn.buf = BytesMut::with_capacity(8192);
+            conn.grew = false;
+        }
+        if conn.head.capacity() > KEEP_BUFFER {
+            conn.head = Vec::with_capacity(512);
         }
         if let Ok(mut stack) = self.stack().lock() {
             if retired() {
@@ -215,8 +214,9 @@ fn expire(stack: &mut Stack, now: Instant, limit: Duration) {
 /// Why an exchange failed.
 #[derive(Debug)]
 pub enum Failed {
-    /// No connection could be made: nothing was sent.
-    Connect(io::Error),
+    /// No connection could be made; `written`: the request had been written once before, on
+    /// a pooled socket that gave no answer (otherwise nothing was sent).
+    Connect { error: io::Error, written: bool },
     /// The request may have reached the backend, and no usable answer came; `rewritten`: it
     /// was written twice already.
     Sent { why: String, rewritten: bool },
@@ -262,11 +262,14 @@ pub async fn exchange(
                     backend.connect_timeout,
                 )
                 .await
-                .map_err(Failed::Connect)?;
+                .map_err(|error| Failed::Connect {
+                    error,
+                    written: rewrite,
+                })?;
                 (Conn::new(stream), false)
             }
         };
-        EXCHANGES.fetch_add(1, Ordering::Relaxed);
+        backend.count_inline_write();
         match ask(&mut conn, parts).await {
             Ok(head) => {
                 return Ok(Answer {
@@ -315,6 +318,7 @@ async fn ask(conn: &mut Conn, parts: &Parts) -> Result<ResponseHead, Unanswered>
         if conn.buf.capacity() - conn.buf.len() < 4096 {
             conn.buf.reserve(8192);
         }
+        conn.grew |= conn.buf.len() > KEEP_BUFFER;
         match conn.stream.read_buf(&mut conn.buf).await {
             Ok(0) if !got_any => return Err(Unanswered::Silent("connection closed".into())),
             Ok(0) => return Err(Unanswered::Bad(Malformed::Truncated.to_string())),

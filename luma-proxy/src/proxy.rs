@@ -876,10 +876,8 @@ async fn forward(
     // is not empty.
     let body = UpstreamBody::client(body, &mut parts.extensions);
     let watch = parts.extensions.remove::<crate::park::BodyWatch>();
-    // Keep what a replay needs only when a replay is allowed.
-    let mut replay = (is_replayable(&parts.method) && body.is_end_stream() && !upgrade)
-        .then(|| Replay::of(&parts));
-    if replay.is_some() && frames_no_body(&parts.headers) {
+    let replayable = is_replayable(&parts.method) && body.is_end_stream() && !upgrade;
+    if replayable && frames_no_body(&parts.headers) {
         // No body, no upgrade, replayable: the inline client's (see `inline`). The body was
         // read to its end (a chunked one may have been, by `read_first_chunk`).
         if let Some(w) = watch {
@@ -888,6 +886,8 @@ async fn forward(
         drop(body);
         return forward_inline(ctx, svc, parts, first, guard).await;
     }
+    // Keep what a replay needs only when a replay is allowed.
+    let mut replay = replayable.then(|| Replay::of(&parts));
     let version = parts.version;
     // A request that cannot be replayed only goes on a connection proven alive (`backend`).
     let mut reuse = if replay.is_some() {
@@ -1051,9 +1051,13 @@ async fn forward_inline(
                     Some(backend.addr),
                 )
             }
-            Ok(Err(crate::inline::Failed::Connect(e))) => {
-                backend.mark_down(format!("connect: {e}"));
+            Ok(Err(crate::inline::Failed::Connect { error, written })) => {
+                backend.mark_down(format!("connect: {error}"));
                 ctx.metrics.count_connect_error();
+                // Written once already: the next backend gets one write, on a new socket.
+                if written {
+                    reuse = None;
+                }
             }
             Ok(Err(crate::inline::Failed::Sent { rewritten, why })) => {
                 crate::log::info(

@@ -20,10 +20,10 @@ async fn gets_on_sockets_the_backend_closed_never_fail() {
     let b = IdleClosingBackend::start("127.0.0.2", idle, Duration::from_millis(5)).await;
     let proxy = start_proxy("inline-stale").await;
     let mut r = route("shop", "shop.test", &[b.addr]);
-    r.health.interval_ms = 60_000; // only the GETs below use the backend
+    r.health.interval_ms = 86_400_000; // only the GETs below use the backend
     proxy.deployer.deploy(deploy_req(r)).await.unwrap();
     let addr = proxy.http_addr;
-    let written = luma_proxy::inline::exchanges();
+    let backend = backend_of(&proxy, "shop.test");
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(KeepAliveClient::connect(addr, "shop.test").await);
@@ -44,8 +44,20 @@ async fn gets_on_sockets_the_backend_closed_never_fail() {
     // Each GET reached the backend once (a socket found closed before the write is not a
     // request), and the inline client was the one writing them.
     assert_eq!(b.requests.load(Ordering::Relaxed), 32);
-    assert!(luma_proxy::inline::exchanges() >= written + 32);
+    assert!(
+        backend.inline_writes() >= 32,
+        "the GETs did not go through the inline client"
+    );
     proxy.shutdown().await;
+}
+
+/// The backend object serving `host`: its counters witness that the inline client served.
+fn backend_of(
+    proxy: &luma_proxy::server::RunningProxy,
+    host: &str,
+) -> Arc<luma_proxy::backend::Backend> {
+    let svc = proxy.deployer.router.lookup(host).expect("a route");
+    svc.balancer.pick(None).expect("a healthy backend")
 }
 
 /// A backend that answers by path with a raw answer, counting its connections.
@@ -112,12 +124,13 @@ async fn every_framing_passes_and_ambiguous_answers_are_refused() {
     let b = raw_backend("127.0.0.3", connections.clone()).await;
     let proxy = start_proxy("inline-framing").await;
     let mut r = route("shop", "shop.test", &[b]);
-    r.health.interval_ms = 60_000;
+    r.health.interval_ms = 86_400_000; // no check connection during the test
     proxy.deployer.deploy(deploy_req(r)).await.unwrap();
     let addr = proxy.http_addr;
     let opened = || connections.load(Ordering::Relaxed);
     let mut c = KeepAliveClient::connect(addr, "shop.test").await;
-    let (base, written) = (opened(), luma_proxy::inline::exchanges());
+    let base = opened();
+    let backend = backend_of(&proxy, "shop.test");
 
     assert_eq!(
         c.request("GET", "/chunked", "").await,
@@ -128,7 +141,11 @@ async fn every_framing_passes_and_ambiguous_answers_are_refused() {
         (200, "hints".to_string())
     );
     assert_eq!(c.request("GET", "/nothing", "").await.0, 204);
-    assert!(luma_proxy::inline::exchanges() >= written + 3);
+    assert_eq!(
+        backend.inline_writes(),
+        3,
+        "not the inline client, or a rewrite"
+    );
     // One socket carried all four.
     assert_eq!(c.request("GET", "/nothing", "").await.0, 204);
     assert_eq!(
@@ -175,7 +192,7 @@ async fn head_answers_end_at_their_head() {
     let b = raw_backend("127.0.0.4", connections.clone()).await;
     let proxy = start_proxy("inline-head").await;
     let mut r = route("shop", "shop.test", &[b]);
-    r.health.interval_ms = 60_000;
+    r.health.interval_ms = 86_400_000; // no check connection during the test
     proxy.deployer.deploy(deploy_req(r)).await.unwrap();
     let base = connections.load(Ordering::Relaxed);
     let mut s = TcpStream::connect(proxy.http_addr).await.unwrap();
