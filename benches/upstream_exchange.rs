@@ -111,10 +111,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-async fn hyper_exchanges(
-    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    n: u64,
-) {
+async fn hyper_exchanges(sender: &mut Sender, n: u64) {
     for _ in 0..n {
         sender.ready().await.expect("ready");
         let resp = sender.try_send_request(request()).await.expect("send");
@@ -133,21 +130,29 @@ async fn inline_exchanges(s: &mut TcpStream, head: &mut Vec<u8>, buf: &mut Bytes
     }
 }
 
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn socket(addr: std::net::SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let _ = s.set_nodelay(true);
+    s
+}
+
+/// A hyper client connection as `luma_proxy::backend` opens them, its task on this runtime.
+async fn hyper_sender(addr: std::net::SocketAddr) -> Sender {
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(socket(addr).await))
+        .await
+        .expect("handshake");
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    sender
+}
+
 fn hyper_client(c: &mut Criterion, addr: std::net::SocketAddr) {
     let rt = runtime();
-    let mut sender = rt.block_on(async {
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let _ = s.set_nodelay(true);
-        // As `luma_proxy::backend` opens its connections.
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(s))
-            .await
-            .expect("handshake");
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        sender
-    });
+    let mut sender = rt.block_on(hyper_sender(addr));
     c.bench_function("upstream_exchange/hyper_client", |b| {
         b.iter_custom(|iters| {
             let start = thread_cpu();
@@ -195,11 +200,7 @@ async fn read_more(s: &mut TcpStream, buf: &mut BytesMut) {
 
 fn inline_h1(c: &mut Criterion, addr: std::net::SocketAddr) {
     let rt = runtime();
-    let mut s = rt.block_on(async {
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let _ = s.set_nodelay(true);
-        s
-    });
+    let mut s = rt.block_on(socket(addr));
     let mut head = Vec::with_capacity(512);
     let mut buf = BytesMut::with_capacity(8192);
     c.bench_function("upstream_exchange/inline_codec", |b| {
@@ -234,20 +235,7 @@ fn main() {
     };
     let addr = backend();
     let rt = runtime();
-    let (mut sender, mut s) = rt.block_on(async {
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let _ = s.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(s))
-            .await
-            .expect("handshake");
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let _ = s.set_nodelay(true);
-        (sender, s)
-    });
+    let (mut sender, mut s) = rt.block_on(async { (hyper_sender(addr).await, socket(addr).await) });
     let (mut head, mut buf) = (Vec::with_capacity(512), BytesMut::with_capacity(8192));
     let warm = n.min(1000);
     rt.block_on(hyper_exchanges(&mut sender, warm));
@@ -258,11 +246,7 @@ fn main() {
 }
 
 #[inline(never)]
-fn counted_hyper(
-    rt: &tokio::runtime::Runtime,
-    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    n: u64,
-) {
+fn counted_hyper(rt: &tokio::runtime::Runtime, sender: &mut Sender, n: u64) {
     rt.block_on(hyper_exchanges(sender, n));
 }
 
