@@ -9,9 +9,10 @@
 //! The rules, and why each holds:
 //! - **Only replayable requests** (GET, HEAD, OPTIONS, no body: `proxy::is_replayable`). On a
 //!   pooled socket the backend may have closed, a write can succeed and only the read sees the
-//!   close; hyper hands such a request back unsent, this client cannot know. So a pooled socket
-//!   that gives no byte of an answer is dropped and the request is written again on the next
-//!   one, then on a fresh one: harmless only because the request is replayable.
+//!   close; hyper hands such a request back unsent, this client cannot know. So a request that
+//!   gets no answer is replayed once, on a new socket of the next backend (the same one when it
+//!   is alone), as hyper's path replays: harmless only because the request is replayable.
+//!   Pooled sockets that closed while idle are found before the write (see `Conn::is_quiet`).
 //! - **Pool**: the backend's reuse rule (`backend` module doc) with its own stacks, one per
 //!   serving thread, stamped with the arrival of the last answer's head. A socket goes back only
 //!   when its answer was read to the end, the answer allows keep-alive, and no byte follows it.
@@ -19,8 +20,7 @@
 //!   checkout.
 //! - **Bounds**: a head larger than [`MAX_HEAD`] is refused; the response timeout is the
 //!   caller's (`proxy::forward`), around [`exchange`], and it also ends an endless run of
-//!   interim 1xx answers. One request is written at most twice (see [`exchange`]), as
-//!   hyper's path replays at most once.
+//!   interim 1xx answers. One request is written at most twice: once, and once replayed.
 //! - **Body**: [`InlineBody`] streams the answer's body to the client frame by frame from the
 //!   socket's buffer; dropped before its end (the client left), it closes the socket.
 
@@ -214,12 +214,10 @@ fn expire(stack: &mut Stack, now: Instant, limit: Duration) {
 /// Why an exchange failed.
 #[derive(Debug)]
 pub enum Failed {
-    /// No connection could be made; `written`: the request had been written once before, on
-    /// a pooled socket that gave no answer (otherwise nothing was sent).
-    Connect { error: io::Error, written: bool },
-    /// The request may have reached the backend, and no usable answer came; `rewritten`: it
-    /// was written twice already.
-    Sent { why: String, rewritten: bool },
+    /// No connection could be made: nothing was sent.
+    Connect(io::Error),
+    /// The request may have reached the backend, and no usable answer came.
+    Sent(String),
 }
 
 /// An answer's head, and the socket its body is still to be read from.
@@ -230,10 +228,10 @@ pub struct Answer {
     pub head_at: Instant,
 }
 
-/// Writes `parts` as a request without a body and reads the answer's head: on a pooled socket
-/// `reuse` allows (None: a new socket only), or on a new one. A pooled socket that gives no
-/// byte of an answer is dropped and the request written once more, on a new socket: at most
-/// two writes (the caller's replay only follows a failure that was not a rewrite).
+/// Writes `parts` as a request without a body, once, and reads the answer's head: on a pooled
+/// socket `reuse` allows (None: a new socket only) that is still quiet, or on a new one. A
+/// failure after the write is the caller's to replay, once, on the next backend, as hyper's
+/// path does: a pooled socket that dies under a request may mean its backend is dying too.
 pub async fn exchange(
     backend: &Backend,
     parts: &Parts,
@@ -242,18 +240,16 @@ pub async fn exchange(
     // Pooled sockets found closed before anything was written: a backend that restarted leaves
     // a stack of them; past a few, a new socket is opened.
     let mut closed = 0;
-    let mut rewrite = false;
-    loop {
-        let pooled = reuse
-            .filter(|_| closed < 4 && !rewrite)
-            .and_then(|r| backend.inline_checkout(r));
-        let (mut conn, from_pool) = match pooled {
+    let mut conn = loop {
+        match reuse
+            .filter(|_| closed < 4)
+            .and_then(|r| backend.inline_checkout(r))
+        {
             Some((mut c, idle)) => {
-                if !c.is_quiet(idle) {
-                    closed += 1;
-                    continue;
+                if c.is_quiet(idle) {
+                    break c;
                 }
-                (c, true)
+                closed += 1;
             }
             None => {
                 let stream = crate::backend::connect(
@@ -262,37 +258,22 @@ pub async fn exchange(
                     backend.connect_timeout,
                 )
                 .await
-                .map_err(|error| Failed::Connect {
-                    error,
-                    written: rewrite,
-                })?;
-                (Conn::new(stream), false)
-            }
-        };
-        backend.count_inline_write();
-        match ask(&mut conn, parts).await {
-            Ok(head) => {
-                return Ok(Answer {
-                    head,
-                    conn,
-                    head_at: Instant::now(),
-                })
-            }
-            // The backend had closed it, or was closing it: once more, on a new socket.
-            Err(Unanswered::Silent(_)) if from_pool => rewrite = true,
-            Err(Unanswered::Silent(e)) => {
-                return Err(Failed::Sent {
-                    why: format!("upstream closed without answering: {e}"),
-                    rewritten: rewrite,
-                })
-            }
-            Err(Unanswered::Bad(e)) => {
-                return Err(Failed::Sent {
-                    why: e,
-                    rewritten: rewrite,
-                })
+                .map_err(Failed::Connect)?;
+                break Conn::new(stream);
             }
         }
+    };
+    backend.count_inline_write();
+    match ask(&mut conn, parts).await {
+        Ok(head) => Ok(Answer {
+            head,
+            conn,
+            head_at: Instant::now(),
+        }),
+        Err(Unanswered::Silent(e)) => Err(Failed::Sent(format!(
+            "upstream closed without answering: {e}"
+        ))),
+        Err(Unanswered::Bad(e)) => Err(Failed::Sent(e)),
     }
 }
 

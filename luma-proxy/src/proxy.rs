@@ -976,22 +976,37 @@ async fn forward(
                 }
             },
         };
-        if attempt == 1 {
+        if attempt == 1 || !next_backend(ctx, svc, &mut backend, &mut guard) {
             break;
         }
-        ctx.metrics.count_retry();
-        match svc.balancer.pick(Some(&backend)) {
-            Some(next) => {
-                // The next backend counts the request before the previous one lets it go, so
-                // the service's in-flight count never dips to zero in between (a drain could
-                // end there). Assigning drops the old guard after `begin` has run.
-                guard = next.begin();
-                backend = next;
-                req = retry_req;
-            }
-            None => break,
-        }
+        req = retry_req;
     }
+    unreachable(backend, guard)
+}
+
+/// Moves a request that failed on `backend` to another one of `svc`'s, counting the retry;
+/// false when there is none. The next backend counts the request before the previous one lets
+/// it go, so the service's in-flight count never dips to zero in between (a drain could end
+/// there): assigning drops the old guard after `begin` has run.
+fn next_backend(
+    ctx: &ProxyCtx,
+    svc: &Service,
+    backend: &mut Arc<Backend>,
+    guard: &mut InflightGuard,
+) -> bool {
+    ctx.metrics.count_retry();
+    match svc.balancer.pick(Some(&*backend)) {
+        Some(next) => {
+            *guard = next.begin();
+            *backend = next;
+            true
+        }
+        None => false,
+    }
+}
+
+/// The answer when no backend took the request: the in-flight count is let go first.
+fn unreachable(backend: Arc<Backend>, guard: InflightGuard) -> Forwarded {
     drop(guard);
     Forwarded::Done(
         local_response(StatusCode::BAD_GATEWAY, "502 upstream unreachable\n"),
@@ -1019,7 +1034,7 @@ async fn forward_inline(
     mut guard: InflightGuard,
 ) -> Forwarded {
     let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
-    // The replay (after a failure that was not already a rewrite) takes a new socket.
+    // The replay takes a new socket (the next backend's, when there is another).
     let mut reuse = Some(Reuse::Any);
     for attempt in 0..2 {
         let sent = {
@@ -1051,20 +1066,16 @@ async fn forward_inline(
                     Some(backend.addr),
                 )
             }
-            Ok(Err(crate::inline::Failed::Connect { error, written })) => {
-                backend.mark_down(format!("connect: {error}"));
+            Ok(Err(crate::inline::Failed::Connect(e))) => {
+                backend.mark_down(format!("connect: {e}"));
                 ctx.metrics.count_connect_error();
-                // Written once already: the next backend gets one write, on a new socket.
-                if written {
-                    reuse = None;
-                }
             }
-            Ok(Err(crate::inline::Failed::Sent { rewritten, why })) => {
+            Ok(Err(crate::inline::Failed::Sent(why))) => {
                 crate::log::info(
                     "upstream answer failed",
                     serde_json::json!({"backend": backend.addr.to_string(), "error": why}),
                 );
-                if attempt == 1 || rewritten {
+                if attempt == 1 {
                     return Forwarded::Done(
                         local_response(
                             StatusCode::BAD_GATEWAY,
@@ -1076,24 +1087,11 @@ async fn forward_inline(
                 reuse = None;
             }
         }
-        if attempt == 1 {
+        if attempt == 1 || !next_backend(ctx, svc, &mut backend, &mut guard) {
             break;
         }
-        ctx.metrics.count_retry();
-        match svc.balancer.pick(Some(&backend)) {
-            Some(next) => {
-                // Counted before the previous one lets go (see `forward`).
-                guard = next.begin();
-                backend = next;
-            }
-            None => break,
-        }
     }
-    drop(guard);
-    Forwarded::Done(
-        local_response(StatusCode::BAD_GATEWAY, "502 upstream unreachable\n"),
-        Some(backend.addr),
-    )
+    unreachable(backend, guard)
 }
 
 fn respond(
