@@ -332,14 +332,13 @@ impl Decoder {
                     return Ok(Decoded::NeedMore);
                 }
                 State::Length(left) => {
-                    let n = take(buf.len(), left);
-                    let rest = left - n as u64;
+                    let (data, rest) = take(buf, left);
                     self.state = if rest == 0 {
                         State::Done
                     } else {
                         State::Length(rest)
                     };
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 State::UntilClose => {
                     if buf.is_empty() {
@@ -348,14 +347,13 @@ impl Decoder {
                     return Ok(Decoded::Data(buf.split().freeze()));
                 }
                 State::Data(left) => {
-                    let n = take(buf.len(), left);
-                    let rest = left - n as u64;
+                    let (data, rest) = take(buf, left);
                     self.state = if rest == 0 {
                         State::DataEnd
                     } else {
                         State::Data(rest)
                     };
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 State::DataEnd => {
                     if buf.len() < 2 {
@@ -457,8 +455,10 @@ fn bare_lf(bytes: &[u8]) -> bool {
         .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
 }
 
-fn take(available: usize, left: u64) -> usize {
-    usize::try_from(left).map_or(available, |l| l.min(available))
+/// Up to `left` body bytes off the front of `buf`, and how many are still to come.
+fn take(buf: &mut BytesMut, left: u64) -> (Bytes, u64) {
+    let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+    (buf.split_to(n).freeze(), left - n as u64)
 }
 
 /// Where the CRLF ending a line is, within `max` bytes.

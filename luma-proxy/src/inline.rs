@@ -120,7 +120,6 @@ impl Pool {
         &self.stacks[crate::workers::index() % self.stacks.len()]
     }
 
-    /// The freshest socket stamped less than `max_idle` ago; expired ones are closed.
     /// The freshest socket stamped less than `max_idle` ago, and how long it has been idle;
     /// expired ones are closed.
     pub fn checkout(&self, max_idle: Duration, limit: Duration) -> Option<(Conn, Duration)> {
