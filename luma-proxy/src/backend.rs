@@ -12,8 +12,9 @@
 //!   has been read to the end and its request body has been sent whole (one still uploading
 //!   would make the next request wait behind the upload; it is closed instead). Each pool is a
 //!   stack ordered by stamp, so the freshest connection is reused first and the stalest sit at
-//!   the bottom, where they expire. Checking out skips (and closes) a connection that is not
-//!   ready for a new request.
+//!   the bottom, where they expire (`pool::IdlePool` keeps this order for both kinds of
+//!   connection). Checking out skips (and closes) a connection that is not ready for a new
+//!   request.
 //! - A pooled connection whose stamp is older than the route's `timeouts.pool_idle_ms` (default
 //!   1.5 s, below gunicorn's 2 s keep-alive, the shortest common one) is closed, never reused;
 //!   pools are also swept at every health probe. Backends close idle connections on their own
@@ -45,6 +46,7 @@
 //! `service`: it is incremented with `SeqCst` *before* the request checks whether its service
 //! was stopped, and read with `SeqCst` by the drain *after* the service was stopped.
 
+use crate::pool::IdlePool;
 use crate::route::RouteTimeouts;
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -52,7 +54,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -63,8 +64,6 @@ use tokio::task::AbortHandle;
 
 use crate::proxy::Upload;
 
-/// Idle connections kept per backend and serving thread; the oldest is closed beyond that.
-const MAX_IDLE_PER_BACKEND: usize = 256;
 /// How recently a response head must have arrived on a pooled connection for a request that
 /// cannot be replayed to use it (see the module doc).
 pub const SAFE_REUSE: Duration = Duration::from_millis(250);
@@ -80,8 +79,8 @@ pub struct Backend {
     pool_idle: Duration,
     /// `SAFE_REUSE`, or `pool_idle` if shorter.
     safe_reuse: Duration,
-    /// One idle pool per serving thread: a connection is used on the thread that runs it.
-    idle: Box<[Mutex<VecDeque<Pooled>>]>,
+    /// hyper's idle client connections (`pool` holds the rule).
+    idle: IdlePool<Upstream>,
     inflight: AtomicUsize,
     healthy: AtomicBool,
     consecutive_ok: AtomicU32,
@@ -98,8 +97,8 @@ pub struct Backend {
     kick: OnceLock<Arc<crate::service::Kick>>,
     /// The connection the active checks left open (see [`Backend::check`]).
     checker: Arc<Mutex<CheckerSlot>>,
-    /// Idle sockets of the inline client (`inline`), by the same reuse rule.
-    inline: crate::inline::Pool,
+    /// Idle sockets of the inline client (`inline`), by the same rule.
+    inline: IdlePool<crate::inline::Conn>,
     /// Requests the inline client wrote to this backend (rewrites included).
     inline_writes: AtomicU64,
 }
@@ -129,12 +128,6 @@ const CHECK_BODY_LIMIT: usize = 64 * 1024;
 struct Upstream {
     sender: http1::SendRequest<Upload>,
     task: AbortHandle,
-}
-
-/// An idle connection and when its last response head arrived.
-struct Pooled {
-    conn: Upstream,
-    since: Instant,
 }
 
 /// A connection that has just answered, and when the response head arrived: the stamp it goes
@@ -196,9 +189,7 @@ impl Backend {
             connect_timeout: Duration::from_millis(timeouts.connect_ms),
             pool_idle,
             safe_reuse: SAFE_REUSE.min(pool_idle),
-            idle: (0..crate::workers::count())
-                .map(|_| Mutex::new(VecDeque::new()))
-                .collect(),
+            idle: IdlePool::new(pool_idle),
             inflight: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
             consecutive_ok: AtomicU32::new(0),
@@ -209,7 +200,7 @@ impl Backend {
             retired: watch::channel(false).0,
             kick: OnceLock::new(),
             checker: Arc::default(),
-            inline: crate::inline::Pool::new(),
+            inline: IdlePool::new(pool_idle),
             inline_writes: AtomicU64::new(0),
         })
     }
@@ -316,11 +307,7 @@ impl Backend {
         // send_replace, not send: `send` drops the value when no tunnel is subscribed, and
         // then `is_retired` would stay false and closed pools would take connections back.
         self.retired.send_replace(true);
-        for pool in self.idle.iter() {
-            if let Ok(mut idle) = pool.lock() {
-                idle.clear();
-            }
-        }
+        self.idle.clear();
         self.inline.clear();
         let mut checker = CheckerSlot::lock(&self.checker);
         checker.kept = None;
@@ -343,11 +330,7 @@ impl Backend {
         mut req: Request<Upload>,
         reuse: Reuse,
     ) -> Result<(Response<Incoming>, Answered), SendError> {
-        let max_idle = match reuse {
-            Reuse::Any => self.pool_idle,
-            Reuse::Recent => self.safe_reuse,
-        };
-        while let Some(mut conn) = self.checkout(max_idle) {
+        while let Some((mut conn, _)) = self.idle.checkout(self.max_idle(reuse)) {
             // Not ready: still sending an earlier request (or its connection task has not
             // caught up yet). Waiting could mean waiting for someone else's upload: close it.
             if conn.sender.is_closed() || !conn.sender.is_ready() {
@@ -384,80 +367,33 @@ impl Backend {
         }
     }
 
-    fn pool(&self) -> &Mutex<VecDeque<Pooled>> {
-        &self.idle[crate::workers::index() % self.idle.len()]
-    }
-
-    /// The freshest pooled connection if its stamp is less than `max_idle` old. Expired ones
-    /// are closed on the way.
-    fn checkout(&self, max_idle: Duration) -> Option<Upstream> {
-        if max_idle.is_zero() {
-            return None;
-        }
-        let now = Instant::now();
-        let mut pool = self.pool().lock().ok()?;
-        expire(&mut pool, now, self.pool_idle);
-        let fresh = pool
-            .back()
-            .is_some_and(|c| now.saturating_duration_since(c.since) < max_idle);
-        if fresh {
-            pool.pop_back().map(|c| c.conn)
-        } else {
-            None
-        }
-    }
-
     /// Returns a connection whose response completed (and whose request body was sent whole)
-    /// to the idle pool, stamped with when its response head arrived. One already older than
-    /// the pool limit is closed.
+    /// to the idle pool, stamped with when its response head arrived.
     pub fn checkin(&self, conn: Answered) {
         let Answered { conn, head_at } = conn;
-        if conn.sender.is_closed() || self.is_retired() {
-            return;
-        }
-        // Also true for a zero pool limit (no pooling).
-        if Instant::now().saturating_duration_since(head_at) >= self.pool_idle {
-            return;
-        }
-        if let Ok(mut idle) = self.pool().lock() {
-            if idle.len() >= MAX_IDLE_PER_BACKEND {
-                idle.pop_front();
-            }
-            // A long response checks in after shorter ones that started later: keep the stack
-            // ordered by stamp (almost always the top, so this looks at one entry).
-            let at = idle
-                .iter()
-                .rposition(|c| c.since <= head_at)
-                .map_or(0, |i| i + 1);
-            idle.insert(
-                at,
-                Pooled {
-                    conn,
-                    since: head_at,
-                },
-            );
+        if !conn.sender.is_closed() {
+            self.idle.checkin(conn, head_at, || self.is_retired());
         }
     }
 
     /// Closes the expired connections of every thread's pool, so a backend that no request
     /// reaches does not keep them open (called at each health probe).
     pub fn expire_idle(&self) {
-        let now = Instant::now();
-        for pool in self.idle.iter() {
-            if let Ok(mut idle) = pool.lock() {
-                expire(&mut idle, now, self.pool_idle);
-            }
-        }
-        self.inline.expire(self.pool_idle);
+        self.idle.expire();
+        self.inline.expire();
     }
 
     /// An idle socket of the inline client that `reuse` allows (see the module doc).
     pub fn inline_checkout(&self, reuse: Reuse) -> Option<(crate::inline::Conn, Duration)> {
-        let max_idle = match reuse {
+        self.inline.checkout(self.max_idle(reuse))
+    }
+
+    /// How long ago a pooled connection's last answer may have come for `reuse`.
+    fn max_idle(&self, reuse: Reuse) -> Duration {
+        match reuse {
             Reuse::Any => self.pool_idle,
             Reuse::Recent => self.safe_reuse,
-        };
-        self.inline.checkout(max_idle, self.pool_idle)
+        }
     }
 
     pub fn count_inline_write(&self) {
@@ -471,8 +407,9 @@ impl Backend {
 
     /// Takes back an inline socket whose answer was read to its end (not once retired).
     pub fn inline_checkin(&self, r: crate::inline::Reusable) {
-        self.inline
-            .checkin(r.conn, r.head_at, self.pool_idle, || self.is_retired());
+        if let Some(conn) = r.conn.into_poolable() {
+            self.inline.checkin(conn, r.head_at, || self.is_retired());
+        }
     }
 
     async fn open(&self) -> std::io::Result<Upstream> {
@@ -616,16 +553,6 @@ async fn with_timeout(
     match tokio::time::timeout(timeout, check).await {
         Ok(r) => r,
         Err(_) => Err(format!("GET {path} timed out after {timeout:?}")),
-    }
-}
-
-/// Drops the connections at the front of `pool` (the oldest) stamped `limit` or more ago.
-fn expire(pool: &mut VecDeque<Pooled>, now: Instant, limit: Duration) {
-    while pool
-        .front()
-        .is_some_and(|c| now.saturating_duration_since(c.since) >= limit)
-    {
-        pool.pop_front();
     }
 }
 

@@ -13,8 +13,8 @@
 //!   gets no answer is replayed once, on a new socket of the next backend (the same one when it
 //!   is alone), as hyper's path replays: harmless only because the request is replayable.
 //!   Pooled sockets that closed while idle are found before the write (see `Conn::is_quiet`).
-//! - **Pool**: the backend's reuse rule (`backend` module doc) with its own stacks, one per
-//!   serving thread, stamped with the arrival of the last answer's head. A socket goes back only
+//! - **Pool**: the backend's reuse rule (`backend` module doc) in a `pool::IdlePool` of its
+//!   own, one stack per serving thread, stamped with the arrival of the last answer's head. A socket goes back only
 //!   when its answer was read to the end, the answer allows keep-alive, and no byte follows it.
 //!   A socket that became readable while idle (a close, or bytes nobody asked for) is dropped at
 //!   checkout.
@@ -29,9 +29,7 @@ use crate::h1::{self, Decoded, Decoder, Malformed, ResponseHead};
 use bytes::{Bytes, BytesMut};
 use hyper::body::Frame;
 use hyper::http::request::Parts;
-use std::collections::VecDeque;
 use std::io;
-use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,8 +45,6 @@ pub const MAX_HEAD: usize = 8192 + 4096 * 100;
 const PEEK_AFTER: Duration = Duration::from_millis(50);
 /// A pooled socket's buffer larger than this (a big head went through it) is replaced.
 const KEEP_BUFFER: usize = 16 * 1024;
-/// Idle sockets kept per backend and serving thread; the oldest is closed beyond that.
-const MAX_IDLE: usize = 256;
 
 /// One upstream socket with what was read ahead on it.
 pub struct Conn {
@@ -71,6 +67,22 @@ impl Conn {
             worker: crate::workers::index(),
             grew: false,
         }
+    }
+
+    /// The socket as it may be pooled: on its own thread only (the runtime that drives it),
+    /// with a buffer a big head grew replaced (see [`KEEP_BUFFER`]).
+    pub fn into_poolable(mut self) -> Option<Conn> {
+        if self.worker != crate::workers::index() {
+            return None;
+        }
+        if self.grew {
+            self.buf = BytesMut::with_capacity(8192);
+            self.grew = false;
+        }
+        if self.head.capacity() > KEEP_BUFFER {
+            self.head = Vec::with_capacity(512);
+        }
+        Some(self)
     }
 
     /// True when nothing came on the socket while it was idle, `idle` long. The runtime's
@@ -96,117 +108,6 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock
             ),
         }
-    }
-}
-
-/// Idle sockets, each with the arrival of its last answer's head, stalest first.
-type Stack = VecDeque<(Conn, Instant)>;
-
-/// The idle sockets of one backend, one stack per serving thread.
-pub struct Pool {
-    stacks: Box<[Mutex<Stack>]>,
-}
-
-impl Pool {
-    pub fn new() -> Pool {
-        Pool {
-            stacks: (0..crate::workers::count())
-                .map(|_| Mutex::new(VecDeque::new()))
-                .collect(),
-        }
-    }
-
-    fn stack(&self) -> &Mutex<Stack> {
-        &self.stacks[crate::workers::index() % self.stacks.len()]
-    }
-
-    /// The freshest socket stamped less than `max_idle` ago, and how long it has been idle;
-    /// expired ones are closed.
-    pub fn checkout(&self, max_idle: Duration, limit: Duration) -> Option<(Conn, Duration)> {
-        if max_idle.is_zero() {
-            return None;
-        }
-        let now = Instant::now();
-        let mut stack = self.stack().lock().ok()?;
-        expire(&mut stack, now, limit);
-        match stack.back() {
-            Some((_, since)) if now.saturating_duration_since(*since) < max_idle => stack
-                .pop_back()
-                .map(|(c, since)| (c, now.saturating_duration_since(since))),
-            _ => None,
-        }
-    }
-
-    /// Pools `conn` unless it is past `limit`, belongs to another thread's runtime, or its
-    /// backend is retired (`retired` is read under the stack's lock, so a socket checked in
-    /// while `retire` runs is either refused here or cleared by it).
-    pub fn checkin(
-        &self,
-        mut conn: Conn,
-        head_at: Instant,
-        limit: Duration,
-        retired: impl Fn() -> bool,
-    ) {
-        if Instant::now().saturating_duration_since(head_at) >= limit
-            || conn.worker != crate::workers::index()
-        {
-            return;
-        }
-        if conn.grew {
-            conn.buf = BytesMut::with_capacity(8192);
-            conn.grew = false;
-        }
-        if conn.head.capacity() > KEEP_BUFFER {
-            conn.head = Vec::with_capacity(512);
-        }
-        if let Ok(mut stack) = self.stack().lock() {
-            if retired() {
-                return;
-            }
-            if stack.len() >= MAX_IDLE {
-                stack.pop_front();
-            }
-            // Ordered by stamp: a long answer checks in after shorter ones that started later.
-            let at = stack
-                .iter()
-                .rposition(|(_, since)| *since <= head_at)
-                .map_or(0, |i| i + 1);
-            stack.insert(at, (conn, head_at));
-        }
-    }
-
-    /// Closes the sockets stamped `limit` or more ago.
-    pub fn expire(&self, limit: Duration) {
-        let now = Instant::now();
-        for stack in self.stacks.iter() {
-            if let Ok(mut s) = stack.lock() {
-                expire(&mut s, now, limit);
-            }
-        }
-    }
-
-    /// Closes every idle socket.
-    pub fn clear(&self) {
-        for stack in self.stacks.iter() {
-            if let Ok(mut s) = stack.lock() {
-                s.clear();
-            }
-        }
-    }
-}
-
-impl Default for Pool {
-    fn default() -> Self {
-        Pool::new()
-    }
-}
-
-fn expire(stack: &mut Stack, now: Instant, limit: Duration) {
-    while stack
-        .front()
-        .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= limit)
-    {
-        stack.pop_front();
     }
 }
 

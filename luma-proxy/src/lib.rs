@@ -27,6 +27,7 @@ pub mod log;
 pub mod metrics;
 pub mod park;
 pub mod pipe;
+pub mod pool;
 pub mod proxy;
 pub mod resolve;
 pub mod route;

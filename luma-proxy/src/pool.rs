@@ -1,0 +1,224 @@
+//! Idle upstream connections of one backend, kept by the reuse rule of the `backend` module doc:
+//! one stack per serving thread, each connection stamped with when its last answer's head
+//! arrived.
+//!
+//! Why one type: a backend keeps two kinds of idle connection, hyper's client connections (for
+//! requests with a body or an upgrade) and the inline client's sockets (`inline`). Both obey
+//! the same rule, so the rule is written once here and the kinds differ only in what they hold:
+//! - a stack per serving thread, because a connection is driven by the runtime of the thread
+//!   that opened it;
+//! - ordered by stamp, freshest on top: the freshest is reused first and the stalest sit at
+//!   the bottom, where they expire after `limit` (`timeouts.pool_idle_ms`);
+//! - at most [`MAX_IDLE`] per stack, the oldest closed beyond that;
+//! - a connection checked in while its backend is retired is refused, and `retired` is read
+//!   under the stack's lock, so a checkin racing `retire` is either refused or cleared by it.
+//!
+//! Closing a connection is dropping it: both kinds close their socket on drop.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Idle connections kept per backend, kind and serving thread.
+pub const MAX_IDLE: usize = 256;
+
+/// The idle connections of one backend, of one kind.
+pub struct IdlePool<C> {
+    /// One stack per serving thread, stalest first, each entry with its stamp.
+    stacks: Box<[Mutex<VecDeque<(C, Instant)>>]>,
+    /// A connection stamped this long ago is closed, never reused (zero: no pooling).
+    limit: Duration,
+}
+
+impl<C> IdlePool<C> {
+    pub fn new(limit: Duration) -> IdlePool<C> {
+        Self::with_stacks(crate::workers::count(), limit)
+    }
+
+    fn with_stacks(count: usize, limit: Duration) -> IdlePool<C> {
+        IdlePool {
+            stacks: (0..count.max(1))
+                .map(|_| Mutex::new(VecDeque::new()))
+                .collect(),
+            limit,
+        }
+    }
+
+    fn stack(&self) -> &Mutex<VecDeque<(C, Instant)>> {
+        &self.stacks[crate::workers::index() % self.stacks.len()]
+    }
+
+    /// This thread's freshest connection, and how long it has been idle, if its stamp is less
+    /// than `max_idle` old (the caller's reuse rule). Expired ones are closed on the way.
+    pub fn checkout(&self, max_idle: Duration) -> Option<(C, Duration)> {
+        if max_idle.is_zero() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut stack = self.stack().lock().ok()?;
+        expire(&mut stack, now, self.limit);
+        match stack.back() {
+            Some((_, since)) if now.saturating_duration_since(*since) < max_idle => stack
+                .pop_back()
+                .map(|(conn, since)| (conn, now.saturating_duration_since(since))),
+            _ => None,
+        }
+    }
+
+    /// Pools `conn`, stamped `head_at`, on this thread's stack; closes it instead if the stamp
+    /// is already `limit` old or `retired()` says its backend is retired.
+    pub fn checkin(&self, conn: C, head_at: Instant, retired: impl Fn() -> bool) {
+        // Also true for a zero limit (no pooling).
+        if Instant::now().saturating_duration_since(head_at) >= self.limit {
+            return;
+        }
+        let Ok(mut stack) = self.stack().lock() else {
+            return;
+        };
+        if retired() {
+            return;
+        }
+        if stack.len() >= MAX_IDLE {
+            stack.pop_front();
+        }
+        // A long answer checks in after shorter ones that started later: keep the stack ordered
+        // by stamp (almost always the top, so this looks at one entry).
+        let at = stack
+            .iter()
+            .rposition(|(_, since)| *since <= head_at)
+            .map_or(0, |i| i + 1);
+        stack.insert(at, (conn, head_at));
+    }
+
+    /// Closes the expired connections of every thread's stack, so a backend no request reaches
+    /// does not keep them open (called at each health probe).
+    pub fn expire(&self) {
+        self.expire_at(Instant::now());
+    }
+
+    fn expire_at(&self, now: Instant) {
+        for stack in self.stacks.iter() {
+            if let Ok(mut s) = stack.lock() {
+                expire(&mut s, now, self.limit);
+            }
+        }
+    }
+
+    /// Closes every idle connection (the backend is retired).
+    pub fn clear(&self) {
+        for stack in self.stacks.iter() {
+            if let Ok(mut s) = stack.lock() {
+                s.clear();
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.stacks
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.len()))
+            .sum()
+    }
+}
+
+/// Closes the connections at the bottom of `stack` (the stalest) stamped `limit` or more ago.
+fn expire<C>(stack: &mut VecDeque<(C, Instant)>, now: Instant, limit: Duration) {
+    while stack
+        .front()
+        .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= limit)
+    {
+        stack.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    fn pool() -> IdlePool<u32> {
+        IdlePool::with_stacks(1, LIMIT)
+    }
+
+    #[test]
+    fn freshest_is_reused_first() {
+        let p = pool();
+        let now = Instant::now();
+        p.checkin(1, now - Duration::from_secs(3), || false);
+        p.checkin(2, now - Duration::from_secs(1), || false);
+        assert_eq!(p.checkout(LIMIT).map(|c| c.0), Some(2));
+        assert_eq!(p.checkout(LIMIT).map(|c| c.0), Some(1));
+        assert!(p.checkout(LIMIT).is_none());
+    }
+
+    #[test]
+    fn a_late_checkin_keeps_the_stack_ordered_by_stamp() {
+        // A long answer that started first checks in last; the fresher one stays on top.
+        let p = pool();
+        let now = Instant::now();
+        p.checkin(2, now - Duration::from_secs(1), || false);
+        p.checkin(1, now - Duration::from_secs(5), || false);
+        assert_eq!(p.checkout(LIMIT).map(|c| c.0), Some(2));
+    }
+
+    #[test]
+    fn max_idle_is_the_callers_rule_and_idle_time_is_reported() {
+        let p = pool();
+        let stamp = Instant::now() - Duration::from_secs(2);
+        p.checkin(7, stamp, || false);
+        // Not recent enough for a request that asks for proof of life within 1 s: left pooled.
+        assert!(p.checkout(Duration::from_secs(1)).is_none());
+        let (conn, idle) = p.checkout(LIMIT).expect("pooled");
+        assert_eq!(conn, 7);
+        assert!(idle >= Duration::from_secs(2), "{idle:?}");
+        assert!(p.checkout(Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn expired_and_stale_connections_are_closed() {
+        let p = pool();
+        let now = Instant::now();
+        // Already past the limit when it comes back: never pooled.
+        p.checkin(1, now - LIMIT, || false);
+        assert_eq!(p.len(), 0);
+        p.checkin(2, now - LIMIT + Duration::from_millis(1), || false);
+        p.checkin(3, now, || false);
+        p.expire_at(now + Duration::from_millis(2));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.checkout(LIMIT).map(|c| c.0), Some(3));
+    }
+
+    #[test]
+    fn a_zero_limit_pools_nothing() {
+        let p: IdlePool<u32> = IdlePool::with_stacks(1, Duration::ZERO);
+        p.checkin(1, Instant::now(), || false);
+        assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn retired_backends_take_nothing_back_and_clear_closes_all() {
+        let p = pool();
+        p.checkin(1, Instant::now(), || true);
+        assert_eq!(p.len(), 0);
+        p.checkin(2, Instant::now(), || false);
+        p.clear();
+        assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn the_oldest_is_closed_beyond_max_idle() {
+        let p = pool();
+        let base = Instant::now() - Duration::from_secs(5);
+        for i in 0..=MAX_IDLE as u32 {
+            p.checkin(i, base + Duration::from_millis(u64::from(i)), || false);
+        }
+        assert_eq!(p.len(), MAX_IDLE);
+        let mut last = None;
+        while let Some((c, _)) = p.checkout(LIMIT) {
+            last = Some(c);
+        }
+        assert_eq!(last, Some(1), "connection 0 was the oldest and was closed");
+    }
+}
