@@ -702,9 +702,13 @@ async fn serve_listener(
                 c.metrics.count_handshake_failure();
                 return;
             };
+            // Boxed, as on the plain listener (`park::serve_h2`): one allocation instead of
+            // copies of the whole request future into each HTTP/2 stream's task.
             let svc = service_fn(move |req| {
                 let (c, cert, peer) = (c.clone(), cert.clone(), peer.clone());
-                async move { Ok::<_, Infallible>(proxy::handle(c, req, peer, Some(&cert)).await) }
+                Box::pin(async move {
+                    Ok::<_, Infallible>(proxy::handle(c, req, peer, Some(&cert)).await)
+                })
             });
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
