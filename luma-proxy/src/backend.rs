@@ -407,6 +407,9 @@ impl Backend {
 
     /// Takes back an inline socket whose answer was read to its end (not once retired).
     pub fn inline_checkin(&self, r: crate::inline::Reusable) {
+        if self.inline.is_expired(r.head_at) {
+            return;
+        }
         if let Some(conn) = r.conn.into_poolable() {
             self.inline.checkin(conn, r.head_at, || self.is_retired());
         }

@@ -319,3 +319,34 @@ fn next_frame(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn conn() -> (Conn, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        (Conn::new(stream), peer)
+    }
+
+    #[tokio::test]
+    async fn only_the_serving_threads_sockets_are_pooled_with_small_buffers() {
+        let (mut c, _peer) = conn().await;
+        c.grew = true;
+        c.buf = BytesMut::with_capacity(MAX_HEAD);
+        c.head = Vec::with_capacity(KEEP_BUFFER + 1);
+        let c = c.into_poolable().expect("same thread: pooled");
+        assert!(!c.grew);
+        assert!(c.buf.capacity() < KEEP_BUFFER, "{}", c.buf.capacity());
+        assert!(c.head.capacity() <= KEEP_BUFFER, "{}", c.head.capacity());
+
+        // A socket whose runtime is another serving thread's is never pooled here.
+        let (mut other, _peer) = conn().await;
+        other.worker = crate::workers::index() + 1;
+        assert!(other.into_poolable().is_none());
+    }
+}

@@ -75,8 +75,7 @@ impl<C> IdlePool<C> {
     /// is already `limit` old or `retired()` says its backend is retired.
     #[inline]
     pub fn checkin(&self, conn: C, head_at: Instant, retired: impl Fn() -> bool) {
-        // Also true for a zero limit (no pooling).
-        if Instant::now().saturating_duration_since(head_at) >= self.limit {
+        if self.is_expired(head_at) {
             return;
         }
         let Ok(mut stack) = self.stack().lock() else {
@@ -88,13 +87,24 @@ impl<C> IdlePool<C> {
         if stack.len() >= MAX_IDLE {
             stack.pop_front();
         }
+        // Almost always the freshest: it goes on top.
+        if stack.back().is_none_or(|(_, since)| *since <= head_at) {
+            stack.push_back((conn, head_at));
+            return;
+        }
         // A long answer checks in after shorter ones that started later: keep the stack ordered
-        // by stamp (almost always the top, so this looks at one entry).
+        // by stamp.
         let at = stack
             .iter()
             .rposition(|(_, since)| *since <= head_at)
             .map_or(0, |i| i + 1);
         stack.insert(at, (conn, head_at));
+    }
+
+    /// True when a connection stamped `head_at` would not be kept (also for a zero limit: no
+    /// pooling), so a caller can skip readying it for the pool.
+    pub fn is_expired(&self, head_at: Instant) -> bool {
+        Instant::now().saturating_duration_since(head_at) >= self.limit
     }
 
     /// Closes the expired connections of every thread's stack, so a backend no request reaches
@@ -180,7 +190,10 @@ mod tests {
         let (conn, idle) = p.checkout(LIMIT).expect("pooled");
         assert_eq!(conn, 7);
         assert!(idle >= Duration::from_secs(2), "{idle:?}");
+        // Zero: no pooled connection is recent enough, however fresh.
+        p.checkin(8, Instant::now(), || false);
         assert!(p.checkout(Duration::ZERO).is_none());
+        assert_eq!(p.len(), 1);
     }
 
     #[test]
@@ -190,9 +203,10 @@ mod tests {
         // Already past the limit when it comes back: never pooled.
         p.checkin(1, now - LIMIT, || false);
         assert_eq!(p.len(), 0);
-        p.checkin(2, now - LIMIT + Duration::from_millis(1), || false);
+        p.checkin(2, now - LIMIT + Duration::from_secs(1), || false);
         p.checkin(3, now, || false);
-        p.expire_at(now + Duration::from_millis(2));
+        assert_eq!(p.len(), 2);
+        p.expire_at(now + Duration::from_secs(2));
         assert_eq!(p.len(), 1);
         assert_eq!(p.checkout(LIMIT).map(|c| c.0), Some(3));
     }
@@ -202,6 +216,21 @@ mod tests {
         let p: IdlePool<u32> = IdlePool::with_stacks(1, Duration::ZERO);
         p.checkin(1, Instant::now(), || false);
         assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn retired_is_read_under_the_stack_lock() {
+        // `retire` sets the flag, then clears each stack under its lock: a checkin that reads
+        // the flag under the same lock is either refused or cleared afterwards.
+        let p = pool();
+        p.checkin(1, Instant::now(), || {
+            assert!(
+                p.stacks[0].try_lock().is_err(),
+                "retired() was read outside the stack's lock"
+            );
+            false
+        });
+        assert_eq!(p.len(), 1);
     }
 
     #[test]
