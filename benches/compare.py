@@ -3,10 +3,13 @@
 
 Every contender proxies to the same 1 KiB keep-alive backend on 127.0.0.1, with the same worker
 count, no access logs and the same forwarded headers (peers/ holds each config with its reasons).
-For each worker count (1 and 2):
-  * saturation: wrk, 64 keep-alive connections, median of the runs;
+For each worker count (1 and 2), with every contender started once and measured in rounds
+(one run each per round, the order rotated; see in_rounds), so that a shared VM's drift moves
+all of them alike and each round gives a paired ratio to nginx:
+  * saturation: wrk, 64 keep-alive connections;
   * fixed rate: luma-loadgen at half of nginx's saturation rate, for p50/p99/p99.9;
-  * CPU-seconds per 1,000 requests (from /proc, all of a contender's processes) and peak RSS.
+  * CPU-seconds per 1,000 requests (from /proc, all of a contender's processes) and peak RSS;
+  * luma-proxy against the speed goals of issue 11 (goals()).
 A "direct" run (no proxy) gives the ceiling. Nothing is asserted: the numbers are reported.
   * HTTP/2 cleartext (h2c, prior knowledge): h2load, 16 connections x 4 streams (64 in flight,
     like wrk), against luma-proxy (its HTTP listener takes h2c and HTTP/1.1 alike), nginx
@@ -459,58 +462,91 @@ def version(cmd):
 
 
 def measure(pids, repeats, run):
-    """`run()` -> (rate, requests, errors), `repeats` times: median rate, median CPU-seconds per
-    1,000 requests over `pids`, summed errors."""
-    runs, cpu = [], []
-    for _ in range(repeats):
-        before = cpu_seconds(pids)
-        rate, reqs, errs = run()
-        cpu.append((cpu_seconds(pids) - before) / max(reqs, 1) * 1000)
-        runs.append((rate, errs))
-    return {"rps": statistics.median(r for r, _ in runs), "errors": sum(e for _, e in runs), "cpu_per_1k": statistics.median(cpu)}
+    """`repeats` runs of one contender in a row (the HTTPS rows): `summary` of them."""
+    return summary([sample(pids, run) for _ in range(repeats)])
+
+
+def sample(pids, run):
+    """One run: `run()` -> (rate, requests, errors); with the CPU-seconds per 1,000 requests of
+    `pids` during it."""
+    before = cpu_seconds(pids)
+    rate, reqs, errs = run()
+    return {"rps": rate, "errors": errs, "cpu_per_1k": (cpu_seconds(pids) - before) / max(reqs, 1) * 1000}
+
+
+def in_rounds(names, repeats, run):
+    """`run(name)` for every name, `repeats` rounds, the order rotated each round:
+    {name: [result of each round]}. Every contender of a round runs within a minute of the
+    others, so a machine that drifts (a shared VM) moves them alike, and each round gives a
+    paired ratio; the rotation keeps any contender from always running first."""
+    out = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            out[name].append(run(name))
+    return out
+
+
+def summary(runs):
+    """Medians of a contender's rounds, the per-round values kept for the paired ratios."""
+    return {"rps": statistics.median(x["rps"] for x in runs), "errors": sum(x["errors"] for x in runs),
+            "cpu_per_1k": statistics.median(x["cpu_per_1k"] for x in runs), "rounds": runs}
 
 
 def run_http(worker_counts, names, seconds, repeats, tmp, backend):
+    """Per worker count, every contender is started once and they run in rounds (`in_rounds`):
+    saturation, then the fixed rate, then h2c. Only the one being measured gets load."""
     results = {}
     for n in worker_counts:
-        for name in names:
-            c = Contender(name, n, tempfile.mkdtemp(dir=tmp))
-            c.start()
-            try:
+        cs = {name: Contender(name, n, tempfile.mkdtemp(dir=tmp)) for name in names}
+        try:
+            for c in cs.values():
+                c.start()
+            for c in cs.values():
                 wrk(c.port, 1)  # warm-up: pools filled, caches hot
-                pids = c.pids() if name != "direct" else tree_pids(backend.pid)
-                results[(n, name)] = measure(pids, repeats, lambda: wrk(c.port, seconds))
-                results[(n, name)]["rss"] = peak_rss_mib(pids) if name != "direct" else None
-            finally:
+            pids = {name: c.pids() if name != "direct" else tree_pids(backend.pid) for name, c in cs.items()}
+            sat = in_rounds(names, repeats, lambda name: sample(pids[name], lambda: wrk(cs[name].port, seconds)))
+            for name in names:
+                results[(n, name)] = summary(sat[name])
+                print(f"workers={n} {name}: {results[(n, name)]['rps']:.0f} req/s", file=sys.stderr)
+            rate = int(results[(n, "nginx")]["rps"] / 2)
+            fixed = in_rounds(names, repeats, lambda name: loadgen(cs[name].port, rate, seconds))
+            for name in names:
+                r = results[(n, name)]
+                r["rate"] = rate
+                for k in ("p50_us", "p99_us", "p999_us"):
+                    r[k] = statistics.median(f[k] for f in fixed[name])
+                r["p99_rounds"] = [f["p99_us"] for f in fixed[name]]
+                r["fixed_failed"] = sum(f["non_2xx"] + f["socket_errors"] + f["timeouts"] for f in fixed[name])
+            h2 = [x for x in H2C_NAMES if x in names]
+            for name in h2:
+                h2c(H2C_PORTS[name], 1)  # warm-up
+            runs = in_rounds(h2, repeats, lambda name: sample(pids[name], lambda: h2c(H2C_PORTS[name], seconds)))
+            for name in h2:
+                results[(n, name, "h2c")] = summary(runs[name])
+                print(f"workers={n} {name} h2c: {results[(n, name, 'h2c')]['rps']:.0f} req/s", file=sys.stderr)
+            for name in names:
+                if name != "direct":
+                    results[(n, name)]["rss"] = peak_rss_mib(pids[name])
+                    if (n, name, "h2c") in results:
+                        results[(n, name, "h2c")]["rss"] = results[(n, name)]["rss"]
+                else:
+                    results[(n, name)]["rss"] = None
+        finally:
+            for c in cs.values():
                 c.stop()
-            print(f"workers={n} {name}: {results[(n, name)]['rps']:.0f} req/s", file=sys.stderr)
-        rate = int(results[(n, "nginx")]["rps"] / 2)
-        for name in names:
-            c = Contender(name, n, tempfile.mkdtemp(dir=tmp))
-            c.start()
-            try:
-                fixed = [loadgen(c.port, rate, seconds) for _ in range(repeats)]
-            finally:
-                c.stop()
-            r = results[(n, name)]
-            r["rate"] = rate
-            for k in ("p50_us", "p99_us", "p999_us"):
-                r[k] = statistics.median(f[k] for f in fixed)
-            r["fixed_failed"] = sum(f["non_2xx"] + f["socket_errors"] + f["timeouts"] for f in fixed)
-        for name in [x for x in H2C_NAMES if x in names]:
-            c = Contender(name, n, tempfile.mkdtemp(dir=tmp))
-            c.start()
-            try:
-                port = H2C_PORTS[name]
-                h2c(port, 1)  # warm-up: pools filled, caches hot
-                pids = c.pids()
-                r = measure(pids, repeats, lambda: h2c(port, seconds))
-                r["rss"] = peak_rss_mib(pids)
-                results[(n, name, "h2c")] = r
-            finally:
-                c.stop()
-            print(f"workers={n} {name} h2c: {r['rps']:.0f} req/s", file=sys.stderr)
     return results
+
+
+def paired(mine, theirs):
+    """Per-round ratios mine/theirs: (median, lowest, highest)."""
+    ratios = [a / b for a, b in zip(mine, theirs) if b]
+    return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else (float("nan"),) * 3
+
+
+def ratio_cell(mine, theirs):
+    m, lo, hi = paired(mine, theirs)
+    return f"{m:.2f} ({lo:.2f}–{hi:.2f})" if len(mine) > 1 else f"{m:.2f}"
 
 
 def run_tls(worker_counts, tls_names, seconds, repeats, tmp, kit):
@@ -668,33 +704,64 @@ def keep_other_part(path, only, lines):
 
 
 def write_http(results, worker_counts, names, seconds, repeats):
-    lines = ["## HTTP", "", f"Saturation: `wrk -t2 -c64 -d{seconds}s`, median of {repeats}. Fixed rate: `luma-loadgen --connections 64 --rate R` "
-             f"(open loop, latency from the due time) at R = half of nginx's saturation rate, {seconds} s, median of {repeats}.", ""]
+    lines = ["## HTTP", "", f"Saturation: `wrk -t2 -c64 -d{seconds}s`. Fixed rate: `luma-loadgen --connections 64 --rate R` "
+             f"(open loop, latency from the due time) at R = half of nginx's saturation rate, {seconds} s. "
+             f"All contenders of a worker count run at once, idle but the one measured, in {repeats} rounds with the order "
+             "rotated each round; figures are medians of the rounds, and a ratio is the median of the per-round "
+             "ratios with their range in brackets, so a drift of the machine between rounds cancels out.", ""]
     for n in worker_counts:
-        nginx = results[(n, "nginx")]["rps"]
+        base = results[(n, "nginx")]
         direct = results[(n, "direct")]["rps"]
+        rps = lambda r: [x["rps"] for x in r["rounds"]]
+        cpu = lambda r: [x["cpu_per_1k"] for x in r["rounds"]]
         lines += [f"### HTTP, {n} worker{'s' if n > 1 else ''}", "",
-                  "| contender | req/s | vs nginx | vs direct | fixed rate | p50 | p99 | p99.9 | CPU s / 1k req | peak RSS | errors |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| contender | req/s | vs nginx | vs direct | CPU s / 1k req | CPU vs nginx | fixed rate | p50 | p99 | "
+                  "p99 vs nginx | p99.9 | peak RSS | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in names:
             r = results[(n, name)]
             rss = f"{r['rss']:.1f} MiB" if r["rss"] is not None else "–"
+            cpu_vs = ratio_cell(cpu(r), cpu(base)) if name != "direct" else "–"
             lines.append(
-                f"| {name} | {r['rps']:,.0f} | {r['rps'] / nginx:.2f} | {r['rps'] / direct:.2f} | {r['rate']:,}/s | "
-                f"{r['p50_us'] / 1000:.2f} ms | {r['p99_us'] / 1000:.2f} ms | {r['p999_us'] / 1000:.2f} ms | "
-                f"{r['cpu_per_1k']:.3f} | {rss} | {r['errors'] + r['fixed_failed']} |")
+                f"| {name} | {r['rps']:,.0f} | {ratio_cell(rps(r), rps(base))} | {r['rps'] / direct:.2f} | "
+                f"{r['cpu_per_1k']:.3f} | {cpu_vs} | {r['rate']:,}/s | {r['p50_us'] / 1000:.2f} ms | {r['p99_us'] / 1000:.2f} ms | "
+                f"{ratio_cell(r['p99_rounds'], base['p99_rounds'])} | {r['p999_us'] / 1000:.2f} ms | {rss} | "
+                f"{r['errors'] + r['fixed_failed']} |")
         lines.append("")
+        if "luma-proxy" in names and "haproxy" in names:
+            lines += goals(results, n) + [""]
         h2 = [name for name in H2C_NAMES if (n, name, "h2c") in results]
         if "nginx" in h2:
-            base = results[(n, "nginx", "h2c")]["rps"]
+            base = results[(n, "nginx", "h2c")]
             lines += [f"HTTP/2 cleartext (h2c, prior knowledge), {n} worker{'s' if n > 1 else ''}: `h2load -t2 -c{H2_CONNECTIONS} "
-                      f"-m{H2_STREAMS} -D{seconds}` ({H2_CONNECTIONS * H2_STREAMS} requests in flight, as wrk's 64), median of {repeats}.", "",
-                      "| contender | h2c req/s | vs nginx | CPU s / 1k req | peak RSS | errors |",
-                      "|---|---:|---:|---:|---:|---:|"]
+                      f"-m{H2_STREAMS} -D{seconds}` ({H2_CONNECTIONS * H2_STREAMS} requests in flight, as wrk's 64), in rounds "
+                      "as above, on the same processes (peak RSS covers both protocols).", "",
+                      "| contender | h2c req/s | vs nginx | CPU s / 1k req | CPU vs nginx | peak RSS | errors |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
             for name in h2:
                 r = results[(n, name, "h2c")]
-                lines.append(f"| {name} | {r['rps']:,.0f} | {r['rps'] / base:.2f} | {r['cpu_per_1k']:.3f} | {r['rss']:.1f} MiB | {r['errors']} |")
+                lines.append(f"| {name} | {r['rps']:,.0f} | {ratio_cell(rps(r), rps(base))} | {r['cpu_per_1k']:.3f} | "
+                             f"{ratio_cell(cpu(r), cpu(base))} | {r['rss']:.1f} MiB | {r['errors']} |")
             lines.append("")
+    return lines
+
+
+def goals(results, n):
+    """luma-proxy against the speed goals of issue 11, from the paired per-round ratios: 'met' when
+    the median ratio meets the goal, with how many rounds met it."""
+    me, nginx, haproxy = results[(n, "luma-proxy")], results[(n, "nginx")], results[(n, "haproxy")]
+    rps = lambda r: [x["rps"] for x in r["rounds"]]
+    cpu = lambda r: [x["cpu_per_1k"] for x in r["rounds"]]
+    checks = [("req/s ≥ nginx", rps(me), rps(nginx), True), ("req/s ≥ HAProxy", rps(me), rps(haproxy), True),
+              ("CPU per request ≤ nginx", cpu(me), cpu(nginx), False),
+              ("p99 at the fixed rate ≤ nginx", me["p99_rounds"], nginx["p99_rounds"], False)]
+    lines = [f"Goals, luma-proxy with {n} worker{'s' if n > 1 else ''}:", ""]
+    for label, mine, theirs, higher in checks:
+        ratios = [a / b for a, b in zip(mine, theirs) if b]
+        m = statistics.median(ratios)
+        ok = (lambda x: x >= 1.0) if higher else (lambda x: x <= 1.0)
+        lines.append(f"- {label}: {m:.2f}×, {'met' if ok(m) else 'missed'} "
+                     f"({sum(1 for x in ratios if ok(x))} of {len(ratios)} rounds)")
     return lines
 
 
