@@ -69,6 +69,13 @@ impl Conn {
         }
     }
 
+    /// At least 4 KiB free to read into (8 KiB more when less is left).
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(8192);
+        }
+    }
+
     /// The socket as it may be pooled: on its own thread only (the runtime that drives it),
     /// with a buffer a big head grew replaced (see [`KEEP_BUFFER`]).
     pub fn into_poolable(mut self) -> Option<Conn> {
@@ -196,9 +203,7 @@ async fn ask(conn: &mut Conn, parts: &Parts) -> Result<ResponseHead, Unanswered>
             Ok(None) => {}
             Err(e) => return Err(Unanswered::Bad(e.to_string())),
         }
-        if conn.buf.capacity() - conn.buf.len() < 4096 {
-            conn.buf.reserve(8192);
-        }
+        conn.make_room();
         conn.grew |= conn.buf.len() > KEEP_BUFFER;
         match conn.stream.read_buf(&mut conn.buf).await {
             Ok(0) if !got_any => return Err(Unanswered::Silent("connection closed".into())),
@@ -294,9 +299,7 @@ fn next_frame(
             Ok(Decoded::NeedMore) => {}
             Err(e) => return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, e)))),
         }
-        if conn.buf.capacity() - conn.buf.len() < 4096 {
-            conn.buf.reserve(8192);
-        }
+        conn.make_room();
         match conn.stream.try_read_buf(&mut conn.buf) {
             Ok(0) => {
                 return match decoder.eof() {
