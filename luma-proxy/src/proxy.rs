@@ -41,6 +41,7 @@ use crate::tls::book::Entry;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -509,15 +510,14 @@ const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000");
 /// host has a usable certificate. Challenges are never redirected.
 fn tls_answer(
     ctx: &ProxyCtx,
-    req: &Request<Incoming>,
+    req: &Parts,
     service: Option<&Arc<Service>>,
 ) -> Option<Response<ResponseBody>> {
     let certs = ctx.certs.as_ref()?;
-    let path = req.uri().path();
+    let path = req.uri.path();
     // Only a challenge or a redirect needs the host: most requests are neither, and skip it.
-    let host = || {
-        headers::request_host(req.uri(), req.headers()).map(crate::router::normalize_request_host)
-    };
+    let host =
+        || headers::request_host(&req.uri, &req.headers).map(crate::router::normalize_request_host);
     if let Some(token) = path.strip_prefix(ACME_CHALLENGE_PATH) {
         let host = host()?;
         if certs.has_tokens() {
@@ -548,11 +548,7 @@ fn tls_answer(
         443 => String::new(),
         p => format!(":{p}"),
     };
-    let tail = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let tail = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let location = HeaderValue::from_str(&format!("https://{host}{port}{tail}")).ok()?;
     let mut r = local_response(
         StatusCode::PERMANENT_REDIRECT,
@@ -568,13 +564,13 @@ fn tls_answer(
 /// gets that host's own certificate. HTTP/2 clients reuse one connection for every name its
 /// certificate covers; within one project that is served as usual.
 fn misdirected(
-    req: &Request<Incoming>,
+    req: &Parts,
     service: Option<&Arc<Service>>,
     cert: Option<&Entry>,
 ) -> Option<Response<ResponseBody>> {
     let cert = cert?;
-    let host = headers::request_host(req.uri(), req.headers())
-        .map(crate::router::normalize_request_host)?;
+    let host =
+        headers::request_host(&req.uri, &req.headers).map(crate::router::normalize_request_host)?;
     if cert.serves(&host, service.map(|s| s.spec.project.as_str())) {
         return None;
     }
@@ -601,48 +597,55 @@ pub fn local_response(status: StatusCode, text: &'static str) -> Response<Respon
 /// (shutdown): the last lookup is served whatever it finds.
 pub const MAX_LOOKUPS: usize = 3;
 
-/// What [`forward`] did with a request.
+/// What [`forward`] did with a request. Not boxed: one is returned per request, and a box
+/// would cost an allocation where the size only costs a copy.
+#[allow(clippy::large_enum_variant)]
 enum Forwarded {
     Done(Response<ResponseBody>, Option<SocketAddr>),
-    /// The service was stopped before the request was counted on it. Nothing was sent and the
-    /// request is handed back unchanged, to be routed again.
-    Reroute(Request<Incoming>),
+    /// The service was stopped before the request was counted on it. Nothing was sent: the
+    /// body is handed back, and the head (which the caller kept) is unchanged, to be routed
+    /// again.
+    Reroute(Incoming),
 }
 
-fn lookup(ctx: &ProxyCtx, req: &Request<Incoming>) -> Option<Arc<Service>> {
-    headers::request_host(req.uri(), req.headers()).and_then(|h| ctx.router.lookup(h))
+fn lookup(ctx: &ProxyCtx, head: &Parts) -> Option<Arc<Service>> {
+    headers::request_host(&head.uri, &head.headers).and_then(|h| ctx.router.lookup(h))
 }
 
 /// Serves one request. `cert`: on HTTPS, the certificate the connection's handshake was
 /// admitted with (see `tls::book`).
+///
+/// The head stays in this function's state and the steps below borrow it: a request moved
+/// by value through each async step is copied whole at every level (`docs/profile.md`).
 pub async fn handle(
     ctx: Arc<ProxyCtx>,
     req: Request<Incoming>,
     peer: headers::Peer,
     cert: Option<&Entry>,
 ) -> Response<ResponseBody> {
+    let (mut head, body) = req.into_parts();
     // Only the access log needs the clock and owned copies of the request line.
     let log = ctx.access_log.then(|| {
-        let host = headers::request_host(req.uri(), req.headers())
+        let host = headers::request_host(&head.uri, &head.headers)
             .unwrap_or("")
             .to_owned();
         (
             Instant::now(),
             host,
-            req.method().clone(),
-            req.uri().path().to_owned(),
+            head.method.clone(),
+            head.uri.path().to_owned(),
         )
     });
     let mut service = None;
-    let (resp, backend) = match admit(&req) {
+    let (resp, backend) = match admit(&head) {
         Some(refused) => (refused, None),
         None => {
-            service = lookup(&ctx, &req);
-            match misdirected(&req, service.as_ref(), cert)
-                .or_else(|| tls_answer(&ctx, &req, service.as_ref()))
+            service = lookup(&ctx, &head);
+            match misdirected(&head, service.as_ref(), cert)
+                .or_else(|| tls_answer(&ctx, &head, service.as_ref()))
             {
                 Some(answer) => (answer, None),
-                None => route(&ctx, &mut service, req, &peer).await,
+                None => route(&ctx, &mut service, &mut head, body, &peer).await,
             }
         }
     };
@@ -684,8 +687,8 @@ enum FirstFrame {
 }
 
 /// The strict checks a request head passes before it is routed (see [`headers::refuse`]).
-fn admit(req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
-    match headers::refuse(req.method(), req.version(), req.uri(), req.headers())? {
+fn admit(head: &Parts) -> Option<Response<ResponseBody>> {
+    match headers::refuse(&head.method, head.version, &head.uri, &head.headers)? {
         headers::Refusal::MethodNotAllowed => {
             let mut r = local_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -708,12 +711,13 @@ fn admit(req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
 async fn route(
     ctx: &ProxyCtx,
     service: &mut Option<Arc<Service>>,
-    mut req: Request<Incoming>,
+    head: &mut Parts,
+    mut body: Incoming,
     peer: &headers::Peer,
 ) -> (Response<ResponseBody>, Option<SocketAddr>) {
     if let Some(svc) = service.as_ref() {
         let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
-        if let Err(refused) = read_first_chunk(&mut req, timeout).await {
+        if let Err(refused) = read_first_chunk(head, &mut body, timeout).await {
             return (refused, None);
         }
     }
@@ -725,12 +729,12 @@ async fn route(
                 None,
             );
         };
-        match forward(ctx, svc, req, peer, lookups < MAX_LOOKUPS).await {
+        match forward(ctx, svc, head, body, peer, lookups < MAX_LOOKUPS).await {
             Forwarded::Done(resp, backend) => return (resp, backend),
-            Forwarded::Reroute(r) => {
-                req = r;
+            Forwarded::Reroute(b) => {
+                body = b;
                 lookups += 1;
-                *service = lookup(ctx, &req);
+                *service = lookup(ctx, head);
             }
         }
     }
@@ -747,15 +751,16 @@ async fn route(
 /// that sends chunked headers and then nothing is answered 408, and the connection closed,
 /// instead of holding its connection slot until the idle timeout.
 async fn read_first_chunk(
-    req: &mut Request<Incoming>,
+    head: &mut Parts,
+    body: &mut Incoming,
     timeout: Duration,
 ) -> Result<(), Response<ResponseBody>> {
-    if !headers::has_chunked_body(req.version(), req.headers()) {
+    if !headers::has_chunked_body(head.version, &head.headers) {
         return Ok(());
     }
     use http_body_util::BodyExt;
-    let version = req.version();
-    let first = match tokio::time::timeout(timeout, req.body_mut().frame()).await {
+    let version = head.version;
+    let first = match tokio::time::timeout(timeout, body.frame()).await {
         Err(_) => {
             return Err(closing_local(
                 version,
@@ -771,7 +776,7 @@ async fn read_first_chunk(
         },
     };
     if let Some(first) = first {
-        req.extensions_mut().insert(first);
+        head.extensions.insert(first);
     }
     Ok(())
 }
@@ -802,7 +807,7 @@ struct Replay {
 }
 
 impl Replay {
-    fn of(parts: &hyper::http::request::Parts) -> Replay {
+    fn of(parts: &Parts) -> Replay {
         Replay {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
@@ -833,22 +838,25 @@ fn is_replayable(method: &Method) -> bool {
 }
 
 /// Sends the request to a backend of `svc`. With `may_reroute`, a request that finds `svc`
-/// stopped (a deploy replaced it) comes back untouched as [`Forwarded::Reroute`].
+/// stopped (a deploy replaced it) comes back untouched as [`Forwarded::Reroute`]: its body
+/// handed back, `parts` unchanged. Once it is sent, `parts` holds the head as it went
+/// upstream, or an empty head when hyper's client took it.
 async fn forward(
     ctx: &ProxyCtx,
     svc: &Arc<Service>,
-    mut req: Request<Incoming>,
+    parts: &mut Parts,
+    body: Incoming,
     peer: &headers::Peer,
     may_reroute: bool,
 ) -> Forwarded {
     // A declared length above the cap is refused before anything goes upstream.
     let cap = svc.spec.limits.max_body_bytes;
-    if req.body().size_hint().lower() > cap {
-        return Forwarded::Done(too_large(req.version()), None);
+    if body.size_hint().lower() > cap {
+        return Forwarded::Done(too_large(parts.version), None);
     }
     let Some(first) = svc.balancer.pick(None) else {
         if may_reroute && svc.is_stopped() {
-            return Forwarded::Reroute(req);
+            return Forwarded::Reroute(body);
         }
         return Forwarded::Done(
             local_response(StatusCode::SERVICE_UNAVAILABLE, "503 no healthy backend\n"),
@@ -860,13 +868,16 @@ async fn forward(
     let mut guard = first.begin();
     if may_reroute && svc.is_stopped() {
         drop(guard);
-        return Forwarded::Reroute(req);
+        return Forwarded::Reroute(body);
     }
-    let upgrade = headers::is_upgrade(req.version(), req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
+    let upgrade = headers::is_upgrade(parts.version, &parts.headers);
+    // What `hyper::upgrade::on` takes from a request: hyper's HTTP/1.1 server puts it on
+    // every request with `Upgrade` (a superset of `is_upgrade`'s).
+    let client_upgrade = upgrade
+        .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+        .flatten();
     headers::prepare_upstream(
-        &mut parts,
+        parts,
         peer,
         ctx.scheme.as_str(),
         &ctx.trusted_proxies,
@@ -887,7 +898,7 @@ async fn forward(
         return forward_inline(ctx, svc, parts, first, guard).await;
     }
     // Keep what a replay needs only when a replay is allowed.
-    let mut replay = replayable.then(|| Replay::of(&parts));
+    let mut replay = replayable.then(|| Replay::of(parts));
     let version = parts.version;
     // A request that cannot be replayed only goes on a connection proven alive (`backend`).
     let mut reuse = if replay.is_some() {
@@ -896,8 +907,10 @@ async fn forward(
         Reuse::Recent
     };
     let clock = (!body.is_end_stream()).then(|| Arc::new(UploadClock::new()));
+    // hyper's client takes the head by value; the caller's is left empty (no allocation).
+    let head = std::mem::replace(parts, Request::new(()).into_parts().0);
     let mut req = Request::from_parts(
-        parts,
+        head,
         Upload::new(body, cap, clock.clone()).watched_by(watch),
     );
     let timeout = Duration::from_millis(svc.spec.timeouts.response_ms);
@@ -1029,7 +1042,7 @@ fn frames_no_body(headers: &hyper::HeaderMap) -> bool {
 async fn forward_inline(
     ctx: &ProxyCtx,
     svc: &Arc<Service>,
-    parts: hyper::http::request::Parts,
+    parts: &Parts,
     mut backend: Arc<Backend>,
     mut guard: InflightGuard,
 ) -> Forwarded {
@@ -1038,7 +1051,7 @@ async fn forward_inline(
     let mut reuse = Some(Reuse::Any);
     for attempt in 0..2 {
         let sent = {
-            let send = std::pin::pin!(crate::inline::exchange(&backend, &parts, reuse));
+            let send = std::pin::pin!(crate::inline::exchange(&backend, parts, reuse));
             within_response_timeout(send, None, timeout).await
         };
         match sent {
@@ -1149,7 +1162,8 @@ mod tests {
     /// A request's future state is copied whole at each await level and into hyper's slot for
     /// it (for HTTP/2, into a task per stream), so its size is a cost per request
     /// (`docs/profile.md`). The budget is for a debug build; it was 5,808 bytes before the
-    /// response timeout stopped holding a second copy of the upstream send.
+    /// response timeout stopped holding a second copy of the upstream send, and 4,616 before
+    /// the request head stayed in `handle` and the steps below it borrowed it (3,480).
     #[test]
     fn request_futures_stay_small() {
         let handle = future_size(
@@ -1161,13 +1175,14 @@ mod tests {
             )| handle(c, r, p, e),
         );
         let forward = future_size(
-            |(c, s, r, p, m): (
+            |(c, s, h, b, p, m): (
                 &'static ProxyCtx,
                 &'static Arc<Service>,
-                Request<Incoming>,
+                &'static mut Parts,
+                Incoming,
                 &'static headers::Peer,
                 bool,
-            )| forward(c, s, r, p, m),
+            )| forward(c, s, h, b, p, m),
         );
         let send =
             future_size(|(b, r, u): (&'static Arc<Backend>, Request<Upload>, Reuse)| b.send(r, u));
@@ -1185,7 +1200,7 @@ mod tests {
             "within_response_timeout's future is {within} bytes"
         );
         assert!(
-            handle <= 5 * 1024,
+            handle <= 4 * 1024,
             "proxy::handle's future is {handle} bytes"
         );
     }
