@@ -154,6 +154,7 @@ pub fn parse_response_head(
             continue;
         }
         let mut headers = HeaderMap::with_capacity(count);
+        let mut framed_by = FramedBy::default();
         for &(name, name_len, value, value_len) in &at[..count] {
             let (name, value) = (name as usize, value as usize);
             let (name_len, value_len) = (name_len as usize, value_len as usize);
@@ -161,6 +162,7 @@ pub fn parse_response_head(
                 .map_err(|_| Malformed::Head("invalid header name".into()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
                 .map_err(|_| Malformed::Head(format!("invalid value of {name}")))?;
+            framed_by.note(&name);
             headers.append(name, value);
         }
         // A 101 was never asked for (no Upgrade is sent): whatever follows it is not HTTP/1.1.
@@ -169,8 +171,9 @@ pub fn parse_response_head(
                 "101 Switching Protocols, not asked for".into(),
             ));
         }
-        let framing = framing(method, status, version, &headers)?;
-        let keep_alive = framing != Framing::UntilClose && keeps_alive(version, &headers);
+        let framing = framing(method, status, version, &headers, framed_by)?;
+        let keep_alive =
+            framing != Framing::UntilClose && keeps_alive(version, &headers, framed_by);
         return Ok(Some(ResponseHead {
             status,
             version,
@@ -181,6 +184,24 @@ pub fn parse_response_head(
     }
 }
 
+/// Which of the names the framing rules read a head carries, noted while its headers are
+/// built: a comparison per name there is cheaper than hashed look-ups of names that are
+/// mostly absent afterwards.
+#[derive(Debug, Default, Clone, Copy)]
+struct FramedBy {
+    content_length: bool,
+    transfer_encoding: bool,
+    connection: bool,
+}
+
+impl FramedBy {
+    fn note(&mut self, name: &HeaderName) {
+        self.content_length |= name == CONTENT_LENGTH;
+        self.transfer_encoding |= name == TRANSFER_ENCODING;
+        self.connection |= name == CONNECTION;
+    }
+}
+
 /// The body's framing, and false when the head framed it in a way the connection should not
 /// outlive (both Transfer-Encoding and Content-Length).
 fn framing(
@@ -188,6 +209,7 @@ fn framing(
     status: StatusCode,
     version: Version,
     headers: &HeaderMap,
+    framed_by: FramedBy,
 ) -> Result<Framing, Malformed> {
     if method == Method::HEAD
         || status.is_informational()
@@ -196,8 +218,8 @@ fn framing(
     {
         return Ok(Framing::Empty);
     }
-    let has_length = headers.contains_key(CONTENT_LENGTH);
-    if headers.contains_key(TRANSFER_ENCODING) {
+    let has_length = framed_by.content_length;
+    if framed_by.transfer_encoding {
         // Both framings, or chunks from HTTP/1.0: two parsers could read two different
         // messages here (how responses are smuggled). Refused, as nginx and hyper refuse them.
         if has_length {
@@ -250,7 +272,10 @@ fn framing(
     }
 }
 
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+fn keeps_alive(version: Version, headers: &HeaderMap, framed_by: FramedBy) -> bool {
+    if !framed_by.connection {
+        return version == Version::HTTP_11;
+    }
     let mut close = false;
     let mut keep = false;
     // Bytes, not text: a value with one non-ASCII byte must not hide its `close`.
