@@ -21,14 +21,17 @@
 //!   [`ConnIo::poll_parked`], under the same timeouts and end signal.
 //!
 //! The timer is re-armed lazily: reads and writes only store a timestamp, and the sleep is
-//! reset when it fires early, so the hot path pays for a clock read, not a timer update.
+//! reset when it fires early, so the hot path pays for a clock read, not a timer update. Nor
+//! is the sleep polled again while it holds the waker that polls now: polling it registers the
+//! waker each time (an atomic handshake and a unit of the task's budget), three times a
+//! request, for a timer that has not moved.
 
 use bytes::{Buf, Bytes};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -46,6 +49,9 @@ pub struct ConnIo<T> {
     idle: Duration,
     last: Instant,
     sleep: Pin<Box<Sleep>>,
+    /// The waker `sleep` was last polled with, while it has not fired: that waker is the one
+    /// the timer will wake.
+    armed_for: Option<Waker>,
     end: Option<EndSignal>,
     ended: bool,
     /// Bytes read ahead and given back: read before the socket.
@@ -82,6 +88,7 @@ impl<T> ConnIo<T> {
             idle,
             last: now,
             sleep: Box::pin(tokio::time::sleep_until(now + first)),
+            armed_for: None,
             end: None,
             ended: false,
             unread: Bytes::new(),
@@ -127,6 +134,17 @@ impl<T> ConnIo<T> {
 
     /// Ready(err) once the connection has been silent for the whole current timeout.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        // A timer that has not fired wakes the waker it was last polled with; while that is
+        // the caller's, there is nothing to register. (Should it fire right after this check,
+        // it wakes that waker, and the next poll sees it.)
+        if !self.sleep.is_elapsed()
+            && self
+                .armed_for
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
         while self.sleep.as_mut().poll(cx).is_ready() {
             let deadline = self.last + self.timeout();
             if Instant::now() >= deadline {
@@ -138,6 +156,10 @@ impl<T> ConnIo<T> {
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what));
             }
             self.sleep.as_mut().reset(deadline);
+        }
+        match &mut self.armed_for {
+            Some(w) => w.clone_from(cx.waker()),
+            None => self.armed_for = Some(cx.waker().clone()),
         }
         Poll::Pending
     }
@@ -341,6 +363,43 @@ mod tests {
         let e = io.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(t.elapsed(), Duration::from_secs(120));
+    }
+
+    /// The timer is registered again when another task polls (a tunnel takes the socket over
+    /// from hyper's connection task): it wakes the task that waits now, not the one before.
+    #[tokio::test(start_paused = true)]
+    async fn the_timeout_wakes_the_task_that_polls_last() {
+        let (a, _b) = tokio::io::duplex(64);
+        let io = ConnIo::new(a, Duration::from_secs(10), Duration::from_secs(120));
+        let t = Instant::now();
+        let mut io = tokio::spawn(async move {
+            let mut io = io;
+            let mut buf = [0u8; 8];
+            let gave_up = tokio::time::timeout(Duration::from_secs(1), io.read(&mut buf)).await;
+            assert!(
+                gave_up.is_err(),
+                "the read ended before the first-byte timeout"
+            );
+            io
+        })
+        .await
+        .unwrap();
+        let e = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            tokio::time::timeout(Duration::from_secs(600), io.read(&mut buf)).await
+        })
+        .await
+        .unwrap()
+        .expect("the second task's read never ended")
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        // Later means the timer woke the first task and the second only saw it when polled for
+        // another reason.
+        assert_eq!(
+            t.elapsed(),
+            Duration::from_secs(10),
+            "the first-byte timeout did not wake the task that waited"
+        );
     }
 
     #[tokio::test(start_paused = true)]
