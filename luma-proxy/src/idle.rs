@@ -145,7 +145,18 @@ impl<T> ConnIo<T> {
         {
             return Poll::Pending;
         }
-        while self.sleep.as_mut().poll(cx).is_ready() {
+        loop {
+            // A poll without budget left gives the timer no waker (tokio only schedules the
+            // task again): the next poll must then register, so it is not remembered.
+            let registers = tokio::task::coop::has_budget_remaining();
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                match (&mut self.armed_for, registers) {
+                    (Some(w), true) => w.clone_from(cx.waker()),
+                    (slot, true) => *slot = Some(cx.waker().clone()),
+                    (slot, false) => *slot = None,
+                }
+                return Poll::Pending;
+            }
             let deadline = self.last + self.timeout();
             if Instant::now() >= deadline {
                 let what = if self.first_byte.is_some() {
@@ -155,13 +166,9 @@ impl<T> ConnIo<T> {
                 };
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what));
             }
+            // A fired timer gave its waker away; the next turn of the loop registers one.
             self.sleep.as_mut().reset(deadline);
         }
-        match &mut self.armed_for {
-            Some(w) => w.clone_from(cx.waker()),
-            None => self.armed_for = Some(cx.waker().clone()),
-        }
-        Poll::Pending
     }
 
     /// True once the end signal has fired (and registers for it otherwise).
@@ -399,6 +406,40 @@ mod tests {
             t.elapsed(),
             Duration::from_secs(10),
             "the first-byte timeout did not wake the task that waited"
+        );
+    }
+
+    /// A poll made when the task's budget has run out registers nothing with the timer (tokio
+    /// only schedules the task again), so it must not count as armed: the next poll registers.
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_without_budget_leaves_the_timer_to_the_next_poll() {
+        let (a, _b) = tokio::io::duplex(64);
+        let mut io = ConnIo::new(a, Duration::from_secs(10), Duration::from_secs(120));
+        let t = Instant::now();
+        let mut buf = [0u8; 8];
+        let read = async {
+            let mut read = std::pin::pin!(io.read(&mut buf));
+            // The read's first poll comes with the task's budget used up.
+            std::future::poll_fn(|cx| {
+                while std::pin::pin!(tokio::task::coop::consume_budget())
+                    .poll(cx)
+                    .is_ready()
+                {}
+                assert!(read.as_mut().poll(cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            read.await
+        };
+        let e = tokio::time::timeout(Duration::from_secs(600), read)
+            .await
+            .expect("the read never ended")
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(
+            t.elapsed(),
+            Duration::from_secs(10),
+            "the first-byte timeout did not fire on time"
         );
     }
 
