@@ -166,7 +166,8 @@ impl<T> ConnIo<T> {
                 };
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what));
             }
-            // A fired timer gave its waker away; the next turn of the loop registers one.
+            // Fired early (the connection was active since): the timer moves to the new
+            // deadline, and the loop's next poll checks it and registers the waker again.
             self.sleep.as_mut().reset(deadline);
         }
     }
@@ -425,6 +426,7 @@ mod tests {
                     .poll(cx)
                     .is_ready()
                 {}
+                assert!(!tokio::task::coop::has_budget_remaining());
                 assert!(read.as_mut().poll(cx).is_pending());
                 Poll::Ready(())
             })

@@ -304,7 +304,9 @@ pub(crate) async fn serve(
             // uses it up); on other wakes a look at its state is enough, as polling it on every
             // wake of a busy connection cost ~250 instructions per request (callgrind).
             if !armed {
-                armed = true;
+                // A poll without coop budget left gives the timer no waker (tokio only
+                // schedules the task again): the next wake polls it again.
+                armed = tokio::task::coop::has_budget_remaining();
                 if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
