@@ -21,20 +21,19 @@
 //!   [`ConnIo::poll_parked`], under the same timeouts and end signal.
 //!
 //! The timer is re-armed lazily: reads and writes only store a timestamp, and the sleep is
-//! reset when it fires early, so the hot path pays for a clock read, not a timer update. Nor
-//! is the sleep polled again while it holds the waker that polls now: polling it registers the
-//! waker each time (an atomic handshake and a unit of the task's budget), three times a
-//! request, for a timer that has not moved.
+//! reset when it fires early, so the hot path pays for a clock read, not a timer update; and it
+//! is a [`LazySleep`], polled only when it needs the caller's waker.
 
+use crate::timer::LazySleep;
 use bytes::{Buf, Bytes};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 /// Resolves when the connection must end.
 pub type EndSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -48,10 +47,7 @@ pub struct ConnIo<T> {
     first_byte: Option<Duration>,
     idle: Duration,
     last: Instant,
-    sleep: Pin<Box<Sleep>>,
-    /// The waker `sleep` was last polled with, while it has not fired: that waker is the one
-    /// the timer will wake.
-    armed_for: Option<Waker>,
+    sleep: LazySleep,
     end: Option<EndSignal>,
     ended: bool,
     /// Bytes read ahead and given back: read before the socket.
@@ -87,8 +83,7 @@ impl<T> ConnIo<T> {
             first_byte: Some(first),
             idle,
             last: now,
-            sleep: Box::pin(tokio::time::sleep_until(now + first)),
-            armed_for: None,
+            sleep: LazySleep::until(now + first),
             end: None,
             ended: false,
             unread: Bytes::new(),
@@ -134,29 +129,7 @@ impl<T> ConnIo<T> {
 
     /// Ready(err) once the connection has been silent for the whole current timeout.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        // A timer that has not fired wakes the waker it was last polled with; while that is
-        // the caller's, there is nothing to register. (Should it fire right after this check,
-        // it wakes that waker, and the next poll sees it.)
-        if !self.sleep.is_elapsed()
-            && self
-                .armed_for
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            return Poll::Pending;
-        }
-        loop {
-            // A poll without budget left gives the timer no waker (tokio only schedules the
-            // task again): the next poll must then register, so it is not remembered.
-            let registers = tokio::task::coop::has_budget_remaining();
-            if self.sleep.as_mut().poll(cx).is_pending() {
-                match (&mut self.armed_for, registers) {
-                    (Some(w), true) => w.clone_from(cx.waker()),
-                    (slot, true) => *slot = Some(cx.waker().clone()),
-                    (slot, false) => *slot = None,
-                }
-                return Poll::Pending;
-            }
+        while self.sleep.poll(cx).is_ready() {
             let deadline = self.last + self.timeout();
             if Instant::now() >= deadline {
                 let what = if self.first_byte.is_some() {
@@ -166,10 +139,11 @@ impl<T> ConnIo<T> {
                 };
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what));
             }
-            // Fired early (the connection was active since): the timer moves to the new
-            // deadline, and the loop's next poll checks it and registers the waker again.
-            self.sleep.as_mut().reset(deadline);
+            // Fired early (the connection was active since): the next turn checks the new
+            // deadline and gives the timer the waker again.
+            self.sleep.reset(deadline);
         }
+        Poll::Pending
     }
 
     /// True once the end signal has fired (and registers for it otherwise).

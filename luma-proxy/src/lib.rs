@@ -35,6 +35,7 @@ pub mod router;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod timer;
 pub mod tls;
 pub mod token;
 pub mod util;

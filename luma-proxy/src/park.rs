@@ -270,8 +270,8 @@ pub(crate) async fn serve(
         })
     };
     let park_after = http.park_after;
-    let timer = tokio::time::sleep(park_after);
-    tokio::pin!(timer);
+    // Looked at on every wake of the connection: lazy, so it costs a check, not a poll.
+    let mut timer = crate::timer::LazySleep::until(Instant::now() + park_after);
     loop {
         // Only once a request has started on this hyper connection: hyper counts itself busy
         // until its first request ends, and a head that is still arriving (perhaps the bytes
@@ -283,12 +283,10 @@ pub(crate) async fn serve(
                 .with_upgrades(),
         );
         let (mut seen, _, _) = activity.snapshot();
-        timer.as_mut().reset(Instant::now() + park_after);
+        timer.reset(Instant::now() + park_after);
         let mut told = false;
         let mut parking = false;
         let mut quiet_before = false;
-        // Whether the timer has this task's waker since its last reset.
-        let mut armed = false;
         let finished = poll_fn(|cx| loop {
             if !told && ticket.draining(cx.waker()) {
                 told = true;
@@ -300,17 +298,7 @@ pub(crate) async fn serve(
             if told || parking || park_after.is_zero() {
                 return Poll::Pending;
             }
-            // The timer is polled once per period, to give it this task's waker (its firing
-            // uses it up); on other wakes a look at its state is enough, as polling it on every
-            // wake of a busy connection cost ~250 instructions per request (callgrind).
-            if !armed {
-                // A poll without coop budget left gives the timer no waker (tokio only
-                // schedules the task again): the next wake polls it again.
-                armed = tokio::task::coop::has_budget_remaining();
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-            } else if !timer.is_elapsed() {
+            if timer.poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let (started, in_flight, clean) = activity.snapshot();
@@ -332,8 +320,7 @@ pub(crate) async fn serve(
                 continue;
             }
             seen = started;
-            timer.as_mut().reset(Instant::now() + park_after);
-            armed = false;
+            timer.reset(Instant::now() + park_after);
         })
         .await;
         activity.parking.store(false, Ordering::Release);
