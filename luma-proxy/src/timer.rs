@@ -61,8 +61,41 @@ impl LazySleep {
         Poll::Pending
     }
 
-    /// Moves the deadline. A timer that has not fired keeps the waker it holds.
+    /// Moves the deadline. A timer that has not fired keeps the waker it holds; one that fired
+    /// gave it away, seen or not, and the next poll registers again.
     pub fn reset(&mut self, deadline: Instant) {
+        if self.sleep.is_elapsed() {
+            self.armed_for = None;
+        }
         self.sleep.as_mut().reset(deadline);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A timer that fires while nobody looks gives its waker away; moved afterwards, it must
+    /// still wake the task that polls it next, not count as armed.
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_moved_after_an_unseen_fire_still_wakes() {
+        let start = Instant::now();
+        let mut timer = LazySleep::until(start + Duration::from_secs(1));
+        std::future::poll_fn(|cx| {
+            assert!(timer.poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        // It fires at 1 s, unseen.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        timer.reset(Instant::now() + Duration::from_secs(5));
+        let woke = tokio::time::timeout(
+            Duration::from_secs(600),
+            std::future::poll_fn(|cx| timer.poll(cx)),
+        )
+        .await;
+        assert!(woke.is_ok(), "the moved timer never woke its task");
+        assert_eq!(start.elapsed(), Duration::from_secs(7));
     }
 }
