@@ -16,6 +16,10 @@ Measures:
     back-to-back p99s of one unchanged sample differ by up to 2x on a shared 2-core VM), and
     their ratios, with the range of p99 ratios those spreads allow; and the rules in the host's FORWARD and
     DOCKER-ISOLATION-STAGE-1 chains at both points;
+  * at 1 and at N projects, each fixed-rate run through the proxy is followed by one at the same
+    rate straight to project 1's replica (its bridge address, from this host; luma-loadgen
+    --container): a tail that grows on that path too grows with the host, not the proxy;
+  * at every idle sample, where the whole machine's idle CPU goes, by process name;
   * luma's host fast path (a DOCKER-USER rule per network pool that accepts the pool's
     established traffic before the per-network rules): whether the rule was there before the run
     (`preflight`), and, when this run's luma added it, one more load sample at N with the rule
@@ -324,6 +328,7 @@ def kernel_option(name):
 # The label luma puts on every container, network, volume and image of a project
 # (luma-cli/src/names.rs LABEL_PROJECT); the proxy and its volume have only `luma.role`.
 LABEL_PROJECT = "luma.project"
+LABEL_ROLE = "luma.role"
 
 
 class Lab:
@@ -388,6 +393,21 @@ class Lab:
                          f"`docker logs {self.proxy}`")
         self.proxy_pid = pid
         return pid
+
+    def replica_addr(self, i):
+        """`ip:3000` of project i's one replica on its project network, for the load that
+        bypasses the proxy: the app container labelled with the project (role app)."""
+        project, net = self.project(i), f"{self.project(i)}-network"
+        names = docker("ps", "--filter", f"label={LABEL_PROJECT}={project}", "--filter", f"label={LABEL_ROLE}=app",
+                       "--format", "{{.Names}}").split()
+        if len(names) != 1:
+            raise Failed(f"project {project} has {len(names)} running app containers ({names}), expected its one "
+                         "replica; see `docker ps -a`")
+        nets = json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", names[0]))
+        ip = (nets.get(net) or {}).get("IPAddress")
+        if not ip:
+            raise Failed(f"the replica {names[0]} has no address on {net}: {sorted(nets)}")
+        return f"{ip}:3000"
 
     def networks(self):
         """The names of the networks the proxy is on."""
@@ -561,9 +581,9 @@ def idle_sample(lab, a, k):
     pause(a.settle)
     pid = lab.pid()
     d0, t_d0 = lab.dns_queries(), time.monotonic()
-    c0, t0, h0 = cpu_ticks(pid), time.monotonic(), host_busy_ticks()
+    c0, t0, h0, p0 = cpu_ticks(pid), time.monotonic(), host_busy_ticks(), process_ticks()
     pause(a.window)
-    c1, t1, h1 = cpu_ticks(pid), time.monotonic(), host_busy_ticks()
+    c1, t1, h1, p1 = cpu_ticks(pid), time.monotonic(), host_busy_ticks(), process_ticks()
     d1, t_d1 = lab.dns_queries(), time.monotonic()
     status = open(f"/proc/{pid}/status").read()
     rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
@@ -572,8 +592,34 @@ def idle_sample(lab, a, k):
         raise Failed(f"at {k} idle projects the proxy {lab.proxy} sent {dns:.2f} DNS queries/s ({d1 - d0:g} over "
                      f"{t_d1 - t_d0:.1f} s), more than the {dns_bound(k):.2f} its {REFRESH_EVERY_S} s "
                      f"+-{REFRESH_JITTER:.0%} background pace allows; see `docker logs {lab.proxy}`")
+    by_name = {}
+    for key, ticks in p1.items():
+        if key in p0:
+            by_name[key[1]] = by_name.get(key[1], 0) + ticks - p0[key]
     return {"cpu_pct": (c1 - c0) / CLK_TCK / (t1 - t0) * 100, "dns_qps": dns, "rss_mib": rss,
-            "host_pct": (h1 - h0) / CLK_TCK / (t1 - t0) * 100}
+            "host_pct": (h1 - h0) / CLK_TCK / (t1 - t0) * 100,
+            "by_name": {n: t / CLK_TCK / (t1 - t0) * 100 for n, t in by_name.items() if t > 0}}
+
+
+def process_ticks():
+    """utime+stime of every process on this machine (threads included), {(pid, name): ticks},
+    from `/proc/<pid>/stat`; a process gone between the listing and the read is skipped. The
+    difference of two readings, summed by name, says where the whole machine's idle CPU goes
+    (processes started or ended within the window are not counted)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                text = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        # Kernel threads per CPU or queue (`kworker/1:2-events`, `ksoftirqd/0`) count as one name.
+        name = text[text.index("(") + 1:text.rindex(")")].split("/", 1)[0]
+        rest = text.rsplit(")", 1)[1].split()
+        out[(int(d), name)] = int(rest[11]) + int(rest[12])
+    return out
 
 
 def host_busy_ticks():
@@ -594,13 +640,14 @@ def cpu_ticks(pid):
     return int(rest[11]) + int(rest[12])
 
 
-def loadgen(lab, a, rate, seconds, port=None):
-    """One luma-loadgen run (through the proxy, or to `port` on 127.0.0.1); Failed unless every
+def loadgen(lab, a, rate, seconds, port=None, addr=None):
+    """One luma-loadgen run (through the proxy, to `port` on 127.0.0.1, or to `addr`, ip:port);
+    Failed unless every
     request it sent got a 2xx answer. Its req/s counts every request, failed ones too, so a run
     with failures measures the wrong thing."""
     host = lab.host(1)
-    cmd = [a.loadgen, "--addr", f"127.0.0.1:{port or lab.http}", "--host", host, "--connections", str(a.connections),
-           "--rate", str(rate), "--duration", str(seconds)]
+    cmd = [a.loadgen, "--addr", addr or f"127.0.0.1:{port or lab.http}", "--host", host, "--connections", str(a.connections),
+           "--rate", str(rate), "--duration", str(seconds), *(["--container"] if addr else [])]
     out = run(cmd, seconds + 60)[1]
     try:
         r = json.loads(out)
@@ -610,9 +657,9 @@ def loadgen(lab, a, rate, seconds, port=None):
         raise Failed(f"`{' '.join(cmd)}` printed no summary with sent, ok, non_2xx, socket_errors and timeouts "
                      f"({e!r}): {out[:300]!r}")
     if sent == 0 or ok != sent or any(bad.values()):
-        raise Failed(f"through {host} at {'saturation' if rate == 0 else f'{rate} req/s'}: {ok} of {sent} requests "
+        raise Failed(f"{'to ' + addr if addr else 'through ' + host} at {'saturation' if rate == 0 else f'{rate} req/s'}: {ok} of {sent} requests "
                      f"got a 2xx answer ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
-                     f"see `docker logs {lab.proxy}`")
+                     f"see `docker logs {'the replica at ' + addr if addr else lab.proxy}`")
     return r
 
 
@@ -643,11 +690,16 @@ def reference_rps(lab, a):
         proc.wait()
 
 
-def load_sample(lab, a, rate):
+def load_sample(lab, a, rate, direct=True):
     """Through project 1's host: the median of `repeats` saturation runs (closed loop, req/s,
     and the proxy's CPU microseconds per request sent: its utime+stime read around each run),
-    then the median p50 and p99 of `repeats` runs at `rate` (open loop; None: half the
-    saturation rate just measured)."""
+    then the median p50 and p99 of `p99_repeats` runs at `rate` (open loop; None: half the
+    saturation rate just measured). With `direct`, each fixed-rate run through the proxy is
+    followed by one at the same rate straight to project 1's replica (its address on its
+    network, from this host): the same host and replica the next moment, without the proxy, the
+    published port's path or the host's FORWARD rules. A tail that grows on both paths alike
+    grows with the host; one that grows only through the proxy is the proxy's or the per-network
+    FORWARD rules' (the sample without the fast path tells those apart)."""
     # Other work on this machine skews the figures: the load average before the runs says so.
     busy = os.getloadavg()[0]
     pid = lab.pid()
@@ -662,12 +714,23 @@ def load_sample(lab, a, rate):
     lab.pid()  # the same proxy process throughout, or the CPU figures are of two
     rps = statistics.median(r["rps"] for r in sat)
     rate = rate or max(1, int(rps / 2))
-    fixed = [loadgen(lab, a, rate, a.load_seconds) for _ in range(a.p99_repeats)]
+    replica = lab.replica_addr(1) if direct else None
+    fixed, straight = [], []
+    for _ in range(a.p99_repeats):
+        fixed.append(loadgen(lab, a, rate, a.load_seconds))
+        if replica:
+            straight.append(loadgen(lab, a, rate, a.load_seconds, addr=replica))
     runs = sat + fixed
-    return {"rps": rps, "rate": rate, "p50_us": statistics.median(r["p50_us"] for r in fixed),
-            "p99_us": statistics.median(r["p99_us"] for r in fixed), "p99_runs": [r["p99_us"] for r in fixed],
-            "requests": sum(r["sent"] for r in runs),
-            "cpu_us": statistics.median(cpu_us), "loadavg": busy, "ref_rps": ref, "rel": rps / ref}
+    out = {"rps": rps, "rate": rate, "p50_us": statistics.median(r["p50_us"] for r in fixed),
+           "p99_us": statistics.median(r["p99_us"] for r in fixed), "p99_runs": [r["p99_us"] for r in fixed],
+           "requests": sum(r["sent"] for r in runs),
+           "cpu_us": statistics.median(cpu_us), "loadavg": busy, "ref_rps": ref, "rel": rps / ref}
+    if straight:
+        out["direct"] = {"p50_us": statistics.median(r["p50_us"] for r in straight),
+                         "p99_us": statistics.median(r["p99_us"] for r in straight),
+                         "p99_runs": [r["p99_us"] for r in straight], "addr": replica,
+                         "requests": sum(r["sent"] for r in straight)}
+    return out
 
 
 # luma's default network pool (luma-cli/src/netpool.rs): 10.210.0.0/16 in /24s, 256 networks
@@ -829,6 +892,68 @@ def fast_path_note(lab, a, off):
     return " ".join(text)
 
 
+def idle_by_process(idle, top=6):
+    """The table of where the whole machine's idle CPU goes at each sample, by process name:
+    the names busiest at the largest sample, then the rest summed."""
+    if not idle or not all("by_name" in s for s in idle.values()):
+        return []
+
+    def cell(name):  # a process name is anyone's text: keep it from breaking the table
+        return name.replace("|", "/").replace("`", "'")
+    last = idle[max(idle)]["by_name"]
+    names = sorted(last, key=last.get, reverse=True)[:top]
+    lines = ["Where the whole machine's idle CPU goes, by process name (utime+stime of every process over the same "
+             "window, `/proc/<pid>/stat`, summed by name, in % of one core; the names busiest at the last sample, "
+             "then the rest; processes started or ended inside the window and interrupt time are in neither):",
+             "",
+             "| projects deployed | " + " | ".join(f"`{cell(n)}`" for n in names) + " | the rest |",
+             "|---:|" + "---:|" * (len(names) + 1)]
+    for k in sorted(idle):
+        b = idle[k]["by_name"]
+        rest = sum(v for n, v in b.items() if n not in names)
+        lines.append(f"| {k} | " + " | ".join(f"{b.get(n, 0):.2f} %" for n in names) + f" | {rest:.2f} % |")
+    return lines + [""]
+
+
+def direct_section(p1, pn, n):
+    """The table of the same fixed-rate load straight to project 1's replica, beside the
+    proxied one: whether the tail at n projects is the proxy's or the host's."""
+    if "direct" not in p1 or "direct" not in pn:
+        return []
+    d1, dn = p1["direct"], pn["direct"]
+
+    def row(label, r, d):
+        runs = d["p99_runs"]
+        return (f"| {label} | {r['p99_us'] / 1000:.2f} ms | {d['p99_us'] / 1000:.2f} ms | "
+                f"{min(runs) / 1000:.2f}–{max(runs) / 1000:.2f} ms | {d['p50_us'] / 1000:.2f} ms | "
+                f"{(r['p99_us'] - d['p99_us']) / 1000:+.2f} ms |")
+    lo, hi = p99_spread(dn, d1)
+    prox, direct = pn["p99_us"] / max(p1["p99_us"], 1), dn["p99_us"] / max(d1["p99_us"], 1)
+    return [
+        "### The same load without the proxy",
+        "",
+        f"| projects deployed | p99 through the proxy | p99 straight to the replica | its run to run | its p50 | "
+        "through the proxy minus straight |",
+        "|---:|---:|---:|---:|---:|---:|",
+        row("1", p1, d1),
+        row(f"{n}", pn, dn),
+        f"| {n} / 1 | {prox:.2f}x | {direct:.2f}x | {lo:.2f}–{hi:.2f}x | "
+        f"{dn['p50_us'] / max(d1['p50_us'], 1):.2f}x | |",
+        "",
+        f"Each fixed-rate run through the proxy above was followed at once by one at the same rate and for as long "
+        f"straight to project 1's replica (`{d1['addr']}` at 1 project, `{dn['addr']}` at {n}: its address on its "
+        "project network, from this host; `luma-loadgen --container`); medians of as many runs, "
+        f"{d1['requests'] + dn['requests']:,} requests in all, all 2xx. That path has no luma-proxy, no published "
+        "port and none of the host's FORWARD rules (the host reaches its bridges through OUTPUT and INPUT); the "
+        "replica, the load generator and the machine are the same, the next moment. So the inference runs one way: "
+        f"a p99 that grows from 1 to {n} projects on the straight path as on the proxied one grows with the host "
+        "(its other processes, interfaces and timers), not with the proxy; one that grows only through the proxy "
+        "is the proxy's, or the per-network FORWARD rules' (the sample without the fast path above tells those "
+        "apart). The last column is a difference of two percentiles, not the proxy's own share of each slow request.",
+        "",
+    ]
+
+
 def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
     n = a.projects
     med = statistics.median(deploys)
@@ -880,6 +1005,7 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         "CPUs (`/proc/stat`) over the same window, in % of one core: the proxy, the replicas answering its "
         "health checks, their containerd shims, the engine and anything else running.",
         "",
+        *idle_by_process(idle),
         "## Requests through one host",
         "",
         f"| projects deployed | req/s | machine reference req/s | req/s over reference | p99 at {p1['rate']:,} req/s "
@@ -897,8 +1023,8 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         f"possible) for {a.load_seconds:g} s, after a 1 s warm-up, median of {a.repeats}. p99 and p50: "
         f"`luma-loadgen --rate {p1['rate']}` (open loop, latency counted from when each request was due) for "
         f"{a.load_seconds:g} s, median of {a.p99_repeats}; the rate is half the 1-project saturation rate and the "
-        "same every time. p99 run to run: the lowest and highest p99 of those runs, back to back with nothing "
-        "changed between them; in a ratio row, the lowest and highest ratio they allow (a row's lowest over the "
+        "same every time. p99 run to run: the lowest and highest p99 of those runs, with nothing changed between "
+        "them (at 1 and at N projects each is followed by a run straight to the replica, below); in a ratio row, the lowest and highest ratio they allow (a row's lowest over the "
         "1-project row's highest, and the other way round). " + p99_noise_note(p1, pn) + " The goal is the req/s "
         "and p99 ratios within 10%. Machine reference: the same closed-loop load against a native luma-demo-backend on "
         "127.0.0.1, no proxy and no container, just before each sample (median of "
@@ -917,6 +1043,7 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         f"{background_us(idle, 1, p1):.1f} µs per request at 1 project and {background_us(idle, n, pn):.1f} µs "
         f"at {n}.",
         "",
+        *direct_section(p1, pn, n),
         "## The host's forwarding rules",
         "",
         host_rules_note(rules, n) + " " + fast_path_note(lab, a, off),
@@ -950,7 +1077,7 @@ def fast_path_ab(lab, a, load):
         return
     lab.remove_fast_path()
     log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} for one load sample without it")
-    r = load["no_fast_path"] = load_sample(lab, a, load[1]["rate"])
+    r = load["no_fast_path"] = load_sample(lab, a, load[1]["rate"], direct=False)
     lab.restore_fast_path()
     log(f"    load at {a.projects} without the fast path: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs "
         f"per request; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; all {r['requests']:,} requests 2xx; "

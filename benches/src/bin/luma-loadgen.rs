@@ -2,7 +2,9 @@
 //!
 //! Open loop at a fixed rate (`--rate`), so latency is measured from when a request was due,
 //! not from when a stalled connection got round to it (no coordinated omission), or closed
-//! loop as fast as possible (`--rate 0`). Only 127.0.0.1 targets are accepted. It stops by
+//! loop as fast as possible (`--rate 0`). Only targets on this machine are accepted: a 127.0.0.0/8
+//! address, or with `--container` a container's address on one of this machine's Linux bridges
+//! (a directly attached subnet, no gateway; see [`on_local_bridge`]). It stops by
 //! itself after `--duration`, or, with `--requests N`, once N requests have been sent (spread
 //! evenly over the connections): an exact count, for per-request instruction profiles.
 //!
@@ -29,6 +31,8 @@ struct Args {
     method: String,
     close: bool,
     records: Option<String>,
+    /// `--addr` may be a container on one of this machine's bridges, not only loopback.
+    container: bool,
     /// Stop after this many requests in all (None: only the duration bounds the run).
     requests: Option<u64>,
 }
@@ -44,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
         method: "GET".into(),
         close: false,
         records: None,
+        container: false,
         requests: None,
     };
     let mut it = std::env::args().skip(1);
@@ -58,23 +63,63 @@ fn parse_args() -> Result<Args, String> {
             "--duration" => a.duration = Duration::from_secs_f64(v()?.parse().map_err(|e| format!("--duration: {e}"))?),
             "--method" => a.method = v()?,
             "--close" => a.close = true,
+            "--container" => a.container = true,
             "--records" => a.records = Some(v()?),
             "--requests" => a.requests = Some(v()?.parse().map_err(|e| format!("--requests: {e}"))?),
             "-h" | "--help" => {
-                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE] [--requests N]".into())
+                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE] [--requests N] [--container]\n--addr is 127.x.y.z:PORT, or with --container a container's IP:PORT on one of this machine's Docker bridges".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    if !a.addr.starts_with("127.") {
-        return Err(
-            "--addr must be a 127.0.0.0/8 address: load is only ever sent to this machine".into(),
-        );
+    let ip = a
+        .addr
+        .parse::<std::net::SocketAddrV4>()
+        .map_err(|e| format!("--addr {:?}: expected IPv4:PORT ({e})", a.addr))?;
+    if !ip.ip().is_loopback() {
+        if !a.container {
+            return Err(format!(
+                "--addr {}: must be a 127.0.0.0/8 address (load is only ever sent to this machine); a container's address on a local bridge needs --container",
+                a.addr
+            ));
+        }
+        let route = std::fs::read_to_string("/proc/net/route")
+            .map_err(|e| format!("--container: cannot read /proc/net/route: {e}"))?;
+        let bridged = |iface: &str| {
+            std::path::Path::new("/sys/class/net")
+                .join(iface)
+                .join("bridge")
+                .is_dir()
+        };
+        if !on_local_bridge(*ip.ip(), &route, bridged) {
+            return Err(format!(
+                "--addr {} --container: no Linux bridge on this machine holds that address's subnet directly (see /proc/net/route): load is only ever sent to this machine and its containers",
+                a.addr
+            ));
+        }
     }
     if a.duration > Duration::from_secs(600) || a.connections == 0 || a.connections > 4096 {
         return Err("--duration is capped at 600 s and --connections at 4096".into());
     }
     Ok(a)
+}
+
+/// Whether `ip` lies in a subnet this machine reaches directly (no gateway) through a Linux
+/// bridge: a container on one of this machine's Docker networks. `route` is `/proc/net/route`
+/// (addresses and masks in the kernel's byte order, as hex); `bridged` says whether an interface
+/// is a bridge (`/sys/class/net/<iface>/bridge`).
+fn on_local_bridge(ip: std::net::Ipv4Addr, route: &str, bridged: impl Fn(&str) -> bool) -> bool {
+    let ip = u32::from_ne_bytes(ip.octets());
+    route.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let hex = |i: usize| f.get(i).and_then(|v| u32::from_str_radix(v, 16).ok());
+        match (f.first(), hex(1), hex(2), hex(7)) {
+            (Some(iface), Some(dest), Some(0), Some(mask)) => {
+                mask != 0 && ip & mask == dest && bridged(iface)
+            }
+            _ => false,
+        }
+    })
 }
 
 #[derive(Default)]
@@ -251,4 +296,32 @@ async fn main() {
             "max_us": all.latencies_us.last().copied().unwrap_or(0),
         })
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_local_bridge;
+    use std::net::Ipv4Addr;
+
+    // A host with a default route via eth0, eth0's own /24, and one Docker bridge on
+    // 10.210.3.0/24 (addresses in the kernel's byte order, as /proc/net/route prints them).
+    const ROUTE: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+br-1a2b\t0003D20A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+";
+
+    fn bridged(iface: &str) -> bool {
+        iface.starts_with("br-")
+    }
+
+    #[test]
+    fn only_a_directly_attached_bridge_subnet_counts() {
+        let ok = |ip: [u8; 4]| on_local_bridge(Ipv4Addr::from(ip), ROUTE, bridged);
+        assert!(ok([10, 210, 3, 2]), "a container on the bridge");
+        assert!(!ok([10, 210, 4, 2]), "the next subnet is on no bridge");
+        assert!(!ok([192, 168, 0, 7]), "eth0's subnet is directly attached but no bridge");
+        assert!(!ok([8, 8, 8, 8]), "the default route has a gateway");
+        assert!(!on_local_bridge(Ipv4Addr::new(10, 210, 3, 2), "", bridged));
+    }
 }
