@@ -305,7 +305,8 @@ mod tests {
 
     // A host with a default route via eth0, eth0's own /24, and one Docker bridge on
     // 10.210.3.0/24 (addresses in the kernel's byte order, as /proc/net/route prints them).
-    const ROUTE: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+    const ROUTE: &str =
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
 eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
 eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
 br-1a2b\t0003D20A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
@@ -320,7 +321,10 @@ br-1a2b\t0003D20A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
         let ok = |ip: [u8; 4]| on_local_bridge(Ipv4Addr::from(ip), ROUTE, bridged);
         assert!(ok([10, 210, 3, 2]), "a container on the bridge");
         assert!(!ok([10, 210, 4, 2]), "the next subnet is on no bridge");
-        assert!(!ok([192, 168, 0, 7]), "eth0's subnet is directly attached but no bridge");
+        assert!(
+            !ok([192, 168, 0, 7]),
+            "eth0's subnet is directly attached but no bridge"
+        );
         assert!(!ok([8, 8, 8, 8]), "the default route has a gateway");
         assert!(!on_local_bridge(Ipv4Addr::new(10, 210, 3, 2), "", bridged));
     }
