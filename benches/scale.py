@@ -15,10 +15,14 @@ Measures:
     both times (req/s and CPU: median of 3; p99: median of 5, with the lowest and highest, since
     back-to-back p99s of one unchanged sample differ by up to 2x on a shared 2-core VM), and
     their ratios, with the range of p99 ratios those spreads allow; and the rules in the host's FORWARD and
-    DOCKER-ISOLATION-STAGE-1 chains at both points;
-  * at 1 and at N projects, each fixed-rate run through the proxy is followed by one at the same
-    rate straight to project 1's replica (its bridge address, from this host; luma-loadgen
-    --container): a tail that grows on that path too grows with the host, not the proxy;
+    DOCKER-ISOLATION-STAGE-1 chains at both points. The load goes to the proxy's address on
+    project 1's network (from this host; luma-loadgen --container), the path a client on another
+    machine takes through the kernel's DNAT, not to the port published on 127.0.0.1, which
+    Docker's userland docker-proxy carries;
+  * at 1 and at N projects, each fixed-rate run is followed by one at the same rate through the
+    published port (docker-proxy, then the proxy; both processes' CPU per request read) and one
+    to project 1's replica (no proxy): which of the three a growing tail belongs to (a tail that
+    grows without luma-proxy grows with the host);
   * at every idle sample, where the whole machine's idle CPU goes, by process name;
   * luma's host fast path (a DOCKER-USER rule per network pool that accepts the pool's
     established traffic before the per-network rules): whether the rule was there before the run
@@ -403,11 +407,29 @@ class Lab:
         if len(names) != 1:
             raise Failed(f"project {project} has {len(names)} running app containers ({names}), expected its one "
                          "replica; see `docker ps -a`")
-        nets = json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", names[0]))
-        ip = (nets.get(net) or {}).get("IPAddress")
-        if not ip:
-            raise Failed(f"the replica {names[0]} has no address on {net}: {sorted(nets)}")
-        return f"{ip}:3000"
+        return f"{address_on(names[0], net)}:3000"
+
+    def proxy_addr(self, i):
+        """`ip:8080` of the proxy's HTTP listener on project i's network: the proxy without
+        Docker's userland `docker-proxy`, which carries every connection to a port published on
+        127.0.0.1 (the kernel's DNAT carries those from other machines)."""
+        return f"{address_on(self.proxy, f'{self.project(i)}-network')}:8080"
+
+    def docker_proxy_pid(self):
+        """The `docker-proxy` process that carries 127.0.0.1:<http port> to the proxy, or None
+        when the engine runs without its userland proxy (`"userland-proxy": false`)."""
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    args = f.read().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if (os.path.basename(args[0]) == "docker-proxy" and "-host-port" in args
+                    and args[args.index("-host-port") + 1:][:1] == [str(self.http)]):
+                return int(d)
+        return None
 
     def networks(self):
         """The names of the networks the proxy is on."""
@@ -529,6 +551,15 @@ class Lab:
         if left is None:
             left = {"unknown": ["the listing failed, see the errors"]}
         return left, errors
+
+
+def address_on(container, net):
+    """A container's IPv4 address on network `net` (`docker inspect`)."""
+    nets = json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", container))
+    ip = (nets.get(net) or {}).get("IPAddress")
+    if not ip:
+        raise Failed(f"{container} has no address on {net}: it is on {sorted(nets)}")
+    return ip
 
 
 def preflight(lab):
@@ -690,46 +721,62 @@ def reference_rps(lab, a):
         proc.wait()
 
 
-def load_sample(lab, a, rate, direct=True):
-    """Through project 1's host: the median of `repeats` saturation runs (closed loop, req/s,
-    and the proxy's CPU microseconds per request sent: its utime+stime read around each run),
-    then the median p50 and p99 of `p99_repeats` runs at `rate` (open loop; None: half the
-    saturation rate just measured). With `direct`, each fixed-rate run through the proxy is
-    followed by one at the same rate straight to project 1's replica (its address on its
-    network, from this host): the same host and replica the next moment, without the proxy, the
-    published port's path or the host's FORWARD rules. A tail that grows on both paths alike
-    grows with the host; one that grows only through the proxy is the proxy's or the per-network
-    FORWARD rules' (the sample without the fast path tells those apart)."""
+def load_sample(lab, a, rate, others=True):
+    """To the proxy's address on project 1's network with project 1's host (from this host, as
+    a client on another machine reaches it through the kernel's DNAT, without Docker's userland
+    docker-proxy): the median of `repeats` saturation runs (closed loop, req/s, and the proxy's
+    CPU microseconds per request sent: its utime+stime read around each run), then the median
+    p50 and p99 of `p99_repeats` runs at `rate` (open loop; None: half the saturation rate just
+    measured). With `others`, each fixed-rate run is followed by one at the same rate through
+    the port published on 127.0.0.1 (docker-proxy, then the proxy; both processes' CPU per
+    request read around it) and one straight to project 1's replica (no proxy, no FORWARD
+    rules): a tail that grows on every path grows with the host; one that grows only through
+    docker-proxy is Docker's; one that grows at the proxy's address but not at the replica's is
+    the proxy's or the per-network FORWARD rules' (the sample without the fast path tells those
+    apart)."""
     # Other work on this machine skews the figures: the load average before the runs says so.
     busy = os.getloadavg()[0]
     pid = lab.pid()
+    target = lab.proxy_addr(1)
     ref = reference_rps(lab, a)
-    loadgen(lab, a, 0, 1)  # warm-up: pooled connections open, caches hot
+    loadgen(lab, a, 0, 1, addr=target)  # warm-up: pooled connections open, caches hot
     sat, cpu_us = [], []
     for _ in range(a.repeats):
         c0 = cpu_ticks(pid)
-        r = loadgen(lab, a, 0, a.load_seconds)
+        r = loadgen(lab, a, 0, a.load_seconds, addr=target)
         cpu_us.append((cpu_ticks(pid) - c0) / CLK_TCK / r["sent"] * 1e6)
         sat.append(r)
     lab.pid()  # the same proxy process throughout, or the CPU figures are of two
     rps = statistics.median(r["rps"] for r in sat)
     rate = rate or max(1, int(rps / 2))
-    replica = lab.replica_addr(1) if direct else None
-    fixed, straight = [], []
+    replica = lab.replica_addr(1) if others else None
+    dp = lab.docker_proxy_pid() if others else None
+    fixed, published, straight, cpu_pub, cpu_dp = [], [], [], [], []
     for _ in range(a.p99_repeats):
-        fixed.append(loadgen(lab, a, rate, a.load_seconds))
-        if replica:
+        fixed.append(loadgen(lab, a, rate, a.load_seconds, addr=target))
+        if others:
+            c0, d0 = cpu_ticks(pid), cpu_ticks(dp) if dp else 0
+            r = loadgen(lab, a, rate, a.load_seconds)
+            cpu_pub.append((cpu_ticks(pid) - c0) / CLK_TCK / r["sent"] * 1e6)
+            if dp:
+                cpu_dp.append((cpu_ticks(dp) - d0) / CLK_TCK / r["sent"] * 1e6)
+            published.append(r)
             straight.append(loadgen(lab, a, rate, a.load_seconds, addr=replica))
     runs = sat + fixed
     out = {"rps": rps, "rate": rate, "p50_us": statistics.median(r["p50_us"] for r in fixed),
            "p99_us": statistics.median(r["p99_us"] for r in fixed), "p99_runs": [r["p99_us"] for r in fixed],
-           "requests": sum(r["sent"] for r in runs),
+           "requests": sum(r["sent"] for r in runs), "addr": target,
            "cpu_us": statistics.median(cpu_us), "loadavg": busy, "ref_rps": ref, "rel": rps / ref}
-    if straight:
-        out["direct"] = {"p50_us": statistics.median(r["p50_us"] for r in straight),
-                         "p99_us": statistics.median(r["p99_us"] for r in straight),
-                         "p99_runs": [r["p99_us"] for r in straight], "addr": replica,
-                         "requests": sum(r["sent"] for r in straight)}
+
+    def summary(runs, addr):
+        return {"p50_us": statistics.median(r["p50_us"] for r in runs),
+                "p99_us": statistics.median(r["p99_us"] for r in runs),
+                "p99_runs": [r["p99_us"] for r in runs], "addr": addr, "requests": sum(r["sent"] for r in runs)}
+    if others:
+        out["direct"] = summary(straight, replica)
+        out["published"] = summary(published, f"127.0.0.1:{lab.http}")
+        out["published"]["cpu_us"] = statistics.median(cpu_pub)
+        out["published"]["docker_proxy_us"] = statistics.median(cpu_dp) if cpu_dp else None
     return out
 
 
@@ -916,40 +963,54 @@ def idle_by_process(idle, top=6):
 
 
 def direct_section(p1, pn, n):
-    """The table of the same fixed-rate load straight to project 1's replica, beside the
-    proxied one: whether the tail at n projects is the proxy's or the host's."""
+    """The table of the same fixed-rate load on three paths (the proxy's address, the port
+    published on 127.0.0.1, the replica's address): where the tail at n projects grows."""
     if "direct" not in p1 or "direct" not in pn:
         return []
-    d1, dn = p1["direct"], pn["direct"]
+    paths = [("the proxy's address (the table above): luma-proxy, replica", None),
+             ("the port published on 127.0.0.1: docker-proxy, luma-proxy, replica", "published"),
+             ("the replica's address: no proxy", "direct")]
 
-    def row(label, r, d):
-        runs = d["p99_runs"]
-        return (f"| {label} | {r['p99_us'] / 1000:.2f} ms | {d['p99_us'] / 1000:.2f} ms | "
-                f"{min(runs) / 1000:.2f}–{max(runs) / 1000:.2f} ms | {d['p50_us'] / 1000:.2f} ms | "
-                f"{(r['p99_us'] - d['p99_us']) / 1000:+.2f} ms |")
-    lo, hi = p99_spread(dn, d1)
-    prox, direct = pn["p99_us"] / max(p1["p99_us"], 1), dn["p99_us"] / max(d1["p99_us"], 1)
-    return [
-        "### The same load without the proxy",
+    def of(r, key):
+        return r if key is None else r[key]
+
+    lines = ["### Where the tail grows: the same load on three paths", "",
+             f"| path | p99 at 1 project | run to run | p99 at {n} | run to run | p99 {n} / 1 | range the runs allow "
+             f"| p50 {n} / 1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, key in paths:
+        a, b = of(p1, key), of(pn, key)
+        lo, hi = p99_spread(b, a)
+        lines.append(f"| {label} | {a['p99_us'] / 1000:.2f} ms | {min(a['p99_runs']) / 1000:.2f}–"
+                     f"{max(a['p99_runs']) / 1000:.2f} ms | {b['p99_us'] / 1000:.2f} ms | "
+                     f"{min(b['p99_runs']) / 1000:.2f}–{max(b['p99_runs']) / 1000:.2f} ms | "
+                     f"{b['p99_us'] / max(a['p99_us'], 1):.2f}x | {lo:.2f}–{hi:.2f}x | "
+                     f"{b['p50_us'] / max(a['p50_us'], 1):.2f}x |")
+    pub = [r["published"] for r in (p1, pn)]
+    cpu = (f" Over the runs through the published port, per request: luma-proxy used {pub[0]['cpu_us']:.1f} µs of "
+           f"CPU at 1 project and {pub[1]['cpu_us']:.1f} µs at {n}")
+    if all(r["docker_proxy_us"] is not None for r in pub):
+        cpu += (f", and docker-proxy {pub[0]['docker_proxy_us']:.1f} and {pub[1]['docker_proxy_us']:.1f} µs "
+                "(utime+stime of each process around each run, median).")
+    else:
+        cpu += ("; no docker-proxy carried the published port (the engine runs without its userland proxy), so "
+                "that path differs from the proxy's address only by the kernel's DNAT.")
+    return lines + [
         "",
-        f"| projects deployed | p99 through the proxy | p99 straight to the replica | its run to run | its p50 | "
-        "through the proxy minus straight |",
-        "|---:|---:|---:|---:|---:|---:|",
-        row("1", p1, d1),
-        row(f"{n}", pn, dn),
-        f"| {n} / 1 | {prox:.2f}x | {direct:.2f}x | {lo:.2f}–{hi:.2f}x | "
-        f"{dn['p50_us'] / max(d1['p50_us'], 1):.2f}x | |",
-        "",
-        f"Each fixed-rate run through the proxy above was followed at once by one at the same rate and for as long "
-        f"straight to project 1's replica (`{d1['addr']}` at 1 project, `{dn['addr']}` at {n}: its address on its "
-        "project network, from this host; `luma-loadgen --container`); medians of as many runs, "
-        f"{d1['requests'] + dn['requests']:,} requests in all, all 2xx. That path has no luma-proxy, no published "
-        "port and none of the host's FORWARD rules (the host reaches its bridges through OUTPUT and INPUT); the "
-        "replica, the load generator and the machine are the same, the next moment. So the inference runs one way: "
-        f"a p99 that grows from 1 to {n} projects on the straight path as on the proxied one grows with the host "
-        "(its other processes, interfaces and timers), not with the proxy; one that grows only through the proxy "
-        "is the proxy's, or the per-network FORWARD rules' (the sample without the fast path above tells those "
-        "apart). The last column is a difference of two percentiles, not the proxy's own share of each slow request.",
+        "Each fixed-rate run to the proxy's address (the table above) was followed at once by one at the same rate "
+        f"and for as long through the port published on 127.0.0.1 (`{pub[0]['addr']}`), then one to project 1's "
+        f"replica (`{p1['direct']['addr']}` at 1 project, `{pn['direct']['addr']}` at {n}: its address on its "
+        f"network); medians of {len(p1['direct']['p99_runs'])} runs each, "
+        f"{sum(r[k]['requests'] for r in (p1, pn) for k in ('published', 'direct')):,} requests in all, all 2xx. "
+        "A port published on 127.0.0.1 reaches the container through Docker's userland `docker-proxy` (one more "
+        "process, which copies every byte); a client on another machine reaches the proxy through the kernel's "
+        "DNAT instead, which is why the table above measures at the proxy's address. The replica's address takes "
+        "luma-proxy out of the path, and the host's FORWARD rules (the host reaches its bridges through OUTPUT and "
+        "INPUT). The load generator, the replica and the machine are the same, the next moment. The inference runs "
+        f"one way: a p99 that grows from 1 to {n} projects on the replica's path grows with the host (its other "
+        "processes, interfaces and timers); one that grows through the published port more than at the proxy's "
+        "address is docker-proxy's; one that grows at the proxy's address but not at the replica's is luma-proxy's, "
+        "or the per-network FORWARD rules' (the sample without the fast path above tells those apart)." + cpu,
         "",
     ]
 
@@ -1018,13 +1079,14 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         ratio_row(f"{n} / 1", pn, p1),
         *([ratio_row(f"{n}, without the fast path / 1", off, p1)] if off else []),
         "",
-        f"All through project 1's host `{lab.host(1)}` on the proxy's published port (127.0.0.1), "
+        f"All to the proxy's address on project 1's network (`{p1['addr']}` at 1 project, `{pn['addr']}` at {n}; "
+        f"its HTTP listener, from this host: `luma-loadgen --container`) with project 1's host `{lab.host(1)}`, "
         f"{a.connections} keep-alive connections. req/s: `luma-loadgen --rate 0` (closed loop, as fast as "
         f"possible) for {a.load_seconds:g} s, after a 1 s warm-up, median of {a.repeats}. p99 and p50: "
         f"`luma-loadgen --rate {p1['rate']}` (open loop, latency counted from when each request was due) for "
         f"{a.load_seconds:g} s, median of {a.p99_repeats}; the rate is half the 1-project saturation rate and the "
         "same every time. p99 run to run: the lowest and highest p99 of those runs, with nothing changed between "
-        "them (at 1 and at N projects each is followed by a run straight to the replica, below); in a ratio row, the lowest and highest ratio they allow (a row's lowest over the "
+        "them (at 1 and at N projects each is followed by runs on two other paths, below); in a ratio row, the lowest and highest ratio they allow (a row's lowest over the "
         "1-project row's highest, and the other way round). " + p99_noise_note(p1, pn) + " The goal is the req/s "
         "and p99 ratios within 10%. Machine reference: the same closed-loop load against a native luma-demo-backend on "
         "127.0.0.1, no proxy and no container, just before each sample (median of "
@@ -1077,7 +1139,7 @@ def fast_path_ab(lab, a, load):
         return
     lab.remove_fast_path()
     log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} for one load sample without it")
-    r = load["no_fast_path"] = load_sample(lab, a, load[1]["rate"], direct=False)
+    r = load["no_fast_path"] = load_sample(lab, a, load[1]["rate"], others=False)
     lab.restore_fast_path()
     log(f"    load at {a.projects} without the fast path: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs "
         f"per request; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; all {r['requests']:,} requests 2xx; "
