@@ -15,14 +15,13 @@ Measures:
     both times (req/s and CPU: median of 3; p99: median of 5, with the lowest and highest, since
     back-to-back p99s of one unchanged sample differ by up to 2x on a shared 2-core VM), and
     their ratios, with the range of p99 ratios those spreads allow; and the rules in the host's FORWARD and
-    DOCKER-ISOLATION-STAGE-1 chains at both points. The load goes to the proxy's address on
-    project 1's network (from this host; luma-loadgen --container), the path a client on another
-    machine takes through the kernel's DNAT, not to the port published on 127.0.0.1, which
-    Docker's userland docker-proxy carries;
-  * at 1 and at N projects, each fixed-rate run is followed by one at the same rate through the
-    published port (docker-proxy, then the proxy; both processes' CPU per request read) and one
-    to project 1's replica (no proxy): which of the three a growing tail belongs to (a tail that
-    grows without luma-proxy grows with the host);
+    DOCKER-ISOLATION-STAGE-1 chains at both points. The load comes from a network namespace of
+    the run's own (a veth on 198.18.N.0/30) to the port the proxy publishes on the veth's host
+    end: a remote client's path, through Docker's DNAT and the host's FORWARD chain;
+  * at 1 and at N projects, each fixed-rate run is followed by one at the same rate from this
+    host to the proxy's own address on project 1's network (no DNAT, and no FORWARD rules on the
+    client's leg) and one to project 1's replica (no proxy; luma-loadgen --local-link): which
+    leg a growing tail belongs to (a tail that grows without luma-proxy grows with the host);
   * at every idle sample, where the whole machine's idle CPU goes, by process name;
   * luma's host fast path (a DOCKER-USER rule per network pool that accepts the pool's
     established traffic before the per-network rules): whether the rule was there before the run
@@ -41,7 +40,9 @@ run fails. Progress is printed per deploy.
 
 Everything it creates is named `<prefix>-...` (default prefix `lumascale<pid>`): the projects
 `<prefix>-pNNN` (their containers, lock containers `luma-lock_<prefix>-pNNN`, networks
-`<prefix>-pNNN-network`), the proxy `<prefix>-proxy` on its own free 127.0.0.1 ports, and its
+`<prefix>-pNNN-network`), the proxy `<prefix>-proxy` on its own free ports (HTTP on the client
+namespace's host address, HTTPS on 127.0.0.1), the client namespace `<prefix>-client` and its
+veth pair `lsc<n>h`/`lsc<n>c`, and its
 state volume `<prefix>-proxy-state`. The run refuses to start when anything with that prefix
 exists already. At the end, also on failure, Ctrl-C or SIGTERM, it removes exactly the objects
 whose name starts with `<prefix>-` (or `luma-lock_<prefix>-`) or that luma labelled
@@ -78,6 +79,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -218,9 +220,10 @@ def free_ports(n):
     return ports
 
 
-def get(port, host, timeout=5.0):
-    """GET / through the proxy with `Host: host`: (status, body), or (None, error text)."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def get(addr, host, timeout=5.0):
+    """GET / through the proxy at `addr` (ip, port) with `Host: host`: (status, body), or
+    (None, error text)."""
+    c = http.client.HTTPConnection(*addr, timeout=timeout)
     try:
         c.request("GET", "/", headers={"Host": host, "Connection": "close"})
         r = c.getresponse()
@@ -231,10 +234,10 @@ def get(port, host, timeout=5.0):
         c.close()
 
 
-def answers_as(port, host, project):
+def answers_as(addr, host, project):
     """Whether `host` answers 200 from `project`'s app (the demo echoes its project), and what
     it answered."""
-    status, body = get(port, host)
+    status, body = get(addr, host)
     if status != 200:
         return False, f"status {status}: {body.strip()[:200]}"
     try:
@@ -244,11 +247,11 @@ def answers_as(port, host, project):
     return got == project, f"200 from project {got!r}"
 
 
-def wait_answers(port, host, project, bound):
+def wait_answers(addr, host, project, bound):
     """Polls until `host` answers 200 from `project`; returns the seconds it took."""
     start = time.monotonic()
     while True:
-        ok, what = answers_as(port, host, project)
+        ok, what = answers_as(addr, host, project)
         if ok:
             return time.monotonic() - start
         if time.monotonic() - start > bound:
@@ -335,6 +338,82 @@ LABEL_PROJECT = "luma.project"
 LABEL_ROLE = "luma.role"
 
 
+class ClientNet:
+    """A network namespace standing in for a client on another machine: a veth pair on
+    198.18.N.0/30 (RFC 2544's benchmarking range), the host's end `.1`, the client's `.2`. The
+    proxy's HTTP port is published on the host's end, so the client's load takes a remote
+    client's path: in through a link, Docker's DNAT in PREROUTING, the host's FORWARD chain to
+    the proxy's bridge and back, all its rules included. The load generator runs in the
+    namespace (`ip netns exec`). Names: the namespace `<prefix>-client`, the host's veth
+    `lsc<n>h` (15 bytes at most, so a number from the prefix)."""
+
+    def __init__(self, prefix):
+        n = zlib.crc32(prefix.encode())
+        self.ns = f"{prefix}-client"
+        self.host_if, self.client_if = f"lsc{n % 1000000}h", f"lsc{n % 1000000}c"
+        self.subnet = None  # 198.18.N, chosen free by `create`
+        self.made = False
+
+    @property
+    def host_ip(self):
+        return f"{self.subnet}.1"
+
+    def exec_prefix(self):
+        return ["ip", "netns", "exec", self.ns]
+
+    def check_free(self):
+        """Failed when the namespace or the veth exists already (another run, or a leftover)."""
+        if self.ns in run(["ip", "netns", "list"], 30)[1].split():
+            raise Failed(f"the network namespace {self.ns} exists already; another run uses this prefix, or an "
+                         f"earlier one left it (`ip netns del {self.ns}` once you know it is not someone else's)")
+        if os.path.exists(f"/sys/class/net/{self.host_if}"):
+            raise Failed(f"the interface {self.host_if} exists already; pick another --prefix")
+
+    def pick_subnet(self):
+        """The first 198.18.N.0/30 (N from the prefix's number on) that no address or route of
+        this host touches."""
+        used = run(["ip", "-4", "-o", "addr"], 30)[1] + run(["ip", "-4", "route", "show", "table", "all"], 30)[1]
+        start = zlib.crc32(self.ns.encode()) % 256
+        for k in range(256):
+            net = f"198.18.{(start + k) % 256}"
+            if f" {net}." not in used and f"\n{net}." not in used and not used.startswith(f"{net}."):
+                self.subnet = net
+                return
+        raise Failed("every 198.18.N.0/24 has an address or route on this host; cannot make the client namespace")
+
+    def create(self):
+        self.made = True  # from the first command on, the clean-up tries to remove it
+        run(["ip", "netns", "add", self.ns], 30)
+        run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.client_if,
+             "netns", self.ns], 30)
+        run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if], 30)
+        run(["ip", "link", "set", self.host_if, "up"], 30)
+        run(["ip", "-n", self.ns, "addr", "add", f"{self.subnet}.2/30", "dev", self.client_if], 30)
+        run(["ip", "-n", self.ns, "link", "set", self.client_if, "up"], 30)
+        run(["ip", "-n", self.ns, "link", "set", "lo", "up"], 30)
+
+    def remove(self):
+        """Deleting the namespace deletes its end of the veth, and with it the host's end."""
+        if not self.made:
+            return
+        if self.ns in run(["ip", "netns", "list"], 30)[1].split():
+            run(["ip", "netns", "del", self.ns], 30)
+        # The kernel takes the pair down after the namespace goes, not at once.
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/sys/class/net/{self.host_if}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if os.path.exists(f"/sys/class/net/{self.host_if}"):
+            run(["ip", "link", "del", self.host_if], 30)
+
+    def left(self):
+        found = []
+        if self.made and self.ns in run(["ip", "netns", "list"], 30, check=False)[1].split():
+            found.append(f"netns {self.ns}")
+        if self.made and os.path.exists(f"/sys/class/net/{self.host_if}"):
+            found.append(f"link {self.host_if}")
+        return found
+
+
 class Lab:
     """The objects of one run, by name; `sweep` removes them all."""
 
@@ -343,12 +422,12 @@ class Lab:
         self.prefix = a.prefix or f"lumascale{os.getpid()}"
         self.proxy = f"{self.prefix}-proxy"
         self.http, self.https = free_ports(2)
+        self.client = ClientNet(self.prefix)
         self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
         self.width = max(3, len(str(a.projects)))
         self.env = dict(os.environ, LUMA_PROXY_NAME=self.proxy,
                         LUMA_PROXY_IMAGE=os.environ.get("LUMA_PROXY_IMAGE", "luma-proxy:dev"),
-                        LUMA_HTTP_PORT=f"127.0.0.1:{self.http}", LUMA_HTTPS_PORT=f"127.0.0.1:{self.https}",
-                        **a.net_env)
+                        LUMA_HTTPS_PORT=f"127.0.0.1:{self.https}", **a.net_env)
         if a.no_fast_path:
             self.env[FAST_PATH_ENV] = "off"
         # luma's host fast path for this run's pool: `on` unless luma runs with it off; `before`
@@ -358,6 +437,12 @@ class Lab:
                           "on": self.env.get(FAST_PATH_ENV, "").strip() not in FAST_PATH_OFF,
                           "before": None, "reason": None, "state": None}
         self.proxy_pid = None
+
+    @property
+    def public(self):
+        """The proxy's published HTTP port: (the client namespace's host address, port). From
+        this host it is reached through Docker's DNAT in OUTPUT."""
+        return self.client.host_ip, self.http
 
     def project(self, i):
         return f"{self.prefix}-p{i:0{self.width}d}"
@@ -399,37 +484,20 @@ class Lab:
         return pid
 
     def replica_addr(self, i):
-        """`ip:3000` of project i's one replica on its project network, for the load that
-        bypasses the proxy: the app container labelled with the project (role app)."""
+        """(`ip:3000`, container name) of project i's one replica on its project network, for
+        the load that bypasses the proxy: the app container labelled with the project (role app)."""
         project, net = self.project(i), f"{self.project(i)}-network"
         names = docker("ps", "--filter", f"label={LABEL_PROJECT}={project}", "--filter", f"label={LABEL_ROLE}=app",
                        "--format", "{{.Names}}").split()
         if len(names) != 1:
             raise Failed(f"project {project} has {len(names)} running app containers ({names}), expected its one "
                          "replica; see `docker ps -a`")
-        return f"{address_on(names[0], net)}:3000"
+        return f"{address_on(names[0], net)}:3000", names[0]
 
     def proxy_addr(self, i):
-        """`ip:8080` of the proxy's HTTP listener on project i's network: the proxy without
-        Docker's userland `docker-proxy`, which carries every connection to a port published on
-        127.0.0.1 (the kernel's DNAT carries those from other machines)."""
+        """`ip:8080` of the proxy's HTTP listener on project i's network: reached from this host
+        without DNAT and without the host's FORWARD chain."""
         return f"{address_on(self.proxy, f'{self.project(i)}-network')}:8080"
-
-    def docker_proxy_pid(self):
-        """The `docker-proxy` process that carries 127.0.0.1:<http port> to the proxy, or None
-        when the engine runs without its userland proxy (`"userland-proxy": false`)."""
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    args = f.read().decode(errors="replace").split("\0")
-            except OSError:
-                continue
-            if (os.path.basename(args[0]) == "docker-proxy" and "-host-port" in args
-                    and args[args.index("-host-port") + 1:][:1] == [str(self.http)]):
-                return int(d)
-        return None
 
     def networks(self):
         """The names of the networks the proxy is on."""
@@ -546,10 +614,14 @@ class Lab:
         if self.fast_path["before"] is False and self.fast_path["on"]:
             step(f"removing luma's fast-path rule for {self.fast_path['pool']} from {USER_CHAIN}",
                  self.remove_fast_path)
+        step(f"removing the client namespace {self.client.ns}", self.client.remove)
         step(f"removing {self.tmp}", lambda: shutil.rmtree(self.tmp))
         left = step("listing what is left", self.owned)
         if left is None:
             left = {"unknown": ["the listing failed, see the errors"]}
+        client_left = step("listing the client namespace", self.client.left)
+        if client_left is None or client_left:
+            left["client namespace"] = client_left or ["the listing failed, see the errors"]
         return left, errors
 
 
@@ -574,6 +646,9 @@ def preflight(lab):
         raise Failed(f"objects with the prefix {lab.prefix!r} exist already ({shown}); another run uses it, or an "
                      "earlier one left them. Pick another --prefix, or remove them once you know they are not "
                      "someone else's")
+    lab.client.check_free()
+    lab.client.pick_subnet()
+    lab.env["LUMA_HTTP_PORT"] = f"{lab.client.host_ip}:{lab.http}"
     try:
         lab.fast_path["before"] = lab.fast_path_present()
     except Failed as e:
@@ -612,9 +687,12 @@ def idle_sample(lab, a, k):
     pause(a.settle)
     pid = lab.pid()
     d0, t_d0 = lab.dns_queries(), time.monotonic()
-    c0, t0, h0, p0 = cpu_ticks(pid), time.monotonic(), host_busy_ticks(), process_ticks()
+    # The scans of /proc take time that grows with the projects: outside the window.
+    p0 = process_ticks()
+    c0, t0, h0 = cpu_ticks(pid), time.monotonic(), host_busy_ticks()
     pause(a.window)
-    c1, t1, h1, p1 = cpu_ticks(pid), time.monotonic(), host_busy_ticks(), process_ticks()
+    c1, t1, h1 = cpu_ticks(pid), time.monotonic(), host_busy_ticks()
+    p1 = process_ticks()
     d1, t_d1 = lab.dns_queries(), time.monotonic()
     status = open(f"/proc/{pid}/status").read()
     rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
@@ -671,14 +749,22 @@ def cpu_ticks(pid):
     return int(rest[11]) + int(rest[12])
 
 
-def loadgen(lab, a, rate, seconds, port=None, addr=None):
-    """One luma-loadgen run (through the proxy, to `port` on 127.0.0.1, or to `addr`, ip:port);
-    Failed unless every
-    request it sent got a 2xx answer. Its req/s counts every request, failed ones too, so a run
-    with failures measures the wrong thing."""
+def loadgen(lab, a, rate, seconds, port=None, addr=None, container=None):
+    """One luma-loadgen run with project 1's host: by default from the client namespace to the
+    proxy's published port (a remote client's path); with `port`, to 127.0.0.1:port; with
+    `addr` (ip:port of `container`), from this host straight to a container's address. Failed
+    unless every request it sent got a 2xx answer. Its req/s counts every request, failed ones
+    too, so a run with failures measures the wrong thing."""
     host = lab.host(1)
-    cmd = [a.loadgen, "--addr", addr or f"127.0.0.1:{port or lab.http}", "--host", host, "--connections", str(a.connections),
-           "--rate", str(rate), "--duration", str(seconds), *(["--container"] if addr else [])]
+    if port:
+        prefix, target, flags, logs = [], f"127.0.0.1:{port}", [], "the reference backend"
+    elif addr:
+        prefix, target, flags, logs = [], addr, ["--local-link"], f"`docker logs {container}`"
+    else:
+        prefix, target = lab.client.exec_prefix(), f"{lab.client.host_ip}:{lab.http}"
+        flags, logs = ["--local-link"], f"`docker logs {lab.proxy}`"
+    cmd = [*prefix, a.loadgen, "--addr", target, "--host", host, "--connections", str(a.connections),
+           "--rate", str(rate), "--duration", str(seconds), *flags]
     out = run(cmd, seconds + 60)[1]
     try:
         r = json.loads(out)
@@ -688,9 +774,9 @@ def loadgen(lab, a, rate, seconds, port=None, addr=None):
         raise Failed(f"`{' '.join(cmd)}` printed no summary with sent, ok, non_2xx, socket_errors and timeouts "
                      f"({e!r}): {out[:300]!r}")
     if sent == 0 or ok != sent or any(bad.values()):
-        raise Failed(f"{'to ' + addr if addr else 'through ' + host} at {'saturation' if rate == 0 else f'{rate} req/s'}: {ok} of {sent} requests "
-                     f"got a 2xx answer ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
-                     f"see `docker logs {'the replica at ' + addr if addr else lab.proxy}`")
+        raise Failed(f"to {target} with Host {host} at {'saturation' if rate == 0 else f'{rate} req/s'}: {ok} of "
+                     f"{sent} requests got a 2xx answer ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
+                     f"see {logs}")
     return r
 
 
@@ -722,50 +808,43 @@ def reference_rps(lab, a):
 
 
 def load_sample(lab, a, rate, others=True):
-    """To the proxy's address on project 1's network with project 1's host (from this host, as
-    a client on another machine reaches it through the kernel's DNAT, without Docker's userland
-    docker-proxy): the median of `repeats` saturation runs (closed loop, req/s, and the proxy's
-    CPU microseconds per request sent: its utime+stime read around each run), then the median
-    p50 and p99 of `p99_repeats` runs at `rate` (open loop; None: half the saturation rate just
-    measured). With `others`, each fixed-rate run is followed by one at the same rate through
-    the port published on 127.0.0.1 (docker-proxy, then the proxy; both processes' CPU per
-    request read around it) and one straight to project 1's replica (no proxy, no FORWARD
-    rules): a tail that grows on every path grows with the host; one that grows only through
-    docker-proxy is Docker's; one that grows at the proxy's address but not at the replica's is
-    the proxy's or the per-network FORWARD rules' (the sample without the fast path tells those
-    apart)."""
+    """From the client namespace to the proxy's published port with project 1's host (the path
+    of a client on another machine): the median of `repeats` saturation runs (closed loop,
+    req/s, and the proxy's CPU microseconds per request sent: its utime+stime read around each
+    run), then the median p50 and p99 of `p99_repeats` runs at `rate` (open loop; None: half the
+    saturation rate just measured). With `others`, each fixed-rate run is followed by one at the
+    same rate from this host to the proxy's own address on project 1's network (no DNAT, and
+    none of the host's FORWARD rules on the client's leg) and one straight to project 1's
+    replica (no proxy, no FORWARD rules): a tail that grows on every path grows with the host;
+    one that grows only on the client's path is the client leg's (DNAT and FORWARD); one that
+    grows at the proxy's address but not at the replica's is the proxy's or its leg to the
+    replica (the sample without the fast path tells those apart)."""
     # Other work on this machine skews the figures: the load average before the runs says so.
     busy = os.getloadavg()[0]
     pid = lab.pid()
-    target = lab.proxy_addr(1)
     ref = reference_rps(lab, a)
-    loadgen(lab, a, 0, 1, addr=target)  # warm-up: pooled connections open, caches hot
+    loadgen(lab, a, 0, 1)  # warm-up: pooled connections open, caches hot
     sat, cpu_us = [], []
     for _ in range(a.repeats):
         c0 = cpu_ticks(pid)
-        r = loadgen(lab, a, 0, a.load_seconds, addr=target)
+        r = loadgen(lab, a, 0, a.load_seconds)
         cpu_us.append((cpu_ticks(pid) - c0) / CLK_TCK / r["sent"] * 1e6)
         sat.append(r)
     lab.pid()  # the same proxy process throughout, or the CPU figures are of two
     rps = statistics.median(r["rps"] for r in sat)
     rate = rate or max(1, int(rps / 2))
-    replica = lab.replica_addr(1) if others else None
-    dp = lab.docker_proxy_pid() if others else None
-    fixed, published, straight, cpu_pub, cpu_dp = [], [], [], [], []
+    own, replica = (lab.proxy_addr(1), lab.replica_addr(1)) if others else (None, None)
+    fixed, at_proxy, straight = [], [], []
     for _ in range(a.p99_repeats):
-        fixed.append(loadgen(lab, a, rate, a.load_seconds, addr=target))
+        fixed.append(loadgen(lab, a, rate, a.load_seconds))
         if others:
-            c0, d0 = cpu_ticks(pid), cpu_ticks(dp) if dp else 0
-            r = loadgen(lab, a, rate, a.load_seconds)
-            cpu_pub.append((cpu_ticks(pid) - c0) / CLK_TCK / r["sent"] * 1e6)
-            if dp:
-                cpu_dp.append((cpu_ticks(dp) - d0) / CLK_TCK / r["sent"] * 1e6)
-            published.append(r)
-            straight.append(loadgen(lab, a, rate, a.load_seconds, addr=replica))
+            at_proxy.append(loadgen(lab, a, rate, a.load_seconds, addr=own, container=lab.proxy))
+            straight.append(loadgen(lab, a, rate, a.load_seconds, addr=replica[0], container=replica[1]))
+    lab.pid()
     runs = sat + fixed
     out = {"rps": rps, "rate": rate, "p50_us": statistics.median(r["p50_us"] for r in fixed),
            "p99_us": statistics.median(r["p99_us"] for r in fixed), "p99_runs": [r["p99_us"] for r in fixed],
-           "requests": sum(r["sent"] for r in runs), "addr": target,
+           "requests": sum(r["sent"] for r in runs),
            "cpu_us": statistics.median(cpu_us), "loadavg": busy, "ref_rps": ref, "rel": rps / ref}
 
     def summary(runs, addr):
@@ -773,10 +852,7 @@ def load_sample(lab, a, rate, others=True):
                 "p99_us": statistics.median(r["p99_us"] for r in runs),
                 "p99_runs": [r["p99_us"] for r in runs], "addr": addr, "requests": sum(r["sent"] for r in runs)}
     if others:
-        out["direct"] = summary(straight, replica)
-        out["published"] = summary(published, f"127.0.0.1:{lab.http}")
-        out["published"]["cpu_us"] = statistics.median(cpu_pub)
-        out["published"]["docker_proxy_us"] = statistics.median(cpu_dp) if cpu_dp else None
+        out["at_proxy"], out["direct"] = summary(at_proxy, own), summary(straight, replica[0])
     return out
 
 
@@ -963,18 +1039,18 @@ def idle_by_process(idle, top=6):
 
 
 def direct_section(p1, pn, n):
-    """The table of the same fixed-rate load on three paths (the proxy's address, the port
-    published on 127.0.0.1, the replica's address): where the tail at n projects grows."""
+    """The table of the same fixed-rate load on three paths (a remote client's, the proxy's
+    address from this host, the replica's address): which leg the tail at n projects grows on."""
     if "direct" not in p1 or "direct" not in pn:
         return []
-    paths = [("the proxy's address (the table above): luma-proxy, replica", None),
-             ("the port published on 127.0.0.1: docker-proxy, luma-proxy, replica", "published"),
-             ("the replica's address: no proxy", "direct")]
+    paths = [("a client's, through DNAT and FORWARD (the table above): client leg, luma-proxy, replica leg", None),
+             ("the proxy's address from this host: luma-proxy, replica leg", "at_proxy"),
+             ("the replica's address from this host: no proxy", "direct")]
 
     def of(r, key):
         return r if key is None else r[key]
 
-    lines = ["### Where the tail grows: the same load on three paths", "",
+    lines = ["### Which leg the tail grows on: the same load on three paths", "",
              f"| path | p99 at 1 project | run to run | p99 at {n} | run to run | p99 {n} / 1 | range the runs allow "
              f"| p50 {n} / 1 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -986,31 +1062,24 @@ def direct_section(p1, pn, n):
                      f"{min(b['p99_runs']) / 1000:.2f}–{max(b['p99_runs']) / 1000:.2f} ms | "
                      f"{b['p99_us'] / max(a['p99_us'], 1):.2f}x | {lo:.2f}–{hi:.2f}x | "
                      f"{b['p50_us'] / max(a['p50_us'], 1):.2f}x |")
-    pub = [r["published"] for r in (p1, pn)]
-    cpu = (f" Over the runs through the published port, per request: luma-proxy used {pub[0]['cpu_us']:.1f} µs of "
-           f"CPU at 1 project and {pub[1]['cpu_us']:.1f} µs at {n}")
-    if all(r["docker_proxy_us"] is not None for r in pub):
-        cpu += (f", and docker-proxy {pub[0]['docker_proxy_us']:.1f} and {pub[1]['docker_proxy_us']:.1f} µs "
-                "(utime+stime of each process around each run, median).")
-    else:
-        cpu += ("; no docker-proxy carried the published port (the engine runs without its userland proxy), so "
-                "that path differs from the proxy's address only by the kernel's DNAT.")
+    side = sum(r[k]["requests"] for r in ({id(p1): p1, id(pn): pn}.values()) for k in ("at_proxy", "direct"))
     return lines + [
         "",
-        "Each fixed-rate run to the proxy's address (the table above) was followed at once by one at the same rate "
-        f"and for as long through the port published on 127.0.0.1 (`{pub[0]['addr']}`), then one to project 1's "
-        f"replica (`{p1['direct']['addr']}` at 1 project, `{pn['direct']['addr']}` at {n}: its address on its "
-        f"network); medians of {len(p1['direct']['p99_runs'])} runs each, "
-        f"{sum(r[k]['requests'] for r in (p1, pn) for k in ('published', 'direct')):,} requests in all, all 2xx. "
-        "A port published on 127.0.0.1 reaches the container through Docker's userland `docker-proxy` (one more "
-        "process, which copies every byte); a client on another machine reaches the proxy through the kernel's "
-        "DNAT instead, which is why the table above measures at the proxy's address. The replica's address takes "
-        "luma-proxy out of the path, and the host's FORWARD rules (the host reaches its bridges through OUTPUT and "
-        "INPUT). The load generator, the replica and the machine are the same, the next moment. The inference runs "
-        f"one way: a p99 that grows from 1 to {n} projects on the replica's path grows with the host (its other "
-        "processes, interfaces and timers); one that grows through the published port more than at the proxy's "
-        "address is docker-proxy's; one that grows at the proxy's address but not at the replica's is luma-proxy's, "
-        "or the per-network FORWARD rules' (the sample without the fast path above tells those apart)." + cpu,
+        "Each fixed-rate run from the client namespace (the table above) was followed at once by one at the same "
+        f"rate and for as long from this host to the proxy's address on project 1's network (`{p1['at_proxy']['addr']}` "
+        f"at 1 project, `{pn['at_proxy']['addr']}` at {n}), then one to project 1's replica "
+        f"(`{p1['direct']['addr']}`, `{pn['direct']['addr']}`); medians of {len(p1['direct']['p99_runs'])} runs each, "
+        f"{side:,} requests in all, all 2xx (`luma-loadgen --local-link`). From this host, a container's address is "
+        "reached without DNAT, and its packets meet no FORWARD rule on the way in or out (the host reaches its "
+        "bridges through OUTPUT and INPUT): the proxy's address leaves out the client's leg; the replica's leaves "
+        "out the proxy and both legs. The proxy's leg to the replica is bridged inside the project's network, "
+        "where luma's fast path takes established packets out of FORWARD; the client's leg is routed between the "
+        "client's link and the proxy's network, where it does not. The load generator, the replica and the machine "
+        "are the same, the next moment. The inference runs one way: a p99 that grows from 1 to "
+        f"{n} projects on the replica's path grows with the host (its other processes, interfaces and timers); "
+        "one that grows on the client's path more than at the proxy's address grows on the client's leg (DNAT "
+        "and the FORWARD rules it walks); one that grows at the proxy's address but not at the replica's is "
+        "luma-proxy's, or its leg to the replica (the sample without the fast path above tells those apart).",
         "",
     ]
 
@@ -1079,8 +1148,8 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         ratio_row(f"{n} / 1", pn, p1),
         *([ratio_row(f"{n}, without the fast path / 1", off, p1)] if off else []),
         "",
-        f"All to the proxy's address on project 1's network (`{p1['addr']}` at 1 project, `{pn['addr']}` at {n}; "
-        f"its HTTP listener, from this host: `luma-loadgen --container`) with project 1's host `{lab.host(1)}`, "
+        f"All from the client namespace `{lab.client.ns}` ({lab.client.subnet}.2) to the proxy's port published "
+        f"on {lab.client.host_ip} (the namespace's link to this host), with project 1's host `{lab.host(1)}`, "
         f"{a.connections} keep-alive connections. req/s: `luma-loadgen --rate 0` (closed loop, as fast as "
         f"possible) for {a.load_seconds:g} s, after a 1 s warm-up, median of {a.repeats}. p99 and p50: "
         f"`luma-loadgen --rate {p1['rate']}` (open loop, latency counted from when each request was due) for "
@@ -1149,6 +1218,9 @@ def fast_path_ab(lab, a, load):
 def scale(lab, a, at):
     """The run: deploys, samples, load runs, the final check; raises Failed or Interrupted."""
     started = time.monotonic()
+    lab.client.create()
+    log(f"client namespace {lab.client.ns}: {lab.client.subnet}.2 -> {lab.client.host_ip}:{lab.http} "
+        f"(the proxy's published port) over {lab.client.host_if}")
     deploys, idle, nets, load, rules = [], {}, {}, {}, {}
     for i in range(1, a.projects + 1):
         t = time.monotonic()
@@ -1156,7 +1228,7 @@ def scale(lab, a, at):
         took = time.monotonic() - t
         deploys.append(took)
         # `luma deploy` returns once the host is switched; the poll proves it from outside.
-        ready = wait_answers(lab.http, lab.host(i), lab.project(i), 60)
+        ready = wait_answers(lab.public, lab.host(i), lab.project(i), 60)
         on = lab.networks()
         total, mine = len(on), sum(1 for n in on if n.startswith(f"{lab.prefix}-"))
         net = f"{lab.project(i)}-network"
@@ -1184,7 +1256,7 @@ def scale(lab, a, at):
     bad = []
     for i in range(1, a.projects + 1):
         check_stop()
-        good, what = answers_as(lab.http, lab.host(i), lab.project(i))
+        good, what = answers_as(lab.public, lab.host(i), lab.project(i))
         if not good:
             bad.append(f"{lab.host(i)}: {what}")
     if bad:
@@ -1273,7 +1345,7 @@ def main():
         shutil.rmtree(lab.tmp, ignore_errors=True)
         log(f"scale: {e}", err=True)
         sys.exit(130 if isinstance(e, Interrupted) else 2)
-    log(f"scale: {a.projects} projects, prefix {lab.prefix}, proxy {lab.proxy} on 127.0.0.1:{lab.http}; "
+    log(f"scale: {a.projects} projects, prefix {lab.prefix}, proxy {lab.proxy} on {lab.client.host_ip}:{lab.http}; "
         f"idle samples at {sorted(at)}; {fast_path_before(lab)}"
         + "".join(f"; {k}={v}" for k, v in a.net_env.items()))
     code = 1

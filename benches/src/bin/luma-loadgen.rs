@@ -3,8 +3,10 @@
 //! Open loop at a fixed rate (`--rate`), so latency is measured from when a request was due,
 //! not from when a stalled connection got round to it (no coordinated omission), or closed
 //! loop as fast as possible (`--rate 0`). Only targets on this machine are accepted: a 127.0.0.0/8
-//! address, or with `--container` a container's address on one of this machine's Linux bridges
-//! (a directly attached subnet, no gateway; see [`on_local_bridge`]). It stops by
+//! address, or with `--local-link` an address reached directly (no gateway) over a local link
+//! that leaves no machine: a Linux bridge whose ports are all virtual (a container here), or a
+//! link in 198.18.0.0/15, the benchmarking range, which the scale harness's client namespace
+//! uses to reach this host (see [`local_link`]). It stops by
 //! itself after `--duration`, or, with `--requests N`, once N requests have been sent (spread
 //! evenly over the connections): an exact count, for per-request instruction profiles.
 //!
@@ -31,8 +33,8 @@ struct Args {
     method: String,
     close: bool,
     records: Option<String>,
-    /// `--addr` may be a container on one of this machine's bridges, not only loopback.
-    container: bool,
+    /// `--addr` may be on a local link (see [`local_link`]), not only loopback.
+    local_link: bool,
     /// Stop after this many requests in all (None: only the duration bounds the run).
     requests: Option<u64>,
 }
@@ -48,7 +50,7 @@ fn parse_args() -> Result<Args, String> {
         method: "GET".into(),
         close: false,
         records: None,
-        container: false,
+        local_link: false,
         requests: None,
     };
     let mut it = std::env::args().skip(1);
@@ -63,11 +65,11 @@ fn parse_args() -> Result<Args, String> {
             "--duration" => a.duration = Duration::from_secs_f64(v()?.parse().map_err(|e| format!("--duration: {e}"))?),
             "--method" => a.method = v()?,
             "--close" => a.close = true,
-            "--container" => a.container = true,
+            "--local-link" => a.local_link = true,
             "--records" => a.records = Some(v()?),
             "--requests" => a.requests = Some(v()?.parse().map_err(|e| format!("--requests: {e}"))?),
             "-h" | "--help" => {
-                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE] [--requests N] [--container]\n--addr is 127.x.y.z:PORT, or with --container a container's IP:PORT on one of this machine's Docker bridges".into())
+                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE] [--requests N] [--local-link]\n--addr is 127.x.y.z:PORT, or with --local-link an IP:PORT reached directly over a bridge of virtual ports (a container on this machine) or a link in 198.18.0.0/15".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -77,23 +79,17 @@ fn parse_args() -> Result<Args, String> {
         .parse::<std::net::SocketAddrV4>()
         .map_err(|e| format!("--addr {:?}: expected IPv4:PORT ({e})", a.addr))?;
     if !ip.ip().is_loopback() {
-        if !a.container {
+        if !a.local_link {
             return Err(format!(
-                "--addr {}: must be a 127.0.0.0/8 address (load is only ever sent to this machine); a container's address on a local bridge needs --container",
+                "--addr {}: must be a 127.0.0.0/8 address (load is only ever sent to this machine); a container's address on a local bridge needs --local-link",
                 a.addr
             ));
         }
         let route = std::fs::read_to_string("/proc/net/route")
-            .map_err(|e| format!("--container: cannot read /proc/net/route: {e}"))?;
-        let bridged = |iface: &str| {
-            std::path::Path::new("/sys/class/net")
-                .join(iface)
-                .join("bridge")
-                .is_dir()
-        };
-        if !on_local_bridge(*ip.ip(), &route, bridged) {
+            .map_err(|e| format!("--local-link: cannot read /proc/net/route: {e}"))?;
+        if !local_link(*ip.ip(), &route, virtual_bridge) {
             return Err(format!(
-                "--addr {} --container: no Linux bridge on this machine holds that address's subnet directly (see /proc/net/route): load is only ever sent to this machine and its containers",
+                "--addr {} --local-link: this machine reaches that address through no bridge of virtual ports and no 198.18.0.0/15 link, directly (see /proc/net/route): load is only ever sent to this machine and its containers",
                 a.addr
             ));
         }
@@ -104,22 +100,50 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Whether `ip` lies in a subnet this machine reaches directly (no gateway) through a Linux
-/// bridge: a container on one of this machine's Docker networks. `route` is `/proc/net/route`
-/// (addresses and masks in the kernel's byte order, as hex); `bridged` says whether an interface
-/// is a bridge (`/sys/class/net/<iface>/bridge`).
-fn on_local_bridge(ip: std::net::Ipv4Addr, route: &str, bridged: impl Fn(&str) -> bool) -> bool {
+/// Whether load to `ip` stays on this machine: `ip` lies in a subnet reached directly (no
+/// gateway) through a bridge whose ports are all virtual (`virtual_bridge`: a container on one
+/// of this machine's Docker networks), or through any link when the subnet lies inside
+/// 198.18.0.0/15 (RFC 2544's range for benchmarks, never routed; the scale harness's client
+/// namespace reaches this host over a veth in it). `route` is `/proc/net/route` (addresses and
+/// masks as the kernel prints them: hex of the value in host byte order). The route the kernel
+/// would take decides: the matching line with the longest prefix.
+fn local_link(ip: std::net::Ipv4Addr, route: &str, virtual_bridge: impl Fn(&str) -> bool) -> bool {
+    let bench = |net: u32, mask: u32| {
+        let range = u32::from_ne_bytes([198, 18, 0, 0]);
+        let range_mask = u32::from_ne_bytes([255, 254, 0, 0]);
+        mask & range_mask == range_mask && net & range_mask == range
+    };
     let ip = u32::from_ne_bytes(ip.octets());
-    route.lines().skip(1).any(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let hex = |i: usize| f.get(i).and_then(|v| u32::from_str_radix(v, 16).ok());
-        match (f.first(), hex(1), hex(2), hex(7)) {
-            (Some(iface), Some(dest), Some(0), Some(mask)) => {
-                mask != 0 && ip & mask == dest && bridged(iface)
-            }
-            _ => false,
-        }
-    })
+    let chosen = route
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let hex = |i: usize| f.get(i).and_then(|v| u32::from_str_radix(v, 16).ok());
+            Some((*f.first()?, hex(1)?, hex(2)?, hex(7)?))
+        })
+        .filter(|&(_, dest, _, mask)| ip & mask == dest)
+        .max_by_key(|&(_, _, _, mask)| mask.count_ones());
+    match chosen {
+        Some((iface, dest, 0, mask)) => mask != 0 && (bench(dest, mask) || virtual_bridge(iface)),
+        _ => false,
+    }
+}
+
+/// Whether `iface` is a Linux bridge (`/sys/class/net/<iface>/bridge`) none of whose ports is
+/// a device (`/sys/class/net/<port>/device`: a real NIC, which would lead off this machine);
+/// Docker's bridges hold only veths.
+fn virtual_bridge(iface: &str) -> bool {
+    let net = std::path::Path::new("/sys/class/net");
+    if iface.contains('/') || !net.join(iface).join("bridge").is_dir() {
+        return false;
+    }
+    match std::fs::read_dir(net.join(iface).join("brif")) {
+        Ok(ports) => ports
+            .flatten()
+            .all(|p| !net.join(p.file_name()).join("device").exists()),
+        Err(_) => false,
+    }
 }
 
 #[derive(Default)]
@@ -300,25 +324,45 @@ async fn main() {
 
 #[cfg(test)]
 mod tests {
-    use super::on_local_bridge;
+    use super::local_link;
     use std::net::Ipv4Addr;
 
-    // A host with a default route via eth0, eth0's own /24, and one Docker bridge on
-    // 10.210.3.0/24 (addresses in the kernel's byte order, as /proc/net/route prints them).
-    const ROUTE: &str =
-        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
-eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
-eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
-br-1a2b\t0003D20A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
-";
+    /// A `/proc/net/route` line: addresses as the kernel prints them (hex of the value in host
+    /// byte order).
+    fn line(iface: &str, dest: [u8; 4], gateway: [u8; 4], mask: [u8; 4]) -> String {
+        let hex = |a: [u8; 4]| format!("{:08X}", u32::from_ne_bytes(a));
+        format!(
+            "{iface}\t{}\t{}\t0001\t0\t0\t0\t{}\t0\t0\t0\n",
+            hex(dest),
+            hex(gateway),
+            hex(mask)
+        )
+    }
+
+    /// A host with a default route via eth0, eth0's own /24, one Docker bridge on
+    /// 10.210.3.0/24, a veth on 198.18.7.0/30, 198.19.0.0/16 through a gateway, and
+    /// 198.0.0.0/8 directly on eth1.
+    fn table() -> String {
+        let mut t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+                .to_string();
+        t += &line("eth0", [0, 0, 0, 0], [192, 168, 0, 1], [0, 0, 0, 0]);
+        t += &line("eth0", [192, 168, 0, 0], [0; 4], [255, 255, 255, 0]);
+        t += &line("br-1a2b", [10, 210, 3, 0], [0; 4], [255, 255, 255, 0]);
+        t += &line("lsc1h", [198, 18, 7, 0], [0; 4], [255, 255, 255, 252]);
+        t += &line("eth0", [198, 19, 0, 0], [192, 168, 0, 9], [255, 255, 0, 0]);
+        t += &line("eth1", [198, 0, 0, 0], [0; 4], [255, 0, 0, 0]);
+        t
+    }
 
     fn bridged(iface: &str) -> bool {
         iface.starts_with("br-")
     }
 
     #[test]
-    fn only_a_directly_attached_bridge_subnet_counts() {
-        let ok = |ip: [u8; 4]| on_local_bridge(Ipv4Addr::from(ip), ROUTE, bridged);
+    fn only_a_virtual_bridge_or_a_benchmark_link_counts() {
+        let route = table();
+        let ok = |ip: [u8; 4]| local_link(Ipv4Addr::from(ip), &route, bridged);
         assert!(ok([10, 210, 3, 2]), "a container on the bridge");
         assert!(!ok([10, 210, 4, 2]), "the next subnet is on no bridge");
         assert!(
@@ -326,6 +370,19 @@ br-1a2b\t0003D20A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
             "eth0's subnet is directly attached but no bridge"
         );
         assert!(!ok([8, 8, 8, 8]), "the default route has a gateway");
-        assert!(!on_local_bridge(Ipv4Addr::new(10, 210, 3, 2), "", bridged));
+        assert!(ok([198, 18, 7, 1]), "the benchmark link, directly attached");
+        assert!(
+            !ok([198, 19, 0, 5]),
+            "benchmark addresses through a gateway"
+        );
+        assert!(
+            !ok([198, 1, 2, 3]),
+            "a direct link wider than the benchmark range"
+        );
+        assert!(!local_link(Ipv4Addr::new(10, 210, 3, 2), "", bridged));
+        // A more specific route through a gateway wins over the bridge, as in the kernel.
+        let route = route + &line("eth0", [10, 210, 3, 9], [192, 168, 0, 1], [255; 4]);
+        assert!(!local_link(Ipv4Addr::new(10, 210, 3, 9), &route, bridged));
+        assert!(local_link(Ipv4Addr::new(10, 210, 3, 2), &route, bridged));
     }
 }
