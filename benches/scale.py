@@ -67,7 +67,6 @@ import argparse
 import gzip
 import http.client
 import json
-import shlex
 import os
 import platform
 import re
@@ -538,28 +537,6 @@ class Lab:
         raise Failed(f"luma's fast-path rule for {self.fast_path['pool']} is still in {USER_CHAIN} after 10 "
                      f"deletions; see `iptables -S {USER_CHAIN}`")
 
-    def edge_rules(self):
-        """luma's edge fast-path rules in DOCKER-USER (for the proxy's published ports; comment
-        `luma fast path edge ...`), as `iptables -S` lines."""
-        return [l for l in chain_rules(USER_CHAIN) if '"luma fast path edge ' in l]
-
-    def remove_edge_rules(self):
-        """Deletes luma's edge rules; returns their lines, for `restore_edge_rules`."""
-        lines = self.edge_rules()
-        for line in lines:
-            iptables("-D", *shlex.split(line)[1:])
-        return lines
-
-    def restore_edge_rules(self, lines):
-        """Puts the edge rules back as luma inserts them: before DOCKER-USER's final RETURN."""
-        for line in lines:
-            rules = chain_rules(USER_CHAIN)
-            spec = shlex.split(line)[2:]
-            if rules and rules[-1].split() == ["-A", USER_CHAIN, "-j", "RETURN"]:
-                iptables("-I", USER_CHAIN, str(len(rules)), *spec)
-            else:
-                iptables("-A", USER_CHAIN, *spec)
-
     def restore_fast_path(self):
         """Puts luma's fast-path rule back as luma inserts it: just before the final `-j RETURN`
         of DOCKER-USER, or at its end when it has none."""
@@ -637,8 +614,6 @@ class Lab:
         if self.fast_path["before"] is False and self.fast_path["on"]:
             step(f"removing luma's fast-path rule for {self.fast_path['pool']} from {USER_CHAIN}",
                  self.remove_fast_path)
-        if self.fast_path.get("edge_before") is False and self.fast_path["on"]:
-            step(f"removing luma's edge fast-path rules from {USER_CHAIN}", self.remove_edge_rules)
         step(f"removing the client namespace {self.client.ns}", self.client.remove)
         step(f"removing {self.tmp}", lambda: shutil.rmtree(self.tmp))
         left = step("listing what is left", self.owned)
@@ -676,7 +651,6 @@ def preflight(lab):
     lab.env["LUMA_HTTP_PORT"] = f"{lab.client.host_ip}:{lab.http}"
     try:
         lab.fast_path["before"] = lab.fast_path_present()
-        lab.fast_path["edge_before"] = bool(lab.edge_rules())
     except Failed as e:
         lab.fast_path["reason"] = str(e)
 
@@ -1015,16 +989,7 @@ def fast_path_note(lab, a, off):
     fp, n = lab.fast_path, a.projects
     pool = f"`{fp['pool']}`"
     text = [f"luma's host fast path is one rule in {USER_CHAIN} (processed before Docker's own rules) that accepts "
-            f"established traffic within its network pool {pool} before the per-network rules see it (the leg "
-            "between the proxy and its apps), and two edge rules that do the same for established connections "
-            "to the proxy's published ports and their replies (the client's leg; luma-cli/src/hostpath.rs)."]
-    edge = fp.get("edge_before")
-    if edge is not None:
-        text.append("The edge rules were " + ("there before this run, so they are not this run's and were left "
-                                              "alone." if edge else
-                                              f"absent before this run; at {n} projects "
-                                              f"{len(lab.edge_rules()) if fp['on'] else 0} were in {USER_CHAIN} (the "
-                                              "clean-up removes them)."))
+            f"established traffic within its network pool {pool} before the per-network rules see it."]
     if not fp["on"]:
         text.append(f"luma ran with {fast_path_setting(lab)}" + (" (`--no-fast-path`)." if a.no_fast_path else "."))
     state = fp["state"]
@@ -1041,9 +1006,7 @@ def fast_path_note(lab, a, off):
         text.append("This run's luma added the rule (it was absent before the run); the clean-up removes it.")
         if off:
             text.append(f"The row \"{n}, without the fast path\" repeats the {n}-project load sample right after "
-                        "it, at the same fixed rate, with the rule deleted (and the edge rules, "
-                        f"{fp.get('edge_removed', 0)} of them, when this run's luma added them); then they were put "
-                        "back where luma "
+                        "it, at the same fixed rate, with the rule deleted; then the rule was put back where luma "
                         f"inserts it (before the final `-j RETURN` of {USER_CHAIN}, or at its end).")
         elif a.smoke:
             text.append("The load sample without it is skipped with --smoke.")
@@ -1244,14 +1207,9 @@ def fast_path_ab(lab, a, load):
         log(f"    fast path at {a.projects}: {fp['state']}; no load sample without it ({skip})")
         return
     lab.remove_fast_path()
-    # The edge rules too, when they are this run's: the sample is the host without luma's rules.
-    edge = lab.remove_edge_rules() if fp.get("edge_before") is False else []
-    fp["edge_removed"] = len(edge)
-    log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} and {len(edge)} edge rules for one "
-        "load sample without them")
+    log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} for one load sample without it")
     r = load["no_fast_path"] = load_sample(lab, a, load[1]["rate"], others=False)
     lab.restore_fast_path()
-    lab.restore_edge_rules(edge)
     log(f"    load at {a.projects} without the fast path: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs "
         f"per request; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; all {r['requests']:,} requests 2xx; "
         "rule put back")

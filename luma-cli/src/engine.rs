@@ -327,29 +327,6 @@ impl Engine {
         }
     }
 
-    /// The host interface of the bridge network called `name` (its
-    /// `com.docker.network.bridge.name` option, `docker0` for Docker's default `bridge`), or None
-    /// when there is no such network or it names no interface.
-    pub async fn bridge_interface(&self, name: &str) -> Result<Option<String>> {
-        self.trace(format_args!("inspect network {name}"));
-        match self
-            .docker
-            .inspect_network(
-                name,
-                None::<bollard::query_parameters::InspectNetworkOptions>,
-            )
-            .await
-        {
-            Ok(n) if n.name.as_deref() == Some(name) => Ok(n
-                .options
-                .and_then(|o| o.get("com.docker.network.bridge.name").cloned())
-                .filter(|i| !i.is_empty())),
-            Ok(_) => Ok(None),
-            Err(e) if is_404(&e) => Ok(None),
-            Err(e) => Err(format!("inspect network {name} on {}: {e}", self.server())),
-        }
-    }
-
     /// Every network on the engine, whatever its driver, with its IPv4 subnets: (name,
     /// subnet) pairs.
     pub async fn network_subnets_in_use(&self) -> Result<Vec<(String, String)>> {

@@ -1,7 +1,5 @@
-//! The host fast path: firewall rules so that packets of connections that are already
-//! established skip Docker's per-network rules, on both legs of a request: one rule per network
-//! pool for the leg between the proxy and its apps, and two for the leg between clients and the
-//! proxy's published ports (the edge).
+//! The host fast path: one firewall rule per network pool, so packets of connections that are
+//! already established inside Luma's networks skip Docker's per-network rules.
 //!
 //! Why: Docker puts about five rules into the host's FORWARD chains for every bridge network,
 //! and with `br_netfilter` (which Docker turns on) the kernel walks them for every packet
@@ -27,39 +25,8 @@
 //! - only packets of connections already accepted: the first packet of each still walks all
 //!   of Docker's rules.
 //!
-//! **The edge.** A client on another machine reaches the proxy through Docker's DNAT: its
-//! packets are routed between the host's interface and the bridge of the proxy's first network
-//! (Docker's default `bridge`, `docker0`), and walk the same per-network rules both ways. At 200
-//! projects that cut one host's requests from a client outside to 0.59x of one project's, at
-//! 1.59x the proxy's CPU per request and 10.6x the p99 (`benches/scale.sh`, docs/scale.md). Two
-//! rules, for the bridge `BR` of the proxy's network:
-//!
-//! ```text
-//! -o BR -m physdev ! --physdev-is-in -m conntrack --ctstate ESTABLISHED --ctdir ORIGINAL
-//!   -m conntrack --ctstate DNAT -m comment --comment "luma fast path edge BR in" -j ACCEPT
-//! -i BR -m conntrack --ctstate ESTABLISHED --ctdir REPLY
-//!   -m conntrack --ctstate DNAT -m comment --comment "luma fast path edge BR out" -j ACCEPT
-//! ```
-//!
-//! They give Docker's verdict for what they match:
-//! - only connections that were DNATed (`--ctstate DNAT`: a published port) and that Docker's
-//!   rules accepted (`ESTABLISHED`: the first packet walked them all); no RELATED packets (ICMP
-//!   errors), which still go through Docker's rules;
-//! - in: only packets going to the proxy's bridge that did not enter through any bridge
-//!   (`! --physdev-is-in`), so never from a container of another network, which Docker's
-//!   isolation would drop whatever its state (a spoofed packet can look ESTABLISHED). A client
-//!   behind a host bridge (`br0` on a hypervisor) is left to Docker's rules: slower, not
-//!   wrong. Docker accepts the rest: `-o BR --ctstate RELATED,ESTABLISHED -j ACCEPT`;
-//! - out: only the reply direction of such a connection leaving the proxy's bridge. It goes back
-//!   to whoever opened the connection, and no container of another network can have opened one
-//!   to a published port here (Docker's isolation drops its first packet), so it never goes
-//!   to another network's bridge. Docker accepts the rest: `-i BR ! -o BR -j ACCEPT`, and
-//!   `-i BR -o BR` for a container of the proxy's own network.
-//!
-//! They speed up every container's published ports on that bridge alike, with the same verdict.
-//!
-//! Each rule is inserted before the chain's final `RETURN`, so the operator's own rules there
-//! still come first.
+//! It is inserted before the chain's final `RETURN`, so the operator's own rules there still
+//! come first.
 //!
 //! Every deploy and setup makes sure it is there (a reboot empties `DOCKER-USER`): one
 //! `iptables -S` on the host, and an insert when the rule is missing. It needs root on the host:
@@ -95,54 +62,6 @@ pub fn enabled(var: impl Fn(&str) -> Option<String>) -> Result<bool, String> {
     }
 }
 
-/// The network the proxy is created on (proxyctl sets none): the bridge of Docker's default
-/// network carries its published ports.
-pub const EDGE_NETWORK: &str = "bridge";
-
-/// The two edge rules for the proxy's bridge interface `bridge`, as iptables arguments after
-/// the chain name: in (to the proxy), then out (its replies).
-pub fn edge_rules(bridge: &str) -> [Vec<String>; 2] {
-    let dnat_established = |dir: &str| {
-        [
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED",
-            "--ctdir",
-            dir,
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "DNAT",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let comment = |way: &str| {
-        [
-            "-m".to_string(),
-            "comment".into(),
-            "--comment".into(),
-            edge_comment(bridge, way),
-            "-j".into(),
-            "ACCEPT".into(),
-        ]
-    };
-    let mut inbound: Vec<String> = ["-o", bridge, "-m", "physdev", "!", "--physdev-is-in"]
-        .map(String::from)
-        .to_vec();
-    inbound.extend(dnat_established("ORIGINAL"));
-    inbound.extend(comment("in"));
-    let mut outbound: Vec<String> = ["-i", bridge].map(String::from).to_vec();
-    outbound.extend(dnat_established("REPLY"));
-    outbound.extend(comment("out"));
-    [inbound, outbound]
-}
-
-fn edge_comment(bridge: &str, way: &str) -> String {
-    format!("luma fast path edge {bridge} {way}")
-}
-
 /// The rule for `pool`, as iptables arguments after the chain name.
 pub fn rule(pool: &Cidr) -> Vec<String> {
     let pool = pool.to_string();
@@ -174,12 +93,6 @@ pub fn rule(pool: &Cidr) -> Vec<String> {
 /// (`iptables -S DOCKER-USER`): before its final `-j RETURN` (Docker ends the chain with one),
 /// else at its end.
 pub fn insert_args(listing: &str, pool: &Cidr) -> Vec<String> {
-    insert_rule_args(listing, rule(pool))
-}
-
-/// The iptables arguments that add `rule` to a chain listed as `listing`, as
-/// [`insert_args`] places it.
-fn insert_rule_args(listing: &str, rule: Vec<String>) -> Vec<String> {
     let rules: Vec<&str> = listing
         .lines()
         .map(str::trim)
@@ -191,7 +104,7 @@ fn insert_rule_args(listing: &str, rule: Vec<String>) -> Vec<String> {
         }
         _ => vec!["-A".to_string(), CHAIN.into()],
     };
-    args.extend(rule);
+    args.extend(rule(pool));
     args
 }
 
@@ -210,44 +123,10 @@ pub enum Outcome {
 /// comment, which is luma's alone. A listing, not `iptables -C`: `-C` fails alike for a rule
 /// that is missing and for a lock it could not get, and the second must not add a duplicate.
 pub fn listed(listing: &str, pool: &Cidr) -> bool {
-    has_comment(listing, &format!("luma fast path {pool}"))
-}
-
-fn has_comment(listing: &str, comment: &str) -> bool {
-    let comment = format!("--comment \"{comment}\"");
+    let comment = format!("--comment \"luma fast path {pool}\"");
     listing
         .lines()
         .any(|l| l.starts_with(&format!("-A {CHAIN} ")) && l.contains(&comment))
-}
-
-/// Makes sure the host of `engine` has both edge rules for the bridge of the proxy's network
-/// ([`EDGE_NETWORK`]); each is added when missing. Never fails the deploy.
-pub async fn ensure_edge(engine: &Engine) -> Outcome {
-    let bridge = match engine.bridge_interface(EDGE_NETWORK).await {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            return Outcome::Unavailable(format!(
-                "the engine's `{EDGE_NETWORK}` network names no bridge interface"
-            ))
-        }
-        Err(e) => return Outcome::Unavailable(e),
-    };
-    let mut outcome = Outcome::Present;
-    for (rule, way) in edge_rules(&bridge).into_iter().zip(["in", "out"]) {
-        // Listed again before each: the insert position counts the chain's rules.
-        let listing = match iptables(engine, &["-S".into(), CHAIN.into()]).await {
-            Ok(l) => l,
-            Err(e) => return Outcome::Unavailable(e),
-        };
-        if has_comment(&listing, &edge_comment(&bridge, way)) {
-            continue;
-        }
-        match iptables(engine, &insert_rule_args(&listing, rule)).await {
-            Ok(_) => outcome = Outcome::Added,
-            Err(e) => return Outcome::Unavailable(e),
-        }
-    }
-    outcome
 }
 
 /// Makes sure the host of `engine` has the fast-path rule for `pool`. Never fails the deploy:
@@ -288,31 +167,6 @@ mod tests {
             "-s 10.210.0.0/16 -d 10.210.0.0/16 -m physdev --physdev-is-bridged -m conntrack \
              --ctstate RELATED,ESTABLISHED -m comment --comment luma fast path 10.210.0.0/16 \
              -j ACCEPT"
-        );
-    }
-
-    #[test]
-    fn the_edge_rules_take_only_established_dnat_flows_of_the_proxys_bridge() {
-        let [inbound, outbound] = edge_rules("docker0");
-        assert_eq!(
-            inbound.join(" "),
-            "-o docker0 -m physdev ! --physdev-is-in -m conntrack --ctstate ESTABLISHED \
-             --ctdir ORIGINAL -m conntrack --ctstate DNAT -m comment --comment \
-             luma fast path edge docker0 in -j ACCEPT"
-        );
-        assert_eq!(
-            outbound.join(" "),
-            "-i docker0 -m conntrack --ctstate ESTABLISHED --ctdir REPLY -m conntrack \
-             --ctstate DNAT -m comment --comment luma fast path edge docker0 out -j ACCEPT"
-        );
-        let listing = "-N DOCKER-USER\n-A DOCKER-USER -o docker0 -m comment --comment \
-                       \"luma fast path edge docker0 in\" -j ACCEPT\n-A DOCKER-USER -j RETURN\n";
-        assert!(has_comment(listing, &edge_comment("docker0", "in")));
-        assert!(!has_comment(listing, &edge_comment("docker0", "out")));
-        assert!(!has_comment(listing, &edge_comment("br-1", "in")));
-        assert_eq!(
-            insert_rule_args(listing, outbound)[..3],
-            ["-I", "DOCKER-USER", "2"]
         );
     }
 

@@ -146,9 +146,8 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// Keeps the host's firewall fast path for the pool and for the proxy's published ports
-/// ([`crate::hostpath`]): said when added, and when it cannot be, with why and what to do;
-/// silent when it is there.
+/// Keeps the host's firewall fast path for the pool ([`crate::hostpath`]): said when added,
+/// and when it cannot be, with why and what to do; silent when it is there.
 async fn host_fast_path(ctx: &Ctx<'_>) {
     use crate::hostpath::{ensure, Outcome, ENV};
     let ui = ctx.ui;
@@ -159,26 +158,10 @@ async fn host_fast_path(ctx: &Ctx<'_>) {
             "host fast path for pool {pool}: established traffic inside it now skips Docker's \
              per-network firewall rules (a rule in DOCKER-USER)"
         )),
-        Outcome::Unavailable(why) => {
-            // The edge's rules would fail alike (no iptables, not root): one note is enough.
-            return ui.info(format!(
-                "! no host fast path for pool {pool} on {}: {why}. Requests between the proxy \
-                 and apps are slower as the server's Docker networks grow (docs/scale.md); \
-                 deploy as root once to add it, or set {ENV}=off to stop this note",
-                ctx.server
-            ));
-        }
-    }
-    match crate::hostpath::ensure_edge(ctx.engine).await {
-        Outcome::Present => {}
-        Outcome::Added => ui.info(
-            "host fast path for the proxy's published ports: established client traffic now \
-             skips Docker's per-network firewall rules (two rules in DOCKER-USER)",
-        ),
         Outcome::Unavailable(why) => ui.info(format!(
-            "! no host fast path for the proxy's published ports on {}: {why}. Requests from \
-             clients are slower as the server's Docker networks grow (docs/scale.md); deploy \
-             as root once to add it, or set {ENV}=off to stop this note",
+            "! no host fast path for pool {pool} on {}: {why}. Requests between the proxy and \
+             apps are slower as the server's Docker networks grow (docs/scale.md); deploy as \
+             root once to add it, or set {ENV}=off to stop this note",
             ctx.server
         )),
     }
