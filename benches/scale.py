@@ -50,7 +50,8 @@ whose name starts with `<prefix>-` (or `luma-lock_<prefix>-`) or that luma label
 added it (absent before the run, present at the end); nothing else is touched. A signal never
 cuts the clean-up short: the first one stops the run (a running `luma` gets SIGINT and 30 s to
 undo its step, then it is killed), later ones are ignored. Must run as root on the engine's
-host (it reads /proc/<pid> of the proxy and the host's iptables).
+host (it reads /proc/<pid> of the proxy and the host's iptables, and makes a network namespace
+and a veth pair with iproute2's `ip`).
 
 Networks: each project takes one subnet of luma's network pool, by default a /24 of
 10.210.0.0/16, which holds 256 project networks for the whole engine (other luma projects on it
@@ -170,8 +171,11 @@ def run(cmd, timeout, env=None, check=True):
     that outlives `timeout` is killed and Failed raised (also with check=False: the caller of a
     clean-up step catches it). Whatever happens, no child outlives this call."""
     check_stop()  # a signal before the start: do not start it at all
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
+    try:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+    except OSError as e:  # a missing program (`ip`, `iptables`, `docker`): said, not a traceback
+        raise Failed(f"cannot run `{' '.join(cmd)}`: {e}")
     try:
         deadline = time.monotonic() + timeout
         asked = None  # when the child got SIGINT
@@ -348,6 +352,7 @@ class ClientNet:
     `lsc<n>h` (15 bytes at most, so a number from the prefix)."""
 
     def __init__(self, prefix):
+        self.linked = False  # the veth pair is this run's (only then may the clean-up delete it)
         n = zlib.crc32(prefix.encode())
         self.ns = f"{prefix}-client"
         self.host_if, self.client_if = f"lsc{n % 1000000}h", f"lsc{n % 1000000}c"
@@ -386,6 +391,7 @@ class ClientNet:
         run(["ip", "netns", "add", self.ns], 30)
         run(["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.client_if,
              "netns", self.ns], 30)
+        self.linked = True
         run(["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if], 30)
         run(["ip", "link", "set", self.host_if, "up"], 30)
         run(["ip", "-n", self.ns, "addr", "add", f"{self.subnet}.2/30", "dev", self.client_if], 30)
@@ -402,14 +408,14 @@ class ClientNet:
         deadline = time.monotonic() + 10
         while os.path.exists(f"/sys/class/net/{self.host_if}") and time.monotonic() < deadline:
             time.sleep(0.1)
-        if os.path.exists(f"/sys/class/net/{self.host_if}"):
+        if self.linked and os.path.exists(f"/sys/class/net/{self.host_if}"):
             run(["ip", "link", "del", self.host_if], 30)
 
     def left(self):
         found = []
         if self.made and self.ns in run(["ip", "netns", "list"], 30, check=False)[1].split():
             found.append(f"netns {self.ns}")
-        if self.made and os.path.exists(f"/sys/class/net/{self.host_if}"):
+        if self.linked and os.path.exists(f"/sys/class/net/{self.host_if}"):
             found.append(f"link {self.host_if}")
         return found
 
@@ -687,12 +693,14 @@ def idle_sample(lab, a, k):
     pause(a.settle)
     pid = lab.pid()
     d0, t_d0 = lab.dns_queries(), time.monotonic()
-    # The scans of /proc take time that grows with the projects: outside the window.
-    p0 = process_ticks()
+    # A scan of /proc takes time that grows with the projects: it stays out of the window of
+    # the proxy's and the machine's figures, and the per-process figures are divided by the
+    # time from the start of one scan to the end of the other.
+    tp0, p0 = time.monotonic(), process_ticks()
     c0, t0, h0 = cpu_ticks(pid), time.monotonic(), host_busy_ticks()
     pause(a.window)
     c1, t1, h1 = cpu_ticks(pid), time.monotonic(), host_busy_ticks()
-    p1 = process_ticks()
+    p1, tp1 = process_ticks(), time.monotonic()
     d1, t_d1 = lab.dns_queries(), time.monotonic()
     status = open(f"/proc/{pid}/status").read()
     rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
@@ -707,7 +715,7 @@ def idle_sample(lab, a, k):
             by_name[key[1]] = by_name.get(key[1], 0) + ticks - p0[key]
     return {"cpu_pct": (c1 - c0) / CLK_TCK / (t1 - t0) * 100, "dns_qps": dns, "rss_mib": rss,
             "host_pct": (h1 - h0) / CLK_TCK / (t1 - t0) * 100,
-            "by_name": {n: t / CLK_TCK / (t1 - t0) * 100 for n, t in by_name.items() if t > 0}}
+            "by_name": {n: t / CLK_TCK / (tp1 - tp0) * 100 for n, t in by_name.items() if t > 0}}
 
 
 def process_ticks():
@@ -980,7 +988,9 @@ def host_rules_note(rules, n):
     return (f"Rules in the host's iptables chains just before the load runs (`iptables -w 5 -S CHAIN`, the `-A` "
             f"lines): {chains}. A packet between the proxy and a replica crosses its project network's bridge; with "
             f"`net.bridge.bridge-nf-call-iptables` at 1 (here: {bridge_nf()}) the host's FORWARD chain sees it, and "
-            "its rules, with the chains they jump to, are matched one after another until one decides.")
+            "its rules, with the chains they jump to, are matched one after another until one decides. A packet "
+            "between the client and the proxy is routed between the client's link and the bridge of the proxy's "
+            "network, and the FORWARD chain sees it too, both ways.")
 
 
 def fast_path_note(lab, a, off):

@@ -132,7 +132,9 @@ fn local_link(ip: std::net::Ipv4Addr, route: &str, virtual_bridge: impl Fn(&str)
 
 /// Whether `iface` is a Linux bridge (`/sys/class/net/<iface>/bridge`) none of whose ports is
 /// a device (`/sys/class/net/<port>/device`: a real NIC, which would lead off this machine);
-/// Docker's bridges hold only veths.
+/// Docker's bridges hold only veths. A port stacked on a NIC without being one (a VLAN, a
+/// bond, a tap) has no `device` link either and passes: this guards against a mistyped
+/// address on a developer's machine, not against a host built to defeat it.
 fn virtual_bridge(iface: &str) -> bool {
     let net = std::path::Path::new("/sys/class/net");
     if iface.contains('/') || !net.join(iface).join("bridge").is_dir() {
