@@ -507,7 +507,7 @@ class Lab:
 
     def networks(self):
         """The names of the networks the proxy is on."""
-        return set(json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", self.proxy)))
+        return set(endpoints(self.proxy))
 
     def dns_queries(self):
         """The proxy's DNS query counter (`luma_proxy_dns_queries_total`, summed over its
@@ -631,9 +631,14 @@ class Lab:
         return left, errors
 
 
+def endpoints(container):
+    """A container's networks, {name: endpoint settings} (`docker inspect`)."""
+    return json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", container))
+
+
 def address_on(container, net):
-    """A container's IPv4 address on network `net` (`docker inspect`)."""
-    nets = json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", container))
+    """A container's IPv4 address on network `net`."""
+    nets = endpoints(container)
     ip = (nets.get(net) or {}).get("IPAddress")
     if not ip:
         raise Failed(f"{container} has no address on {net}: it is on {sorted(nets)}")
