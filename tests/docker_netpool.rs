@@ -460,3 +460,275 @@ fn the_host_fast_path_carries_established_traffic_inside_the_pool() {
         bad.stderr
     );
 }
+
+/// A network namespace standing in for a client on another machine: a veth pair on a free
+/// 198.19.N.M/30 (RFC 2544's benchmarking range; `benches/scale.py` uses 198.18), the host's
+/// end `.1`, the client's `.2`. Its requests reach a port published on the host's end
+/// through Docker's DNAT and the host's FORWARD chain, as a remote client's do. Removed on
+/// drop, also when the test fails (deleting the namespace deletes both ends of the pair).
+struct ClientNs {
+    ns: String,
+    host_if: String,
+    host_ip: Ipv4Addr,
+}
+
+impl ClientNs {
+    fn new(tag: &str) -> ClientNs {
+        let used = in_use();
+        let start = std::process::id() as usize % 16384;
+        let net = (0..16384)
+            .map(|i| (start + i) % 16384)
+            .map(|s| Ipv4Addr::new(198, 19, (s / 64) as u8, (s % 64 * 4) as u8))
+            .map(|a| Cidr::new(a, 30).expect("a /30"))
+            .find(|c| !used.iter().any(|u| u.overlaps(c)))
+            .expect("no free /30 in 198.19.0.0/16 on this host");
+        let [a, b, c, d] = net.addr().octets();
+        let id = format!("{:x}{tag}", std::process::id());
+        let me = ClientNs {
+            ns: format!("lumait-{tag}-{}", std::process::id()),
+            // Interface names are at most 15 bytes.
+            host_if: format!("li{}", &id[..id.len().min(12)]),
+            host_ip: Ipv4Addr::new(a, b, c, d + 1),
+        };
+        let client_ip = Ipv4Addr::new(a, b, c, d + 2);
+        let peer = format!("{}c", &me.host_if[..me.host_if.len().min(14)]);
+        for args in [
+            vec!["netns", "add", &me.ns],
+            vec![
+                "link",
+                "add",
+                &me.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+                "netns",
+                &me.ns,
+            ],
+            vec![
+                "addr",
+                "add",
+                &format!("{}/30", me.host_ip),
+                "dev",
+                &me.host_if,
+            ],
+            vec!["link", "set", &me.host_if, "up"],
+            vec![
+                "-n",
+                &me.ns,
+                "addr",
+                "add",
+                &format!("{client_ip}/30"),
+                "dev",
+                &peer,
+            ],
+            vec!["-n", &me.ns, "link", "set", &peer, "up"],
+            vec!["-n", &me.ns, "link", "set", "lo", "up"],
+            vec![
+                "-n",
+                &me.ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &me.host_ip.to_string(),
+            ],
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(&args)
+                .output()
+                .expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        me
+    }
+
+    /// GET / with `Host: host` from the namespace to `port` on the host's end: (status,
+    /// project the demo app names).
+    fn project_of(&self, port: u16, host: &str) -> (u16, String) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-sS", "--max-time", "10"])
+            .args(["-H", &format!("Host: {host}"), "-w", "\n%{http_code}"])
+            .arg(format!("http://{}:{port}/", self.host_ip))
+            .output()
+            .expect("run curl in the client namespace");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        (
+            status.trim().parse().unwrap_or_else(|_| {
+                panic!(
+                    "curl from {}: {text} {}",
+                    self.ns,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            }),
+            v["project"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+}
+
+impl Drop for ClientNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+/// Luma's edge rules in DOCKER-USER, as the words after the chain name.
+fn edge_rules() -> Vec<Vec<String>> {
+    let listing = iptables(&["-S", "DOCKER-USER"]).unwrap_or_else(|e| panic!("{e}"));
+    luma_cli::hostpath::edge::listed(&listing)
+        .into_iter()
+        .map(|l| l.args)
+        .collect()
+}
+
+/// Deletes, on drop, every edge rule of luma that was not there when it was made: the ones
+/// this test's deploys added (the firewall outlives the test).
+struct EdgeRulesBefore(Vec<Vec<String>>);
+
+impl Drop for EdgeRulesBefore {
+    fn drop(&mut self) {
+        for r in edge_rules().into_iter().filter(|r| !self.0.contains(r)) {
+            let args: Vec<&str> = ["-D", "DOCKER-USER"]
+                .into_iter()
+                .chain(r.iter().map(String::as_str))
+                .collect();
+            let _ = iptables(&args);
+        }
+    }
+}
+
+/// The packets matched by the edge rule with this comment (`luma edge in|out UPLINK BRIDGE`),
+/// and how many lines of it there are.
+fn edge_packets(comment: &str) -> (u64, usize) {
+    let counts = fast_path_packets(comment);
+    (counts.iter().sum(), counts.len())
+}
+
+#[test]
+fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports() {
+    let lab = CliLab::new("edge");
+    let mut extras = Extras::default();
+    let client = ClientNs::new("edge");
+    let _edges = EdgeRulesBefore(edge_rules());
+    let pool = free_pool(2);
+    extras.rules.push(luma_cli::hostpath::rule(&pool));
+    let host = format!("edge.{}.test", lab.prefix);
+    let (dir, project) = lab.project(
+        "edge",
+        &app(
+            &host,
+            &format!("network:\n  pool: {pool}\n  subnet_size: 28\n"),
+        ),
+    );
+    // The proxy's HTTP port is published on the client's link, not on loopback (which
+    // Docker serves through its userland proxy, with no DNAT and no FORWARD).
+    let published = format!("{}:{}", client.host_ip, lab.http_port);
+    let env = [
+        ("LUMA_HOST_FAST_PATH", "on"),
+        ("LUMA_HTTP_PORT", published.as_str()),
+    ];
+    let run = lab.luma_run(&dir, &["deploy"], &env);
+    assert_eq!(run.code, Some(0), "deploy:\n{}\n{}", run.stdout, run.stderr);
+    let pair = format!("{} <-> docker0", client.host_if);
+    assert!(
+        run.stderr.contains("host fast path for clients") && run.stderr.contains(&pair),
+        "the deploy says it added the edge rules for {pair}:\n{}",
+        run.stderr
+    );
+    let inward = format!("luma edge in {} docker0", client.host_if);
+    let outward = format!("luma edge out {} docker0", client.host_if);
+    let (in0, lines_in) = edge_packets(&inward);
+    let (out0, lines_out) = edge_packets(&outward);
+    assert_eq!((lines_in, lines_out), (1, 1), "{:?}", docker_user());
+
+    // 20 connections from the client: after each handshake, its packets to the proxy and the
+    // proxy's replies (the SYN-ACK on) are established and DNATed, and match.
+    for _ in 0..20 {
+        assert_eq!(
+            client.project_of(lab.http_port, &host),
+            (200, project.clone())
+        );
+    }
+    let ((in1, _), (out1, _)) = (edge_packets(&inward), edge_packets(&outward));
+    assert!(
+        in1 >= in0 + 40 && out1 >= out0 + 40,
+        "20 requests from the client: the rules matched {} packets in and {} out",
+        in1 - in0,
+        out1 - out0
+    );
+
+    // Docker moves the proxy's published ports to another of its networks when it leaves
+    // `bridge`. The rules for docker0 then match nothing, and requests still go through
+    // Docker's own rules.
+    docker(&["network", "disconnect", "bridge", &lab.proxy]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        client.project_of(lab.http_port, &host),
+        (200, project.clone())
+    );
+    let id = docker(&[
+        "network",
+        "inspect",
+        "--format",
+        "{{.Id}}",
+        &format!("{project}-network"),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    let bridge = format!("br-{}", &id.trim()[..12]);
+    // The next setup follows them: the rules name the project network's bridge, and the
+    // docker0 ones are gone.
+    let again = lab.luma_run(&dir, &["setup"], &env);
+    assert_eq!(
+        again.code,
+        Some(0),
+        "setup:\n{}\n{}",
+        again.stdout,
+        again.stderr
+    );
+    let pair = format!("{} <-> {bridge}", client.host_if);
+    assert!(again.stderr.contains(&pair), "{}", again.stderr);
+    assert_eq!(edge_packets(&inward).1, 0, "{:?}", docker_user());
+    assert_eq!(edge_packets(&outward).1, 0, "{:?}", docker_user());
+    let inward = format!("luma edge in {} {bridge}", client.host_if);
+    let outward = format!("luma edge out {} {bridge}", client.host_if);
+    for _ in 0..20 {
+        assert_eq!(
+            client.project_of(lab.http_port, &host),
+            (200, project.clone())
+        );
+    }
+    let ((in2, n_in), (out2, n_out)) = (edge_packets(&inward), edge_packets(&outward));
+    assert_eq!((n_in, n_out), (1, 1), "{:?}", docker_user());
+    assert!(
+        in2 >= 40 && out2 >= 40,
+        "20 requests after the move: the rules matched {in2} packets in and {out2} out"
+    );
+
+    // Setup again with nothing moved: nothing added, nothing removed, nothing said.
+    let still = lab.luma_run(&dir, &["setup"], &env);
+    assert_eq!(
+        still.code,
+        Some(0),
+        "setup:\n{}\n{}",
+        still.stdout,
+        still.stderr
+    );
+    assert!(
+        !still.stderr.contains("host fast path for clients"),
+        "{}",
+        still.stderr
+    );
+    assert_eq!(edge_packets(&inward).1, 1, "{:?}", docker_user());
+}

@@ -72,6 +72,15 @@ pub struct ImageInfo {
     pub repo_digests: Vec<String>,
 }
 
+/// A bridge network of the engine and its interface on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bridge {
+    pub network: String,
+    pub iface: String,
+    /// An `--internal` network: Docker drops every packet between it and the outside.
+    pub internal: bool,
+}
+
 /// What [`Engine::create_network`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NetworkCreated {
@@ -343,6 +352,37 @@ impl Engine {
                 ipv4_subnets(n.ipam.as_ref())
                     .into_iter()
                     .map(move |s| (name.clone(), s))
+            })
+            .collect())
+    }
+
+    /// Every bridge network of the engine with the interface its bridge has on the host:
+    /// the `com.docker.network.bridge.name` option when set (the default network's is
+    /// `docker0`), else `br-` and the first 12 characters of its ID, as the driver names it.
+    pub async fn bridges(&self) -> Result<Vec<Bridge>> {
+        self.trace("list bridge networks");
+        let list = self
+            .docker
+            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+            .await
+            .map_err(|e| format!("list networks on {}: {e}", self.server()))?;
+        Ok(list
+            .into_iter()
+            .filter(|n| n.driver.as_deref() == Some("bridge"))
+            .filter_map(|n| {
+                let id = n.id?;
+                let iface = n
+                    .options
+                    .as_ref()
+                    .and_then(|o| o.get("com.docker.network.bridge.name"))
+                    .filter(|b| !b.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)));
+                Some(Bridge {
+                    network: n.name.unwrap_or(id),
+                    iface,
+                    internal: n.internal.unwrap_or(false),
+                })
             })
             .collect())
     }

@@ -222,6 +222,10 @@ pub async fn remove(ctx: &Ctx<'_>, apps: &[String], everything: bool) -> Result<
                     ctx.engine.remove_network(&net).await
                 })
                 .await?;
+            // Docker may have moved the proxy's published ports to another of its networks.
+            if up && ctx.cfg.host_fast_path {
+                crate::project::edge_fast_path(ctx).await;
+            }
         }
         Ok(())
     }

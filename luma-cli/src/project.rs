@@ -146,8 +146,9 @@ pub async fn setup(ctx: &Ctx<'_>) -> Result<(), String> {
     Ok(())
 }
 
-/// Keeps the host's firewall fast path for the pool ([`crate::hostpath`]): said when added,
-/// and when it cannot be, with why and what to do; silent when it is there.
+/// Keeps the host's firewall fast path for the pool ([`crate::hostpath`]) and for the
+/// client's leg to the proxy ([`crate::hostpath::edge`]): said when added or changed, and when
+/// it cannot be, with why and what to do; silent when it is in place.
 async fn host_fast_path(ctx: &Ctx<'_>) {
     use crate::hostpath::{ensure, Outcome, ENV};
     let ui = ctx.ui;
@@ -158,10 +159,50 @@ async fn host_fast_path(ctx: &Ctx<'_>) {
             "host fast path for pool {pool}: established traffic inside it now skips Docker's \
              per-network firewall rules (a rule in DOCKER-USER)"
         )),
-        Outcome::Unavailable(why) => ui.info(format!(
-            "! no host fast path for pool {pool} on {}: {why}. Requests between the proxy and \
-             apps are slower as the server's Docker networks grow (docs/scale.md); deploy as \
-             root once to add it, or set {ENV}=off to stop this note",
+        Outcome::Unavailable(why) => {
+            // The edge rules need the same iptables: one note says why for both.
+            return ui.info(format!(
+                "! no host fast path for pool {pool} on {}: {why}. Requests between the proxy \
+                 and apps, and from clients to the proxy, are slower as the server's Docker \
+                 networks grow (docs/scale.md); deploy as root once to add it, or set {ENV}=off \
+                 to stop this note",
+                ctx.server
+            ));
+        }
+    }
+    edge_fast_path(ctx).await;
+}
+
+/// Keeps the edge rules of the host fast path in step with where the proxy's published ports
+/// are now and the host's uplinks ([`crate::hostpath::edge`]). Also after the proxy leaves a
+/// network, since Docker may move its ports then.
+pub async fn edge_fast_path(ctx: &Ctx<'_>) {
+    use crate::hostpath::{edge, ENV};
+    match edge::ensure(ctx.engine, &ctx.proxy.container).await {
+        Ok(o) if o.added == 0 && o.removed == 0 => {}
+        Ok(o) => {
+            let pairs: Vec<String> = o
+                .edges
+                .iter()
+                .map(|e| format!("{} <-> {}", e.uplink, e.bridge))
+                .collect();
+            ctx.ui.info(format!(
+                "host fast path for clients: established connections to the proxy's published \
+                 ports skip Docker's per-network firewall rules between {} ({} rules added, {} \
+                 removed in DOCKER-USER)",
+                if pairs.is_empty() {
+                    "no interfaces now".to_string()
+                } else {
+                    pairs.join(", ")
+                },
+                o.added,
+                o.removed
+            ))
+        }
+        Err(why) => ctx.ui.info(format!(
+            "! no host fast path for clients on {}: {why}. Requests from clients to the proxy \
+             are slower as the server's Docker networks grow (docs/scale.md); set {ENV}=off \
+             to stop this note",
             ctx.server
         )),
     }

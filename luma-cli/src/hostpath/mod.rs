@@ -28,6 +28,9 @@
 //! It is inserted before the chain's final `RETURN`, so the operator's own rules there still
 //! come first.
 //!
+//! The pool's rule covers the proxy's leg to its apps. The client's leg, from the host's
+//! uplinks to the proxy's published ports, has rules of its own: [`edge`].
+//!
 //! Every deploy and setup makes sure it is there (a reboot empties `DOCKER-USER`): one
 //! `iptables -S` on the host, and an insert when the rule is missing. It needs root on the host:
 //! luma runs `iptables` as the user it deploys as, and does not try sudo (a refused sudo is
@@ -39,6 +42,8 @@
 use crate::engine::Engine;
 use crate::netpool::Cidr;
 use std::time::Duration;
+
+pub mod edge;
 
 pub const ENV: &str = "LUMA_HOST_FAST_PATH";
 
@@ -93,6 +98,12 @@ pub fn rule(pool: &Cidr) -> Vec<String> {
 /// (`iptables -S DOCKER-USER`): before its final `-j RETURN` (Docker ends the chain with one),
 /// else at its end.
 pub fn insert_args(listing: &str, pool: &Cidr) -> Vec<String> {
+    insert_before_return(listing, rule(pool))
+}
+
+/// The iptables arguments that add `rule` to `DOCKER-USER`, listed as `listing`: before its
+/// final `-j RETURN`, else at its end. Rules an operator put there first keep coming first.
+fn insert_before_return(listing: &str, rule: Vec<String>) -> Vec<String> {
     let rules: Vec<&str> = listing
         .lines()
         .map(str::trim)
@@ -104,7 +115,7 @@ pub fn insert_args(listing: &str, pool: &Cidr) -> Vec<String> {
         }
         _ => vec!["-A".to_string(), CHAIN.into()],
     };
-    args.extend(rule(pool));
+    args.extend(rule);
     args
 }
 
