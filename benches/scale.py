@@ -24,10 +24,12 @@ Measures:
     leg a growing tail belongs to (a tail that grows without luma-proxy grows with the host);
   * at every idle sample, where the whole machine's idle CPU goes, by process name;
   * luma's host fast path (a DOCKER-USER rule per network pool that accepts the pool's
-    established traffic before the per-network rules): whether the rule was there before the run
-    (`preflight`), and, when this run's luma added it, one more load sample at N with the rule
-    deleted (same fixed rate), after which the rule is put back where luma inserts it. A rule
-    that was there before the run is not this run's and is never touched; `--no-fast-path` runs
+    established traffic before the per-network rules, and the "edge" rules that do the same for
+    a client's established, DNATed connections between the host's uplinks and the proxy's
+    bridge): whether the pool's rule was there before the run (`preflight`), and, when this
+    run's luma added it, one more load sample at N with it and the edge rules this run's luma
+    added deleted (same fixed rate), after which they are put back where luma inserts them. A
+    rule that was there before the run is not this run's and is never touched; `--no-fast-path` runs
     luma with LUMA_HOST_FAST_PATH=off (no comparison); --smoke skips the comparison.
 Every deploy must succeed and its host answer 200 within 60 s (polled, no fixed wait), and at the
 end every project's host must answer 200 with its own project's body, or the run fails. Every
@@ -71,6 +73,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -281,6 +284,28 @@ def fast_path_spec(pool):
             "RELATED,ESTABLISHED", "-m", "comment", "--comment", f"luma fast path {pool}", "-j", "ACCEPT"]
 
 
+# The comment luma's edge rules start with (luma-cli/src/hostpath/edge.rs): the client's leg,
+# between the host's uplinks and the bridge of the proxy's published ports.
+EDGE_MARK = "luma edge "
+
+
+def edge_rules():
+    """luma's edge rules in DOCKER-USER, each as the words after `-A DOCKER-USER` (what `-D` and
+    `-I` take). `iptables -S` quotes the comment; the quotes are dropped, as a shell would."""
+    return [shlex.split(line)[2:] for line in chain_rules(USER_CHAIN)
+            if f'--comment "{EDGE_MARK}' in line]
+
+
+def insert_before_return(spec):
+    """Puts a DOCKER-USER rule where luma inserts its own: just before the final `-j RETURN`,
+    or at the end of the chain when it has none."""
+    rules = chain_rules(USER_CHAIN)
+    if rules and rules[-1].split() == ["-A", USER_CHAIN, "-j", "RETURN"]:
+        iptables("-I", USER_CHAIN, str(len(rules)), *spec)
+    else:
+        iptables("-A", USER_CHAIN, *spec)
+
+
 def iptables(*args, check=True):
     """`iptables -w 5 ARGS` (waits up to 5 s for the xtables lock): (code, stdout, stderr).
     A missing iptables is Failed too, so callers that can do without it catch one thing."""
@@ -441,7 +466,10 @@ class Lab:
         # projects (`fast_path_ab`): made (by this run's luma), pre-existing, absent, unavailable.
         self.fast_path = {"pool": self.env.get("LUMA_NETWORK_POOL", "").strip() or DEFAULT_POOL,
                           "on": self.env.get(FAST_PATH_ENV, "").strip() not in FAST_PATH_OFF,
-                          "before": None, "reason": None, "state": None}
+                          "before": None, "reason": None, "state": None,
+                          # luma's edge rules before the run (None: could not be listed), and at
+                          # N projects those this run's luma added (`fast_path_ab`).
+                          "edges_before": None, "edges": []}
         self.proxy_pid = None
 
     @property
@@ -549,15 +577,22 @@ class Lab:
         if self.fast_path_present():
             raise Failed(f"luma's fast-path rule for {self.fast_path['pool']} came back in {USER_CHAIN} during "
                          "the load sample without it (another luma deployed?): that sample is not one without it")
-        rules = chain_rules(USER_CHAIN)
-        spec = fast_path_spec(self.fast_path["pool"])
-        if rules and rules[-1].split() == ["-A", USER_CHAIN, "-j", "RETURN"]:
-            iptables("-I", USER_CHAIN, str(len(rules)), *spec)
-        else:
-            iptables("-A", USER_CHAIN, *spec)
+        insert_before_return(fast_path_spec(self.fast_path["pool"]))
         if not self.fast_path_present():
             raise Failed(f"luma's fast-path rule for {self.fast_path['pool']} is not in {USER_CHAIN} after "
                          f"putting it back; see `iptables -S {USER_CHAIN}`")
+
+    def edge_rules_made(self):
+        """luma's edge rules that were not in DOCKER-USER before the run: this run's luma added
+        them (for the client namespace's link, and any other uplink that had none)."""
+        before = self.fast_path["edges_before"] or []
+        return [r for r in edge_rules() if r not in before]
+
+    def remove_edge_rules(self, rules):
+        """Deletes these edge rules (each as `edge_rules` gives it), every copy."""
+        for spec in rules:
+            while spec in edge_rules():
+                iptables("-D", USER_CHAIN, *spec)
 
     def mine(self, name, project_label):
         """Whether a Docker object belongs to this run: luma labelled it with one of this run's
@@ -620,6 +655,11 @@ class Lab:
         if self.fast_path["before"] is False and self.fast_path["on"]:
             step(f"removing luma's fast-path rule for {self.fast_path['pool']} from {USER_CHAIN}",
                  self.remove_fast_path)
+        # The edge rules this run's luma added: those for the client's link would match nothing
+        # once it is gone; the others, as for the pool's rule, leave the host as it was found.
+        if self.fast_path["edges_before"] is not None and self.fast_path["on"]:
+            step(f"removing the edge rules this run's luma added to {USER_CHAIN}",
+                 lambda: self.remove_edge_rules(self.edge_rules_made()))
         step(f"removing the client namespace {self.client.ns}", self.client.remove)
         step(f"removing {self.tmp}", lambda: shutil.rmtree(self.tmp))
         left = step("listing what is left", self.owned)
@@ -662,6 +702,7 @@ def preflight(lab):
     lab.env["LUMA_HTTP_PORT"] = f"{lab.client.host_ip}:{lab.http}"
     try:
         lab.fast_path["before"] = lab.fast_path_present()
+        lab.fast_path["edges_before"] = edge_rules()
     except Failed as e:
         lab.fast_path["reason"] = str(e)
 
@@ -1004,7 +1045,9 @@ def fast_path_note(lab, a, off):
     fp, n = lab.fast_path, a.projects
     pool = f"`{fp['pool']}`"
     text = [f"luma's host fast path is one rule in {USER_CHAIN} (processed before Docker's own rules) that accepts "
-            f"established traffic within its network pool {pool} before the per-network rules see it."]
+            f"established traffic within its network pool {pool} before the per-network rules see it, and two "
+            "\"edge\" rules per uplink of the host that accept the established, DNATed packets between that uplink "
+            "and the bridge of the proxy's published ports (the client's leg)."]
     if not fp["on"]:
         text.append(f"luma ran with {fast_path_setting(lab)}" + (" (`--no-fast-path`)." if a.no_fast_path else "."))
     state = fp["state"]
@@ -1018,11 +1061,14 @@ def fast_path_note(lab, a, off):
         text.append(f"The fast path was {'off' if not fp['on'] else 'not set up: luma did not add the rule'}; no "
                     f"rule for {pool} was in {USER_CHAIN} at {n} projects.")
     else:  # made
-        text.append("This run's luma added the rule (it was absent before the run); the clean-up removes it.")
+        shown = ", ".join(f"`{' '.join(r[r.index('--comment') + 1:r.index('--comment') + 2])}`"
+                          for r in fp["edges"] if "--comment" in r) or "none"
+        text.append("This run's luma added the rule (it was absent before the run) and these edge rules: "
+                    f"{shown}; the clean-up removes them.")
         if off:
             text.append(f"The row \"{n}, without the fast path\" repeats the {n}-project load sample right after "
-                        "it, at the same fixed rate, with the rule deleted; then the rule was put back where luma "
-                        f"inserts it (before the final `-j RETURN` of {USER_CHAIN}, or at its end).")
+                        "it, at the same fixed rate, with these rules deleted; then they were put back where luma "
+                        f"inserts them (before the final `-j RETURN` of {USER_CHAIN}, or at its end).")
         elif a.smoke:
             text.append("The load sample without it is skipped with --smoke.")
         else:
@@ -1089,7 +1135,8 @@ def direct_section(p1, pn, n):
         "bridges through OUTPUT and INPUT): the proxy's address leaves out the client's leg; the replica's leaves "
         "out the proxy and both legs. The proxy's leg to the replica is bridged inside the project's network, "
         "where luma's fast path takes established packets out of FORWARD; the client's leg is routed between the "
-        "client's link and the proxy's network, where it does not. The load generator, the replica and the machine "
+        "client's link and the proxy's network, where luma's edge rules do the same, when it added them (the "
+        "note on the host's forwarding rules below says). The load generator, the replica and the machine "
         "are the same, the next moment. The inference runs one way: a p99 that grows from 1 to "
         f"{n} projects on the replica's path grows with the host (its other processes, interfaces and timers); "
         "one that grows on the client's path more than at the proxy's address grows on the client's leg (DNAT "
@@ -1216,15 +1263,22 @@ def fast_path_ab(lab, a, load):
         fp["state"] = "pre-existing"
     else:
         fp["state"] = "made" if lab.fast_path_present() else "absent"
+    if fp["state"] == "made":
+        fp["edges"] = lab.edge_rules_made()
     skip = ("this run's luma did not add the rule" if fp["state"] != "made" else
             fast_path_setting(lab) if not fp["on"] else "--smoke" if a.smoke else None)
     if skip:
         log(f"    fast path at {a.projects}: {fp['state']}; no load sample without it ({skip})")
         return
+    edges = fp["edges"] = lab.edge_rules_made()
     lab.remove_fast_path()
-    log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} for one load sample without it")
+    lab.remove_edge_rules(edges)
+    log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} and its {len(edges)} edge rules "
+        "for one load sample without them")
     r = load["no_fast_path"] = load_sample(lab, a, load[1]["rate"], others=False)
     lab.restore_fast_path()
+    for spec in edges:
+        insert_before_return(spec)
     log(f"    load at {a.projects} without the fast path: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs "
         f"per request; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; all {r['requests']:,} requests 2xx; "
         "rule put back")
