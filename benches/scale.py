@@ -467,9 +467,9 @@ class Lab:
         self.fast_path = {"pool": self.env.get("LUMA_NETWORK_POOL", "").strip() or DEFAULT_POOL,
                           "on": self.env.get(FAST_PATH_ENV, "").strip() not in FAST_PATH_OFF,
                           "before": None, "reason": None, "state": None,
-                          # luma's edge rules before the run (None: could not be listed), and at
-                          # N projects those this run's luma added (`fast_path_ab`).
-                          "edges_before": None, "edges": []}
+                          # Whether DOCKER-USER could be listed before the run, and at N projects
+                          # the edge rules this run's luma added for its proxy (`fast_path_ab`).
+                          "edges_listed": False, "edges": []}
         self.proxy_pid = None
 
     @property
@@ -583,10 +583,10 @@ class Lab:
                          f"putting it back; see `iptables -S {USER_CHAIN}`")
 
     def edge_rules_made(self):
-        """luma's edge rules that were not in DOCKER-USER before the run: this run's luma added
-        them (for the client namespace's link, and any other uplink that had none)."""
-        before = self.fast_path["edges_before"] or []
-        return [r for r in edge_rules() if r not in before]
+        """luma's edge rules for this run's proxy (each names its proxy in its comment), which
+        only this run's luma makes."""
+        return [r for r in edge_rules() if "--comment" in r
+                and r[r.index("--comment") + 1].endswith(f" {self.proxy}")]
 
     def remove_edge_rules(self, rules):
         """Deletes these edge rules (each as `edge_rules` gives it), every copy."""
@@ -655,9 +655,8 @@ class Lab:
         if self.fast_path["before"] is False and self.fast_path["on"]:
             step(f"removing luma's fast-path rule for {self.fast_path['pool']} from {USER_CHAIN}",
                  self.remove_fast_path)
-        # The edge rules this run's luma added: those for the client's link would match nothing
-        # once it is gone; the others, as for the pool's rule, leave the host as it was found.
-        if self.fast_path["edges_before"] is not None and self.fast_path["on"]:
+        # The edge rules this run's luma added for its proxy, which is gone now.
+        if self.fast_path["edges_listed"] and self.fast_path["on"]:
             step(f"removing the edge rules this run's luma added to {USER_CHAIN}",
                  lambda: self.remove_edge_rules(self.edge_rules_made()))
         step(f"removing the client namespace {self.client.ns}", self.client.remove)
@@ -702,7 +701,7 @@ def preflight(lab):
     lab.env["LUMA_HTTP_PORT"] = f"{lab.client.host_ip}:{lab.http}"
     try:
         lab.fast_path["before"] = lab.fast_path_present()
-        lab.fast_path["edges_before"] = edge_rules()
+        lab.fast_path["edges_listed"] = edge_rules() is not None
     except Failed as e:
         lab.fast_path["reason"] = str(e)
 
@@ -1270,12 +1269,15 @@ def fast_path_ab(lab, a, load):
     if skip:
         log(f"    fast path at {a.projects}: {fp['state']}; no load sample without it ({skip})")
         return
-    edges = fp["edges"] = lab.edge_rules_made()
+    edges = fp["edges"]
     lab.remove_fast_path()
     lab.remove_edge_rules(edges)
     log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} and its {len(edges)} edge rules "
         "for one load sample without them")
     r = load["no_fast_path"] = load_sample(lab, a, load[1]["rate"], others=False)
+    if lab.edge_rules_made():
+        raise Failed(f"luma's edge rules for {lab.proxy} came back in {USER_CHAIN} during the load sample "
+                     "without them (another luma deployed?): that sample is not one without them")
     lab.restore_fast_path()
     for spec in edges:
         insert_before_return(spec)

@@ -373,6 +373,8 @@ fn fast_path_packets(comment: &str) -> Vec<u64> {
 fn the_host_fast_path_carries_established_traffic_inside_the_pool() {
     let lab = CliLab::new("fastpath");
     let mut extras = Extras::default();
+    // Its deploys add edge rules for its proxy too (tested below, in the edge test).
+    let _edges = ProxyEdgeRules(lab.proxy.clone());
     let pool = free_pool(1);
     let rule = luma_cli::hostpath::rule(&pool);
     // Removed at the end even if the test fails; this pool is this test's alone.
@@ -436,7 +438,11 @@ fn the_host_fast_path_carries_established_traffic_inside_the_pool() {
         again.stdout,
         again.stderr
     );
-    assert!(!again.stderr.contains("host fast path"), "{}", again.stderr);
+    assert!(
+        !again.stderr.contains("host fast path for pool"),
+        "{}",
+        again.stderr
+    );
     assert_eq!(fast_path_packets(&comment).len(), 1, "{:?}", docker_user());
 
     // Off: a deploy neither adds it nor needs it.
@@ -574,6 +580,39 @@ impl ClientNs {
     }
 }
 
+impl ClientNs {
+    /// Whether a GET from the namespace with source address `from` (added to the client's
+    /// end of the pair for this) got any answer within 2 s.
+    fn curl_from(&self, from: Ipv4Addr, port: u16, host: &str) -> bool {
+        let peer = format!("{}c", &self.host_if[..self.host_if.len().min(14)]);
+        let added = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &self.ns,
+                "addr",
+                "add",
+                &format!("{from}/32"),
+                "dev",
+                &peer,
+            ])
+            .output()
+            .expect("run ip");
+        assert!(
+            added.status.success(),
+            "{}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-sS", "--max-time", "2"])
+            .args(["--interface", &from.to_string()])
+            .args(["-H", &format!("Host: {host}"), "-o", "/dev/null"])
+            .arg(format!("http://{}:{port}/", self.host_ip))
+            .output()
+            .expect("run curl in the client namespace");
+        out.status.success()
+    }
+}
+
 impl Drop for ClientNs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip")
@@ -585,29 +624,64 @@ impl Drop for ClientNs {
     }
 }
 
-/// Luma's edge rules in DOCKER-USER, as the words after the chain name.
-fn edge_rules() -> Vec<Vec<String>> {
-    let listing = iptables(&["-S", "DOCKER-USER"]).unwrap_or_else(|e| panic!("{e}"));
-    luma_cli::hostpath::edge::listed(&listing)
-        .into_iter()
-        .map(|l| l.args)
-        .collect()
-}
+/// Deletes, on drop, every edge rule luma made for this proxy (each names its proxy, so these
+/// are the test's own): the firewall outlives the test.
+struct ProxyEdgeRules(String);
 
-/// Deletes, on drop, every edge rule of luma that was not there when it was made: the ones
-/// this test's deploys added (the firewall outlives the test).
-struct EdgeRulesBefore(Vec<Vec<String>>);
-
-impl Drop for EdgeRulesBefore {
+impl Drop for ProxyEdgeRules {
     fn drop(&mut self) {
-        for r in edge_rules().into_iter().filter(|r| !self.0.contains(r)) {
-            let args: Vec<&str> = ["-D", "DOCKER-USER"]
-                .into_iter()
-                .chain(r.iter().map(String::as_str))
-                .collect();
-            let _ = iptables(&args);
+        let Ok(listing) = iptables(&["-S", "DOCKER-USER"]) else {
+            return;
+        };
+        for l in luma_cli::hostpath::edge::listed(&listing) {
+            if l.rule.is_some_and(|r| r.proxy == self.0) {
+                let args: Vec<&str> = ["-D", "DOCKER-USER"]
+                    .into_iter()
+                    .chain(l.args.iter().map(String::as_str))
+                    .collect();
+                let _ = iptables(&args);
+            }
         }
     }
+}
+
+/// The packets matched by every reply-direction edge rule of this proxy.
+fn proxy_reply_packets(proxy: &str) -> u64 {
+    docker_user()
+        .iter()
+        .filter(|l| l.contains("--comment \"luma edge out ") && l.contains(&format!(" {proxy}\"")))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "-c").expect("-c in -v -S");
+            words[at + 1].parse::<u64>().expect("a packet count")
+        })
+        .sum()
+}
+
+/// The packets Docker's isolation dropped on their way into `bridge` (its rule in
+/// DOCKER-ISOLATION-STAGE-2).
+fn isolation_drops(bridge: &str) -> u64 {
+    iptables(&["-v", "-S", "DOCKER-ISOLATION-STAGE-2"])
+        .unwrap_or_else(|e| panic!("{e}"))
+        .lines()
+        .filter(|l| l.contains(&format!("-o {bridge} ")) && l.ends_with("-j DROP"))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "-c").expect("-c in -v -S");
+            words[at + 1].parse::<u64>().expect("a packet count")
+        })
+        .sum()
+}
+
+/// The host's effective reverse-path filter for `iface`: the larger of `all` and its own.
+fn rp_filter(iface: &str) -> u8 {
+    let read = |i: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{i}/rp_filter"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+            .unwrap_or(0)
+    };
+    read("all").max(read(iface))
 }
 
 /// The packets matched by the edge rule with this comment (`luma edge in|out UPLINK BRIDGE`),
@@ -622,7 +696,7 @@ fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports()
     let lab = CliLab::new("edge");
     let mut extras = Extras::default();
     let client = ClientNs::new("edge");
-    let _edges = EdgeRulesBefore(edge_rules());
+    let _edges = ProxyEdgeRules(lab.proxy.clone());
     let pool = free_pool(2);
     extras.rules.push(luma_cli::hostpath::rule(&pool));
     let host = format!("edge.{}.test", lab.prefix);
@@ -648,8 +722,46 @@ fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports()
         "the deploy says it added the edge rules for {pair}:\n{}",
         run.stderr
     );
-    let inward = format!("luma edge in {} docker0", client.host_if);
-    let outward = format!("luma edge out {} docker0", client.host_if);
+    let inward = format!("luma edge in {} docker0 {}", client.host_if, lab.proxy);
+    let outward = format!("luma edge out {} docker0 {}", client.host_if, lab.proxy);
+    // First, before any client traffic (a connection's last packets may still be on their way
+    // after curl exits, and would count): a client that spoofs a source address inside a
+    // network the proxy is not on. The SYN is DNATed to the proxy, whose SYN-ACK is routed
+    // towards that network's bridge. The reply rule is pinned to the client's link, so it does
+    // not match, and Docker's isolation drops the SYN-ACK (with a strict reverse-path filter
+    // the host drops the SYN first). The client's next SYN may match the inward rule: the
+    // SYN-ACK made the connection ESTABLISHED before it was dropped, and Docker's own rules
+    // accept such a packet into the bridge too.
+    let other = format!("{}-other", lab.prefix);
+    docker(&["network", "create", &other]).unwrap_or_else(|e| panic!("{e}"));
+    extras.networks.push(other.clone());
+    let other_id = docker(&["network", "inspect", "--format", "{{.Id}}", &other])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let other_bridge = format!("br-{}", &other_id.trim()[..12]);
+    let spoofed = {
+        let subnet = subnets_of(&other);
+        let net = Cidr::from_engine(subnet.trim()).expect("the other network's subnet");
+        let [a, b, c, d] = net.addr().octets();
+        Ipv4Addr::new(a, b, c, d + 200)
+    };
+    let ours_before = proxy_reply_packets(&lab.proxy);
+    let drops_before = isolation_drops(&other_bridge);
+    let spoof = client.curl_from(spoofed, lab.http_port, &host);
+    assert!(!spoof, "a connection from a spoofed {spoofed} was answered");
+    assert_eq!(
+        proxy_reply_packets(&lab.proxy),
+        ours_before,
+        "a reply rule accepted the SYN-ACK to a spoofed client: {:?}",
+        docker_user()
+    );
+    if rp_filter(&client.host_if) != 1 {
+        assert!(
+            isolation_drops(&other_bridge) > drops_before,
+            "the SYN-ACK to the spoofed {spoofed} was not dropped by Docker's isolation into \
+             {other_bridge}"
+        );
+    }
+
     let (in0, lines_in) = edge_packets(&inward);
     let (out0, lines_out) = edge_packets(&outward);
     assert_eq!((lines_in, lines_out), (1, 1), "{:?}", docker_user());
@@ -701,8 +813,8 @@ fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports()
     assert!(again.stderr.contains(&pair), "{}", again.stderr);
     assert_eq!(edge_packets(&inward).1, 0, "{:?}", docker_user());
     assert_eq!(edge_packets(&outward).1, 0, "{:?}", docker_user());
-    let inward = format!("luma edge in {} {bridge}", client.host_if);
-    let outward = format!("luma edge out {} {bridge}", client.host_if);
+    let inward = format!("luma edge in {} {bridge} {}", client.host_if, lab.proxy);
+    let outward = format!("luma edge out {} {bridge} {}", client.host_if, lab.proxy);
     for _ in 0..20 {
         assert_eq!(
             client.project_of(lab.http_port, &host),

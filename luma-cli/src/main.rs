@@ -874,6 +874,10 @@ async fn update_proxy(ctx: &Ctx<'_>) -> Result<(), String> {
                 "✓ proxy updated to {}; {routes_before} routes kept",
                 p.image
             ));
+            // A new container: Docker may have put its published ports on another network.
+            if ctx.cfg.host_fast_path {
+                project::edge_fast_path(ctx).await;
+            }
             Ok(())
         }
         Err(e) => {

@@ -201,8 +201,8 @@ pub async fn edge_fast_path(ctx: &Ctx<'_>) {
         }
         Err(why) => ctx.ui.info(format!(
             "! no host fast path for clients on {}: {why}. Requests from clients to the proxy \
-             are slower as the server's Docker networks grow (docs/scale.md); set {ENV}=off \
-             to stop this note",
+             are slower as the server's Docker networks grow (docs/scale.md); {ENV}=off \
+             stops this note, and turns off the pool's rule too",
             ctx.server
         )),
     }

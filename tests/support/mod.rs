@@ -502,8 +502,9 @@ impl CliLab {
             .env("LUMA_PROXY_IMAGE", proxy_image())
             .env("LUMA_HTTP_PORT", format!("127.0.0.1:{}", self.http_port))
             .env("LUMA_HTTPS_PORT", format!("127.0.0.1:{}", self.https_port))
-            // The host's firewall is shared by every test and outlives them: only the test of
-            // the fast path (docker_netpool) turns it on, for a pool of its own, and removes it.
+            // The host's firewall is shared by every test and outlives them: only the tests of
+            // the fast path (docker_netpool) turn it on, each for a pool and a proxy of its
+            // own, and remove what they add.
             .env("LUMA_HOST_FAST_PATH", "off")
             .envs(env.iter().copied());
         c

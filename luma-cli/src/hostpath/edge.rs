@@ -9,42 +9,50 @@
 //! 0.59x the requests of one project at 1.59x the proxy's CPU per request and 10.6x the p99;
 //! with a first version of them, 0.92x, 1.00x and 2.3x.
 //!
-//! For each uplink `U` and each bridge `B` that a published port of the proxy is DNATed to,
-//! two rules go into `DOCKER-USER`, before its final `RETURN`:
+//! For each uplink `U` and each bridge `B` that a published port of the proxy `P` is DNATed
+//! to, two rules go into `DOCKER-USER`, before its final `RETURN`:
 //!
 //! ```text
-//! -i U -o B  ESTABLISHED, direction ORIGINAL, DNAT  "luma edge in U B"   ACCEPT
-//! -i B -o U  ESTABLISHED, direction REPLY,    DNAT  "luma edge out U B"  ACCEPT
+//! -i U -o B  ESTABLISHED, direction ORIGINAL, DNAT  "luma edge in U B P"   ACCEPT
+//! -i B -o U  ESTABLISHED, direction REPLY,    DNAT  "luma edge out U B P"  ACCEPT
 //! ```
 //!
 //! They give the verdict Docker's own rules give, sooner. The argument, and what it rests on:
-//! - `U` is not one of Docker's bridges (every bridge network's interface is left out when
-//!   the uplinks are picked), so Docker's isolation rules, which match only packets coming
-//!   from one of its bridges, never see the first rule's packets. Docker then accepts every
-//!   established packet going into a bridge (`-o B --ctstate RELATED,ESTABLISHED -j ACCEPT`).
-//! - `B` is not an `--internal` network (those are left out), and `U` is not a Docker
-//!   bridge, so Docker accepts every packet from `B` to `U`, whatever its state
-//!   (`-i B ! -o B -j ACCEPT`, after isolation let it pass).
+//! - `U` is no bridge at all: every interface of kind bridge is left out when the uplinks are
+//!   picked, Docker's and any other, including one for a network being created while luma
+//!   reads. So Docker's isolation rules, which match only packets coming from one of its
+//!   bridges, never see the first rule's packets, and Docker accepts every established packet
+//!   going into a bridge (`-o B --ctstate RELATED,ESTABLISHED -j ACCEPT`).
+//! - `B` is a bridge of this host and not an `--internal` network (those are left out), and `U`
+//!   is not one of Docker's bridges, so Docker accepts every packet from `B` to `U`, whatever
+//!   its state (`-i B ! -o B -j ACCEPT`, after isolation let it pass).
 //! - Both interfaces are pinned, each way. A client that spoofs a source address inside
-//!   another project's network gets its reply routed into that network's bridge, not out of
-//!   `U`, so the second rule does not match and Docker's isolation drops it. A container
-//!   cannot make its packets arrive on `U`, tagged or not.
+//!   another network gets its reply routed into that network's bridge, not out of `U`, so the
+//!   second rule does not match and Docker's isolation drops it (tests/docker_netpool.rs sends
+//!   such a SYN). A container cannot make its packets arrive on `U`, tagged or not.
 //! - Only established connections whose destination was translated (a published port): the
 //!   first packet of each still walks all of Docker's rules.
 //!
-//! The rules are named in their comments, so luma knows its own, and they are rebuilt from
-//! the comment to be deleted. Docker may move the proxy's published ports to another of its
-//! networks (a disconnect does it), and uplinks come and go: every deploy, setup and remove
-//! computes the rules anew, adds the missing and deletes luma's edge rules it no longer
-//! wants. A stale rule is only slow, never wrong: it matches interfaces the traffic no longer
-//! takes. IPv4 only, as the pool's rule.
+//! Each proxy owns the rules that name it (a host may run a second proxy under
+//! `LUMA_PROXY_NAME`): a run adds and deletes only its proxy's, and the withdrawn trial
+//! format's (`luma fast path edge ...`, which pinned too little). Docker may move the proxy's
+//! published ports to another of its networks (a disconnect does it), and uplinks come and go:
+//! every deploy, setup, remove and proxy update computes the rules anew, adds the missing,
+//! and deletes the proxy's edge rules it no longer wants, that are not reached (after the
+//! final `RETURN`) or not written as luma writes them now. Until then a stale rule names an
+//! interface pair the traffic no longer takes. With the fast path off, rules in place stay
+//! as they are. IPv4 only, as the pool's rule.
 
 use super::{insert_before_return, iptables, CHAIN};
 use crate::engine::{Bridge, Engine};
 use std::collections::BTreeSet;
 
-/// The comment every edge rule carries before its direction and interfaces.
+/// The comment every edge rule carries before its direction, interfaces and proxy.
 const MARK: &str = "luma edge";
+
+/// What a trial version of these rules was commented with (never released; it pinned too
+/// little): always deleted where found.
+const LEGACY: &str = "luma fast path edge ";
 
 /// One pair the edge rules join: an uplink of the host and a bridge of the proxy's ports.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -62,23 +70,29 @@ pub enum Way {
     Out,
 }
 
-/// One rule: an edge and a way.
+/// One rule: an edge, a way, and the proxy container it is for. Each proxy keeps its own
+/// rules (a host may run a second proxy under `LUMA_PROXY_NAME`), so none deletes another's.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EdgeRule {
     pub edge: Edge,
     pub way: Way,
+    pub proxy: String,
 }
 
 impl EdgeRule {
-    fn comment(&self) -> String {
+    pub fn comment(&self) -> String {
         let way = match self.way {
             Way::In => "in",
             Way::Out => "out",
         };
-        format!("{MARK} {way} {} {}", self.edge.uplink, self.edge.bridge)
+        format!(
+            "{MARK} {way} {} {} {}",
+            self.edge.uplink, self.edge.bridge, self.proxy
+        )
     }
 
-    /// The rule as iptables arguments after the chain name.
+    /// The rule as iptables arguments after the chain name, in the order `iptables -S`
+    /// prints them back (so a listed rule can be compared word for word).
     pub fn args(&self) -> Vec<String> {
         let (from, to, dir) = match self.way {
             Way::In => (&self.edge.uplink, &self.edge.bridge, "ORIGINAL"),
@@ -119,49 +133,67 @@ impl EdgeRule {
             "out" => Way::Out,
             _ => return None,
         };
-        let (uplink, bridge) = (words.next()?, words.next()?);
+        let (uplink, bridge, proxy) = (words.next()?, words.next()?, words.next()?);
         words.next().is_none().then(|| EdgeRule {
             edge: Edge {
                 uplink: uplink.into(),
                 bridge: bridge.into(),
             },
             way,
+            proxy: proxy.into(),
         })
     }
 }
 
-/// Both rules of each edge.
-pub fn rules(edges: &[Edge]) -> BTreeSet<EdgeRule> {
+/// Both rules of each edge, for `proxy`.
+pub fn rules(edges: &[Edge], proxy: &str) -> BTreeSet<EdgeRule> {
     edges
         .iter()
         .flat_map(|e| {
             [Way::In, Way::Out].map(|way| EdgeRule {
                 edge: e.clone(),
                 way,
+                proxy: proxy.to_string(),
             })
         })
         .collect()
 }
 
-/// One of luma's edge rules as a listing shows it: what its comment names, and the line's
-/// own arguments, which delete exactly it (whatever luma version wrote it).
+/// One of luma's edge rules as a listing shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
-    pub rule: EdgeRule,
+    /// What its comment names; `None` for a rule of the withdrawn trial format.
+    pub rule: Option<EdgeRule>,
+    /// The line's own words after the chain name: they delete exactly it, whatever luma
+    /// version wrote it, and tell whether it is the rule luma writes now.
     pub args: Vec<String>,
+    /// Whether it comes before the chain's final `-j RETURN` (after it, it is never reached).
+    pub reached: bool,
 }
 
 /// Luma's edge rules in a listing of `DOCKER-USER` (`iptables -S`), once per line of each.
 pub fn listed(listing: &str) -> Vec<Listed> {
-    listing
+    let lines: Vec<&str> = listing
         .lines()
-        .filter_map(|l| l.strip_prefix(&format!("-A {CHAIN} ")))
-        .filter_map(|l| {
+        .filter_map(|l| l.trim().strip_prefix(&format!("-A {CHAIN} ")))
+        .collect();
+    let last_return = lines.iter().rposition(|l| *l == "-j RETURN");
+    lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
             let args = words(l)?;
             let at = args.iter().position(|a| a == "--comment")?;
+            let comment = args.get(at + 1)?;
+            let rule = if comment.starts_with(LEGACY) {
+                None
+            } else {
+                Some(EdgeRule::from_comment(comment)?)
+            };
             Some(Listed {
-                rule: EdgeRule::from_comment(args.get(at + 1)?)?,
+                rule,
                 args,
+                reached: last_return.is_none_or(|r| i < r),
             })
         })
         .collect()
@@ -186,10 +218,26 @@ fn words(line: &str) -> Option<Vec<String>> {
     Some(out)
 }
 
+/// The names of interfaces in `ip -o link show` output (`5: docker0: <...> ...`; a veth's
+/// `name@peer` without its peer).
+pub fn link_names(links: &str) -> BTreeSet<String> {
+    links
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|n| n.trim_end_matches(':'))
+        .filter_map(|n| n.split('@').next())
+        .map(String::from)
+        .collect()
+}
+
 /// The host's uplinks, from `ip -o -4 addr show`: interfaces with an IPv4 address of global
-/// or link scope that are none of Docker's bridges (`bridges`). Loopback is left out.
-pub fn uplinks(addresses: &str, bridges: &[Bridge]) -> Vec<String> {
-    let docker: BTreeSet<&str> = bridges.iter().map(|b| b.iface.as_str()).collect();
+/// or link scope that are not bridges (`host_bridges`, from `ip -o link show type bridge`)
+/// and none of Docker's (`docker`). Every bridge is left out, not only Docker's known ones: a
+/// network being created while luma reads has a bridge with an address that the engine may
+/// not list yet, and must never pass for an uplink. (A host whose own uplink is a bridge,
+/// `br0` with `eth0` in it, gets no edge rules: slower, not wrong.) A name with `+`, which
+/// iptables takes as a wildcard, is left out too. Loopback is left out.
+pub fn uplinks(addresses: &str, host_bridges: &BTreeSet<String>, docker: &[Bridge]) -> Vec<String> {
     let found: BTreeSet<String> = addresses
         .lines()
         .filter_map(|l| {
@@ -202,7 +250,9 @@ pub fn uplinks(addresses: &str, bridges: &[Bridge]) -> Vec<String> {
             (words.get(2) == Some(&"inet")
                 && *scope != "host"
                 && iface != "lo"
-                && !docker.contains(iface))
+                && !iface.contains('+')
+                && !host_bridges.contains(iface)
+                && !docker.iter().any(|b| b.iface == iface))
             .then(|| iface.to_string())
         })
         .collect();
@@ -212,8 +262,14 @@ pub fn uplinks(addresses: &str, bridges: &[Bridge]) -> Vec<String> {
 /// The bridges the proxy's published ports are DNATed to: in Docker's `nat` chain `DOCKER`
 /// (`iptables -t nat -S DOCKER`), the rules whose `--to-destination` is one of the proxy's
 /// addresses (`proxy`: network and address), each mapped to its network's bridge. Internal
-/// networks are left out (Docker publishes nothing there, and drops what tries).
-pub fn proxy_bridges(nat: &str, proxy: &[(String, String)], bridges: &[Bridge]) -> Vec<String> {
+/// networks are left out (Docker publishes nothing there, and drops what tries), and so is a
+/// bridge that is not one of this host's (`host_bridges`): an engine elsewhere.
+pub fn proxy_bridges(
+    nat: &str,
+    proxy: &[(String, String)],
+    docker: &[Bridge],
+    host_bridges: &BTreeSet<String>,
+) -> Vec<String> {
     let found: BTreeSet<String> = nat
         .lines()
         .filter(|l| l.starts_with("-A DOCKER ") && l.contains("-j DNAT"))
@@ -225,26 +281,39 @@ pub fn proxy_bridges(nat: &str, proxy: &[(String, String)], bridges: &[Bridge]) 
                 .next()?;
             let ip = to.split(':').next()?;
             let (network, _) = proxy.iter().find(|(_, addr)| addr == ip)?;
-            let b = bridges.iter().find(|b| &b.network == network)?;
-            (!b.internal).then(|| b.iface.clone())
+            let b = docker.iter().find(|b| &b.network == network)?;
+            (!b.internal && host_bridges.contains(&b.iface) && !b.iface.contains('+'))
+                .then(|| b.iface.clone())
         })
         .collect();
     found.into_iter().collect()
 }
 
-/// What the rules in place need: the rules to add, and which of luma's listed edge rules to
-/// delete (stale ones, and every copy but one of a rule listed twice, as two deploys at once
-/// may leave), as indices into `present`.
-pub fn plan(present: &[Listed], wanted: &BTreeSet<EdgeRule>) -> (Vec<EdgeRule>, Vec<usize>) {
-    let mut seen = BTreeSet::new();
-    let remove = (0..present.len())
-        .filter(|&i| !wanted.contains(&present[i].rule) || !seen.insert(&present[i].rule))
-        .collect();
-    let add = wanted
-        .iter()
-        .filter(|r| !present.iter().any(|p| &p.rule == *r))
-        .cloned()
-        .collect();
+/// What the rules in place need for `proxy`: the rules to add, and which listed edge rules to
+/// delete, as indices into `present`. Deleted: the withdrawn trial format's; and of this
+/// proxy's, those not wanted, those not reached (after the final `RETURN`) or not written as
+/// luma writes them now (they are added again), and every copy but one (two deploys at once
+/// may leave two). Other proxies' rules are not this run's to judge.
+pub fn plan(
+    present: &[Listed],
+    wanted: &BTreeSet<EdgeRule>,
+    proxy: &str,
+) -> (Vec<EdgeRule>, Vec<usize>) {
+    let mut kept = BTreeSet::new();
+    let mut remove = Vec::new();
+    for (i, l) in present.iter().enumerate() {
+        match &l.rule {
+            None => remove.push(i),
+            Some(r) if r.proxy != proxy => {}
+            Some(r) => {
+                if wanted.contains(r) && l.reached && l.args == r.args() && kept.insert(r.clone()) {
+                    continue;
+                }
+                remove.push(i);
+            }
+        }
+    }
+    let add = wanted.difference(&kept).cloned().collect();
     (add, remove)
 }
 
@@ -259,15 +328,27 @@ pub struct Outcome {
 
 /// Makes `DOCKER-USER` hold exactly the edge rules for the proxy `proxy` (its container) as
 /// its ports and the host's uplinks are now. Errs with why it could not (no iptables, not
-/// root, no `ip`, the proxy not running); the caller goes on, since it is only speed.
+/// root, no `ip`, the proxy not running), and with what it had changed by then; the caller
+/// goes on, since it is only speed.
 pub async fn ensure(engine: &Engine, proxy: &str) -> Result<Outcome, String> {
-    let listing = iptables(engine, &["-S".into(), CHAIN.into()]).await?;
-    let bridges = engine.bridges().await?;
+    super::firewall_is_the_engines(&engine.transport, std::env::var("DOCKER_HOST").ok())?;
+    // The host's view first, then the engine's: a network created in between has a bridge
+    // the first read already knows as a bridge, so it never passes for an uplink.
+    let limit = super::LIMIT;
+    let addresses = engine
+        .host_output(&["ip", "-o", "-4", "addr", "show"], limit)
+        .await?;
+    let host_bridges = link_names(
+        &engine
+            .host_output(&["ip", "-o", "link", "show", "type", "bridge"], limit)
+            .await?,
+    );
+    let docker = engine.bridges().await?;
     let container = engine
         .inspect(proxy)
         .await?
         .ok_or_else(|| format!("the proxy {proxy} is not there"))?;
-    let addresses: Vec<(String, String)> = container
+    let on: Vec<(String, String)> = container
         .network_settings
         .and_then(|s| s.networks)
         .unwrap_or_default()
@@ -275,11 +356,8 @@ pub async fn ensure(engine: &Engine, proxy: &str) -> Result<Outcome, String> {
         .filter_map(|(net, ep)| Some((net, ep.ip_address.filter(|a| !a.is_empty())?)))
         .collect();
     let nat = iptables(engine, &["-t", "nat", "-S", "DOCKER"].map(String::from)).await?;
-    let links = engine
-        .host_output(&["ip", "-o", "-4", "addr", "show"], super::LIMIT)
-        .await?;
-    let uplinks = uplinks(&links, &bridges);
-    let edges: Vec<Edge> = proxy_bridges(&nat, &addresses, &bridges)
+    let uplinks = uplinks(&addresses, &host_bridges, &docker);
+    let edges: Vec<Edge> = proxy_bridges(&nat, &on, &docker, &host_bridges)
         .into_iter()
         .flat_map(|bridge| {
             uplinks.iter().map(move |u| Edge {
@@ -288,20 +366,42 @@ pub async fn ensure(engine: &Engine, proxy: &str) -> Result<Outcome, String> {
             })
         })
         .collect();
-    let present = listed(&listing);
-    let (add, remove) = plan(&present, &rules(&edges));
-    for r in &add {
-        iptables(engine, &insert_before_return(&listing, r.args())).await?;
-    }
+    let list_args = ["-S".to_string(), CHAIN.to_string()];
+    let list = || iptables(engine, &list_args);
+    let present = listed(&list().await?);
+    let (add, remove) = plan(&present, &rules(&edges, proxy), proxy);
+    let (mut added, mut removed) = (0, 0);
+    let so_far = |added: usize, removed: usize, e: String| {
+        if added + removed == 0 {
+            e
+        } else {
+            format!("{added} rules added and {removed} removed, then: {e}")
+        }
+    };
     for &i in &remove {
         let mut args = vec!["-D".to_string(), CHAIN.into()];
         args.extend(present[i].args.iter().cloned());
-        iptables(engine, &args).await?;
+        if let Err(e) = iptables(engine, &args).await {
+            // Another luma may have deleted it first: gone is what was wanted.
+            let now = list().await.map_err(|e| so_far(added, removed, e))?;
+            if listed(&now).iter().any(|l| l.args == present[i].args) {
+                return Err(so_far(added, removed, e));
+            }
+        }
+        removed += 1;
+    }
+    for r in &add {
+        // Listed again for each: the position before the final RETURN is where it is now.
+        let now = list().await.map_err(|e| so_far(added, removed, e))?;
+        iptables(engine, &insert_before_return(&now, r.args()))
+            .await
+            .map_err(|e| so_far(added, removed, e))?;
+        added += 1;
     }
     Ok(Outcome {
         edges,
-        added: add.len(),
-        removed: remove.len(),
+        added,
+        removed,
     })
 }
 
@@ -325,6 +425,18 @@ mod tests {
         ]
     }
 
+    fn host_bridges() -> BTreeSet<String> {
+        [
+            "docker0",
+            "br-0123456789ab",
+            "br-ffffffffffff",
+            "br-5555aaaa5555",
+            "br0",
+        ]
+        .map(String::from)
+        .into()
+    }
+
     fn edge(u: &str, b: &str) -> Edge {
         Edge {
             uplink: u.into(),
@@ -333,20 +445,41 @@ mod tests {
     }
 
     #[test]
-    fn uplinks_are_the_addressed_interfaces_that_are_not_dockers_bridges() {
+    fn uplinks_are_the_addressed_interfaces_that_are_no_bridge() {
         let addrs = "\
 1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
 4: eth0    inet 192.0.2.2/24 brd 192.0.2.255 scope global eth0\\       valid_lft forever
 5: docker0    inet 172.17.0.1/16 brd 172.17.255.255 scope global docker0\\       valid_lft forever
 9: br-0123456789ab    inet 10.210.0.1/28 brd 10.210.0.15 scope global br-0123456789ab\\  x
+10: br-5555aaaa5555    inet 10.210.0.17/28 scope global br-5555aaaa5555\\  x
+11: br0    inet 192.168.1.10/24 scope global br0\\  x
 12: veth-c@if11    inet 198.18.0.1/30 scope global veth-c\\       valid_lft forever
 13: wg0    inet 10.9.0.1/24 scope global wg0\\       valid_lft forever
+14: odd+    inet 10.8.0.1/24 scope global odd+\\       valid_lft forever
 ";
-        assert_eq!(uplinks(addrs, &docker()), ["eth0", "veth-c", "wg0"]);
+        // br-5555aaaa5555: a network being made, whose bridge the engine does not list yet.
+        assert_eq!(
+            uplinks(addrs, &host_bridges(), &docker()),
+            ["eth0", "veth-c", "wg0"]
+        );
         // An interface with two addresses is one uplink.
-        let twice = "4: eth0    inet 192.0.2.2/24 scope global eth0\n4: eth0    inet 192.0.2.3/24 scope global secondary eth0\n";
-        assert_eq!(uplinks(twice, &docker()), ["eth0"]);
-        assert!(uplinks("", &docker()).is_empty());
+        let twice = "4: eth0    inet 192.0.2.2/24 scope global eth0\n\
+                     4: eth0    inet 192.0.2.3/24 scope global secondary eth0\n";
+        assert_eq!(uplinks(twice, &host_bridges(), &docker()), ["eth0"]);
+        assert!(uplinks("", &host_bridges(), &docker()).is_empty());
+    }
+
+    #[test]
+    fn link_names_drop_the_index_colon_and_peer() {
+        let links = "5: docker0: <BROADCAST,MULTICAST,UP> mtu 1500 qdisc noqueue\n\
+                     9: br-0123456789ab: <NO-CARRIER> mtu 1500\n\
+                     12: veth1@if11: <UP> mtu 1500\n";
+        assert_eq!(
+            link_names(links),
+            ["br-0123456789ab", "docker0", "veth1"]
+                .map(String::from)
+                .into()
+        );
     }
 
     #[test]
@@ -362,70 +495,119 @@ mod tests {
             ("bridge".to_string(), "172.17.0.2".to_string()),
             ("shop-network".to_string(), "10.210.0.2".to_string()),
         ];
-        assert_eq!(proxy_bridges(nat, &proxy, &docker()), ["docker0"]);
+        let here = host_bridges();
+        assert_eq!(proxy_bridges(nat, &proxy, &docker(), &here), ["docker0"]);
         // Moved to a project's network (Docker does that when the proxy leaves `bridge`).
         let moved = nat.replace("172.17.0.2", "10.210.0.2");
         assert_eq!(
-            proxy_bridges(&moved, &proxy, &docker()),
+            proxy_bridges(&moved, &proxy, &docker(), &here),
             ["br-0123456789ab"]
         );
         // Another container's published port is not the proxy's.
-        assert!(proxy_bridges(nat, &proxy[1..], &docker()).is_empty());
+        assert!(proxy_bridges(nat, &proxy[1..], &docker(), &here).is_empty());
         // An internal network never gets edge rules.
         let inside = vec![("vault".to_string(), "172.17.0.2".to_string())];
-        assert!(proxy_bridges(nat, &inside, &docker()).is_empty());
+        assert!(proxy_bridges(nat, &inside, &docker(), &here).is_empty());
+        // An engine on another machine: its bridges are not this host's.
+        assert!(proxy_bridges(nat, &proxy, &docker(), &BTreeSet::new()).is_empty());
     }
 
     #[test]
     fn each_rule_pins_both_interfaces_its_direction_and_dnat() {
-        let r = rules(&[edge("eth0", "docker0")]);
+        let r = rules(&[edge("eth0", "docker0")], "luma-proxy");
         let text: Vec<String> = r.iter().map(|r| r.args().join(" ")).collect();
         assert_eq!(
             text,
             [
                 "-i eth0 -o docker0 -m conntrack --ctstate ESTABLISHED --ctdir ORIGINAL -m conntrack \
-                 --ctstate DNAT -m comment --comment luma edge in eth0 docker0 -j ACCEPT",
+                 --ctstate DNAT -m comment --comment luma edge in eth0 docker0 luma-proxy -j ACCEPT",
                 "-i docker0 -o eth0 -m conntrack --ctstate ESTABLISHED --ctdir REPLY -m conntrack \
-                 --ctstate DNAT -m comment --comment luma edge out eth0 docker0 -j ACCEPT",
+                 --ctstate DNAT -m comment --comment luma edge out eth0 docker0 luma-proxy -j ACCEPT",
             ]
         );
     }
 
+    /// A listing line for `rule` as `iptables -S` prints it.
+    fn line(rule: &EdgeRule) -> String {
+        let c = rule.comment();
+        format!("-A DOCKER-USER {}", rule.args().join(" ")).replace(&c, &format!("\"{c}\""))
+    }
+
+    fn comments_of(v: &[EdgeRule]) -> Vec<String> {
+        v.iter().map(|r| r.comment()).collect()
+    }
+
     #[test]
     fn luma_knows_its_rules_by_their_comments_and_plans_the_difference() {
-        let listing = "\
--N DOCKER-USER
--A DOCKER-USER -i eth0 -j DROP
--A DOCKER-USER -i eth0 -o docker0 -m conntrack --ctstate ESTABLISHED --ctdir ORIGINAL -m conntrack --ctstate DNAT -m comment --comment \"luma edge in eth0 docker0\" -j ACCEPT
--A DOCKER-USER -i docker0 -o eth0 -m conntrack --ctstate ESTABLISHED --ctdir REPLY -m conntrack --ctstate DNAT -m comment --comment \"luma edge out eth0 docker0\" -j ACCEPT
--A DOCKER-USER -i docker0 -o eth0 -m conntrack --ctstate ESTABLISHED --ctdir REPLY -m conntrack --ctstate DNAT -m comment --comment \"luma edge out eth0 docker0\" -j ACCEPT
--A DOCKER-USER -i eth1 -o docker0 -m comment --comment \"luma edge in eth1 docker0\" -j ACCEPT
--A DOCKER-USER -m comment --comment \"luma edge sideways x y\" -j ACCEPT
--A DOCKER-USER -m comment --comment \"luma fast path 10.210.0.0/16\" -j ACCEPT
--A DOCKER-USER -j RETURN
-";
-        let present = listed(listing);
-        assert_eq!(present.len(), 4, "{present:?}");
+        let mine = rules(&[edge("eth0", "docker0")], "luma-proxy");
+        let [my_in, my_out] = [0, 1].map(|i| mine.iter().nth(i).unwrap().clone());
+        let theirs = rules(&[edge("eth0", "docker0")], "staging-proxy");
+        let gone = rules(&[edge("eth1", "docker0")], "luma-proxy");
+        let listing = [
+            "-N DOCKER-USER".to_string(),
+            "-A DOCKER-USER -i eth0 -j DROP".into(),
+            line(&my_in),
+            line(&my_out),
+            line(&my_out),
+            line(gone.iter().next().unwrap()),
+            line(theirs.iter().next().unwrap()),
+            // The withdrawn trial format: always deleted.
+            "-A DOCKER-USER -o docker0 -m conntrack --ctstate ESTABLISHED -m comment --comment \
+             \"luma fast path edge docker0 in\" -j ACCEPT"
+                .into(),
+            "-A DOCKER-USER -m comment --comment \"luma edge sideways x y z\" -j ACCEPT".into(),
+            "-A DOCKER-USER -m comment --comment \"luma fast path 10.210.0.0/16\" -j ACCEPT".into(),
+            "-A DOCKER-USER -j RETURN".into(),
+        ]
+        .join("\n");
+        let present = listed(&listing);
+        assert_eq!(present.len(), 6, "{present:?}");
         // The line's own words, to delete it by: the comment unquoted.
-        assert_eq!(
-            present[3].args.join(" "),
-            "-i eth1 -o docker0 -m comment --comment luma edge in eth1 docker0 -j ACCEPT"
+        assert_eq!(present[0].args, my_in.args());
+        assert!(present.iter().all(|l| l.reached));
+        let wanted = rules(
+            &[edge("eth0", "docker0"), edge("wg0", "docker0")],
+            "luma-proxy",
         );
-        let wanted = rules(&[edge("eth0", "docker0"), edge("wg0", "docker0")]);
-        let (add, remove) = plan(&present, &wanted);
-        let comments = |v: &[EdgeRule]| v.iter().map(|r| r.comment()).collect::<Vec<_>>();
+        let (add, remove) = plan(&present, &wanted, "luma-proxy");
         assert_eq!(
-            comments(&add),
-            ["luma edge in wg0 docker0", "luma edge out wg0 docker0"]
+            comments_of(&add),
+            [
+                "luma edge in wg0 docker0 luma-proxy",
+                "luma edge out wg0 docker0 luma-proxy"
+            ]
         );
-        // The second copy, and the rule of an uplink that is gone.
-        assert_eq!(remove, [2, 3]);
+        // The second copy, the rule of an uplink that is gone, the trial format; not the
+        // other proxy's.
+        assert_eq!(remove, [2, 3, 5]);
         // In place: nothing to do.
-        let now = listed(listing);
-        let (add, remove) = plan(&now[..2], &rules(&[edge("eth0", "docker0")]));
+        let (add, remove) = plan(&present[..2], &mine, "luma-proxy");
         assert!(add.is_empty() && remove.is_empty());
-        // Nothing wanted: every edge rule goes; the pool's rule is not an edge rule.
-        let (_, remove) = plan(&now, &BTreeSet::new());
-        assert_eq!(remove.len(), 4);
+        // Nothing wanted: every rule of this proxy goes, and the trial format's.
+        let (_, remove) = plan(&present, &BTreeSet::new(), "luma-proxy");
+        assert_eq!(remove, [0, 1, 2, 3, 5]);
+    }
+
+    #[test]
+    fn a_rule_past_the_final_return_or_written_otherwise_is_replaced() {
+        let mine = rules(&[edge("eth0", "docker0")], "luma-proxy");
+        let lines: Vec<String> = mine.iter().map(line).collect();
+        // After RETURN: never reached.
+        let late = format!("-A DOCKER-USER -j RETURN\n{}\n{}\n", lines[0], lines[1]);
+        let present = listed(&late);
+        assert!(present.iter().all(|l| !l.reached));
+        let (add, remove) = plan(&present, &mine, "luma-proxy");
+        assert_eq!((add.len(), remove), (2, vec![0, 1]));
+        // The same comment on a broader rule (no interface pinned): not luma's rule as written.
+        let broad = format!(
+            "{}\n{}\n-A DOCKER-USER -j RETURN\n",
+            lines[0].replace("-i eth0 ", ""),
+            lines[1]
+        );
+        let (add, remove) = plan(&listed(&broad), &mine, "luma-proxy");
+        assert_eq!(
+            (comments_of(&add), remove),
+            (vec![mine.iter().next().unwrap().comment()], vec![0])
+        );
     }
 }

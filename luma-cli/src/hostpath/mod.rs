@@ -37,9 +37,13 @@
 //! logged and mailed to the server's admin on every deploy). When it cannot be added the
 //! deploy goes on and says why: it is only speed. `LUMA_HOST_FAST_PATH=off` turns it off (the
 //! environment, like the pool: it belongs to the servers). A rule stays when its pool is no
-//! longer used; it matches nothing then.
+//! longer used; it matches nothing then. The edge rules are kept in step as [`edge`] says.
+//!
+//! The firewall luma changes is the engine's host's: over SSH, the server's; on the local
+//! engine, this machine's, and only while the engine is on it (a unix socket). An engine at a
+//! `DOCKER_HOST` elsewhere gets no rules here.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Transport};
 use crate::netpool::Cidr;
 use std::time::Duration;
 
@@ -143,6 +147,9 @@ pub fn listed(listing: &str, pool: &Cidr) -> bool {
 /// Makes sure the host of `engine` has the fast-path rule for `pool`. Never fails the deploy:
 /// a host without it is slower, not broken.
 pub async fn ensure(engine: &Engine, pool: &Cidr) -> Outcome {
+    if let Err(e) = firewall_is_the_engines(&engine.transport, std::env::var("DOCKER_HOST").ok()) {
+        return Outcome::Unavailable(e);
+    }
     let listing = match iptables(engine, &["-S".into(), CHAIN.into()]).await {
         Ok(l) => l,
         Err(e) => return Outcome::Unavailable(e),
@@ -153,6 +160,21 @@ pub async fn ensure(engine: &Engine, pool: &Cidr) -> Outcome {
     match iptables(engine, &insert_args(&listing, pool)).await {
         Ok(_) => Outcome::Added,
         Err(e) => Outcome::Unavailable(e),
+    }
+}
+
+/// Whether the commands luma runs "on the host" reach the engine's host: always over SSH;
+/// for the local engine, only when `docker_host` (`DOCKER_HOST`) is unset or a unix socket.
+fn firewall_is_the_engines(
+    transport: &Transport,
+    docker_host: Option<String>,
+) -> Result<(), String> {
+    match (transport, docker_host) {
+        (Transport::Local, Some(h)) if !h.is_empty() && !h.starts_with("unix://") => Err(format!(
+            "the engine is at DOCKER_HOST={h}, not on this machine, so its firewall is not \
+             this machine's"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -213,6 +235,21 @@ mod tests {
             insert_args("-N DOCKER-USER\n", &pool())[..2],
             ["-A", "DOCKER-USER"]
         );
+    }
+
+    #[test]
+    fn the_firewall_is_touched_only_where_the_engine_is() {
+        let here =
+            |h: Option<&str>| firewall_is_the_engines(&Transport::Local, h.map(String::from));
+        assert_eq!(here(None), Ok(()));
+        assert_eq!(here(Some("")), Ok(()));
+        assert_eq!(here(Some("unix:///var/run/docker.sock")), Ok(()));
+        let e = here(Some("tcp://10.0.0.5:2376")).unwrap_err();
+        assert!(
+            e.contains("DOCKER_HOST=tcp://10.0.0.5:2376, not on this machine"),
+            "{e}"
+        );
+        assert!(here(Some("ssh://deploy@app1")).is_err());
     }
 
     #[test]
