@@ -79,6 +79,8 @@ pub struct Bridge {
     pub iface: String,
     /// An `--internal` network: Docker drops every packet between it and the outside.
     pub internal: bool,
+    /// Its IPv4 subnets: its bridge holds an address in them on the engine's host.
+    pub subnets: Vec<String>,
 }
 
 /// What [`Engine::create_network`] did.
@@ -378,10 +380,12 @@ impl Engine {
                     .filter(|b| !b.is_empty())
                     .cloned()
                     .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)));
+                let subnets = ipv4_subnets(n.ipam.as_ref());
                 Some(Bridge {
                     network: n.name.unwrap_or(id),
                     iface,
                     internal: n.internal.unwrap_or(false),
+                    subnets,
                 })
             })
             .collect())

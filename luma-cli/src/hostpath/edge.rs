@@ -37,7 +37,8 @@
 //! `LUMA_PROXY_NAME`): a run adds and deletes only its proxy's, and the withdrawn trial
 //! format's (`luma fast path edge ...`, which pinned too little). Docker may move the proxy's
 //! published ports to another of its networks (a disconnect does it), and uplinks come and go:
-//! every deploy, setup, remove and proxy update computes the rules anew, adds the missing,
+//! every deploy, setup, proxy update and removal of a whole project (`luma remove
+//! --everything`, which takes the proxy off its network) computes the rules anew, adds the missing,
 //! and deletes the proxy's edge rules it no longer wants, that are not reached (after the
 //! final `RETURN`) or not written as luma writes them now. Until then a stale rule names an
 //! interface pair the traffic no longer takes. With the fast path off, rules in place stay
@@ -45,13 +46,15 @@
 
 use super::{insert_before_return, iptables, CHAIN};
 use crate::engine::{Bridge, Engine};
+use crate::netpool::Cidr;
 use std::collections::BTreeSet;
 
 /// The comment every edge rule carries before its direction, interfaces and proxy.
 const MARK: &str = "luma edge";
 
 /// What a trial version of these rules was commented with (never released; it pinned too
-/// little): always deleted where found.
+/// little). Rules of it, and `luma edge ...` comments of another format (an earlier version
+/// named no proxy), are deleted where found.
 const LEGACY: &str = "luma fast path edge ";
 
 /// One pair the edge rules join: an uplink of the host and a bridge of the proxy's ports.
@@ -162,7 +165,7 @@ pub fn rules(edges: &[Edge], proxy: &str) -> BTreeSet<EdgeRule> {
 /// One of luma's edge rules as a listing shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
-    /// What its comment names; `None` for a rule of the withdrawn trial format.
+    /// What its comment names; `None` for a rule of an earlier format, always deleted.
     pub rule: Option<EdgeRule>,
     /// The line's own words after the chain name: they delete exactly it, whatever luma
     /// version wrote it, and tell whether it is the rule luma writes now.
@@ -177,7 +180,8 @@ pub fn listed(listing: &str) -> Vec<Listed> {
         .lines()
         .filter_map(|l| l.trim().strip_prefix(&format!("-A {CHAIN} ")))
         .collect();
-    let last_return = lines.iter().rposition(|l| *l == "-j RETURN");
+    // Nothing after the first bare RETURN is reached (where luma inserts, too).
+    let first_return = lines.iter().position(|l| *l == "-j RETURN");
     lines
         .iter()
         .enumerate()
@@ -185,15 +189,14 @@ pub fn listed(listing: &str) -> Vec<Listed> {
             let args = words(l)?;
             let at = args.iter().position(|a| a == "--comment")?;
             let comment = args.get(at + 1)?;
-            let rule = if comment.starts_with(LEGACY) {
-                None
-            } else {
-                Some(EdgeRule::from_comment(comment)?)
-            };
+            // luma's comments: the current format, or an earlier one (deleted).
+            if !comment.starts_with(LEGACY) && !comment.starts_with(&format!("{MARK} ")) {
+                return None;
+            }
             Some(Listed {
-                rule,
+                rule: EdgeRule::from_comment(comment),
                 args,
-                reached: last_return.is_none_or(|r| i < r),
+                reached: first_return.is_none_or(|r| i < r),
             })
         })
         .collect()
@@ -230,31 +233,48 @@ pub fn link_names(links: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// The host's uplinks, from `ip -o -4 addr show`: interfaces with an IPv4 address of global
-/// or link scope that are not bridges (`host_bridges`, from `ip -o link show type bridge`)
-/// and none of Docker's (`docker`). Every bridge is left out, not only Docker's known ones: a
-/// network being created while luma reads has a bridge with an address that the engine may
-/// not list yet, and must never pass for an uplink. (A host whose own uplink is a bridge,
-/// `br0` with `eth0` in it, gets no edge rules: slower, not wrong.) A name with `+`, which
-/// iptables takes as a wildcard, is left out too. Loopback is left out.
-pub fn uplinks(addresses: &str, host_bridges: &BTreeSet<String>, docker: &[Bridge]) -> Vec<String> {
-    let found: BTreeSet<String> = addresses
-        .lines()
+/// The IPv4 addresses in `ip -o -4 addr show` output: interface (without a veth's
+/// `@peer`), address (without its prefix length), scope.
+fn addresses(text: &str) -> Vec<(String, String, String)> {
+    text.lines()
         .filter_map(|l| {
             let words: Vec<&str> = l.split_whitespace().collect();
             let iface = words.get(1)?.split('@').next()?;
+            if words.get(2) != Some(&"inet") {
+                return None;
+            }
+            let ip = words.get(3)?.split('/').next()?;
             let scope = words
                 .iter()
                 .position(|w| *w == "scope")
                 .and_then(|i| words.get(i + 1))?;
-            (words.get(2) == Some(&"inet")
-                && *scope != "host"
+            Some((iface.to_string(), ip.to_string(), scope.to_string()))
+        })
+        .collect()
+}
+
+/// The host's uplinks, from `ip -o -4 addr show`: interfaces with an IPv4 address of global
+/// or link scope that are not bridges (`host_bridges`, from `ip -o link show type bridge`,
+/// read both before and after the addresses) and none of Docker's (`docker`). Every bridge is
+/// left out, not only Docker's known ones: a network created or removed while luma reads has
+/// a bridge that the engine may not list, and must never pass for an uplink. (A host whose
+/// own uplink is a bridge, `br0` with `eth0` in it, gets no edge rules: slower, not wrong.)
+/// A name with `+`, which iptables takes as a wildcard, is left out too, and loopback.
+pub fn uplinks(
+    addresses_text: &str,
+    host_bridges: &BTreeSet<String>,
+    docker: &[Bridge],
+) -> Vec<String> {
+    let found: BTreeSet<String> = addresses(addresses_text)
+        .into_iter()
+        .filter(|(iface, _, scope)| {
+            scope != "host"
                 && iface != "lo"
                 && !iface.contains('+')
                 && !host_bridges.contains(iface)
-                && !docker.iter().any(|b| b.iface == iface))
-            .then(|| iface.to_string())
+                && !docker.iter().any(|b| &b.iface == iface)
         })
+        .map(|(iface, _, _)| iface)
         .collect();
     found.into_iter().collect()
 }
@@ -263,13 +283,17 @@ pub fn uplinks(addresses: &str, host_bridges: &BTreeSet<String>, docker: &[Bridg
 /// (`iptables -t nat -S DOCKER`), the rules whose `--to-destination` is one of the proxy's
 /// addresses (`proxy`: network and address), each mapped to its network's bridge. Internal
 /// networks are left out (Docker publishes nothing there, and drops what tries), and so is a
-/// bridge that is not one of this host's (`host_bridges`): an engine elsewhere.
+/// bridge that is not this host's: one that is no bridge here (`host_bridges`) or holds no
+/// address in the network's subnets (`addresses_text`, `ip -o -4 addr show`), as with an
+/// engine on another machine behind a forwarded socket, whose `docker0` is not this one.
 pub fn proxy_bridges(
     nat: &str,
     proxy: &[(String, String)],
     docker: &[Bridge],
     host_bridges: &BTreeSet<String>,
+    addresses_text: &str,
 ) -> Vec<String> {
+    let held = addresses(addresses_text);
     let found: BTreeSet<String> = nat
         .lines()
         .filter(|l| l.starts_with("-A DOCKER ") && l.contains("-j DNAT"))
@@ -282,7 +306,15 @@ pub fn proxy_bridges(
             let ip = to.split(':').next()?;
             let (network, _) = proxy.iter().find(|(_, addr)| addr == ip)?;
             let b = docker.iter().find(|b| &b.network == network)?;
-            (!b.internal && host_bridges.contains(&b.iface) && !b.iface.contains('+'))
+            let here = held.iter().any(|(iface, ip, _)| {
+                iface == &b.iface
+                    && b.subnets.iter().any(|net| {
+                        let net = Cidr::from_engine(net);
+                        let ip = ip.parse().ok().and_then(|ip| Cidr::new(ip, 32).ok());
+                        matches!((net, ip), (Some(net), Some(ip)) if net.contains(&ip))
+                    })
+            });
+            (!b.internal && here && host_bridges.contains(&b.iface) && !b.iface.contains('+'))
                 .then(|| b.iface.clone())
         })
         .collect();
@@ -313,6 +345,18 @@ pub fn plan(
             }
         }
     }
+    // `-D` deletes the first rule of the same words, which may be the copy kept: then every
+    // copy goes, and one is added again where it is reached.
+    let doomed: Vec<&Vec<String>> = remove.iter().map(|&i| &present[i].args).collect();
+    for (i, l) in present.iter().enumerate() {
+        if let Some(r) = &l.rule {
+            if kept.contains(r) && doomed.contains(&&l.args) && !remove.contains(&i) {
+                kept.remove(r);
+                remove.push(i);
+            }
+        }
+    }
+    remove.sort_unstable();
     let add = wanted.difference(&kept).cloned().collect();
     (add, remove)
 }
@@ -328,21 +372,21 @@ pub struct Outcome {
 
 /// Makes `DOCKER-USER` hold exactly the edge rules for the proxy `proxy` (its container) as
 /// its ports and the host's uplinks are now. Errs with why it could not (no iptables, not
-/// root, no `ip`, the proxy not running), and with what it had changed by then; the caller
-/// goes on, since it is only speed.
+/// root, no `ip`, no proxy container), and with what it had changed by then; the caller goes
+/// on, since it is only speed. A stopped proxy has no addresses, so its rules are deleted.
 pub async fn ensure(engine: &Engine, proxy: &str) -> Result<Outcome, String> {
     super::firewall_is_the_engines(&engine.transport, std::env::var("DOCKER_HOST").ok())?;
     // The host's view first, then the engine's: a network created in between has a bridge
-    // the first read already knows as a bridge, so it never passes for an uplink.
+    // the host's read already knows as a bridge, so it never passes for an uplink.
+    // And the bridges both before and after the addresses: one removed in between is in the
+    // first list, one made in between in the second.
     let limit = super::LIMIT;
+    let bridges_now = || engine.host_output(&["ip", "-o", "link", "show", "type", "bridge"], limit);
+    let mut host_bridges = link_names(&bridges_now().await?);
     let addresses = engine
         .host_output(&["ip", "-o", "-4", "addr", "show"], limit)
         .await?;
-    let host_bridges = link_names(
-        &engine
-            .host_output(&["ip", "-o", "link", "show", "type", "bridge"], limit)
-            .await?,
-    );
+    host_bridges.extend(link_names(&bridges_now().await?));
     let docker = engine.bridges().await?;
     let container = engine
         .inspect(proxy)
@@ -357,7 +401,7 @@ pub async fn ensure(engine: &Engine, proxy: &str) -> Result<Outcome, String> {
         .collect();
     let nat = iptables(engine, &["-t", "nat", "-S", "DOCKER"].map(String::from)).await?;
     let uplinks = uplinks(&addresses, &host_bridges, &docker);
-    let edges: Vec<Edge> = proxy_bridges(&nat, &on, &docker, &host_bridges)
+    let edges: Vec<Edge> = proxy_bridges(&nat, &on, &docker, &host_bridges, &addresses)
         .into_iter()
         .flat_map(|bridge| {
             uplinks.iter().map(move |u| Edge {
@@ -409,21 +453,36 @@ pub async fn ensure(engine: &Engine, proxy: &str) -> Result<Outcome, String> {
 mod tests {
     use super::*;
 
-    fn bridge(network: &str, iface: &str, internal: bool) -> Bridge {
+    fn bridge(network: &str, iface: &str, internal: bool, subnet: &str) -> Bridge {
         Bridge {
             network: network.into(),
             iface: iface.into(),
             internal,
+            subnets: vec![subnet.into()],
         }
     }
 
     fn docker() -> Vec<Bridge> {
         vec![
-            bridge("bridge", "docker0", false),
-            bridge("shop-network", "br-0123456789ab", false),
-            bridge("vault", "br-ffffffffffff", true),
+            bridge("bridge", "docker0", false, "172.17.0.0/16"),
+            bridge("shop-network", "br-0123456789ab", false, "10.210.0.0/28"),
+            bridge("vault", "br-ffffffffffff", true, "10.210.0.32/28"),
         ]
     }
+
+    /// `ip -o -4 addr show` on the engine's host.
+    const ADDRS: &str = "\
+1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+4: eth0    inet 192.0.2.2/24 brd 192.0.2.255 scope global eth0\\       valid_lft forever
+5: docker0    inet 172.17.0.1/16 brd 172.17.255.255 scope global docker0\\       valid_lft forever
+9: br-0123456789ab    inet 10.210.0.1/28 brd 10.210.0.15 scope global br-0123456789ab\\  x
+10: br-5555aaaa5555    inet 10.210.0.17/28 scope global br-5555aaaa5555\\  x
+11: br0    inet 192.168.1.10/24 scope global br0\\  x
+12: br-ffffffffffff    inet 10.210.0.33/28 scope global br-ffffffffffff\\  x
+13: veth-c@if11    inet 198.18.0.1/30 scope global veth-c\\       valid_lft forever
+14: wg0    inet 10.9.0.1/24 scope global wg0\\       valid_lft forever
+15: odd+    inet 10.8.0.1/24 scope global odd+\\       valid_lft forever
+";
 
     fn host_bridges() -> BTreeSet<String> {
         [
@@ -446,17 +505,7 @@ mod tests {
 
     #[test]
     fn uplinks_are_the_addressed_interfaces_that_are_no_bridge() {
-        let addrs = "\
-1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
-4: eth0    inet 192.0.2.2/24 brd 192.0.2.255 scope global eth0\\       valid_lft forever
-5: docker0    inet 172.17.0.1/16 brd 172.17.255.255 scope global docker0\\       valid_lft forever
-9: br-0123456789ab    inet 10.210.0.1/28 brd 10.210.0.15 scope global br-0123456789ab\\  x
-10: br-5555aaaa5555    inet 10.210.0.17/28 scope global br-5555aaaa5555\\  x
-11: br0    inet 192.168.1.10/24 scope global br0\\  x
-12: veth-c@if11    inet 198.18.0.1/30 scope global veth-c\\       valid_lft forever
-13: wg0    inet 10.9.0.1/24 scope global wg0\\       valid_lft forever
-14: odd+    inet 10.8.0.1/24 scope global odd+\\       valid_lft forever
-";
+        let addrs = ADDRS;
         // br-5555aaaa5555: a network being made, whose bridge the engine does not list yet.
         assert_eq!(
             uplinks(addrs, &host_bridges(), &docker()),
@@ -496,20 +545,25 @@ mod tests {
             ("shop-network".to_string(), "10.210.0.2".to_string()),
         ];
         let here = host_bridges();
-        assert_eq!(proxy_bridges(nat, &proxy, &docker(), &here), ["docker0"]);
+        let found = |nat: &str, proxy: &[(String, String)], docker: &[Bridge]| {
+            proxy_bridges(nat, proxy, docker, &here, ADDRS)
+        };
+        assert_eq!(found(nat, &proxy, &docker()), ["docker0"]);
         // Moved to a project's network (Docker does that when the proxy leaves `bridge`).
         let moved = nat.replace("172.17.0.2", "10.210.0.2");
-        assert_eq!(
-            proxy_bridges(&moved, &proxy, &docker(), &here),
-            ["br-0123456789ab"]
-        );
+        assert_eq!(found(&moved, &proxy, &docker()), ["br-0123456789ab"]);
         // Another container's published port is not the proxy's.
-        assert!(proxy_bridges(nat, &proxy[1..], &docker(), &here).is_empty());
+        assert!(found(nat, &proxy[1..], &docker()).is_empty());
         // An internal network never gets edge rules.
         let inside = vec![("vault".to_string(), "172.17.0.2".to_string())];
-        assert!(proxy_bridges(nat, &inside, &docker(), &here).is_empty());
-        // An engine on another machine: its bridges are not this host's.
-        assert!(proxy_bridges(nat, &proxy, &docker(), &BTreeSet::new()).is_empty());
+        assert!(found(nat, &inside, &docker()).is_empty());
+        // An engine on another machine: its bridge is no bridge here, or one of the same name
+        // that holds no address in its subnet (another machine's docker0 behind a forwarded
+        // socket).
+        assert!(proxy_bridges(nat, &proxy, &docker(), &BTreeSet::new(), ADDRS).is_empty());
+        let mut elsewhere = docker();
+        elsewhere[0].subnets = vec!["172.31.0.0/16".into()];
+        assert!(found(nat, &proxy, &elsewhere).is_empty());
     }
 
     #[test]
@@ -561,7 +615,7 @@ mod tests {
         ]
         .join("\n");
         let present = listed(&listing);
-        assert_eq!(present.len(), 6, "{present:?}");
+        assert_eq!(present.len(), 7, "{present:?}");
         // The line's own words, to delete it by: the comment unquoted.
         assert_eq!(present[0].args, my_in.args());
         assert!(present.iter().all(|l| l.reached));
@@ -570,22 +624,24 @@ mod tests {
             "luma-proxy",
         );
         let (add, remove) = plan(&present, &wanted, "luma-proxy");
+        // Both copies of the rule listed twice go (`-D` may take either), and it comes back
+        // once; the rule of an uplink that is gone goes, and both earlier formats; the other
+        // proxy's stays.
+        assert_eq!(remove, [1, 2, 3, 5, 6]);
         assert_eq!(
             comments_of(&add),
             [
+                "luma edge out eth0 docker0 luma-proxy",
                 "luma edge in wg0 docker0 luma-proxy",
                 "luma edge out wg0 docker0 luma-proxy"
             ]
         );
-        // The second copy, the rule of an uplink that is gone, the trial format; not the
-        // other proxy's.
-        assert_eq!(remove, [2, 3, 5]);
         // In place: nothing to do.
         let (add, remove) = plan(&present[..2], &mine, "luma-proxy");
         assert!(add.is_empty() && remove.is_empty());
-        // Nothing wanted: every rule of this proxy goes, and the trial format's.
+        // Nothing wanted: every rule of this proxy goes, and the earlier formats'.
         let (_, remove) = plan(&present, &BTreeSet::new(), "luma-proxy");
-        assert_eq!(remove, [0, 1, 2, 3, 5]);
+        assert_eq!(remove, [0, 1, 2, 3, 5, 6]);
     }
 
     #[test]
@@ -598,6 +654,17 @@ mod tests {
         assert!(present.iter().all(|l| !l.reached));
         let (add, remove) = plan(&present, &mine, "luma-proxy");
         assert_eq!((add.len(), remove), (2, vec![0, 1]));
+        // One copy reached, one after RETURN: `-D` would take the first, so both go and one
+        // comes back before the RETURN.
+        let split = format!(
+            "{}\n{}\n-A DOCKER-USER -j RETURN\n{}\n",
+            lines[0], lines[1], lines[1]
+        );
+        let (add, remove) = plan(&listed(&split), &mine, "luma-proxy");
+        assert_eq!(
+            (comments_of(&add), remove),
+            (vec![mine.iter().nth(1).unwrap().comment()], vec![1, 2])
+        );
         // The same comment on a broader rule (no interface pinned): not luma's rule as written.
         let broad = format!(
             "{}\n{}\n-A DOCKER-USER -j RETURN\n",

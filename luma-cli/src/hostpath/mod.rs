@@ -106,21 +106,24 @@ pub fn insert_args(listing: &str, pool: &Cidr) -> Vec<String> {
 }
 
 /// The iptables arguments that add `rule` to `DOCKER-USER`, listed as `listing`: before its
-/// final `-j RETURN`, else at its end. Rules an operator put there first keep coming first.
+/// first bare `-j RETURN` (Docker ends the chain with one; nothing after it is reached), else
+/// at its end. Rules an operator put there first keep coming first.
 fn insert_before_return(listing: &str, rule: Vec<String>) -> Vec<String> {
-    let rules: Vec<&str> = listing
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with(&format!("-A {CHAIN} ")))
-        .collect();
-    let mut args = match rules.last() {
-        Some(last) if *last == format!("-A {CHAIN} -j RETURN") => {
-            vec!["-I".to_string(), CHAIN.into(), rules.len().to_string()]
-        }
-        _ => vec!["-A".to_string(), CHAIN.into()],
+    let mut args = match first_return(listing) {
+        Some(i) => vec!["-I".to_string(), CHAIN.into(), (i + 1).to_string()],
+        None => vec!["-A".to_string(), CHAIN.into()],
     };
     args.extend(rule);
     args
+}
+
+/// The index, among the chain's rules in `listing`, of its first bare `-j RETURN`.
+fn first_return(listing: &str) -> Option<usize> {
+    listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(&format!("-A {CHAIN} ")))
+        .position(|l| l == format!("-A {CHAIN} -j RETURN"))
 }
 
 /// What [`ensure`] found or did.
@@ -228,6 +231,10 @@ mod tests {
             insert_args(operator, &pool())[..3],
             ["-I", "DOCKER-USER", "2"]
         );
+        // A rule an operator appended after Docker's RETURN is never reached; ours goes
+        // before the RETURN all the same.
+        let after = "-N DOCKER-USER\n-A DOCKER-USER -j RETURN\n-A DOCKER-USER -i eth0 -j DROP\n";
+        assert_eq!(insert_args(after, &pool())[..3], ["-I", "DOCKER-USER", "1"]);
         // No final RETURN (an operator removed it): the end of the chain is reached anyway.
         let bare = "-N DOCKER-USER\n-A DOCKER-USER -i eth0 -j DROP\n";
         assert_eq!(insert_args(bare, &pool())[..2], ["-A", "DOCKER-USER"]);
