@@ -297,11 +297,12 @@ def edge_rules():
 
 
 def insert_before_return(spec):
-    """Puts a DOCKER-USER rule where luma inserts its own: just before the final `-j RETURN`,
-    or at the end of the chain when it has none."""
-    rules = chain_rules(USER_CHAIN)
-    if rules and rules[-1].split() == ["-A", USER_CHAIN, "-j", "RETURN"]:
-        iptables("-I", USER_CHAIN, str(len(rules)), *spec)
+    """Puts a DOCKER-USER rule where luma inserts its own: just before the first bare `-j RETURN`
+    (nothing after it is reached), or at the end of the chain when it has none."""
+    rules = [r.split() for r in chain_rules(USER_CHAIN)]
+    bare = ["-A", USER_CHAIN, "-j", "RETURN"]
+    if bare in rules:
+        iptables("-I", USER_CHAIN, str(rules.index(bare) + 1), *spec)
     else:
         iptables("-A", USER_CHAIN, *spec)
 
@@ -1064,6 +1065,10 @@ def fast_path_note(lab, a, off):
                           for r in fp["edges"] if "--comment" in r) or "none"
         text.append("This run's luma added the rule (it was absent before the run) and these edge rules: "
                     f"{shown}; the clean-up removes them.")
+        if fp["edges"] and off:
+            text.append(f"The row \"{n}, without the edge rules\" repeats the {n}-project load sample right after "
+                        "it, at the same fixed rate, with only the edge rules deleted (the pool's rule kept): the "
+                        "client's leg through all of Docker's rules, the proxy's leg not; then they were put back.")
         if off:
             text.append(f"The row \"{n}, without the fast path\" repeats the {n}-project load sample right after "
                         "it, at the same fixed rate, with these rules deleted; then they were put back where luma "
@@ -1149,7 +1154,7 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
     n = a.projects
     med = statistics.median(deploys)
     worst = max(range(n), key=lambda k: deploys[k])
-    p1, pn, off = load[1], load[n], load.get("no_fast_path")
+    p1, pn, off, no_edge = load[1], load[n], load.get("no_fast_path"), load.get("no_edge")
     lines = [
         "# Scale: many projects behind one proxy",
         "",
@@ -1205,8 +1210,10 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         load_row("1", p1),
         load_row(f"{n}", pn),
+        *([load_row(f"{n}, without the edge rules", no_edge)] if no_edge else []),
         *([load_row(f"{n}, without the fast path", off)] if off else []),
         ratio_row(f"{n} / 1", pn, p1),
+        *([ratio_row(f"{n}, without the edge rules / 1", no_edge, p1)] if no_edge else []),
         *([ratio_row(f"{n}, without the fast path / 1", off, p1)] if off else []),
         "",
         f"All from the client namespace `{lab.client.ns}` ({lab.client.subnet}.2) to the proxy's port published "
@@ -1252,7 +1259,9 @@ def fast_path_ab(lab, a, load):
     rule (lab.fast_path["state"]) and, when this run's luma added it with the fast path on,
     takes one more load sample with the rule deleted (load["no_fast_path"], the same fixed
     rate), then puts the rule back where luma inserts it, so the final check and the clean-up
-    see the normal state. A failure in between leaves the rule deleted, as before the run, which
+    see the normal state. Before that, when luma added edge rules for this run's proxy, one
+    sample with only those deleted (load["no_edge"]): the client's leg without them. A failure
+    in between leaves the rule deleted, as before the run, which
     is what the clean-up restores anyway. A rule there before the run is someone else's: never
     touched. --smoke skips the extra sample to stay short."""
     fp = lab.fast_path
@@ -1270,6 +1279,19 @@ def fast_path_ab(lab, a, load):
         log(f"    fast path at {a.projects}: {fp['state']}; no load sample without it ({skip})")
         return
     edges = fp["edges"]
+    if edges:
+        lab.remove_edge_rules(edges)
+        log(f"    fast path at {a.projects}: deleted luma's {len(edges)} edge rules (the pool's rule kept) for one "
+            "load sample without them")
+        r = load["no_edge"] = load_sample(lab, a, load[1]["rate"], others=False)
+        if lab.edge_rules_made():
+            raise Failed(f"luma's edge rules for {lab.proxy} came back in {USER_CHAIN} during the load sample "
+                         "without them (another luma deployed?): that sample is not one without them")
+        for spec in edges:
+            insert_before_return(spec)
+        log(f"    load at {a.projects} without the edge rules: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} "
+            f"µs per request; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; all {r['requests']:,} requests "
+            "2xx; rules put back")
     lab.remove_fast_path()
     lab.remove_edge_rules(edges)
     log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} and its {len(edges)} edge rules "
