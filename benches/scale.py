@@ -573,8 +573,8 @@ class Lab:
                      f"deletions; see `iptables -S {USER_CHAIN}`")
 
     def restore_fast_path(self):
-        """Puts luma's fast-path rule back as luma inserts it: just before the final `-j RETURN`
-        of DOCKER-USER, or at its end when it has none."""
+        """Puts luma's fast-path rule back as luma inserts it: just before the first bare
+        `-j RETURN` of DOCKER-USER, or at its end when it has none."""
         if self.fast_path_present():
             raise Failed(f"luma's fast-path rule for {self.fast_path['pool']} came back in {USER_CHAIN} during "
                          "the load sample without it (another luma deployed?): that sample is not one without it")
@@ -1072,7 +1072,7 @@ def fast_path_note(lab, a, off):
         if off:
             text.append(f"The row \"{n}, without the fast path\" repeats the {n}-project load sample right after "
                         "it, at the same fixed rate, with these rules deleted; then they were put back where luma "
-                        f"inserts them (before the final `-j RETURN` of {USER_CHAIN}, or at its end).")
+                        f"inserts them (before the first bare `-j RETURN` of {USER_CHAIN}, or at its end).")
         elif a.smoke:
             text.append("The load sample without it is skipped with --smoke.")
         else:
@@ -1280,32 +1280,32 @@ def fast_path_ab(lab, a, load):
         return
     edges = fp["edges"]
     if edges:
-        lab.remove_edge_rules(edges)
-        log(f"    fast path at {a.projects}: deleted luma's {len(edges)} edge rules (the pool's rule kept) for one "
-            "load sample without them")
-        r = load["no_edge"] = load_sample(lab, a, load[1]["rate"], others=False)
-        if lab.edge_rules_made():
-            raise Failed(f"luma's edge rules for {lab.proxy} came back in {USER_CHAIN} during the load sample "
-                         "without them (another luma deployed?): that sample is not one without them")
-        for spec in edges:
-            insert_before_return(spec)
-        log(f"    load at {a.projects} without the edge rules: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} "
-            f"µs per request; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; all {r['requests']:,} requests "
-            "2xx; rules put back")
-    lab.remove_fast_path()
+        load["no_edge"] = sample_without(lab, a, load, f"luma's {len(edges)} edge rules (the pool's rule kept)",
+                                         "the edge rules", edges, pool=False)
+    load["no_fast_path"] = sample_without(lab, a, load, f"luma's rule for {fp['pool']} and its {len(edges)} edge "
+                                          "rules", "the fast path", edges, pool=True)
+
+
+def sample_without(lab, a, load, deleted, label, edges, pool):
+    """One load sample at N, at the 1-project fixed rate, with these of luma's rules deleted:
+    the edge rules `edges`, and the pool's rule when `pool`; then they are put back where luma
+    inserts them. Failed when luma put any back during the sample (another luma deployed)."""
+    if pool:
+        lab.remove_fast_path()
     lab.remove_edge_rules(edges)
-    log(f"    fast path at {a.projects}: deleted luma's rule for {fp['pool']} and its {len(edges)} edge rules "
-        "for one load sample without them")
-    r = load["no_fast_path"] = load_sample(lab, a, load[1]["rate"], others=False)
+    log(f"    fast path at {a.projects}: deleted {deleted} for one load sample without them")
+    r = load_sample(lab, a, load[1]["rate"], others=False)
     if lab.edge_rules_made():
         raise Failed(f"luma's edge rules for {lab.proxy} came back in {USER_CHAIN} during the load sample "
                      "without them (another luma deployed?): that sample is not one without them")
-    lab.restore_fast_path()
+    if pool:
+        lab.restore_fast_path()
     for spec in edges:
         insert_before_return(spec)
-    log(f"    load at {a.projects} without the fast path: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs "
+    log(f"    load at {a.projects} without {label}: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs "
         f"per request; p99 {r['p99_us'] / 1000:.2f} ms at {r['rate']} req/s; all {r['requests']:,} requests 2xx; "
-        "rule put back")
+        "rules put back")
+    return r
 
 
 def scale(lab, a, at):

@@ -688,6 +688,41 @@ fn edge_packets(prefix: &str, proxy: &str) -> (u64, usize) {
     (sum, mine)
 }
 
+/// Sends 20 requests from the client, each on a connection of its own, all answered by
+/// `project`, and checks that the edge rules `inward` and `outward` (comment prefixes, as for
+/// [`edge_packets`]) carried them: one rule of this lab's proxy each way, and at least two
+/// packets of every connection matched each way.
+fn twenty_counted(
+    client: &ClientNs,
+    lab: &CliLab,
+    host: &str,
+    project: &str,
+    inward: &str,
+    outward: &str,
+) {
+    let ((in0, lines_in), (out0, lines_out)) = (
+        edge_packets(inward, &lab.proxy),
+        edge_packets(outward, &lab.proxy),
+    );
+    assert_eq!((lines_in, lines_out), (1, 1), "{:?}", docker_user());
+    for _ in 0..20 {
+        assert_eq!(
+            client.project_of(lab.http_port, host),
+            (200, project.to_string())
+        );
+    }
+    let (in1, out1) = (
+        edge_packets(inward, &lab.proxy).0,
+        edge_packets(outward, &lab.proxy).0,
+    );
+    assert!(
+        in1 >= in0 + 40 && out1 >= out0 + 40,
+        "20 requests from the client: {inward}*, {outward}* matched {} packets in and {} out",
+        in1 - in0,
+        out1 - out0
+    );
+}
+
 #[test]
 fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports() {
     let lab = CliLab::new("edge");
@@ -759,28 +794,9 @@ fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports()
          {other_bridge}"
     );
 
-    let (in0, lines_in) = edge_packets(&inward, &lab.proxy);
-    let (out0, lines_out) = edge_packets(&outward, &lab.proxy);
-    assert_eq!((lines_in, lines_out), (1, 1), "{:?}", docker_user());
-
     // 20 connections from the client: after each handshake, its packets to the proxy and the
     // proxy's replies (the SYN-ACK on) are established and DNATed, and match.
-    for _ in 0..20 {
-        assert_eq!(
-            client.project_of(lab.http_port, &host),
-            (200, project.clone())
-        );
-    }
-    let ((in1, _), (out1, _)) = (
-        edge_packets(&inward, &lab.proxy),
-        edge_packets(&outward, &lab.proxy),
-    );
-    assert!(
-        in1 >= in0 + 40 && out1 >= out0 + 40,
-        "20 requests from the client: the rules matched {} packets in and {} out",
-        in1 - in0,
-        out1 - out0
-    );
+    twenty_counted(&client, &lab, &host, &project, &inward, &outward);
 
     // Docker moves the proxy's published ports to another of its networks when it leaves
     // `bridge`. The rules for docker0 then match nothing, and requests still go through
@@ -825,21 +841,7 @@ fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports()
     );
     let inward = format!("luma edge in {} {bridge} ", client.host_if);
     let outward = format!("luma edge out {} {bridge} ", client.host_if);
-    for _ in 0..20 {
-        assert_eq!(
-            client.project_of(lab.http_port, &host),
-            (200, project.clone())
-        );
-    }
-    let ((in2, n_in), (out2, n_out)) = (
-        edge_packets(&inward, &lab.proxy),
-        edge_packets(&outward, &lab.proxy),
-    );
-    assert_eq!((n_in, n_out), (1, 1), "{:?}", docker_user());
-    assert!(
-        in2 >= 40 && out2 >= 40,
-        "20 requests after the move: the rules matched {in2} packets in and {out2} out"
-    );
+    twenty_counted(&client, &lab, &host, &project, &inward, &outward);
 
     // Setup again with nothing moved: nothing added, nothing removed, nothing said.
     let still = lab.luma_run(&dir, &["setup"], &env);

@@ -338,16 +338,21 @@ impl Engine {
         }
     }
 
+    /// Every network on the engine, as the engine lists them.
+    async fn all_networks(&self) -> Result<Vec<bollard::models::Network>> {
+        self.trace("list networks");
+        self.docker
+            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+            .await
+            .map_err(|e| format!("list networks on {}: {e}", self.server()))
+    }
+
     /// Every network on the engine, whatever its driver, with its IPv4 subnets: (name,
     /// subnet) pairs.
     pub async fn network_subnets_in_use(&self) -> Result<Vec<(String, String)>> {
-        self.trace("list networks");
-        let list = self
-            .docker
-            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
-            .await
-            .map_err(|e| format!("list networks on {}: {e}", self.server()))?;
-        Ok(list
+        Ok(self
+            .all_networks()
+            .await?
             .into_iter()
             .flat_map(|n| {
                 let name = n.name.clone().or(n.id.clone()).unwrap_or_default();
@@ -362,13 +367,9 @@ impl Engine {
     /// the `com.docker.network.bridge.name` option when set (the default network's is
     /// `docker0`), else `br-` and the first 12 characters of its ID, as the driver names it.
     pub async fn bridges(&self) -> Result<Vec<Bridge>> {
-        self.trace("list bridge networks");
-        let list = self
-            .docker
-            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
-            .await
-            .map_err(|e| format!("list networks on {}: {e}", self.server()))?;
-        Ok(list
+        Ok(self
+            .all_networks()
+            .await?
             .into_iter()
             .filter(|n| n.driver.as_deref() == Some("bridge"))
             .filter_map(|n| {

@@ -10,7 +10,7 @@
 //! and a p99 of 957 ms; with them, 0.77x, 1.24x and 37 ms (10 ms at one project).
 //!
 //! For each uplink `U` and each bridge `B` that a published port of the proxy `P` is DNATed
-//! to, two rules go into `DOCKER-USER`, before its final `RETURN`:
+//! to, two rules go into `DOCKER-USER`, before its first bare `RETURN` (Docker's):
 //!
 //! ```text
 //! -i U -o B  ESTABLISHED, direction ORIGINAL, DNAT  "luma edge in U B P"   ACCEPT
@@ -40,7 +40,7 @@
 //! every deploy, setup, proxy update and removal of a whole project (`luma remove
 //! --everything`, which takes the proxy off its network) computes the rules anew, adds the missing,
 //! and deletes the proxy's edge rules it no longer wants, that are not reached (after the
-//! final `RETURN`) or not written as luma writes them now. Until then a stale rule names an
+//! first bare `RETURN`) or not written as luma writes them now. Until then a stale rule names an
 //! interface pair the traffic no longer takes. With the fast path off, rules in place stay
 //! as they are. IPv4 only, as the pool's rule.
 
@@ -170,7 +170,8 @@ pub struct Listed {
     /// The line's own words after the chain name: they delete exactly it, whatever luma
     /// version wrote it, and tell whether it is the rule luma writes now.
     pub args: Vec<String>,
-    /// Whether it comes before the chain's final `-j RETURN` (after it, it is never reached).
+    /// Whether it comes before the chain's first bare `-j RETURN` (after it, it is never
+    /// reached).
     pub reached: bool,
 }
 
@@ -323,7 +324,7 @@ pub fn proxy_bridges(
 
 /// What the rules in place need for `proxy`: the rules to add, and which listed edge rules to
 /// delete, as indices into `present`. Deleted: the withdrawn trial format's; and of this
-/// proxy's, those not wanted, those not reached (after the final `RETURN`) or not written as
+/// proxy's, those not wanted, those not reached (after the first bare `RETURN`) or not written as
 /// luma writes them now (they are added again), and every copy but one (two deploys at once
 /// may leave two). Other proxies' rules are not this run's to judge.
 pub fn plan(
@@ -435,7 +436,7 @@ pub async fn ensure(engine: &Engine, proxy: &str) -> Result<Outcome, String> {
         removed += 1;
     }
     for r in &add {
-        // Listed again for each: the position before the final RETURN is where it is now.
+        // Listed again for each: the position before the first bare RETURN is where it is now.
         let now = list().await.map_err(|e| so_far(added, removed, e))?;
         iptables(engine, &insert_before_return(&now, r.args()))
             .await

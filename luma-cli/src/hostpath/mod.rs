@@ -25,8 +25,8 @@
 //! - only packets of connections already accepted: the first packet of each still walks all
 //!   of Docker's rules.
 //!
-//! It is inserted before the chain's final `RETURN`, so the operator's own rules there still
-//! come first.
+//! It is inserted before the chain's first bare `RETURN` (Docker's), so the operator's own
+//! rules there still come first.
 //!
 //! The pool's rule covers the proxy's leg to its apps. The client's leg, from the host's
 //! uplinks to the proxy's published ports, has rules of its own: [`edge`].
@@ -99,8 +99,8 @@ pub fn rule(pool: &Cidr) -> Vec<String> {
 }
 
 /// The iptables arguments that add the rule for `pool` to a chain listed as `listing`
-/// (`iptables -S DOCKER-USER`): before its final `-j RETURN` (Docker ends the chain with one),
-/// else at its end.
+/// (`iptables -S DOCKER-USER`): before its first bare `-j RETURN` (Docker ends the chain
+/// with one), else at its end.
 pub fn insert_args(listing: &str, pool: &Cidr) -> Vec<String> {
     insert_before_return(listing, rule(pool))
 }
