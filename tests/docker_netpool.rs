@@ -390,8 +390,7 @@ fn the_host_fast_path_carries_established_traffic_inside_the_pool() {
     );
     let on = [("LUMA_HOST_FAST_PATH", "on")];
 
-    let run = lab.luma_run(&dir, &["deploy"], &on);
-    assert_eq!(run.code, Some(0), "deploy:\n{}\n{}", run.stdout, run.stderr);
+    let run = luma_ok(&lab, &dir, &["deploy"], &on);
     assert!(
         run.stderr.contains(&format!(
             "host fast path for pool {pool}: established traffic"
@@ -430,14 +429,7 @@ fn the_host_fast_path_carries_established_traffic_inside_the_pool() {
     );
 
     // Setup again: the rule is there, so nothing is added and nothing is said.
-    let again = lab.luma_run(&dir, &["setup"], &on);
-    assert_eq!(
-        again.code,
-        Some(0),
-        "setup:\n{}\n{}",
-        again.stdout,
-        again.stderr
-    );
+    let again = luma_ok(&lab, &dir, &["setup"], &on);
     assert!(
         !again.stderr.contains("host fast path for pool"),
         "{}",
@@ -447,8 +439,7 @@ fn the_host_fast_path_carries_established_traffic_inside_the_pool() {
 
     // Off: a deploy neither adds it nor needs it.
     iptables(&[&["-D", "DOCKER-USER"], &check[2..]].concat()).unwrap_or_else(|e| panic!("{e}"));
-    let off = lab.luma_run(&dir, &["setup"], &[("LUMA_HOST_FAST_PATH", "off")]);
-    assert_eq!(off.code, Some(0), "setup:\n{}\n{}", off.stdout, off.stderr);
+    luma_ok(&lab, &dir, &["setup"], &[("LUMA_HOST_FAST_PATH", "off")]);
     assert!(
         fast_path_packets(&comment).is_empty(),
         "{:?}",
@@ -650,6 +641,20 @@ impl Drop for ProxyEdgeRules {
     }
 }
 
+/// Runs luma in `dir` and fails the test, with both streams, unless it exits 0.
+fn luma_ok(lab: &CliLab, dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let run = lab.luma_run(dir, args, env);
+    assert_eq!(
+        run.code,
+        Some(0),
+        "luma {}:\n{}\n{}",
+        args.join(" "),
+        run.stdout,
+        run.stderr
+    );
+    run
+}
+
 /// The packets Docker's isolation dropped on their way into `bridge` (its rule in
 /// DOCKER-ISOLATION-STAGE-2).
 fn isolation_drops(bridge: &str) -> u64 {
@@ -746,8 +751,7 @@ fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports()
         ("LUMA_HOST_FAST_PATH", "on"),
         ("LUMA_HTTP_PORT", published.as_str()),
     ];
-    let run = lab.luma_run(&dir, &["deploy"], &env);
-    assert_eq!(run.code, Some(0), "deploy:\n{}\n{}", run.stdout, run.stderr);
+    let run = luma_ok(&lab, &dir, &["deploy"], &env);
     let pair = format!("{} <-> docker0", client.host_if);
     assert!(
         run.stderr.contains("host fast path for clients") && run.stderr.contains(&pair),
@@ -817,14 +821,7 @@ fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports()
     let bridge = format!("br-{}", &id.trim()[..12]);
     // The next setup follows them: the rules name the project network's bridge, and the
     // docker0 ones are gone.
-    let again = lab.luma_run(&dir, &["setup"], &env);
-    assert_eq!(
-        again.code,
-        Some(0),
-        "setup:\n{}\n{}",
-        again.stdout,
-        again.stderr
-    );
+    let again = luma_ok(&lab, &dir, &["setup"], &env);
     let pair = format!("{} <-> {bridge}", client.host_if);
     assert!(again.stderr.contains(&pair), "{}", again.stderr);
     assert_eq!(
@@ -844,14 +841,7 @@ fn the_edge_fast_path_carries_clients_connections_and_follows_the_proxys_ports()
     twenty_counted(&client, &lab, &host, &project, &inward, &outward);
 
     // Setup again with nothing moved: nothing added, nothing removed, nothing said.
-    let still = lab.luma_run(&dir, &["setup"], &env);
-    assert_eq!(
-        still.code,
-        Some(0),
-        "setup:\n{}\n{}",
-        still.stdout,
-        still.stderr
-    );
+    let still = luma_ok(&lab, &dir, &["setup"], &env);
     assert!(
         !still.stderr.contains("host fast path for clients"),
         "{}",
