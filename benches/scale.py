@@ -27,9 +27,10 @@ Measures:
     established traffic before the per-network rules, and the "edge" rules that do the same for
     a client's established, DNATed connections between the host's uplinks and the proxy's
     bridge): whether the pool's rule was there before the run (`preflight`), and, when this
-    run's luma added it, one more load sample at N with it and the edge rules this run's luma
-    added deleted (same fixed rate), after which they are put back where luma inserts them. A
-    rule that was there before the run is not this run's and is never touched; `--no-fast-path` runs
+    run's luma added it, two more load samples at N at the same fixed rate: one with only the
+    edge rules for this run's proxy deleted, one with those and the pool's rule deleted; after
+    each they are put back where luma inserts them. A rule that was there before the run is not
+    this run's and is never touched; `--no-fast-path` runs
     luma with LUMA_HOST_FAST_PATH=off (no comparison); --smoke skips the comparison.
 Every deploy must succeed and its host answer 200 within 60 s (polled, no fixed wait), and at the
 end every project's host must answer 200 with its own project's body, or the run fails. Every
@@ -48,8 +49,9 @@ veth pair `lsc<n>h`/`lsc<n>c`, and its
 state volume `<prefix>-proxy-state`. The run refuses to start when anything with that prefix
 exists already. At the end, also on failure, Ctrl-C or SIGTERM, it removes exactly the objects
 whose name starts with `<prefix>-` (or `luma-lock_<prefix>-`) or that luma labelled
-`luma.project=<prefix>-pNNN`, and luma's fast-path rule for its pool when this run's luma
-added it (absent before the run, present at the end); nothing else is touched. A signal never
+`luma.project=<prefix>-pNNN`, luma's fast-path rule for its pool when this run's luma
+added it (absent before the run, present at the end), and luma's edge rules that name the
+run's proxy (`luma edge ... <prefix>-proxy`); nothing else is touched. A signal never
 cuts the clean-up short: the first one stops the run (a running `luma` gets SIGINT and 30 s to
 undo its step, then it is killed), later ones are ignored. Must run as root on the engine's
 host (it reads /proc/<pid> of the proxy and the host's iptables, and makes a network namespace
@@ -702,7 +704,8 @@ def preflight(lab):
     lab.env["LUMA_HTTP_PORT"] = f"{lab.client.host_ip}:{lab.http}"
     try:
         lab.fast_path["before"] = lab.fast_path_present()
-        lab.fast_path["edges_listed"] = edge_rules() is not None
+        edge_rules()  # a listing that fails is Failed here, like the pool rule's check
+        lab.fast_path["edges_listed"] = True
     except Failed as e:
         lab.fast_path["reason"] = str(e)
 
@@ -1056,7 +1059,10 @@ def fast_path_note(lab, a, off):
                     "compared nor removed.")
     elif state == "pre-existing":
         text.append("The rule was there before this run, so it is not this run's: it was left in place, and the "
-                    "load sample without it was skipped.")
+                    "load samples without it were skipped.")
+        if fp["edges"]:
+            text.append(f"This run's luma added {len(fp['edges'])} edge rules for its proxy, in place during every "
+                        "load sample; the clean-up removes them.")
     elif state == "absent":
         text.append(f"The fast path was {'off' if not fp['on'] else 'not set up: luma did not add the rule'}; no "
                     f"rule for {pool} was in {USER_CHAIN} at {n} projects.")
@@ -1257,12 +1263,12 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
 def fast_path_ab(lab, a, load):
     """At N projects, right after the load sample: records what became of luma's fast-path
     rule (lab.fast_path["state"]) and, when this run's luma added it with the fast path on,
-    takes one more load sample with the rule deleted (load["no_fast_path"], the same fixed
-    rate), then puts the rule back where luma inserts it, so the final check and the clean-up
-    see the normal state. Before that, when luma added edge rules for this run's proxy, one
-    sample with only those deleted (load["no_edge"]): the client's leg without them. A failure
-    in between leaves the rule deleted, as before the run, which
-    is what the clean-up restores anyway. A rule there before the run is someone else's: never
+    takes one more load sample with it and the edge rules for this run's proxy deleted
+    (load["no_fast_path"], the same fixed rate), then puts them back where luma inserts them,
+    so the final check and the clean-up see the normal state. Before that, when luma added edge
+    rules for this run's proxy, one sample with only those deleted (load["no_edge"]): the
+    client's leg without them. A failure in between leaves rules deleted, as before the run,
+    which is what the clean-up restores anyway. A rule there before the run is someone else's: never
     touched. --smoke skips the extra sample to stay short."""
     fp = lab.fast_path
     if fp["before"] is None:
@@ -1271,7 +1277,7 @@ def fast_path_ab(lab, a, load):
         fp["state"] = "pre-existing"
     else:
         fp["state"] = "made" if lab.fast_path_present() else "absent"
-    if fp["state"] == "made":
+    if fp["state"] != "unavailable":
         fp["edges"] = lab.edge_rules_made()
     skip = ("this run's luma did not add the rule" if fp["state"] != "made" else
             fast_path_setting(lab) if not fp["on"] else "--smoke" if a.smoke else None)

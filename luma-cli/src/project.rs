@@ -164,8 +164,8 @@ async fn host_fast_path(ctx: &Ctx<'_>) {
             return ui.info(format!(
                 "! no host fast path for pool {pool} on {}: {why}. Requests between the proxy \
                  and apps, and from clients to the proxy, are slower as the server's Docker \
-                 networks grow (docs/scale.md); deploy as root once to add it, or set {ENV}=off \
-                 to stop this note",
+                 networks grow (docs/scale.md). luma keeps these firewall rules when it runs \
+                 as root on the engine's host; {ENV}=off stops this note",
                 ctx.server
             ));
         }
@@ -201,8 +201,9 @@ pub async fn edge_fast_path(ctx: &Ctx<'_>) {
         }
         Err(why) => ctx.ui.info(format!(
             "! no host fast path for clients on {}: {why}. Requests from clients to the proxy \
-             are slower as the server's Docker networks grow (docs/scale.md); {ENV}=off \
-             stops this note, and turns off the pool's rule too",
+             are slower as the server's Docker networks grow (docs/scale.md). luma keeps these \
+             firewall rules when it runs as root on the engine's host (it needs `iptables` and \
+             `ip` there); {ENV}=off stops this note, and turns off the pool's rule too",
             ctx.server
         )),
     }

@@ -175,7 +175,8 @@ fn firewall_is_the_engines(
     match (transport, docker_host) {
         (Transport::Local, Some(h)) if !h.is_empty() && !h.starts_with("unix://") => Err(format!(
             "the engine is at DOCKER_HOST={h}, not on this machine, so its firewall is not \
-             this machine's"
+             this machine's; name that server in luma.yml's `servers` to reach it over SSH, \
+             where luma can keep them"
         )),
         _ => Ok(()),
     }
