@@ -48,6 +48,21 @@ impl Drop for Extras {
     }
 }
 
+/// `ip ARGS` (iproute2; these tests run as root), failing the test with its stderr unless it
+/// succeeds.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {} (this test runs as root): {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Every range in use on this host: its routes and every Docker network's IPv4 subnets.
 fn in_use() -> Vec<Cidr> {
     let table = std::fs::read_to_string("/proc/net/route").expect("/proc/net/route");
@@ -151,15 +166,7 @@ fn project_networks_come_from_the_pool_skip_what_is_taken_and_say_when_it_is_ful
     let [a, b, c, d] = pool.addr().octets();
     let route = format!("{}/27", Ipv4Addr::new(a, b, c, d + 32));
     extras.routes.push(route.clone());
-    let added = std::process::Command::new("ip")
-        .args(["route", "add", "blackhole", &route])
-        .output()
-        .expect("run ip (iproute2)");
-    assert!(
-        added.status.success(),
-        "ip route add blackhole {route} (this test runs as root): {}",
-        String::from_utf8_lossy(&added.stderr)
-    );
+    ip(&["route", "add", "blackhole", &route]);
 
     // The pool from luma.yml: the free /28 is taken, and serves.
     let shop_host = format!("shop.{}.test", lab.prefix);
@@ -539,16 +546,7 @@ impl ClientNs {
                 &me.host_ip.to_string(),
             ],
         ] {
-            let out = std::process::Command::new("ip")
-                .args(&args)
-                .output()
-                .expect("run ip");
-            assert!(
-                out.status.success(),
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            ip(&args);
         }
         // A loose reverse-path filter on this link (the kernel takes the larger of `all` and
         // the link's): the spoofing check needs the host to let a spoofed SYN in, as it does
@@ -588,23 +586,15 @@ impl ClientNs {
     /// end of the pair for this) got any answer within 2 s.
     fn curl_from(&self, from: Ipv4Addr, port: u16, host: &str) -> bool {
         let peer = format!("{}c", &self.host_if[..self.host_if.len().min(14)]);
-        let added = std::process::Command::new("ip")
-            .args([
-                "-n",
-                &self.ns,
-                "addr",
-                "add",
-                &format!("{from}/32"),
-                "dev",
-                &peer,
-            ])
-            .output()
-            .expect("run ip");
-        assert!(
-            added.status.success(),
-            "{}",
-            String::from_utf8_lossy(&added.stderr)
-        );
+        ip(&[
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            &format!("{from}/32"),
+            "dev",
+            &peer,
+        ]);
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &self.ns, "curl", "-sS", "--max-time", "2"])
             .args(["--interface", &from.to_string()])
