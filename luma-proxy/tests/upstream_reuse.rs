@@ -140,10 +140,12 @@ async fn gets_reuse_idle_connections_and_posts_only_recently_proven_ones() {
     let proxy = start_proxy("reuse-rule").await;
     let b = TestBackend::start("127.0.0.2", "b").await;
     let mut r = route("shop", "shop.test", &[b.addr]);
-    r.health.interval_ms = 60_000; // no probe connections during the measurement
+    r.health.interval_ms = 60_000;
     proxy.deployer.deploy(deploy_req(r)).await.unwrap();
     let addr = proxy.http_addr;
-    let opened = || b.connections.load(Ordering::Relaxed);
+    // Not every connection: the route's first check falls at a random point of its minute,
+    // on a connection of its own, which may be inside this test's windows.
+    let opened = || b.app_connections.load(Ordering::Relaxed);
     // Idle times below are the subject of this test: 400 ms is past the 250 ms within which a
     // POST may reuse a connection, and well inside the 1.5 s pool limit.
     let idle = Duration::from_millis(400);
@@ -330,7 +332,8 @@ const BIG: usize = 16 << 20;
 /// read, with `ok <length>`. Counts the connections it accepts.
 struct BigBackend {
     addr: SocketAddr,
-    connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections whose first request was not a health check (see `TestBackend`).
+    app_connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl BigBackend {
@@ -339,16 +342,19 @@ impl BigBackend {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let conns = connections.clone();
+        let app_connections = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let conns = app_connections.clone();
         let big = Bytes::from(vec![b'x'; BIG]);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                conns.fetch_add(1, Ordering::Relaxed);
-                let big = big.clone();
+                let (big, conns) = (big.clone(), conns.clone());
+                let first = std::sync::atomic::AtomicBool::new(true);
                 tokio::spawn(async move {
                     let svc =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            if first.swap(false, Ordering::Relaxed) && req.uri().path() != "/up" {
+                                conns.fetch_add(1, Ordering::Relaxed);
+                            }
                             let big = big.clone();
                             async move {
                                 let body = if req.uri().path() == "/big" {
@@ -369,7 +375,10 @@ impl BigBackend {
                 });
             }
         });
-        BigBackend { addr, connections }
+        BigBackend {
+            addr,
+            app_connections,
+        }
     }
 }
 
@@ -409,12 +418,12 @@ async fn send(
 async fn a_slow_client_does_not_make_an_upstream_connection_look_fresh() {
     let proxy = start_proxy("slow-client").await;
     let b = BigBackend::start("127.0.0.2").await;
-    let opened = || b.connections.load(Ordering::Relaxed);
+    let opened = || b.app_connections.load(Ordering::Relaxed);
     // Longer than the 250 ms a POST's connection may have been proven alive.
     let slow = Duration::from_millis(400);
     for pool_idle_ms in [1_500, 300] {
         let mut r = route("shop", "shop.test", &[b.addr]);
-        r.health.interval_ms = 60_000; // no probe connections during the measurement
+        r.health.interval_ms = 60_000;
         r.timeouts.pool_idle_ms = pool_idle_ms;
         proxy.deployer.deploy(deploy_req(r)).await.unwrap();
         let mut c = slow_client(proxy.http_addr).await;

@@ -61,6 +61,10 @@ pub struct TestBackend {
     pub hits: Arc<AtomicU64>,
     /// TCP connections accepted (to check that the proxy pools them).
     pub connections: Arc<AtomicU64>,
+    /// Connections whose first request was not a health check: the ones requests through the
+    /// proxy opened. A route's first periodic check comes at a random point of its interval
+    /// and opens a connection of its own, even with a long interval.
+    pub app_connections: Arc<AtomicU64>,
     /// Health checks answered (`/up`, not in `hits`).
     pub checks: Arc<AtomicU64>,
     pub healthy: Arc<AtomicBool>,
@@ -73,9 +77,11 @@ impl TestBackend {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
+        let app_connections = Arc::new(AtomicU64::new(0));
         let checks = Arc::new(AtomicU64::new(0));
         let healthy = Arc::new(AtomicBool::new(true));
         let tasks = Arc::new(std::sync::Mutex::new(JoinSet::new()));
+        let apps = app_connections.clone();
         let (h, ok, n, t, conns, ups) = (
             hits.clone(),
             healthy.clone(),
@@ -91,8 +97,12 @@ impl TestBackend {
                 };
                 conns.fetch_add(1, Ordering::Relaxed);
                 let (h, ok, n, ups) = (h.clone(), ok.clone(), n.clone(), ups.clone());
+                let (apps, first) = (apps.clone(), AtomicBool::new(true));
                 t.lock().unwrap().spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        if first.swap(false, Ordering::Relaxed) && req.uri().path() != "/up" {
+                            apps.fetch_add(1, Ordering::Relaxed);
+                        }
                         let (h, ok, n, ups) = (h.clone(), ok.clone(), n.clone(), ups.clone());
                         async move {
                             Ok::<_, std::convert::Infallible>(answer(req, &h, &ok, &n, &ups).await)
@@ -110,6 +120,7 @@ impl TestBackend {
             name: name.into(),
             hits,
             connections,
+            app_connections,
             checks,
             healthy,
             tasks,
