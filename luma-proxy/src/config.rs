@@ -30,6 +30,9 @@ pub struct ProxyConfig {
     /// `service`). At least [`crate::resolve::MIN_REFRESH_EVERY`].
     pub refresh_every: Duration,
     pub access_log: bool,
+    /// Bytes of access lines that may wait for stdout; past it lines are dropped and counted
+    /// (see `access`).
+    pub access_log_buffer: usize,
     pub max_connections: usize,
     /// Time a client has to send a request head (slowloris guard). hyper starts this timer
     /// whenever an HTTP/1.1 connection waits for a request head, so it also bounds the idle time
@@ -73,6 +76,7 @@ impl Default for ProxyConfig {
             self_name: crate::resolve::default_self_name(),
             refresh_every: crate::resolve::DEFAULT_REFRESH_EVERY,
             access_log: true,
+            access_log_buffer: crate::access::DEFAULT_LIMIT,
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(120),

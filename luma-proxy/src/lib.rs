@@ -12,6 +12,7 @@
 //! [`backend::Backend`] (one replica: pooled connections, in-flight count, health) ->
 //! [`health`] (active and passive checks). [`deploy`] states the zero-downtime contract.
 
+pub mod access;
 pub mod admin;
 pub mod backend;
 pub mod balancer;

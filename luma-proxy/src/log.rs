@@ -1,9 +1,7 @@
-//! Structured logs: one JSON object per line. Events go to stderr, access lines to stdout.
+//! Structured logs: one JSON object per line on stderr. Access lines go to stdout (`access`).
 //!
 //! Nothing secret is ever passed here: the admin token is only compared, never formatted.
 
-use serde::Serialize;
-use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 fn ts() -> f64 {
@@ -32,28 +30,4 @@ pub fn warn(msg: &str, fields: serde_json::Value) {
 
 pub fn error(msg: &str, fields: serde_json::Value) {
     event("error", msg, fields)
-}
-
-#[derive(Serialize)]
-pub struct AccessLine<'a> {
-    pub host: &'a str,
-    pub method: &'a str,
-    pub path: &'a str,
-    pub status: u16,
-    pub duration_us: u64,
-    pub route: Option<String>,
-    pub backend: Option<String>,
-    pub client: String,
-}
-
-pub fn access(line: &AccessLine<'_>) {
-    #[derive(Serialize)]
-    struct Stamped<'a> {
-        ts: f64,
-        #[serde(flatten)]
-        line: &'a AccessLine<'a>,
-    }
-    if let Ok(s) = serde_json::to_string(&Stamped { ts: ts(), line }) {
-        let _ = writeln!(std::io::stdout().lock(), "{s}");
-    }
 }

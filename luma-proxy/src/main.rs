@@ -151,6 +151,11 @@ struct ServeArgs {
     /// Turn off the JSON access log on stdout.
     #[arg(long, env = "LUMA_PROXY_NO_ACCESS_LOG")]
     no_access_log: bool,
+    /// Access lines that may wait for stdout when its reader (the engine's log driver) falls
+    /// behind. Requests never wait for the log: past this, lines are dropped and counted in
+    /// luma_proxy_access_log_dropped_lines_total, with a warning on stderr.
+    #[arg(long, env = "LUMA_PROXY_ACCESS_LOG_BUFFER", default_value = "2MiB", value_parser = parse_bytes)]
+    access_log_buffer: usize,
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
     /// Time to receive a request head; also the HTTP/1.1 keep-alive idle limit.
@@ -656,6 +661,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
             .unwrap_or_else(luma_proxy::resolve::default_self_name),
         refresh_every: a.refresh_every,
         access_log: !a.no_access_log,
+        access_log_buffer: a.access_log_buffer,
         max_connections: a.max_connections,
         header_read_timeout: a.header_read_timeout,
         idle_timeout: a.idle_timeout,

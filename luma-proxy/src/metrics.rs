@@ -60,6 +60,7 @@ pub struct Metrics {
     acme_issued: Counter,
     acme_failed: Counter,
     tls_handshake_failures: Counter,
+    access_log_dropped: Counter,
     /// (project, host, not_after) of every certificate served, written by `tls`.
     certificate_expiry: Arc<ArcSwap<Vec<(String, String, u64)>>>,
 }
@@ -121,6 +122,7 @@ impl Metrics {
             acme_issued,
             acme_failed,
             tls_handshake_failures: Counter::default(),
+            access_log_dropped: Counter::default(),
             certificate_expiry: Arc::default(),
             registry: Registry::default(),
         };
@@ -172,6 +174,11 @@ impl Metrics {
             "luma_proxy_connections_refused",
             "Client connections closed at accept because the connection limit was reached",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "luma_proxy_access_log_dropped_lines",
+            "Access log lines dropped because stdout was not read fast enough (requests never wait for the log)",
+            m.access_log_dropped.clone(),
         );
         if let Some(router) = router {
             registry.register_collector(Box::new(BackendCollector { router }));
@@ -227,6 +234,10 @@ impl Metrics {
     }
     pub fn count_handshake_failure(&self) {
         self.tls_handshake_failures.inc();
+    }
+    /// The counter the access log adds its dropped lines to (shared, not a copy).
+    pub fn access_log_dropped(&self) -> Counter {
+        self.access_log_dropped.clone()
     }
     pub fn handshake_failures(&self) -> u64 {
         self.tls_handshake_failures.get()

@@ -488,7 +488,8 @@ impl Scheme {
 pub struct ProxyCtx {
     pub router: Arc<Router>,
     pub metrics: Arc<Metrics>,
-    pub access_log: bool,
+    /// Where each request's line goes (None: `--no-access-log`).
+    pub access_log: Option<Arc<crate::access::AccessLog>>,
     /// The listener this context serves (`X-Forwarded-Proto`, redirects, HSTS, 421).
     pub scheme: Scheme,
     /// Peers whose forwarded headers are believed (see `headers`).
@@ -625,7 +626,7 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     let (mut head, body) = req.into_parts();
     // Only the access log needs the clock and owned copies of the request line.
-    let log = ctx.access_log.then(|| {
+    let log = ctx.access_log.is_some().then(|| {
         let host = headers::request_host(&head.uri, &head.headers)
             .unwrap_or("")
             .to_owned();
@@ -663,16 +664,18 @@ pub async fn handle(
     // Local answers are the ones with a local body (a 101's empty one is no error code).
     let local = matches!(resp.body(), ResponseBody::Local(_));
     ctx.metrics.count_response(resp.status(), local);
-    if let Some((started, host, method, path)) = log {
-        crate::log::access(&crate::log::AccessLine {
+    if let (Some((started, host, method, path)), Some(access)) = (log, &ctx.access_log) {
+        access.write(&crate::access::AccessLine {
             host: &host,
             method: method.as_str(),
             path: &path,
             status: resp.status().as_u16(),
             duration_us: started.elapsed().as_micros() as u64,
-            route: service.as_ref().map(|s| s.spec.key().to_string()),
-            backend: backend.map(|b| b.to_string()),
-            client: peer.ip().to_string(),
+            route: service
+                .as_ref()
+                .map(|s| (s.spec.project.as_str(), s.spec.app.as_str())),
+            backend,
+            client: peer.ip(),
         });
     }
     resp

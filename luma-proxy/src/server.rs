@@ -18,6 +18,7 @@
 //! anything past the timeout. [`RunningProxy::shutdown`] returns once every connection of every
 //! worker is gone (bounded by [`END_WAIT`]).
 
+use crate::access::AccessLog;
 use crate::admin::{self, AdminCtx};
 use crate::config::MetricsListen;
 use crate::config::ProxyConfig;
@@ -141,11 +142,18 @@ impl Proxy {
         // first connection is accepted.
         deployer.restore(restored.routes).await;
 
+        let access_log = match cfg.access_log {
+            true => Some(Arc::new(
+                AccessLog::stdout(cfg.access_log_buffer, metrics.access_log_dropped())
+                    .map_err(|e| format!("cannot start the access log: {e}"))?,
+            )),
+            false => None,
+        };
         let (shutdown, rx) = watch::channel(false);
         let ctx = Arc::new(ProxyCtx {
             router: router.clone(),
             metrics: metrics.clone(),
-            access_log: cfg.access_log,
+            access_log: access_log.clone(),
             scheme: Scheme::Http,
             trusted_proxies: cfg.trusted_proxies.clone(),
             certs: Some(tls.book.clone()),
@@ -154,7 +162,7 @@ impl Proxy {
         let https_ctx = Arc::new(ProxyCtx {
             router,
             metrics: metrics.clone(),
-            access_log: cfg.access_log,
+            access_log,
             scheme: Scheme::Https,
             trusted_proxies: cfg.trusted_proxies.clone(),
             certs: Some(tls.book.clone()),
@@ -313,9 +321,14 @@ impl RunningProxy {
             let _ = t.await;
         }
         let threads = self.threads;
+        let access_log = self.ctx.access_log.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
+            }
+            // Every request has ended: the lines still in memory go out before the exit.
+            if let Some(log) = access_log {
+                log.close();
             }
         })
         .await;
