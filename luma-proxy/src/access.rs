@@ -7,26 +7,36 @@
 //! engine's logging. Now a request only appends its line to a buffer in memory, and this
 //! module's thread writes the buffer out in batches, one `write` for many lines.
 //!
-//! The buffer is bounded ([`AccessLog::new`]'s `limit`): when the reader stays behind past it,
-//! whole lines are dropped, never parts of one, and counted in
-//! `luma_proxy_access_log_dropped_lines_total`, with a warning on stderr at most every
-//! [`WARN_EVERY`]. Requests never wait for the log. On shutdown [`AccessLog::close`] writes
-//! what is buffered (and waits for the reader to take it).
+//! The buffer is bounded ([`AccessLog::new`]'s `limit`, `--access-log-buffer`): when the
+//! reader stays behind past it, whole lines are dropped, never parts of one, and counted in
+//! `luma_proxy_access_log_dropped_lines_total` at once. At most about twice the limit is held:
+//! the lines waiting and the batch being written. A warning goes to stderr at most every
+//! [`WARN_EVERY`], from the writer thread once a write returns; in a container stderr is
+//! drained by the same engine, so while it is stuck the counter is what shows it.
+//!
+//! On shutdown [`AccessLog::close`] writes what is buffered, waiting for the reader for a
+//! bounded time; the lines it does not take by then are counted as dropped. A panic (the
+//! release build aborts) loses the lines in memory: at most [`GATHER`]'s worth while the reader
+//! keeps up.
 
 use prometheus_client::metrics::counter::Counter;
 use serde::ser::{Serialize, SerializeMap, Serializer};
+use std::cell::RefCell;
 use std::fmt::Display;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Default bound of the lines waiting for stdout (about 9,000 lines of 230 bytes).
 pub const DEFAULT_LIMIT: usize = 2 << 20;
+/// The smallest bound taken: below it, batches would be too small to keep up.
+pub const MIN_LIMIT: usize = 4 << 10;
 /// Lines gather this long before a write, unless [`FLUSH_BYTES`] of them come sooner.
 const GATHER: Duration = Duration::from_millis(50);
-/// A batch this large is written at once (half of a Linux pipe's default capacity).
+/// A batch this large is written at once (half of a Linux pipe's default capacity), or half
+/// the limit if that is smaller.
 const FLUSH_BYTES: usize = 32 << 10;
 /// The writer's spare buffer is cut back to this after a burst, so an idle proxy holds little.
 const KEEP_BYTES: usize = 64 << 10;
@@ -90,28 +100,45 @@ impl Serialize for Stamped<'_> {
 struct Pending {
     /// Whole lines, each ending in `\n`, not yet handed to the writer.
     lines: Vec<u8>,
+    /// How many lines `lines` holds.
+    count: u64,
+    /// No more lines are taken; the writer writes what is here and ends.
     closing: bool,
+    /// The writer has ended.
+    done: bool,
 }
 
 struct Shared {
     pending: Mutex<Pending>,
+    /// The writer waits on it for lines (and for `closing`).
     ready: Condvar,
+    /// [`AccessLog::close`] waits on it for `done`.
+    finished: Condvar,
     limit: usize,
+    /// A batch this large is written without waiting out [`GATHER`].
+    flush_at: usize,
     dropped: Counter,
+    /// Lines of the batch the writer is writing now.
+    in_flight: AtomicU64,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Pending> {
-        // A panic while holding the lock leaves whole lines or a cut one at the end; the
-        // writer still writes them, which beats losing the log.
+        // Nothing that can panic runs under this lock (an append into reserved room, a swap),
+        // so a poisoned lock still holds whole lines.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// The access log of one proxy. Dropping it closes it.
+thread_local! {
+    /// Each serving thread's line is serialized here, outside the shared lock.
+    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The access log of one proxy. Dropping it lets the writer write what is waiting and end,
+/// without waiting for it; [`AccessLog::close`] waits.
 pub struct AccessLog {
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl AccessLog {
@@ -122,136 +149,257 @@ impl AccessLog {
         AccessLog::new(Box::new(out), limit, dropped)
     }
 
-    /// Lines go to `sink` from a new thread. At most about `limit` bytes of lines wait for it;
-    /// the lines past that are dropped and counted in `dropped`.
+    /// Lines go to `sink` from a new thread. At most `limit` bytes of lines (at least
+    /// [`MIN_LIMIT`]) wait for it, besides the batch it is writing; the lines past that are
+    /// dropped and counted in `dropped`.
     pub fn new(
         sink: Box<dyn Write + Send>,
         limit: usize,
         dropped: Counter,
     ) -> std::io::Result<AccessLog> {
+        let limit = limit.max(MIN_LIMIT);
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
             ready: Condvar::new(),
+            finished: Condvar::new(),
             limit,
+            flush_at: FLUSH_BYTES.min(limit / 2),
             dropped,
+            in_flight: AtomicU64::new(0),
         });
-        let writer = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("access-log".into())
-                .spawn(move || write_out(&shared, sink))?
-        };
-        Ok(AccessLog {
-            shared,
-            writer: Mutex::new(Some(writer)),
-        })
+        let writer = shared.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_out(&writer, sink))?;
+        Ok(AccessLog { shared })
     }
 
-    /// Queues one line; never blocks on the sink.
+    /// Queues one line; never waits for the sink.
     pub fn write(&self, line: &AccessLine<'_>) {
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
-        let mut p = self.shared.lock();
-        if p.closing || p.lines.len() >= self.shared.limit {
+        LINE.with_borrow_mut(|buf| {
+            buf.clear();
+            // Serializing borrowed strings and numbers into a Vec does not fail; were it to,
+            // the line is counted as dropped like any other line not written.
+            if serde_json::to_writer(&mut *buf, &Stamped { ts, line }).is_err() {
+                self.shared.dropped.inc();
+                return;
+            }
+            buf.push(b'\n');
+            self.append(buf);
+            // A line with a huge path (a head may hold 64 KiB) leaves no large buffer behind.
+            if buf.capacity() > 16 << 10 {
+                *buf = Vec::new();
+            }
+        });
+    }
+
+    /// Appends one serialized line, or drops it when the buffer is full or closed.
+    fn append(&self, line: &[u8]) {
+        let sh = &self.shared;
+        let mut p = sh.lock();
+        let len = p.lines.len();
+        if p.closing || len + line.len() > sh.limit {
             drop(p);
-            self.shared.dropped.inc();
+            sh.dropped.inc();
             return;
         }
-        let was_empty = p.lines.is_empty();
-        let start = p.lines.len();
-        // Serializing borrowed strings and numbers into a Vec cannot fail; if it ever did,
-        // the part written is cut off so that only whole lines are kept.
-        if serde_json::to_writer(&mut p.lines, &Stamped { ts, line }).is_err() {
-            p.lines.truncate(start);
-            return;
+        // Grow by doubling, but never past the limit: 2 MiB of lines is a 2 MiB buffer.
+        if p.lines.capacity() - len < line.len() {
+            let want = (p.lines.capacity() * 2).clamp(len + line.len(), sh.limit);
+            p.lines.reserve_exact(want - len);
         }
-        p.lines.push(b'\n');
+        p.lines.extend_from_slice(line);
+        p.count += 1;
         // Wake the writer for the first line of a batch and when a batch is full; in
         // between it is gathering and needs no wake-up per line.
-        let full = start < FLUSH_BYTES && p.lines.len() >= FLUSH_BYTES;
+        let wake = len == 0 || (len < sh.flush_at && p.lines.len() >= sh.flush_at);
         drop(p);
-        if was_empty || full {
-            self.shared.ready.notify_one();
+        if wake {
+            sh.ready.notify_one();
         }
     }
 
-    /// Lines dropped so far because the sink did not keep up (or failed).
+    /// Lines dropped so far because the sink did not take them (or after closing).
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.get()
     }
 
-    /// Stops taking lines, writes the ones waiting, and ends the writer thread. Blocks until
-    /// the sink has taken them (call it from a thread that may block).
-    pub fn close(&self) {
-        self.shared.lock().closing = true;
-        self.shared.ready.notify_one();
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(w) = writer {
-            let _ = w.join();
+    /// Stops taking lines and waits, for at most `within`, for the writer to write the ones
+    /// waiting and end (a reader of stdout that never returns cannot hold a shutdown). Lines
+    /// still unwritten then are counted as dropped, with a warning. True when all went out.
+    pub fn close(&self, within: Duration) -> bool {
+        let sh = &self.shared;
+        let deadline = Instant::now() + within;
+        let mut p = sh.lock();
+        p.closing = true;
+        sh.ready.notify_one();
+        while !p.done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            p = sh
+                .finished
+                .wait_timeout(p, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
+        if p.done {
+            return true;
+        }
+        let lost = p.count + sh.in_flight.load(Ordering::Relaxed);
+        drop(p);
+        sh.dropped.inc_by(lost);
+        crate::log::warn(
+            "access log lines not written at shutdown: stdout did not take them in time",
+            serde_json::json!({"lines": lost, "waited_ms": within.as_millis() as u64}),
+        );
+        false
     }
 }
 
 impl Drop for AccessLog {
     fn drop(&mut self) {
-        self.close();
+        self.shared.lock().closing = true;
+        self.shared.ready.notify_one();
     }
 }
 
 /// The writer thread: takes the waiting lines as one batch and writes them, until closed.
-fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
+fn write_out(sh: &Shared, mut sink: Box<dyn Write + Send>) {
     let mut batch = Vec::new();
-    let mut reported = 0u64;
-    let mut last_warning: Option<Instant> = None;
+    let mut report = Report::default();
+    // The last write stopped inside a line: the next batch starts on a new line.
+    let mut cut = false;
     loop {
         let closing = {
-            let mut p = shared.lock();
-            while p.lines.is_empty() && !p.closing {
-                p = shared.ready.wait(p).unwrap_or_else(PoisonError::into_inner);
+            let mut p = sh.lock();
+            if p.lines.is_empty() && !p.closing {
+                // Wait for lines, or until a warning held back by its pace is due.
+                p = match report.due_in(sh.dropped.get()) {
+                    Some(t) => {
+                        sh.ready
+                            .wait_timeout(p, t)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0
+                    }
+                    None => sh.ready.wait(p).unwrap_or_else(PoisonError::into_inner),
+                };
             }
-            if !p.closing && p.lines.len() < FLUSH_BYTES {
-                p = shared
+            if !p.lines.is_empty() && !p.closing && p.lines.len() < sh.flush_at {
+                p = sh
                     .ready
                     .wait_timeout(p, GATHER)
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
             std::mem::swap(&mut p.lines, &mut batch);
+            sh.in_flight
+                .store(std::mem::take(&mut p.count), Ordering::Relaxed);
             p.closing
         };
         if !batch.is_empty() {
-            if let Err(e) = sink.write_all(&batch).and_then(|()| sink.flush()) {
-                // The lines of a failed write are lost (some may have gone out): count them.
-                let lines = batch.iter().filter(|&&b| b == b'\n').count();
-                shared.dropped.inc_by(lines as u64);
-                crate::log::warn(
-                    "access log write failed",
-                    serde_json::json!({"error": e.to_string(), "lines": lines}),
-                );
+            if let Err((lost, e)) = write_batch(&mut *sink, &batch, &mut cut) {
+                sh.dropped.inc_by(lost);
+                report.failed(e);
             }
             batch.clear();
             if batch.capacity() > KEEP_BYTES {
                 batch.shrink_to(KEEP_BYTES);
             }
         }
-        let dropped = shared.dropped.get();
-        if dropped > reported && last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-            crate::log::warn(
-                "access log lines dropped: stdout is not read fast enough",
-                serde_json::json!({"dropped": dropped - reported, "dropped_total": dropped}),
-            );
-            reported = dropped;
-            last_warning = Some(Instant::now());
-        }
+        sh.in_flight.store(0, Ordering::Relaxed);
+        report.warn_if_due(sh.dropped.get(), closing);
         if closing {
+            sh.lock().done = true;
+            sh.finished.notify_all();
             return;
         }
+    }
+}
+
+/// Writes a batch of whole lines. On an error, the lines not wholly written are returned as
+/// lost, and `cut` tells whether the write stopped inside one.
+fn write_batch(
+    sink: &mut dyn Write,
+    batch: &[u8],
+    cut: &mut bool,
+) -> Result<(), (u64, std::io::Error)> {
+    use std::io::ErrorKind;
+    if *cut && sink.write_all(b"\n").is_ok() {
+        *cut = false;
+    }
+    let mut written = 0;
+    while written < batch.len() {
+        let e = match sink.write(&batch[written..]) {
+            Ok(0) => std::io::Error::from(ErrorKind::WriteZero),
+            Ok(n) => {
+                written += n;
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            // A non-blocking stdout: wait for it as a blocking one would be waited for.
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => e,
+        };
+        let lost = batch[written..].iter().filter(|&&b| b == b'\n').count() as u64;
+        *cut = written > 0 && batch[written - 1] != b'\n';
+        return Err((lost, e));
+    }
+    let _ = sink.flush();
+    Ok(())
+}
+
+/// The pace of the warnings about dropped lines: at most one per [`WARN_EVERY`], and one at
+/// close for any not reported yet.
+#[derive(Default)]
+struct Report {
+    /// The dropped count the last warning covered.
+    reported: u64,
+    last: Option<Instant>,
+    write_errors: u64,
+    last_error: Option<String>,
+}
+
+impl Report {
+    fn failed(&mut self, e: std::io::Error) {
+        self.write_errors += 1;
+        self.last_error = Some(e.to_string());
+    }
+
+    /// With drops not reported yet, how long until a warning may be given.
+    fn due_in(&self, dropped: u64) -> Option<Duration> {
+        (dropped > self.reported).then(|| match self.last {
+            Some(t) => WARN_EVERY.saturating_sub(t.elapsed()),
+            None => Duration::ZERO,
+        })
+    }
+
+    fn warn_if_due(&mut self, dropped: u64, closing: bool) {
+        match self.due_in(dropped) {
+            Some(t) if t.is_zero() || closing => {}
+            _ => return,
+        }
+        crate::log::warn(
+            "access log lines dropped: stdout did not take them (its reader fell behind, or writing failed)",
+            serde_json::json!({
+                "dropped": dropped - self.reported,
+                "dropped_total": dropped,
+                "write_errors": self.write_errors,
+                "last_write_error": self.last_error,
+            }),
+        );
+        self.reported = dropped;
+        self.last = Some(Instant::now());
+        self.write_errors = 0;
+        self.last_error = None;
     }
 }
 
@@ -259,6 +407,9 @@ fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    /// Long enough for any sink here that is not held.
+    const WAIT: Duration = Duration::from_secs(30);
 
     fn line(path: &str) -> AccessLine<'_> {
         AccessLine {
@@ -314,25 +465,19 @@ mod tests {
     fn a_line_has_the_fields_of_the_earlier_format() {
         let (log, rx, _gate) = log(DEFAULT_LIMIT);
         log.write(&line("/a?b=\"c\""));
-        log.close();
-        let got = lines(&rx.try_iter().collect::<Vec<_>>());
+        assert!(log.close(WAIT));
+        let writes: Vec<_> = rx.try_iter().collect();
+        let raw = String::from_utf8(writes.concat()).unwrap();
+        // The fields in the order the proxy always wrote them (a `Value` would sort them).
+        let tail = raw.split_once(',').unwrap().1;
+        assert!(
+            tail.starts_with(r#""host":"a.test","method":"GET","path":"/a?b=\"c\"","status":200,"duration_us":7,"route":"shop/web","backend":"10.1.0.2:3000","client":"198.51.100.7"}"#),
+            "{raw}"
+        );
+        assert!(raw.starts_with(r#"{"ts":"#), "{raw}");
+        let got = lines(&writes);
         assert_eq!(got.len(), 1);
         let l = &got[0];
-        let keys: Vec<&str> = l.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(
-            keys,
-            [
-                "backend",
-                "client",
-                "duration_us",
-                "host",
-                "method",
-                "path",
-                "route",
-                "status",
-                "ts"
-            ]
-        );
         assert_eq!(l["path"], "/a?b=\"c\"");
         assert_eq!(l["route"], "shop/web");
         assert_eq!(l["backend"], "10.1.0.2:3000");
@@ -346,7 +491,7 @@ mod tests {
         };
         let (log, rx, _gate) = self::log(DEFAULT_LIMIT);
         log.write(&local);
-        log.close();
+        assert!(log.close(WAIT));
         let got = lines(&rx.try_iter().collect::<Vec<_>>());
         assert!(got[0]["route"].is_null() && got[0]["backend"].is_null());
     }
@@ -360,7 +505,7 @@ mod tests {
             log.write(&line(&format!("/{i}")));
         }
         drop(held);
-        log.close();
+        assert!(log.close(WAIT));
         let writes: Vec<_> = rx.try_iter().collect();
         let got = lines(&writes);
         assert_eq!(got.len(), 100);
@@ -388,7 +533,7 @@ mod tests {
         let dropped = log.dropped();
         assert!(dropped >= 1000 - 2 * (4096 / 150 + 1), "{dropped} dropped");
         drop(held);
-        log.close();
+        assert!(log.close(WAIT));
         let got = lines(&rx.try_iter().collect::<Vec<_>>());
         assert_eq!(
             got.len() as u64 + dropped,
@@ -419,10 +564,93 @@ mod tests {
         for i in 0..3 {
             log.write(&line(&format!("/{i}")));
         }
-        log.close();
+        assert!(log.close(WAIT));
         assert_eq!(log.dropped(), 3);
         // Closed: later lines are counted, not kept.
         log.write(&line("/late"));
         assert_eq!(log.dropped(), 4);
+    }
+
+    #[test]
+    fn a_write_that_fails_inside_a_line_counts_that_line_and_the_next_batch_starts_afresh() {
+        /// Takes `room` bytes, fails the write after that once, then takes everything.
+        struct Short {
+            room: usize,
+            failed: bool,
+            out: Arc<Mutex<Vec<u8>>>,
+        }
+        impl Write for Short {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                if !self.failed && self.room == 0 {
+                    self.failed = true;
+                    return Err(std::io::ErrorKind::StorageFull.into());
+                }
+                let n = if self.failed {
+                    b.len()
+                } else {
+                    b.len().min(self.room)
+                };
+                self.room -= n.min(self.room);
+                self.out.lock().unwrap().extend_from_slice(&b[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Arc::new(Mutex::new(Vec::new()));
+        // A line's length now (the timestamp's digits vary by a byte or two; half a line of
+        // room to spare keeps the cut inside the second line).
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let one = serde_json::to_vec(&Stamped {
+            ts,
+            line: &line("/0"),
+        })
+        .unwrap()
+        .len()
+            + 1;
+        let sink = Short {
+            // A line and a half.
+            room: one + one / 2,
+            failed: false,
+            out: out.clone(),
+        };
+        let log = AccessLog::new(Box::new(sink), DEFAULT_LIMIT, Counter::default()).unwrap();
+        for i in 0..3 {
+            log.write(&line(&format!("/{i}")));
+        }
+        // Lets the writer take the batch above alone, so the next line is a batch of its own.
+        while log.shared.lock().count > 0 || log.shared.in_flight.load(Ordering::Relaxed) > 0 {
+            std::thread::yield_now();
+        }
+        log.write(&line("/3"));
+        assert!(log.close(WAIT));
+        assert_eq!(log.dropped(), 2, "the cut line and the one never written");
+        let out = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let whole: Vec<&str> = out
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+            .collect();
+        assert_eq!(whole.len(), 2, "{out}");
+        assert!(whole[0].contains(r#""path":"/0""#) && whole[1].contains(r#""path":"/3""#));
+        assert_eq!(
+            out.lines().count(),
+            3,
+            "the cut line ends before the next one: {out}"
+        );
+    }
+
+    #[test]
+    fn close_gives_up_on_a_sink_that_never_takes_its_lines_and_counts_them() {
+        let (log, _rx, gate) = log(DEFAULT_LIMIT);
+        let _held = gate.lock().unwrap();
+        for i in 0..10 {
+            log.write(&line(&format!("/{i}")));
+        }
+        assert!(!log.close(Duration::from_millis(200)));
+        assert_eq!(log.dropped(), 10);
     }
 }

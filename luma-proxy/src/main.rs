@@ -151,9 +151,10 @@ struct ServeArgs {
     /// Turn off the JSON access log on stdout.
     #[arg(long, env = "LUMA_PROXY_NO_ACCESS_LOG")]
     no_access_log: bool,
-    /// Access lines that may wait for stdout when its reader (the engine's log driver) falls
-    /// behind. Requests never wait for the log: past this, lines are dropped and counted in
-    /// luma_proxy_access_log_dropped_lines_total, with a warning on stderr.
+    /// Bytes of access lines that may wait for stdout when its reader (the engine's log
+    /// driver) falls behind, at least 4KiB. Requests never wait for the log: past this, lines
+    /// are dropped and counted in luma_proxy_access_log_dropped_lines_total, with a warning on
+    /// stderr.
     #[arg(long, env = "LUMA_PROXY_ACCESS_LOG_BUFFER", default_value = "2MiB", value_parser = parse_bytes)]
     access_log_buffer: usize,
     #[arg(long, default_value_t = 10_000)]

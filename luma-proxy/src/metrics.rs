@@ -177,7 +177,7 @@ impl Metrics {
         );
         registry.register(
             "luma_proxy_access_log_dropped_lines",
-            "Access log lines dropped because stdout was not read fast enough (requests never wait for the log)",
+            "Access log lines not written: stdout fell behind past --access-log-buffer, a write failed, or shutdown could not wait (requests never wait for the log)",
             m.access_log_dropped.clone(),
         );
         if let Some(router) = router {

@@ -82,6 +82,13 @@ impl Proxy {
                 cfg.admin_addr
             ));
         }
+        if cfg.access_log && cfg.access_log_buffer < crate::access::MIN_LIMIT {
+            return Err(format!(
+                "--access-log-buffer {} is below {} bytes: batches that small cannot keep up; give 4KiB or more (2MiB by default)",
+                cfg.access_log_buffer,
+                crate::access::MIN_LIMIT
+            ));
+        }
         if cfg.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
         }
@@ -142,12 +149,21 @@ impl Proxy {
         // first connection is accepted.
         deployer.restore(restored.routes).await;
 
-        let access_log = match cfg.access_log {
-            true => Some(Arc::new(
-                AccessLog::stdout(cfg.access_log_buffer, metrics.access_log_dropped())
-                    .map_err(|e| format!("cannot start the access log: {e}"))?,
-            )),
-            false => None,
+        let access_log = if cfg.access_log {
+            // Without a stdout to duplicate (fd 1 closed) the proxy still serves, as it did
+            // when each line was written in place and lost.
+            match AccessLog::stdout(cfg.access_log_buffer, metrics.access_log_dropped()) {
+                Ok(log) => Some(Arc::new(log)),
+                Err(e) => {
+                    crate::log::warn(
+                        "no access log: stdout cannot be written",
+                        serde_json::json!({"error": e.to_string()}),
+                    );
+                    None
+                }
+            }
+        } else {
+            None
         };
         let (shutdown, rx) = watch::channel(false);
         let ctx = Arc::new(ProxyCtx {
@@ -326,9 +342,10 @@ impl RunningProxy {
             for t in threads {
                 let _ = t.join();
             }
-            // Every request has ended: the lines still in memory go out before the exit.
+            // Every request has ended: the lines still in memory go out before the exit, if
+            // stdout takes them in time.
             if let Some(log) = access_log {
-                log.close();
+                log.close(END_WAIT);
             }
         })
         .await;

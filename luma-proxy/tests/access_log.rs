@@ -8,15 +8,19 @@ use common::{KeepAliveClient, TempStateDir, TestBackend};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 const REQUESTS: u64 = 3000;
 
 /// `luma-proxy serve` on loopback with its stdout a pipe this test holds and does not read.
+/// Dropping it kills the process, also when the test fails.
 struct Proxy {
     child: Child,
     http: SocketAddr,
     admin: SocketAddr,
+    /// Its stderr, one event per line, until it exits.
+    events: mpsc::Receiver<String>,
 }
 
 impl Drop for Proxy {
@@ -25,6 +29,9 @@ impl Drop for Proxy {
         let _ = self.child.wait();
     }
 }
+
+/// A bound on waits that only a hung proxy exceeds (not a measure of speed).
+const HUNG: Duration = Duration::from_secs(60);
 
 fn start(state: &TempStateDir) -> Proxy {
     let mut child = Command::new(env!("CARGO_BIN_EXE_luma-proxy"))
@@ -45,21 +52,31 @@ fn start(state: &TempStateDir) -> Proxy {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Its first event names the addresses it bound; the rest of stderr is drained so that
-    // the proxy never blocks on it.
-    let mut events = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    events.read_line(&mut first).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut events, &mut std::io::sink()));
+    // Every event is read as it comes, so the proxy never blocks on stderr.
+    let (tx, events) = mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut p = Proxy {
+        child,
+        http: "0.0.0.0:0".parse().unwrap(),
+        admin: "0.0.0.0:0".parse().unwrap(),
+        events,
+    };
+    // Its first event names the addresses it bound.
+    let first = p
+        .events
+        .recv_timeout(HUNG)
+        .expect("no event from luma-proxy");
     let ev: serde_json::Value = serde_json::from_str(&first)
         .unwrap_or_else(|e| panic!("first event {first:?} is not JSON: {e}"));
     assert_eq!(ev["msg"], "luma-proxy listening", "{first}");
     let addr = |k: &str| ev[k].as_str().unwrap().parse().unwrap();
-    Proxy {
-        http: addr("http"),
-        admin: addr("admin"),
-        child,
-    }
+    (p.http, p.admin) = (addr("http"), addr("admin"));
+    p
 }
 
 /// Runs a client command of the binary against `p` and returns its stdout.
@@ -106,17 +123,16 @@ async fn requests_never_wait_for_a_stdout_nobody_reads_and_every_line_is_kept_or
         )
     });
 
-    // The pipe holds 64 KiB and the buffer 16: a few hundred lines, far fewer than this. Were
-    // a request to wait for the log, it would wait for ever; the bound turns that into a
-    // failure.
+    // The pipe holds 64 KiB and the buffer 16 (32 with the batch being written): a few
+    // hundred lines, far fewer than this. Were a request to wait for the log, it would wait
+    // for ever; the bound turns that into a failure.
     let mut c = KeepAliveClient::connect(proxy.http, "log.test").await;
     for i in 0..REQUESTS {
-        let (status, _) = tokio::time::timeout(
-            Duration::from_secs(30),
-            c.request("GET", &format!("/{i}"), ""),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("request {i} waited 30 s: is it waiting for the access log?"));
+        let (status, _) = tokio::time::timeout(HUNG, c.request("GET", &format!("/{i}"), ""))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("request {i} waited 60 s: is it waiting for the access log?")
+            });
         assert_eq!(status, 200, "request {i}");
     }
     let dropped = tokio::task::block_in_place(|| {
@@ -134,12 +150,24 @@ async fn requests_never_wait_for_a_stdout_nobody_reads_and_every_line_is_kept_or
         .status()
         .unwrap();
     assert!(killed.success());
-    let (out, status) = tokio::task::block_in_place(|| {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
         let mut out = String::new();
-        stdout.read_to_string(&mut out).unwrap();
-        (out, proxy.child.wait().unwrap())
+        let read = stdout.read_to_string(&mut out);
+        let _ = tx.send(read.map(|_| out));
     });
+    let out = tokio::task::block_in_place(|| rx.recv_timeout(HUNG))
+        .expect("stdout did not end after SIGTERM")
+        .unwrap();
+    let status = tokio::task::block_in_place(|| proxy.child.wait()).unwrap();
     assert!(status.success(), "luma-proxy exited with {status}");
+    let events: Vec<String> = proxy.events.try_iter().collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("access log lines dropped")),
+        "no warning about the dropped lines in {events:#?}"
+    );
     assert!(
         out.is_empty() || out.ends_with('\n'),
         "a cut line at the end"
