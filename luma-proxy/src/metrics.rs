@@ -561,7 +561,13 @@ pub mod listener {
                     }
                 }
                 None => {
-                    let now = local_interfaces().unwrap_or_default();
+                    // Listing every interface takes milliseconds at 200 networks: not on a
+                    // serving thread.
+                    let now = tokio::task::spawn_blocking(local_interfaces)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_default();
                     let changed = seen.as_ref() != Some(&now);
                     if changed {
                         seen = Some(now);

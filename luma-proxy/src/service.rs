@@ -332,13 +332,19 @@ impl Service {
         let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
             let every = svc.spec.health.interval();
-            let first = if check_now {
-                Instant::now()
-            } else {
-                deadline_after(first_probe_after(every, fastrand::f64()))
-            };
+            if check_now {
+                let set = svc.balancer.backends();
+                health::check_round(&set, &svc.spec.health, &svc.probe_host).await;
+            }
+            // Each route keeps a phase of its own, drawn once, so that many routes' checks
+            // stay spread over the interval: restored routes too (they all start together),
+            // and through a stall of the thread. `Skip` keeps the phase after a late tick;
+            // `Delay` would move every route whose tick fell in the stall to the same moment,
+            // and such bunches only grow: 200 routes' checks at once hold a serving thread
+            // for milliseconds (`docs/scale.md`).
+            let first = deadline_after(first_probe_after(every, fastrand::f64()));
             let mut health = tokio::time::interval_at(first, every);
-            health.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            health.set_missed_tick_behavior(MissedTickBehavior::Skip);
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
