@@ -25,7 +25,6 @@ use std::cell::RefCell;
 use std::fmt::Display;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -106,6 +105,11 @@ struct Pending {
     closing: bool,
     /// The writer has ended.
     done: bool,
+    /// Lines of the batch the writer is writing now.
+    in_flight: u64,
+    /// [`AccessLog::close`] gave up waiting and counted every line not written yet: the
+    /// writer counts none of them again.
+    abandoned: bool,
 }
 
 struct Shared {
@@ -118,8 +122,6 @@ struct Shared {
     /// A batch this large is written without waiting out [`GATHER`].
     flush_at: usize,
     dropped: Counter,
-    /// Lines of the batch the writer is writing now.
-    in_flight: AtomicU64,
 }
 
 impl Shared {
@@ -165,7 +167,6 @@ impl AccessLog {
             limit,
             flush_at: FLUSH_BYTES.min(limit / 2),
             dropped,
-            in_flight: AtomicU64::new(0),
         });
         let writer = shared.clone();
         std::thread::Builder::new()
@@ -251,8 +252,16 @@ impl AccessLog {
         if p.done {
             return true;
         }
-        let lost = p.count + sh.in_flight.load(Ordering::Relaxed);
+        // Everything not known to be written is counted now, once: the lines waiting are
+        // let go, and the batch the writer holds (it may still go out) is not counted again.
+        let lost = p.count + p.in_flight;
+        p.lines = Vec::new();
+        p.count = 0;
+        p.abandoned = true;
         drop(p);
+        if lost == 0 {
+            return true;
+        }
         sh.dropped.inc_by(lost);
         crate::log::warn(
             "access log lines not written at shutdown: stdout did not take them in time",
@@ -298,62 +307,79 @@ fn write_out(sh: &Shared, mut sink: Box<dyn Write + Send>) {
                     .0;
             }
             std::mem::swap(&mut p.lines, &mut batch);
-            sh.in_flight
-                .store(std::mem::take(&mut p.count), Ordering::Relaxed);
+            p.in_flight = std::mem::take(&mut p.count);
             p.closing
         };
-        if !batch.is_empty() {
-            if let Err((lost, e)) = write_batch(&mut *sink, &batch, &mut cut) {
-                sh.dropped.inc_by(lost);
+        let failed = if batch.is_empty() {
+            None
+        } else {
+            write_batch(&mut *sink, &batch, &mut cut).err()
+        };
+        {
+            let mut p = sh.lock();
+            p.in_flight = 0;
+            if let Some((lost, e)) = failed {
+                if !p.abandoned {
+                    sh.dropped.inc_by(lost);
+                }
                 report.failed(e);
             }
-            batch.clear();
-            if batch.capacity() > KEEP_BYTES {
-                batch.shrink_to(KEEP_BYTES);
+            if closing {
+                // Before the last warning: stderr may be as stuck as stdout was.
+                p.done = true;
+                sh.finished.notify_all();
             }
         }
-        sh.in_flight.store(0, Ordering::Relaxed);
+        batch.clear();
+        if batch.capacity() > KEEP_BYTES {
+            batch.shrink_to(KEEP_BYTES);
+        }
         report.warn_if_due(sh.dropped.get(), closing);
         if closing {
-            sh.lock().done = true;
-            sh.finished.notify_all();
             return;
         }
     }
 }
 
 /// Writes a batch of whole lines. On an error, the lines not wholly written are returned as
-/// lost, and `cut` tells whether the write stopped inside one.
+/// lost. `cut` says the last write stopped inside a line: this batch then starts with the
+/// newline that ends it, and if even that fails, the whole batch is lost.
 fn write_batch(
     sink: &mut dyn Write,
     batch: &[u8],
     cut: &mut bool,
 ) -> Result<(), (u64, std::io::Error)> {
-    use std::io::ErrorKind;
-    if *cut && sink.write_all(b"\n").is_ok() {
+    let lines = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count() as u64;
+    if *cut {
+        write_all(sink, b"\n").map_err(|(_, e)| (lines(batch), e))?;
         *cut = false;
     }
+    write_all(sink, batch).map_err(|(written, e)| {
+        if written > 0 {
+            *cut = batch[written - 1] != b'\n';
+        }
+        (lines(&batch[written..]), e)
+    })?;
+    let _ = sink.flush();
+    Ok(())
+}
+
+/// `write_all`, waiting out a non-blocking stdout as a blocking one would be waited for; on
+/// an error, how much was written.
+fn write_all(sink: &mut dyn Write, buf: &[u8]) -> Result<(), (usize, std::io::Error)> {
+    use std::io::ErrorKind;
     let mut written = 0;
-    while written < batch.len() {
-        let e = match sink.write(&batch[written..]) {
-            Ok(0) => std::io::Error::from(ErrorKind::WriteZero),
-            Ok(n) => {
-                written += n;
-                continue;
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            // A non-blocking stdout: wait for it as a blocking one would be waited for.
+    while written < buf.len() {
+        match sink.write(&buf[written..]) {
+            Ok(0) => return Err((written, ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(10));
-                continue;
             }
-            Err(e) => e,
-        };
-        let lost = batch[written..].iter().filter(|&&b| b == b'\n').count() as u64;
-        *cut = written > 0 && batch[written - 1] != b'\n';
-        return Err((lost, e));
+            Err(e) => return Err((written, e)),
+        }
     }
-    let _ = sink.flush();
     Ok(())
 }
 
@@ -573,11 +599,11 @@ mod tests {
 
     #[test]
     fn a_write_that_fails_inside_a_line_counts_that_line_and_the_next_batch_starts_afresh() {
-        /// Takes `room` bytes, fails the write after that once, then takes everything.
+        /// Takes `room` bytes, then fails one write, then takes everything.
         struct Short {
             room: usize,
             failed: bool,
-            out: Arc<Mutex<Vec<u8>>>,
+            out: Vec<u8>,
         }
         impl Write for Short {
             fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -591,66 +617,60 @@ mod tests {
                     b.len().min(self.room)
                 };
                 self.room -= n.min(self.room);
-                self.out.lock().unwrap().extend_from_slice(&b[..n]);
+                self.out.extend_from_slice(&b[..n]);
                 Ok(n)
             }
             fn flush(&mut self) -> std::io::Result<()> {
                 Ok(())
             }
         }
-        let out = Arc::new(Mutex::new(Vec::new()));
-        // A line's length now (the timestamp's digits vary by a byte or two; half a line of
-        // room to spare keeps the cut inside the second line).
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64();
-        let one = serde_json::to_vec(&Stamped {
-            ts,
-            line: &line("/0"),
-        })
-        .unwrap()
-        .len()
-            + 1;
-        let sink = Short {
-            // A line and a half.
+        let json = |path: &str| {
+            let mut l = serde_json::to_vec(&Stamped {
+                ts: 1.5,
+                line: &line(path),
+            })
+            .unwrap();
+            l.push(b'\n');
+            l
+        };
+        let first = [json("/0"), json("/1"), json("/2")].concat();
+        let one = json("/0").len();
+        let mut sink = Short {
             room: one + one / 2,
             failed: false,
-            out: out.clone(),
+            out: Vec::new(),
         };
-        let log = AccessLog::new(Box::new(sink), DEFAULT_LIMIT, Counter::default()).unwrap();
-        for i in 0..3 {
-            log.write(&line(&format!("/{i}")));
-        }
-        // Lets the writer take the batch above alone, so the next line is a batch of its own.
-        while log.shared.lock().count > 0 || log.shared.in_flight.load(Ordering::Relaxed) > 0 {
-            std::thread::yield_now();
-        }
-        log.write(&line("/3"));
-        assert!(log.close(WAIT));
-        assert_eq!(log.dropped(), 2, "the cut line and the one never written");
-        let out = String::from_utf8(out.lock().unwrap().clone()).unwrap();
-        let whole: Vec<&str> = out
-            .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
-            .collect();
-        assert_eq!(whole.len(), 2, "{out}");
-        assert!(whole[0].contains(r#""path":"/0""#) && whole[1].contains(r#""path":"/3""#));
-        assert_eq!(
-            out.lines().count(),
-            3,
-            "the cut line ends before the next one: {out}"
-        );
+        let mut cut = false;
+        let (lost, _) = write_batch(&mut sink, &first, &mut cut).unwrap_err();
+        assert_eq!(lost, 2, "the cut line and the one never written");
+        assert!(cut);
+        write_batch(&mut sink, &json("/3"), &mut cut).unwrap();
+        assert!(!cut);
+        let out = String::from_utf8(sink.out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert_eq!(lines[0].as_bytes(), &json("/0")[..one - 1]);
+        assert!(serde_json::from_str::<serde_json::Value>(lines[1]).is_err());
+        assert_eq!(lines[2].as_bytes(), &json("/3")[..one - 1]);
+        assert!(out.ends_with('\n'));
     }
 
     #[test]
-    fn close_gives_up_on_a_sink_that_never_takes_its_lines_and_counts_them() {
-        let (log, _rx, gate) = log(DEFAULT_LIMIT);
-        let _held = gate.lock().unwrap();
+    fn close_gives_up_on_a_sink_that_never_takes_its_lines_and_counts_them_once() {
+        let (log, rx, gate) = log(DEFAULT_LIMIT);
+        let held = gate.lock().unwrap();
         for i in 0..10 {
             log.write(&line(&format!("/{i}")));
         }
         assert!(!log.close(Duration::from_millis(200)));
+        assert_eq!(log.dropped(), 10);
+        // The sink comes back: the writer ends, and counts none of them again.
+        drop(held);
+        while !log.shared.lock().done {
+            std::thread::yield_now();
+        }
+        let written = lines(&rx.try_iter().collect::<Vec<_>>()).len();
+        assert!(written <= 10, "{written}");
         assert_eq!(log.dropped(), 10);
     }
 }

@@ -563,11 +563,10 @@ pub mod listener {
                 None => {
                     // Listing every interface takes milliseconds at 200 networks: not on a
                     // serving thread.
-                    let now = tokio::task::spawn_blocking(local_interfaces)
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .unwrap_or_default();
+                    let Ok(listed) = tokio::task::spawn_blocking(local_interfaces).await else {
+                        continue; // the listing panicked or the runtime is ending: next tick
+                    };
+                    let now = listed.unwrap_or_default();
                     let changed = seen.as_ref() != Some(&now);
                     if changed {
                         seen = Some(now);

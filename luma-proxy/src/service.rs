@@ -334,7 +334,10 @@ impl Service {
             let every = svc.spec.health.interval();
             if check_now {
                 let set = svc.balancer.backends();
-                health::check_round(&set, &svc.spec.health, &svc.probe_host).await;
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = health::check_round(&set, &svc.spec.health, &svc.probe_host) => {}
+                }
             }
             // Each route keeps a phase of its own, drawn once, so that many routes' checks
             // stay spread over the interval: restored routes too (they all start together),
