@@ -26,7 +26,7 @@ use std::fmt::Display;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Default bound of the lines waiting for stdout (about 9,000 lines of 230 bytes).
 pub const DEFAULT_LIMIT: usize = 2 << 20;
@@ -177,10 +177,7 @@ impl AccessLog {
 
     /// Queues one line; never waits for the sink.
     pub fn write(&self, line: &AccessLine<'_>) {
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let ts = crate::log::ts();
         LINE.with_borrow_mut(|buf| {
             buf.clear();
             // Serializing borrowed strings and numbers into a Vec does not fail; were it to,

@@ -4,7 +4,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-fn ts() -> f64 {
+/// Seconds since the Unix epoch, as every log line stamps it (0 before 1970).
+pub(crate) fn ts() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
