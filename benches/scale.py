@@ -22,6 +22,11 @@ Measures:
     host to the proxy's own address on project 1's network (no DNAT, and no FORWARD rules on the
     client's leg) and one to project 1's replica (no proxy; luma-loadgen --local-link): which
     leg a growing tail belongs to (a tail that grows without luma-proxy grows with the host);
+  * at 1 and at N projects, after each of those, one more run on the client's path at half the
+    fixed rate: the same growth with more of the machine to spare;
+  * at 1 project (not with --smoke), the fixed-rate p99 with 0, 5, 10 and 15 % of a core taken
+    by a synthetic background of this harness's own (`--burn-repeats` rounds): the tail against
+    the machine's spare CPU, to read the N-project sample against, whose host spends more at idle;
   * at every idle sample, where the whole machine's idle CPU goes, by process name;
   * luma's host fast path (a DOCKER-USER rule per network pool that accepts the pool's
     established traffic before the per-network rules, and the "edge" rules that do the same for
@@ -74,6 +79,7 @@ import http.client
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import shutil
@@ -796,6 +802,20 @@ def host_busy_ticks():
     return sum(fields) - fields[3] - fields[4]
 
 
+def sched_ns(pid):
+    """(run, wait) of all the proxy's threads in ns (`/proc/<pid>/task/*/schedstat`: time on a
+    CPU, and time runnable but waiting for one); a thread gone between the listing and the read
+    is skipped."""
+    run = wait = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = open(f"/proc/{pid}/task/{tid}/schedstat").read().split()
+        except OSError:
+            continue
+        run, wait = run + int(fields[0]), wait + int(fields[1])
+    return run, wait
+
+
 def cpu_ticks(pid):
     # Fields after the parenthesised command name: state is field 3, utime 14 and stime 15.
     try:
@@ -891,18 +911,25 @@ def load_sample(lab, a, rate, others=True):
     rps = statistics.median(r["rps"] for r in sat)
     rate = rate or max(1, int(rps / 2))
     own, replica = (lab.proxy_addr(1), lab.replica_addr(1)) if others else (None, None)
-    fixed, at_proxy, straight = [], [], []
+    fixed, at_proxy, straight, light = [], [], [], []
+    waits = []
     for _ in range(a.p99_repeats):
+        s0 = sched_ns(pid)
         fixed.append(loadgen(lab, a, rate, a.load_seconds))
+        s1 = sched_ns(pid)
+        waits.append(((s1[0] - s0[0]) / fixed[-1]["sent"] / 1e3, (s1[1] - s0[1]) / fixed[-1]["sent"] / 1e3))
         if others:
             at_proxy.append(loadgen(lab, a, rate, a.load_seconds, addr=own, container=lab.proxy))
             straight.append(loadgen(lab, a, rate, a.load_seconds, addr=replica[0], container=replica[1]))
+            light.append(loadgen(lab, a, max(1, rate // 2), a.load_seconds))
     lab.pid()
     runs = sat + fixed
     out = {"rps": rps, "rate": rate, "p50_us": statistics.median(r["p50_us"] for r in fixed),
            "p99_us": statistics.median(r["p99_us"] for r in fixed), "p99_runs": [r["p99_us"] for r in fixed],
            "requests": sum(r["sent"] for r in runs),
-           "cpu_us": statistics.median(cpu_us), "loadavg": busy, "ref_rps": ref, "rel": rps / ref}
+           "cpu_us": statistics.median(cpu_us), "loadavg": busy, "ref_rps": ref, "rel": rps / ref,
+           "fixed_run_us": statistics.median(w[0] for w in waits),
+           "fixed_wait_us": statistics.median(w[1] for w in waits)}
 
     def summary(runs, addr):
         return {"p50_us": statistics.median(r["p50_us"] for r in runs),
@@ -910,7 +937,71 @@ def load_sample(lab, a, rate, others=True):
                 "p99_runs": [r["p99_us"] for r in runs], "addr": addr, "requests": sum(r["sent"] for r in runs)}
     if others:
         out["at_proxy"], out["direct"] = summary(at_proxy, own), summary(straight, replica[0])
+        out["light"] = dict(summary(light, None), rate=max(1, rate // 2))
     return out
+
+
+# The synthetic background of `spare_cpu_sample`: shares of one core, spent in bursts of
+# BURN_SPIN_MS by two processes (one per core of this 2-core machine when the scheduler spreads
+# them), like the many small wake-ups of containerd's shims and the engine at idle.
+BURN_LEVELS, BURN_SPIN_MS = (0, 5, 10, 15), 0.5
+BURN_SRC = """
+import sys, time
+share, spin = float(sys.argv[1]) / 100, float(sys.argv[2]) / 1000
+rest = spin * (1 / share - 1)
+while True:
+    t = time.perf_counter() + spin
+    while time.perf_counter() < t:
+        pass
+    time.sleep(rest)
+"""
+
+
+def run_ns(pid):
+    """The CPU time a process has run, in ns (`/proc/<pid>/schedstat`, first field; its threads
+    are its one thread here)."""
+    return int(open(f"/proc/{pid}/schedstat").read().split()[0])
+
+
+def with_background(lab, a, rate, pct):
+    """One fixed-rate run on the client's path while two processes of this harness burn `pct`
+    % of one core between them (none at 0). Returns the run and the share of a core they were
+    measured to take over it (their run time over the run's wall time)."""
+    procs = [subprocess.Popen([sys.executable, "-c", BURN_SRC, str(pct / 2), str(BURN_SPIN_MS)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             for _ in range(2 if pct else 0)]
+    try:
+        pause(0.2)  # the interpreters start before the window does
+        n0, t0 = sum(run_ns(p.pid) for p in procs), time.monotonic()
+        r = loadgen(lab, a, rate, a.load_seconds)
+        n1, t1 = sum(run_ns(p.pid) for p in procs), time.monotonic()
+        if any(p.poll() is not None for p in procs):
+            raise Failed("a background process of the spare-CPU sample ended early: the sample has no background")
+    finally:
+        for p in procs:
+            kill_group(p)
+            p.wait()
+    return r, (n1 - n0) / 1e9 / (t1 - t0) * 100
+
+
+def spare_cpu_sample(lab, a, rate):
+    """At 1 project, right after its load sample: `burn_repeats` rounds of fixed-rate runs at
+    `rate` on the client's path, one per level of BURN_LEVELS in an order shuffled each round,
+    with that share of a core taken by a synthetic background. The p99 against the spare CPU
+    the machine has left: the curve the N-project sample, whose host spends more at idle, can
+    be read against."""
+    runs = {pct: [] for pct in BURN_LEVELS}
+    rng = random.Random(0)
+    for _ in range(a.burn_repeats):
+        order = list(BURN_LEVELS)
+        rng.shuffle(order)
+        for pct in order:
+            runs[pct].append(with_background(lab, a, rate, pct))
+    lab.pid()
+    return {pct: {"p99_us": statistics.median(r["p99_us"] for r, _ in rs), "p99_runs": [r["p99_us"] for r, _ in rs],
+                  "p50_us": statistics.median(r["p50_us"] for r, _ in rs),
+                  "burned_pct": statistics.median(b for _, b in rs), "requests": sum(r["sent"] for r, _ in rs)}
+            for pct, rs in runs.items()}
 
 
 # luma's default network pool (luma-cli/src/netpool.rs): 10.210.0.0/16 in /24s, 256 networks
@@ -1156,6 +1247,73 @@ def direct_section(p1, pn, n):
     ]
 
 
+def spare_section(p1, pn, idle, n, spare):
+    """The tail against the machine's spare CPU: at 1 project with a synthetic background
+    (`spare_cpu_sample`), beside the N-project sample and the idle CPU its host spends more;
+    and both samples at half the fixed rate, where the machine has more to spare."""
+    lines = ["### The tail and the machine's spare CPU", "",
+             f"| projects | the proxy's threads on a CPU, per request at {p1['rate']:,} req/s | runnable but waiting "
+             "for a CPU, per request | waiting over running |",
+             "|---:|---:|---:|---:|"]
+    for label, r in (("1", p1), (f"{n}", pn)):
+        lines.append(f"| {label} | {r['fixed_run_us']:.1f} µs | {r['fixed_wait_us']:.1f} µs | "
+                     f"{r['fixed_wait_us'] / max(r['fixed_run_us'], 1e-9):.2f} |")
+    lines += ["",
+              "Over each fixed-rate run on the client's path, the sums of `/proc/<proxy pid>/task/*/schedstat` (the "
+              "scheduler's time on a CPU, which includes the kernel's packet work done in the proxy's threads, and "
+              "its time runnable but not running), divided by the requests; medians of the runs. A thread that waits "
+              "for a CPU holds every request on its connections meanwhile.", ""]
+    if spare:
+        extra = idle[n]["host_pct"] - idle[1]["host_pct"] if 1 in idle and n in idle else float("nan")
+        base = spare[0]
+        lines += [f"| sample at {p1['rate']:,} req/s | background added (measured) | p99 | run to run | p99 over no background "
+                  "at 1 project | range the runs allow | p50 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for pct in BURN_LEVELS:
+            r = spare[pct]
+            lo, hi = p99_spread(r, base)
+            lines.append(f"| 1 project, {pct} % of a core burned | {r['burned_pct']:.1f} % | {r['p99_us'] / 1000:.2f} ms | "
+                         f"{min(r['p99_runs']) / 1000:.2f}–{max(r['p99_runs']) / 1000:.2f} ms | "
+                         f"{r['p99_us'] / max(base['p99_us'], 1):.2f}x | {lo:.2f}–{hi:.2f}x | {r['p50_us'] / 1000:.2f} ms |")
+        lo, hi = p99_spread(pn, base)
+        lines.append(f"| {n} projects (the table above) | {extra:.1f} % more at idle than at 1 | {pn['p99_us'] / 1000:.2f} ms | "
+                     f"{min(pn['p99_runs']) / 1000:.2f}–{max(pn['p99_runs']) / 1000:.2f} ms | "
+                     f"{pn['p99_us'] / max(base['p99_us'], 1):.2f}x | {lo:.2f}–{hi:.2f}x | {pn['p50_us'] / 1000:.2f} ms |")
+        runs = len(base["p99_runs"])
+        lines += ["",
+                  f"Right after the 1-project sample, {runs} round{'s' if runs != 1 else ''} of fixed-rate runs on the client's path at the same "
+                  f"rate, one per background level in an order shuffled each round (medians of {runs}; "
+                  f"{sum(r['requests'] for r in spare.values()):,} requests, all 2xx). The background is two processes "
+                  f"of this harness that spin for {BURN_SPIN_MS:g} ms and sleep, sized to take the level's share of one "
+                  "core between them; measured: their run time (`/proc/<pid>/schedstat`) over the run's wall time. "
+                  f"It stands in for what the host spends at {n} projects beyond 1 even with no traffic (the idle "
+                  f"table above: the whole machine's idle CPU, {extra:.1f} % of a core more; the table after it says "
+                  "which processes): CPU taken in small bursts by processes that are not on the request's path. At the fixed rate the proxy, the replica, the "
+                  "load generator and the kernel's packet work already keep this 2-core machine busy most of the "
+                  "time, and a request that arrives while both cores are taken waits: the p99 rises with any "
+                  "background, whoever runs it. The N-project row read against the curve says how much of its "
+                  "growth that explains.", ""]
+    if "light" in p1 and "light" in pn:
+        a1, b1 = p1["light"], pn["light"]
+        lo, hi = p99_spread(b1, a1)
+        lines += [f"| projects | p99 at {a1['rate']:,} req/s | run to run | p50 |",
+                  "|---|---:|---:|---:|",
+                  f"| 1 | {a1['p99_us'] / 1000:.2f} ms | {min(a1['p99_runs']) / 1000:.2f}–{max(a1['p99_runs']) / 1000:.2f} ms | "
+                  f"{a1['p50_us'] / 1000:.2f} ms |",
+                  f"| {n} | {b1['p99_us'] / 1000:.2f} ms | {min(b1['p99_runs']) / 1000:.2f}–{max(b1['p99_runs']) / 1000:.2f} ms | "
+                  f"{b1['p50_us'] / 1000:.2f} ms |",
+                  f"| {n} / 1 | {b1['p99_us'] / max(a1['p99_us'], 1):.2f}x (range the runs allow: {lo:.2f}–{hi:.2f}x) | | "
+                  f"{b1['p50_us'] / max(a1['p50_us'], 1):.2f}x |",
+                  "",
+                  f"The same client's path at half the fixed rate ({a1['rate']:,} req/s, a quarter of the 1-project "
+                  f"saturation rate), one run after each pair of runs on the other paths; medians of "
+                  f"{len(a1['p99_runs'])}. With more of the machine to spare, the same background weighs less: a tail "
+                  "that grows with the projects here as much as at the full fixed rate grows with the requests' own "
+                  "path (the proxy's work per request, or the kernel's), one that grows less grows with the host's "
+                  "spare CPU.", ""]
+    return lines
+
+
 def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
     n = a.projects
     med = statistics.median(deploys)
@@ -1249,6 +1407,7 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         f"at {n}.",
         "",
         *direct_section(p1, pn, n),
+        *spare_section(p1, pn, idle, n, load.get("spare")),
         "## The host's forwarding rules",
         "",
         host_rules_note(rules, n) + " " + fast_path_note(lab, a, off),
@@ -1346,6 +1505,10 @@ def scale(lab, a, at):
         if i in (1, a.projects):
             rules[i] = host_rules()
             load[i] = load_sample(lab, a, load[1]["rate"] if i > 1 else None)
+            if i == 1 and a.burn_repeats:
+                load["spare"] = spare_cpu_sample(lab, a, load[1]["rate"])
+                log("    spare CPU at 1: " + ", ".join(
+                    f"{v['burned_pct']:.1f} % burned: p99 {v['p99_us'] / 1000:.2f} ms" for v in load["spare"].values()))
             r = load[i]
             log(f"    load at {i}: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs per request; "
                 f"p99 {r['p99_us'] / 1000:.2f} ms ({min(r['p99_runs']) / 1000:.2f}–{max(r['p99_runs']) / 1000:.2f}) "
@@ -1385,6 +1548,9 @@ def main():
     ap.add_argument("--p99-repeats", type=int, help="fixed-rate runs per load sample, median p99 taken "
                     "(default 5; 1 with --smoke)")
     ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--burn-repeats", type=int,
+                    help="rounds of the spare-CPU sample at 1 project: fixed-rate runs with 0, 5, 10 and 15 %% of a "
+                    "core taken by a synthetic background (default 5; 0 skips it; 0 with --smoke)")
     ap.add_argument("--check-interval", help="every app's health_check.interval (e.g. 10s; default: luma's, 1s): "
                     "to see what the checks cost at N projects")
     ap.add_argument("--at", help="comma-separated project counts to sample at idle (default 1,50,N; 1,N with --smoke)")
@@ -1404,6 +1570,9 @@ def main():
     a.load_seconds = a.load_seconds or (2 if smoke else 10)
     a.repeats = a.repeats or (1 if smoke else 3)
     a.p99_repeats = a.p99_repeats or (1 if smoke else 5)
+    a.burn_repeats = a.burn_repeats if a.burn_repeats is not None else (0 if smoke else 5)
+    if a.burn_repeats < 0:
+        ap.error("--burn-repeats must be 0 or more")
     if a.out is None and not smoke:
         a.out = os.path.join(ROOT, "docs", "scale.md")
     if a.projects < 1:
