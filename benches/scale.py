@@ -23,10 +23,13 @@ Measures:
     client's leg) and one to project 1's replica (no proxy; luma-loadgen --local-link): which
     leg a growing tail belongs to (a tail that grows without luma-proxy grows with the host);
   * at 1 and at N projects, after each of those, one more run on the client's path at half the
-    fixed rate: the same growth with more of the machine to spare;
-  * at 1 project (not with --smoke), the fixed-rate p99 with 0, 5, 10 and 15 % of a core taken
-    by a synthetic background of this harness's own (`--burn-repeats` rounds): the tail against
-    the machine's spare CPU, to read the N-project sample against, whose host spends more at idle;
+    fixed rate: the same growth with more of the machine to spare; and over each fixed-rate run
+    on the client's path, the proxy's threads' time on a CPU and time waiting for one, per
+    request (`/proc/<pid>/task/*/schedstat`);
+  * at 1 project (by default not with --smoke), the fixed-rate p99 with 0, 5, 10, 15 and 20 % of
+    a core taken by a synthetic background of this harness's own (`--burn-repeats` rounds): the
+    tail against the machine's spare CPU, to read the N-project sample against, whose host spends
+    more at idle;
   * at every idle sample, where the whole machine's idle CPU goes, by process name;
   * luma's host fast path (a DOCKER-USER rule per network pool that accepts the pool's
     established traffic before the per-network rules, and the "edge" rules that do the same for
@@ -803,16 +806,32 @@ def host_busy_ticks():
 
 
 def sched_ns(pid):
-    """(run, wait) of all the proxy's threads in ns (`/proc/<pid>/task/*/schedstat`: time on a
-    CPU, and time runnable but waiting for one); a thread gone between the listing and the read
-    is skipped."""
-    run = wait = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    """{thread id: (run, wait)} of the proxy's threads in ns (`/proc/<pid>/task/*/schedstat`:
+    time on a CPU, and time runnable but waiting for one); a thread gone between the listing and
+    the read is skipped. Failed when none can be read (a kernel without CONFIG_SCHED_INFO)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError as e:
+        raise Failed(f"cannot list /proc/{pid}/task ({e}): the proxy's process is gone; see `docker logs` of the proxy")
+    for tid in tids:
         try:
             fields = open(f"/proc/{pid}/task/{tid}/schedstat").read().split()
-        except OSError:
+            out[tid] = (int(fields[0]), int(fields[1]))
+        except (OSError, ValueError, IndexError):
             continue
-        run, wait = run + int(fields[0]), wait + int(fields[1])
+    if not out:
+        raise Failed(f"no thread of the proxy (pid {pid}) has a readable /proc/.../schedstat: this kernel keeps no "
+                     "scheduler statistics (CONFIG_SCHED_INFO)")
+    return out
+
+
+def sched_delta(before, after):
+    """(run, wait) in ns between two `sched_ns` readings, over the threads alive at the second
+    (a thread started in between counts from 0; one that ended in between is lost with its
+    share, which the proxy's short-lived blocking threads keep small)."""
+    run = sum(r - before.get(t, (0, 0))[0] for t, (r, _) in after.items())
+    wait = sum(w - before.get(t, (0, 0))[1] for t, (_, w) in after.items())
     return run, wait
 
 
@@ -916,8 +935,8 @@ def load_sample(lab, a, rate, others=True):
     for _ in range(a.p99_repeats):
         s0 = sched_ns(pid)
         fixed.append(loadgen(lab, a, rate, a.load_seconds))
-        s1 = sched_ns(pid)
-        waits.append(((s1[0] - s0[0]) / fixed[-1]["sent"] / 1e3, (s1[1] - s0[1]) / fixed[-1]["sent"] / 1e3))
+        ran, waited = sched_delta(s0, sched_ns(pid))
+        waits.append((ran / fixed[-1]["sent"] / 1e3, waited / fixed[-1]["sent"] / 1e3))
         if others:
             at_proxy.append(loadgen(lab, a, rate, a.load_seconds, addr=own, container=lab.proxy))
             straight.append(loadgen(lab, a, rate, a.load_seconds, addr=replica[0], container=replica[1]))
@@ -942,14 +961,15 @@ def load_sample(lab, a, rate, others=True):
 
 
 # The synthetic background of `spare_cpu_sample`: shares of one core, spent in bursts of
-# BURN_SPIN_MS by two processes (one per core of this 2-core machine when the scheduler spreads
-# them), like the many small wake-ups of containerd's shims and the engine at idle.
-BURN_LEVELS, BURN_SPIN_MS = (0, 5, 10, 15), 0.5
+# BURN_SPIN_MS by two processes, each in a session of its own (as each containerd shim is), so
+# that CPU is taken at random moments by processes off the request's path. Their bursts are
+# longer and fewer than the shims' wake-ups: a stand-in for the CPU taken, not for its pattern.
+BURN_LEVELS, BURN_SPIN_MS = (0, 5, 10, 15, 20), 0.5
 BURN_SRC = """
 import sys, time
 share, spin = float(sys.argv[1]) / 100, float(sys.argv[2]) / 1000
-rest = spin * (1 / share - 1)
-while True:
+rest, end = spin * (1 / share - 1), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
     t = time.perf_counter() + spin
     while time.perf_counter() < t:
         pass
@@ -967,10 +987,13 @@ def with_background(lab, a, rate, pct):
     """One fixed-rate run on the client's path while two processes of this harness burn `pct`
     % of one core between them (none at 0). Returns the run and the share of a core they were
     measured to take over it (their run time over the run's wall time)."""
-    procs = [subprocess.Popen([sys.executable, "-c", BURN_SRC, str(pct / 2), str(BURN_SPIN_MS)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-             for _ in range(2 if pct else 0)]
+    procs = []
     try:
+        for _ in range(2 if pct else 0):
+            # Bounded in time by itself too, so a harness killed outright leaves nothing burning.
+            procs.append(subprocess.Popen([sys.executable, "-c", BURN_SRC, str(pct / 2), str(BURN_SPIN_MS),
+                                           str(a.load_seconds + 30)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         pause(0.2)  # the interpreters start before the window does
         n0, t0 = sum(run_ns(p.pid) for p in procs), time.monotonic()
         r = loadgen(lab, a, rate, a.load_seconds)
@@ -1259,13 +1282,17 @@ def spare_section(p1, pn, idle, n, spare):
         lines.append(f"| {label} | {r['fixed_run_us']:.1f} µs | {r['fixed_wait_us']:.1f} µs | "
                      f"{r['fixed_wait_us'] / max(r['fixed_run_us'], 1e-9):.2f} |")
     lines += ["",
-              "Over each fixed-rate run on the client's path, the sums of `/proc/<proxy pid>/task/*/schedstat` (the "
-              "scheduler's time on a CPU, which includes the kernel's packet work done in the proxy's threads, and "
-              "its time runnable but not running), divided by the requests; medians of the runs. A thread that waits "
-              "for a CPU holds every request on its connections meanwhile.", ""]
+              "Over each fixed-rate run on the client's path, the sums over the proxy's threads of "
+              "`/proc/<pid>/task/*/schedstat` (the scheduler's time on a CPU, and its time runnable but not "
+              "running), divided by the requests; medians of the runs. They include the proxy's background work "
+              "during the runs (health checks, re-resolves). The time on a CPU includes the kernel's packet work "
+              "done in the proxy's threads unless the kernel counts softirq time apart (CONFIG_IRQ_TIME_ACCOUNTING; "
+              f"this one: {kernel_option('CONFIG_IRQ_TIME_ACCOUNTING')}). Each serving thread runs its own "
+              "connections, so while it waits for a CPU, so do the requests on them.", ""]
     if spare:
-        extra = idle[n]["host_pct"] - idle[1]["host_pct"] if 1 in idle and n in idle else float("nan")
+        extra = idle[n]["host_pct"] - idle[1]["host_pct"]
         base = spare[0]
+        top = max(spare[pct]["burned_pct"] for pct in BURN_LEVELS)
         lines += [f"| sample at {p1['rate']:,} req/s | background added (measured) | p99 | run to run | p99 over no background "
                   "at 1 project | range the runs allow | p50 |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
@@ -1284,15 +1311,16 @@ def spare_section(p1, pn, idle, n, spare):
                   f"Right after the 1-project sample, {runs} round{'s' if runs != 1 else ''} of fixed-rate runs on the client's path at the same "
                   f"rate, one per background level in an order shuffled each round (medians of {runs}; "
                   f"{sum(r['requests'] for r in spare.values()):,} requests, all 2xx). The background is two processes "
-                  f"of this harness that spin for {BURN_SPIN_MS:g} ms and sleep, sized to take the level's share of one "
-                  "core between them; measured: their run time (`/proc/<pid>/schedstat`) over the run's wall time. "
-                  f"It stands in for what the host spends at {n} projects beyond 1 even with no traffic (the idle "
-                  f"table above: the whole machine's idle CPU, {extra:.1f} % of a core more; the table after it says "
-                  "which processes): CPU taken in small bursts by processes that are not on the request's path. At the fixed rate the proxy, the replica, the "
-                  "load generator and the kernel's packet work already keep this 2-core machine busy most of the "
-                  "time, and a request that arrives while both cores are taken waits: the p99 rises with any "
-                  "background, whoever runs it. The N-project row read against the curve says how much of its "
-                  "growth that explains.", ""]
+                  f"of this harness, each in a session of its own, that spin for {BURN_SPIN_MS:g} ms and sleep, sized "
+                  "to take the level's share of one core between them; measured: their run time "
+                  "(`/proc/<pid>/schedstat`) over the run's wall time (under contention they get less than the "
+                  f"level). They stand in for the CPU the host spends at {n} projects beyond 1 with no traffic (the "
+                  f"idle table above: the whole machine's idle CPU, {extra:.1f} % of a core more; the table after it "
+                  "says which processes), not for its pattern: their bursts are longer and fewer than the shims' "
+                  "wake-ups, and what the host spends at idle is not what it spends under load. The curve is taken minutes before the N-project row; "
+                  "the machine reference above says how far the machine's speed moved in between."
+                  + (f" The N-project row's extra idle CPU is beyond the largest background measured ({top:.1f} %): "
+                     "it lies off the curve." if extra > top else ""), ""]
     if "light" in p1 and "light" in pn:
         a1, b1 = p1["light"], pn["light"]
         lo, hi = p99_spread(b1, a1)
@@ -1307,10 +1335,9 @@ def spare_section(p1, pn, idle, n, spare):
                   "",
                   f"The same client's path at half the fixed rate ({a1['rate']:,} req/s, a quarter of the 1-project "
                   f"saturation rate), one run after each pair of runs on the other paths; medians of "
-                  f"{len(a1['p99_runs'])}. With more of the machine to spare, the same background weighs less: a tail "
-                  "that grows with the projects here as much as at the full fixed rate grows with the requests' own "
-                  "path (the proxy's work per request, or the kernel's), one that grows less grows with the host's "
-                  "spare CPU.", ""]
+                  f"{len(a1['p99_runs'])}. Further from saturation, queueing magnifies less of any added time, whether "
+                  "it is added per request or by other processes: this row says how the growth depends on the load, "
+                  "not which of the two it is (the synthetic background above speaks to that).", ""]
     return lines
 
 
@@ -1549,7 +1576,7 @@ def main():
                     "(default 5; 1 with --smoke)")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--burn-repeats", type=int,
-                    help="rounds of the spare-CPU sample at 1 project: fixed-rate runs with 0, 5, 10 and 15 %% of a "
+                    help="rounds of the spare-CPU sample at 1 project: fixed-rate runs with 0, 5, 10, 15 and 20 %% of a "
                     "core taken by a synthetic background (default 5; 0 skips it; 0 with --smoke)")
     ap.add_argument("--check-interval", help="every app's health_check.interval (e.g. 10s; default: luma's, 1s): "
                     "to see what the checks cost at N projects")
