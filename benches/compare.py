@@ -586,6 +586,12 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--baseline", metavar="BINARY", help="also run this luma-proxy build, as 'luma-base' (HTTP only)")
     a = ap.parse_args()
+    # A SIGTERM or a closed terminal ends the run through the `finally` blocks, which stop every
+    # contender and the backend; the default action would leave them running and listening.
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     global BASELINE
     BASELINE = os.path.abspath(a.baseline) if a.baseline else None
     seconds, repeats, worker_counts = (1, 1, [1]) if a.smoke else (a.seconds, a.repeats, [1, 2])
