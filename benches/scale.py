@@ -30,6 +30,13 @@ Measures:
     a core taken by a synthetic background of this harness's own (`--burn-repeats` rounds): the
     tail against the machine's spare CPU, to read the N-project sample against, whose host spends
     more at idle;
+  * at 1 project, a control of the host (`host_control_sample`, `--control-repeats` rounds;
+    skipped when N is 1): p99 at the fixed rate on three paths, without and then with N-1 idle
+    containers of the demo image started with `--network none` (no network, no route, no health
+    check, no traffic): luma-proxy in its container on the client's path, and luma-proxy and
+    nginx run natively on this host in front of project 1's replica, from 127.0.0.1. A tail that
+    grows with the idle containers alike for both native proxies grows with the host's
+    per-container machinery, not with luma-proxy;
   * at every idle sample, where the whole machine's idle CPU goes, by process name;
   * luma's host fast path (a DOCKER-USER rule per network pool that accepts the pool's
     established traffic before the per-network rules, and the "edge" rules that do the same for
@@ -51,8 +58,9 @@ run fails. Progress is printed per deploy.
 
 Everything it creates is named `<prefix>-...` (default prefix `lumascale<pid>`): the projects
 `<prefix>-pNNN` (their containers, lock containers `luma-lock_<prefix>-pNNN`, networks
-`<prefix>-pNNN-network`), the proxy `<prefix>-proxy` on its own free ports (HTTP on the client
-namespace's host address, HTTPS on 127.0.0.1), the client namespace `<prefix>-client` and its
+`<prefix>-pNNN-network`), the idle containers of the host control `<prefix>-idleNNN`, the proxy
+`<prefix>-proxy` on its own free ports (HTTP on the client namespace's host address, HTTPS on
+127.0.0.1), the client namespace `<prefix>-client` and its
 veth pair `lsc<n>h`/`lsc<n>c`, and its
 state volume `<prefix>-proxy-state`. The run refuses to start when anything with that prefix
 exists already. At the end, also on failure, Ctrl-C or SIGTERM, it removes exactly the objects
@@ -63,7 +71,9 @@ run's proxy (`luma edge ... <prefix>-proxy`); nothing else is touched. A signal 
 cuts the clean-up short: the first one stops the run (a running `luma` gets SIGINT and 30 s to
 undo its step, then it is killed), later ones are ignored. Must run as root on the engine's
 host (it reads /proc/<pid> of the proxy and the host's iptables, and makes a network namespace
-and a veth pair with iproute2's `ip`).
+and a veth pair with iproute2's `ip`). The host control needs nginx (benches/install-peers.sh)
+and the luma-proxy binary beside luma in --bin-dir; the native proxies it starts listen on
+127.0.0.1 only, in sessions of their own, and are stopped before the next deploy.
 
 Networks: each project takes one subnet of luma's network pool, by default a /24 of
 10.210.0.0/16, which holds 256 project networks for the whole engine (other luma projects on it
@@ -845,7 +855,7 @@ def cpu_ticks(pid):
     return int(rest[11]) + int(rest[12])
 
 
-def loadgen(lab, a, rate, seconds, port=None, addr=None, container=None):
+def loadgen(lab, a, rate, seconds, port=None, addr=None, container=None, peer=None):
     """One luma-loadgen run with project 1's host: by default from the client namespace to the
     proxy's published port (a remote client's path); with `port`, to 127.0.0.1:port; with
     `addr` (ip:port of `container`), from this host straight to a container's address. Failed
@@ -853,7 +863,7 @@ def loadgen(lab, a, rate, seconds, port=None, addr=None, container=None):
     too, so a run with failures measures the wrong thing."""
     host = lab.host(1)
     if port:
-        prefix, target, flags, logs = [], f"127.0.0.1:{port}", [], "the reference backend"
+        prefix, target, flags, logs = [], f"127.0.0.1:{port}", [], peer or "the reference backend"
     elif addr:
         prefix, target, flags, logs = [], addr, ["--local-link"], f"`docker logs {container}`"
     else:
@@ -1025,6 +1035,181 @@ def spare_cpu_sample(lab, a, rate):
                   "p50_us": statistics.median(r["p50_us"] for r, _ in rs),
                   "burned_pct": statistics.median(b for _, b in rs), "requests": sum(r["sent"] for r, _ in rs)}
             for pct, rs in runs.items()}
+
+
+# The host control's paths, in report order: luma-proxy in its container (the client's path of
+# `loadgen`), then the two proxies run natively on this host in front of project 1's replica.
+CONTROL_PATHS = ("container", "luma-native", "nginx-native")
+# The fair nginx of benches/compare.py, and its upstream line, which the control points at the replica.
+NGINX_PEER, NGINX_UPSTREAM = "benches/peers/nginx.conf.in", "server 127.0.0.1:{backend_port};"
+NGINX_TEMP = "proxy_temp_path {tmp}/proxy;"
+
+
+def fill(template, values):
+    """Fills {name} placeholders; the config's own braces stay as they are."""
+    for k, v in values.items():
+        template = template.replace("{" + k + "}", str(v))
+    return template
+
+
+def peer_binary(a):
+    """The native luma-proxy of the host control: beside luma in --bin-dir."""
+    return os.path.join(os.path.dirname(a.luma), "luma-proxy")
+
+
+def check_peers(a):
+    """What the host control needs, checked before anything is deployed: (ok, why not)."""
+    if not a.control_repeats or a.projects < 2:
+        return True, ""
+    if not shutil.which("nginx"):
+        return False, ("the host control (--control-repeats) runs nginx beside luma-proxy, and nginx is not "
+                       "installed: run benches/install-peers.sh, or pass --control-repeats 0")
+    if not os.access(peer_binary(a), os.X_OK):
+        return False, (f"the host control runs {peer_binary(a)} natively, and it is missing: build it "
+                       "(`cargo build --release -p luma-proxy`), point --bin-dir at it, or pass --control-repeats 0")
+    return True, ""
+
+
+class NativePeers:
+    """luma-proxy and nginx run natively on this host, both in front of project 1's replica
+    address with as many workers as the proxy container has serving threads (one per CPU), access
+    logs off and keep-alive to the replica (nginx: the fair peer of benches/compare.py, its
+    upstream pointed at the replica); each listens on free ports of 127.0.0.1 only and runs in
+    a session of its own under `lab.tmp`. Both are on the same footing, which the proxy container
+    and a native nginx would not be: from 127.0.0.1, and over the host's bridge to the replica."""
+
+    def __init__(self, lab, a, replica):
+        self.lab, self.a, self.replica = lab, a, replica
+        self.ports = dict(zip(("luma-native", "nginx-native", "nginx-h2c", "admin"), free_ports(4)))
+        self.dir = os.path.join(lab.tmp, "peers")
+        self.binary = peer_binary(a)
+        self.procs = []
+
+    def start(self):
+        os.makedirs(self.dir, exist_ok=True)
+        workers = os.cpu_count() or 1
+        # The fair peer of benches/compare.py, as it is, but for its upstream: the replica.
+        with open(os.path.join(ROOT, NGINX_PEER)) as f:
+            template = f.read()
+        for line in (NGINX_UPSTREAM, NGINX_TEMP):
+            if line not in template:
+                raise Failed(f"{NGINX_PEER} has no `{line}` line any more; update NGINX_UPSTREAM and NGINX_TEMP")
+        # Every temp path under the run's directory, so nginx makes nothing elsewhere on the host.
+        temps = "".join(f"\n    {d}_temp_path {{tmp}}/{d};" for d in ("fastcgi", "uwsgi", "scgi"))
+        conf = os.path.join(self.dir, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(fill(template.replace(NGINX_UPSTREAM, f"server {self.replica};").replace(NGINX_TEMP, NGINX_TEMP + temps),
+                         {"workers": workers, "tmp": self.dir, "port": self.ports["nginx-native"],
+                          "h2_port": self.ports["nginx-h2c"]}))
+        for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            os.makedirs(os.path.join(self.dir, d), exist_ok=True)
+        state, admin = os.path.join(self.dir, "luma-state"), f"127.0.0.1:{self.ports['admin']}"
+        self.spawn("nginx", ["nginx", "-e", f"{self.dir}/nginx-error.log", "-p", self.dir, "-c", conf,
+                             "-g", "daemon off;"])
+        # Every listener on 127.0.0.1, and no metrics listener (nginx has none either).
+        self.spawn("luma-proxy", [self.binary, "serve", "--http", f"127.0.0.1:{self.ports['luma-native']}",
+                                  "--admin", admin, "--state-dir", state, "--no-access-log", "--workers",
+                                  str(workers), "--allow-literal-targets", "--https", "127.0.0.1:0",
+                                  "--acme-directory", "off", "--metrics", "off"])
+        for name in ("luma-native", "nginx-native", "admin"):
+            self.wait_port(self.ports[name], name)
+        run([self.binary, "deploy", "--admin", admin, "--state-dir", state, "--host", self.lab.host(1),
+             "--project", "hostcontrol", "--target", self.replica], 60)
+        for name in ("luma-native", "nginx-native"):
+            self.load(name, 0, 1)  # warm-up
+
+    def load(self, name, rate, seconds):
+        """A loadgen run to the native peer `name`; Failed with its log's last lines (the run's
+        directory is gone by the time anyone could read the file)."""
+        try:
+            return loadgen(self.lab, self.a, rate, seconds, port=self.ports[name], peer="its log below")
+        except Failed as e:
+            raise Failed(f"{e}\n{self.log_tail(name)}") from None
+
+    def spawn(self, name, cmd):
+        with open(os.path.join(self.dir, f"{name}.log"), "w") as err:
+            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True))
+
+    def wait_port(self, port, name):
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                    raise Failed(f"the host control's {name} did not listen on 127.0.0.1:{port}:\n"
+                                 f"{self.log_tail('nginx-native')}\n{self.log_tail('luma-native')}")
+                pause(0.05)
+
+    def log_tail(self, name):
+        """The last lines of a peer's log, for a failure message."""
+        path = f"{self.dir}/{'nginx-error' if name.startswith('nginx') else 'luma-proxy'}.log"
+        try:
+            with open(path, errors="replace") as f:
+                return f"{name}'s log ends:\n" + "".join(f.readlines()[-10:])
+        except OSError as e:
+            return f"{name}'s log cannot be read ({e})"
+
+    def stop(self):
+        for p in self.procs:
+            kill_group(p)
+            p.wait()
+        self.procs = []
+
+
+def control_round(lab, a, rate, peers, rng, into):
+    """One fixed-rate run on each of CONTROL_PATHS, in an order shuffled each round."""
+    order = list(CONTROL_PATHS)
+    rng.shuffle(order)
+    for path in order:
+        if path == "container":
+            into[path].append(loadgen(lab, a, rate, a.load_seconds))
+        else:
+            into[path].append(peers.load(path, rate, a.load_seconds))
+
+
+def idle_container(lab, k):
+    return f"{lab.prefix}-idle{k:0{lab.width}d}"
+
+
+def host_control_sample(lab, a, rate):
+    """At 1 project: `control_repeats` rounds of control_round without, then with, N-1 idle
+    containers of the demo image (`--network none`: no network, no route, no health check, no
+    traffic; each with its cgroups and containerd shim like a replica). Then the containers go,
+    and the native peers stop, before project 2 is deployed. Returns {"without"|"with": {path:
+    summary}, "containers": N-1}."""
+    n = a.projects - 1
+    replica, _ = lab.replica_addr(1)
+    peers = NativePeers(lab, a, replica)
+    rng = random.Random(1)
+    runs = {k: {path: [] for path in CONTROL_PATHS} for k in ("without", "with")}
+    names = [idle_container(lab, k) for k in range(1, n + 1)]
+    try:
+        peers.start()
+        for _ in range(a.control_repeats):
+            control_round(lab, a, rate, peers, rng, runs["without"])
+        for k, name in enumerate(names, 1):
+            docker("run", "-d", "--name", name, "--network", "none", a.image)
+            if k % 50 == 0 or k == n:
+                log(f"    host control: {k} of {n} idle containers started")
+        pause(a.settle)  # the engine's work of starting them is over
+        for _ in range(a.control_repeats):
+            control_round(lab, a, rate, peers, rng, runs["with"])
+    finally:
+        peers.stop()
+        for k in range(0, len(names), 50):
+            docker("rm", "-f", "-v", *names[k:k + 50], timeout=300, check=False)
+    left = [name for name in docker("ps", "-a", "--format", "{{.Names}}").split() if name in set(names)]
+    if left:
+        raise Failed(f"the host control's idle containers are still there after `docker rm -f`: {left[:5]}")
+    lab.pid()
+
+    def summary(rs):
+        return {"p99_us": statistics.median(r["p99_us"] for r in rs), "p99_runs": [r["p99_us"] for r in rs],
+                "p50_us": statistics.median(r["p50_us"] for r in rs), "requests": sum(r["sent"] for r in rs)}
+    out = {k: {path: summary(rs) for path, rs in v.items()} for k, v in runs.items()}
+    return dict(out, containers=n, replica=replica, image=a.image)
 
 
 # luma's default network pool (luma-cli/src/netpool.rs): 10.210.0.0/16 in /24s, 256 networks
@@ -1341,6 +1526,49 @@ def spare_section(p1, pn, idle, n, spare):
     return lines
 
 
+def control_section(pn, ctl, n, rate):
+    """The host control (`host_control_sample`): the tail with and without N-1 idle containers,
+    for luma-proxy in its container and for luma-proxy and nginx run natively side by side."""
+    if not ctl:
+        return []
+    k = ctl["containers"]
+    labels = {"container": "luma-proxy in its container: the client's path (as in the tables above)",
+              "luma-native": "luma-proxy run natively on this host, from 127.0.0.1",
+              "nginx-native": "nginx run natively on this host, from 127.0.0.1"}
+    lines = [f"### The tail and the host: {k} idle containers, and nginx beside luma-proxy", "",
+             f"| path, at {rate:,} req/s | p99 at 1 project | run to run | with {k} idle containers | run to run "
+             "| with / without | range the runs allow | p50 with / without |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for path in CONTROL_PATHS:
+        a, b = ctl["without"][path], ctl["with"][path]
+        lo, hi = p99_spread(b, a)
+        lines.append(f"| {labels[path]} | {a['p99_us'] / 1000:.2f} ms | {min(a['p99_runs']) / 1000:.2f}–"
+                     f"{max(a['p99_runs']) / 1000:.2f} ms | {b['p99_us'] / 1000:.2f} ms | {min(b['p99_runs']) / 1000:.2f}–"
+                     f"{max(b['p99_runs']) / 1000:.2f} ms | {b['p99_us'] / max(a['p99_us'], 1):.2f}x | {lo:.2f}–{hi:.2f}x | "
+                     f"{b['p50_us'] / max(a['p50_us'], 1):.2f}x |")
+    base = ctl["without"]["container"]
+    runs = len(base["p99_runs"])
+    requests = sum(r["requests"] for v in (ctl["without"], ctl["with"]) for r in v.values())
+    return lines + [
+        "",
+        f"At 1 project, after its other samples: {runs} round{'s' if runs != 1 else ''} of fixed-rate runs, one on each "
+        f"path in an order shuffled each round, without and then with {k} containers of `{ctl['image']}` started "
+        "with `--network none`: no network, so no route in the proxy, no health check and no traffic; each is "
+        "a container as a replica is, minus its network (its cgroups, its containerd shim, a process asleep in "
+        "`accept`). Then they were removed, before project 2 was deployed. Both native proxies run as many workers "
+        "as the proxy container has serving threads (one per CPU), with access logs off and keep-alive "
+        f"connections to project 1's replica (`{ctl['replica']}`), reached from 127.0.0.1 over the host's bridge "
+        "(no DNAT, no FORWARD rule): the same footing for both, which the container and a native nginx would not "
+        f"be; medians of {runs}, {requests:,} requests, all 2xx. Reading: where nginx's p99 grows with the idle "
+        "containers as luma-proxy's does, the growth is the host's, from what every container adds to it, and "
+        "not luma-proxy's. This control leaves out what the N projects add besides containers (networks, "
+        "routes, health checks, the host's rules); for comparison, the client's path measured "
+        f"{pn['p99_us'] / 1000:.2f} ms at {n} projects (the table above): {pn['p99_us'] / max(base['p99_us'], 1):.2f}x "
+        "this control's runs without the idle containers.",
+        "",
+    ]
+
+
 def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
     n = a.projects
     med = statistics.median(deploys)
@@ -1435,6 +1663,7 @@ def report(lab, a, deploys, idle, nets, load, rules, vers, total_s):
         "",
         *direct_section(p1, pn, n),
         *spare_section(p1, pn, idle, n, load.get("spare")),
+        *control_section(pn, load.get("control"), n, p1["rate"]),
         "## The host's forwarding rules",
         "",
         host_rules_note(rules, n) + " " + fast_path_note(lab, a, off),
@@ -1536,6 +1765,13 @@ def scale(lab, a, at):
                 load["spare"] = spare_cpu_sample(lab, a, load[1]["rate"])
                 log("    spare CPU at 1: " + ", ".join(
                     f"{v['burned_pct']:.1f} % burned: p99 {v['p99_us'] / 1000:.2f} ms" for v in load["spare"].values()))
+            # After the spare-CPU curve: removing the idle containers leaves the engine busy for a while.
+            if i == 1 and a.projects > 1 and a.control_repeats:
+                load["control"] = host_control_sample(lab, a, load[1]["rate"])
+                c = load["control"]
+                log(f"    host control with {c['containers']} idle containers: " + ", ".join(
+                    f"{path} p99 {c['without'][path]['p99_us'] / 1000:.2f} -> {c['with'][path]['p99_us'] / 1000:.2f} ms"
+                    for path in CONTROL_PATHS))
             r = load[i]
             log(f"    load at {i}: {r['rps']:,.0f} req/s, proxy CPU {r['cpu_us']:.1f} µs per request; "
                 f"p99 {r['p99_us'] / 1000:.2f} ms ({min(r['p99_runs']) / 1000:.2f}–{max(r['p99_runs']) / 1000:.2f}) "
@@ -1578,11 +1814,16 @@ def main():
     ap.add_argument("--burn-repeats", type=int,
                     help="rounds of the spare-CPU sample at 1 project: fixed-rate runs with 0, 5, 10, 15 and 20 %% of a "
                     "core taken by a synthetic background (default 5; 0 skips it; 0 with --smoke)")
+    ap.add_argument("--control-repeats", type=int,
+                    help="rounds of the host control at 1 project, without and then with N-1 idle containers: "
+                    "luma-proxy in its container, and luma-proxy and nginx run natively (default 5; 1 with --smoke; "
+                    "0 skips it)")
     ap.add_argument("--check-interval", help="every app's health_check.interval (e.g. 10s; default: luma's, 1s): "
                     "to see what the checks cost at N projects")
     ap.add_argument("--at", help="comma-separated project counts to sample at idle (default 1,50,N; 1,N with --smoke)")
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"),
-                    help="where luma and luma-loadgen are (default target/release)")
+                    help="where luma, luma-loadgen, luma-demo-backend and luma-proxy (the host control's) are "
+                    "(default target/release)")
     ap.add_argument("--image", default=os.environ.get("LUMA_DEMO_IMAGE", "luma-demo:dev"))
     ap.add_argument("--prefix", help="name prefix of every object (default lumascale<pid>); must be unique")
     ap.add_argument("--deploy-timeout", type=float, default=300)
@@ -1600,6 +1841,9 @@ def main():
     a.burn_repeats = a.burn_repeats if a.burn_repeats is not None else (0 if smoke else 5)
     if a.burn_repeats < 0:
         ap.error("--burn-repeats must be 0 or more")
+    a.control_repeats = a.control_repeats if a.control_repeats is not None else (1 if smoke else 5)
+    if a.control_repeats < 0:
+        ap.error("--control-repeats must be 0 or more")
     if a.out is None and not smoke:
         a.out = os.path.join(ROOT, "docs", "scale.md")
     if a.projects < 1:
@@ -1629,6 +1873,10 @@ def main():
             sys.exit(f"scale: {b} is missing: build it (`cargo build --release -p luma-cli -p luma-benches "
                      "-p luma-demo-backend`, "
                      "or benches/scale.sh), or point --bin-dir at it")
+
+    ok, why = check_peers(a)
+    if not ok:
+        sys.exit(f"scale: {why}")
 
     # Handlers first: from here on a signal is recorded, and acted on at the next safe point.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
