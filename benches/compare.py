@@ -171,6 +171,10 @@ class Contender:
                 cmd += ["--https", f"127.0.0.1:{TLS_PORTS['luma-proxy']}"]
                 if "--acme-directory" in luma_serve_help():
                     cmd += ["--acme-directory", "off"]
+            # No peer has a metrics listener; luma-proxy's default one looks at the host's
+            # interfaces every 2 s on a thread of its own, work no peer does.
+            if "--metrics" in luma_serve_help(binary):
+                cmd += ["--metrics", "off"]
         elif self.name == "nginx":
             os.makedirs(os.path.join(tmp, "body"), exist_ok=True)
             conf = os.path.join(tmp, "nginx.conf")
@@ -229,16 +233,17 @@ class Contender:
                 self.proc.wait()
 
 
-def luma_serve_help():
-    """`luma-proxy serve --help`: which flags this build has (HTTPS arrives with issue 9)."""
-    global _LUMA_HELP
-    if _LUMA_HELP is None:
-        r = subprocess.run([f"{REL}/luma-proxy", "serve", "--help"], capture_output=True, text=True)
-        _LUMA_HELP = r.stdout + r.stderr
-    return _LUMA_HELP
+def luma_serve_help(binary=None):
+    """`luma-proxy serve --help` of `binary` (default: this build): which flags it has (HTTPS
+    arrives with issue 9, the metrics listener after it)."""
+    binary = binary or f"{REL}/luma-proxy"
+    if binary not in _LUMA_HELP:
+        r = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True)
+        _LUMA_HELP[binary] = r.stdout + r.stderr
+    return _LUMA_HELP[binary]
 
 
-_LUMA_HELP = None
+_LUMA_HELP = {}
 
 
 def luma_has_https():
