@@ -686,11 +686,13 @@ def scale_section(path):
            "network namespace of the run's own, through Docker's DNAT to the proxy's published port, as from a "
            "client on another machine; earlier runs sent it to a port published on 127.0.0.1, which Docker's "
            "userland docker-proxy carries.", ""]
+    # Headings by their start: the host control's names its count of idle containers.
     for title in ("## The proxy at idle", "## Requests through one host",
-                  "### Which leg the tail grows on: the same load on three paths"):
-        start = next((i for i, l in enumerate(text) if l == title), None)
+                  "### Which leg the tail grows on: the same load on three paths", "### The tail and the host:"):
+        start = next((i for i, l in enumerate(text) if l.startswith(title)), None)
         if start is None:
             continue
+        title = text[start]
         rows = []
         for l in text[start + 1:]:
             if l.startswith("|"):
