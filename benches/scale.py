@@ -886,6 +886,20 @@ def loadgen(lab, a, rate, seconds, port=None, addr=None, container=None, peer=No
     return r
 
 
+def wait_listening(port, procs, why):
+    """Returns once something accepts on 127.0.0.1:`port`; Failed with `why()` after 10 s, or as
+    soon as one of `procs` has ended."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise Failed(why())
+            pause(0.05)
+
+
 def reference_rps(lab, a):
     """This machine's speed just now: req/s of the same closed-loop load against a native
     luma-demo-backend on 127.0.0.1 (no proxy, no container), median of `repeats` runs of half
@@ -897,15 +911,7 @@ def reference_rps(lab, a):
     proc = subprocess.Popen([a.demo_backend], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise Failed(f"the reference backend {a.demo_backend} did not listen on 127.0.0.1:{port}")
-                time.sleep(0.05)
+        wait_listening(port, [proc], lambda: f"the reference backend {a.demo_backend} did not listen on 127.0.0.1:{port}")
         seconds = max(1.0, a.load_seconds / 2)
         return statistics.median(loadgen(lab, a, 0, seconds, port)["rps"] for _ in range(a.repeats))
     finally:
@@ -1131,16 +1137,8 @@ class NativePeers:
             self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True))
 
     def wait_port(self, port, name):
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
-                    raise Failed(f"the host control's {name} did not listen on 127.0.0.1:{port}:\n"
-                                 f"{self.log_tail('nginx-native')}\n{self.log_tail('luma-native')}")
-                pause(0.05)
+        wait_listening(port, self.procs, lambda: f"the host control's {name} did not listen on 127.0.0.1:{port}:\n"
+                       f"{self.log_tail('nginx-native')}\n{self.log_tail('luma-native')}")
 
     def log_tail(self, name):
         """The last lines of a peer's log, for a failure message."""
