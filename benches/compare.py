@@ -74,9 +74,13 @@ TLS_METRICS = ("keepalive", "handshake", "h2")
 
 
 def render(template_path, values):
-    """Fills {name} placeholders; the configs' own braces stay as they are."""
+    """The config at `template_path` (from the repository's root), filled (`fill`)."""
     with open(os.path.join(ROOT, template_path)) as f:
-        text = f.read()
+        return fill(f.read(), values)
+
+
+def fill(text, values):
+    """Fills {name} placeholders; the configs' own braces stay as they are."""
     for k, v in values.items():
         text = text.replace("{" + k + "}", str(v))
     return text

@@ -106,6 +106,8 @@ import time
 import traceback
 import zlib
 
+from compare import fill  # the peers' config templates are filled the same way in both harnesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -1049,13 +1051,6 @@ CONTROL_PATHS = ("container", "luma-native", "nginx-native")
 # The fair nginx of benches/compare.py, and its upstream line, which the control points at the replica.
 NGINX_PEER, NGINX_UPSTREAM = "benches/peers/nginx.conf.in", "server 127.0.0.1:{backend_port};"
 NGINX_TEMP = "proxy_temp_path {tmp}/proxy;"
-
-
-def fill(template, values):
-    """Fills {name} placeholders; the config's own braces stay as they are."""
-    for k, v in values.items():
-        template = template.replace("{" + k + "}", str(v))
-    return template
 
 
 def peer_binary(a):
