@@ -1,5 +1,6 @@
 //! `luma-proxy`: the server (`serve`) and the client of its own admin API (everything else).
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use luma_api::route::{HealthSettings, RouteSpec, RouteTimeouts};
@@ -149,7 +150,7 @@ struct ServeArgs {
     #[arg(long, env = "LUMA_PROXY_REFRESH_EVERY", default_value = "30s", value_parser = luma_proxy::config::parse_refresh_every)]
     refresh_every: Duration,
     /// Turn off the JSON access log on stdout.
-    #[arg(long, env = "LUMA_PROXY_NO_ACCESS_LOG")]
+    #[arg(long, env = "LUMA_PROXY_NO_ACCESS_LOG", value_parser = BoolishValueParser::new())]
     no_access_log: bool,
     /// Bytes of access lines that may wait for stdout when its reader (the engine's log
     /// driver) falls behind, at least 4KiB. Requests never wait for the log: past this, lines
@@ -197,7 +198,7 @@ struct ServeArgs {
     trusted_proxies: luma_proxy::headers::TrustedProxies,
     /// Accept routes to literal ip:port targets (tests and benchmarks only): such a route
     /// names no project network, so it is off by default.
-    #[arg(long, env = "LUMA_PROXY_ALLOW_LITERAL_TARGETS")]
+    #[arg(long, env = "LUMA_PROXY_ALLOW_LITERAL_TARGETS", value_parser = BoolishValueParser::new())]
     allow_literal_targets: bool,
 }
 
@@ -717,5 +718,32 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The switches set by environment take what people write for yes and no, not only
+    /// clap's `true`/`false` (a proxy that refuses `1` exits at start).
+    #[test]
+    fn switches_from_the_environment_take_yes_and_no_words() {
+        fn no_access_log(v: &str) -> Result<bool, String> {
+            std::env::set_var("LUMA_PROXY_NO_ACCESS_LOG", v);
+            let parsed = Cli::try_parse_from(["luma-proxy", "serve"]);
+            std::env::remove_var("LUMA_PROXY_NO_ACCESS_LOG");
+            match parsed.map_err(|e| e.to_string())?.cmd {
+                Cmd::Serve(a) => Ok(a.no_access_log),
+                _ => Err("not serve".into()),
+            }
+        }
+        for yes in ["1", "true", "yes", "on"] {
+            assert_eq!(no_access_log(yes), Ok(true), "{yes}");
+        }
+        for no in ["0", "false", "no", "off"] {
+            assert_eq!(no_access_log(no), Ok(false), "{no}");
+        }
+        assert!(no_access_log("maybe").is_err());
     }
 }
