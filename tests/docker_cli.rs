@@ -701,3 +701,82 @@ fn setup_builds_a_missing_proxy_image_from_the_static_binary() {
     assert_eq!(running.unwrap(), format!("true {image}"));
     assert!(!ok2 && err2.contains("not a statically linked"), "{err2}");
 }
+
+#[test]
+fn a_proxy_that_exits_at_start_fails_the_deploy_with_its_own_reason() {
+    let lab = CliLab::new("cli-crash");
+    let host = format!("shop.{}.test", lab.prefix);
+    let (dir, project) = lab.project("shop", &app_yaml(&host, ""));
+    // A proxy image whose proxy refuses its settings and exits at once (code 2), as a bad
+    // LUMA_PROXY_* value or a broken build would: the proxy image with one setting added.
+    let image = format!("{}-crashing-proxy:test", lab.prefix);
+    let crashing = format!("{}-replaced", lab.proxy); // CliLab removes this name too
+    struct Cleanup(Vec<Vec<String>>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for args in &self.0 {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let _ = docker(&args);
+            }
+        }
+    }
+    let _cleanup = Cleanup(vec![
+        vec!["rm".into(), "-f".into(), "-v".into(), crashing.clone()],
+        vec!["volume".into(), "rm".into(), format!("{crashing}-state")],
+        vec!["rmi".into(), "-f".into(), image.clone()],
+    ]);
+    let base = format!("{}-crashing-base", lab.prefix);
+    docker(&["create", "--name", &base, &proxy_image()]).unwrap();
+    let committed = docker(&[
+        "commit",
+        "--change",
+        "ENV LUMA_PROXY_WORKERS=many",
+        &base,
+        &image,
+    ]);
+    let _ = docker(&["rm", "-f", &base]);
+    committed.unwrap();
+
+    let (ok, out, err) = lab.luma_env(
+        &dir,
+        &["deploy"],
+        &[
+            ("LUMA_PROXY_IMAGE", image.as_str()),
+            ("LUMA_PROXY_NAME", crashing.as_str()),
+        ],
+    );
+    assert!(
+        !ok,
+        "deploy succeeded with a proxy that cannot start:\n{out}"
+    );
+    // Our reason, its exit code, and the proxy's own words (clap's complaint about the value).
+    assert!(err.contains("exited at start"), "{err}");
+    assert!(err.contains("exit code 2"), "{err}");
+    assert!(
+        err.contains("invalid value 'many'") && err.contains("--workers"),
+        "the proxy's own reason is missing: {err}"
+    );
+    // Nothing of the project runs behind a proxy that never came up.
+    assert!(running_app_ids(&project).is_empty());
+
+    // It holds the ports the next proxy publishes.
+    docker(&["rm", "-f", "-v", &crashing]).unwrap();
+
+    // The proxy that does start keeps bounded logs when the daemon writes json-file: it logs
+    // a line per request.
+    lab.luma_ok(&dir, &["deploy"]);
+    let driver = docker(&["info", "--format", "{{.LoggingDriver}}"]).unwrap();
+    let log_config = docker(&[
+        "inspect",
+        "--format",
+        "{{.HostConfig.LogConfig.Type}} {{index .HostConfig.LogConfig.Config \"max-size\"}} {{index .HostConfig.LogConfig.Config \"max-file\"}}",
+        &lab.proxy,
+    ])
+    .unwrap();
+    if driver == "json-file" {
+        assert_eq!(log_config, "json-file 20m 5");
+    } else {
+        // Another driver the daemon's admin chose is left as it is.
+        assert!(log_config.starts_with(&driver), "{log_config}");
+    }
+}

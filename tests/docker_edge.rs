@@ -118,6 +118,22 @@ fn forwarded_headers_as_the_app_sees_them_in_edge_and_trusted_mode() {
         format!("{out}{err}").contains("LUMA_TRUSTED_PROXIES"),
         "no drift warning:\n{out}\n{err}"
     );
+
+    // A list the proxy would refuse at start is refused here, naming the setting and the fix,
+    // and the running proxy is left as it was.
+    let proxy_id = || docker(&["inspect", "--format", "{{.Id}}", &lab.proxy]).unwrap();
+    let before = proxy_id();
+    let (ok, _, err) = lab.luma_env(
+        &dir,
+        &["deploy"],
+        &[("LUMA_TRUSTED_PROXIES", "192.0.2.0/24,10.0.0.1/8")],
+    );
+    assert!(!ok, "a bad LUMA_TRUSTED_PROXIES was accepted");
+    assert!(
+        err.contains("LUMA_TRUSTED_PROXIES") && err.contains("did you mean 10.0.0.0/8"),
+        "{err}"
+    );
+    assert_eq!(proxy_id(), before);
 }
 
 /// `docker exec -i <proxy> luma-proxy call` with one request on stdin: the reply envelope.

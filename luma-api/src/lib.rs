@@ -10,11 +10,13 @@
 //! - [`route`]: what a route is ([`route::RouteSpec`]), validated once at the door.
 //! - [`messages`]: each admin operation, its reply type, and [`ApiError`], which says whether
 //!   the world changed.
+//! - [`net`]: IP networks (CIDRs) in the proxy's settings, such as its trusted proxies.
 //! - [`tls`]: a route's HTTPS settings, the certificate state the proxy reports, and a
 //!   project's shared ACME account key.
 
 pub mod messages;
 pub mod names;
+pub mod net;
 pub mod route;
 pub mod time;
 pub mod tls;

@@ -26,7 +26,7 @@
 
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, EndpointSettings, ExecConfig,
-    HostConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
+    HostConfig, HostConfigLogConfig, Ipam, IpamConfig, NetworkConnectRequest, NetworkCreateRequest,
     NetworkDisconnectRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
     VolumeCreateRequest,
 };
@@ -138,6 +138,9 @@ pub struct ContainerSpec {
     pub init: bool,
     /// Seconds `docker stop` waits after SIGTERM before SIGKILL.
     pub stop_timeout: Option<i64>,
+    /// Options of the `json-file` log driver (`max-size`, `max-file`); empty: the daemon's
+    /// default driver with its own options.
+    pub json_log_opts: HashMap<String, String>,
 }
 
 /// What to build and how to tag it.
@@ -250,6 +253,16 @@ impl Engine {
             .await
             .map_err(|e| format!("docker version: {e}"))?;
         Ok(v.version.unwrap_or_default())
+    }
+
+    /// The daemon's default log driver (`json-file` unless its admin chose another).
+    pub async fn default_log_driver(&self) -> Result<String> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|e| format!("docker info: {e}"))?;
+        Ok(info.logging_driver.unwrap_or_default())
     }
 
     pub async fn image_exists(&self, image: &str) -> Result<bool> {
@@ -1237,6 +1250,10 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
                 maximum_retry_count: None,
             }),
             init: spec.init.then_some(true),
+            log_config: (!spec.json_log_opts.is_empty()).then(|| HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(spec.json_log_opts.clone()),
+            }),
             ..Default::default()
         }),
         networking_config: networking,

@@ -489,6 +489,8 @@ pub async fn run_entry(
         restart_unless_stopped: true,
         init: true,
         stop_timeout: Some(e.stop_grace_s() as i64),
+        // An app's logs are its owner's: the daemon's log settings apply, as to any container.
+        json_log_opts: HashMap::new(),
     };
     if !ctx.engine.create(&spec).await? {
         return Err(format!("container {name} already exists"));

@@ -149,15 +149,22 @@ impl ProxySettings {
                 .unwrap_or_else(|| "luma-proxy:dev".into()),
             http: port_env("LUMA_HTTP_PORT", 80)?,
             https: port_env("LUMA_HTTPS_PORT", 443)?,
-            trusted_proxies: std::env::var("LUMA_TRUSTED_PROXIES")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
+            trusted_proxies: trusted_proxies_env()?,
             acme: AcmeSettings::resolve(&cfg.acme, &file)?,
         })
     }
 
-    fn spec(&self) -> ContainerSpec {
+    /// The proxy's container. `rotate_logs`: the daemon logs to json-file, which keeps every
+    /// line forever unless told otherwise, and the proxy writes one access-log line per request.
+    fn spec(&self, rotate_logs: bool) -> ContainerSpec {
+        let json_log_opts = if rotate_logs {
+            HashMap::from([
+                ("max-size".to_string(), PROXY_LOG_MAX_SIZE.to_string()),
+                ("max-file".to_string(), PROXY_LOG_MAX_FILES.to_string()),
+            ])
+        } else {
+            HashMap::new()
+        };
         ContainerSpec {
             name: self.container.clone(),
             image: self.image.clone(),
@@ -173,6 +180,7 @@ impl ProxySettings {
                 names::proxy_volume(&self.container)
             )],
             restart_unless_stopped: true,
+            json_log_opts,
             ..Default::default()
         }
     }
@@ -195,6 +203,22 @@ impl ProxySettings {
     pub fn https_public_port(&self) -> Option<u16> {
         (self.https.1 != 443 && self.https.1 != 0).then_some(self.https.1)
     }
+}
+
+/// The proxy's log files under the json-file driver: at most 5 x 20 MB, the oldest dropped
+/// first. `docker logs` reads across them.
+const PROXY_LOG_MAX_SIZE: &str = "20m";
+const PROXY_LOG_MAX_FILES: &str = "5";
+
+/// `LUMA_TRUSTED_PROXIES`, checked with the proxy's own parser: a bad list would otherwise
+/// reach the proxy only as a container that exits at start.
+fn trusted_proxies_env() -> Result<String, String> {
+    let v = std::env::var("LUMA_TRUSTED_PROXIES").unwrap_or_default();
+    let v = v.trim();
+    luma_api::net::TrustedProxies::parse(v).map_err(|e| {
+        format!("LUMA_TRUSTED_PROXIES: {e}; set it to the CIDRs of the load balancers in front of the proxy, comma-separated (e.g. 10.0.0.0/8,192.0.2.7), or leave it empty")
+    })?;
+    Ok(v.to_string())
 }
 
 /// The proxy's setting for `--trusted-proxies`.
@@ -301,6 +325,14 @@ pub async fn ensure_running(
 ) -> Result<(), String> {
     ensure_image(engine, s).await?;
     match engine.inspect(&s.container).await? {
+        Some(c)
+            if c.state
+                .as_ref()
+                .and_then(|st| st.restarting)
+                .unwrap_or(false) =>
+        {
+            // A proxy in a crash loop: waiting says why it exits (its last words).
+        }
         Some(c) if c.state.as_ref().and_then(|st| st.running).unwrap_or(false) => return Ok(()),
         Some(_) => engine.start(&s.container).await?,
         None => {
@@ -313,7 +345,8 @@ pub async fn ensure_running(
             check_ports_free(engine, &[s.http.1, s.https.1], &s.container).await?;
             // Another project's deploy may create it at the same moment: either way one proxy
             // exists afterwards, and starting a running container is a no-op.
-            if engine.create(&s.spec()).await? {
+            let rotate_logs = engine.default_log_driver().await? == "json-file";
+            if engine.create(&s.spec(rotate_logs)).await? {
                 for n in networks {
                     engine.connect_network(n, &s.container, Vec::new()).await?;
                 }
@@ -335,17 +368,77 @@ pub async fn ensure_running(
 
 pub async fn wait_ready(engine: &Engine, s: &ProxySettings) -> Result<(), String> {
     let started = tokio::time::Instant::now();
+    // Docker restarts a proxy that exits (restart policy unless-stopped), so "not running" may
+    // last only an instant: a restart count that rose while we wait says it exited too.
+    let restarts_before = restart_count(engine, s).await;
     loop {
-        match ask(engine, s, luma_api::StatusRequest {}).await {
+        let e = match ask(engine, s, luma_api::StatusRequest {}).await {
             Ok(_) => return Ok(()),
-            Err(e) if started.elapsed() > Duration::from_secs(15) => {
-                return Err(format!(
-                    "the proxy {} did not become ready: {e}",
-                    s.container
-                ))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => e,
+        };
+        if let Some(exit) = exited(engine, s, restarts_before).await {
+            return Err(format!(
+                "the proxy {} exited at start ({exit}){}",
+                s.container,
+                last_words(engine, s).await
+            ));
         }
+        if started.elapsed() > READY_WITHIN {
+            return Err(format!(
+                "the proxy {} did not become ready in {} s: {e}{}",
+                s.container,
+                READY_WITHIN.as_secs(),
+                last_words(engine, s).await
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a started proxy has to answer its admin API.
+const READY_WITHIN: Duration = Duration::from_secs(15);
+
+async fn restart_count(engine: &Engine, s: &ProxySettings) -> i64 {
+    match engine.inspect(&s.container).await {
+        Ok(Some(c)) => c.restart_count.unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// `Some(how)` when the proxy's process has ended since the wait began: it is not running, or
+/// Docker is restarting it, or restarted it. `None` while it runs (or cannot be inspected: the
+/// admin API's error then says what is wrong).
+async fn exited(engine: &Engine, s: &ProxySettings, restarts_before: i64) -> Option<String> {
+    let c = engine.inspect(&s.container).await.ok()??;
+    let state = c.state.as_ref()?;
+    let running = state.running == Some(true) && state.restarting != Some(true);
+    let restarted = c.restart_count.unwrap_or(0) > restarts_before;
+    if running && !restarted {
+        return None;
+    }
+    let mut how = match state.exit_code {
+        Some(code) => format!("exit code {code}"),
+        None => "no exit code".to_string(),
+    };
+    if let Some(err) = state.error.as_deref().filter(|e| !e.is_empty()) {
+        how.push_str(&format!("; Docker: {err}"));
+    }
+    if state.restarting == Some(true) || restarted {
+        how.push_str("; Docker keeps restarting it");
+    }
+    Some(how)
+}
+
+/// The proxy's last log lines, to put its own reason beside ours. Its logs hold no secrets: the
+/// admin token is in its state volume, never printed.
+async fn last_words(engine: &Engine, s: &ProxySettings) -> String {
+    match engine.logs_tail(&s.container, 20).await {
+        Ok(t) if !t.trim().is_empty() => format!(
+            "; its last log lines:\n{}\n(more: docker logs {})",
+            t.trim_end(),
+            s.container
+        ),
+        _ => format!("; see docker logs {}", s.container),
     }
 }
 
