@@ -257,6 +257,7 @@ impl Engine {
 
     /// The daemon's default log driver (`json-file` unless its admin chose another).
     pub async fn default_log_driver(&self) -> Result<String> {
+        self.trace("info (default log driver)");
         let info = self
             .docker
             .info()
@@ -844,10 +845,20 @@ impl Engine {
 
     /// The last `n` lines of a container's output.
     pub async fn logs_tail(&self, name: &str, n: usize) -> Result<String> {
+        self.tail(name, n, true).await
+    }
+
+    /// The last `n` lines a container wrote to stderr only (the proxy's diagnostics; its stdout
+    /// is the access log, with users' URLs and addresses).
+    pub async fn stderr_tail(&self, name: &str, n: usize) -> Result<String> {
+        self.tail(name, n, false).await
+    }
+
+    async fn tail(&self, name: &str, n: usize, stdout: bool) -> Result<String> {
         let mut s = self.docker.logs(
             name,
             Some(LogsOptions {
-                stdout: true,
+                stdout,
                 stderr: true,
                 tail: n.to_string(),
                 ..Default::default()

@@ -6,6 +6,7 @@
 //! - [`fleet`]: the servers of a project, the lock across them, images put on them
 //!   ([`transfer`]: streamed between engines, or through a registry);
 //! - [`proxyctl`]: the proxy's lifecycle, and the only way to its admin API (typed, `luma-api`);
+//!   [`proxystart`]: whether a proxy that does not answer yet has exited;
 //! - [`project`]: what a release stands on: proxy, network, services, preflight checks;
 //! - [`netpool`]: the subnet of each new project network, from Luma's pool, clear of the
 //!   engine's networks and the host's routes; [`hostpath`]: the firewall rule that lets
@@ -29,6 +30,7 @@ pub mod names;
 pub mod netpool;
 pub mod project;
 pub mod proxyctl;
+pub mod proxystart;
 pub mod release;
 pub mod secrets;
 pub mod ssh;

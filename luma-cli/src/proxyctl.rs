@@ -345,7 +345,11 @@ pub async fn ensure_running(
             check_ports_free(engine, &[s.http.1, s.https.1], &s.container).await?;
             // Another project's deploy may create it at the same moment: either way one proxy
             // exists afterwards, and starting a running container is a no-op.
-            let rotate_logs = engine.default_log_driver().await? == "json-file";
+            // Not knowing the driver (an engine that hides /info) only costs the rotation.
+            let rotate_logs = engine
+                .default_log_driver()
+                .await
+                .is_ok_and(|d| d == "json-file");
             if engine.create(&s.spec(rotate_logs)).await? {
                 for n in networks {
                     engine.connect_network(n, &s.container, Vec::new()).await?;
@@ -368,17 +372,20 @@ pub async fn ensure_running(
 
 pub async fn wait_ready(engine: &Engine, s: &ProxySettings) -> Result<(), String> {
     let started = tokio::time::Instant::now();
-    // Docker restarts a proxy that exits (restart policy unless-stopped), so "not running" may
-    // last only an instant: a restart count that rose while we wait says it exited too.
-    let restarts_before = restart_count(engine, s).await;
+    let base =
+        crate::proxystart::Baseline::of(engine.inspect(&s.container).await.ok().flatten().as_ref());
     loop {
         let e = match ask(engine, s, luma_api::StatusRequest {}).await {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
-        if let Some(exit) = exited(engine, s, restarts_before).await {
+        // Not inspectable: the admin call's error says what is wrong, at the deadline.
+        let seen = engine.inspect(&s.container).await.ok().flatten();
+        if let Some(how) =
+            seen.and_then(|c| crate::proxystart::exit(base, &crate::proxystart::Seen::of(&c)))
+        {
             return Err(format!(
-                "the proxy {} exited at start ({exit}){}",
+                "the proxy {} exited at start ({how}){}",
                 s.container,
                 last_words(engine, s).await
             ));
@@ -395,46 +402,29 @@ pub async fn wait_ready(engine: &Engine, s: &ProxySettings) -> Result<(), String
     }
 }
 
+/// A proxy from before luma rotated its logs: json-file with no size limit. (Docker merges the
+/// engine's default log options into a container's log config when it creates it, so an
+/// engine-wide `max-size` shows here too.)
+fn unbounded_logs(log: Option<&bollard::models::HostConfigLogConfig>) -> bool {
+    log.is_some_and(|l| {
+        l.typ.as_deref() == Some("json-file")
+            && !l
+                .config
+                .as_ref()
+                .is_some_and(|o| o.contains_key("max-size"))
+    })
+}
+
 /// How long a started proxy has to answer its admin API.
 const READY_WITHIN: Duration = Duration::from_secs(15);
 
-async fn restart_count(engine: &Engine, s: &ProxySettings) -> i64 {
-    match engine.inspect(&s.container).await {
-        Ok(Some(c)) => c.restart_count.unwrap_or(0),
-        _ => 0,
-    }
-}
-
-/// `Some(how)` when the proxy's process has ended since the wait began: it is not running, or
-/// Docker is restarting it, or restarted it. `None` while it runs (or cannot be inspected: the
-/// admin API's error then says what is wrong).
-async fn exited(engine: &Engine, s: &ProxySettings, restarts_before: i64) -> Option<String> {
-    let c = engine.inspect(&s.container).await.ok()??;
-    let state = c.state.as_ref()?;
-    let running = state.running == Some(true) && state.restarting != Some(true);
-    let restarted = c.restart_count.unwrap_or(0) > restarts_before;
-    if running && !restarted {
-        return None;
-    }
-    let mut how = match state.exit_code {
-        Some(code) => format!("exit code {code}"),
-        None => "no exit code".to_string(),
-    };
-    if let Some(err) = state.error.as_deref().filter(|e| !e.is_empty()) {
-        how.push_str(&format!("; Docker: {err}"));
-    }
-    if state.restarting == Some(true) || restarted {
-        how.push_str("; Docker keeps restarting it");
-    }
-    Some(how)
-}
-
-/// The proxy's last log lines, to put its own reason beside ours. Its logs hold no secrets: the
-/// admin token is in its state volume, never printed.
+/// The proxy's last lines on stderr, to put its own reason beside ours: its diagnostics and the
+/// errors of its argument parser. Never its stdout, the access log, whose lines carry users'
+/// URLs and addresses.
 async fn last_words(engine: &Engine, s: &ProxySettings) -> String {
-    match engine.logs_tail(&s.container, 20).await {
+    match engine.stderr_tail(&s.container, 20).await {
         Ok(t) if !t.trim().is_empty() => format!(
-            "; its last log lines:\n{}\n(more: docker logs {})",
+            "; its last lines on stderr:\n{}\n(more: docker logs {})",
             t.trim_end(),
             s.container
         ),
@@ -639,6 +629,12 @@ pub async fn drift(engine: &Engine, s: &ProxySettings) -> Result<Vec<String>, St
                 if shown.is_empty() { "nothing".into() } else { shown }
             ));
         }
+    }
+    if unbounded_logs(c.host_config.as_ref().and_then(|h| h.log_config.as_ref())) {
+        out.push(format!(
+            "the running proxy {} keeps its logs without a size limit (json-file, no max-size): it writes a line per request; `luma proxy update` recreates it with rotated logs (routes and certificates are kept)",
+            s.container
+        ));
     }
     Ok(out)
 }
@@ -917,6 +913,31 @@ pub async fn check_ports_free(engine: &Engine, ports: &[u16], except: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_without_a_log_size_limit_is_noticed() {
+        use bollard::models::HostConfigLogConfig;
+        let log = |typ: &str, opts: &[(&str, &str)]| HostConfigLogConfig {
+            typ: Some(typ.into()),
+            config: Some(
+                opts.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        };
+        assert!(unbounded_logs(Some(&log("json-file", &[]))));
+        assert!(unbounded_logs(Some(&log(
+            "json-file",
+            &[("max-file", "3")]
+        ))));
+        assert!(!unbounded_logs(Some(&log(
+            "json-file",
+            &[("max-size", "20m")]
+        ))));
+        assert!(!unbounded_logs(Some(&log("journald", &[]))));
+        assert!(!unbounded_logs(Some(&log("local", &[]))));
+        assert!(!unbounded_logs(None));
+    }
 
     fn asked(v: &str) -> Option<Asked> {
         Some(Asked {

@@ -729,21 +729,50 @@ mod tests {
     /// clap's `true`/`false` (a proxy that refuses `1` exits at start).
     #[test]
     fn switches_from_the_environment_take_yes_and_no_words() {
-        fn no_access_log(v: &str) -> Result<bool, String> {
-            std::env::set_var("LUMA_PROXY_NO_ACCESS_LOG", v);
+        // This binary's only test, so nothing else reads the environment meanwhile. Every
+        // LUMA_PROXY_* variable of the caller's environment is cleared, so none of them can
+        // fail the parse.
+        struct Restore(Vec<(std::ffi::OsString, std::ffi::OsString)>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                for (k, v) in &self.0 {
+                    std::env::set_var(k, v);
+                }
+            }
+        }
+        let _restore = Restore(
+            std::env::vars_os()
+                .filter(|(k, _)| k.to_string_lossy().starts_with("LUMA_PROXY_"))
+                .inspect(|(k, _)| std::env::remove_var(k))
+                .collect(),
+        );
+        fn serve_with(var: &str, v: &str) -> Result<Box<ServeArgs>, String> {
+            std::env::set_var(var, v);
             let parsed = Cli::try_parse_from(["luma-proxy", "serve"]);
-            std::env::remove_var("LUMA_PROXY_NO_ACCESS_LOG");
+            std::env::remove_var(var);
             match parsed.map_err(|e| e.to_string())?.cmd {
-                Cmd::Serve(a) => Ok(a.no_access_log),
+                Cmd::Serve(a) => Ok(a),
                 _ => Err("not serve".into()),
             }
         }
-        for yes in ["1", "true", "yes", "on"] {
-            assert_eq!(no_access_log(yes), Ok(true), "{yes}");
+        type Switch = fn(&ServeArgs) -> bool;
+        let switches: [(&str, Switch); 2] = [
+            ("LUMA_PROXY_NO_ACCESS_LOG", |a| a.no_access_log),
+            ("LUMA_PROXY_ALLOW_LITERAL_TARGETS", |a| {
+                a.allow_literal_targets
+            }),
+        ];
+        for (var, get) in switches {
+            for (words, want) in [
+                (["1", "true", "yes", "on"], true),
+                (["0", "false", "no", "off"], false),
+            ] {
+                for w in words {
+                    let a = serve_with(var, w).unwrap_or_else(|e| panic!("{var}={w}: {e}"));
+                    assert_eq!(get(&a), want, "{var}={w}");
+                }
+            }
+            assert!(serve_with(var, "maybe").is_err(), "{var}=maybe");
         }
-        for no in ["0", "false", "no", "off"] {
-            assert_eq!(no_access_log(no), Ok(false), "{no}");
-        }
-        assert!(no_access_log("maybe").is_err());
     }
 }
