@@ -371,26 +371,28 @@ pub async fn ensure_running(
 }
 
 pub async fn wait_ready(engine: &Engine, s: &ProxySettings) -> Result<(), String> {
+    use crate::proxystart::{exit, Baseline, Seen};
     let started = tokio::time::Instant::now();
-    let base =
-        crate::proxystart::Baseline::of(engine.inspect(&s.container).await.ok().flatten().as_ref());
+    let base = Baseline::of(engine.inspect(&s.container).await.ok().flatten().as_ref());
     loop {
         let e = match ask(engine, s, luma_api::StatusRequest {}).await {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
+        let late = started.elapsed() > READY_WITHIN;
+        // At the deadline the state alone decides: a crash loop found in a long back-off (it
+        // doubles up to 60 s) restarts no more within the wait, but still shows how it ended.
+        let against = if late { Baseline::UNKNOWN } else { base };
         // Not inspectable: the admin call's error says what is wrong, at the deadline.
         let seen = engine.inspect(&s.container).await.ok().flatten();
-        if let Some(how) =
-            seen.and_then(|c| crate::proxystart::exit(base, &crate::proxystart::Seen::of(&c)))
-        {
+        if let Some(how) = seen.and_then(|c| exit(against, &Seen::of(&c))) {
             return Err(format!(
                 "the proxy {} exited at start ({how}){}",
                 s.container,
                 last_words(engine, s).await
             ));
         }
-        if started.elapsed() > READY_WITHIN {
+        if late {
             return Err(format!(
                 "the proxy {} did not become ready in {} s: {e}{}",
                 s.container,
@@ -630,7 +632,14 @@ pub async fn drift(engine: &Engine, s: &ProxySettings) -> Result<Vec<String>, St
             ));
         }
     }
-    if unbounded_logs(c.host_config.as_ref().and_then(|h| h.log_config.as_ref())) {
+    // Only where luma would rotate them (an engine that hides /info gets no rotation, so no
+    // promise that `luma proxy update` brings it).
+    if unbounded_logs(c.host_config.as_ref().and_then(|h| h.log_config.as_ref()))
+        && engine
+            .default_log_driver()
+            .await
+            .is_ok_and(|d| d == "json-file")
+    {
         out.push(format!(
             "the running proxy {} keeps its logs without a size limit (json-file, no max-size): it writes a line per request; `luma proxy update` recreates it with rotated logs (routes and certificates are kept)",
             s.container

@@ -18,6 +18,12 @@ pub struct Baseline {
 }
 
 impl Baseline {
+    /// Nothing known: any sign of an exit in the state counts (not a rise in the count).
+    pub const UNKNOWN: Baseline = Baseline {
+        restarts: None,
+        restarting: false,
+    };
+
     pub fn of(c: Option<&ContainerInspectResponse>) -> Baseline {
         let seen = c.map(Seen::of).unwrap_or_default();
         Baseline {
@@ -74,7 +80,7 @@ pub fn exit(base: Baseline, now: &Seen) -> Option<String> {
         how.push_str(&format!("; Docker: {err}"));
     }
     if now.restarting {
-        how.push_str("; Docker keeps restarting it");
+        how.push_str("; Docker is restarting it");
     }
     Some(how)
 }
@@ -116,7 +122,7 @@ mod tests {
         );
         assert_eq!(
             exit(b, &seen(true, true, 1, 2)).as_deref(),
-            Some("exit code 2; Docker keeps restarting it")
+            Some("exit code 2; Docker is restarting it")
         );
         // Restarted between two looks: the code Docker shows now is the new run's.
         assert_eq!(
@@ -138,8 +144,18 @@ mod tests {
         assert_eq!(exit(b, &seen(true, false, 3, 0)), None);
         assert_eq!(
             exit(b, &seen(true, true, 4, 2)).as_deref(),
-            Some("exit code 2; Docker keeps restarting it")
+            Some("exit code 2; Docker is restarting it")
         );
+    }
+
+    #[test]
+    fn with_nothing_known_the_state_alone_decides() {
+        // At the deadline: a crash loop in a long back-off still shows how its last run ended.
+        assert_eq!(
+            exit(Baseline::UNKNOWN, &seen(true, true, 9, 2)).as_deref(),
+            Some("exit code 2; Docker is restarting it")
+        );
+        assert_eq!(exit(Baseline::UNKNOWN, &seen(true, false, 9, 0)), None);
     }
 
     #[test]
