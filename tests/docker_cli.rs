@@ -734,7 +734,8 @@ fn a_proxy_that_exits_at_start_fails_the_deploy_with_its_own_reason() {
         &base,
         &image,
     ]);
-    let _ = docker(&["rm", "-f", &base]);
+    // -v: the image declares a volume, which would outlive the container.
+    let _ = docker(&["rm", "-f", "-v", &base]);
     committed.unwrap();
 
     let (ok, out, err) = lab.luma_env(
