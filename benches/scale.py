@@ -31,12 +31,13 @@ Measures:
     tail against the machine's spare CPU, to read the N-project sample against, whose host spends
     more at idle;
   * at 1 project, a control of the host (`host_control_sample`, `--control-repeats` rounds;
-    skipped when N is 1): p99 at the fixed rate on three paths, without and then with N-1 idle
+    skipped when N is 1): p99 at the fixed rate on four paths, without and then with N-1 idle
     containers of the demo image started with `--network none` (no network, no route, no health
-    check, no traffic): luma-proxy in its container on the client's path, and luma-proxy and
-    nginx run natively on this host in front of project 1's replica, from 127.0.0.1. A tail that
-    grows with the idle containers alike for both native proxies grows with the host's
-    per-container machinery, not with luma-proxy;
+    check, no traffic): luma-proxy in its container on the client's path, nginx in a container
+    deployed the same way (an image made from the host's nginx, `nginx_image.py`) on the same
+    path, and luma-proxy and nginx run natively on this host in front of project 1's replica,
+    from 127.0.0.1. A tail that grows with the idle containers alike for both proxies, in
+    containers and natively, grows with the host's per-container machinery, not with luma-proxy;
   * at every idle sample, where the whole machine's idle CPU goes, by process name;
   * luma's host fast path (a DOCKER-USER rule per network pool that accepts the pool's
     established traffic before the per-network rules, and the "edge" rules that do the same for
@@ -107,6 +108,7 @@ import traceback
 import zlib
 
 from compare import fill  # the peers' config templates are filled the same way in both harnesses
+import nginx_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -857,10 +859,11 @@ def cpu_ticks(pid):
     return int(rest[11]) + int(rest[12])
 
 
-def loadgen(lab, a, rate, seconds, port=None, addr=None, container=None, peer=None):
+def loadgen(lab, a, rate, seconds, port=None, addr=None, container=None, peer=None, published=None):
     """One luma-loadgen run with project 1's host: by default from the client namespace to the
-    proxy's published port (a remote client's path); with `port`, to 127.0.0.1:port; with
-    `addr` (ip:port of `container`), from this host straight to a container's address. Failed
+    proxy's published port (a remote client's path), or to `published` (the port `container`
+    publishes on the same address); with `port`, to 127.0.0.1:port; with `addr` (ip:port of
+    `container`), from this host straight to a container's address. Failed
     unless every request it sent got a 2xx answer. Its req/s counts every request, failed ones
     too, so a run with failures measures the wrong thing."""
     host = lab.host(1)
@@ -869,8 +872,8 @@ def loadgen(lab, a, rate, seconds, port=None, addr=None, container=None, peer=No
     elif addr:
         prefix, target, flags, logs = [], addr, ["--local-link"], f"`docker logs {container}`"
     else:
-        prefix, target = lab.client.exec_prefix(), f"{lab.client.host_ip}:{lab.http}"
-        flags, logs = ["--local-link"], f"`docker logs {lab.proxy}`"
+        prefix, target = lab.client.exec_prefix(), f"{lab.client.host_ip}:{published or lab.http}"
+        flags, logs = ["--local-link"], f"`docker logs {container or lab.proxy}`"
     cmd = [*prefix, a.loadgen, "--addr", target, "--host", host, "--connections", str(a.connections),
            "--rate", str(rate), "--duration", str(seconds), *flags]
     out = run(cmd, seconds + 60)[1]
@@ -1046,11 +1049,13 @@ def spare_cpu_sample(lab, a, rate):
 
 
 # The host control's paths, in report order: luma-proxy in its container (the client's path of
-# `loadgen`), then the two proxies run natively on this host in front of project 1's replica.
-CONTROL_PATHS = ("container", "luma-native", "nginx-native")
+# `loadgen`), nginx in a container deployed the same way (`NginxContainer`), then the two
+# proxies run natively on this host in front of project 1's replica.
+CONTROL_PATHS = ("container", "nginx-container", "luma-native", "nginx-native")
 # The fair nginx of benches/compare.py, and its upstream line, which the control points at the replica.
 NGINX_PEER, NGINX_UPSTREAM = "benches/peers/nginx.conf.in", "server 127.0.0.1:{backend_port};"
 NGINX_TEMP = "proxy_temp_path {tmp}/proxy;"
+NGINX_LISTEN = "listen 127.0.0.1:"
 
 
 def peer_binary(a):
@@ -1071,6 +1076,66 @@ def check_peers(a):
     return True, ""
 
 
+def nginx_config(replica, tmp, port, h2_port, listen="127.0.0.1:"):
+    """The fair peer of benches/compare.py, as it is, but for its upstream (the replica), its
+    temp paths (all under `tmp`, so nginx makes nothing elsewhere) and, in a container, its
+    listeners (`listen` "": every address of the container). As many workers as the proxy
+    container has serving threads (one per CPU)."""
+    with open(os.path.join(ROOT, NGINX_PEER)) as f:
+        template = f.read()
+    for line in (NGINX_UPSTREAM, NGINX_TEMP, NGINX_LISTEN):
+        if line not in template:
+            raise Failed(f"{NGINX_PEER} has no `{line}` line any more; update NGINX_UPSTREAM, NGINX_TEMP "
+                         "and NGINX_LISTEN")
+    temps = "".join(f"\n    {d}_temp_path {{tmp}}/{d};" for d in ("fastcgi", "uwsgi", "scgi"))
+    template = (template.replace(NGINX_UPSTREAM, f"server {replica};").replace(NGINX_TEMP, NGINX_TEMP + temps)
+                .replace(NGINX_LISTEN, f"listen {listen}"))
+    return fill(template, {"workers": os.cpu_count() or 1, "tmp": tmp, "port": port, "h2_port": h2_port})
+
+
+class NginxContainer:
+    """nginx in a container deployed as luma-proxy's is: on Docker's default bridge with its
+    port published on the client link's host address, so the client's load takes the proxy's
+    path (DNAT, the host's FORWARD chain and luma's edge rules for that bridge), and connected
+    to project 1's network, in front of its replica. It runs the fair peer's config and the
+    host's own nginx binary (`nginx_image`; nothing is pulled). Beside luma-proxy's container,
+    it tells what the container shape costs any proxy from what it costs luma-proxy."""
+
+    def __init__(self, lab, a, replica):
+        self.lab, self.a, self.replica = lab, a, replica
+        self.name, self.image = f"{lab.prefix}-nginx", f"{lab.prefix}-nginx:peer"
+        self.port = free_ports(1)[0]
+        self.made = False
+
+    def start(self):
+        self.made = True  # from the first command on, `stop` removes what there is
+        conf = nginx_config(self.replica, nginx_image.HOME, nginx_image.PORT, nginx_image.PORT + 1, listen="")
+        # Its errors to `docker logs`, where a failure message can show them.
+        conf = conf.replace(f"error_log {nginx_image.HOME}/nginx-error.log", "error_log stderr")
+        try:
+            nginx_image.build(self.image, conf, docker, self.lab.tmp)
+        except (OSError, ValueError) as e:
+            raise Failed(f"cannot make the host control's nginx image from this host's nginx: {e}")
+        docker("run", "-d", "--name", self.name, "-p", f"{self.lab.client.host_ip}:{self.port}:{nginx_image.PORT}",
+               self.image)
+        docker("network", "connect", f"{self.lab.project(1)}-network", self.name)
+        try:
+            wait_answers(self.lab.public[:1] + (self.port,), self.lab.host(1), self.lab.project(1), 30)
+        except Failed as e:
+            raise Failed(f"{e}\nthe host control's nginx container {self.name} logs:\n"
+                         f"{docker('logs', '--tail', '10', self.name, check=False)}") from None
+        self.load(0, 1)  # warm-up
+
+    def load(self, rate, seconds):
+        return loadgen(self.lab, self.a, rate, seconds, container=self.name, published=self.port)
+
+    def stop(self):
+        if self.made:
+            docker("rm", "-f", "-v", self.name, timeout=120, check=False)
+            docker("rmi", "-f", self.image, timeout=120, check=False)
+            self.made = False
+
+
 class NativePeers:
     """luma-proxy and nginx run natively on this host, both in front of project 1's replica
     address with as many workers as the proxy container has serving threads (one per CPU), access
@@ -1089,19 +1154,9 @@ class NativePeers:
     def start(self):
         os.makedirs(self.dir, exist_ok=True)
         workers = os.cpu_count() or 1
-        # The fair peer of benches/compare.py, as it is, but for its upstream: the replica.
-        with open(os.path.join(ROOT, NGINX_PEER)) as f:
-            template = f.read()
-        for line in (NGINX_UPSTREAM, NGINX_TEMP):
-            if line not in template:
-                raise Failed(f"{NGINX_PEER} has no `{line}` line any more; update NGINX_UPSTREAM and NGINX_TEMP")
-        # Every temp path under the run's directory, so nginx makes nothing elsewhere on the host.
-        temps = "".join(f"\n    {d}_temp_path {{tmp}}/{d};" for d in ("fastcgi", "uwsgi", "scgi"))
         conf = os.path.join(self.dir, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(fill(template.replace(NGINX_UPSTREAM, f"server {self.replica};").replace(NGINX_TEMP, NGINX_TEMP + temps),
-                         {"workers": workers, "tmp": self.dir, "port": self.ports["nginx-native"],
-                          "h2_port": self.ports["nginx-h2c"]}))
+            f.write(nginx_config(self.replica, self.dir, self.ports["nginx-native"], self.ports["nginx-h2c"]))
         for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             os.makedirs(os.path.join(self.dir, d), exist_ok=True)
         state, admin = os.path.join(self.dir, "luma-state"), f"127.0.0.1:{self.ports['admin']}"
@@ -1151,13 +1206,15 @@ class NativePeers:
         self.procs = []
 
 
-def control_round(lab, a, rate, peers, rng, into):
+def control_round(lab, a, rate, peers, nginx, rng, into):
     """One fixed-rate run on each of CONTROL_PATHS, in an order shuffled each round."""
     order = list(CONTROL_PATHS)
     rng.shuffle(order)
     for path in order:
         if path == "container":
             into[path].append(loadgen(lab, a, rate, a.load_seconds))
+        elif path == "nginx-container":
+            into[path].append(nginx.load(rate, a.load_seconds))
         else:
             into[path].append(peers.load(path, rate, a.load_seconds))
 
@@ -1175,22 +1232,25 @@ def host_control_sample(lab, a, rate):
     n = a.projects - 1
     replica, _ = lab.replica_addr(1)
     peers = NativePeers(lab, a, replica)
+    nginx = NginxContainer(lab, a, replica)
     rng = random.Random(1)
     runs = {k: {path: [] for path in CONTROL_PATHS} for k in ("without", "with")}
     names = [idle_container(lab, k) for k in range(1, n + 1)]
     try:
         peers.start()
+        nginx.start()
         for _ in range(a.control_repeats):
-            control_round(lab, a, rate, peers, rng, runs["without"])
+            control_round(lab, a, rate, peers, nginx, rng, runs["without"])
         for k, name in enumerate(names, 1):
             docker("run", "-d", "--name", name, "--network", "none", a.image)
             if k % 50 == 0 or k == n:
                 log(f"    host control: {k} of {n} idle containers started")
         pause(a.settle)  # the engine's work of starting them is over
         for _ in range(a.control_repeats):
-            control_round(lab, a, rate, peers, rng, runs["with"])
+            control_round(lab, a, rate, peers, nginx, rng, runs["with"])
     finally:
         peers.stop()
+        nginx.stop()
         for k in range(0, len(names), 50):
             docker("rm", "-f", "-v", *names[k:k + 50], timeout=300, check=False)
     left = [name for name in docker("ps", "-a", "--format", "{{.Names}}").split() if name in set(names)]
@@ -1521,11 +1581,12 @@ def spare_section(p1, pn, idle, n, spare):
 
 def control_section(pn, ctl, n, rate):
     """The host control (`host_control_sample`): the tail with and without N-1 idle containers,
-    for luma-proxy in its container and for luma-proxy and nginx run natively side by side."""
+    for luma-proxy and nginx each in a container, and run natively, side by side."""
     if not ctl:
         return []
     k = ctl["containers"]
     labels = {"container": "luma-proxy in its container: the client's path (as in the tables above)",
+              "nginx-container": "nginx in a container deployed the same way: the client's path",
               "luma-native": "luma-proxy run natively on this host, from 127.0.0.1",
               "nginx-native": "nginx run natively on this host, from 127.0.0.1"}
     lines = [f"### The tail and the host: {k} idle containers, and nginx beside luma-proxy", "",
@@ -1548,13 +1609,17 @@ def control_section(pn, ctl, n, rate):
         f"path in an order shuffled each round, without and then with {k} containers of `{ctl['image']}` started "
         "with `--network none`: no network, so no route in the proxy, no health check and no traffic; each is "
         "a container as a replica is, minus its network (its cgroups, its containerd shim, a process asleep in "
-        "`accept`). Then they were removed, before project 2 was deployed. Both native proxies run as many workers "
+        "`accept`). Then they were removed, before project 2 was deployed. nginx's container is made from this "
+        "host's nginx binary and the fair peer's config (`benches/nginx_image.py`) and deployed as luma-proxy's "
+        "is: on Docker's default bridge with its port published on the same address of the client's link (the "
+        "same DNAT, FORWARD chain and edge rules), and connected to project 1's network, in front of the same "
+        "replica. Both native proxies, and nginx's container, run as many workers "
         "as the proxy container has serving threads (one per CPU), with access logs off and keep-alive "
         f"connections to project 1's replica (`{ctl['replica']}`), reached from 127.0.0.1 over the host's bridge "
         "(no DNAT, no FORWARD rule): the same footing for both, which the container and a native nginx would not "
         f"be; medians of {runs}, {requests:,} requests, all 2xx. Reading: where nginx's p99 grows with the idle "
-        "containers as luma-proxy's does, the growth is the host's, from what every container adds to it, and "
-        "not luma-proxy's. This control leaves out what the N projects add besides containers (networks, "
+        "containers as luma-proxy's does, natively and in a container alike, the growth is the host's, from what "
+        "every container adds to it, and not luma-proxy's. This control leaves out what the N projects add besides containers (networks, "
         "routes, health checks, the host's rules); for comparison, the client's path measured "
         f"{pn['p99_us'] / 1000:.2f} ms at {n} projects (the table above): {pn['p99_us'] / max(base['p99_us'], 1):.2f}x "
         "this control's runs without the idle containers.",
@@ -1809,7 +1874,7 @@ def main():
                     "core taken by a synthetic background (default 5; 0 skips it; 0 with --smoke)")
     ap.add_argument("--control-repeats", type=int,
                     help="rounds of the host control at 1 project, without and then with N-1 idle containers: "
-                    "luma-proxy in its container, and luma-proxy and nginx run natively (default 5; 1 with --smoke; "
+                    "luma-proxy and nginx each in a container, and both run natively (default 5; 1 with --smoke; "
                     "0 skips it)")
     ap.add_argument("--check-interval", help="every app's health_check.interval (e.g. 10s; default: luma's, 1s): "
                     "to see what the checks cost at N projects")
