@@ -59,7 +59,7 @@ def rootfs(binary, config):
     return buf.getvalue()
 
 
-def build(tag, config, docker, workdir, binary="/usr/sbin/nginx"):
+def build(tag, config, docker, workdir, binary):
     """`docker import`s the image as `tag` (which the caller removes), its entrypoint nginx in the
     foreground with `config`; the root filesystem's tar is written under `workdir` first.
     `docker` is the harness's own runner, which raises on failure."""

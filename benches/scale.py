@@ -1070,6 +1070,11 @@ def check_peers(a):
     if not shutil.which("nginx"):
         return False, ("the host control (--control-repeats) runs nginx beside luma-proxy, and nginx is not "
                        "installed: run benches/install-peers.sh, or pass --control-repeats 0")
+    try:
+        nginx_image.shared_libraries(shutil.which("nginx"))
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return False, (f"the host control builds an nginx image from this host's nginx, and cannot list its "
+                       f"libraries ({e}); install ldd (libc-bin), or pass --control-repeats 0")
     if not os.access(peer_binary(a), os.X_OK):
         return False, (f"the host control runs {peer_binary(a)} natively, and it is missing: build it "
                        "(`cargo build --release -p luma-proxy`), point --bin-dir at it, or pass --control-repeats 0")
@@ -1093,31 +1098,56 @@ def nginx_config(replica, tmp, port, h2_port, listen="127.0.0.1:"):
     return fill(template, {"workers": os.cpu_count() or 1, "tmp": tmp, "port": port, "h2_port": h2_port})
 
 
+# A containerised nginx's access log as luma-proxy's container writes its own: one JSON line per
+# request with the same fields, to stdout (so through the engine's log driver), gathered for up
+# to 32 KiB or 50 ms per write (luma-proxy's access.rs: FLUSH_BYTES, GATHER).
+NGINX_ACCESS_LOG = (
+    "log_format luma escape=json '{\"ts\":$msec,\"host\":\"$host\",\"method\":\"$request_method\","
+    "\"path\":\"$request_uri\",\"status\":$status,\"duration_s\":$request_time,\"route\":\"$host\","
+    "\"backend\":\"$upstream_addr\",\"client\":\"$remote_addr:$remote_port\"}';\n"
+    "    access_log /dev/stdout luma buffer=32k flush=50ms;")
+NGINX_NO_ACCESS_LOG = "access_log off;"
+
+
 class NginxContainer:
-    """nginx in a container deployed as luma-proxy's is: on Docker's default bridge with its
+    """nginx in a container deployed as luma's proxy is: on Docker's default bridge with its
     port published on the client link's host address, so the client's load takes the proxy's
-    path (DNAT, the host's FORWARD chain and luma's edge rules for that bridge), and connected
-    to project 1's network, in front of its replica. It runs the fair peer's config and the
+    path (DNAT, the host's FORWARD chain and luma's edge rules for that bridge), connected to
+    project 1's network in front of its replica, and logging each request to stdout as luma's
+    proxy does, with the same log rotation. It runs the fair peer's config otherwise, and the
     host's own nginx binary (`nginx_image`; nothing is pulled). Beside luma-proxy's container,
     it tells what the container shape costs any proxy from what it costs luma-proxy."""
 
     def __init__(self, lab, a, replica):
         self.lab, self.a, self.replica = lab, a, replica
         self.name, self.image = f"{lab.prefix}-nginx", f"{lab.prefix}-nginx:peer"
-        self.port = free_ports(1)[0]
+        self.port = None  # the one Docker publishes on, read back after the start
         self.made = False
 
     def start(self):
         self.made = True  # from the first command on, `stop` removes what there is
         conf = nginx_config(self.replica, nginx_image.HOME, nginx_image.PORT, nginx_image.PORT + 1, listen="")
+        if NGINX_NO_ACCESS_LOG not in conf:
+            raise Failed(f"{NGINX_PEER} has no `{NGINX_NO_ACCESS_LOG}` line any more; update NGINX_NO_ACCESS_LOG")
         # Its errors to `docker logs`, where a failure message can show them.
-        conf = conf.replace(f"error_log {nginx_image.HOME}/nginx-error.log", "error_log stderr")
+        conf = (conf.replace(f"error_log {nginx_image.HOME}/nginx-error.log", "error_log stderr")
+                .replace(NGINX_NO_ACCESS_LOG, NGINX_ACCESS_LOG))
         try:
-            nginx_image.build(self.image, conf, docker, self.lab.tmp)
-        except (OSError, ValueError) as e:
+            nginx_image.build(self.image, conf, docker, self.lab.tmp, binary=shutil.which("nginx"))
+        except (OSError, ValueError, TypeError) as e:
             raise Failed(f"cannot make the host control's nginx image from this host's nginx: {e}")
-        docker("run", "-d", "--name", self.name, "-p", f"{self.lab.client.host_ip}:{self.port}:{nginx_image.PORT}",
+        # luma's rotation of its proxy's logs (proxyctl.rs), where luma would apply it.
+        logs = []
+        if docker("info", "--format", "{{.LoggingDriver}}") == "json-file":
+            logs = ["--log-opt", "max-size=20m", "--log-opt", "max-file=5"]
+        # The port is Docker's pick: one free on the client link's address, where the proxy's is.
+        docker("run", "-d", "--name", self.name, *logs, "-p", f"{self.lab.client.host_ip}::{nginx_image.PORT}",
                self.image)
+        published = docker("port", self.name, f"{nginx_image.PORT}/tcp").splitlines()
+        try:
+            self.port = int(published[0].rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            raise Failed(f"`docker port {self.name}` named no published port: {published!r}") from None
         docker("network", "connect", f"{self.lab.project(1)}-network", self.name)
         try:
             wait_answers(self.lab.public[:1] + (self.port,), self.lab.host(1), self.lab.project(1), 30)
@@ -1253,9 +1283,9 @@ def host_control_sample(lab, a, rate):
         nginx.stop()
         for k in range(0, len(names), 50):
             docker("rm", "-f", "-v", *names[k:k + 50], timeout=300, check=False)
-    left = [name for name in docker("ps", "-a", "--format", "{{.Names}}").split() if name in set(names)]
+    left = [name for name in docker("ps", "-a", "--format", "{{.Names}}").split() if name in {*names, nginx.name}]
     if left:
-        raise Failed(f"the host control's idle containers are still there after `docker rm -f`: {left[:5]}")
+        raise Failed(f"the host control's containers are still there after `docker rm -f`: {left[:5]}")
     lab.pid()
 
     def summary(rs):
@@ -1610,10 +1640,11 @@ def control_section(pn, ctl, n, rate):
         "with `--network none`: no network, so no route in the proxy, no health check and no traffic; each is "
         "a container as a replica is, minus its network (its cgroups, its containerd shim, a process asleep in "
         "`accept`). Then they were removed, before project 2 was deployed. nginx's container is made from this "
-        "host's nginx binary and the fair peer's config (`benches/nginx_image.py`) and deployed as luma-proxy's "
+        "host's nginx binary and the fair peer's config (`benches/nginx_image.py`) and deployed as luma's proxy "
         "is: on Docker's default bridge with its port published on the same address of the client's link (the "
-        "same DNAT, FORWARD chain and edge rules), and connected to project 1's network, in front of the same "
-        "replica. Both native proxies, and nginx's container, run as many workers "
+        "same DNAT, FORWARD chain and edge rules), connected to project 1's network in front of the same "
+        "replica, with as many workers, and writing a JSON access-log line per request to stdout, as luma's "
+        "proxy does (through the engine's log driver, with the same rotation). Both native proxies run as many workers "
         "as the proxy container has serving threads (one per CPU), with access logs off and keep-alive "
         f"connections to project 1's replica (`{ctl['replica']}`), reached from 127.0.0.1 over the host's bridge "
         "(no DNAT, no FORWARD rule): the same footing for both, which the container and a native nginx would not "

@@ -722,6 +722,13 @@ fn a_proxy_that_exits_at_start_fails_the_deploy_with_its_own_reason() {
     }
     let _cleanup = Cleanup(vec![
         vec!["rm".into(), "-f".into(), "-v".into(), crashing.clone()],
+        // Where `luma proxy update` parks the one it replaces.
+        vec![
+            "rm".into(),
+            "-f".into(),
+            "-v".into(),
+            format!("{crashing}-replaced"),
+        ],
         vec!["volume".into(), "rm".into(), format!("{crashing}-state")],
         vec!["rmi".into(), "-f".into(), image.clone()],
     ]);
@@ -762,8 +769,32 @@ fn a_proxy_that_exits_at_start_fails_the_deploy_with_its_own_reason() {
         err.contains("invalid value 'many'") && err.contains("--workers"),
         "the proxy's own reason is missing: {err}"
     );
+    // ...and where the value came from: the image's environment, not a flag.
+    assert!(err.contains("the value is LUMA_PROXY_WORKERS's"), "{err}");
     // Nothing of the project runs behind a proxy that never came up.
     assert!(running_app_ids(&project).is_empty());
+    // The way out that the error names: with the cause gone (here, the image), `luma proxy
+    // update` replaces the container Docker keeps restarting with its old settings.
+    assert!(err.contains("`luma proxy update` replaces it"), "{err}");
+    let (ok, out, err) = lab.luma_env(
+        &dir,
+        &["proxy", "update"],
+        &[("LUMA_PROXY_NAME", crashing.as_str())],
+    );
+    assert!(
+        ok,
+        "luma proxy update did not replace the crashing proxy:\n{out}\n{err}"
+    );
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "--format",
+            "{{.State.Running}} {{.Config.Image}}",
+            &crashing
+        ])
+        .unwrap(),
+        format!("true {}", proxy_image())
+    );
 
     // It holds the ports the next proxy publishes.
     docker(&["rm", "-f", "-v", &crashing]).unwrap();

@@ -133,7 +133,25 @@ fn forwarded_headers_as_the_app_sees_them_in_edge_and_trusted_mode() {
         err.contains("LUMA_TRUSTED_PROXIES") && err.contains("did you mean 10.0.0.0/8"),
         "{err}"
     );
+    let (ok, _, err) = lab.luma_env(
+        &dir,
+        &["proxy", "update"],
+        &[("LUMA_TRUSTED_PROXIES", "192.0.2.0/24,10.0.0.1/8")],
+    );
+    assert!(!ok, "luma proxy update took a bad LUMA_TRUSTED_PROXIES");
+    assert!(err.contains("did you mean 10.0.0.0/8"), "{err}");
     assert_eq!(proxy_id(), before);
+    // Only a proxy luma makes uses the list: looking works whatever it says.
+    let (ok, out, err) = lab.luma_env(
+        &dir,
+        &["status"],
+        &[("LUMA_TRUSTED_PROXIES", "192.0.2.0/24,10.0.0.1/8")],
+    );
+    assert!(
+        ok,
+        "luma status failed on a bad LUMA_TRUSTED_PROXIES:\n{out}\n{err}"
+    );
+    assert!(out.contains("healthy"), "{out}");
 }
 
 /// `docker exec -i <proxy> luma-proxy call` with one request on stdin: the reply envelope.

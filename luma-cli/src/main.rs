@@ -249,6 +249,17 @@ async fn run(cli: Cli) -> Result<(), ReleaseError> {
         .unwrap_or_else(|| ".".into());
     let secrets = Secrets::load(&dir)?;
     let proxy = ProxySettings::resolve(&cfg)?;
+    // What only a proxy luma makes uses is checked where one may be made, before anything changes.
+    if matches!(
+        cli.cmd,
+        Cmd::Setup
+            | Cmd::Deploy { .. }
+            | Cmd::Proxy {
+                cmd: ProxyCmd::Update
+            }
+    ) {
+        proxy.check()?;
+    }
     let no_apps: Vec<String> = Vec::new();
     // A deploy connects to every server of the project: setup runs on all of them.
     let selected: &[String] = match &cli.cmd {

@@ -27,7 +27,8 @@ pub struct ProxySettings {
     pub http: (Option<String>, u16),
     pub https: (Option<String>, u16),
     /// CIDRs whose forwarded headers the proxy believes (`LUMA_TRUSTED_PROXIES`, passed to
-    /// the proxy as `LUMA_PROXY_TRUSTED_PROXIES`); empty: edge mode.
+    /// the proxy as `LUMA_PROXY_TRUSTED_PROXIES`); empty: edge mode. As set, trimmed:
+    /// [`ProxySettings::check`] parses it.
     pub trusted_proxies: String,
     pub acme: AcmeSettings,
 }
@@ -149,9 +150,19 @@ impl ProxySettings {
                 .unwrap_or_else(|| "luma-proxy:dev".into()),
             http: port_env("LUMA_HTTP_PORT", 80)?,
             https: port_env("LUMA_HTTPS_PORT", 443)?,
-            trusted_proxies: trusted_proxies_env()?,
+            trusted_proxies: std::env::var(TRUSTED_PROXIES_VAR)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
             acme: AcmeSettings::resolve(&cfg.acme, &file)?,
         })
+    }
+
+    /// The settings only a proxy that luma creates uses, checked. Commands that start or
+    /// replace the proxy call this before they change anything; the others (status, logs,
+    /// rollback) work whatever these say, so a bad one does not lock the user out of looking.
+    pub fn check(&self) -> Result<(), String> {
+        check_trusted_proxies(&self.trusted_proxies)
     }
 
     /// The proxy's container. `rotate_logs`: the daemon logs to json-file, which keeps every
@@ -210,15 +221,15 @@ impl ProxySettings {
 const PROXY_LOG_MAX_SIZE: &str = "20m";
 const PROXY_LOG_MAX_FILES: &str = "5";
 
+/// Where luma reads the proxy's trusted proxies from.
+const TRUSTED_PROXIES_VAR: &str = "LUMA_TRUSTED_PROXIES";
+
 /// `LUMA_TRUSTED_PROXIES`, checked with the proxy's own parser: a bad list would otherwise
 /// reach the proxy only as a container that exits at start.
-fn trusted_proxies_env() -> Result<String, String> {
-    let v = std::env::var("LUMA_TRUSTED_PROXIES").unwrap_or_default();
-    let v = v.trim();
-    luma_api::net::TrustedProxies::parse(v).map_err(|e| {
-        format!("LUMA_TRUSTED_PROXIES: {e}; set it to the CIDRs of the load balancers in front of the proxy, comma-separated (e.g. 10.0.0.0/8,192.0.2.7), or leave it empty")
-    })?;
-    Ok(v.to_string())
+fn check_trusted_proxies(v: &str) -> Result<(), String> {
+    luma_api::net::TrustedProxies::parse(v).map(|_| ()).map_err(|e| {
+        format!("{TRUSTED_PROXIES_VAR}: {e}; set it to the CIDRs of the load balancers in front of the proxy, comma-separated (e.g. 10.0.0.0/8,192.0.2.7), or leave it empty")
+    })
 }
 
 /// The proxy's setting for `--trusted-proxies`.
@@ -323,6 +334,7 @@ pub async fn ensure_running(
     s: &ProxySettings,
     networks: &[String],
 ) -> Result<(), String> {
+    s.check()?;
     ensure_image(engine, s).await?;
     match engine.inspect(&s.container).await? {
         Some(c)
@@ -386,8 +398,10 @@ pub async fn wait_ready(engine: &Engine, s: &ProxySettings) -> Result<(), String
         // Not inspectable: the admin call's error says what is wrong, at the deadline.
         let seen = engine.inspect(&s.container).await.ok().flatten();
         if let Some(how) = seen.and_then(|c| exit(against, &Seen::of(&c))) {
+            // Docker restarts it with the settings it was created with: fixing the cause
+            // takes a new container, which is what `proxy update` makes.
             return Err(format!(
-                "the proxy {} exited at start ({how}){}",
+                "the proxy {} exited at start ({how}){}\nonce the cause is fixed, `luma proxy update` replaces it",
                 s.container,
                 last_words(engine, s).await
             ));
@@ -922,6 +936,17 @@ pub async fn check_ports_free(engine: &Engine, ports: &[u16], except: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxies_are_checked_with_the_proxys_parser() {
+        assert!(check_trusted_proxies("").is_ok());
+        assert!(check_trusted_proxies("10.0.0.0/8, 192.0.2.7").is_ok());
+        let e = check_trusted_proxies("10.0.0.1/8").unwrap_err();
+        assert!(
+            e.contains("LUMA_TRUSTED_PROXIES") && e.contains("10.0.0.0/8"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_proxy_without_a_log_size_limit_is_noticed() {

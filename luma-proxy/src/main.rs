@@ -338,8 +338,58 @@ struct RemoveArgs {
     client: ClientArgs,
 }
 
+/// The environment variable a refused value came from, when it came from one: clap's error
+/// names only the flag (`--workers`), and a proxy in a container is set up by its environment,
+/// where no `--workers` appears. `args`: the command line; `var`: the environment.
+fn refused_env_value(
+    e: &clap::Error,
+    args: &[String],
+    var: impl Fn(&str) -> bool,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use clap::CommandFactory;
+    if !matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(shown)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let cmd = Cli::command();
+    let arg = std::iter::once(&cmd)
+        .chain(cmd.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .find(|a| {
+            a.get_long().is_some_and(|l| {
+                shown.starts_with(&format!("--{l} ")) || *shown == format!("--{l}")
+            })
+        })?;
+    let long = format!("--{}", arg.get_long()?);
+    let env = arg.get_env()?.to_str()?;
+    let on_command_line = args
+        .iter()
+        .any(|a| *a == long || a.starts_with(&format!("{long}=")));
+    (!on_command_line && var(env)).then(|| env.to_string())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Lossy: a non-UTF-8 argument must not turn clap's error into a panic.
+            let args: Vec<String> = std::env::args_os()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let from = refused_env_value(&e, &args, |v| std::env::var_os(v).is_some());
+            let _ = e.print();
+            if let Some(var) = from {
+                eprintln!("note: the value is {var}'s, from the environment");
+            }
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     // Serving is thread-per-core (see workers.rs): this thread runs worker 0 plus the admin
     // API and background checks; `serve` adds the others. Client commands need one thread.
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -774,5 +824,22 @@ mod tests {
             }
             assert!(serve_with(var, "maybe").is_err(), "{var}=maybe");
         }
+
+        // A refused value from the environment is said to be the variable's, not the flag's.
+        std::env::set_var("LUMA_PROXY_WORKERS", "many");
+        let from_env = Cli::try_parse_from(["luma-proxy", "serve"]).err();
+        let from_flag = Cli::try_parse_from(["luma-proxy", "serve", "--workers", "lots"]).err();
+        std::env::remove_var("LUMA_PROXY_WORKERS");
+        let set = |v: &str| v == "LUMA_PROXY_WORKERS";
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = from_env.expect("LUMA_PROXY_WORKERS=many was accepted");
+        assert_eq!(
+            refused_env_value(&e, &args(&["luma-proxy", "serve"]), set).as_deref(),
+            Some("LUMA_PROXY_WORKERS"),
+            "{e}"
+        );
+        let e = from_flag.expect("--workers lots was accepted");
+        let flag = args(&["luma-proxy", "serve", "--workers", "lots"]);
+        assert_eq!(refused_env_value(&e, &flag, set), None, "{e}");
     }
 }
