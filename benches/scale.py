@@ -1130,8 +1130,9 @@ class NginxContainer:
         if NGINX_NO_ACCESS_LOG not in conf:
             raise Failed(f"{NGINX_PEER} has no `{NGINX_NO_ACCESS_LOG}` line any more; update NGINX_NO_ACCESS_LOG")
         # Its errors to `docker logs`, where a failure message can show them.
-        conf = (conf.replace(f"error_log {nginx_image.HOME}/nginx-error.log", "error_log stderr")
-                .replace(NGINX_NO_ACCESS_LOG, NGINX_ACCESS_LOG))
+        # The whole line, so the template's comment on it ("without access logs") goes too.
+        conf = re.sub(rf"{re.escape(NGINX_NO_ACCESS_LOG)}.*", lambda _: NGINX_ACCESS_LOG,
+                      conf.replace(f"error_log {nginx_image.HOME}/nginx-error.log", "error_log stderr"))
         try:
             nginx_image.build(self.image, conf, docker, self.lab.tmp, binary=shutil.which("nginx"))
         except (OSError, ValueError, TypeError) as e:
