@@ -340,12 +340,21 @@ def wrk(port, seconds, kit=None, close=False):
     return rps, reqs, errors + non2xx
 
 
+# What h2load reports as its application protocol, longest first so that a name is never taken
+# for the start of a longer one.
+H2LOAD_PROTOCOLS = ("http/1.1", "h2c", "h2")
+
+
 def spoke(out, proto):
     """True if h2load reports `proto` as its application protocol. Its threads print at once, so
-    other progress lines can land inside that line ("Application protocol: Warm-up phase is over
-    for thread #h2c"): the protocol is looked for among the words that follow."""
+    other threads' text can land inside that line, before the name ("Application protocol:
+    Warm-up phase is over for thread #h2c") or glued to its end ("for thread #Application
+    protocol: h2c1."): the first protocol name after the label is the one it spoke."""
     after = out.split("Application protocol:", 1)
-    return len(after) == 2 and proto in re.findall(r"[\w/.]+", after[1][:300])
+    if len(after) != 2:
+        return False
+    m = re.search("|".join(re.escape(p) for p in H2LOAD_PROTOCOLS), after[1][:300])
+    return bool(m) and m.group(0) == proto
 
 
 def h2load_result(out, port, proto):
