@@ -18,14 +18,60 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+/// A fresh state directory for one proxy, removed when the test binary exits (pass or fail).
+/// It outlives the proxy on purpose: some tests restart a proxy on the same directory, so no
+/// handle can remove it on drop. Directories of earlier runs that were killed before they could
+/// clean up are swept on the way.
 pub fn temp_state_dir(tag: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        sweep_dead_runs();
+        // SAFETY: `remove_state_dirs` is an `extern "C" fn()` that touches only a static.
+        unsafe { libc::atexit(remove_state_dirs) };
+    });
     let d = std::env::temp_dir().join(format!(
         "luma-it-{tag}-{}-{}",
         std::process::id(),
         fastrand::u64(..)
     ));
     std::fs::create_dir_all(&d).unwrap();
+    STATE_DIRS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(d.clone());
     d
+}
+
+static STATE_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs at exit (libtest ends with `process::exit`, after every test, also when some failed).
+extern "C" fn remove_state_dirs() {
+    let dirs = std::mem::take(&mut *STATE_DIRS.lock().unwrap_or_else(|e| e.into_inner()));
+    for d in dirs {
+        // A proxy thread may still be writing there as the process ends; what is left, the
+        // next run's sweep takes.
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Removes `luma-it-<tag>-<pid>-<n>` directories whose process is gone.
+fn sweep_dead_runs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("luma-it-")) else {
+            continue;
+        };
+        let mut parts = rest.rsplitn(3, '-');
+        let (Some(_n), Some(pid), Some(_tag)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 pub fn config(state_dir: PathBuf) -> ProxyConfig {
