@@ -17,12 +17,23 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tls_support::*;
 
+/// A loopback port free now and never handed out before in this process. The tests run at once
+/// and each gives pebble and a proxy several ports to bind later; a port the kernel offered
+/// twice (it was released in between) would have two of them race for it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// pebble and its DNS, killed on drop.
@@ -105,7 +116,7 @@ impl Pebble {
                 .args(["-dns01", &format!("127.0.0.1:{dns}")])
                 .args(["-management", &format!("127.0.0.1:{challtest}")])
                 .stdout(log("challtestsrv.log"))
-                .stderr(Stdio::null())
+                .stderr(log("challtestsrv.err"))
                 .spawn()
                 .unwrap(),
         );
@@ -128,22 +139,60 @@ impl Pebble {
             .env("PEBBLE_VA_NOSLEEP", "1")
             .env("PEBBLE_WFE_NONCEREJECT", "0")
             .env("PEBBLE_AUTHZREUSE", "0")
+            // Go's log package, which reports a port it cannot bind, writes to stderr.
+            .stderr(log.try_clone().unwrap())
             .stdout(log)
-            .stderr(Stdio::null())
             .spawn()
             .unwrap()
     }
 
-    async fn wait_listening(&self) {
+    /// Waits until pebble, its management port and challtestsrv accept connections. A process
+    /// that exits, or a port still closed after 20 s, fails the test with their logs.
+    async fn wait_listening(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         for port in [self.port, self.management, self.challtest] {
-            eventually("pebble listening", 20, || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .ok()
-                    .map(|_| ())
-            })
-            .await;
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                let exited = self
+                    .children
+                    .iter_mut()
+                    .find_map(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    panic!(
+                        "a pebble process exited ({status}) before listening\n{}",
+                        self.logs()
+                    );
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    panic!("127.0.0.1:{port} still closed after 20s\n{}", self.logs());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
+    }
+
+    /// The ends of pebble's and challtestsrv's logs, for a failure message (the directory is
+    /// removed on drop).
+    fn logs(&self) -> String {
+        ["pebble.log", "challtestsrv.log", "challtestsrv.err"]
+            .iter()
+            .map(|name| {
+                let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!(
+                    "--- {name} (ports: ca {}, management {}, challtestsrv {}, dns {}):\n{}",
+                    self.port,
+                    self.management,
+                    self.challtest,
+                    self.dns,
+                    tail.join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Restarts the CA on the same ports: pebble keeps nothing, so every account is gone.

@@ -18,15 +18,20 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-/// A fresh state directory for one proxy, removed when the test binary exits (pass or fail).
-/// It outlives the proxy on purpose: some tests restart a proxy on the same directory, so no
-/// handle can remove it on drop. Directories of earlier runs that were killed before they could
-/// clean up are swept on the way.
+/// A fresh state directory for one proxy, removed when the test binary exits, unless a test
+/// failed: then they are kept for a look, and the next run sweeps them. It outlives the proxy on
+/// purpose: some tests restart a proxy on the same directory, so no handle can remove it on
+/// drop. Directories of earlier runs whose process is gone are swept on the way.
 pub fn temp_state_dir(tag: &str) -> PathBuf {
     static SWEEP: std::sync::Once = std::sync::Once::new();
     SWEEP.call_once(|| {
         sweep_dead_runs();
-        // SAFETY: `remove_state_dirs` is an `extern "C" fn()` that touches only a static.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            A_TEST_FAILED.store(true, Ordering::Relaxed);
+            report(info);
+        }));
+        // SAFETY: `remove_state_dirs` is an `extern "C" fn()` that touches only statics.
         unsafe { libc::atexit(remove_state_dirs) };
     });
     let d = std::env::temp_dir().join(format!(
@@ -43,10 +48,19 @@ pub fn temp_state_dir(tag: &str) -> PathBuf {
 }
 
 static STATE_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+static A_TEST_FAILED: AtomicBool = AtomicBool::new(false);
 
 /// Runs at exit (libtest ends with `process::exit`, after every test, also when some failed).
 extern "C" fn remove_state_dirs() {
     let dirs = std::mem::take(&mut *STATE_DIRS.lock().unwrap_or_else(|e| e.into_inner()));
+    if A_TEST_FAILED.load(Ordering::Relaxed) {
+        eprintln!(
+            "a test failed: the proxies' state directories are kept: {}/luma-it-*-{}-*",
+            std::env::temp_dir().display(),
+            std::process::id()
+        );
+        return;
+    }
     for d in dirs {
         // A proxy thread may still be writing there as the process ends; what is left, the
         // next run's sweep takes.
