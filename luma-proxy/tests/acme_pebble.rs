@@ -17,22 +17,25 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tls_support::*;
 
-/// A loopback port free now and never handed out before in this process. The tests run at once
-/// and each gives pebble and a proxy several ports to bind later; a port the kernel offered
-/// twice (it was released in between) would have two of them race for it.
+/// A loopback port free now, below the kernel's ephemeral range and never handed out before
+/// in this process. The tests run at once and each gives pebble and a proxy several ports to
+/// bind later: a port from the ephemeral range could meanwhile be taken by any `:0` bind or
+/// outgoing connection of another test, and one handed out twice would have two binders race.
 fn free_port() -> u16 {
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let below = 20000..ephemeral_low.max(21000);
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = fastrand::u16(below.clone());
         let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-        if !handed_out.contains(&port) {
-            handed_out.push(port);
-            return port;
+        if handed_out.contains(&port) || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
         }
+        handed_out.push(port);
+        return port;
     }
 }
 
@@ -54,7 +57,10 @@ impl Drop for Pebble {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A failing test's logs are kept for a look; the next run's sweep removes them.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -155,26 +161,37 @@ impl Pebble {
                 .await
                 .is_err()
             {
-                let exited = self
-                    .children
-                    .iter_mut()
-                    .find_map(|c| c.try_wait().ok().flatten());
-                if let Some(status) = exited {
-                    panic!(
-                        "a pebble process exited ({status}) before listening\n{}",
-                        self.logs()
-                    );
-                }
+                self.fail_if_exited();
                 if tokio::time::Instant::now() >= deadline {
                     panic!("127.0.0.1:{port} still closed after 20s\n{}", self.logs());
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        // A port that answered may be another program's, taken before pebble could bind it.
+        self.fail_if_exited();
     }
 
-    /// The ends of pebble's and challtestsrv's logs, for a failure message (the directory is
-    /// removed on drop).
+    fn fail_if_exited(&mut self) {
+        let exited = self
+            .children
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, c)| Some((i, c.try_wait().ok().flatten()?)));
+        if let Some((i, status)) = exited {
+            let which = if i == 0 {
+                "pebble-challtestsrv"
+            } else {
+                "pebble"
+            };
+            panic!(
+                "{which} exited ({status}) before listening\n{}",
+                self.logs()
+            );
+        }
+    }
+
+    /// The ends of pebble's and challtestsrv's logs, for a failure message.
     fn logs(&self) -> String {
         ["pebble.log", "challtestsrv.log", "challtestsrv.err"]
             .iter()

@@ -10,6 +10,7 @@ use luma_api::DeployRequest;
 use luma_proxy::route::{HealthSettings, RouteSpec, RouteTimeouts};
 use luma_proxy::server::RunningProxy;
 use luma_proxy::ProxyConfig;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,8 +55,10 @@ static A_TEST_FAILED: AtomicBool = AtomicBool::new(false);
 extern "C" fn remove_state_dirs() {
     let dirs = std::mem::take(&mut *STATE_DIRS.lock().unwrap_or_else(|e| e.into_inner()));
     if A_TEST_FAILED.load(Ordering::Relaxed) {
-        eprintln!(
-            "a test failed: the proxies' state directories are kept: {}/luma-it-*-{}-*",
+        // Not eprintln!: a panic here, on a closed stderr, would abort the exit.
+        let _ = writeln!(
+            std::io::stderr(),
+            "a panic was seen: the proxies' state directories are kept: {}/luma-it-*-{}-*",
             std::env::temp_dir().display(),
             std::process::id()
         );
@@ -68,8 +71,12 @@ extern "C" fn remove_state_dirs() {
     }
 }
 
-/// Removes `luma-it-<tag>-<pid>-<n>` directories whose process is gone.
+/// Removes `luma-it-<tag>-<pid>-<n>` directories whose process is gone. Without a `/proc` to
+/// ask, nothing is removed.
 fn sweep_dead_runs() {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
@@ -639,7 +646,10 @@ impl TempStateDir {
 
 impl Drop for TempStateDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // A failing test's directory is kept for a look; the next run's sweep removes it.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
