@@ -15,6 +15,7 @@ shuffled order (compare.py's contenders, configs and backend), and prints per ru
   each epoll fd), which shows how the 64 client connections split over the workers.
 
 Usage: benches/share.py [--contenders luma-proxy,haproxy] [--workers 2] [--rounds 4] [--seconds 8]
+                        [--baseline BINARY]   (another luma-proxy build beside it, as 'luma-base')
 Build first: cargo build --release -p luma-proxy -p luma-demo-backend -p luma-benches
 """
 import argparse
@@ -119,10 +120,12 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--baseline", metavar="BINARY", help="also run this luma-proxy build, as 'luma-base'")
     a = ap.parse_args()
     os.chdir(c.ROOT)
-    names = a.contenders.split(",")
-    unknown = [n for n in names if n not in ("luma-proxy", "nginx", "haproxy")]
+    names = a.contenders.split(",") + (["luma-base"] if a.baseline else [])
+    c.BASELINE = os.path.abspath(a.baseline) if a.baseline else None
+    unknown = [n for n in names if n not in ("luma-proxy", "luma-base", "nginx", "haproxy")]
     if unknown:
         ap.error(f"unknown contenders {unknown}: choose from luma-proxy, nginx, haproxy")
     # A signal must still stop the contenders and the backend (the finally below).

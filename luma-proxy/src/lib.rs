@@ -35,6 +35,7 @@ pub mod route;
 pub mod router;
 pub mod server;
 pub mod service;
+pub mod spread;
 pub mod state;
 pub mod timer;
 pub mod tls;

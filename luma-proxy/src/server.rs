@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyCtx, Scheme};
 use crate::resolve::Resolver;
 use crate::router::Router;
+use crate::spread::{Assigned, Inbox, Load, Spread};
 use crate::state::StateStore;
 use crate::tls::Tls;
 use hyper::service::service_fn;
@@ -72,6 +73,9 @@ pub struct RunningProxy {
     acceptor: TlsListen,
     cfg: ProxyConfig,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Accepted connections spread over the workers, per listener (`spread.rs`).
+    spread_http: Arc<Spread>,
+    spread_https: Arc<Spread>,
 }
 
 impl Proxy {
@@ -197,6 +201,8 @@ impl Proxy {
         let limit = Arc::new(Semaphore::new(
             cfg.max_connections.min(Semaphore::MAX_PERMITS),
         ));
+        let (spread_http, spread_https) =
+            (Arc::new(Spread::default()), Arc::new(Spread::default()));
         let mut tasks = vec![
             tokio::spawn(serve_listener(
                 http,
@@ -205,6 +211,7 @@ impl Proxy {
                 limit.clone(),
                 rx.clone(),
                 None,
+                spread_http.join(),
             )),
             tokio::spawn(serve_listener(
                 https,
@@ -213,6 +220,7 @@ impl Proxy {
                 limit.clone(),
                 rx.clone(),
                 Some(acceptor.clone()),
+                spread_https.join(),
             )),
             tokio::spawn(admin::serve(admin_listener, admin_ctx, rx.clone())),
         ];
@@ -255,6 +263,8 @@ impl Proxy {
             ctx,
             cfg,
             threads: Vec::new(),
+            spread_http,
+            spread_https,
         })
     }
 }
@@ -282,6 +292,7 @@ impl RunningProxy {
                         cfg.https_addr
                     )
                 })?;
+            let (inbox, inbox_https) = (self.spread_http.join(), self.spread_https.join());
             let listener = std::thread::Builder::new()
                 .name(format!("luma-worker-{i}"))
                 .spawn(move || {
@@ -311,9 +322,18 @@ impl RunningProxy {
                                         cfg.clone(),
                                         limit.clone(),
                                         rx.clone(),
-                                        None
+                                        None,
+                                        inbox,
                                     ),
-                                    serve_listener(tl, https_ctx, cfg, limit, rx, Some(acceptor)),
+                                    serve_listener(
+                                        tl,
+                                        https_ctx,
+                                        cfg,
+                                        limit,
+                                        rx,
+                                        Some(acceptor),
+                                        inbox_https,
+                                    ),
                                 );
                             }
                             (Err(e), _) | (_, Err(e)) => crate::log::error(
@@ -602,16 +622,23 @@ impl<C: GracefulConnection> Future for Drained<C> {
 /// upgraded connection keeps all three until the tunnel drops the socket.
 struct Slot {
     _permit: OwnedSemaphorePermit,
+    _load: Load,
     metrics: Arc<Metrics>,
     live: Arc<Live>,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>, live: Arc<Live>) -> Slot {
+    fn new(
+        permit: OwnedSemaphorePermit,
+        metrics: Arc<Metrics>,
+        live: Arc<Live>,
+        load: Load,
+    ) -> Slot {
         metrics.connection_opened();
         live.open.fetch_add(1, Ordering::AcqRel);
         Slot {
             _permit: permit,
+            _load: load,
             metrics,
             live,
         }
@@ -646,18 +673,22 @@ async fn serve_listener(
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     tls: Option<TlsListen>,
+    mut inbox: Inbox,
 ) {
-    let builder = Arc::new(builder(&cfg));
-    let plain = Arc::new(plain_http(&cfg));
     if tls.is_none() {
         // One per worker thread (each has exactly one plain listener).
         tokio::spawn(crate::workers::upkeep(shutdown.clone()));
     }
-    let drain = Arc::new(Drain::default());
-    let live = Arc::new(Live::default());
-    // Fired once in-flight requests are done (or the shutdown timeout passed): every
-    // connection still open, tunnels included, fails its next read or write.
-    let end = Arc::new(Switch::default());
+    let conn = Listening {
+        builder: Arc::new(builder(&cfg)),
+        plain: Arc::new(plain_http(&cfg)),
+        drain: Arc::new(Drain::default()),
+        live: Arc::new(Live::default()),
+        end: Arc::new(Switch::default()),
+        ctx,
+        cfg,
+        tls,
+    };
     let mut backoff = crate::admin::Backoff::new(
         crate::admin::ACCEPT_BACKOFF_MIN,
         crate::admin::ACCEPT_BACKOFF_MAX,
@@ -665,6 +696,14 @@ async fn serve_listener(
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
+            Some(handed) = inbox.recv() => {
+                // Accepted by another worker, which took its slot of the limit.
+                let (stream, peer, permit, load) = handed.take();
+                if let Ok(stream) = stream {
+                    serve_conn(&conn, stream, peer, permit, load);
+                }
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(a) => {
                     if backoff.succeeded() {
@@ -686,67 +725,26 @@ async fn serve_listener(
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            ctx.metrics.connection_refused();
+            conn.ctx.metrics.connection_refused();
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        let slot = Slot::new(permit, ctx.metrics.clone(), live.clone());
-        let io = ConnIo::new(stream, cfg.first_byte_timeout, cfg.idle_timeout)
-            .with_end(Box::pin(SwitchWait::new(&end)))
-            .with_slot(Box::new(slot));
-        // The peer's address is written out once per connection, not per request.
-        let peer = crate::headers::Peer::new(peer);
-        let Some(tls) = &tls else {
-            tokio::spawn(crate::park::serve(
-                io,
-                ctx.clone(),
-                peer,
-                plain.clone(),
-                drain.ticket(),
-            ));
-            continue;
-        };
-        let (tls, builder, ticket, c) = (tls.clone(), builder.clone(), drain.ticket(), ctx.clone());
-        tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(io)).await {
-                    Ok(Ok(s)) => s,
-                    // An unknown or missing SNI ends here too: rustls sent the alert.
-                    Ok(Err(_)) | Err(_) => {
-                        c.metrics.count_handshake_failure();
-                        return;
-                    }
-                };
-            let session = stream.get_ref().1;
-            // A TLS-ALPN-01 validator only needs the handshake (RFC 8737).
-            if session.alpn_protocol() == Some(crate::tls::book::ACME_TLS_ALPN) {
-                return;
-            }
-            // A resumed session skipped the book: ask it now. A host that left its route,
-            // moved to another project, or whose certificate expired gets no connection.
-            let Some(cert) = session
-                .server_name()
-                .and_then(|sni| tls.book.admit(sni, luma_api::time::unix_now()))
-            else {
-                c.metrics.count_handshake_failure();
-                return;
-            };
-            // Boxed, as on the plain listener (`park::serve_h2`): one allocation instead of
-            // copies of the whole request future into each HTTP/2 stream's task.
-            let svc = service_fn(move |req| {
-                let (c, cert, peer) = (c.clone(), cert.clone(), peer.clone());
-                Box::pin(async move {
-                    Ok::<_, Infallible>(proxy::handle(c, req, peer, Some(&cert)).await)
-                })
-            });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let _ = Drained::new(conn, ticket).await;
-        });
+        if let Assigned::Here(stream, permit, load) = inbox.assign(stream, peer, permit) {
+            serve_conn(&conn, stream, peer, permit, load);
+        }
     }
     drop(listener);
+    // Connections handed to this worker and not yet taken are closed (their slots given
+    // back), as those still in the listener's queue are.
+    drop(inbox);
+    let Listening {
+        ctx,
+        cfg,
+        drain,
+        live,
+        end,
+        ..
+    } = conn;
     crate::log::info(
         "shutting down: draining connections",
         serde_json::json!({"worker": crate::workers::index(), "open": live.open.load(Ordering::Relaxed), "open_all_workers": ctx.metrics.connections_open()}),
@@ -776,4 +774,89 @@ async fn serve_listener(
             serde_json::json!({"worker": crate::workers::index(), "open": live.open.load(Ordering::Relaxed)}),
         );
     }
+}
+
+/// What one listener of one worker serves its connections with, whether it accepted them
+/// itself or another worker handed them over.
+struct Listening {
+    ctx: Arc<ProxyCtx>,
+    cfg: ProxyConfig,
+    tls: Option<TlsListen>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    plain: Arc<crate::park::Http>,
+    drain: Arc<Drain>,
+    live: Arc<Live>,
+    /// Fired once in-flight requests are done (or the shutdown timeout passed): every
+    /// connection still open, tunnels included, fails its next read or write.
+    end: Arc<Switch>,
+}
+
+/// Serves one connection on the current worker, under the slot and count taken for it.
+fn serve_conn(
+    conn: &Listening,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    load: Load,
+) {
+    let _ = stream.set_nodelay(true);
+    let slot = Slot::new(permit, conn.ctx.metrics.clone(), conn.live.clone(), load);
+    let io = ConnIo::new(stream, conn.cfg.first_byte_timeout, conn.cfg.idle_timeout)
+        .with_end(Box::pin(SwitchWait::new(&conn.end)))
+        .with_slot(Box::new(slot));
+    // The peer's address is written out once per connection, not per request.
+    let peer = crate::headers::Peer::new(peer);
+    let Some(tls) = &conn.tls else {
+        tokio::spawn(crate::park::serve(
+            io,
+            conn.ctx.clone(),
+            peer,
+            conn.plain.clone(),
+            conn.drain.ticket(),
+        ));
+        return;
+    };
+    let (tls, builder, ticket, c) = (
+        tls.clone(),
+        conn.builder.clone(),
+        conn.drain.ticket(),
+        conn.ctx.clone(),
+    );
+    tokio::spawn(async move {
+        let stream =
+            match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(io)).await {
+                Ok(Ok(s)) => s,
+                // An unknown or missing SNI ends here too: rustls sent the alert.
+                Ok(Err(_)) | Err(_) => {
+                    c.metrics.count_handshake_failure();
+                    return;
+                }
+            };
+        let session = stream.get_ref().1;
+        // A TLS-ALPN-01 validator only needs the handshake (RFC 8737).
+        if session.alpn_protocol() == Some(crate::tls::book::ACME_TLS_ALPN) {
+            return;
+        }
+        // A resumed session skipped the book: ask it now. A host that left its route,
+        // moved to another project, or whose certificate expired gets no connection.
+        let Some(cert) = session
+            .server_name()
+            .and_then(|sni| tls.book.admit(sni, luma_api::time::unix_now()))
+        else {
+            c.metrics.count_handshake_failure();
+            return;
+        };
+        // Boxed, as on the plain listener (`park::serve_h2`): one allocation instead of
+        // copies of the whole request future into each HTTP/2 stream's task.
+        let svc = service_fn(move |req| {
+            let (c, cert, peer) = (c.clone(), cert.clone(), peer.clone());
+            Box::pin(
+                async move { Ok::<_, Infallible>(proxy::handle(c, req, peer, Some(&cert)).await) },
+            )
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let _ = Drained::new(conn, ticket).await;
+    });
 }

@@ -1,7 +1,8 @@
 //! Thread-per-core serving: each worker thread runs its own single-threaded runtime with its own
 //! `SO_REUSEPORT` listener, and keeps its own upstream connection pools, so a request is read,
 //! proxied and answered on one thread with no cross-thread handoff. The kernel spreads incoming
-//! connections over the listeners.
+//! connections over the listeners by a hash, and `spread.rs` evens out what the hash leaves
+//! uneven: a connection may cross once, at accept, never per request.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
