@@ -17,6 +17,7 @@ pub mod admin;
 pub mod backend;
 pub mod balancer;
 pub mod client;
+pub mod coalesce;
 pub mod config;
 pub mod deploy;
 pub mod h1;

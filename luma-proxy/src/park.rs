@@ -217,7 +217,10 @@ async fn serve_h2(
         let (c, peer) = (ctx.clone(), peer.clone());
         Box::pin(async move { Ok::<_, Infallible>(proxy::handle(c, req, peer, None).await) })
     });
-    let conn = http.h2.serve_connection(TokioIo::new(io), svc);
+    // Answers of many streams leave in one write (coalesce.rs).
+    let conn = http
+        .h2
+        .serve_connection(TokioIo::new(crate::coalesce::Coalesced::new(io)), svc);
     let _ = Drained::new(conn, ticket).await;
 }
 

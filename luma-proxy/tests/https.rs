@@ -142,6 +142,12 @@ async fn h2_and_http1_over_tls_reach_the_app_with_forwarded_proto_https_and_upgr
     let (_, body) = get(proxy.http_addr, "shop.test", "/headers").await;
     assert!(body.contains("x-forwarded-proto: http\n"), "{body}");
 
+    // Many streams at once over TLS, their frames gathered into shared records.
+    let s = connect(proxy.https_addr, "shop.test", &roots, &[b"h2"])
+        .await
+        .unwrap();
+    streams_in_flight_together_arrive_whole(s, "shop.test", "app").await;
+
     // A WebSocket-style upgrade over TLS: the tunnel echoes.
     let mut s = connect(proxy.https_addr, "shop.test", &roots, &[b"http/1.1"])
         .await

@@ -361,6 +361,20 @@ async fn serves_http2_with_prior_knowledge() {
     proxy.shutdown().await;
 }
 
+/// Many streams at once on one HTTP/2 connection, whose frames the proxy gathers into shared
+/// writes (`coalesce.rs`): every answer arrives whole (`streams_in_flight_together_arrive_whole`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_in_flight_together_all_arrive_whole() {
+    let proxy = start_proxy("h2-many").await;
+    let b = TestBackend::start("127.0.0.2", "b").await;
+    deploy_route(&proxy, "shop", "shop.test", &[b.addr]).await;
+    let stream = tokio::net::TcpStream::connect(proxy.http_addr)
+        .await
+        .unwrap();
+    streams_in_flight_together_arrive_whole(stream, "shop.test", "b").await;
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_reject_huge_headers_and_slow_clients() {
     let dir = temp_state_dir("limits");

@@ -245,6 +245,13 @@ async fn answer(
             .unwrap_or(1000);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    if path == "/bytes" {
+        let n = query
+            .strip_prefix("n=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        return Response::new(Full::new(Bytes::from(pattern(n))));
+    }
     if path == "/headers" {
         let mut s = String::new();
         for (k, v) in req.headers() {
@@ -260,6 +267,12 @@ async fn answer(
         .map(|b| b.to_bytes().len())
         .unwrap_or(0);
     Response::new(Full::new(Bytes::from(format!("{name} {body}"))))
+}
+
+/// What `/bytes?n=N` answers: N bytes of a pattern that repeats every 251 bytes, so that a
+/// piece out of place shows.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
 }
 
 /// A backend that answers `/up` but closes every other connection right after reading the
@@ -399,6 +412,73 @@ pub async fn get_h2(proxy: SocketAddr, host: &str, path: &str) -> (u16, String) 
     let status = resp.status().as_u16();
     let text = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Many streams at once on one HTTP/2 connection over `io` to a route of `host` whose backend is
+/// a [`TestBackend`] named `backend`. The proxy gathers the streams' frames into shared writes
+/// (`coalesce.rs`), so every answer must still arrive whole and in order: bodies small, at the
+/// gathering limit, past it (written straight) and past the flow-control window (the client's
+/// WINDOW_UPDATEs and the proxy's frames interleave), with large uploads in flight too.
+pub async fn streams_in_flight_together_arrive_whole<S>(io: S, host: &str, backend: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let limit = luma_proxy::coalesce::GATHER_LIMIT;
+    let sizes = [
+        0,
+        1,
+        1024,
+        5000,
+        limit - 100,
+        limit,
+        limit + 1,
+        100_000,
+        300_000,
+    ];
+    let mut streams = tokio::task::JoinSet::new();
+    for round in 0..4 {
+        for &n in &sizes {
+            let (mut tx, host) = (tx.clone(), host.to_string());
+            streams.spawn(async move {
+                let req = Request::get(format!("http://{host}/bytes?n={n}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = tx.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), 200, "round {round}, {n} bytes");
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert!(
+                    body[..] == pattern(n)[..],
+                    "round {round}: {n} bytes came out wrong"
+                );
+            });
+        }
+        let (mut tx, host, want) = (tx.clone(), host.to_string(), format!("{backend} 200000"));
+        streams.spawn(async move {
+            let req = Request::post(format!("http://{host}/upload"))
+                .body(Full::new(Bytes::from(pattern(200_000))))
+                .unwrap();
+            let resp = tx.send_request(req).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], want.as_bytes(), "round {round}: the upload");
+        });
+    }
+    // A frame lost or held back would leave a stream waiting: fail instead of hanging.
+    let all = async {
+        let mut done = 0;
+        while let Some(r) = streams.join_next().await {
+            r.unwrap();
+            done += 1;
+        }
+        done
+    };
+    let done = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("some streams never finished");
+    assert_eq!(done, 4 * (sizes.len() + 1));
 }
 
 /// Tally of a load run.
