@@ -15,8 +15,10 @@
 //! out on the next turn.
 //!
 //! Bounds: at most [`GATHER_LIMIT`] bytes are gathered; a write that would go past it first
-//! writes out what was gathered, and one larger than the limit goes straight to the socket, so
-//! big bodies are not copied.
+//! writes out what was gathered. A write of [`STRAIGHT_FROM`] bytes or more (a large body's
+//! frame) is not gathered: what was gathered goes first, then it goes straight to the socket,
+//! uncopied; and a flush with that much gathered is not put off, so a large download costs no
+//! extra turns.
 
 use std::io;
 use std::pin::Pin;
@@ -25,7 +27,9 @@ use tokio::io::AsyncWrite;
 
 /// The most bytes gathered before they are written (h2's own write buffer is as large).
 pub const GATHER_LIMIT: usize = 16 * 1024;
-/// The most buffer an idle connection keeps (a few 1 KiB answers' worth).
+/// Writes this large are not gathered, and a flush with this much gathered is not put off.
+pub const STRAIGHT_FROM: usize = 8 * 1024;
+/// The most buffer a connection keeps after a flush (a few 1 KiB answers' worth).
 const KEEP_UP_TO: usize = 8 * 1024;
 
 pub struct Coalesced<T> {
@@ -67,20 +71,19 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
         }
         self.gathered.clear();
         self.written = 0;
-        // A connection that goes idle after a burst does not keep a large buffer.
-        if self.gathered.capacity() > KEEP_UP_TO {
-            self.gathered = Vec::new();
-        }
+        self.deferred_at = None;
         Poll::Ready(Ok(()))
     }
 
-    /// Room for `len` more bytes: what was gathered is written out first when it would not fit.
-    /// Ready(true): gather them; Ready(false): too large to gather, write them straight.
+    /// Room for `len` more bytes: what was gathered is written out first when they would not
+    /// fit or are not to be gathered. Ready(true): gather them; Ready(false): write them
+    /// straight.
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
-        if self.gathered.len() + len > GATHER_LIMIT {
+        let gather = len < STRAIGHT_FROM;
+        if !gather || self.gathered.len() + len > GATHER_LIMIT {
             ready!(self.poll_write_out(cx))?;
         }
-        Poll::Ready(Ok(len <= GATHER_LIMIT))
+        Poll::Ready(Ok(gather))
     }
 }
 
@@ -133,18 +136,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let gathered = this.gathered.len();
-        if gathered > this.written && this.deferred_at != Some(gathered) {
+        if gathered > this.written && gathered < STRAIGHT_FROM && this.deferred_at != Some(gathered)
+        {
             // The tasks already woken (other streams' answers) run before this one comes
             // back, and their frames go out in the same write. h2 also flushes whenever it
             // holds a DATA payload apart, before it takes the next frame; so a flush is put
             // off for as long as each one finds new bytes, and the one that finds none (h2
-            // has nothing more to send) writes out. GATHER_LIMIT bounds the run.
+            // has nothing more to send) writes out. STRAIGHT_FROM bounds the run.
             this.deferred_at = Some(gathered);
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
         ready!(this.poll_write_out(cx))?;
-        this.deferred_at = None;
+        // A connection that goes quiet after a burst does not keep a large buffer.
+        if this.gathered.capacity() > KEEP_UP_TO {
+            this.gathered = Vec::new();
+        }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
@@ -273,6 +280,59 @@ mod tests {
         let mut got = vec![0; 5 + 4];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"smallhead");
+    }
+
+    #[tokio::test]
+    async fn a_small_write_that_would_overflow_writes_out_first_and_is_then_gathered() {
+        let (mut io, mut peer) = pair().await;
+        let piece = vec![1u8; STRAIGHT_FROM - 1024];
+        io.write_all(&piece).await.unwrap();
+        io.write_all(&piece).await.unwrap();
+        assert_eq!(io.get_ref().writes, 0);
+        // A third would pass GATHER_LIMIT: the first two go out, in one write.
+        io.write_all(&piece).await.unwrap();
+        assert_eq!(io.get_ref().writes, 1);
+        assert_eq!(io.gathered.len() - io.written, piece.len());
+        let mut got = vec![0; 2 * piece.len()];
+        peer.read_exact(&mut got).await.unwrap();
+        // With as much gathered as STRAIGHT_FROM or more, a flush is not put off.
+        io.write_all(&piece[..2048]).await.unwrap();
+        assert_eq!(flush_once(&mut io), (true, false));
+        assert_eq!(io.get_ref().writes, 2);
+    }
+
+    /// A peer that reads slowly: writes out stop half way (Pending), more is gathered
+    /// meanwhile, and every byte still arrives, in order, and every flush finishes.
+    #[tokio::test]
+    async fn a_slow_reader_gets_every_byte_in_order() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut io = Coalesced::new(near);
+        let frames: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 100 + i as usize * 37]).collect();
+        let expected: Vec<u8> = frames.concat();
+        let writer = async {
+            for pair in frames.chunks(3) {
+                for f in pair {
+                    io.write_all(f).await.unwrap();
+                }
+                io.flush().await.unwrap();
+            }
+            io.shutdown().await.unwrap();
+        };
+        let reader = async {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 50];
+            loop {
+                let n = far.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&buf[..n]);
+                tokio::task::yield_now().await;
+            }
+        };
+        let ((), got) = tokio::join!(writer, reader);
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "bytes out of order");
     }
 
     #[tokio::test]

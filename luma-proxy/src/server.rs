@@ -5,7 +5,8 @@
 //! returns a handle.
 //!
 //! **Connections.** One limit holds for the whole process: every worker takes a slot from the
-//! same semaphore at accept, or closes the connection at once. The slot lives in the
+//! same semaphore at accept, or closes the connection at once. A worker that accepts while
+//! another serves fewer connections hands it over, slot and all ([`crate::spread`]). The slot lives in the
 //! connection's I/O ([`ConnIo`]), so a connection upgraded to a tunnel (WebSocket) keeps its
 //! slot until the tunnel ends. A connection that sends nothing is closed at the first-byte
 //! timeout; one with no bytes either way at the idle timeout (HTTP/2 too: the proxy sends no
@@ -28,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyCtx, Scheme};
 use crate::resolve::Resolver;
 use crate::router::Router;
-use crate::spread::{Assigned, Inbox, Load, Spread};
+use crate::spread::{Assigned, Handed, Inbox, Load, Spread};
 use crate::state::StateStore;
 use crate::tls::Tls;
 use hyper::service::service_fn;
@@ -693,15 +694,12 @@ async fn serve_listener(
         crate::admin::ACCEPT_BACKOFF_MIN,
         crate::admin::ACCEPT_BACKOFF_MAX,
     );
-    loop {
+    'accept: loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
             Some(handed) = inbox.recv() => {
                 // Accepted by another worker, which took its slot of the limit.
-                let (stream, peer, permit, load) = handed.take();
-                if let Ok(stream) = stream {
-                    serve_conn(&conn, stream, peer, permit, load);
-                }
+                serve_handed(&conn, handed);
                 continue;
             }
             accepted = listener.accept() => match accepted {
@@ -717,10 +715,18 @@ async fn serve_listener(
                     if first {
                         crate::log::warn("accept failed; backing off", serde_json::json!({"error": e.to_string()}));
                     }
-                    tokio::select! {
-                        _ = shutdown.changed() => break,
-                        _ = tokio::time::sleep(wait) => continue,
+                    // Connections handed over meanwhile are still served: with its accepts
+                    // failing, this worker may well be the least loaded one.
+                    let pause = tokio::time::sleep(wait);
+                    tokio::pin!(pause);
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.changed() => break 'accept,
+                            Some(handed) = inbox.recv() => serve_handed(&conn, handed),
+                            _ = &mut pause => break,
+                        }
                     }
+                    continue;
                 }
             },
         };
@@ -734,9 +740,11 @@ async fn serve_listener(
         }
     }
     drop(listener);
-    // Connections handed to this worker and not yet taken are closed (their slots given
-    // back), as those still in the listener's queue are.
-    drop(inbox);
+    // Connections already handed to this worker are served, and drained with the rest; from
+    // now on none is handed here.
+    for handed in inbox.leave() {
+        serve_handed(&conn, handed);
+    }
     let Listening {
         ctx,
         cfg,
@@ -789,6 +797,16 @@ struct Listening {
     /// Fired once in-flight requests are done (or the shutdown timeout passed): every
     /// connection still open, tunnels included, fails its next read or write.
     end: Arc<Switch>,
+}
+
+/// Serves a connection another worker accepted and handed over (`spread.rs`).
+fn serve_handed(conn: &Listening, handed: Handed) {
+    let (stream, peer, permit, load) = handed.take();
+    // Registering with this runtime failed (out of memory for its bookkeeping): the socket
+    // closes with the permit and load.
+    if let Ok(stream) = stream {
+        serve_conn(conn, stream, peer, permit, load);
+    }
 }
 
 /// Serves one connection on the current worker, under the slot and count taken for it.

@@ -7,19 +7,27 @@
 //! in every round (`docs/profile.md`), and one worker's connections wait while the other's
 //! thread has less to do.
 //!
-//! So a worker that accepts a connection while another worker serves fewer hands it over: the
-//! socket goes, deregistered from the accepting runtime, through the other worker's inbox and
-//! is served there, as HAProxy's threads do. Ties stay where they were accepted, so a single
-//! worker, or balanced workers, never hand anything over. The count a worker is judged by is
-//! taken when the connection is assigned to it, before it crosses, so a burst of accepts
-//! cannot all pick the same worker; it is given back when the connection closes (the [`Load`]
-//! lives in the connection's slot, so an upgraded tunnel keeps counting).
+//! So a worker that accepts a connection while another worker serves at least
+//! [`HAND_OVER_AT`] fewer hands it over: the socket goes, deregistered from the accepting
+//! runtime, through the other worker's inbox and is served there, as HAProxy's threads do. A
+//! single worker never hands anything over, and workers stay within [`HAND_OVER_AT`]
+//! connections of each other. A connection crosses at most once, at accept, never per request.
+//! The count a worker is judged by is taken when the connection is assigned to it, before it
+//! crosses, so one worker's burst of accepts does not pile onto the same other worker (two
+//! workers accepting at the same moment may both pick one: the next accepts even that out).
+//! It is given back when the connection closes: the [`Load`] lives in the connection's slot,
+//! so an upgraded tunnel keeps counting.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+/// A worker keeps a connection it accepted unless another serves at least this many fewer.
+/// Crossing costs two `epoll_ctl`s and a wake of the other thread, so with a margin of one
+/// short-lived connections would cross often for no gain; with two they rarely do.
+pub const HAND_OVER_AT: usize = 2;
 
 /// The workers of one listener kind (plain HTTP or HTTPS): each one's count and inbox.
 #[derive(Default)]
@@ -88,8 +96,21 @@ impl Inbox {
         self.rx.recv().await
     }
 
-    /// Assigns a connection this worker accepted to the worker with the fewest connections
-    /// (this one on a tie), and hands it over when that is another one.
+    /// Stops taking connections, when the worker's accept loop ends: from now on none is
+    /// handed here (a send that races this fails, and its sender serves the connection), and
+    /// those already queued are returned, to be served and drained with the rest.
+    pub fn leave(&mut self) -> Vec<Handed> {
+        self.seat.left.store(true, Ordering::Release);
+        self.rx.close();
+        let mut queued = Vec::new();
+        while let Ok(handed) = self.rx.try_recv() {
+            queued.push(handed);
+        }
+        queued
+    }
+
+    /// Assigns a connection this worker accepted: to the worker with the fewest connections
+    /// when it serves at least [`HAND_OVER_AT`] fewer than this one, handed over; else here.
     pub fn assign(
         &self,
         stream: TcpStream,
@@ -133,9 +154,8 @@ impl Inbox {
 
 impl Drop for Inbox {
     fn drop(&mut self) {
-        // Connections still queued are dropped with the receiver (closed, their load given
-        // back); a worker picking this one from now on sees it gone, and a send that raced
-        // this fails and is served by the sender.
+        // A worker that ended without `leave` (its listener failed): connections still queued
+        // are dropped with the receiver (closed, their slots and loads given back).
         self.seat.left.store(true, Ordering::Release);
     }
 }
@@ -168,14 +188,17 @@ impl Spread {
         }
     }
 
+    /// The worker a connection accepted by `here` goes to: the one serving the fewest, when
+    /// that is at least [`HAND_OVER_AT`] fewer than `here`; else `here`.
     fn least_loaded(&self, here: &Arc<Seat>) -> Arc<Seat> {
+        let here_load = here.load.load(Ordering::Acquire);
+        if here_load < HAND_OVER_AT {
+            return here.clone();
+        }
         let seats = self.seats.read().unwrap_or_else(PoisonError::into_inner);
         let mut best = here;
-        let mut best_load = here.load.load(Ordering::Acquire);
+        let mut best_load = here_load;
         for seat in seats.iter() {
-            if best_load == 0 {
-                break;
-            }
             if seat.left.load(Ordering::Acquire) {
                 continue;
             }
@@ -185,7 +208,11 @@ impl Spread {
                 best_load = load;
             }
         }
-        best.clone()
+        if best_load + HAND_OVER_AT <= here_load {
+            best.clone()
+        } else {
+            here.clone()
+        }
     }
 }
 
@@ -221,52 +248,72 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_go_to_the_worker_with_fewest_and_ties_stay() {
+    async fn a_connection_crosses_only_to_a_worker_serving_two_fewer() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let limit = Arc::new(Semaphore::new(16));
         let spread = Arc::new(Spread::default());
         let (a, mut b) = (spread.join(), spread.join());
         let mut kept = Vec::new();
         let mut clients = Vec::new();
-        // Worker a accepts all four: it keeps the 1st and 3rd (ties), hands the 2nd and 4th.
-        for n in 0..4 {
+        // Worker a accepts four while b serves none: a keeps the first two (b is not two
+        // fewer yet), hands the third, keeps the fourth (3 against 1).
+        for (n, crosses) in [false, false, true, false].into_iter().enumerate() {
             let (client, server, peer, permit) = accepted(&listener, &limit).await;
             clients.push(client);
             match a.assign(server, peer, permit) {
                 Assigned::Here(s, p, l) => {
-                    assert!(n % 2 == 0, "connection {n} stayed on the busier worker");
+                    assert!(!crosses, "connection {n} stayed");
                     kept.push((s, p, l));
                 }
-                Assigned::Handed => assert!(n % 2 == 1, "connection {n} left a tie"),
+                Assigned::Handed => assert!(crosses, "connection {n} crossed"),
             }
         }
-        assert_eq!(loads(&[&a, &b]), [2, 2]);
+        assert_eq!(loads(&[&a, &b]), [3, 1]);
         assert_eq!(limit.available_permits(), 12);
-        // Both handed connections arrive whole: the socket works on the other side, with its
-        // peer, its slot (4 of 16 taken) and its place in b's count.
-        for client in clients.iter_mut().skip(1).step_by(2) {
+        // The handed connection arrives whole: the socket works on the other side, with its
+        // peer, its slot of the limit and its place in b's count.
+        {
             let handed = b.recv().await.expect("a handed connection");
             let (stream, peer, _permit, _load) = handed.take();
             let mut stream = stream.unwrap();
-            assert_eq!(peer, client.local_addr().unwrap());
-            client.write_all(b"ping").await.unwrap();
+            assert_eq!(peer, clients[2].local_addr().unwrap());
+            clients[2].write_all(b"ping").await.unwrap();
             let mut got = [0u8; 4];
             stream.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"ping");
         }
-        // The handed ones are closed (their loads dropped): a is now the busier one.
-        assert_eq!(loads(&[&a, &b]), [2, 0]);
+        // Closed: its slot and its place are given back.
+        assert_eq!(loads(&[&a, &b]), [3, 0]);
+        assert_eq!(limit.available_permits(), 13);
         let (_c, server, peer, permit) = accepted(&listener, &limit).await;
         assert!(matches!(a.assign(server, peer, permit), Assigned::Handed));
-        assert_eq!(loads(&[&a, &b]), [2, 1]);
-        // A worker that left is handed nothing, however idle.
-        drop(kept.pop());
-        drop(b);
+        assert_eq!(loads(&[&a, &b]), [3, 1]);
+        // b's accept loop ends: what was queued for it comes back to be served, and from then
+        // on it is handed nothing, however idle.
+        let queued = b.leave();
+        assert_eq!(queued.len(), 1);
+        drop(queued);
+        assert_eq!(loads(&[&a, &b]), [3, 0]);
         let (_c, server, peer, permit) = accepted(&listener, &limit).await;
         let here = a.assign(server, peer, permit);
         assert!(matches!(here, Assigned::Here(..)));
-        // The one queued in b's inbox when it left was closed with it, its slot given back.
-        assert_eq!(loads(&[&a]), [2]);
-        assert_eq!(limit.available_permits(), 16 - 2);
+        assert_eq!(loads(&[&a, &b]), [4, 0]);
+        assert_eq!(limit.available_permits(), 16 - 4);
+    }
+
+    #[tokio::test]
+    async fn a_single_worker_keeps_everything() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limit = Arc::new(Semaphore::new(16));
+        let a = Arc::new(Spread::default()).join();
+        let mut kept = Vec::new();
+        for _ in 0..5 {
+            let (client, server, peer, permit) = accepted(&listener, &limit).await;
+            match a.assign(server, peer, permit) {
+                Assigned::Here(s, p, l) => kept.push((client, s, p, l)),
+                Assigned::Handed => panic!("a single worker handed a connection over"),
+            }
+        }
+        assert_eq!(loads(&[&a]), [5]);
     }
 }

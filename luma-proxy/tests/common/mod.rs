@@ -416,14 +416,19 @@ pub async fn get_h2(proxy: SocketAddr, host: &str, path: &str) -> (u16, String) 
 
 /// Many streams at once on one HTTP/2 connection over `io` to a route of `host` whose backend is
 /// a [`TestBackend`] named `backend`. The proxy gathers the streams' frames into shared writes
-/// (`coalesce.rs`), so every answer must still arrive whole and in order: bodies small, at the
-/// gathering limit, past it (written straight) and past the flow-control window (the client's
-/// WINDOW_UPDATEs and the proxy's frames interleave), with large uploads in flight too.
+/// (`coalesce.rs`), so every answer must still arrive whole and in order: bodies small, around
+/// the sizes where writes go straight, and many times the flow-control window, so that the
+/// client's WINDOW_UPDATEs and the proxy's frames interleave; with large uploads in flight too.
 pub async fn streams_in_flight_together_arrive_whole<S>(io: S, host: &str, backend: &str)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+    // The smallest windows HTTP/2 allows, so the proxy's frames wait on the client's
+    // WINDOW_UPDATEs all the time, with uploads waiting on the proxy's.
+    let (tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .handshake(TokioIo::new(io))
         .await
         .unwrap();
     tokio::spawn(conn);
