@@ -29,8 +29,6 @@ use tokio::io::AsyncWrite;
 pub const GATHER_LIMIT: usize = 16 * 1024;
 /// Writes this large are not gathered, and a flush with this much gathered is not put off.
 pub const STRAIGHT_FROM: usize = 8 * 1024;
-/// The most buffer a connection keeps after a flush (a few 1 KiB answers' worth).
-const KEEP_UP_TO: usize = 8 * 1024;
 
 pub struct Coalesced<T> {
     inner: T,
@@ -82,6 +80,10 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
         let gather = len < STRAIGHT_FROM;
         if !gather || self.gathered.len() + len > GATHER_LIMIT {
             ready!(self.poll_write_out(cx))?;
+        }
+        if gather && self.gathered.capacity() == 0 {
+            // One allocation for a batch of small frames, not one per doubling.
+            self.gathered.reserve(STRAIGHT_FROM);
         }
         Poll::Ready(Ok(gather))
     }
@@ -148,10 +150,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
             return Poll::Pending;
         }
         ready!(this.poll_write_out(cx))?;
-        // A connection that goes quiet after a burst does not keep a large buffer.
-        if this.gathered.capacity() > KEEP_UP_TO {
-            this.gathered = Vec::new();
-        }
+        // Given back once written: an idle HTTP/2 connection holds no buffer here, and the
+        // allocator hands the same block to the next batch.
+        this.gathered = Vec::new();
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
