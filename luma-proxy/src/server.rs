@@ -802,10 +802,13 @@ struct Listening {
 /// Serves a connection another worker accepted and handed over (`spread.rs`).
 fn serve_handed(conn: &Listening, handed: Handed) {
     let (stream, peer, permit, load) = handed.take();
-    // Registering with this runtime failed (out of memory for its bookkeeping): the socket
-    // closes with the permit and load.
-    if let Ok(stream) = stream {
-        serve_conn(conn, stream, peer, permit, load);
+    // Registering with this runtime failed: the socket closes with the permit and load.
+    match stream {
+        Ok(stream) => serve_conn(conn, stream, peer, permit, load),
+        Err(e) => crate::log::warn(
+            "connection closed: a worker could not take it over",
+            serde_json::json!({"error": e.to_string()}),
+        ),
     }
 }
 

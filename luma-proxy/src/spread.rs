@@ -126,7 +126,10 @@ impl Inbox {
         let std_stream = match stream.into_std() {
             Ok(s) => s,
             // Deregistering failed: the socket is no longer usable here either.
-            Err(_) => return Assigned::Handed,
+            Err(e) => {
+                lost(&e);
+                return Assigned::Handed;
+            }
         };
         let target = load.seat.clone();
         let handed = Handed {
@@ -145,7 +148,10 @@ impl Inbox {
                 };
                 match TcpStream::from_std(back.stream) {
                     Ok(s) => Assigned::Here(s, back.permit, load),
-                    Err(_) => Assigned::Handed,
+                    Err(e) => {
+                        lost(&e);
+                        Assigned::Handed
+                    }
                 }
             }
         }
@@ -158,6 +164,15 @@ impl Drop for Inbox {
         // are dropped with the receiver (closed, their slots and loads given back).
         self.seat.left.store(true, Ordering::Release);
     }
+}
+
+/// A connection closed because its socket could not move between runtimes (a failed
+/// `epoll_ctl`): rare enough to log each one.
+fn lost(e: &std::io::Error) {
+    crate::log::warn(
+        "connection closed: it could not be handed to another worker",
+        serde_json::json!({"error": e.to_string()}),
+    );
 }
 
 /// Where an accepted connection is served.
