@@ -6,9 +6,9 @@
 //!
 //! **Connections.** One limit holds for the whole process: every worker takes a slot from the
 //! same semaphore at accept, or closes the connection at once. A worker that accepts while
-//! another serves fewer connections hands it over, slot and all ([`crate::spread`]). The slot lives in the
-//! connection's I/O ([`ConnIo`]), so a connection upgraded to a tunnel (WebSocket) keeps its
-//! slot until the tunnel ends. A connection that sends nothing is closed at the first-byte
+//! another serves 2 fewer connections hands it over, slot and all ([`crate::spread`]). The
+//! slot lives in the connection's I/O ([`ConnIo`]), so a connection upgraded to a tunnel
+//! (WebSocket) keeps its slot until the tunnel ends. A connection that sends nothing is closed at the first-byte
 //! timeout; one with no bytes either way at the idle timeout (HTTP/2 too: the proxy sends no
 //! keep-alive pings, so nothing but the peer's traffic keeps a connection open).
 //!

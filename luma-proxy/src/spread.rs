@@ -3,9 +3,9 @@
 //! Each worker accepts on its own `SO_REUSEPORT` listener (`workers.rs`), and the kernel picks
 //! the listener by a hash of the client's address and port. That spreads many short
 //! connections well, but a few long-lived ones (keep-alive clients, HTTP/2 from a load
-//! balancer) land unevenly: measured here, 64 connections split 28 against 36 over two workers
-//! in every round (`docs/profile.md`), and one worker's connections wait while the other's
-//! thread has less to do.
+//! balancer) land unevenly: measured here, 64 connections split about 28 against 36 over two
+//! workers, unevenly in every round (`docs/profile.md`), and one worker's connections wait
+//! while the other's thread has less to do.
 //!
 //! So a worker that accepts a connection while another worker serves at least
 //! [`HAND_OVER_AT`] fewer hands it over: the socket goes, deregistered from the accepting
@@ -179,7 +179,7 @@ fn lost(e: &std::io::Error) {
 pub(crate) enum Assigned {
     /// By the worker that accepted it, with its slot of the limit and its place in the count.
     Here(TcpStream, OwnedSemaphorePermit, Load),
-    /// Handed to another worker.
+    /// Handed to another worker (or closed, and logged, when its socket could not move).
     Handed,
 }
 
