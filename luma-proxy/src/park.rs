@@ -282,7 +282,11 @@ pub(crate) async fn serve(
         let mut may_park = false;
         let mut conn = Box::new(
             http.h1
-                .serve_connection(TokioIo::new(io), svc.clone())
+                // Answers leave at the end of the runtime's turn, together (coalesce.rs).
+                .serve_connection(
+                    TokioIo::new(crate::coalesce::Coalesced::new(io)),
+                    svc.clone(),
+                )
                 .with_upgrades(),
         );
         let (mut seen, _, _) = activity.snapshot();
@@ -337,7 +341,12 @@ pub(crate) async fn serve(
         };
         // Moved out, so that hyper's read buffer (which this shares) is freed before the wait.
         let read_buf = parts.read_buf;
-        io = parts.io.into_inner();
+        // hyper only goes idle once its flush is done, so nothing is left gathered; if
+        // something were, the connection could not be parked without losing it.
+        io = match parts.io.into_inner().into_inner() {
+            Some(io) => io,
+            None => return,
+        };
         if !read_buf.is_empty() {
             // A next request had begun: serve it now.
             io.unread(read_buf);

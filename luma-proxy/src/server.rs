@@ -858,7 +858,6 @@ fn serve_conn(
         if session.alpn_protocol() == Some(crate::tls::book::ACME_TLS_ALPN) {
             return;
         }
-        let h2 = session.alpn_protocol() == Some(b"h2");
         // A resumed session skipped the book: ask it now. A host that left its route,
         // moved to another project, or whose certificate expired gets no connection.
         let Some(cert) = session
@@ -876,16 +875,10 @@ fn serve_conn(
                 async move { Ok::<_, Infallible>(proxy::handle(c, req, peer, Some(&cert)).await) },
             )
         });
-        if h2 {
-            // Answers of many streams leave in one write, one TLS record (coalesce.rs).
-            let io = TokioIo::new(crate::coalesce::Coalesced::new(stream));
-            let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-            let _ = Drained::new(conn, ticket).await;
-        } else {
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let _ = Drained::new(conn, ticket).await;
-        }
+        // Answers leave at the end of the runtime's turn, in one write and one TLS record each
+        // (coalesce.rs).
+        let io = TokioIo::new(crate::coalesce::Coalesced::new(stream));
+        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+        let _ = Drained::new(conn, ticket).await;
     });
 }
