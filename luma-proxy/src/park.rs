@@ -240,6 +240,10 @@ pub(crate) async fn serve(
     if h2 {
         return serve_h2(io, ctx, peer, &http, ticket).await;
     }
+    // Answers leave at the end of the runtime's turn, together (coalesce.rs). The wrapper stays
+    // on while the connection is parked: it holds nothing then (hyper only goes idle once its
+    // flush is done).
+    let mut io = crate::coalesce::Coalesced::new(io);
     let svc = {
         let (activity, ctx) = (activity.clone(), ctx.clone());
         service_fn(move |mut req: Request<Incoming>| {
@@ -282,11 +286,7 @@ pub(crate) async fn serve(
         let mut may_park = false;
         let mut conn = Box::new(
             http.h1
-                // Answers leave at the end of the runtime's turn, together (coalesce.rs).
-                .serve_connection(
-                    TokioIo::new(crate::coalesce::Coalesced::new(io)),
-                    svc.clone(),
-                )
+                .serve_connection(TokioIo::new(io), svc.clone())
                 .with_upgrades(),
         );
         let (mut seen, _, _) = activity.snapshot();
@@ -341,15 +341,10 @@ pub(crate) async fn serve(
         };
         // Moved out, so that hyper's read buffer (which this shares) is freed before the wait.
         let read_buf = parts.read_buf;
-        // hyper only goes idle once its flush is done, so nothing is left gathered; if
-        // something were, the connection could not be parked without losing it.
-        io = match parts.io.into_inner().into_inner() {
-            Some(io) => io,
-            None => return,
-        };
+        io = parts.io.into_inner();
         if !read_buf.is_empty() {
             // A next request had begun: serve it now.
-            io.unread(read_buf);
+            io.get_mut().unread(read_buf);
             continue;
         }
         drop(read_buf);
@@ -358,7 +353,7 @@ pub(crate) async fn serve(
             if ticket.draining(cx.waker()) {
                 return Poll::Ready(false);
             }
-            io.poll_parked(cx).map(|r| r.is_ok())
+            io.get_mut().poll_parked(cx).map(|r| r.is_ok())
         });
         let woke = tokio::time::timeout(http.keep_alive, wait).await;
         if woke != Ok(true) {

@@ -5,7 +5,8 @@
 //! reads into a buffer on the stack and writes it on at once; only bytes the writer cannot take
 //! yet are copied to the heap, and that copy is freed as soon as it is written. An idle tunnel
 //! holds its two sockets and nothing else. As in tokio's copy, written bytes are flushed before
-//! a direction waits on its reader.
+//! a direction waits on its reader. (The client's side of a tunnel is a client connection, which
+//! gathers small writes until that flush: `coalesce.rs`. It holds nothing once flushed either.)
 //!
 //! A direction ends at its reader's end of stream, after shutting its writer down (so a
 //! half-close passes through); the copy ends when both have, or at the first error.
