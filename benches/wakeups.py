@@ -63,7 +63,7 @@ def one_run(name, kind, binary, tmp, backend_pid):
         wrk = subprocess.Popen(["wrk", "-t2", "-c64", "-d10s", url], stdout=subprocess.PIPE, text=True)
         subprocess.run(["sleep", "1"], check=True)
         who = {"proxy": proc.pid, "backend": backend_pid, "wrk": wrk.pid}
-        stats = {k: perf_stat(pid, os.path.join(tmp, k)) for k, pid in who.items()}
+        stats = {k: perf_stat(pid, os.path.join(tmp, f"perf-{k}.csv")) for k, pid in who.items()}
         for s in stats.values():
             s.wait()
         out = wrk.communicate()[0]
@@ -74,7 +74,7 @@ def one_run(name, kind, binary, tmp, backend_pid):
         n = rps * SECONDS
         row = {"req/s": rps}
         for k in who:
-            c = counts(os.path.join(tmp, k))
+            c = counts(os.path.join(tmp, f"perf-{k}.csv"))
             row[f"{k} epoll_wait"] = (c.get("epoll_wait", 0) + c.get("epoll_pwait", 0)) / n
             row[f"{k} switches"] = c.get("context-switches", 0) / n
             row[f"{k} CPU µs"] = c["task-clock"] * 1e3 / n  # task-clock is in ms
