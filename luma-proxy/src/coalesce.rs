@@ -14,11 +14,11 @@
 //! - **Across connections.** A flush is put off to the end of the turn, so the answers of all
 //!   the connections whose backends answered in one wake-up of the worker leave together, one
 //!   after the other. A client (or a load generator on the same machine) that waits on many
-//!   connections is then woken once for the batch instead of once per answer. Written at once,
+//!   connections then finds several ready at once instead of one at a time. Written at once,
 //!   as each task finished, they trickled out while the worker went on parsing and forwarding
-//!   the others, and the client woke for nearly every one: `wrk` made 1.30 `epoll_wait`s per
-//!   request through luma-proxy, 1.19 through nginx, and 0.65 through HAProxy, which sends at
-//!   the end of its loop; with the flush put off, 0.60 (`docs/profile.md`, "Answers leave
+//!   the others: `wrk` called `epoll_wait` 1.41 times per request through luma-proxy, 1.26
+//!   through nginx, and 0.67 through HAProxy, which sends at the end of its loop's pass; with
+//!   the flush put off, 0.56 (`benches/wakeups.py`; `docs/profile.md`, "Answers leave
 //!   together").
 //!
 //! How: writes are gathered in a buffer, and a flush that finds new bytes is put off: the
