@@ -175,10 +175,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         if gathered > this.written && gathered < STRAIGHT_FROM && this.deferred_at != Some(gathered)
         {
             // The tasks already woken (other connections' answers, other streams' frames) run
-            // before this one comes back. h2 also flushes whenever it
-            // holds a DATA payload apart, before it takes the next frame; so a flush is put
-            // off for as long as each one finds new bytes, and the one that finds none (h2
-            // has nothing more to send) writes out. STRAIGHT_FROM bounds the run.
+            // before this one comes back. h2 also flushes whenever it holds a DATA payload
+            // apart, before it takes the next frame; so a flush is put off for as long as each
+            // one finds new bytes, and the one that finds none (h2 has nothing more to send)
+            // writes out. STRAIGHT_FROM bounds the run.
             this.deferred_at = Some(gathered);
             cx.waker().wake_by_ref();
             return Poll::Pending;
