@@ -3,8 +3,8 @@
 
 On one machine, a proxy's cost is not only its own CPU: how it times its writes sets how often
 the client and the backend are woken. A client waiting on 64 connections that gets the answers
-one at a time wakes (an `epoll_wait` that returns, a context switch) for nearly every one; if
-the answers of one turn of the proxy's event loop leave together, it wakes once for the batch.
+one at a time calls `epoll_wait` for nearly every one; if the answers of one turn of the proxy's
+event loop leave together, one call finds several.
 This runs `wrk -t2 -c64` through each contender in turn (1 worker each, profile.py's configs
 and backend, in rounds in a shuffled order) and counts, with `perf stat` over 6 s of each
 10 s run, for the proxy, the backend and wrk:
@@ -71,6 +71,8 @@ def one_run(name, kind, binary, tmp, backend_pid):
         if not m or "Non-2xx" in out or "Socket errors" in out:
             raise RuntimeError(f"{name}: wrk failed or saw errors:\n{out}")
         rps = float(m.group(1))
+        # Requests in the counted window, from wrk's rate over its whole run: the window is the
+        # middle 6 s of 10, past the ramp-up, so the rate is taken as steady.
         n = rps * SECONDS
         row = {"req/s": rps}
         for k in who:
