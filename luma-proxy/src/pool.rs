@@ -9,13 +9,16 @@
 //!   that opened it;
 //! - ordered by stamp, freshest on top, the stalest at the bottom, where they expire after
 //!   `limit` (`timeouts.pool_idle_ms`);
-//! - taken in turn while traffic keeps them busy, the freshest otherwise: the bottom one is
-//!   taken when it was last used less than [`ROTATE_WITHIN`] ago, else the top one. Taking
-//!   only the top (as before) let a steady load wear the same few connections and leave the
-//!   rest to expire, so every burst, and every backlog after a stall, had to open dozens at
-//!   once (84 connects in a 10 s run at 16,000 req/s, in bursts of 11-15, each while the
-//!   requests waited). Taken in turn, the connections a burst opened stay warm for as long
-//!   as the traffic touches each of them within that window, and a quiet pool still shrinks;
+//! - taken in turn while traffic keeps them busy, the freshest otherwise: the stalest of those
+//!   last used less than [`ROTATE_WITHIN`] ago is taken, and when there is none, the top one.
+//!   Taking only the top (as before) let a steady load wear the same few connections and leave
+//!   the rest to expire, so every burst, and every backlog after a stall, had to open dozens
+//!   at once while its requests waited (53-87 connects in a 10 s run at 16,000 req/s, in
+//!   bursts of 11-15; 3-18 taken in turn; `docs/profile.md`, "Upstream connections taken in
+//!   turn"). The cost: a busy pool holds what its peak needed, as long as traffic reaches
+//!   each connection within the window (at most the thread's rate x [`ROTATE_WITHIN`], and
+//!   [`MAX_IDLE`]), where the top alone would let it shrink to what the steady rate needs. A
+//!   quiet pool still shrinks;
 //! - at most [`MAX_IDLE`] per stack, the oldest closed beyond that;
 //! - a connection checked in while its backend is retired is refused, and `retired` is read
 //!   under the stack's lock, so a checkin racing `retire` is either refused or cleared by it.
@@ -30,8 +33,8 @@ use std::time::{Duration, Instant};
 pub const MAX_IDLE: usize = 256;
 /// A pooled connection last used less than this long ago is taken in turn (the stalest of
 /// those first), so that a steady load keeps all of them warm. It stays below the inline
-/// client's `PEEK_AFTER`, so a connection taken in turn is never one that needs a system call
-/// to be trusted.
+/// client's `PEEK_AFTER` (checked there), so a connection taken in turn is never idle long
+/// enough to need the peek.
 pub const ROTATE_WITHIN: Duration = Duration::from_millis(40);
 
 /// One serving thread's idle connections, stalest first, each with its stamp.
@@ -71,18 +74,23 @@ impl<C> IdlePool<C> {
     // request (callgrind, docs/profile.md).
     #[inline]
     pub fn checkout(&self, max_idle: Duration) -> Option<(C, Duration)> {
+        self.checkout_at(Instant::now(), max_idle)
+    }
+
+    #[inline]
+    fn checkout_at(&self, now: Instant, max_idle: Duration) -> Option<(C, Duration)> {
         if max_idle.is_zero() {
             return None;
         }
-        let now = Instant::now();
         let mut stack = self.stack().lock().ok()?;
         expire(&mut stack, now, self.limit);
+        // The stalest one used within the window: stale ones below it (a long answer checks in
+        // with an old stamp) are passed over and left to expire, so they do not stop the turn.
         let rotate = max_idle.min(ROTATE_WITHIN);
-        if let Some((_, since)) = stack.front() {
-            let idle = now.saturating_duration_since(*since);
-            if idle < rotate {
-                return stack.pop_front().map(|(conn, _)| (conn, idle));
-            }
+        let first_in_turn =
+            stack.partition_point(|(_, since)| now.saturating_duration_since(*since) >= rotate);
+        if let Some((conn, since)) = stack.remove(first_in_turn) {
+            return Some((conn, now.saturating_duration_since(since)));
         }
         match stack.back() {
             Some((_, since)) if now.saturating_duration_since(*since) < max_idle => stack
@@ -193,31 +201,43 @@ mod tests {
 
     #[test]
     fn connections_in_use_are_taken_in_turn_and_a_quiet_pool_shrinks() {
+        // Every stamp and checkout is at a fixed `now`: the test reads no clock.
         let p = pool();
         let now = Instant::now();
         let ms = Duration::from_millis;
         // A steady load: all three were used within ROTATE_WITHIN, so the stalest goes first
-        // and each comes back on top, ahead of the one it passed.
+        // and each comes back on top, behind none of the others.
         p.checkin(1, now - ms(30), || false);
         p.checkin(2, now - ms(20), || false);
         p.checkin(3, now - ms(10), || false);
-        let (first, idle) = p.checkout(LIMIT).expect("pooled");
-        assert_eq!(first, 1);
-        assert!(idle >= ms(30) && idle < ROTATE_WITHIN, "{idle:?}");
-        p.checkin(1, Instant::now(), || false);
-        assert_eq!(p.checkout(LIMIT).map(|c| c.0), Some(2));
-        // Quiet: the bottom one was last used before ROTATE_WITHIN, so the freshest is taken
-        // and the stale one is left to expire.
+        assert_eq!(p.checkout_at(now, LIMIT), Some((1, ms(30))));
+        p.checkin(1, now, || false);
+        assert_eq!(p.checkout_at(now, LIMIT), Some((2, ms(20))));
+        assert_eq!(p.checkout_at(now, LIMIT), Some((3, ms(10))));
+        assert_eq!(p.checkout_at(now, LIMIT), Some((1, ms(0))));
+        // Quiet: the bottom one was last used ROTATE_WITHIN ago or more, so the freshest is
+        // taken and the stale one is left to expire.
         let p = pool();
-        p.checkin(1, now - ROTATE_WITHIN - ms(5), || false);
+        p.checkin(1, now - ROTATE_WITHIN, || false);
         p.checkin(2, now - ms(1), || false);
-        assert_eq!(p.checkout(LIMIT).map(|c| c.0), Some(2));
-        // A caller's rule tighter than the window bounds it: not even the bottom one is taken
-        // in turn when it is older than the rule allows.
+        assert_eq!(p.checkout_at(now, LIMIT), Some((2, ms(1))));
+        assert_eq!(p.len(), 1);
+        // A stale one at the bottom (a long answer's) does not stop the turn: the stalest of
+        // those within the window goes first, and the stale one is left to expire.
+        let p = pool();
+        p.checkin(9, now - Duration::from_secs(1), || false);
+        p.checkin(1, now - ms(30), || false);
+        p.checkin(2, now - ms(10), || false);
+        assert_eq!(p.checkout_at(now, LIMIT), Some((1, ms(30))));
+        assert_eq!(p.checkout_at(now, LIMIT), Some((2, ms(10))));
+        assert_eq!(p.checkout_at(now, LIMIT), Some((9, Duration::from_secs(1))));
+        // A caller's rule tighter than the window bounds it: the bottom one is not taken in
+        // turn when it is older than the rule allows.
         let p = pool();
         p.checkin(1, now - ms(20), || false);
-        p.checkin(2, now, || false);
-        assert_eq!(p.checkout(ms(15)).map(|c| c.0), Some(2));
+        p.checkin(2, now - ms(5), || false);
+        assert_eq!(p.checkout_at(now, ms(15)), Some((2, ms(5))));
+        assert_eq!(p.checkout_at(now, ms(15)), None);
     }
 
     #[test]
