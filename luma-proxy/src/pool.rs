@@ -12,10 +12,9 @@
 //! - taken in turn while traffic keeps them busy, the freshest otherwise: the stalest of those
 //!   last used less than [`ROTATE_WITHIN`] ago is taken, and when there is none, the top one.
 //!   Taking only the top (as before) let a steady load wear the same few connections and leave
-//!   the rest to expire, so every burst, and every backlog after a stall, had to open dozens
-//!   at once while its requests waited (53-87 connects in a 10 s run at 16,000 req/s, in
-//!   bursts of 11-15; 3-18 taken in turn; `docs/profile.md`, "Upstream connections taken in
-//!   turn"). The cost: a busy pool holds what its peak needed, as long as traffic reaches
+//!   the rest to expire, so a backlog after a stall had to open a dozen or more at once
+//!   (41-87 connects in a 10 s run at 16,000 req/s; 3-18 taken in turn; `docs/profile.md`,
+//!   "Upstream connections taken in turn"). The cost: a busy pool holds what its peak needed, as long as traffic reaches
 //!   each connection within the window (at most the thread's rate x [`ROTATE_WITHIN`], and
 //!   [`MAX_IDLE`]), where the top alone would let it shrink to what the steady rate needs. A
 //!   quiet pool still shrinks;
