@@ -14,10 +14,10 @@
 //!   Taking only the top (as before) let a steady load wear the same few connections and leave
 //!   the rest to expire, so a backlog after a stall had to open a dozen or more at once
 //!   (41-87 connects in a 10 s run at 16,000 req/s; 3-18 taken in turn; `docs/profile.md`,
-//!   "Upstream connections taken in turn"). The cost: a busy pool holds what its peak needed, as long as traffic reaches
-//!   each connection within the window (at most the thread's rate x [`ROTATE_WITHIN`], and
-//!   [`MAX_IDLE`]), where the top alone would let it shrink to what the steady rate needs. A
-//!   quiet pool still shrinks;
+//!   "Upstream connections taken in turn"). The cost: a busy pool holds what its peak
+//!   needed, as long as traffic reaches each connection within the window (at most the
+//!   thread's rate x [`ROTATE_WITHIN`], and [`MAX_IDLE`]), where the top alone would let it
+//!   shrink to what the steady rate needs. A quiet pool still shrinks;
 //! - at most [`MAX_IDLE`] per stack, the oldest closed beyond that;
 //! - a connection checked in while its backend is retired is refused, and `retired` is read
 //!   under the stack's lock, so a checkin racing `retire` is either refused or cleared by it.
