@@ -66,9 +66,9 @@ impl<C> IdlePool<C> {
     }
 
     /// One of this thread's connections, and how long it has been idle, if its stamp is less
-    /// than `max_idle` old (the caller's reuse rule): the stalest if that was used within
-    /// [`ROTATE_WITHIN`] (and `max_idle`), else the freshest. Expired ones are closed on the
-    /// way.
+    /// than `max_idle` old (the caller's reuse rule): the stalest of those used within
+    /// [`ROTATE_WITHIN`] (and `max_idle`), and when there is none, the freshest. Expired ones
+    /// are closed on the way.
     // Inlined into the request path: called as functions they cost ~300 instructions more per
     // request (callgrind, docs/profile.md).
     #[inline]
