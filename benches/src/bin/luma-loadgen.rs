@@ -260,6 +260,30 @@ async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
     t
 }
 
+/// The floor of `v`'s histogram bucket: exact below 128 µs, then 64 buckets per power of two, so
+/// a bucket is at most 1/64 (1.6 %) of its values wide. Harnesses merge the buckets of several
+/// runs to take one percentile over all their requests (`compare.py`'s pooled p99).
+fn bucket(v: u64) -> u64 {
+    if v < 128 {
+        return v;
+    }
+    let shift = 63 - v.leading_zeros() - 6;
+    (v >> shift) << shift
+}
+
+/// `[[bucket floor, count], ...]` of sorted latencies, in ascending order.
+fn histogram(sorted: &[u64]) -> Vec<[u64; 2]> {
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for &v in sorted {
+        let b = bucket(v);
+        match out.last_mut() {
+            Some(last) if last[0] == b => last[1] += 1,
+            _ => out.push([b, 1]),
+        }
+    }
+    out
+}
+
 fn pct(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -320,13 +344,14 @@ async fn main() {
             "p99_us": pct(&all.latencies_us, 99.0),
             "p999_us": pct(&all.latencies_us, 99.9),
             "max_us": all.latencies_us.last().copied().unwrap_or(0),
+            "hist": histogram(&all.latencies_us),
         })
     );
 }
 
 #[cfg(test)]
 mod tests {
-    use super::local_link;
+    use super::{bucket, histogram, local_link};
     use std::net::Ipv4Addr;
 
     /// A `/proc/net/route` line: addresses as the kernel prints them (hex of the value in host
@@ -355,6 +380,25 @@ mod tests {
         t += &line("eth0", [198, 19, 0, 0], [192, 168, 0, 9], [255, 255, 0, 0]);
         t += &line("eth1", [198, 0, 0, 0], [0; 4], [255, 0, 0, 0]);
         t
+    }
+
+    #[test]
+    fn buckets_are_exact_low_and_within_a_64th_above() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(127), 127);
+        assert_eq!(bucket(128), 128);
+        assert_eq!(bucket(255), 254, "128..256 is cut in steps of 2");
+        assert_eq!(bucket(4_095), 4_064, "2048..4096 in steps of 32");
+        for v in [128u64, 1_000, 4_321, 65_537, 5_000_000, u64::MAX] {
+            let b = bucket(v);
+            assert!(b <= v && v - b <= v / 64, "{v} -> {b}");
+            assert_eq!(bucket(b), b, "a floor is its own bucket");
+        }
+        assert_eq!(
+            histogram(&[3, 3, 200, 201, 5_000]),
+            vec![[3, 2], [200, 2], [4_992, 1]]
+        );
+        assert!(histogram(&[]).is_empty());
     }
 
     fn bridged(iface: &str) -> bool {
