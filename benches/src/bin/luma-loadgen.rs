@@ -6,7 +6,10 @@
 //! address, or with `--local-link` an address reached directly (no gateway) over a local link
 //! that leaves no machine: a Linux bridge whose ports are all virtual (a container here), or a
 //! link in 198.18.0.0/15, the benchmarking range, which the scale harness's client namespace
-//! uses to reach this host (see [`local_link`]). It stops by
+//! uses to reach this host (see [`local_link`]). With `--warmup S` it first sends the same load
+//! for S seconds without counting it (only its failures), so a run measures the steady state:
+//! a proxy whose idle upstream connections expired between runs would otherwise open them all
+//! in the run's first milliseconds, and a 10 s run's p99 takes in that burst. It stops by
 //! itself after `--duration`, or, with `--requests N`, once N requests have been sent (spread
 //! evenly over the connections): an exact count, for per-request instruction profiles.
 //!
@@ -37,6 +40,9 @@ struct Args {
     local_link: bool,
     /// Stop after this many requests in all (None: only the duration bounds the run).
     requests: Option<u64>,
+    /// Load sent before the measured `duration`, at the same rate, and not counted (only its
+    /// failures are): pools filled, caches hot, so a run measures the steady state.
+    warmup: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -52,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         records: None,
         local_link: false,
         requests: None,
+        warmup: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -68,8 +75,9 @@ fn parse_args() -> Result<Args, String> {
             "--local-link" => a.local_link = true,
             "--records" => a.records = Some(v()?),
             "--requests" => a.requests = Some(v()?.parse().map_err(|e| format!("--requests: {e}"))?),
+            "--warmup" => a.warmup = Duration::from_secs_f64(v()?.parse().map_err(|e| format!("--warmup: {e}"))?),
             "-h" | "--help" => {
-                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE] [--requests N] [--local-link]\n--addr is 127.x.y.z:PORT, or with --local-link an IP:PORT reached directly over a bridge of virtual ports (a container on this machine) or a link in 198.18.0.0/15".into())
+                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE] [--requests N] [--warmup SECS] [--local-link]\n--warmup: load at the same rate for SECS before the measured --duration, not counted (its failures are)\n--addr is 127.x.y.z:PORT, or with --local-link an IP:PORT reached directly over a bridge of virtual ports (a container on this machine) or a link in 198.18.0.0/15".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -94,8 +102,17 @@ fn parse_args() -> Result<Args, String> {
             ));
         }
     }
-    if a.duration > Duration::from_secs(600) || a.connections == 0 || a.connections > 4096 {
-        return Err("--duration is capped at 600 s and --connections at 4096".into());
+    if a.duration > Duration::from_secs(600)
+        || a.warmup > Duration::from_secs(60)
+        || a.connections == 0
+        || a.connections > 4096
+    {
+        return Err(
+            "--duration is capped at 600 s, --warmup at 60 s and --connections at 4096".into(),
+        );
+    }
+    if a.requests.is_some() && !a.warmup.is_zero() {
+        return Err("--requests counts every request sent: it takes no --warmup".into());
     }
     Ok(a)
 }
@@ -185,7 +202,7 @@ async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
             Some(i) => start + offset + i * k,
             None => Instant::now(),
         };
-        if due >= start + a.duration || quota.is_some_and(|q| u64::from(k) >= q) {
+        if due >= start + a.warmup + a.duration || quota.is_some_and(|q| u64::from(k) >= q) {
             break;
         }
         k += 1;
@@ -228,7 +245,15 @@ async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
         })
         .await;
         let latency = due.elapsed().as_micros() as u64;
+        let counted = due >= start + a.warmup;
         let (label, release) = match outcome {
+            Ok(Ok((status, _))) if !counted => {
+                // A warm-up answer is not counted, unless it is a failure.
+                if !(200..300).contains(&status) {
+                    t.non2xx += 1;
+                }
+                (String::new(), String::new())
+            }
             Ok(Ok((status, release))) => {
                 if (200..300).contains(&status) {
                     t.ok += 1;
@@ -250,6 +275,9 @@ async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
         };
         if a.close {
             sender = None;
+        }
+        if !counted {
+            continue;
         }
         t.latencies_us.push(latency);
         if a.records.is_some() {
@@ -320,7 +348,7 @@ async fn main() {
             all.records.extend(t.records);
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed().saturating_sub(a.warmup).as_secs_f64();
     all.latencies_us.sort_unstable();
     if let Some(path) = &a.records {
         all.records.sort();
@@ -339,6 +367,7 @@ async fn main() {
             "socket_errors": all.errors,
             "timeouts": all.timeouts,
             "seconds": elapsed,
+            "warmup_s": a.warmup.as_secs_f64(),
             "rps": sent as f64 / elapsed,
             "p50_us": pct(&all.latencies_us, 50.0),
             "p99_us": pct(&all.latencies_us, 99.0),
