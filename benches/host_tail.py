@@ -46,12 +46,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402  (Contender, wrk and the ports: the same setup as the comparison)
 
 NAMES = ["luma-proxy", "nginx"]
-# The tasks left out of the trace (threads are matched by their comm): the load generator (its
-# main thread and its tokio worker), the backend's threads, and the idle loop. Every other task's
-# switches are kept: the host's tasks, and the proxies' own threads, whose long runs and long
-# waits for a CPU are told apart from the host's holds.
-UNTRACED = ["luma-loadgen", "tokio-*", "luma-demo-*", "swapper*"]
-PROXY = {"luma-worker-": "luma-proxy", "luma-proxy": "luma-proxy", "access-log": "luma-proxy", "nginx": "nginx"}
+# The tasks left out of the trace (threads are matched by their comm: the backend starts a thread
+# per connection, so pids would not do): the load generator, the backend's threads, and the idle
+# loop. The idle containers of `--idle` run the same backend binary, asleep in `accept`, and are
+# left out with it; their containerd shims are not. Every other task's switches are kept: the
+# host's tasks, and the proxies' own threads, whose long runs and long waits for a CPU are told
+# apart from the host's holds.
+UNTRACED = ["luma-loadgen", "luma-demo-*", "swapper*"]
+# luma-proxy's threads: its serving workers, its main thread, its access log writer and tokio's
+# blocking pool (DNS look-ups); the load generator names its own threads `luma-loadgen`.
+PROXY = {"luma-worker-": "luma-proxy", "luma-proxy": "luma-proxy", "access-log": "luma-proxy",
+         "tokio-runtime-w": "luma-proxy", "nginx": "nginx"}
 LONG_S = 0.001  # a hold of a CPU, or a wait for one, that counts as long: 1 ms
 # How long after a long hold a request due then still counts as exposed to it: the backlog a
 # stall leaves takes about as long again to drain at half the saturation rate, and the load
@@ -66,17 +71,25 @@ def traced(field):
 
 def perf_start(path):
     flt = f"{traced('prev_comm')} || {traced('next_comm')}"
+    log = path + ".log"
     p = subprocess.Popen(["perf", "record", "-q", "-a", "-k", "mono", "-e", "sched:sched_switch",
-                          "--filter", flt, "-o", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          "--filter", flt, "-o", path], stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     time.sleep(1.0)  # perf opens its events before the first run starts
     if p.poll() is not None:
-        raise RuntimeError(f"perf record failed: {p.stderr.read().decode()[-500:]}")
+        raise RuntimeError(f"perf record failed: {open(log).read()[-500:]}")
     return p
 
 
 def perf_stop(p):
+    """Stops perf so that it writes its file; a perf that does not stop is killed: a system-wide
+    trace must never outlive the run."""
     p.send_signal(signal.SIGINT)
-    p.wait(timeout=60)
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise RuntimeError("perf record did not stop within 60 s of SIGINT; killed")
 
 
 def field(text, name):
@@ -137,13 +150,14 @@ def family(comm):
 
 
 def records(path, offset):
-    """[(due_s, latency_s)] on the monotonic clock (offset: realtime - monotonic)."""
+    """[(due_s, latency_s)] on the monotonic clock (offset: realtime - monotonic), from
+    `--records-us` lines: every request, failures too (their latency is to the failure)."""
     out = []
     with open(path) as f:
         for line in f:
             parts = line.split()
-            if len(parts) >= 3 and parts[2].isdigit():
-                out.append((int(parts[0]) / 1000 - offset, int(parts[1]) / 1e6))
+            if len(parts) >= 2:
+                out.append((int(parts[0]) / 1e6 - offset, int(parts[1]) / 1e6))
     return out
 
 
@@ -157,7 +171,7 @@ def attribute(reqs, found):
         return None
     lats = sorted(l for _, l in reqs)
     p99 = lats[round(0.99 * (len(lats) - 1))]
-    t0, t1 = reqs[0][0] - 1, max(d + l for d, l in reqs)
+    t0, t1 = reqs[0][0] - AFTER_S, max(d + l for d, l in reqs)
     longs = [h for h in found if h[1] - h[0] >= LONG_S and h[1] > t0 and h[0] < t1]
     starts = [h[0] for h in longs]
     max_len = max((h[1] - h[0] for h in longs), default=0)
@@ -192,7 +206,7 @@ def attribute(reqs, found):
                         for d, l in sorted(reqs, key=lambda x: -x[1])[:5]],
             "slow_share": {f: slow_hit[f] / max(n_slow, 1) for f in fams},
             "all_share": {f: all_hit[f] / len(reqs) for f in fams},
-            "p99_clear_ms": clear[round(0.99 * (len(clear) - 1))] * 1e3 if clear else float("nan"),
+            "p99_clear_ms": clear[round(0.99 * (len(clear) - 1))] * 1e3 if clear else None,
             "holds_by_family_ms": {f: sum(h[1] - h[0] for h in longs if h[2] == f) * 1e3 for f in fams[2:]},
             "holds_by_family": {f: sum(1 for h in longs if h[2] == f) for f in fams[2:]}}
 
@@ -204,14 +218,18 @@ def steal_ticks():
         return int(f.readline().split()[8])
 
 
-def idle_containers(n, prefix, image):
-    names = [f"{prefix}-{i:03d}" for i in range(1, n + 1)]
-    for k, name in enumerate(names, 1):
-        subprocess.run(["docker", "run", "-d", "--name", name, "--network", "none", image],
-                       check=True, stdout=subprocess.DEVNULL)
-        if k % 50 == 0:
-            print(f"  {k} of {n} idle containers started", file=sys.stderr)
-    return names
+def idle_containers(n, prefix, image, made):
+    """Starts n idle containers; each name goes into `made` as soon as its container exists, so
+    a failure or a signal part way leaves nothing behind. A name already taken fails `docker
+    create` and is not added: that container is not ours."""
+    for i in range(1, n + 1):
+        name = f"{prefix}-{i:03d}"
+        subprocess.run(["docker", "create", "--name", name, "--network", "none",
+                        "--label", f"luma-hosttail={prefix}", image], check=True, stdout=subprocess.DEVNULL)
+        made.append(name)
+        subprocess.run(["docker", "start", name], check=True, stdout=subprocess.DEVNULL)
+        if i % 50 == 0:
+            print(f"  {i} of {n} idle containers started", file=sys.stderr)
 
 
 def remove(names):
@@ -236,7 +254,7 @@ def condition(label, cs, rate, a, tmp, pids):
                 subprocess.run([f"{compare.REL}/luma-loadgen", "--addr", f"127.0.0.1:{cs[name].port}",
                                 "--host", "127.0.0.1", "--connections", "64", "--rate", str(rate),
                                 "--duration", str(a.seconds), "--warmup", str(compare.FIXED_WARMUP_S),
-                                "--records", rec],
+                                "--records", rec, "--records-us"],
                                check=True, capture_output=True)
                 gen1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = {k: compare.cpu_seconds(v) - cpu0[k] for k, v in pids.items()}
@@ -273,6 +291,11 @@ def main():
     backend = subprocess.Popen([f"{compare.REL}/luma-demo-backend"],
                                env=dict(os.environ, PORT=str(compare.BACKEND), BIND="127.0.0.1", DEMO_BODY_BYTES="1024"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # SIGTERM or a closed terminal ends the run through the `finally` below, as Ctrl-C does.
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     cs, idle, result = {}, [], {}
     try:
         compare.wait_port(compare.BACKEND)
@@ -288,9 +311,12 @@ def main():
         pids["luma-demo-backend"] = compare.tree_pids(backend.pid)
         result["as is"] = condition("asis", cs, rate, a, tmp, pids)
         if a.idle:
-            idle = idle_containers(a.idle, f"luma-hosttail-{os.getpid()}", a.image)
+            idle_containers(a.idle, f"luma-hosttail-{os.getpid()}", a.image, idle)
             result[f"{a.idle} idle containers"] = condition("idle", cs, rate, a, tmp, pids)
     finally:
+        # The clean-up runs to its end: a second Ctrl-C or signal does not cut it short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         remove(idle)
         for c in cs.values():
             c.stop()
@@ -325,7 +351,7 @@ def summary(result):
                                 sum(r["all_share"].get(f, 0) * r["requests"] for r in rs) / max(reqs, 1))
             print(f"  {name}: p99 {med('p99_ms'):.2f} ms (runs {min(r['p99_ms'] for r in rs):.2f}-"
                   f"{max(r['p99_ms'] for r in rs):.2f}), of the requests due clear of long holds "
-                  f"{med('p99_clear_ms'):.2f} ms; max {med('max_ms'):.1f} ms; {med('long_holds'):.0f} long holds a run; "
+                  f"{statistics.median(r['p99_clear_ms'] for r in rs if r['p99_clear_ms'] is not None):.2f} ms; max {med('max_ms'):.1f} ms; {med('long_holds'):.0f} long holds a run; "
                   f"steal in {sum(1 for r in rs if r['steal_ms'])} of {len(rs)} runs", file=sys.stderr)
             print("    due during or 5 ms after a long hold, slower than p99 against all: "
                   + ", ".join(f"{f} {pooled(f)[0]:.1%} against {pooled(f)[1]:.1%}" for f in fams), file=sys.stderr)

@@ -13,8 +13,8 @@
 //! itself after `--duration`, or, with `--requests N`, once N requests have been sent (spread
 //! evenly over the connections): an exact count, for per-request instruction profiles.
 //!
-//! Prints one JSON summary. With `--records FILE` it also writes one line per request:
-//! `due_unix_ms latency_us outcome release`, where outcome is the status code, `err` or `timeout`
+//! Prints one JSON summary. With `--records FILE` it also writes one line per measured request:
+//! `due_unix_ms latency_us outcome release` (`due_unix_us` with `--records-us`), where outcome is the status code, `err` or `timeout`
 //! and release is the `x-demo-release` response header (for deploy analysis).
 
 use bytes::Bytes;
@@ -36,6 +36,8 @@ struct Args {
     method: String,
     close: bool,
     records: Option<String>,
+    /// `--records-us`: due times in the records in Unix µs instead of ms.
+    records_us: bool,
     /// `--addr` may be on a local link (see [`local_link`]), not only loopback.
     local_link: bool,
     /// Stop after this many requests in all (None: only the duration bounds the run).
@@ -56,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         method: "GET".into(),
         close: false,
         records: None,
+        records_us: false,
         local_link: false,
         requests: None,
         warmup: Duration::ZERO,
@@ -69,15 +72,16 @@ fn parse_args() -> Result<Args, String> {
             "--path" => a.path = v()?,
             "--connections" => a.connections = v()?.parse().map_err(|e| format!("--connections: {e}"))?,
             "--rate" => a.rate = v()?.parse().map_err(|e| format!("--rate: {e}"))?,
-            "--duration" => a.duration = Duration::from_secs_f64(v()?.parse().map_err(|e| format!("--duration: {e}"))?),
+            "--duration" => a.duration = seconds(&k, &v()?)?,
             "--method" => a.method = v()?,
             "--close" => a.close = true,
             "--local-link" => a.local_link = true,
             "--records" => a.records = Some(v()?),
+            "--records-us" => a.records_us = true,
             "--requests" => a.requests = Some(v()?.parse().map_err(|e| format!("--requests: {e}"))?),
-            "--warmup" => a.warmup = Duration::from_secs_f64(v()?.parse().map_err(|e| format!("--warmup: {e}"))?),
+            "--warmup" => a.warmup = seconds(&k, &v()?)?,
             "-h" | "--help" => {
-                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE] [--requests N] [--warmup SECS] [--local-link]\n--warmup: load at the same rate for SECS before the measured --duration, not counted (its failures are)\n--addr is 127.x.y.z:PORT, or with --local-link an IP:PORT reached directly over a bridge of virtual ports (a container on this machine) or a link in 198.18.0.0/15".into())
+                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE [--records-us]] [--requests N] [--warmup SECS] [--local-link]\n--warmup: load at the same rate for SECS before the measured --duration, not counted (its failures are, as warmup_failed)\n--records-us: due times in the records in Unix µs, not ms\n--addr is 127.x.y.z:PORT, or with --local-link an IP:PORT reached directly over a bridge of virtual ports (a container on this machine) or a link in 198.18.0.0/15".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -115,6 +119,12 @@ fn parse_args() -> Result<Args, String> {
         return Err("--requests counts every request sent: it takes no --warmup".into());
     }
     Ok(a)
+}
+
+/// A number of seconds from the command line: finite and not negative.
+fn seconds(flag: &str, v: &str) -> Result<Duration, String> {
+    let s: f64 = v.parse().map_err(|e| format!("{flag}: {e}"))?;
+    Duration::try_from_secs_f64(s).map_err(|e| format!("{flag} {v}: {e}"))
 }
 
 /// Whether load to `ip` stays on this machine: `ip` lies in a subnet reached directly (no
@@ -173,9 +183,11 @@ struct Tally {
     errors: u64,
     timeouts: u64,
     records: Vec<(u128, u64, String, String)>,
+    /// Failures during `--warmup`: reported apart, as they are in no other count.
+    warmup_failed: u64,
 }
 
-async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
+async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0_us: u128) -> Tally {
     let mut t = Tally::default();
     let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
     let interval = if a.rate > 0.0 {
@@ -247,10 +259,13 @@ async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
         let latency = due.elapsed().as_micros() as u64;
         let counted = due >= start + a.warmup;
         let (label, release) = match outcome {
-            Ok(Ok((status, _))) if !counted => {
-                // A warm-up answer is not counted, unless it is a failure.
-                if !(200..300).contains(&status) {
-                    t.non2xx += 1;
+            _ if !counted => {
+                // A warm-up request is not counted, unless it failed.
+                if !matches!(outcome, Ok(Ok((status, _))) if (200..300).contains(&status)) {
+                    t.warmup_failed += 1;
+                    if !matches!(outcome, Ok(Ok(_))) {
+                        sender = None;
+                    }
                 }
                 (String::new(), String::new())
             }
@@ -281,8 +296,10 @@ async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0: u128) -> Tally {
         }
         t.latencies_us.push(latency);
         if a.records.is_some() {
-            let due_ms = wall0 + (due - start).as_millis();
-            t.records.push((due_ms, latency, label, release));
+            // Unix time of the due moment: in ms (the default), or in µs with --records-us.
+            let due_us = wall0_us + (due - start).as_micros();
+            let due = if a.records_us { due_us } else { due_us / 1000 };
+            t.records.push((due, latency, label, release));
         }
     }
     t
@@ -320,8 +337,7 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
-async fn main() {
+fn main() {
     let a = match parse_args() {
         Ok(a) => Arc::new(a),
         Err(e) => {
@@ -329,13 +345,30 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let wall0 = SystemTime::now()
+    // One worker thread, named so that a system-wide trace can tell it from a proxy's tokio
+    // threads (`host_tail.py` leaves the load generator out by this name).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("luma-loadgen")
+        .enable_all()
+        .build();
+    match rt {
+        Ok(rt) => rt.block_on(run(a)),
+        Err(e) => {
+            eprintln!("luma-loadgen: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(a: Arc<Args>) {
+    let wall0_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
+        .map(|d| d.as_micros())
         .unwrap_or(0);
     let start = Instant::now();
     let tasks: Vec<_> = (0..a.connections)
-        .map(|i| tokio::spawn(worker(a.clone(), i, start, wall0)))
+        .map(|i| tokio::spawn(worker(a.clone(), i, start, wall0_us)))
         .collect();
     let mut all = Tally::default();
     for t in tasks {
@@ -346,6 +379,7 @@ async fn main() {
             all.errors += t.errors;
             all.timeouts += t.timeouts;
             all.records.extend(t.records);
+            all.warmup_failed += t.warmup_failed;
         }
     }
     let elapsed = start.elapsed().saturating_sub(a.warmup).as_secs_f64();
@@ -368,6 +402,7 @@ async fn main() {
             "timeouts": all.timeouts,
             "seconds": elapsed,
             "warmup_s": a.warmup.as_secs_f64(),
+            "warmup_failed": all.warmup_failed,
             "rps": sent as f64 / elapsed,
             "p50_us": pct(&all.latencies_us, 50.0),
             "p99_us": pct(&all.latencies_us, 99.0),
