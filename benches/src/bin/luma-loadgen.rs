@@ -14,8 +14,9 @@
 //! evenly over the connections): an exact count, for per-request instruction profiles.
 //!
 //! Prints one JSON summary. With `--records FILE` it also writes one line per measured request:
-//! `due_unix_ms latency_us outcome release` (`due_unix_us` with `--records-us`), where outcome is the status code, `err` or `timeout`
-//! and release is the `x-demo-release` response header (for deploy analysis).
+//! `due_unix_ms latency_us outcome release` (`due_unix_us` with `--records-us`), where outcome
+//! is the status code, `err` or `timeout` and release is the `x-demo-release` response header
+//! (for deploy analysis).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
