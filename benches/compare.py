@@ -473,13 +473,15 @@ def check_full_handshakes(kit, tmp):
 FIXED_WARMUP_S = 1
 
 
-def loadgen(port, rate, seconds):
+def loadgen(port, rate, seconds, records=None):
     """One fixed-rate run: luma-loadgen's summary, with the CPU time the hypervisor took from
-    this VM during it (`steal_ms`)."""
+    this VM during it (`steal_ms`). `records`: also write each request's due time (Unix µs)
+    and latency to that file (`host_tail.py`)."""
     before = steal_ticks()
+    extra = ["--records", records, "--records-us"] if records else []
     out = subprocess.run([f"{REL}/luma-loadgen", "--addr", f"127.0.0.1:{port}", "--host", "127.0.0.1",
                           "--connections", "64", "--rate", str(rate), "--duration", str(seconds),
-                          "--warmup", str(FIXED_WARMUP_S)],
+                          "--warmup", str(FIXED_WARMUP_S)] + extra,
                          capture_output=True, text=True, check=True).stdout
     return dict(json.loads(out), steal_ms=(steal_ticks() - before) * 1000 / CLK)
 

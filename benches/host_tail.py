@@ -211,13 +211,6 @@ def attribute(reqs, found):
             "holds_by_family": {f: sum(1 for h in longs if h[2] == f) for f in fams[2:]}}
 
 
-def steal_ticks():
-    """The time the hypervisor ran something else while this VM's CPUs had work (`/proc/stat`'s
-    steal, all CPUs, in clock ticks): a stall no task in the guest can see."""
-    with open("/proc/stat") as f:
-        return int(f.readline().split()[8])
-
-
 def idle_containers(n, prefix, image, made):
     """Starts n idle containers; each name goes into `made` as soon as its container exists, so
     a failure or a signal part way leaves nothing behind. A name already taken fails `docker
@@ -248,18 +241,13 @@ def condition(label, cs, rate, a, tmp, pids):
         for r in range(a.rounds):
             for name in random.Random(r).sample(NAMES, len(NAMES)):
                 rec = os.path.join(tmp, f"{label}-{name}-{r}.txt")
-                before = steal_ticks()
                 cpu0 = {k: compare.cpu_seconds(v) for k, v in pids.items()}
                 gen0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                subprocess.run([f"{compare.REL}/luma-loadgen", "--addr", f"127.0.0.1:{cs[name].port}",
-                                "--host", "127.0.0.1", "--connections", "64", "--rate", str(rate),
-                                "--duration", str(a.seconds), "--warmup", str(compare.FIXED_WARMUP_S),
-                                "--records", rec, "--records-us"],
-                               check=True, capture_output=True)
+                run = compare.loadgen(cs[name].port, rate, a.seconds, records=rec)
                 gen1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = {k: compare.cpu_seconds(v) - cpu0[k] for k, v in pids.items()}
                 cpu["luma-loadgen"] = gen1.ru_utime + gen1.ru_stime - gen0.ru_utime - gen0.ru_stime
-                runs[name].append((rec, steal_ticks() - before, cpu))
+                runs[name].append((rec, run["steal_ms"], cpu))
     finally:
         perf_stop(p)
     found = holds(trace)
@@ -272,7 +260,7 @@ def condition(label, cs, rate, a, tmp, pids):
             sent = r.get("requests", 0) * (a.seconds + compare.FIXED_WARMUP_S) / a.seconds
             # CPU time per request of each process over the run (the idle contender's too): a
             # round where all of them cost more ran on a slower machine, not a slower proxy.
-            r.update(steal_ms=steal * 1000 / compare.CLK,
+            r.update(steal_ms=steal,
                      cpu_us_per_request={k: v / max(sent, 1) * 1e6 for k, v in cpu.items()})
             out[name].append(r)
     return out
