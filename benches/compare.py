@@ -39,6 +39,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -478,12 +479,18 @@ def loadgen(port, rate, seconds, records=None):
     this VM during it (`steal_ms`). `records`: also write each request's due time (Unix µs)
     and latency to that file (`host_tail.py`)."""
     before = steal_ticks()
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     extra = ["--records", records, "--records-us"] if records else []
     out = subprocess.run([f"{REL}/luma-loadgen", "--addr", f"127.0.0.1:{port}", "--host", "127.0.0.1",
                           "--connections", "64", "--rate", str(rate), "--duration", str(seconds),
                           "--warmup", str(FIXED_WARMUP_S)] + extra,
                          capture_output=True, text=True, check=True).stdout
-    return dict(json.loads(out), steal_ms=(steal_ticks() - before) * 1000 / CLK)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = json.loads(out)
+    cpu = (after.ru_utime + after.ru_stime) - (ru.ru_utime + ru.ru_stime)
+    # The load generator's own CPU per request (its warm-up included): it shares the machine.
+    return dict(r, steal_ms=(steal_ticks() - before) * 1000 / CLK,
+                loadgen_cpu_us=cpu * 1e6 / max(r["sent"] + r["warmup_s"] * rate, 1))
 
 
 def steal_ticks():
@@ -561,6 +568,8 @@ def run_http(worker_counts, names, seconds, repeats, tmp, backend):
                 r["p99_rounds"] = [f["p99_us"] for f in fixed[name]]
                 r["hist_rounds"] = [f["hist"] for f in fixed[name]]
                 r["steal_rounds"] = [f["steal_ms"] for f in fixed[name]]
+                r["pace_late_rounds"] = [(f["pace_late_p50_us"], f["pace_late_p99_us"]) for f in fixed[name]]
+                r["loadgen_cpu_rounds"] = [f["loadgen_cpu_us"] for f in fixed[name]]
                 r["fixed_failed"] = sum(f["non_2xx"] + f["socket_errors"] + f["timeouts"] + f.get("warmup_failed", 0)
                                         for f in fixed[name])
             # Peak RSS over the HTTP/1.1 runs, before h2c adds its own.
@@ -816,7 +825,9 @@ def keep_other_part(path, only, lines):
 
 def write_http(results, worker_counts, names, seconds, repeats):
     lines = ["## HTTP", "", f"Saturation: `wrk -t2 -c64 -d{seconds}s`. Fixed rate: `luma-loadgen --connections 64 --rate R --warmup {FIXED_WARMUP_S}` "
-             f"(open loop, latency from the due time) at R = half of nginx's saturation rate, {seconds} s after "
+             f"(open loop, latency from the due time; each request sent at its due time by a high-resolution timer, not "
+             "in the bursts of tokio's 1 ms timer, which put 1 kHz bursts and up to 1 ms of the load generator's own "
+             f"lateness into the earlier records; `docs/profile.md`) at R = half of nginx's saturation rate, {seconds} s after "
              f"{FIXED_WARMUP_S} s at the same rate that is not counted (its failures are): the steady state. Without it, "
              "each run began with luma-proxy's idle upstream connections expired while the others ran (it keeps them "
              "1.5 s, nginx 60 s), and the reopening fell in the run (see `FIXED_WARMUP_S`). "
@@ -847,6 +858,7 @@ def write_http(results, worker_counts, names, seconds, repeats):
                 f"{r['p999_us'] / 1000:.2f} ms | {rss} | "
                 f"{r['errors'] + r['fixed_failed']} |")
         lines.append("")
+        lines += instrument_line(results, n, names)
         if "luma-proxy" in names:
             lines += goals(results, n) + [""]
         h2 = [name for name in H2C_NAMES if (n, name, "h2c") in results]
@@ -900,6 +912,20 @@ def goals(results, n):
                  f"included, where it took any (`/proc/stat` steal, all CPUs, counted in clock ticks): "
                  f"luma-proxy {per_round(me)}; nginx {per_round(nginx)}")
     return lines
+
+
+def instrument_line(results, n, names):
+    """How late luma-loadgen sent the fixed-rate requests, and its own CPU per request: the part of
+    every latency that is the instrument's, and the CPU it takes from the contenders."""
+    fixed = [results[(n, name)] for name in names if "pace_late_rounds" in results[(n, name)]]
+    late = [x for r in fixed for x in r["pace_late_rounds"]]
+    cpu = [x for r in fixed for x in r["loadgen_cpu_rounds"]]
+    if not late:
+        return []
+    return [f"Load generator at the fixed rate, {n} worker{'s' if n > 1 else ''}: over all {len(late)} runs, requests "
+            f"left a median {statistics.median(p50 for p50, _ in late):.0f} µs after they were due (p99 per run "
+            f"{min(p99 for _, p99 in late)}–{max(p99 for _, p99 in late)} µs); its own CPU, {statistics.median(cpu):.1f} µs "
+            f"per request (runs {min(cpu):.1f}–{max(cpu):.1f}), on the same two cores.", ""]
 
 
 def write_tls(results, probes, skipped, resumption, tls_names, worker_counts, seconds, repeats):

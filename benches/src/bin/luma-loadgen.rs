@@ -2,7 +2,10 @@
 //!
 //! Open loop at a fixed rate (`--rate`), so latency is measured from when a request was due,
 //! not from when a stalled connection got round to it (no coordinated omission), or closed
-//! loop as fast as possible (`--rate 0`). Only targets on this machine are accepted: a 127.0.0.0/8
+//! loop as fast as possible (`--rate 0`). At a fixed rate, each request leaves at its due time,
+//! to within tens of microseconds ([`pace`]), and the summary says how late they left
+//! (`pace_late_*`): tokio's 1 ms timer sent each millisecond's requests together, as a burst,
+//! up to 1 ms late. Only targets on this machine are accepted: a 127.0.0.0/8
 //! address, or with `--local-link` an address reached directly (no gateway) over a local link
 //! that leaves no machine: a Linux bridge whose ports are all virtual (a container here), or a
 //! link in 198.18.0.0/15, the benchmarking range, which the scale harness's client namespace
@@ -46,6 +49,8 @@ struct Args {
     /// Load sent before the measured `duration`, at the same rate, and not counted (only its
     /// failures are): pools filled, caches hot, so a run measures the steady state.
     warmup: Duration,
+    /// `--pace-us`: the pacer's quantum (0: each request at its own due time).
+    pace: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -63,6 +68,7 @@ fn parse_args() -> Result<Args, String> {
         local_link: false,
         requests: None,
         warmup: Duration::ZERO,
+        pace: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -81,8 +87,11 @@ fn parse_args() -> Result<Args, String> {
             "--records-us" => a.records_us = true,
             "--requests" => a.requests = Some(v()?.parse().map_err(|e| format!("--requests: {e}"))?),
             "--warmup" => a.warmup = seconds(&k, &v()?)?,
+            "--pace-us" => {
+                a.pace = Duration::from_micros(v()?.parse().map_err(|_| "--pace-us takes whole µs")?)
+            }
             "-h" | "--help" => {
-                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE [--records-us]] [--requests N] [--warmup SECS] [--local-link]\n--warmup: load at the same rate for SECS before the measured --duration, not counted (its failures are, as warmup_failed)\n--records-us: due times in the records in Unix µs, not ms\n--addr is 127.x.y.z:PORT, or with --local-link an IP:PORT reached directly over a bridge of virtual ports (a container on this machine) or a link in 198.18.0.0/15".into())
+                return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE [--records-us]] [--requests N] [--warmup SECS] [--pace-us Q] [--local-link]\n--warmup: load at the same rate for SECS before the measured --duration, not counted (its failures are, as warmup_failed)\n--records-us: due times in the records in Unix µs, not ms\n--pace-us: send the requests due within each Q µs together, at its end (default 0: each at its due time)\n--addr is 127.x.y.z:PORT, or with --local-link an IP:PORT reached directly over a bridge of virtual ports (a container on this machine) or a link in 198.18.0.0/15".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -188,17 +197,138 @@ struct Tally {
     warmup_failed: u64,
 }
 
-async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0_us: u128) -> Tally {
+/// Releases each connection's requests at their due times, to within microseconds.
+///
+/// tokio's timer has a resolution of 1 ms and rounds a deadline up to the next tick, so with
+/// `sleep_until` every request due within a millisecond was sent at that millisecond's end:
+/// at 19,000 req/s, a burst of 19 every 1 ms, each 0 to 1 ms late. Latency is measured from
+/// the due time, so that lateness was counted as the proxy's, and the proxy was measured on how
+/// it cleared bursts the load generator made, not on an even load. A `timerfd` (a kernel
+/// high-resolution timer) on the runtime's own event loop wakes it when the next request is
+/// due; every request now due is handed to its connection as a permit (no other thread is
+/// woken). Request `j` is due at `start + j / rate` ([`due_at`]). Returns how late each release was, in µs, for the summary: the
+/// instrument's own precision.
+async fn pace(
+    a: Arc<Args>,
+    start: Instant,
+    permits: Vec<Arc<tokio::sync::Semaphore>>,
+) -> std::io::Result<Vec<u64>> {
+    let timer = Timer::new()?;
+    let end = start + a.warmup + a.duration;
+    let mut late_us = Vec::new();
+    let mut next: u32 = 0;
+    loop {
+        let due = due_at(&a, start, next);
+        if due >= end {
+            // A connection whose last due time rounds to just before the end, where this one
+            // rounds to just after, is let go rather than left waiting.
+            permits.iter().for_each(|p| p.close());
+            return Ok(late_us);
+        }
+        let now = Instant::now();
+        if due > now {
+            let wake = wake_at(start, due, a.pace);
+            timer.sleep(wake - now).await?;
+            continue;
+        }
+        if due >= start + a.warmup {
+            late_us.push((now - due).as_micros() as u64);
+        }
+        permits[next as usize % permits.len()].add_permits(1);
+        next += 1;
+    }
+}
+
+/// When the global request `j` is due (fixed rate only).
+fn due_at(a: &Args, start: Instant, j: u32) -> Instant {
+    start + Duration::from_secs_f64(1.0 / a.rate) * j
+}
+
+/// When the pacer wakes for a request due at `due`: then, or with a quantum (`--pace-us`), at
+/// the end of the quantum it falls in, counted from `start`, so that every request due within
+/// one quantum goes out together (fewer wake-ups of the load generator, each request up to a
+/// quantum late).
+fn wake_at(start: Instant, due: Instant, quantum: Duration) -> Instant {
+    let q = quantum.as_nanos();
+    if q == 0 {
+        return due;
+    }
+    let since = due.saturating_duration_since(start).as_nanos();
+    start + Duration::from_nanos(u64::try_from(since.div_ceil(q) * q).unwrap_or(u64::MAX))
+}
+
+/// A one-shot `timerfd` on CLOCK_MONOTONIC (the clock of `Instant`), registered with the
+/// runtime's reactor.
+struct Timer(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+impl Timer {
+    fn new() -> std::io::Result<Timer> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain system call; the descriptor it returns is owned from here on.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the OwnedFd stays open, the same descriptor, for as long as the AsyncFd
+        // owns it.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }?;
+        Ok(Timer(fd))
+    }
+
+    /// Waits `d` (more than zero), relative to now.
+    async fn sleep(&self, d: Duration) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                // Never 0 with tv_sec 0, which would disarm the timer instead.
+                tv_nsec: d.subsec_nanos().max(1) as libc::c_long,
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec and the old value is not asked for.
+        if unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        loop {
+            let mut ready = self.0.readable().await?;
+            let mut expirations = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a buffer of 8.
+            let n = unsafe { libc::read(self.0.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+            if n == 8 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(e);
+            }
+            ready.clear_ready();
+        }
+    }
+}
+
+async fn worker(
+    a: Arc<Args>,
+    id: usize,
+    start: Instant,
+    wall0_us: u128,
+    paced: Option<Arc<tokio::sync::Semaphore>>,
+) -> Tally {
     let mut t = Tally::default();
     let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
-    let interval = if a.rate > 0.0 {
-        Some(Duration::from_secs_f64(a.connections as f64 / a.rate))
-    } else {
-        None
-    };
-    let offset = interval
-        .map(|i| i.mul_f64(id as f64 / a.connections as f64))
-        .unwrap_or_default();
     let mut k: u32 = 0;
     // This connection's share of `--requests`: the first `rem` connections take one more.
     let quota = a.requests.map(|n| {
@@ -211,15 +341,21 @@ async fn worker(a: Arc<Args>, id: usize, start: Instant, wall0_us: u128) -> Tall
         b""
     };
     loop {
-        let due = match interval {
-            Some(i) => start + offset + i * k,
+        // Connection `id`'s k-th request is the global request `k * connections + id`.
+        let due = match paced {
+            Some(_) => due_at(&a, start, k * a.connections as u32 + id as u32),
             None => Instant::now(),
         };
         if due >= start + a.warmup + a.duration || quota.is_some_and(|q| u64::from(k) >= q) {
             break;
         }
         k += 1;
-        tokio::time::sleep_until(due.into()).await;
+        if let Some(p) = &paced {
+            // Closed only once the pacer is past the end: then no request waits.
+            if let Ok(permit) = p.acquire().await {
+                permit.forget();
+            }
+        }
         let outcome = tokio::time::timeout(Duration::from_secs(5), async {
             if sender.as_ref().is_none_or(|s| s.is_closed()) {
                 let s = TcpStream::connect(&a.addr).await.map_err(|_| "err")?;
@@ -368,8 +504,15 @@ async fn run(a: Arc<Args>) {
         .map(|d| d.as_micros())
         .unwrap_or(0);
     let start = Instant::now();
-    let tasks: Vec<_> = (0..a.connections)
-        .map(|i| tokio::spawn(worker(a.clone(), i, start, wall0_us)))
+    let permits: Vec<_> = (0..a.connections)
+        .map(|_| Arc::new(tokio::sync::Semaphore::new(0)))
+        .collect();
+    let paced = a.rate > 0.0;
+    let pacer = paced.then(|| tokio::spawn(pace(a.clone(), start, permits.clone())));
+    let tasks: Vec<_> = permits
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| tokio::spawn(worker(a.clone(), i, start, wall0_us, paced.then_some(p))))
         .collect();
     let mut all = Tally::default();
     for t in tasks {
@@ -385,6 +528,21 @@ async fn run(a: Arc<Args>) {
     }
     let elapsed = start.elapsed().saturating_sub(a.warmup).as_secs_f64();
     all.latencies_us.sort_unstable();
+    let mut late_us = match pacer {
+        None => Vec::new(),
+        Some(p) => match p.await {
+            Ok(Ok(late)) => late,
+            Ok(Err(e)) => {
+                eprintln!("luma-loadgen: the pacer's timer failed: {e}");
+                std::process::exit(1);
+            }
+            Err(e) => {
+                eprintln!("luma-loadgen: the pacer failed: {e}");
+                std::process::exit(1);
+            }
+        },
+    };
+    late_us.sort_unstable();
     if let Some(path) = &a.records {
         all.records.sort();
         let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("records file"));
@@ -410,13 +568,34 @@ async fn run(a: Arc<Args>) {
             "p999_us": pct(&all.latencies_us, 99.9),
             "max_us": all.latencies_us.last().copied().unwrap_or(0),
             "hist": histogram(&all.latencies_us),
+            // How late the measured requests were released after their due times (fixed
+            // rate only): the instrument's own part of every latency above.
+            "pace_late_p50_us": pct(&late_us, 50.0),
+            "pace_late_p99_us": pct(&late_us, 99.0),
+            "pace_late_max_us": late_us.last().copied().unwrap_or(0),
         })
     );
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{bucket, histogram, local_link};
+    use super::{bucket, histogram, local_link, wake_at};
+    use std::time::{Duration, Instant};
+
+    /// Exact pacing wakes at the due time; a quantum wakes at the end of the quantum the due
+    /// time falls in (a due time on a boundary is that quantum's end, not the next one's).
+    #[test]
+    fn the_pacer_wakes_at_the_due_time_or_the_end_of_its_quantum() {
+        let start = Instant::now();
+        let at = |us| start + Duration::from_micros(us);
+        let q = Duration::from_micros(250);
+        assert_eq!(wake_at(start, at(1_234), Duration::ZERO), at(1_234));
+        assert_eq!(wake_at(start, at(1), q), at(250));
+        assert_eq!(wake_at(start, at(250), q), at(250));
+        assert_eq!(wake_at(start, at(251), q), at(500));
+        assert_eq!(wake_at(start, at(1_000_001), q), at(1_000_250));
+        assert_eq!(wake_at(start, start, q), start);
+    }
     use std::net::Ipv4Addr;
 
     /// A `/proc/net/route` line: addresses as the kernel prints them (hex of the value in host
