@@ -39,7 +39,6 @@ import os
 import platform
 import random
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -476,21 +475,27 @@ FIXED_WARMUP_S = 1
 
 def loadgen(port, rate, seconds, records=None):
     """One fixed-rate run: luma-loadgen's summary, with the CPU time the hypervisor took from
-    this VM during it (`steal_ms`). `records`: also write each request's due time (Unix µs)
-    and latency to that file (`host_tail.py`)."""
+    this VM during it (`steal_ms`) and the load generator's own CPU per request sent, warm-up
+    included (`loadgen_cpu_us`: it shares the machine with the contenders). `records`: also
+    write each request's due time (Unix µs) and latency to that file (`host_tail.py`)."""
     before = steal_ticks()
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     extra = ["--records", records, "--records-us"] if records else []
-    out = subprocess.run([f"{REL}/luma-loadgen", "--addr", f"127.0.0.1:{port}", "--host", "127.0.0.1",
-                          "--connections", "64", "--rate", str(rate), "--duration", str(seconds),
-                          "--warmup", str(FIXED_WARMUP_S)] + extra,
-                         capture_output=True, text=True, check=True).stdout
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cmd = [f"{REL}/luma-loadgen", "--addr", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+           "--connections", "64", "--rate", str(rate), "--duration", str(seconds),
+           "--warmup", str(FIXED_WARMUP_S)] + extra
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        out = p.stdout.read()
+        # This child's own rusage (wait4), not RUSAGE_CHILDREN's sum over whatever was reaped.
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        p.stdout.close()
+        if p.returncode != 0:
+            err.seek(0)
+            raise subprocess.CalledProcessError(p.returncode, cmd, out, err.read().decode(errors="replace"))
     r = json.loads(out)
-    cpu = (after.ru_utime + after.ru_stime) - (ru.ru_utime + ru.ru_stime)
-    # The load generator's own CPU per request (its warm-up included): it shares the machine.
     return dict(r, steal_ms=(steal_ticks() - before) * 1000 / CLK,
-                loadgen_cpu_us=cpu * 1e6 / max(r["sent"] + r["warmup_s"] * rate, 1))
+                loadgen_cpu_us=(usage.ru_utime + usage.ru_stime) * 1e6 / max(r["sent"] + r["warmup_s"] * rate, 1))
 
 
 def steal_ticks():
@@ -568,7 +573,7 @@ def run_http(worker_counts, names, seconds, repeats, tmp, backend):
                 r["p99_rounds"] = [f["p99_us"] for f in fixed[name]]
                 r["hist_rounds"] = [f["hist"] for f in fixed[name]]
                 r["steal_rounds"] = [f["steal_ms"] for f in fixed[name]]
-                r["pace_late_rounds"] = [(f["pace_late_p50_us"], f["pace_late_p99_us"]) for f in fixed[name]]
+                r["send_late_rounds"] = [(f["send_late_p50_us"], f["send_late_p99_us"]) for f in fixed[name]]
                 r["loadgen_cpu_rounds"] = [f["loadgen_cpu_us"] for f in fixed[name]]
                 r["fixed_failed"] = sum(f["non_2xx"] + f["socket_errors"] + f["timeouts"] + f.get("warmup_failed", 0)
                                         for f in fixed[name])
@@ -915,17 +920,19 @@ def goals(results, n):
 
 
 def instrument_line(results, n, names):
-    """How late luma-loadgen sent the fixed-rate requests, and its own CPU per request: the part of
-    every latency that is the instrument's, and the CPU it takes from the contenders."""
-    fixed = [results[(n, name)] for name in names if "pace_late_rounds" in results[(n, name)]]
-    late = [x for r in fixed for x in r["pace_late_rounds"]]
+    """How long the fixed-rate requests waited on luma-loadgen itself (`send_late`), and its own
+    CPU per request: the part of every latency that is the instrument's, and the CPU it takes
+    from the contenders on the same cores."""
+    fixed = [results[(n, name)] for name in names if "send_late_rounds" in results[(n, name)]]
+    late = [x for r in fixed for x in r["send_late_rounds"]]
     cpu = [x for r in fixed for x in r["loadgen_cpu_rounds"]]
     if not late:
         return []
-    return [f"Load generator at the fixed rate, {n} worker{'s' if n > 1 else ''}: over all {len(late)} runs, requests "
-            f"left a median {statistics.median(p50 for p50, _ in late):.0f} µs after they were due (p99 per run "
-            f"{min(p99 for _, p99 in late)}–{max(p99 for _, p99 in late)} µs); its own CPU, {statistics.median(cpu):.1f} µs "
-            f"per request (runs {min(cpu):.1f}–{max(cpu):.1f}), on the same two cores.", ""]
+    return [f"Load generator at the fixed rate, {n} worker{'s' if n > 1 else ''}, over all {len(late)} runs: a request "
+            f"waited a median {statistics.median(p50 for p50, _ in late):.0f} µs on the load generator itself, from "
+            f"when it was due and its connection free (p99 per run {min(p99 for _, p99 in late)}–"
+            f"{max(p99 for _, p99 in late)} µs); its own CPU was {statistics.median(cpu):.1f} µs per request (runs "
+            f"{min(cpu):.1f}–{max(cpu):.1f}), on the same two cores.", ""]
 
 
 def write_tls(results, probes, skipped, resumption, tls_names, worker_counts, seconds, repeats):

@@ -59,8 +59,8 @@ PROXY = {"luma-worker-": "luma-proxy", "luma-proxy": "luma-proxy", "access-log":
          "tokio-runtime-w": "luma-proxy", "nginx": "nginx"}
 LONG_S = 0.001  # a hold of a CPU, or a wait for one, that counts as long: 1 ms
 # How long after a long hold a request due then still counts as exposed to it: the backlog a
-# stall leaves takes about as long again to drain at half the saturation rate, and the load
-# generator's 1 ms timer adds up to 1 ms more.
+# stall leaves takes about as long again to drain at half the saturation rate. (Measured while
+# the load generator still sent each millisecond's requests together, up to 1 ms late.)
 AFTER_S = 0.005
 
 

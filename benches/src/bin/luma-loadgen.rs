@@ -2,10 +2,10 @@
 //!
 //! Open loop at a fixed rate (`--rate`), so latency is measured from when a request was due,
 //! not from when a stalled connection got round to it (no coordinated omission), or closed
-//! loop as fast as possible (`--rate 0`). At a fixed rate, each request leaves at its due time,
-//! to within tens of microseconds ([`pace`]), and the summary says how late they left
-//! (`pace_late_*`): tokio's 1 ms timer sent each millisecond's requests together, as a burst,
-//! up to 1 ms late. Only targets on this machine are accepted: a 127.0.0.0/8
+//! loop as fast as possible (`--rate 0`). At a fixed rate, each request is released at its due
+//! time by a high-resolution timer ([`pace`]), and the summary says how long the requests waited
+//! on the load generator (`pace_late_*`, `send_late_*`): with tokio's 1 ms timer, each
+//! millisecond's requests went together, as a burst, up to 1 ms late. Only targets on this machine are accepted: a 127.0.0.0/8
 //! address, or with `--local-link` an address reached directly (no gateway) over a local link
 //! that leaves no machine: a Linux bridge whose ports are all virtual (a container here), or a
 //! link in 198.18.0.0/15, the benchmarking range, which the scale harness's client namespace
@@ -88,13 +88,24 @@ fn parse_args() -> Result<Args, String> {
             "--requests" => a.requests = Some(v()?.parse().map_err(|e| format!("--requests: {e}"))?),
             "--warmup" => a.warmup = seconds(&k, &v()?)?,
             "--pace-us" => {
-                a.pace = Duration::from_micros(v()?.parse().map_err(|_| "--pace-us takes whole µs")?)
+                let q: u64 = v()?.parse().map_err(|_| "--pace-us takes whole µs")?;
+                if q > 1_000_000 {
+                    return Err("--pace-us: at most 1000000 (1 s)".into());
+                }
+                a.pace = Duration::from_micros(q)
             }
             "-h" | "--help" => {
                 return Err("usage: luma-loadgen --addr 127.0.0.1:PORT [--host H] [--path /] [--connections 64] [--rate R|0] [--duration SECS] [--method GET|POST] [--close] [--records FILE [--records-us]] [--requests N] [--warmup SECS] [--pace-us Q] [--local-link]\n--warmup: load at the same rate for SECS before the measured --duration, not counted (its failures are, as warmup_failed)\n--records-us: due times in the records in Unix µs, not ms\n--pace-us: send the requests due within each Q µs together, at its end (default 0: each at its due time)\n--addr is 127.x.y.z:PORT, or with --local-link an IP:PORT reached directly over a bridge of virtual ports (a container on this machine) or a link in 198.18.0.0/15".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
+    }
+    // 0 is the closed loop; a fixed rate's period must be a Duration a run can reach.
+    if !(a.rate == 0.0 || (0.001..=100_000_000.0).contains(&a.rate)) {
+        return Err(format!(
+            "--rate {}: 0 (as fast as possible) or 0.001 to 100000000 requests/s",
+            a.rate
+        ));
     }
     let ip = a
         .addr
@@ -195,6 +206,8 @@ struct Tally {
     records: Vec<(u128, u64, String, String)>,
     /// Failures during `--warmup`: reported apart, as they are in no other count.
     warmup_failed: u64,
+    /// Fixed rate: how long each measured request waited on the load generator itself.
+    send_late_us: Vec<u64>,
 }
 
 /// Releases each connection's requests at their due times, to within microseconds.
@@ -213,35 +226,46 @@ async fn pace(
     start: Instant,
     permits: Vec<Arc<tokio::sync::Semaphore>>,
 ) -> std::io::Result<Vec<u64>> {
+    // On any way out but the end of the schedule (a failed timer, a panic), the connections
+    // waiting for a permit are let go (they stop), so the run ends and reports the failure.
+    struct Abandon<'a>(&'a [Arc<tokio::sync::Semaphore>], bool);
+    impl Drop for Abandon<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.iter().for_each(|p| p.close());
+            }
+        }
+    }
+    let mut guard = Abandon(&permits, false);
     let timer = Timer::new()?;
     let end = start + a.warmup + a.duration;
     let mut late_us = Vec::new();
-    let mut next: u32 = 0;
+    let mut next: u64 = 0;
     loop {
         let due = due_at(&a, start, next);
-        if due >= end {
-            // A connection whose last due time rounds to just before the end, where this one
-            // rounds to just after, is let go rather than left waiting.
-            permits.iter().for_each(|p| p.close());
+        // The workers stop at the same two bounds, so every permit given is taken.
+        if due >= end || a.requests.is_some_and(|n| next >= n) {
+            guard.1 = true;
             return Ok(late_us);
         }
         let now = Instant::now();
         if due > now {
-            let wake = wake_at(start, due, a.pace);
-            timer.sleep(wake - now).await?;
+            timer.sleep(wake_at(start, due, a.pace) - now).await?;
             continue;
         }
         if due >= start + a.warmup {
             late_us.push((now - due).as_micros() as u64);
         }
-        permits[next as usize % permits.len()].add_permits(1);
+        // `next % connections` is below `permits.len()`, which fits a usize.
+        permits[(next % permits.len() as u64) as usize].add_permits(1);
         next += 1;
     }
 }
 
 /// When the global request `j` is due (fixed rate only).
-fn due_at(a: &Args, start: Instant, j: u32) -> Instant {
-    start + Duration::from_secs_f64(1.0 / a.rate) * j
+fn due_at(a: &Args, start: Instant, j: u64) -> Instant {
+    // f64 holds every j a run reaches exactly (below 2^53); `--rate` is checked in parse_args.
+    start + Duration::from_secs_f64(j as f64 / a.rate)
 }
 
 /// When the pacer wakes for a request due at `due`: then, or with a quantum (`--pace-us`), at
@@ -312,10 +336,11 @@ impl Timer {
                 return Ok(());
             }
             let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::WouldBlock {
-                return Err(e);
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock => ready.clear_ready(),
+                std::io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
             }
-            ready.clear_ready();
         }
     }
 }
@@ -329,7 +354,10 @@ async fn worker(
 ) -> Tally {
     let mut t = Tally::default();
     let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
-    let mut k: u32 = 0;
+    let mut k: u64 = 0;
+    // When this connection's last answer was complete: a request due before then waits for
+    // the connection, which is the proxy's doing, not the load generator's.
+    let mut free_since = start;
     // This connection's share of `--requests`: the first `rem` connections take one more.
     let quota = a.requests.map(|n| {
         let c = a.connections as u64;
@@ -343,19 +371,22 @@ async fn worker(
     loop {
         // Connection `id`'s k-th request is the global request `k * connections + id`.
         let due = match paced {
-            Some(_) => due_at(&a, start, k * a.connections as u32 + id as u32),
+            Some(_) => due_at(&a, start, k * a.connections as u64 + id as u64),
             None => Instant::now(),
         };
-        if due >= start + a.warmup + a.duration || quota.is_some_and(|q| u64::from(k) >= q) {
+        if due >= start + a.warmup + a.duration || quota.is_some_and(|q| k >= q) {
             break;
         }
         k += 1;
         if let Some(p) = &paced {
-            // Closed only once the pacer is past the end: then no request waits.
-            if let Ok(permit) = p.acquire().await {
-                permit.forget();
+            // Closed only if the pacer failed: then this connection stops.
+            match p.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => break,
             }
         }
+        let counted = due >= start + a.warmup;
+        let mut reconnected = false;
         let outcome = tokio::time::timeout(Duration::from_secs(5), async {
             if sender.as_ref().is_none_or(|s| s.is_closed()) {
                 let s = TcpStream::connect(&a.addr).await.map_err(|_| "err")?;
@@ -365,9 +396,17 @@ async fn worker(
                     .map_err(|_| "err")?;
                 tokio::spawn(conn);
                 sender = Some(tx);
+                reconnected = true;
             }
             let tx = sender.as_mut().ok_or("err")?;
             tx.ready().await.map_err(|_| "err")?;
+            if paced.is_some() && counted && !reconnected {
+                // The load generator's own delay: from when the request was due and its
+                // connection free, to its hand-off to hyper (on this one thread, hyper's
+                // connection task writes it next).
+                let since = due.max(free_since);
+                t.send_late_us.push(since.elapsed().as_micros() as u64);
+            }
             let mut b = Request::builder()
                 .method(a.method.as_str())
                 .uri(a.path.as_str())
@@ -394,7 +433,7 @@ async fn worker(
         })
         .await;
         let latency = due.elapsed().as_micros() as u64;
-        let counted = due >= start + a.warmup;
+        free_since = Instant::now();
         let (label, release) = match outcome {
             _ if !counted => {
                 // A warm-up request is not counted, unless it failed.
@@ -524,6 +563,7 @@ async fn run(a: Arc<Args>) {
             all.timeouts += t.timeouts;
             all.records.extend(t.records);
             all.warmup_failed += t.warmup_failed;
+            all.send_late_us.extend(t.send_late_us);
         }
     }
     let elapsed = start.elapsed().saturating_sub(a.warmup).as_secs_f64();
@@ -543,6 +583,9 @@ async fn run(a: Arc<Args>) {
         },
     };
     late_us.sort_unstable();
+    all.send_late_us.sort_unstable();
+    // null in the closed loop, where nothing is due.
+    let late = |v: &[u64], p: f64| (!v.is_empty()).then(|| pct(v, p));
     if let Some(path) = &a.records {
         all.records.sort();
         let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("records file"));
@@ -568,11 +611,17 @@ async fn run(a: Arc<Args>) {
             "p999_us": pct(&all.latencies_us, 99.9),
             "max_us": all.latencies_us.last().copied().unwrap_or(0),
             "hist": histogram(&all.latencies_us),
-            // How late the measured requests were released after their due times (fixed
-            // rate only): the instrument's own part of every latency above.
-            "pace_late_p50_us": pct(&late_us, 50.0),
-            "pace_late_p99_us": pct(&late_us, 99.0),
-            "pace_late_max_us": late_us.last().copied().unwrap_or(0),
+            // Fixed rate only. pace_late: how late the pacer released the measured requests
+            // after their due times. send_late: how long each waited on the load generator,
+            // from when it was due and its connection free to its hand-off to hyper (pace_late
+            // included; requests that reconnected first left out): the instrument's own part of
+            // the latencies above.
+            "pace_late_p50_us": late(&late_us, 50.0),
+            "pace_late_p99_us": late(&late_us, 99.0),
+            "pace_late_max_us": late_us.last(),
+            "send_late_p50_us": late(&all.send_late_us, 50.0),
+            "send_late_p99_us": late(&all.send_late_us, 99.0),
+            "send_late_max_us": all.send_late_us.last(),
         })
     );
 }
