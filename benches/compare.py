@@ -831,8 +831,8 @@ def keep_other_part(path, only, lines):
 def write_http(results, worker_counts, names, seconds, repeats):
     lines = ["## HTTP", "", f"Saturation: `wrk -t2 -c64 -d{seconds}s`. Fixed rate: `luma-loadgen --connections 64 --rate R --warmup {FIXED_WARMUP_S}` "
              f"(open loop, latency from the due time; each request sent at its due time by a high-resolution timer, not "
-             "in the bursts of tokio's 1 ms timer, which put 1 kHz bursts and up to 1 ms of the load generator's own "
-             f"lateness into the earlier records; `docs/profile.md`) at R = half of nginx's saturation rate, {seconds} s after "
+             "in the bursts of tokio's 1 ms timer, which put 1 kHz bursts and the load generator's own "
+             f"lateness (about 1.3 ms at the median, direct) into the earlier records; `docs/profile.md`, \"The load generator's clock\") at R = half of nginx's saturation rate, {seconds} s after "
              f"{FIXED_WARMUP_S} s at the same rate that is not counted (its failures are): the steady state. Without it, "
              "each run began with luma-proxy's idle upstream connections expired while the others ran (it keeps them "
              "1.5 s, nginx 60 s), and the reopening fell in the run (see `FIXED_WARMUP_S`). "
