@@ -5,8 +5,9 @@
 //! loop as fast as possible (`--rate 0`). At a fixed rate, each request is released at its due
 //! time by a high-resolution timer ([`pace`]), and the summary says how long the requests waited
 //! on the load generator (`pace_late_*`, `send_late_*`): with tokio's 1 ms timer, each
-//! millisecond's requests went together, as a burst, at the tick or later. Only targets on this machine are accepted: a 127.0.0.0/8
-//! address, or with `--local-link` an address reached directly (no gateway) over a local link
+//! millisecond's requests went together, as a burst, at the tick or later.
+//!
+//! Only targets on this machine are accepted: a 127.0.0.0/8 address, or with `--local-link` an address reached directly (no gateway) over a local link
 //! that leaves no machine: a Linux bridge whose ports are all virtual (a container here), or a
 //! link in 198.18.0.0/15, the benchmarking range, which the scale harness's client namespace
 //! uses to reach this host (see [`local_link`]). With `--warmup S` it first sends the same load
@@ -215,13 +216,13 @@ struct Tally {
 /// tokio's timer has a resolution of 1 ms and rounds a deadline up to the next tick, so with
 /// `sleep_until` every request due within a millisecond was sent at that millisecond's end or
 /// later: at 19,000 req/s, a burst of 19 every 1 ms (direct to the backend, the median latency
-/// was 1.45 ms with it and 0.16 ms without). Latency is measured from
-/// the due time, so that lateness was counted as the proxy's, and the proxy was measured on how
-/// it cleared bursts the load generator made, not on an even load. A `timerfd` (a kernel
-/// high-resolution timer) on the runtime's own event loop wakes it when the next request is
-/// due; every request now due is handed to its connection as a permit (no other thread is
-/// woken). Request `j` is due at `start + j / rate` ([`due_at`]). Returns how late each release was, in µs, for the summary: the
-/// instrument's own precision.
+/// was 1.45 ms with it and 0.16 ms without). Latency is measured from the due time, so that
+/// lateness was counted as the proxy's, and the proxy was measured on how it cleared bursts the
+/// load generator made, not on an even load. A `timerfd` (a kernel high-resolution timer) on the
+/// runtime's own event loop wakes it when the next request is due; every request now due is
+/// handed to its connection as a permit (no other thread is woken). Request `j` is due at
+/// `start + j / rate` ([`due_at`]). Returns how late each release was, in µs, for the summary:
+/// the instrument's own precision.
 async fn pace(
     a: Arc<Args>,
     start: Instant,
@@ -229,15 +230,21 @@ async fn pace(
 ) -> std::io::Result<Vec<u64>> {
     // On any way out but the end of the schedule (a failed timer, a panic), the connections
     // waiting for a permit are let go (they stop), so the run ends and reports the failure.
-    struct Abandon<'a>(&'a [Arc<tokio::sync::Semaphore>], bool);
+    struct Abandon<'a> {
+        permits: &'a [Arc<tokio::sync::Semaphore>],
+        finished: bool,
+    }
     impl Drop for Abandon<'_> {
         fn drop(&mut self) {
-            if !self.1 {
-                self.0.iter().for_each(|p| p.close());
+            if !self.finished {
+                self.permits.iter().for_each(|p| p.close());
             }
         }
     }
-    let mut guard = Abandon(&permits, false);
+    let mut guard = Abandon {
+        permits: &permits,
+        finished: false,
+    };
     let timer = Timer::new()?;
     let end = start + a.warmup + a.duration;
     let mut late_us = Vec::new();
@@ -246,7 +253,7 @@ async fn pace(
         let due = due_at(&a, start, next);
         // The workers stop at the same two bounds, so every permit given is taken.
         if due >= end || a.requests.is_some_and(|n| next >= n) {
-            guard.1 = true;
+            guard.finished = true;
             return Ok(late_us);
         }
         let now = Instant::now();
