@@ -475,8 +475,9 @@ FIXED_WARMUP_S = 1
 
 def loadgen(port, rate, seconds, records=None):
     """One fixed-rate run: luma-loadgen's summary, with the CPU time the hypervisor took from
-    this VM during it (`steal_ms`) and the load generator's own CPU per request sent, warm-up
-    included (`loadgen_cpu_us`: it shares the machine with the contenders). `records`: also
+    this VM during it (`steal_ms`) and the load generator's own CPU, warm-up included, in all
+    (`loadgen_cpu_s`) and per request sent (`loadgen_cpu_us`: it shares the machine with the
+    contenders). `records`: also
     write each request's due time (Unix µs) and latency to that file (`host_tail.py`)."""
     before = steal_ticks()
     extra = ["--records", records, "--records-us"] if records else []
@@ -494,8 +495,9 @@ def loadgen(port, rate, seconds, records=None):
             err.seek(0)
             raise subprocess.CalledProcessError(p.returncode, cmd, out, err.read().decode(errors="replace"))
     r = json.loads(out)
-    return dict(r, steal_ms=(steal_ticks() - before) * 1000 / CLK,
-                loadgen_cpu_us=(usage.ru_utime + usage.ru_stime) * 1e6 / max(r["sent"] + r["warmup_s"] * rate, 1))
+    cpu_s = usage.ru_utime + usage.ru_stime
+    return dict(r, steal_ms=(steal_ticks() - before) * 1000 / CLK, loadgen_cpu_s=cpu_s,
+                loadgen_cpu_us=cpu_s * 1e6 / max(r["sent"] + r["warmup_s"] * rate, 1))
 
 
 def steal_ticks():

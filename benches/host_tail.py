@@ -34,7 +34,6 @@ import bisect
 import json
 import os
 import random
-import resource
 import signal
 import statistics
 import subprocess
@@ -242,11 +241,9 @@ def condition(label, cs, rate, a, tmp, pids):
             for name in random.Random(r).sample(NAMES, len(NAMES)):
                 rec = os.path.join(tmp, f"{label}-{name}-{r}.txt")
                 cpu0 = {k: compare.cpu_seconds(v) for k, v in pids.items()}
-                gen0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 run = compare.loadgen(cs[name].port, rate, a.seconds, records=rec)
-                gen1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = {k: compare.cpu_seconds(v) - cpu0[k] for k, v in pids.items()}
-                cpu["luma-loadgen"] = gen1.ru_utime + gen1.ru_stime - gen0.ru_utime - gen0.ru_stime
+                cpu["luma-loadgen"] = run["loadgen_cpu_s"]
                 runs[name].append((rec, run["steal_ms"], cpu))
     finally:
         perf_stop(p)
