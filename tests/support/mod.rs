@@ -328,13 +328,23 @@ impl CliLab {
 
     /// Writes `<dir>/luma.yml` (plus a Dockerfile FROM the demo image) for a project named
     /// `<prefix>-<name>` and registers it for cleanup. Returns (dir, project).
+    ///
+    /// The Dockerfile's first step names the project, so no two projects share a cached build
+    /// step. Tests build at the same time, and the engine's classic builder reuses the newest
+    /// of several matching cached steps: two projects building the same `ENV` at once would
+    /// leave two candidates, and a rebuild could start from the other project's one and make
+    /// a new image, which the tests that assert "the same build sends nothing" would read as a
+    /// transfer.
     pub fn project(&self, name: &str, yaml_body: &str) -> (std::path::PathBuf, String) {
         let project = format!("{}-{name}", self.prefix);
         let dir = std::env::temp_dir().join(&project);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("Dockerfile"),
-            format!("FROM {}\nENV PORT=3000\n", demo_image()),
+            format!(
+                "FROM {}\nLABEL luma.test.project={project}\nENV PORT=3000\n",
+                demo_image()
+            ),
         )
         .unwrap();
         std::fs::write(
