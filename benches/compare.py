@@ -691,6 +691,8 @@ def main():
     ap.add_argument("--contenders", help="comma-separated subset to run (nginx is always kept: the ratios are to it)")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", help="comma-separated worker counts to run (default 1,2): for a quicker "
+                    "look at one; a record runs both")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--baseline", metavar="BINARY", help="also run this luma-proxy build, as 'luma-base' (HTTP only)")
     ap.add_argument("--raw", metavar="FILE", help="also write the HTTP results as JSON (every round, with histograms)")
@@ -704,6 +706,13 @@ def main():
     global BASELINE
     BASELINE = os.path.abspath(a.baseline) if a.baseline else None
     seconds, repeats, worker_counts = (1, 1, [1]) if a.smoke else (a.seconds, a.repeats, [1, 2])
+    if a.workers:
+        try:
+            worker_counts = [int(w) for w in a.workers.split(",")]
+        except ValueError:
+            ap.error(f"--workers takes worker counts such as 1,2, not {a.workers!r}")
+        if not worker_counts or min(worker_counts) < 1:
+            ap.error("--workers: each count must be 1 or more")
     names = (["direct"] + (["luma-base"] if BASELINE else []) + ["luma-proxy", "nginx", "haproxy"]
              + (["caddy"] if shutil.which("caddy") else []))
     tls_names = list(TLS_NAMES)
