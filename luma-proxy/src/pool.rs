@@ -10,15 +10,15 @@
 //! - ordered by stamp, freshest on top, the stalest at the bottom, where they expire after
 //!   `limit` (`timeouts.pool_idle_ms`);
 //! - the freshest taken first, so a steady load keeps using the same few connections; but the
-//!   stalest is taken instead once it has been idle for half the limit ([`REFRESH_DIVISOR`]),
-//!   so that the connections a burst opened stay open while traffic lasts, and a backlog after
-//!   a stall finds them instead of opening a dozen or more at once (41-87 connects in a 10 s
-//!   run at 16,000 req/s, `docs/profile.md`, "Upstream connections taken in turn"). Taking
-//!   them all in turn, as before, also kept them open, but cost latency: at a fixed rate the
-//!   median was 10-50 µs higher, in 17 of 20 paired rounds (`docs/profile.md`, "The freshest
-//!   connection first"). The cost of keeping them: a busy pool holds what its peak needed
-//!   while each connection is reached once per half of the limit (and at most [`MAX_IDLE`]),
-//!   as nginx's `keepalive` cache holds its connections. A quiet pool still shrinks;
+//!   stalest is taken instead once it has been idle for half the limit ([`REFRESH_DIVISOR`])
+//!   and the caller's rule allows it, so that the connections a burst opened stay open while
+//!   traffic lasts, and a backlog after a stall finds them instead of opening a dozen or more
+//!   at once (41-87 connects in a 10 s run at 16,000 req/s, `docs/profile.md`, "Upstream
+//!   connections taken in turn"). Taking them all in turn, as before, also kept them open, but
+//!   cost latency: at a fixed rate its median was higher in 24 of 32 paired rounds, by 14 µs
+//!   at the median (`docs/profile.md`, "The freshest connection first"). The cost of keeping
+//!   them: a busy pool holds what its peak needed while each connection is reached once per
+//!   half of the limit (and at most [`MAX_IDLE`]). A quiet pool still shrinks;
 //! - at most [`MAX_IDLE`] per stack, the oldest closed beyond that;
 //! - a connection checked in while its backend is retired is refused, and `retired` is read
 //!   under the stack's lock, so a checkin racing `retire` is either refused or cleared by it.
@@ -67,8 +67,8 @@ impl<C> IdlePool<C> {
 
     /// One of this thread's connections, and how long it has been idle, if its stamp is less
     /// than `max_idle` old (the caller's reuse rule): the freshest, or the stalest when it has
-    /// been idle half the limit ([`REFRESH_DIVISOR`]) and the caller's rule allows it. Expired ones are
-    /// closed on the way.
+    /// been idle half the limit ([`REFRESH_DIVISOR`]) and the caller's rule allows it. Expired
+    /// ones are closed on the way.
     // Inlined into the request path: called as functions they cost ~300 instructions more per
     // request (callgrind, docs/profile.md).
     #[inline]
@@ -216,8 +216,8 @@ mod tests {
         p.checkin(3, now, || false);
         assert_eq!(p.checkout_at(now, LIMIT), Some((3, ms(0))));
         p.checkin(3, now, || false);
-        // Once the bottom one has been idle for half the limit it goes first, and
-        // comes back on top: the next due one is the one above it.
+        // Once the bottom one has been idle for half the limit it goes first, and comes back
+        // on top; the freshest is taken again after it.
         let later = now - ms(30) + due;
         assert_eq!(p.checkout_at(later, LIMIT), Some((1, due)));
         p.checkin(1, later, || false);
@@ -230,6 +230,13 @@ mod tests {
         assert_eq!(p.checkout_at(now, ms(15)), Some((2, ms(5))));
         assert_eq!(p.checkout_at(now, ms(15)), None);
         assert_eq!(p.len(), 1);
+        // A caller's rule between the refresh and the stalest's idle time: the stalest is too
+        // old for it, so the freshest goes.
+        let q = pool();
+        q.checkin(1, now - due - ms(20), || false);
+        q.checkin(2, now - ms(5), || false);
+        assert_eq!(q.checkout_at(now, due + ms(10)), Some((2, ms(5))));
+        assert_eq!(q.checkout_at(now, due + ms(10)), None);
         // Quiet: nothing is taken, and the stale ones expire at the limit.
         p.expire_at(now - due + LIMIT);
         assert_eq!(p.len(), 0);
