@@ -522,9 +522,11 @@ fn checks_before_anything_changes_and_the_truth_about_the_proxy() {
         docker(&["inspect", "--format", "{{.Id}}", &svc]).unwrap(),
         id1
     );
+    // Appended, so the project's own first step (`CliLab::project`) stays first.
+    let dockerfile = std::fs::read_to_string(dir.join("Dockerfile")).unwrap();
     std::fs::write(
         dir.join("Dockerfile"),
-        format!("FROM {}\nENV PORT=3000 REBUILT=1\n", demo_image()),
+        format!("{dockerfile}ENV REBUILT=1\n"),
     )
     .unwrap();
     lab.luma_ok(&dir, &["deploy"]);
