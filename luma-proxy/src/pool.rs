@@ -13,8 +13,9 @@
 //!   stalest is taken instead once it has been idle for half the limit ([`REFRESH_DIVISOR`])
 //!   and the caller's rule allows it, so that the connections a burst opened stay open while
 //!   traffic lasts, and a backlog after a stall finds them instead of opening a dozen or more
-//!   at once (41-87 connects in a 10 s run at 16,000 req/s, `docs/profile.md`, "Upstream
-//!   connections taken in turn"). Taking them all in turn, as before, also kept them open, but
+//!   at once (41-87 connects in a 10 s run at 16,000 req/s with the freshest alone,
+//!   `docs/profile.md`, "Upstream connections taken in turn"; that setup was not rerun with
+//!   this rule). Taking them all in turn, as before, also kept them open, but
 //!   cost latency: at a fixed rate its median was higher in 24 of 32 paired rounds, by 14 µs
 //!   at the median (`docs/profile.md`, "The freshest connection first"). The cost of keeping
 //!   them: a busy pool holds what its peak needed while each connection is reached once per
