@@ -15,11 +15,11 @@
 //!   traffic lasts, and a backlog after a stall finds them instead of opening a dozen or more
 //!   at once (41-87 connects in a 10 s run at 16,000 req/s with the freshest alone,
 //!   `docs/profile.md`, "Upstream connections taken in turn"; that setup was not rerun with
-//!   this rule). Taking them all in turn, as before, also kept them open, but
-//!   cost latency: at a fixed rate its median was higher in 24 of 32 paired rounds, by 14 µs
-//!   at the median (`docs/profile.md`, "The freshest connection first"). The cost of keeping
-//!   them: a busy pool holds what its peak needed while each connection is reached once per
-//!   half of the limit (and at most [`MAX_IDLE`]). A quiet pool still shrinks;
+//!   this rule). Taking them all in turn, as before, also kept them open, but cost latency:
+//!   at a fixed rate its median was higher in 24 of 32 paired rounds, by 14 µs at the median
+//!   (`docs/profile.md`, "The freshest connection first"). The cost of keeping them: a busy
+//!   pool holds what its peak needed while each connection is reached once per half of the
+//!   limit (and at most [`MAX_IDLE`]). A quiet pool still shrinks;
 //! - at most [`MAX_IDLE`] per stack, the oldest closed beyond that;
 //! - a connection checked in while its backend is retired is refused, and `retired` is read
 //!   under the stack's lock, so a checkin racing `retire` is either refused or cleared by it.
