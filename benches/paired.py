@@ -5,8 +5,9 @@ with the proxies on a core of their own.
 Why: on a 2-core VM the fixed-rate p99 swings with the hypervisor's steal and with which core the
 proxy shares with the load generator, so a change of tens of µs to the proxy's own path hides
 in `compare.py`'s rounds. Here every contender (1 worker) runs once per round, in an order
-shuffled each round, and only the p50 is read as a result; the p99, the steal and the proxy's
-`connect`s (perf, when it is installed) are listed beside it.
+shuffled each round. The p50 is the result on a VM with steal; the p99 (compared round by round),
+the steal, the proxy's `connect`s (perf, when it is installed) and its minor page faults are
+listed beside it.
 
 --pin puts the proxies on CPU 1 and the load generator and the backend on CPU 0, so the proxy's
 latency is its own work and its own wake-ups, not the two cores' contention (`docs/profile.md`,
@@ -37,13 +38,13 @@ def on(cpus, pin):
     return (lambda: os.sched_setaffinity(0, cpus)) if pin else None
 
 
-def start_luma(name, binary, i, tmp, pin):
-    """One luma-proxy build, 1 worker, routing 127.0.0.1 to the backend. Returns (proc, port)."""
+def start_luma(name, binary, i, tmp, pin, workers):
+    """One luma-proxy build, routing 127.0.0.1 to the backend. Returns (proc, port)."""
     port, admin = FIRST_PORT + i, FIRST_ADMIN + i
     state = os.path.join(tmp, name)
     log = open(os.path.join(tmp, f"{name}.log"), "w")
     proc = subprocess.Popen([binary, "serve", "--http", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                             "--state-dir", state, "--no-access-log", "--workers", "1", "--allow-literal-targets",
+                             "--state-dir", state, "--no-access-log", "--workers", str(workers), "--allow-literal-targets",
                              "--https", "127.0.0.1:0", "--acme-directory", "off", "--metrics", "off"],
                             stdout=subprocess.DEVNULL, stderr=log, preexec_fn=on(PROXY_CPU, pin))
     C.wait_port(port, proc=proc)
@@ -51,6 +52,33 @@ def start_luma(name, binary, i, tmp, pin):
                     "--project", "bench", "--target", f"127.0.0.1:{C.BACKEND}"],
                    check=True, stdout=subprocess.DEVNULL, timeout=60)
     return proc, port
+
+
+def minor_faults(pids):
+    """Minor page faults the processes have taken so far (all their threads): a page the
+    allocator gave back and touched again costs one, on the request path."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            total += int(f.read().rsplit(")", 1)[1].split()[7])
+    return total
+
+
+def switches(pids):
+    """Voluntary and involuntary context switches of all the processes' threads so far."""
+    vol = invol = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            vol += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches:"):
+                            invol += int(line.split()[1])
+            except FileNotFoundError:
+                pass  # a thread that ended meanwhile
+    return vol, invol
 
 
 def connects_during(pids, run):
@@ -77,6 +105,7 @@ def main():
     ap.add_argument("--rate", type=int, default=5000, help="requests per second (default 5000)")
     ap.add_argument("--seconds", type=int, default=5, help="measured seconds per run, after a 1 s warm-up")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=1, help="serving workers of every proxy (default 1)")
     a = ap.parse_args()
     builds = {}
     for b in a.builds:
@@ -86,10 +115,10 @@ def main():
         if not os.access(binary, os.X_OK):
             ap.error(f"{binary}: not an executable")
         builds[name] = os.path.abspath(binary)
-    if a.pin and os.cpu_count() < 2:
-        ap.error("--pin needs two CPUs")
-    if a.rate < 1 or a.seconds < 1 or a.rounds < 1:
-        ap.error("--rate, --seconds and --rounds must be at least 1")
+    if a.pin and (os.cpu_count() < 2 or a.workers > 1):
+        ap.error("--pin needs two CPUs and 1 worker (it gives the proxy one CPU)")
+    if a.rate < 1 or a.seconds < 1 or a.rounds < 1 or a.workers < 1:
+        ap.error("--rate, --seconds, --rounds and --workers must be at least 1")
 
     tmp = tempfile.mkdtemp(prefix="luma-paired-")
     procs, ports, nginx = {}, {}, None
@@ -108,8 +137,8 @@ def main():
     try:
         C.wait_port(C.BACKEND)
         for i, (name, binary) in enumerate(builds.items()):
-            procs[name], ports[name] = start_luma(name, binary, i, tmp, a.pin)
-        nginx = C.Contender("nginx", 1, tempfile.mkdtemp(dir=tmp))
+            procs[name], ports[name] = start_luma(name, binary, i, tmp, a.pin, a.workers)
+        nginx = C.Contender("nginx", a.workers, tempfile.mkdtemp(dir=tmp))
         nginx.start()
         if a.pin:
             for pid in nginx.pids():
@@ -118,16 +147,23 @@ def main():
         names = list(ports)
         results = {n: [] for n in names}
         for n in names:
-            C.wrk(ports[n], 1)  # pools filled, caches hot
+            C.wrk(ports[n], 1)  # 1 s: pools filled, caches hot
         for r in range(a.rounds):
             order = names[:]
             random.shuffle(order)
             for n in order:
                 pids = nginx.pids() if n == "nginx" else [procs[n].pid]
+                faults, (vol, invol) = minor_faults(pids), switches(pids)
                 x, conn = connects_during(pids, lambda: C.loadgen(ports[n], a.rate, a.seconds))
-                results[n].append(dict(p50=x["p50_us"], p99=x["p99_us"], steal=x["steal_ms"], connects=conn))
+                faults = minor_faults(pids) - faults
+                vol, invol = (after - before for before, after in zip((vol, invol), switches(pids)))
+                requests = a.rate * (a.seconds + 1)  # with the warm-up: the counters run through it
+                results[n].append(dict(p50=x["p50_us"], p99=x["p99_us"], steal=x["steal_ms"], connects=conn,
+                                       faults=faults, vol=vol / requests, invol=invol / requests))
                 print(f"round {r + 1} {n}: p50 {x['p50_us']} µs, p99 {x['p99_us']} µs, "
-                      f"steal {x['steal_ms']:.0f} ms, connects {conn}", file=sys.stderr, flush=True)
+                      f"steal {x['steal_ms']:.0f} ms, connects {conn}, minor faults {faults}, "
+                      f"switches per request {vol / requests:.2f} voluntary, {invol / requests:.3f} not",
+                      file=sys.stderr, flush=True)
     finally:
         for p in procs.values():
             p.terminate()
@@ -138,19 +174,26 @@ def main():
         backend.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"{a.rate} req/s, {a.rounds} rounds of {a.seconds} s, 1 worker, "
+    print(f"{a.rate} req/s, {a.rounds} rounds of {a.seconds} s, {a.workers} worker(s), "
           f"{'pinned (proxies on CPU 1)' if a.pin else 'not pinned'}")
-    print("| contender | p50, median of rounds | p50 per round, µs | p99, median of rounds | connects per run |")
-    print("|---|---:|---|---:|---|")
+    print("| contender | p50, median of rounds | p50 per round, µs | p99, median of rounds | p99 per round, ms "
+          "| connects per run | minor faults per run, median | context switches per request, voluntary / not |")
+    print("|---|---:|---|---:|---|---|---:|---:|")
     for n, xs in results.items():
+        p99s = ", ".join(f"{x['p99'] / 1000:.2f}" for x in xs)
         print(f"| {n} | {statistics.median(x['p50'] for x in xs):.0f} µs | {', '.join(str(x['p50']) for x in xs)} "
-              f"| {statistics.median(x['p99'] for x in xs) / 1000:.2f} ms | {', '.join(str(x['connects']) for x in xs)} |")
+              f"| {statistics.median(x['p99'] for x in xs) / 1000:.2f} ms | {p99s} "
+              f"| {', '.join(str(x['connects']) for x in xs)} | {statistics.median(x['faults'] for x in xs):.0f} "
+              f"| {statistics.median(x['vol'] for x in xs):.2f} / {statistics.median(x['invol'] for x in xs):.3f} |")
     names = list(results)
     for i, m in enumerate(names):
         for t in names[i + 1:]:
             d = [x["p50"] - y["p50"] for x, y in zip(results[m], results[t])]
             print(f"- {m} against {t}: p50 lower in {sum(v < 0 for v in d)} of {len(d)} rounds "
-                  f"({sum(v == 0 for v in d)} ties), per-round difference median {statistics.median(d):+.1f} µs")
+                  f"({sum(v == 0 for v in d)} ties), per-round difference median {statistics.median(d):+.1f} µs; "
+                  f"p99 at or below in {sum(x['p99'] <= y['p99'] for x, y in zip(results[m], results[t]))} "
+                  f"of {len(d)}, per-round ratio median "
+                  f"{statistics.median(x['p99'] / y['p99'] for x, y in zip(results[m], results[t])):.2f}")
 
 
 if __name__ == "__main__":
