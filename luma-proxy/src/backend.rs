@@ -11,12 +11,11 @@
 //! - A connection goes back to its serving thread's pool, with that stamp, once its response
 //!   has been read to the end and its request body has been sent whole (one still uploading
 //!   would make the next request wait behind the upload; it is closed instead). Each pool is a
-//!   stack ordered by stamp: the freshest is reused first, so a steady load keeps using the
-//!   same few, and the stalest, at the bottom, is reused ahead of it once it has been idle for
-//!   half the limit below (by a request whose rule allows that age), so the ones a burst
-//!   opened stay open while traffic lasts; without traffic they expire there
-//!   (`pool::IdlePool` keeps this order for both kinds of connection). Checking out skips (and
-//!   closes) a connection that is not ready for a new request.
+//!   stack ordered by stamp: connections that traffic keeps busy are taken in turn, so the
+//!   ones a burst opened stay warm, and otherwise the freshest is reused first and the
+//!   stalest sit at the bottom, where they expire (`pool::IdlePool` keeps this order for both
+//!   kinds of connection). Checking out skips (and closes) a connection that is not ready for
+//!   a new request.
 //! - A pooled connection whose stamp is older than the route's `timeouts.pool_idle_ms` (default
 //!   1.5 s, below gunicorn's 2 s keep-alive, the shortest common one) is closed, never reused;
 //!   pools are also swept at every health probe. Backends close idle connections on their own

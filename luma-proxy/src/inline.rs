@@ -43,6 +43,8 @@ pub const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// answer, and the runtime may not have seen that yet. One reused sooner is trusted to the
 /// runtime's readiness, which costs nothing.
 const PEEK_AFTER: Duration = Duration::from_millis(50);
+// A connection the pool hands out in turn must be trusted without the peek.
+const _: () = assert!(crate::pool::ROTATE_WITHIN.as_nanos() < PEEK_AFTER.as_nanos());
 /// A pooled socket's buffer larger than this (a big head went through it) is replaced.
 const KEEP_BUFFER: usize = 16 * 1024;
 

@@ -9,17 +9,15 @@
 //!   that opened it;
 //! - ordered by stamp, freshest on top, the stalest at the bottom, where they expire after
 //!   `limit` (`timeouts.pool_idle_ms`);
-//! - the freshest taken first, so a steady load keeps using the same few connections; but the
-//!   stalest is taken instead once it has been idle for half the limit ([`REFRESH_DIVISOR`])
-//!   and the caller's rule allows it, so that the connections a burst opened stay open while
-//!   traffic lasts, and a backlog after a stall finds them instead of opening a dozen or more
-//!   at once (41-87 connects in a 10 s run at 16,000 req/s with the freshest alone,
-//!   `docs/profile.md`, "Upstream connections taken in turn"; that setup was not rerun with
-//!   this rule). Taking them all in turn, as before, also kept them open, but cost latency:
-//!   at a fixed rate its median was higher in 24 of 32 paired rounds, by 14 µs at the median
-//!   (`docs/profile.md`, "The freshest connection first"). The cost of keeping them: a busy
-//!   pool holds what its peak needed while each connection is reached once per half of the
-//!   limit (and at most [`MAX_IDLE`]). A quiet pool still shrinks;
+//! - taken in turn while traffic keeps them busy, the freshest otherwise: the stalest of those
+//!   last used less than [`ROTATE_WITHIN`] ago is taken, and when there is none, the top one.
+//!   Taking only the top (as before) let a steady load wear the same few connections and leave
+//!   the rest to expire, so a backlog after a stall had to open a dozen or more at once
+//!   (41-87 connects in a 10 s run at 16,000 req/s; 3-18 taken in turn; `docs/profile.md`,
+//!   "Upstream connections taken in turn"). The cost: a busy pool holds what its peak
+//!   needed, as long as traffic reaches each connection within the window (at most the
+//!   thread's rate x [`ROTATE_WITHIN`], and [`MAX_IDLE`]), where the top alone would let it
+//!   shrink to what the steady rate needs. A quiet pool still shrinks;
 //! - at most [`MAX_IDLE`] per stack, the oldest closed beyond that;
 //! - a connection checked in while its backend is retired is refused, and `retired` is read
 //!   under the stack's lock, so a checkin racing `retire` is either refused or cleared by it.
@@ -32,10 +30,11 @@ use std::time::{Duration, Instant};
 
 /// Idle connections kept per backend, kind and serving thread.
 pub const MAX_IDLE: usize = 256;
-/// An idle connection is taken ahead of the freshest, to keep it open, once it has been idle
-/// for the pool's limit divided by this: the backend sees it used well before either side's
-/// idle timer runs out (the limit is below the backends' own, `backend` module doc).
-pub const REFRESH_DIVISOR: u32 = 2;
+/// A pooled connection last used less than this long ago is taken in turn (the stalest of
+/// those first), so that a steady load keeps all of them warm. It stays below the inline
+/// client's `PEEK_AFTER` (checked there), so a connection taken in turn is never idle long
+/// enough to need the peek.
+pub const ROTATE_WITHIN: Duration = Duration::from_millis(40);
 
 /// One serving thread's idle connections, stalest first, each with its stamp.
 type Stack<C> = VecDeque<(C, Instant)>;
@@ -67,9 +66,9 @@ impl<C> IdlePool<C> {
     }
 
     /// One of this thread's connections, and how long it has been idle, if its stamp is less
-    /// than `max_idle` old (the caller's reuse rule): the freshest, or the stalest when it has
-    /// been idle half the limit ([`REFRESH_DIVISOR`]) and the caller's rule allows it. Expired
-    /// ones are closed on the way.
+    /// than `max_idle` old (the caller's reuse rule): the stalest of those used within
+    /// [`ROTATE_WITHIN`] (and `max_idle`), and when there is none, the freshest. Expired ones
+    /// are closed on the way.
     // Inlined into the request path: called as functions they cost ~300 instructions more per
     // request (callgrind, docs/profile.md).
     #[inline]
@@ -84,22 +83,20 @@ impl<C> IdlePool<C> {
         }
         let mut stack = self.stack().lock().ok()?;
         expire(&mut stack, now, self.limit);
-        let idle = |since: &Instant| now.saturating_duration_since(*since);
-        let refresh = self.limit / REFRESH_DIVISOR;
-        let stalest_due = stack
-            .front()
-            .is_some_and(|(_, since)| (refresh..max_idle).contains(&idle(since)));
-        let taken = if stalest_due {
-            stack.pop_front()
-        } else if stack
-            .back()
-            .is_some_and(|(_, since)| idle(since) < max_idle)
-        {
-            stack.pop_back()
-        } else {
-            None
-        };
-        taken.map(|(conn, since)| (conn, idle(&since)))
+        // The stalest one used within the window: stale ones below it (a long answer checks in
+        // with an old stamp) are passed over and left to expire, so they do not stop the turn.
+        let rotate = max_idle.min(ROTATE_WITHIN);
+        let first_in_turn =
+            stack.partition_point(|(_, since)| now.saturating_duration_since(*since) >= rotate);
+        if let Some((conn, since)) = stack.remove(first_in_turn) {
+            return Some((conn, now.saturating_duration_since(since)));
+        }
+        match stack.back() {
+            Some((_, since)) if now.saturating_duration_since(*since) < max_idle => stack
+                .pop_back()
+                .map(|(conn, since)| (conn, now.saturating_duration_since(since))),
+            _ => None,
+        }
     }
 
     /// Pools `conn`, stamped `head_at`, on this thread's stack; closes it instead if the stamp
@@ -202,45 +199,44 @@ mod tests {
     }
 
     #[test]
-    fn the_freshest_is_taken_and_the_stalest_is_kept_open_before_it_expires() {
+    fn connections_in_use_are_taken_in_turn_and_a_quiet_pool_shrinks() {
         // Every stamp and checkout is at a fixed `now`: the test reads no clock.
         let p = pool();
         let now = Instant::now();
         let ms = Duration::from_millis;
-        let due = LIMIT / REFRESH_DIVISOR;
-        // A steady load: the freshest goes out and comes back on top, again and again; the
-        // others stay below, untouched while they are not yet due.
+        // A steady load: all three were used within ROTATE_WITHIN, so the stalest goes first
+        // and each comes back on top, behind none of the others.
         p.checkin(1, now - ms(30), || false);
         p.checkin(2, now - ms(20), || false);
         p.checkin(3, now - ms(10), || false);
+        assert_eq!(p.checkout_at(now, LIMIT), Some((1, ms(30))));
+        p.checkin(1, now, || false);
+        assert_eq!(p.checkout_at(now, LIMIT), Some((2, ms(20))));
         assert_eq!(p.checkout_at(now, LIMIT), Some((3, ms(10))));
-        p.checkin(3, now, || false);
-        assert_eq!(p.checkout_at(now, LIMIT), Some((3, ms(0))));
-        p.checkin(3, now, || false);
-        // Once the bottom one has been idle for half the limit it goes first, and comes back
-        // on top; the freshest is taken again after it.
-        let later = now - ms(30) + due;
-        assert_eq!(p.checkout_at(later, LIMIT), Some((1, due)));
-        p.checkin(1, later, || false);
-        assert_eq!(p.checkout_at(later, LIMIT), Some((1, ms(0))));
-        // A caller's rule tighter than the refresh (a request that cannot be replayed) is
-        // never handed the stale one: it gets the freshest, or nothing.
+        assert_eq!(p.checkout_at(now, LIMIT), Some((1, ms(0))));
+        // Quiet: the bottom one was last used ROTATE_WITHIN ago or more, so the freshest is
+        // taken and the stale one is left to expire.
         let p = pool();
-        p.checkin(1, now - due, || false);
+        p.checkin(1, now - ROTATE_WITHIN, || false);
+        p.checkin(2, now - ms(1), || false);
+        assert_eq!(p.checkout_at(now, LIMIT), Some((2, ms(1))));
+        assert_eq!(p.len(), 1);
+        // A stale one at the bottom (a long answer's) does not stop the turn: the stalest of
+        // those within the window goes first, and the stale one is left to expire.
+        let p = pool();
+        p.checkin(9, now - Duration::from_secs(1), || false);
+        p.checkin(1, now - ms(30), || false);
+        p.checkin(2, now - ms(10), || false);
+        assert_eq!(p.checkout_at(now, LIMIT), Some((1, ms(30))));
+        assert_eq!(p.checkout_at(now, LIMIT), Some((2, ms(10))));
+        assert_eq!(p.checkout_at(now, LIMIT), Some((9, Duration::from_secs(1))));
+        // A caller's rule tighter than the window bounds it: the bottom one is not taken in
+        // turn when it is older than the rule allows.
+        let p = pool();
+        p.checkin(1, now - ms(20), || false);
         p.checkin(2, now - ms(5), || false);
         assert_eq!(p.checkout_at(now, ms(15)), Some((2, ms(5))));
         assert_eq!(p.checkout_at(now, ms(15)), None);
-        assert_eq!(p.len(), 1);
-        // A caller's rule between the refresh and the stalest's idle time: the stalest is too
-        // old for it, so the freshest goes.
-        let q = pool();
-        q.checkin(1, now - due - ms(20), || false);
-        q.checkin(2, now - ms(5), || false);
-        assert_eq!(q.checkout_at(now, due + ms(10)), Some((2, ms(5))));
-        assert_eq!(q.checkout_at(now, due + ms(10)), None);
-        // Quiet: nothing is taken, and the stale ones expire at the limit.
-        p.expire_at(now - due + LIMIT);
-        assert_eq!(p.len(), 0);
     }
 
     #[test]
@@ -249,7 +245,7 @@ mod tests {
         let p = pool();
         let now = Instant::now();
         p.checkin(2, now - Duration::from_secs(1), || false);
-        p.checkin(1, now - Duration::from_secs(3), || false);
+        p.checkin(1, now - Duration::from_secs(5), || false);
         assert_eq!(p.checkout(LIMIT).map(|c| c.0), Some(2));
     }
 
@@ -319,7 +315,7 @@ mod tests {
     #[test]
     fn the_oldest_is_closed_beyond_max_idle() {
         let p = pool();
-        let base = Instant::now() - Duration::from_secs(2);
+        let base = Instant::now() - Duration::from_secs(5);
         for i in 0..=MAX_IDLE as u32 {
             p.checkin(i, base + Duration::from_millis(u64::from(i)), || false);
         }
