@@ -4,16 +4,17 @@ with the proxies on a core of their own.
 
 Why: on a 2-core VM the fixed-rate p99 swings with the hypervisor's steal and with which core the
 proxy shares with the load generator, so a change of tens of µs to the proxy's own path hides
-in `compare.py`'s rounds. Here every contender (1 worker) runs once per round, in an order
-shuffled each round. The p50 is the result on a VM with steal; the p99 (compared round by round),
-the steal, the proxy's `connect`s (perf, when it is installed) and its minor page faults are
-listed beside it.
+in `compare.py`'s rounds. Here every contender (1 worker, or --workers) runs once per round, in
+an order shuffled each round. On a VM with steal read the p50; on one without, the p99 too (both
+are compared round by round). Beside them: the steal, the proxy's `connect`s (perf, when it is
+installed), its minor page faults and its context switches per request. The faults and switches
+are counted around the whole run, warm-up and the load generator's connects and closes included.
 
 --pin puts the proxies on CPU 1 and the load generator and the backend on CPU 0, so the proxy's
 latency is its own work and its own wake-ups, not the two cores' contention (`docs/profile.md`,
 "The freshest connection first"). Nothing is asserted: the numbers are printed.
 
-Usage: benches/paired.py [--pin] [--rate 5000] [--seconds 5] [--rounds 10] NAME=BINARY...
+Usage: benches/paired.py [--pin | --workers N] [--rate 5000] [--seconds 5] [--rounds 10] NAME=BINARY...
 e.g.   benches/paired.py --pin before=/tmp/luma-proxy.old after=target/release/luma-proxy
 """
 import argparse
@@ -59,8 +60,11 @@ def minor_faults(pids):
     allocator gave back and touched again costs one, on the request path."""
     total = 0
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            total += int(f.read().rsplit(")", 1)[1].split()[7])
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                total += int(f.read().rsplit(")", 1)[1].split()[7])
+        except OSError:
+            pass  # a process that ended: main() stops on a replaced nginx worker
     return total
 
 
@@ -68,7 +72,13 @@ def switches(pids):
     """Voluntary and involuntary context switches of all the processes' threads so far."""
     vol = invol = 0
     for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # a process that ended: main() stops on a replaced nginx worker
+        # A thread that ends takes its counts with it; the proxies run no short-lived threads
+        # here (metrics and ACME are off).
+        for tid in tids:
             try:
                 with open(f"/proc/{pid}/task/{tid}/status") as f:
                     for line in f:
@@ -76,7 +86,7 @@ def switches(pids):
                             vol += int(line.split()[1])
                         elif line.startswith("nonvoluntary_ctxt_switches:"):
                             invol += int(line.split()[1])
-            except FileNotFoundError:
+            except OSError:
                 pass  # a thread that ended meanwhile
     return vol, invol
 
@@ -157,12 +167,14 @@ def main():
                 x, conn = connects_during(pids, lambda: C.loadgen(ports[n], a.rate, a.seconds))
                 faults = minor_faults(pids) - faults
                 vol, invol = (after - before for before, after in zip((vol, invol), switches(pids)))
-                requests = a.rate * (a.seconds + 1)  # with the warm-up: the counters run through it
+                if n == "nginx" and sorted(nginx.pids()) != sorted(pids):
+                    sys.exit("paired.py: an nginx worker was replaced during a run; its counts are wrong")
+                requests = max(x["sent"] + x["warmup_s"] * a.rate, 1)  # the counters run through the warm-up
                 results[n].append(dict(p50=x["p50_us"], p99=x["p99_us"], steal=x["steal_ms"], connects=conn,
                                        faults=faults, vol=vol / requests, invol=invol / requests))
                 print(f"round {r + 1} {n}: p50 {x['p50_us']} µs, p99 {x['p99_us']} µs, "
                       f"steal {x['steal_ms']:.0f} ms, connects {conn}, minor faults {faults}, "
-                      f"switches per request {vol / requests:.2f} voluntary, {invol / requests:.3f} not",
+                      f"switches per request {vol / requests:.2f} voluntary, {invol / requests:.2f} not",
                       file=sys.stderr, flush=True)
     finally:
         for p in procs.values():
@@ -184,16 +196,17 @@ def main():
         print(f"| {n} | {statistics.median(x['p50'] for x in xs):.0f} µs | {', '.join(str(x['p50']) for x in xs)} "
               f"| {statistics.median(x['p99'] for x in xs) / 1000:.2f} ms | {p99s} "
               f"| {', '.join(str(x['connects']) for x in xs)} | {statistics.median(x['faults'] for x in xs):.0f} "
-              f"| {statistics.median(x['vol'] for x in xs):.2f} / {statistics.median(x['invol'] for x in xs):.3f} |")
+              f"| {statistics.median(x['vol'] for x in xs):.2f} / {statistics.median(x['invol'] for x in xs):.2f} |")
     names = list(results)
     for i, m in enumerate(names):
         for t in names[i + 1:]:
             d = [x["p50"] - y["p50"] for x, y in zip(results[m], results[t])]
+            pairs = list(zip(results[m], results[t]))
             print(f"- {m} against {t}: p50 lower in {sum(v < 0 for v in d)} of {len(d)} rounds "
-                  f"({sum(v == 0 for v in d)} ties), per-round difference median {statistics.median(d):+.1f} µs; "
-                  f"p99 at or below in {sum(x['p99'] <= y['p99'] for x, y in zip(results[m], results[t]))} "
-                  f"of {len(d)}, per-round ratio median "
-                  f"{statistics.median(x['p99'] / y['p99'] for x, y in zip(results[m], results[t])):.2f}")
+                  f"({sum(v == 0 for v in d)} ties), per-round difference ({m} - {t}) median "
+                  f"{statistics.median(d):+.1f} µs; p99 lower in {sum(x['p99'] < y['p99'] for x, y in pairs)} "
+                  f"({sum(x['p99'] == y['p99'] for x, y in pairs)} ties), per-round ratio ({m} / {t}) median "
+                  f"{statistics.median(x['p99'] / y['p99'] for x, y in pairs):.2f}")
 
 
 if __name__ == "__main__":

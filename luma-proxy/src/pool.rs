@@ -17,7 +17,13 @@
 //!   "Upstream connections taken in turn"). The cost: a busy pool holds what its peak
 //!   needed, as long as traffic reaches each connection within the window (at most the
 //!   thread's rate x [`ROTATE_WITHIN`], and [`MAX_IDLE`]), where the top alone would let it
-//!   shrink to what the steady rate needs. A quiet pool still shrinks;
+//!   shrink to what the steady rate needs. A quiet pool still shrinks. Another rule was
+//!   tried and undone: the freshest first, and the stalest only once idle for half the
+//!   limit. With 2 workers at half nginx's rate its p99 was 1.5-2x this rule's in paired
+//!   rounds. What it gave: at 1 worker a p50 lower by a median of 14-16 µs per round in some
+//!   paired runs (level in others), and at saturation 1.11-1.14x the req/s on one VM but
+//!   0.98-1.02x on the next (`docs/profile.md`, "The freshest connection first" and "Back to
+//!   taking them in turn");
 //! - at most [`MAX_IDLE`] per stack, the oldest closed beyond that;
 //! - a connection checked in while its backend is retired is refused, and `retired` is read
 //!   under the stack's lock, so a checkin racing `retire` is either refused or cleared by it.
