@@ -11,19 +11,19 @@
 //!   `limit` (`timeouts.pool_idle_ms`);
 //! - taken in turn while traffic keeps them busy, the freshest otherwise: the stalest of those
 //!   last used less than [`ROTATE_WITHIN`] ago is taken, and when there is none, the top one.
-//!   Taking only the top (as before) let a steady load wear the same few connections and leave
-//!   the rest to expire, so a backlog after a stall had to open a dozen or more at once
+//!   Taking only the top (as before stop 32) let a steady load wear the same few connections
+//!   and leave the rest to expire, so a backlog after a stall had to open a dozen or more at once
 //!   (41-87 connects in a 10 s run at 16,000 req/s; 3-18 taken in turn; `docs/profile.md`,
 //!   "Upstream connections taken in turn"). The cost: a busy pool holds what its peak
 //!   needed, as long as traffic reaches each connection within the window (at most the
 //!   thread's rate x [`ROTATE_WITHIN`], and [`MAX_IDLE`]), where the top alone would let it
 //!   shrink to what the steady rate needs. A quiet pool still shrinks. Another rule was
 //!   tried and undone: the freshest first, and the stalest only once idle for half the
-//!   limit. With 2 workers at half nginx's rate its p99 was 1.5-2x this rule's in paired
-//!   rounds. What it gave: at 1 worker a p50 lower by a median of 14-16 µs per round in some
-//!   paired runs (level in others), and at saturation 1.11-1.14x the req/s on one VM but
-//!   0.98-1.02x on the next (`docs/profile.md`, "The freshest connection first" and "Back to
-//!   taking them in turn");
+//!   limit. With 2 workers at half nginx's rate its p50 was higher in four runs, and its p99
+//!   1.5-2x this rule's in the two paired ones. What it gave: at 1 worker a p50 lower by a
+//!   median of 14-16 µs per round in some paired runs (level in others), and at saturation
+//!   1.11-1.14x the req/s on one VM but 0.96-1.02x on the next (`docs/profile.md`, "The
+//!   freshest connection first" and "Back to taking them in turn");
 //! - at most [`MAX_IDLE`] per stack, the oldest closed beyond that;
 //! - a connection checked in while its backend is retired is refused, and `retired` is read
 //!   under the stack's lock, so a checkin racing `retire` is either refused or cleared by it.
