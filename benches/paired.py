@@ -204,7 +204,7 @@ def main():
             pairs = list(zip(results[m], results[t]))
             print(f"- {m} against {t}: p50 lower in {sum(v < 0 for v in d)} of {len(d)} rounds "
                   f"({sum(v == 0 for v in d)} ties), per-round difference ({m} - {t}) median "
-                  f"{statistics.median(d):+.1f} µs; p99 lower in {sum(x['p99'] < y['p99'] for x, y in pairs)} "
+                  f"{statistics.median(d):+.1f} µs; p99 lower in {sum(x['p99'] < y['p99'] for x, y in pairs)} of {len(d)} "
                   f"({sum(x['p99'] == y['p99'] for x, y in pairs)} ties), per-round ratio ({m} / {t}) median "
                   f"{statistics.median(x['p99'] / y['p99'] for x, y in pairs):.2f}")
 
