@@ -533,9 +533,10 @@ fn assert_tls_alpn_only(pebble: &Pebble, host: &str, at_least: usize) {
             .count()
     };
     // pebble's log reaches `docker logs` through the engine, a moment after pebble wrote it,
-    // and later still on a loaded machine (a CI run once read the log with a renewal's
-    // validation missing, after the renewed certificate was served). So wait, within a bound,
-    // for the validations that must have happened before counting them.
+    // and later still on a loaded machine. A CI run once read the log with a renewal's
+    // validation missing, after the renewed certificate was served; that lag is the likely
+    // cause, not a proven one. So wait, within a bound, for the validations that must have
+    // happened before counting them.
     let all = wait_for(LOG_LAG, || {
         let all = read();
         (alpn_valid(&all) >= at_least).then_some(all)
