@@ -20,8 +20,9 @@
 //!   through nginx, and 0.67 through HAProxy, which sends at the end of its loop's pass; with
 //!   the flush put off, 0.56 (`benches/wakeups.py`; `docs/profile.md`, "Answers leave
 //!   together"). What it costs an answer is the rest of the turn: at a fixed rate with 1
-//!   worker, about 11 µs at the median, with a p99 below that of a build writing at once in 9
-//!   of 14 paired rounds (`docs/profile.md`, "The answers' flush in paired rounds").
+//!   worker, a p50 higher by a per-round median of 11 µs than a build writing at once, and no
+//!   sign of a cost in the p99 (below that build's in 9 of 14 paired rounds, within the
+//!   spread; `docs/profile.md`, "The answers' flush in paired rounds").
 //!
 //! How: writes are gathered in a buffer, and a flush that finds new bytes is put off: the
 //! connection's task wakes itself and returns, so the tasks that are already ready run first
