@@ -580,7 +580,7 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                 save_meta(&store, &h, &meta).await;
                 crate::log::info(
                     "certificate issued",
-                    serde_json::json!({"project": h.project, "host": h.host, "issuer": issued.cert.issuer, "not_after": issued.cert.not_after, "challenge": issued.challenge}),
+                    serde_json::json!({"project": h.project, "host": h.host, "issuer": issued.cert.issuer, "not_after": issued.cert.not_after, "challenge": issued.challenge, "authorization": if issued.validated { "validated" } else { "reused" }}),
                 );
                 t.install(&h.host, h.id, issued.cert, renew.at);
             }

@@ -34,6 +34,18 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct Issued {
     pub cert: Parsed,
     pub challenge: &'static str,
+    /// Whether the CA validated a challenge for this order. False when it reused an
+    /// authorization still valid from an earlier order of the account (RFC 8555 lets a CA do
+    /// so, and Let's Encrypt does for a while after a validation), so no challenge was
+    /// answered and `challenge` is only the type that would have been.
+    pub validated: bool,
+}
+
+/// A finished order: the chain and key PEMs, and whether a challenge was answered.
+struct Placed {
+    chain: String,
+    key: String,
+    validated: bool,
 }
 
 /// Why one order failed.
@@ -128,7 +140,11 @@ pub async fn obtain(
             tokio::time::timeout(ORDER_TIMEOUT, with_account(acme, &book, h, &challenge)).await;
         metrics.count_acme_order(matches!(attempt, Ok(Ok(_))));
         match attempt {
-            Ok(Ok((chain, key))) => {
+            Ok(Ok(Placed {
+                chain,
+                key,
+                validated,
+            })) => {
                 let cert = Parsed::from_pem(&chain, &key)
                     .map_err(|e| format!("the CA's certificate is unusable: {e}"))?;
                 let (store, p, host) = (acme.store.clone(), h.project.clone(), h.host.clone());
@@ -136,6 +152,7 @@ pub async fn obtain(
                 return Ok(Issued {
                     cert,
                     challenge: name(&challenge),
+                    validated,
                 });
             }
             Ok(Err(Failure::Challenge(r))) => reasons.push(format!("{}: {r}", name(&challenge))),
@@ -162,7 +179,7 @@ async fn with_account(
     book: &Arc<CertBook>,
     h: &HostRef,
     challenge: &ChallengeType,
-) -> Result<(String, String), Failure> {
+) -> Result<Placed, Failure> {
     let mut gone = None;
     for retry in [false, true] {
         let account = acme.account_for(&h.project).await.map_err(Failure::Other)?;
@@ -223,7 +240,7 @@ async fn place(
     book: &Arc<CertBook>,
     h: &HostRef,
     challenge: &ChallengeType,
-) -> Result<(String, String), Failure> {
+) -> Result<Placed, Failure> {
     let host = h.host.as_str();
     let other = failure;
     let ids = [Identifier::Dns(host.to_string())];
@@ -236,6 +253,7 @@ async fn place(
         tokens: Vec::new(),
         alpn: None,
     };
+    let mut validated = false;
     {
         let mut auths = order.authorizations();
         while let Some(a) = auths.next().await {
@@ -266,6 +284,7 @@ async fn place(
                 }
             }
             c.set_ready().await.map_err(other)?;
+            validated = true;
         }
     }
     let policy = RetryPolicy::new()
@@ -308,7 +327,11 @@ async fn place(
         .backoff(1.5)
         .timeout(ISSUE_TIMEOUT);
     let chain = order.poll_certificate(&policy).await.map_err(other)?;
-    Ok((chain, key.serialize_pem()))
+    Ok(Placed {
+        chain,
+        key: key.serialize_pem(),
+        validated,
+    })
 }
 
 /// The CA's reasons for failed challenges of an order (fresh from the CA).
