@@ -638,13 +638,18 @@ async fn two_proxies_of_a_project_share_its_account_and_either_answers_its_chall
         ))
         .await
         .unwrap();
-    // B's order was validated at A, which never saw B's token: answered statelessly.
+    // B's order was validated at A, which never saw B's token: answered statelessly. Unless
+    // pebble passed B's order on A's authorization, still valid: pebble 2.4 does so 1 order in
+    // 100 even at PEBBLE_AUTHZREUSE=0 (it reuses unless `rand.Intn(100) > percent`). Then B
+    // answered no challenge and remembers none, pebble fetched one token, and only the direct
+    // check of both proxies' answers below shows the stateless answer.
     let st = issued(&b, "multi.test").await;
     assert!(st.last_error.is_none(), "{st:?}");
-    assert_eq!(
-        meta(&dir_b.path(), "multi", "multi.test")["challenge"],
-        "http-01"
-    );
+    let validated = match meta(&dir_b.path(), "multi", "multi.test")["challenge"].as_str() {
+        Some("http-01") => 2,
+        None => 1,
+        other => panic!("B remembers challenge {other:?}"),
+    };
     let log = std::fs::read_to_string(pebble.dir.join("pebble.log")).unwrap();
     let at_a = format!("http://multi.test:{a_http}/.well-known/acme-challenge/");
     // (pebble validates each token from 3 perspectives, all at A's port.)
@@ -653,7 +658,11 @@ async fn two_proxies_of_a_project_share_its_account_and_either_answers_its_chall
         .skip(1)
         .filter_map(|rest| rest.split_whitespace().next())
         .collect();
-    assert_eq!(tokens.len(), 2, "both orders validated at A:\n{log}");
+    assert_eq!(
+        tokens.len(),
+        validated,
+        "every validated order at A:\n{log}"
+    );
     // Both serve a certificate pebble issued, each its own.
     let root = pebble.issuing_root().await;
     let on_a = https_get(a.https_addr, "multi.test", "/", &root, true)

@@ -572,7 +572,13 @@ pub async fn host_task(tls: Weak<Tls>, acme: Arc<Acme>, h: HostRef, wake: Arc<No
                     renew_at: Some(renew.at),
                     ari_window: renew.window,
                     ari_next_check: Some(renew.next_check),
-                    challenge: Some(issued.challenge.to_string()),
+                    // The challenge that worked, remembered to be tried first next time; an
+                    // order the CA passed on an earlier authorization proved none.
+                    challenge: if issued.validated {
+                        Some(issued.challenge.to_string())
+                    } else {
+                        meta.challenge.take()
+                    },
                     failures: 0,
                     last_error: None,
                     next_attempt: None,
