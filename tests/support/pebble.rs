@@ -147,9 +147,10 @@ impl Pebble {
             "127.0.0.1::15000",
             "-p",
             "127.0.0.1::8055",
-            // No validation sleeps, no rejected nonces; an order validates afresh, so it shows
-            // its challenge, but for 1 in 100: pebble 2.4 reuses a valid authorization unless
-            // `rand.Intn(100) > percent`, so even at 0 (the proxy's event then says "reused").
+            // No validation sleeps, no rejected nonces, and no reuse of a valid authorization,
+            // so an order shows its challenge: almost. Pebble 2.4 reuses one unless
+            // `rand.Intn(100) > percent`, so 1 order in 100 that has a valid authorization to
+            // reuse still does at 0 (the proxy's issued event then says "reused").
             "-e",
             "PEBBLE_VA_NOSLEEP=1",
             "-e",
