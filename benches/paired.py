@@ -116,6 +116,10 @@ def main():
     ap.add_argument("--seconds", type=int, default=5, help="measured seconds per run, after a 1 s warm-up")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--workers", type=int, default=1, help="serving workers of every proxy (default 1)")
+    ap.add_argument("--saturate", type=int, default=0, metavar="SECONDS",
+                    help="before the rounds, saturate each contender with wrk (64 connections) for this long, "
+                         "in 10 s runs taken in turns, as compare.py's saturation rounds do before its "
+                         "fixed rate (default 0: a 1 s warm-up only)")
     a = ap.parse_args()
     builds = {}
     for b in a.builds:
@@ -129,6 +133,8 @@ def main():
         ap.error("--pin needs two CPUs and 1 worker (it gives the proxy one CPU)")
     if a.rate < 1 or a.seconds < 1 or a.rounds < 1 or a.workers < 1:
         ap.error("--rate, --seconds, --rounds and --workers must be at least 1")
+    if a.saturate < 0:
+        ap.error("--saturate must not be negative")
 
     tmp = tempfile.mkdtemp(prefix="luma-paired-")
     procs, ports, nginx = {}, {}, None
@@ -158,6 +164,9 @@ def main():
         results = {n: [] for n in names}
         for n in names:
             C.wrk(ports[n], 1)  # 1 s: pools filled, caches hot
+        for left in range(a.saturate, 0, -10):
+            for n in random.sample(names, len(names)):
+                C.wrk(ports[n], min(left, 10))
         for r in range(a.rounds):
             order = names[:]
             random.shuffle(order)
@@ -187,7 +196,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"{a.rate} req/s, {a.rounds} rounds of {a.seconds} s, {a.workers} worker(s), "
-          f"{'pinned (proxies on CPU 1)' if a.pin else 'not pinned'}")
+          f"{'pinned (proxies on CPU 1)' if a.pin else 'not pinned'}"
+          f"{f', after {a.saturate} s of saturation each' if a.saturate else ''}")
     print("| contender | p50, median of rounds | p50 per round, µs | p99, median of rounds | p99 per round, ms "
           "| connects per run | minor faults per run, median | context switches per request, voluntary / not |")
     print("|---|---:|---|---:|---|---|---:|---:|")
