@@ -14,7 +14,7 @@ are counted around the whole run, warm-up and the load generator's connects and 
 latency is its own work and its own wake-ups, not the two cores' contention (`docs/profile.md`,
 "The freshest connection first"). Nothing is asserted: the numbers are printed.
 
-Usage: benches/paired.py [--pin | --workers N] [--rate 5000] [--seconds 5] [--rounds 10] NAME=BINARY...
+Usage: benches/paired.py [--pin | --workers N] [--rate 5000] [--seconds 5] [--rounds 10] [--saturate S] NAME=BINARY...
 e.g.   benches/paired.py --pin before=/tmp/luma-proxy.old after=target/release/luma-proxy
 """
 import argparse
