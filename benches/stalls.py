@@ -95,5 +95,6 @@ def main():
           f"{' (stopped)' if stopped else ''}{f', {failed} loop(s) failed' if failed else ''}", file=sys.stderr)
     return 1 if failed else 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
